@@ -1,0 +1,409 @@
+//! The TOML configuration: its schema, defaults, and validation at load.
+//!
+//! Owns parsing and checking only; it never opens sockets or the spool. Every error names the
+//! file, the key (`http.listen`, `auth.api_keys[2]`) and the reason, so `sluice check-config`
+//! can print something an operator fixes in one go. The loaded config is passed around as
+//! `Arc<Config>`; there is no global.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The environment variable that, when set, replaces `auth.api_keys` (comma-separated), so
+/// secrets need not sit in the file.
+pub const API_KEYS_ENV: &str = "SLUICE_API_KEYS";
+
+/// The API key shipped in `config/sluice.toml` for a first run on a laptop.
+pub const EXAMPLE_API_KEY: &str = "change-me";
+
+/// A config problem: which file, which key, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// All problems found in one file, reported together.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP API.
+    #[serde(default = "defaults::http_listen")]
+    pub listen: SocketAddr,
+    /// Requests served at once; past this the API sheds load with 503 + Retry-After rather than
+    /// queueing without bound. Uploads hold a slot for their whole duration.
+    #[serde(default = "defaults::max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// How long a client may take between two pieces of a request body before it is cut off.
+    #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens accepted on `/v1`. Replaced by `SLUICE_API_KEYS` when that is set.
+    #[serde(default = "defaults::api_keys")]
+    pub api_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory of the RocksDB spool; relative paths are relative to the working directory.
+    #[serde(default = "defaults::spool_path")]
+    pub path: PathBuf,
+    /// Jobs per write batch while streaming an upload. Larger batches write faster and hold more
+    /// memory per open upload.
+    #[serde(default = "defaults::ingest_batch")]
+    pub ingest_batch: usize,
+    /// How long an `Idempotency-Key` is remembered.
+    #[serde(default = "defaults::idempotency_ttl", with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest JSON request body (`POST /v1/campaigns`, `/v1/messages`), in bytes.
+    #[serde(default = "defaults::max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Recipients in one JSON request; larger lists go through the NDJSON endpoint.
+    #[serde(default = "defaults::max_recipients_per_request")]
+    pub max_recipients_per_request: usize,
+    /// Recipients in one NDJSON upload. Past it the whole upload is refused (413) and rolled back.
+    #[serde(default = "defaults::max_recipients_per_upload")]
+    pub max_recipients_per_upload: usize,
+    /// Longest NDJSON line, in bytes; a longer line is rejected on its own.
+    #[serde(default = "defaults::max_line_bytes")]
+    pub max_line_bytes: usize,
+    /// Largest per-recipient `vars` object, in bytes of JSON.
+    #[serde(default = "defaults::max_vars_bytes")]
+    pub max_vars_bytes: usize,
+    /// Largest template part (subject, text or HTML), in bytes.
+    #[serde(default = "defaults::max_template_bytes")]
+    pub max_template_bytes: usize,
+    /// Most entries in the 202's `rejected` list; `rejected_count` always has the full count.
+    #[serde(default = "defaults::max_rejected_reported")]
+    pub max_rejected_reported: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter (`info`, `sluice=debug,warn`); `RUST_LOG` wins when set.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+    /// `text` for people, `json` for log shippers.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+mod defaults {
+    use super::*;
+    pub fn http_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8025))
+    }
+    pub fn max_concurrent_requests() -> usize {
+        256
+    }
+    pub fn body_read_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn api_keys() -> Vec<String> {
+        Vec::new()
+    }
+    pub fn spool_path() -> PathBuf {
+        PathBuf::from("var/spool")
+    }
+    pub fn ingest_batch() -> usize {
+        4096
+    }
+    pub fn idempotency_ttl() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn max_request_bytes() -> usize {
+        32 << 20
+    }
+    pub fn max_recipients_per_request() -> usize {
+        100_000
+    }
+    pub fn max_recipients_per_upload() -> usize {
+        50_000_000
+    }
+    pub fn max_line_bytes() -> usize {
+        64 << 10
+    }
+    pub fn max_vars_bytes() -> usize {
+        16 << 10
+    }
+    pub fn max_template_bytes() -> usize {
+        1 << 20
+    }
+    pub fn max_rejected_reported() -> usize {
+        1000
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                // An empty table takes every field's named default.
+                toml::from_str("").expect("every field has a default")
+            }
+        }
+    )*};
+}
+default_from_serde!(HttpConfig, AuthConfig, SpoolConfig, LimitsConfig, LogConfig);
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("every section has a default")
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, then applies `SLUICE_API_KEYS` if set.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                key: "(file)".into(),
+                reason: e.to_string(),
+            }])
+        })?;
+        let env_keys = std::env::var(API_KEYS_ENV).ok();
+        Self::from_toml(&file, &text, env_keys.as_deref())
+    }
+
+    /// Parses and validates TOML text; `file` only labels errors.
+    pub fn from_toml(
+        file: &str,
+        text: &str,
+        env_keys: Option<&str>,
+    ) -> Result<Config, ConfigErrors> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigErrors(vec![toml_error(file, text, "(syntax)", &e)]))?;
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigErrors(vec![toml_error(file, text, &key, &inner)])
+        })?;
+        if let Some(keys) = env_keys {
+            config.auth.api_keys = keys
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        let errors = config.validate(file);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn validate(&self, file: &str) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut bad = |key: &str, reason: String| {
+            errors.push(ConfigError {
+                file: file.to_owned(),
+                key: key.to_owned(),
+                reason,
+            });
+        };
+        if self.auth.api_keys.is_empty() {
+            bad(
+                "auth.api_keys",
+                format!("no API key: set at least one here or in {API_KEYS_ENV}"),
+            );
+        }
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            if key.len() < 8 {
+                bad(
+                    &format!("auth.api_keys[{i}]"),
+                    "an API key must be at least 8 characters".into(),
+                );
+            }
+            if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                bad(
+                    &format!("auth.api_keys[{i}]"),
+                    "an API key may hold only printable ASCII without spaces".into(),
+                );
+            }
+        }
+        if self.http.max_concurrent_requests == 0 {
+            bad("http.max_concurrent_requests", "must be at least 1".into());
+        }
+        if self.spool.path.as_os_str().is_empty() {
+            bad("spool.path", "must not be empty".into());
+        }
+        if !(1..=1_000_000).contains(&self.spool.ingest_batch) {
+            bad("spool.ingest_batch", "must be between 1 and 1000000".into());
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_request_bytes", l.max_request_bytes),
+            (
+                "limits.max_recipients_per_request",
+                l.max_recipients_per_request,
+            ),
+            (
+                "limits.max_recipients_per_upload",
+                l.max_recipients_per_upload,
+            ),
+            ("limits.max_line_bytes", l.max_line_bytes),
+            ("limits.max_vars_bytes", l.max_vars_bytes),
+            ("limits.max_template_bytes", l.max_template_bytes),
+        ] {
+            if value == 0 {
+                bad(key, "must be greater than 0".into());
+            }
+        }
+        if l.max_recipients_per_upload > u32::MAX as usize {
+            bad(
+                "limits.max_recipients_per_upload",
+                format!("must be at most {}", u32::MAX),
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            bad(
+                "log.level",
+                format!("{:?} is not a valid log filter", self.log.level),
+            );
+        }
+        errors
+    }
+
+    /// True when the only API key is the example one shipped in `config/sluice.toml`.
+    pub fn uses_example_key(&self) -> bool {
+        self.auth.api_keys.iter().any(|k| k == EXAMPLE_API_KEY)
+    }
+}
+
+fn toml_error(file: &str, text: &str, key: &str, e: &toml::de::Error) -> ConfigError {
+    let reason = e.message().to_owned();
+    let location = e.span().map(|span| {
+        let line = text[..span.start.min(text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1;
+        format!(" (line {line})")
+    });
+    let key = if key.is_empty() || key == "." {
+        "(top level)".to_owned()
+    } else {
+        key.to_owned()
+    };
+    ConfigError {
+        file: file.to_owned(),
+        key: format!("{key}{}", location.unwrap_or_default()),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::from_toml("t.toml", text, None) {
+            Ok(_) => vec![],
+            Err(ConfigErrors(es)) => es.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::from_toml("t.toml", "[auth]\napi_keys = [\"0123456789\"]\n", None).unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:8025".parse().unwrap());
+        assert_eq!(c.spool.path, PathBuf::from("var/spool"));
+        assert_eq!(c.spool.idempotency_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = errors("[auth]\napi_keys = [\"0123456789\"]\n[http]\nlisten = \"nope\"\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("t.toml: http.listen (line 4): "), "{e:?}");
+        assert!(e[0].contains("invalid socket address"), "{e:?}");
+
+        let e =
+            errors("[auth]\napi_keys = [\"0123456789\"]\n[http]\nlisten_on = \"127.0.0.1:1\"\n");
+        assert!(e[0].contains("unknown field `listen_on`"), "{e:?}");
+        assert!(e[0].starts_with("t.toml: http"), "{e:?}");
+
+        let e =
+            errors("[auth]\napi_keys = [\"0123456789\"]\n[spool]\nidempotency_ttl = \"soon\"\n");
+        assert!(
+            e[0].starts_with("t.toml: spool.idempotency_ttl (line 4): "),
+            "{e:?}"
+        );
+
+        let e = errors(
+            "[auth]\napi_keys = [\"short\", \"0123456789\", \"with space\"]\n[limits]\nmax_line_bytes = 0\n",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "t.toml: auth.api_keys[0]: an API key must be at least 8 characters",
+                "t.toml: auth.api_keys[2]: an API key may hold only printable ASCII without spaces",
+                "t.toml: limits.max_line_bytes: must be greater than 0",
+            ]
+        );
+        let e = errors("[http\n");
+        assert!(e[0].starts_with("t.toml: (syntax) (line 1): "), "{e:?}");
+    }
+
+    #[test]
+    fn env_keys_replace_file_keys() {
+        let c = Config::from_toml(
+            "t.toml",
+            "[auth]\napi_keys = [\"0123456789\"]\n",
+            Some("aaaaaaaaaa, bbbbbbbbbb"),
+        )
+        .unwrap();
+        assert_eq!(c.auth.api_keys, vec!["aaaaaaaaaa", "bbbbbbbbbb"]);
+        let e = errors("");
+        assert!(e[0].contains("auth.api_keys: no API key"), "{e:?}");
+    }
+}

@@ -1,0 +1,66 @@
+//! Sluice: a high-throughput bulk outbound mail engine.
+//!
+//! Platform engineers POST campaigns (one template, many recipients with variables) over HTTP;
+//! Sluice answers 202 once every accepted recipient is synced to its RocksDB spool, then delivers.
+//! This page is for contributors: how the crate is laid out and why. Users read the README.
+//!
+//! # Layout
+//!
+//! The request path, in the order data flows:
+//!
+//! * [`api`]: the axum router. Authentication (Bearer keys, constant-time), readiness, load
+//!   shedding (503 + `Retry-After` past `http.max_concurrent_requests`), JSON error bodies that name
+//!   the field, `Idempotency-Key`. Handlers validate through `ingest` and never speak SMTP.
+//! * [`ingest`]: validation of campaign fields, templates and recipients, and the
+//!   [`ingest::Upload`], which stages a request's jobs in the spool chunk by chunk and makes them
+//!   visible in one synced commit (or deletes them if the request fails or the client leaves).
+//! * [`address`]: the one definition of a valid address (RFC 5321/6531; IDN to punycode).
+//! * [`template`]: minijinja settings shared by ingest (compile, find header variables) and
+//!   delivery (render).
+//! * [`spool`]: RocksDB, its column families and the single writer thread that does group commit;
+//!   [`spool::codec`] is the compact, versioned job encoding.
+//! * [`campaign`]: the stored campaign record (the template, written once) and the in-memory
+//!   registry with state and per-state counts.
+//! * [`queue`]: the in-memory index of pending jobs per destination domain, 16 bytes a job, which
+//!   the delivery engine consumes.
+//! * [`node`]: one process's state (config, spool, registry, queue) and start-up recovery.
+//! * [`server`]: start and graceful stop, used by the binary and by in-process tests.
+//! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors.
+//! * [`metrics`]: Prometheus registry plumbing and the metrics that belong to no one module.
+//!
+//! # Durability
+//!
+//! A 202 means synced to disk. Every write goes through the spool's writer thread, which applies
+//! queued batches and then syncs the WAL once for all of them that asked for it, so concurrent
+//! requests share one `fsync`. A request's recipients are written as they stream in, each job
+//! tagged with its upload id, next to an "open upload" record; the final batch removes that record
+//! and adds the campaign and idempotency records. Recovery deletes jobs of uploads still open, so
+//! a crash at any moment leaves either the whole request or nothing.
+//!
+//! # Where this departs from the design notes
+//!
+//! * An `idempotency` column family joins the five of the design: the stored answer is written in
+//!   the same batch as the data, so a retried request can never add recipients twice.
+//! * Campaign counts are not stored; recovery derives them from job states while it scans the jobs
+//!   to rebuild the queue anyway. This keeps ingest to one write per recipient.
+//! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
+//!   local 32-bit sequence so job keys stay 8 bytes.
+
+pub mod address;
+pub mod api;
+pub mod campaign;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod node;
+pub mod queue;
+pub mod server;
+pub mod spool;
+pub mod template;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

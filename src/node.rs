@@ -1,0 +1,151 @@
+//! One Sluice process: its config, spool, campaign registry and pending-job index, and the start-up
+//! recovery that rebuilds the in-memory parts from the spool.
+//!
+//! Owns the wiring, not the policy of any layer. Recovery and other RocksDB reads run on the
+//! blocking pool; the HTTP layer holds an `Arc<Node>`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::campaign::{Campaign, CampaignRecord, CampaignState, Registry};
+use crate::config::Config;
+use crate::queue::{PendingJob, QueueIndex};
+use crate::spool::{Durability, JobState, Spool, SpoolError};
+
+pub struct Node {
+    /// Serialises campaign state changes so the stored and in-memory states agree.
+    state_changes: tokio::sync::Mutex<()>,
+    pub config: Arc<Config>,
+    pub spool: Spool,
+    pub campaigns: Registry,
+    pub queue: Mutex<QueueIndex>,
+    /// Last upload id handed out; resumes after the highest one found in the spool.
+    pub upload_seq: AtomicU64,
+    /// Idempotency keys of requests being processed right now.
+    pub idempotency_in_flight: Mutex<std::collections::HashSet<String>>,
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+/// What recovery did, for the start-up log line.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoveryReport {
+    pub campaigns: usize,
+    pub queued: usize,
+    pub rolled_back: u64,
+    pub seconds: f64,
+}
+
+impl Node {
+    /// Opens the spool. Blocking. The node is not ready until [`Node::recover`] has run.
+    pub fn open(config: Arc<Config>) -> Result<Arc<Node>, SpoolError> {
+        let spool = Spool::open(&config.spool.path)?;
+        Ok(Arc::new(Node {
+            state_changes: tokio::sync::Mutex::new(()),
+            config,
+            spool,
+            campaigns: Registry::default(),
+            queue: Mutex::new(QueueIndex::new()),
+            upload_seq: AtomicU64::new(0),
+            idempotency_in_flight: Mutex::new(Default::default()),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    /// Rebuilds campaigns, counts and the pending-job index from the spool, rolling back uploads
+    /// that never committed. Blocking: run it on the blocking pool.
+    pub fn recover(&self) -> Result<RecoveryReport, SpoolError> {
+        let started = Instant::now();
+        let mut campaigns = HashMap::new();
+        for (seq, bytes) in self.spool.load_campaigns()? {
+            let record = CampaignRecord::decode(&bytes).map_err(|reason| SpoolError::Corrupt {
+                key: format!("campaign {seq}"),
+                reason,
+            })?;
+            campaigns.insert(seq, Campaign::new(seq, record, 0));
+        }
+        let mut queue = QueueIndex::new();
+        let mut orphans = 0u64;
+        let found = self.spool.recover(|id, rec| {
+            let Some(campaign) = campaigns.get(&id.campaign) else {
+                // A committed job always has its campaign record; count rather than guess.
+                orphans += 1;
+                return;
+            };
+            campaign.ensure_next_index(id.index.saturating_add(1));
+            let cancelled = campaign.state() == CampaignState::Cancelled;
+            let state = if rec.state == JobState::Queued && cancelled {
+                JobState::Cancelled
+            } else {
+                rec.state
+            };
+            campaign
+                .counts
+                .slot(state, rec.attempts)
+                .fetch_add(1, Ordering::Relaxed);
+            if state == JobState::Queued {
+                let domain = queue.domain_id(crate::address::domain_of(rec.address));
+                queue.push(PendingJob {
+                    id,
+                    domain,
+                    due_ms: rec.next_attempt_ms,
+                });
+            }
+        })?;
+        if orphans > 0 {
+            tracing::warn!(orphans, "jobs without a campaign record were left alone");
+        }
+        let n_campaigns = campaigns.len();
+        for (_, campaign) in campaigns {
+            self.campaigns.insert(Arc::new(campaign));
+        }
+        let queued = queue.len();
+        *self.queue.lock().expect("queue lock") = queue;
+        self.upload_seq.store(found.max_upload, Ordering::Relaxed);
+        self.ready.store(true, Ordering::Release);
+        Ok(RecoveryReport {
+            campaigns: n_campaigns,
+            queued,
+            rolled_back: found.rolled_back,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// True once recovery is done and until shutdown starts.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Persists a campaign state change (synced), then applies it in memory.
+    pub async fn set_campaign_state(
+        &self,
+        campaign: &Campaign,
+        state: CampaignState,
+    ) -> Result<(), SpoolError> {
+        let _serial = self.state_changes.lock().await;
+        let mut batch = self.spool.batch();
+        batch.put_campaign(campaign.seq, &campaign.record_with_state(state).encode());
+        self.spool.write(batch, Durability::Sync).await?;
+        let previous = campaign.state();
+        campaign.set_state(state);
+        if state == CampaignState::Cancelled && previous != CampaignState::Cancelled {
+            // Queued jobs of a cancelled campaign are never sent; the delivery engine drops them
+            // when it meets them, and recovery counts them as cancelled.
+            let k = &campaign.counts;
+            let moved = k.queued.swap(0, Ordering::Relaxed) + k.deferred.swap(0, Ordering::Relaxed);
+            k.cancelled.fetch_add(moved, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}

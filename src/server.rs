@@ -1,0 +1,134 @@
+//! Starting and stopping a Sluice node: opens the spool, binds the HTTP listener, runs recovery,
+//! and shuts down in order (stop taking requests, finish in-flight ones, flush the spool).
+//!
+//! Used by the binary and by end-to-end tests, which start a node in-process on `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::node::Node;
+
+/// How often expired idempotency records are purged.
+const IDEMPOTENCY_SWEEP: Duration = Duration::from_secs(600);
+
+/// A running node. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub node: Arc<Node>,
+    pub http_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Opens the spool, binds the API and starts recovery in the background. The API answers at once;
+/// `/readyz` turns 200 and `/v1` opens when recovery is done.
+pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
+    let cfg = Arc::clone(&config);
+    let node = tokio::task::spawn_blocking(move || Node::open(cfg))
+        .await?
+        .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
+    let listener = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("binding the HTTP API to {}", config.http.listen))?;
+    let http_addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let app = crate::api::router(Arc::clone(&node));
+    let http_stop = stop.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+
+    let rec_node = Arc::clone(&node);
+    let rec_stop = stop.clone();
+    tasks.spawn(async move {
+        match tokio::task::spawn_blocking(move || rec_node.recover()).await {
+            Ok(Ok(r)) => {
+                crate::metrics::QUEUED_JOBS.set(r.queued as i64);
+                tracing::info!(
+                    campaigns = r.campaigns,
+                    queued = r.queued,
+                    rolled_back = r.rolled_back,
+                    seconds = format!("{:.3}", r.seconds),
+                    "recovery done; ready"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "recovery failed; the node stays unready");
+                rec_stop.cancel();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "recovery panicked; the node stays unready");
+                rec_stop.cancel();
+            }
+        }
+    });
+
+    let sweep_node = Arc::clone(&node);
+    let sweep_stop = stop.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(IDEMPOTENCY_SWEEP);
+        loop {
+            tokio::select! {
+                _ = sweep_stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match crate::api::expire_idempotency(Arc::clone(&sweep_node)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(expired = n, "idempotency records expired"),
+                Err(e) => tracing::warn!(error = %e, "expiring idempotency records failed"),
+            }
+        }
+    });
+
+    let gauge_node = Arc::clone(&node);
+    let gauge_stop = stop.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = gauge_stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let len = gauge_node.queue.lock().map(|q| q.len()).unwrap_or(0);
+            crate::metrics::QUEUED_JOBS.set(len as i64);
+        }
+    });
+    tasks.close();
+    tracing::info!(%http_addr, "HTTP API listening");
+    Ok(Running {
+        node,
+        http_addr,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Resolves when the node stops by itself (a fatal error such as failed recovery).
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// Graceful stop: refuse new `/v1` requests (503), let in-flight ones finish, then flush and
+    /// close the spool.
+    pub async fn shutdown(self) {
+        self.node.start_draining();
+        self.stop.cancel();
+        self.tasks.wait().await;
+        if let Err(e) = self.node.spool.close().await {
+            tracing::error!(error = %e, "closing the spool failed");
+        }
+        tracing::info!("stopped");
+    }
+}

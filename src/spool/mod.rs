@@ -1,0 +1,555 @@
+//! The RocksDB spool: the only place Sluice's durable state lives.
+//!
+//! Owns the database, its column families and the single writer thread. It knows encodings, not
+//! policy: it never decides what to send or when. Every RocksDB call blocks, so callers on tokio
+//! reach it through [`Spool::write`] (the writer thread) or `spawn_blocking`; nothing here runs on
+//! a tokio worker.
+//!
+//! **Group commit.** All writes go through one writer thread fed by a bounded channel. It takes
+//! whatever has queued up, writes each batch to the WAL without syncing, then syncs the WAL once
+//! for the whole group if any of them asked for durability, and only then answers. Concurrent
+//! ingest requests therefore share one `fsync`, and the bounded channel pushes back on uploads
+//! that outrun the disk.
+//!
+//! **Staged uploads.** A request that adds recipients is an upload. Its jobs are written in chunks
+//! as the request streams, each job tagged with the upload id, and an `open upload` record is
+//! written in the same batch as the first chunk. The commit batch (campaign record, idempotency
+//! record, removal of the open record) is synced before the 202. Recovery deletes the jobs of
+//! uploads still open, so a crash never leaves half an upload visible.
+
+pub mod codec;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, LazyLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use prometheus::{Histogram, register_histogram};
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+
+pub use codec::{JobId, JobRecord, JobState};
+
+/// Campaign records, keyed by campaign sequence (u32 big-endian).
+pub const CF_CAMPAIGNS: &str = "campaigns";
+/// One record per recipient, keyed by [`JobId::key`].
+pub const CF_JOBS: &str = "jobs";
+/// Suppressed addresses.
+pub const CF_SUPPRESSIONS: &str = "suppressions";
+/// Outbox of delivery events (webhooks, delivery log).
+pub const CF_EVENTS: &str = "events";
+/// Schema version and open uploads.
+pub const CF_META: &str = "meta";
+/// Stored responses to requests that carried an `Idempotency-Key`, so a retry gets the same answer.
+pub const CF_IDEMPOTENCY: &str = "idempotency";
+
+const ALL_CFS: [&str; 6] = [
+    CF_CAMPAIGNS,
+    CF_JOBS,
+    CF_SUPPRESSIONS,
+    CF_EVENTS,
+    CF_META,
+    CF_IDEMPOTENCY,
+];
+
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_UPLOAD_PREFIX: &[u8] = b"upload/";
+
+/// Batches queued for the writer thread before senders wait.
+const WRITER_QUEUE: usize = 64;
+/// Most batches the writer folds into one group before syncing.
+const MAX_GROUP: usize = 256;
+
+static WRITE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "sluice_spool_write_seconds",
+        "Time to apply one group of write batches to RocksDB, before any sync. Rising values mean \
+         the memtable or compaction is falling behind.",
+        prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
+
+static SYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "sluice_spool_sync_seconds",
+        "Time of one WAL fsync shared by a group of durable writes (group commit). This bounds \
+         ingest latency; it is the disk's sync latency.",
+        prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
+
+static GROUP_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "sluice_spool_group_batches",
+        "Write batches folded into one group commit. Values above 1 show concurrent requests \
+         sharing a sync.",
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]
+    )
+    .expect("metric registers once")
+});
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool I/O error: {0}")]
+    Rocks(String),
+    #[error("spool is full or out of disk space: {0}")]
+    NoSpace(String),
+    #[error("spool schema version {found} is not supported (this build reads {SCHEMA_VERSION})")]
+    Schema { found: u32 },
+    #[error("spool record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("spool writer has stopped")]
+    Closed,
+}
+
+impl From<rocksdb::Error> for SpoolError {
+    fn from(e: rocksdb::Error) -> Self {
+        let text = e.into_string();
+        if text.contains("No space left") || text.contains("NoSpace") {
+            SpoolError::NoSpace(text)
+        } else {
+            SpoolError::Rocks(text)
+        }
+    }
+}
+
+/// Whether a write must be on disk before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledged after the WAL is synced (ingest commits, state changes users were told of).
+    Sync,
+    /// Acknowledged once in the WAL's OS buffer; a later sync covers it.
+    Buffered,
+}
+
+struct WriteRequest {
+    batch: WriteBatch,
+    durability: Durability,
+    done: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+enum WriterMsg {
+    Write(WriteRequest),
+    /// Drain what is queued, sync, and stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// A write batch bound to the spool's column families.
+pub struct SpoolBatch {
+    db: Arc<DB>,
+    batch: WriteBatch,
+}
+
+impl SpoolBatch {
+    pub fn put_job(&mut self, id: JobId, value: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(CF_JOBS)
+            .expect("column families are created at open");
+        self.batch.put_cf(cf, id.key(), value);
+    }
+
+    pub fn delete_job(&mut self, id: JobId) {
+        let cf = self
+            .db
+            .cf_handle(CF_JOBS)
+            .expect("column families are created at open");
+        self.batch.delete_cf(cf, id.key());
+    }
+
+    pub fn put_campaign(&mut self, seq: u32, value: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(CF_CAMPAIGNS)
+            .expect("column families are created at open");
+        self.batch.put_cf(cf, seq.to_be_bytes(), value);
+    }
+
+    pub fn open_upload(&mut self, upload: u64, campaign: u32) {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .expect("column families are created at open");
+        self.batch
+            .put_cf(cf, upload_key(upload), campaign.to_be_bytes());
+    }
+
+    pub fn close_upload(&mut self, upload: u64) {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .expect("column families are created at open");
+        self.batch.delete_cf(cf, upload_key(upload));
+    }
+
+    pub fn put_idempotency(&mut self, key: &[u8], value: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(CF_IDEMPOTENCY)
+            .expect("column families are created at open");
+        self.batch.put_cf(cf, key, value);
+    }
+
+    pub fn delete_idempotency(&mut self, key: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(CF_IDEMPOTENCY)
+            .expect("column families are created at open");
+        self.batch.delete_cf(cf, key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.batch.size_in_bytes()
+    }
+}
+
+fn upload_key(upload: u64) -> Vec<u8> {
+    let mut key = META_UPLOAD_PREFIX.to_vec();
+    key.extend_from_slice(&upload.to_be_bytes());
+    key
+}
+
+/// A write handed to the writer thread; await it to learn whether it landed.
+pub struct PendingWrite(oneshot::Receiver<Result<(), SpoolError>>);
+
+impl PendingWrite {
+    pub async fn wait(self) -> Result<(), SpoolError> {
+        self.0.await.unwrap_or(Err(SpoolError::Closed))
+    }
+}
+
+/// What recovery found, handed to the engine to rebuild its in-memory state.
+pub struct Recovered {
+    /// Highest upload id seen in any job or open-upload record.
+    pub max_upload: u64,
+    /// Jobs of uncommitted uploads that were deleted.
+    pub rolled_back: u64,
+}
+
+/// The open spool. Cheap to share behind an `Arc`.
+pub struct Spool {
+    db: Arc<DB>,
+    writer: mpsc::Sender<WriterMsg>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `path` and starts the writer thread. Blocking.
+    pub fn open(path: &Path) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| SpoolError::Rocks(format!("creating {}: {e}", path.display())))?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // One flush and one compaction thread: a 2-core box must keep a core for HTTP and SMTP.
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        // Writes are pipelined through one thread; concurrent memtable writes buy nothing here.
+        opts.set_allow_concurrent_memtable_write(false);
+        let cfs = ALL_CFS
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
+        let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
+        check_schema(&db)?;
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let writer_db = Arc::clone(&db);
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer_loop(&writer_db, rx))
+            .map_err(|e| SpoolError::Rocks(format!("starting the writer thread: {e}")))?;
+        Ok(Spool {
+            db,
+            writer: tx,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn batch(&self) -> SpoolBatch {
+        SpoolBatch {
+            db: Arc::clone(&self.db),
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Queues `batch` for the writer thread, waiting for room when the disk is behind.
+    pub async fn submit(
+        &self,
+        batch: SpoolBatch,
+        durability: Durability,
+    ) -> Result<PendingWrite, SpoolError> {
+        let (done, rx) = oneshot::channel();
+        self.writer
+            .send(WriterMsg::Write(WriteRequest {
+                batch: batch.batch,
+                durability,
+                done,
+            }))
+            .await
+            .map_err(|_| SpoolError::Closed)?;
+        Ok(PendingWrite(rx))
+    }
+
+    /// Writes `batch` and waits until it is applied (and synced, for [`Durability::Sync`]).
+    pub async fn write(&self, batch: SpoolBatch, durability: Durability) -> Result<(), SpoolError> {
+        self.submit(batch, durability).await?.wait().await
+    }
+
+    /// Reads one idempotency record. Blocking.
+    pub fn get_idempotency(&self, key: &[u8]) -> Result<Option<Vec<u8>>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_IDEMPOTENCY)
+            .expect("column families are created at open");
+        Ok(self.db.get_cf(cf, key)?)
+    }
+
+    /// Visits every idempotency record (for expiry). Blocking.
+    pub fn scan_idempotency(&self, mut visit: impl FnMut(&[u8], &[u8])) -> Result<(), SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_IDEMPOTENCY)
+            .expect("column families are created at open");
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            visit(&k, &v);
+        }
+        Ok(())
+    }
+
+    /// Reads one job record's bytes. Blocking.
+    pub fn get_job(&self, id: JobId) -> Result<Option<Vec<u8>>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_JOBS)
+            .expect("column families are created at open");
+        Ok(self.db.get_cf(cf, id.key())?)
+    }
+
+    /// Counts the records of one column family (`CF_*`). Blocking; a full scan, for tests and
+    /// diagnostics.
+    pub fn count_keys(&self, cf: &str) -> Result<usize, SpoolError> {
+        let handle = self
+            .db
+            .cf_handle(cf)
+            .ok_or_else(|| SpoolError::Rocks(format!("no column family {cf:?}")))?;
+        let mut n = 0;
+        for item in self.db.iterator_cf(handle, IteratorMode::Start) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Reads every campaign record: `(sequence, encoded record)` in sequence order. Blocking.
+    pub fn load_campaigns(&self) -> Result<Vec<(u32, Vec<u8>)>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_CAMPAIGNS)
+            .expect("column families are created at open");
+        let mut campaigns = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let seq = <[u8; 4]>::try_from(&k[..])
+                .map(u32::from_be_bytes)
+                .map_err(|_| SpoolError::Corrupt {
+                    key: format!("campaign {k:?}"),
+                    reason: "key is not 4 bytes".into(),
+                })?;
+            campaigns.push((seq, v.into_vec()));
+        }
+
+        Ok(campaigns)
+    }
+
+    /// Rebuilds state after a start: rolls back uncommitted uploads, then hands every committed
+    /// job to `visit` in key order. Blocking; run it before serving.
+    pub fn recover(
+        &self,
+        mut visit: impl FnMut(JobId, &JobRecord<'_>),
+    ) -> Result<Recovered, SpoolError> {
+        let meta = self
+            .db
+            .cf_handle(CF_META)
+            .expect("column families are created at open");
+        let mut open = HashSet::new();
+        let mut max_upload = 0;
+        for item in self.db.prefix_iterator_cf(meta, META_UPLOAD_PREFIX) {
+            let (k, _) = item?;
+            if !k.starts_with(META_UPLOAD_PREFIX) {
+                break;
+            }
+            let id = k[META_UPLOAD_PREFIX.len()..]
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| SpoolError::Corrupt {
+                    key: format!("meta {k:?}"),
+                    reason: "bad upload key".into(),
+                })?;
+            max_upload = max_upload.max(id);
+            open.insert(id);
+        }
+
+        let jobs = self
+            .db
+            .cf_handle(CF_JOBS)
+            .expect("column families are created at open");
+        let mut rollback = WriteBatch::default();
+        let mut rolled_back = 0;
+        let mut iter = self.db.raw_iterator_cf(jobs);
+        iter.seek_to_first();
+        while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+            let id = JobId::from_key(k).map_err(|e| SpoolError::Corrupt {
+                key: format!("job {k:?}"),
+                reason: e.to_string(),
+            })?;
+            let rec = JobRecord::decode(v).map_err(|e| SpoolError::Corrupt {
+                key: format!("job {id}"),
+                reason: e.to_string(),
+            })?;
+            max_upload = max_upload.max(rec.upload);
+            if open.contains(&rec.upload) {
+                rollback.delete_cf(jobs, k);
+                rolled_back += 1;
+            } else {
+                visit(id, &rec);
+            }
+            iter.next();
+        }
+        iter.status()?;
+        for id in &open {
+            rollback.delete_cf(meta, upload_key(*id));
+        }
+        if !rollback.is_empty() {
+            let mut sync = WriteOptions::default();
+            sync.set_sync(true);
+            self.db.write_opt(rollback, &sync)?;
+        }
+        Ok(Recovered {
+            max_upload,
+            rolled_back,
+        })
+    }
+
+    /// Stops the writer once it has applied everything queued before this call, and syncs the
+    /// WAL. Later writes fail with [`SpoolError::Closed`].
+    pub async fn close(&self) -> Result<(), SpoolError> {
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(WriterMsg::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let handle = self.thread.lock().map_err(|_| SpoolError::Closed)?.take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        Ok(())
+    }
+}
+
+fn cf_options(name: &str) -> Options {
+    let mut o = Options::default();
+    match name {
+        CF_JOBS => {
+            // Jobs are written in bulk at ingest and then updated a few times: large memtables
+            // keep L0 flushes rare during a million-recipient upload.
+            o.set_write_buffer_size(64 << 20);
+            o.set_max_write_buffer_number(3);
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_level_compaction_dynamic_level_bytes(true);
+        }
+        _ => {
+            o.set_write_buffer_size(8 << 20);
+        }
+    }
+    o
+}
+
+fn check_schema(db: &DB) -> Result<(), SpoolError> {
+    let meta = db
+        .cf_handle(CF_META)
+        .expect("column families are created at open");
+    match db.get_cf(meta, META_SCHEMA)? {
+        None => {
+            let mut sync = WriteOptions::default();
+            sync.set_sync(true);
+            db.put_cf_opt(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes(), &sync)?;
+            Ok(())
+        }
+        Some(v) => {
+            let found = <[u8; 4]>::try_from(&v[..])
+                .map(u32::from_be_bytes)
+                .unwrap_or(u32::MAX);
+            if found == SCHEMA_VERSION {
+                Ok(())
+            } else {
+                Err(SpoolError::Schema { found })
+            }
+        }
+    }
+}
+
+fn writer_loop(db: &DB, mut rx: mpsc::Receiver<WriterMsg>) {
+    let no_sync = WriteOptions::default();
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut closing = None;
+    while closing.is_none() {
+        match rx.blocking_recv() {
+            Some(WriterMsg::Write(req)) => group.push(req),
+            Some(WriterMsg::Close(done)) => closing = Some(done),
+            None => break,
+        }
+        while group.len() < MAX_GROUP && closing.is_none() {
+            match rx.try_recv() {
+                Ok(WriterMsg::Write(req)) => group.push(req),
+                Ok(WriterMsg::Close(done)) => closing = Some(done),
+                Err(_) => break,
+            }
+        }
+        if group.is_empty() {
+            continue;
+        }
+        GROUP_SIZE.observe(group.len() as f64);
+        let started = Instant::now();
+        let mut results: Vec<Result<(), SpoolError>> = Vec::with_capacity(group.len());
+        let mut need_sync = false;
+        for req in group.iter_mut() {
+            let batch = std::mem::take(&mut req.batch);
+            let r = db.write_opt(batch, &no_sync).map_err(SpoolError::from);
+            need_sync |= r.is_ok() && req.durability == Durability::Sync;
+            results.push(r);
+        }
+        WRITE_SECONDS.observe(started.elapsed().as_secs_f64());
+        let sync_result = if need_sync {
+            let started = Instant::now();
+            let r = db.flush_wal(true).map_err(SpoolError::from);
+            SYNC_SECONDS.observe(started.elapsed().as_secs_f64());
+            r
+        } else {
+            Ok(())
+        };
+        for (req, r) in group.drain(..).zip(results) {
+            let r = match (r, req.durability, &sync_result) {
+                (Ok(()), Durability::Sync, Err(e)) => Err(e.clone()),
+                (r, _, _) => r,
+            };
+            let _ = req.done.send(r);
+        }
+    }
+    rx.close();
+    let _ = db.flush_wal(true);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
