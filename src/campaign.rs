@@ -159,6 +159,8 @@ pub struct Campaign {
     /// Next recipient index to hand out.
     next_index: AtomicU32,
     pub counts: Counts,
+    /// Templates compiled on first use by the delivery engine.
+    compiled: std::sync::OnceLock<Result<Arc<crate::render::Compiled>, String>>,
 }
 
 impl Campaign {
@@ -170,7 +172,15 @@ impl Campaign {
             state,
             next_index: AtomicU32::new(next_index),
             counts: Counts::default(),
+            compiled: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The compiled templates (compiled once, on first call).
+    pub fn compiled(&self) -> Result<Arc<crate::render::Compiled>, String> {
+        self.compiled
+            .get_or_init(|| crate::render::compile(&self.record).map(Arc::new))
+            .clone()
     }
 
     pub fn state(&self) -> CampaignState {

@@ -45,6 +45,189 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Defaults for every destination site.
+    #[serde(default)]
+    pub shaping: Shaping,
+    /// Overrides, matched by recipient domain or MX host pattern; the first match wins.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<Rule>,
+    /// Static routes: mail for `domain` goes to `relay` instead of its MX hosts.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// `ip:port` of the servers to ask; empty means the system resolver (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// Per-query timeout; a timeout defers the recipients, it never bounces them.
+    #[serde(default = "defaults::dns_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Run the delivery engine. Off, Sluice only accepts and queues (useful for ingest-only
+    /// nodes and tests).
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Name given in EHLO; should resolve to the sending IP and match its PTR record.
+    #[serde(default = "defaults::ehlo_name")]
+    pub ehlo_name: String,
+    /// Destination port for MX hosts (25 in production; tests point it elsewhere).
+    #[serde(default = "defaults::smtp_port")]
+    pub smtp_port: u16,
+    /// Local address outgoing connections are bound to; unset lets the OS choose.
+    #[serde(default)]
+    pub source_ip: Option<std::net::IpAddr>,
+    /// First retry delay after a temporary failure; doubles per attempt with ±20% jitter.
+    #[serde(default = "defaults::retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest delay between two attempts.
+    #[serde(default = "defaults::retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// A recipient still undelivered this long after acceptance expires (final).
+    #[serde(default = "defaults::max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// An idle pooled connection is closed after this long.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// After a site's connections fail, wait this long before trying it again; doubles with
+    /// each further failure up to `site_backoff_max`.
+    #[serde(default = "defaults::site_backoff", with = "humantime_serde")]
+    pub site_backoff: Duration,
+    #[serde(default = "defaults::site_backoff_max", with = "humantime_serde")]
+    pub site_backoff_max: Duration,
+    /// TCP connect timeout.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Waiting for the greeting (RFC 5321: 5 min).
+    #[serde(default = "defaults::five_minutes", with = "humantime_serde")]
+    pub greeting_timeout: Duration,
+    /// Waiting for replies to EHLO, MAIL, RCPT (RFC 5321: 5 min).
+    #[serde(default = "defaults::five_minutes", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Waiting for the 354 after DATA (RFC 5321: 2 min).
+    #[serde(default = "defaults::data_init_timeout", with = "humantime_serde")]
+    pub data_init_timeout: Duration,
+    /// Sending each 64 KiB of the message (RFC 5321: 3 min per block).
+    #[serde(default = "defaults::data_block_timeout", with = "humantime_serde")]
+    pub data_block_timeout: Duration,
+    /// Waiting for the reply to the final dot (RFC 5321: 10 min).
+    #[serde(default = "defaults::data_final_timeout", with = "humantime_serde")]
+    pub data_final_timeout: Duration,
+}
+
+/// Traffic shaping for one site (a set of MX hosts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shaping {
+    /// Simultaneous connections to the site.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: u32,
+    /// Messages sent over one connection before it is closed and a new one opened.
+    #[serde(default = "defaults::max_messages_per_connection")]
+    pub max_messages_per_connection: u32,
+    /// Messages per period, e.g. "200/s", "5000/m"; unset: unlimited.
+    #[serde(default)]
+    pub message_rate: Option<Rate>,
+    /// New connections per period; unset: unlimited.
+    #[serde(default)]
+    pub connection_rate: Option<Rate>,
+    /// STARTTLS policy: opportunistic, required, verify or disabled.
+    #[serde(default)]
+    pub tls: crate::smtp::client::TlsMode,
+}
+
+/// An override of [`Shaping`] for the sites it matches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// `example.com` matches that domain or MX host exactly; `*.example.com` any name below it.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub max_connections: Option<u32>,
+    pub max_messages_per_connection: Option<u32>,
+    pub message_rate: Option<Rate>,
+    pub connection_rate: Option<Rate>,
+    pub tls: Option<crate::smtp::client::TlsMode>,
+}
+
+impl Rule {
+    pub fn matches(&self, name: &str) -> bool {
+        let p = self.pattern.to_ascii_lowercase();
+        let name = name.to_ascii_lowercase();
+        match p.strip_prefix("*.") {
+            Some(suffix) => {
+                name.len() > suffix.len()
+                    && name.ends_with(suffix)
+                    && name[..name.len() - suffix.len()].ends_with('.')
+            }
+            None => p == name,
+        }
+    }
+
+    /// `base` with this rule's settings laid over it.
+    pub fn apply(&self, base: &Shaping) -> Shaping {
+        Shaping {
+            max_connections: self.max_connections.unwrap_or(base.max_connections),
+            max_messages_per_connection: self
+                .max_messages_per_connection
+                .unwrap_or(base.max_messages_per_connection),
+            message_rate: self.message_rate.or(base.message_rate),
+            connection_rate: self.connection_rate.or(base.connection_rate),
+            tls: self.tls.unwrap_or(base.tls),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Recipient domain (exact, or `*.example.com`).
+    pub domain: String,
+    /// `host:port` to deliver to instead of the domain's MX hosts.
+    pub relay: String,
+}
+
+/// A rate such as `200/s`: `count` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
+        let s = String::deserialize(d)?;
+        Rate::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Rate {
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let err = || format!("{s:?} is not a rate like \"200/s\", \"5000/m\" or \"100000/h\"");
+        let (n, unit) = s.trim().split_once('/').ok_or_else(err)?;
+        let count: u32 = n.trim().parse().map_err(|_| err())?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86400),
+            _ => return Err(err()),
+        };
+        if count == 0 {
+            return Err(format!("{s:?}: the count must be at least 1"));
+        }
+        Ok(Rate { count, per })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +303,9 @@ pub struct LogConfig {
     /// `text` for people, `json` for log shippers.
     #[serde(default)]
     pub format: LogFormat,
+    /// One JSON line per delivery attempt (PowerMTA-style accounting record).
+    #[serde(default = "defaults::delivery_log")]
+    pub delivery_log: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -177,6 +363,60 @@ mod defaults {
     pub fn log_level() -> String {
         "info".to_owned()
     }
+    pub fn delivery_log() -> PathBuf {
+        PathBuf::from("var/log/delivery.jsonl")
+    }
+    pub fn dns_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn ehlo_name() -> String {
+        "localhost.localdomain".to_owned()
+    }
+    pub fn smtp_port() -> u16 {
+        25
+    }
+    pub fn retry_initial() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn retry_max() -> Duration {
+        Duration::from_secs(4 * 3600)
+    }
+    pub fn max_age() -> Duration {
+        Duration::from_secs(3 * 86400)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn site_backoff() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn site_backoff_max() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn five_minutes() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn data_init_timeout() -> Duration {
+        Duration::from_secs(120)
+    }
+    pub fn data_block_timeout() -> Duration {
+        Duration::from_secs(180)
+    }
+    pub fn data_final_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn max_connections() -> u32 {
+        10
+    }
+    pub fn max_messages_per_connection() -> u32 {
+        100
+    }
 }
 
 macro_rules! default_from_serde {
@@ -189,7 +429,16 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(HttpConfig, AuthConfig, SpoolConfig, LimitsConfig, LogConfig);
+default_from_serde!(
+    HttpConfig,
+    AuthConfig,
+    SpoolConfig,
+    LimitsConfig,
+    LogConfig,
+    DnsConfig,
+    DeliveryConfig,
+    Shaping
+);
 
 impl Default for Config {
     fn default() -> Self {
@@ -304,6 +553,64 @@ impl Config {
                 format!("must be at most {}", u32::MAX),
             );
         }
+        if crate::address::check_host_name(&self.delivery.ehlo_name).is_err() {
+            bad(
+                "delivery.ehlo_name",
+                format!(
+                    "{:?} is not a fully qualified host name",
+                    self.delivery.ehlo_name
+                ),
+            );
+        }
+        for (key, s) in std::iter::once(("shaping".to_owned(), &self.shaping)) {
+            if s.max_connections == 0 {
+                bad(
+                    &format!("{key}.max_connections"),
+                    "must be at least 1".into(),
+                );
+            }
+            if s.max_messages_per_connection == 0 {
+                bad(
+                    &format!("{key}.max_messages_per_connection"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let p = r.pattern.strip_prefix("*.").unwrap_or(&r.pattern);
+            if p.is_empty() || p.contains('*') {
+                bad(
+                    &format!("rule[{i}].match"),
+                    format!("{:?}: use a name or *.name", r.pattern),
+                );
+            }
+            if r.max_connections == Some(0) || r.max_messages_per_connection == Some(0) {
+                bad(&format!("rule[{i}]"), "limits must be at least 1".into());
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.domain.is_empty() {
+                bad(&format!("route[{i}].domain"), "must not be empty".into());
+            }
+            let ok = r
+                .relay
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                bad(
+                    &format!("route[{i}].relay"),
+                    format!("{:?} is not host:port", r.relay),
+                );
+            }
+        }
+        if self.delivery.retry_initial.is_zero()
+            || self.delivery.retry_max < self.delivery.retry_initial
+        {
+            bad(
+                "delivery.retry_max",
+                "retry_initial must be above zero and retry_max at least retry_initial".into(),
+            );
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             bad(
                 "log.level",
@@ -392,6 +699,51 @@ mod tests {
         );
         let e = errors("[http\n");
         assert!(e[0].starts_with("t.toml: (syntax) (line 1): "), "{e:?}");
+    }
+
+    #[test]
+    fn rules_routes_and_rates() {
+        let c = Config::from_toml(
+            "t.toml",
+            "[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmessage_rate = \"100/s\"\n\
+             [[rule]]\nmatch = \"*.google.com\"\nmax_connections = 20\nmessage_rate = \"5000/m\"\n\
+             [[route]]\ndomain = \"example.test\"\nrelay = \"127.0.0.1:2525\"\n",
+            None,
+        )
+        .unwrap();
+        let r = &c.rules[0];
+        assert!(r.matches("aspmx.l.GOOGLE.com"));
+        assert!(!r.matches("google.com"));
+        assert!(!r.matches("notgoogle.com"));
+        let s = r.apply(&c.shaping);
+        assert_eq!(s.max_connections, 20);
+        assert_eq!(
+            s.message_rate,
+            Some(Rate {
+                count: 5000,
+                per: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(
+            c.shaping.message_rate,
+            Some(Rate {
+                count: 100,
+                per: Duration::from_secs(1)
+            })
+        );
+        assert_eq!(c.routes[0].relay, "127.0.0.1:2525");
+        let e = errors("[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmessage_rate = \"fast\"\n");
+        assert!(
+            e[0].starts_with("t.toml: shaping.message_rate (line 4): "),
+            "{e:?}"
+        );
+        let e = errors(
+            "[auth]\napi_keys = [\"0123456789\"]\n[[route]]\ndomain = \"a.test\"\nrelay = \"nowhere\"\n",
+        );
+        assert_eq!(
+            e,
+            vec!["t.toml: route[0].relay: \"nowhere\" is not host:port"]
+        );
     }
 
     #[test]

@@ -50,11 +50,16 @@ pub mod address;
 pub mod api;
 pub mod campaign;
 pub mod config;
+pub mod delivery;
+pub mod dns;
 pub mod ingest;
 pub mod metrics;
 pub mod node;
+pub mod outcome;
 pub mod queue;
+pub mod render;
 pub mod server;
+pub mod smtp;
 pub mod spool;
 pub mod template;
 

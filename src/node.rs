@@ -25,6 +25,12 @@ pub struct Node {
     pub upload_seq: AtomicU64,
     /// Idempotency keys of requests being processed right now.
     pub idempotency_in_flight: Mutex<std::collections::HashSet<String>>,
+    /// Woken when jobs become due sooner than the delivery engine expects (ingest, resume).
+    pub wake: tokio::sync::Notify,
+    /// Jobs of paused campaigns met by the delivery engine, held until resume.
+    pub parked: Mutex<HashMap<u32, Vec<PendingJob>>>,
+    /// Domains an operator suspended (runtime only; a restart resumes them).
+    pub suspended: Mutex<std::collections::HashSet<String>>,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -50,6 +56,9 @@ impl Node {
             queue: Mutex::new(QueueIndex::new()),
             upload_seq: AtomicU64::new(0),
             idempotency_in_flight: Mutex::new(Default::default()),
+            wake: tokio::sync::Notify::new(),
+            parked: Mutex::new(HashMap::new()),
+            suspended: Mutex::new(Default::default()),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }))
@@ -114,6 +123,35 @@ impl Node {
         })
     }
 
+    /// Suspends or resumes delivery to `domain` (normalised). Returns whether it has a queue.
+    pub fn set_domain_suspended(&self, domain: &str, suspended: bool) -> bool {
+        {
+            let mut set = self.suspended.lock().expect("suspended lock");
+            if suspended {
+                set.insert(domain.to_owned());
+            } else {
+                set.remove(domain);
+            }
+        }
+        let mut queue = self.queue.lock().expect("queue lock");
+        let known = queue.find_domain(domain);
+        if let Some(d) = known {
+            queue.set_parked(d, suspended);
+        }
+        drop(queue);
+        if !suspended {
+            self.wake.notify_one();
+        }
+        known.is_some()
+    }
+
+    pub fn is_suspended(&self, domain: &str) -> bool {
+        self.suspended
+            .lock()
+            .expect("suspended lock")
+            .contains(domain)
+    }
+
     /// True once recovery is done and until shutdown starts.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
@@ -145,6 +183,24 @@ impl Node {
             let k = &campaign.counts;
             let moved = k.queued.swap(0, Ordering::Relaxed) + k.deferred.swap(0, Ordering::Relaxed);
             k.cancelled.fetch_add(moved, Ordering::Relaxed);
+        }
+        if state != CampaignState::Paused {
+            // Resumed or cancelled: parked jobs go back to the queue (the engine drops those of a
+            // cancelled campaign when it meets them).
+            let jobs = self
+                .parked
+                .lock()
+                .expect("parked lock")
+                .remove(&campaign.seq)
+                .unwrap_or_default();
+            if !jobs.is_empty() {
+                let mut queue = self.queue.lock().expect("queue lock");
+                for job in jobs {
+                    queue.push(job);
+                }
+                drop(queue);
+                self.wake.notify_one();
+            }
         }
         Ok(())
     }

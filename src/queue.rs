@@ -10,7 +10,7 @@
 //! N jobs due by a time, and [`QueueIndex::push`] puts a deferred job back with its new due time.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use crate::spool::JobId;
 
@@ -31,14 +31,24 @@ pub struct PendingJob {
 struct DomainQueue {
     /// Min-heap on (due, job id): earliest first, then campaign order.
     heap: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Being served by the delivery engine; not in the schedule meanwhile.
+    active: bool,
+    /// Suspended by an operator: never scheduled until resumed.
+    parked: bool,
+    /// A throttle or backoff said "not before this time".
+    not_before: u64,
+    /// This domain's key in `schedule`, if it is there.
+    scheduled_at: Option<u64>,
 }
 
-/// Pending jobs per destination domain.
+/// Pending jobs per destination domain, plus a schedule of the inactive domains by the time
+/// they next have work.
 #[derive(Default)]
 pub struct QueueIndex {
     names: Vec<Box<str>>,
     ids: HashMap<Box<str>, DomainId>,
     queues: Vec<DomainQueue>,
+    schedule: BTreeSet<(u64, DomainId)>,
     len: usize,
 }
 
@@ -64,11 +74,78 @@ impl QueueIndex {
         &self.names[id.0 as usize]
     }
 
+    /// Looks a domain up without interning it.
+    pub fn find_domain(&self, domain: &str) -> Option<DomainId> {
+        self.ids.get(domain).copied()
+    }
+
     pub fn push(&mut self, job: PendingJob) {
         self.queues[job.domain.0 as usize]
             .heap
             .push(Reverse((job.due_ms, u64::from(job.id))));
         self.len += 1;
+        self.reschedule(job.domain);
+    }
+
+    /// Puts an inactive, unparked domain with jobs into the schedule at its next useful time.
+    fn reschedule(&mut self, d: DomainId) {
+        let q = &mut self.queues[d.0 as usize];
+        let want = match q.heap.peek() {
+            Some(Reverse((due, _))) if !q.active && !q.parked => Some((*due).max(q.not_before)),
+            _ => None,
+        };
+        if q.scheduled_at == want {
+            return;
+        }
+        if let Some(old) = q.scheduled_at.take() {
+            self.schedule.remove(&(old, d));
+        }
+        if let Some(at) = want {
+            self.schedule.insert((at, d));
+            self.queues[d.0 as usize].scheduled_at = Some(at);
+        }
+    }
+
+    /// Hands out up to `max` inactive domains whose next job is due by `now_ms`, marking them
+    /// active. Also returns the time the next domain becomes due, if any.
+    pub fn take_due_domains(&mut self, now_ms: u64, max: usize) -> (Vec<DomainId>, Option<u64>) {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.schedule.first() {
+                Some(&(at, d)) if at <= now_ms => {
+                    self.schedule.remove(&(at, d));
+                    let q = &mut self.queues[d.0 as usize];
+                    q.scheduled_at = None;
+                    q.active = true;
+                    out.push(d);
+                }
+                _ => break,
+            }
+        }
+        (out, self.schedule.first().map(|(at, _)| *at))
+    }
+
+    /// The delivery engine stops serving `domain`; it is scheduled again at its next due time,
+    /// but not before `not_before_ms`.
+    pub fn deactivate(&mut self, domain: DomainId, not_before_ms: u64) {
+        let q = &mut self.queues[domain.0 as usize];
+        q.active = false;
+        q.not_before = not_before_ms;
+        self.reschedule(domain);
+    }
+
+    /// Suspends or resumes a domain. A parked domain keeps its jobs but is never handed out.
+    pub fn set_parked(&mut self, domain: DomainId, parked: bool) {
+        let q = &mut self.queues[domain.0 as usize];
+        q.parked = parked;
+        if parked {
+            q.active = false;
+        }
+        self.reschedule(domain);
+    }
+
+    pub fn is_parked(&self, domain: DomainId) -> bool {
+        self.queues[domain.0 as usize].parked
     }
 
     /// Total pending jobs.
@@ -176,6 +253,39 @@ mod tests {
         assert_eq!(q.next_due(b), None);
         assert_eq!(q.domains().collect::<Vec<_>>(), vec![(a, 30)]);
         assert_eq!(q.domain_name(a), "a.example");
+    }
+
+    #[test]
+    fn schedule_hands_out_due_domains_once() {
+        let mut q = QueueIndex::new();
+        for (d, i, due) in [
+            ("a.example", 0, 10),
+            ("b.example", 1, 50),
+            ("a.example", 2, 5),
+        ] {
+            let j = job(&mut q, d, i, due);
+            q.push(j);
+        }
+        let a = q.domain_id("a.example");
+        let b = q.domain_id("b.example");
+        assert_eq!(q.take_due_domains(4, 10), (vec![], Some(5)));
+        assert_eq!(q.take_due_domains(20, 10), (vec![a], Some(50)));
+        // Active: not handed out again, even when more work arrives.
+        let j = job(&mut q, "a.example", 3, 1);
+        q.push(j);
+        assert_eq!(q.take_due_domains(20, 10), (vec![], Some(50)));
+        assert_eq!(q.pop_due(a, 20, 10).len(), 3);
+        q.deactivate(a, 0);
+        assert_eq!(q.take_due_domains(100, 10), (vec![b], None));
+        // A throttle's "not before" holds a domain back even when its jobs are due.
+        let j = job(&mut q, "a.example", 4, 0);
+        q.push(j);
+        q.set_parked(a, true);
+        assert_eq!(q.take_due_domains(100, 10), (vec![], None));
+        q.set_parked(a, false);
+        q.deactivate(a, 500);
+        assert_eq!(q.take_due_domains(100, 10), (vec![], Some(500)));
+        assert_eq!(q.take_due_domains(500, 10), (vec![a], None));
     }
 
     #[test]

@@ -21,6 +21,7 @@ const IDEMPOTENCY_SWEEP: Duration = Duration::from_secs(600);
 /// A running node. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
     pub node: Arc<Node>,
+    delivery: Arc<std::sync::Mutex<Option<Arc<crate::delivery::Delivery>>>>,
     pub http_addr: SocketAddr,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -51,9 +52,22 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
 
     let rec_node = Arc::clone(&node);
     let rec_stop = stop.clone();
+    let delivery: Arc<std::sync::Mutex<Option<Arc<crate::delivery::Delivery>>>> = Arc::default();
+    let rec_delivery = Arc::clone(&delivery);
     tasks.spawn(async move {
-        match tokio::task::spawn_blocking(move || rec_node.recover()).await {
+        let recovering = Arc::clone(&rec_node);
+        match tokio::task::spawn_blocking(move || recovering.recover()).await {
             Ok(Ok(r)) => {
+                if rec_node.config.delivery.enabled && !rec_stop.is_cancelled() {
+                    match crate::delivery::Delivery::start(Arc::clone(&rec_node)) {
+                        Ok(d) => *rec_delivery.lock().expect("delivery slot") = Some(d),
+                        Err(e) => {
+                            tracing::error!(error = %e, "starting delivery failed");
+                            rec_stop.cancel();
+                            return;
+                        }
+                    }
+                }
                 crate::metrics::QUEUED_JOBS.set(r.queued as i64);
                 tracing::info!(
                     campaigns = r.campaigns,
@@ -108,6 +122,7 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
     tracing::info!(%http_addr, "HTTP API listening");
     Ok(Running {
         node,
+        delivery,
         http_addr,
         stop,
         tasks,
@@ -124,6 +139,10 @@ impl Running {
     /// close the spool.
     pub async fn shutdown(self) {
         self.node.start_draining();
+        let delivery = self.delivery.lock().expect("delivery slot").take();
+        if let Some(d) = delivery {
+            d.shutdown().await;
+        }
         self.stop.cancel();
         self.tasks.wait().await;
         if let Err(e) = self.node.spool.close().await {

@@ -374,6 +374,20 @@ impl Spool {
         Ok(campaigns)
     }
 
+    /// Reads several job records at once. Blocking.
+    pub fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_JOBS)
+            .expect("column families are created at open");
+        let keys: Vec<[u8; 8]> = ids.iter().map(|id| id.key()).collect();
+        self.db
+            .batched_multi_get_cf(cf, keys.iter(), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(SpoolError::from))
+            .collect()
+    }
+
     /// Rebuilds state after a start: rolls back uncommitted uploads, then hands every committed
     /// job to `visit` in key order. Blocking; run it before serving.
     pub fn recover(

@@ -16,8 +16,9 @@ pub const KEY: &str = "test-key-0123456789";
 
 pub fn config(spool: &Path) -> Config {
     let text = format!(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"warn\"\n",
-        spool.display()
+        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"warn\"\ndelivery_log = \"{}\"\n[delivery]\nenabled = false\n",
+        spool.display(),
+        spool.join("delivery.jsonl").display()
     );
     Config::from_toml("test.toml", &text, None).expect("test config is valid")
 }
@@ -77,8 +78,9 @@ impl Process {
         std::fs::write(
             &cfg,
             format!(
-                "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"info\"\n",
-                spool.display()
+                "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"info\"\ndelivery_log = \"{}\"\n[delivery]\nenabled = false\n",
+                spool.display(),
+                dir.join("delivery.jsonl").display()
             ),
         )
         .expect("write config");

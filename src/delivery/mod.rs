@@ -1,0 +1,988 @@
+//! The delivery engine: from due jobs in the queue index to SMTP transactions and outcomes.
+//!
+//! Owns sites, lanes, the connection pool, throttles, retries and expiry. It reads job records
+//! from the spool on the blocking pool and writes outcome updates through one batching task; it
+//! never blocks a tokio worker and never holds a lock across an `.await`.
+//!
+//! * A **site** is the set of MX hosts a domain resolves to (or a static relay), so all domains a
+//!   provider hosts share one set of limits. Shaping comes from `[shaping]` overlaid by the first
+//!   `[[rule]]` matching the domain or one of the MX hosts.
+//! * The **coordinator** takes domains whose next job is due from the queue index, resolves them
+//!   to a site and attaches them to it. DNS failures are decided per domain at once: NXDOMAIN and
+//!   null MX bounce the due jobs, temporary failures defer them.
+//! * A site runs up to `max_connections` **lanes**. A lane owns one connection at a time, takes
+//!   jobs round-robin from the site's domains, and sends them. Throttles answer "not before T":
+//!   a short wait is taken holding only the connection; a long one ends the lane and the site's
+//!   domains are rescheduled for T. Nothing waits while holding a job.
+//! * Idle connections stay in the site's pool up to `idle_timeout`, and are reused up to
+//!   `max_messages_per_connection` transactions.
+//! * A site whose connections fail is backed off (doubling up to `site_backoff_max`), deferring
+//!   one batch per failure so that every recipient's log shows what happened.
+
+pub mod log;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use prometheus::{Histogram, IntCounterVec, register_histogram, register_int_counter_vec};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::campaign::{Campaign, CampaignState};
+use crate::config::{Config, Rate, Shaping};
+use crate::dns::{Dns, DnsFailure, MxHost};
+use crate::node::Node;
+use crate::outcome::{self, Outcome, Verdict};
+use crate::queue::{DomainId, PendingJob};
+use crate::smtp::client::{ClientSettings, Connection, Envelope, SmtpError, Timeouts, TlsMode};
+use crate::smtp::reply::{Command, EnhancedCode};
+use crate::spool::{Durability, JobId, JobRecord, JobState};
+use log::{DeliveryLog, LogRecord};
+
+static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_delivery_attempts_total",
+        "Delivery attempts by verdict (delivered, deferred, bounced, expired). rate() of delivered is throughput.",
+        &["verdict"]
+    )
+    .expect("metric registers once")
+});
+
+static CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_smtp_connections_total",
+        "Outbound SMTP connection attempts by result (ok, failed). A high failed share means unreachable sites.",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+static TRANSACTION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "sluice_smtp_transaction_seconds",
+        "Duration of one SMTP transaction (MAIL to the reply to the final dot) on an open connection.",
+        prometheus::exponential_buckets(0.0005, 2.0, 18).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
+
+/// Jobs a lane takes at once when no message rate applies.
+const LANE_BATCH: usize = 8;
+/// Jobs deferred per failed connection round of a site.
+const FAIL_BATCH: usize = 32;
+/// A throttle wait up to this long is taken inside the lane; longer ends the lane.
+const MAX_LANE_WAIT: Duration = Duration::from_secs(1);
+/// An empty site (no lanes, no domains, no idle connections) is forgotten after this long.
+const SITE_IDLE_EVICT: Duration = Duration::from_secs(600);
+
+/// One destination host of a site.
+#[derive(Debug, Clone)]
+struct Target {
+    name: String,
+    port: u16,
+    preference: u16,
+}
+
+struct Site {
+    key: String,
+    targets: Vec<Target>,
+    shaping: Shaping,
+    message_rate: Option<DefaultDirectRateLimiter>,
+    connection_rate: Option<DefaultDirectRateLimiter>,
+    inner: Mutex<SiteInner>,
+}
+
+struct SiteInner {
+    /// Domains attached to this site with jobs to take, served round-robin.
+    active: VecDeque<DomainId>,
+    lanes: u32,
+    idle: Vec<Connection>,
+    failures: u32,
+    backoff_until_ms: u64,
+    last_activity: Instant,
+}
+
+fn limiter(rate: Rate) -> DefaultDirectRateLimiter {
+    let period = (rate.per / rate.count).max(Duration::from_nanos(1));
+    // A burst of about 100 ms of traffic: smooth at the receiver, without stalls on jitter.
+    let burst = ((f64::from(rate.count) / rate.per.as_secs_f64()) * 0.1)
+        .floor()
+        .max(1.0) as u32;
+    let quota = Quota::with_period(period)
+        .expect("period is non-zero")
+        .allow_burst(NonZeroU32::new(burst).expect("burst ≥ 1"));
+    RateLimiter::direct(quota)
+}
+
+/// `None` when allowed now, else how long to wait.
+fn throttle(l: &Option<DefaultDirectRateLimiter>) -> Option<Duration> {
+    let l = l.as_ref()?;
+    l.check()
+        .err()
+        .map(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+}
+
+impl Site {
+    /// Takes up to `max` due jobs, round-robin over the site's domains; domains with nothing due
+    /// go back to the schedule.
+    fn pop(&self, node: &Node, now_ms: u64, max: usize) -> Vec<PendingJob> {
+        let mut g = self.inner.lock().expect("site lock");
+        g.last_activity = Instant::now();
+        let mut queue = node.queue.lock().expect("queue lock");
+        for _ in 0..g.active.len() {
+            let Some(d) = g.active.pop_front() else { break };
+            if queue.is_parked(d) {
+                continue;
+            }
+            let jobs = queue.pop_due(d, now_ms, max);
+            if jobs.is_empty() {
+                queue.deactivate(d, 0);
+                continue;
+            }
+            g.active.push_back(d);
+            return jobs;
+        }
+        Vec::new()
+    }
+
+    fn has_work(&self) -> bool {
+        !self.inner.lock().expect("site lock").active.is_empty()
+    }
+
+    fn take_idle(&self) -> Option<Connection> {
+        self.inner.lock().expect("site lock").idle.pop()
+    }
+}
+
+/// Messages to the outcome writer.
+enum Update {
+    Job(JobId, Vec<u8>),
+    Close(oneshot::Sender<()>),
+}
+
+/// A job read back from the spool and checked, ready to attempt.
+struct Prepared {
+    job: PendingJob,
+    campaign: Arc<Campaign>,
+    bytes: Vec<u8>,
+}
+
+pub struct Delivery {
+    node: Arc<Node>,
+    config: Arc<Config>,
+    dns: Dns,
+    client: ClientSettings,
+    sites: Mutex<HashMap<String, Arc<Site>>>,
+    updates: mpsc::Sender<Update>,
+    log: DeliveryLog,
+    stop: CancellationToken,
+    lanes: TaskTracker,
+    background: TaskTracker,
+}
+
+impl Delivery {
+    /// Starts the coordinator, the outcome writer and the pool sweeper.
+    pub fn start(node: Arc<Node>) -> Result<Arc<Delivery>, String> {
+        let config = Arc::clone(&node.config);
+        let d = &config.delivery;
+        let dns = Dns::new(&config.dns.nameservers, config.dns.timeout)?;
+        let timeouts = Timeouts {
+            connect: d.connect_timeout,
+            greeting: d.greeting_timeout,
+            command: d.command_timeout,
+            data_init: d.data_init_timeout,
+            data_block: d.data_block_timeout,
+            data_final: d.data_final_timeout,
+        };
+        let log = DeliveryLog::open(&config.log.delivery_log).map_err(|e| {
+            format!(
+                "opening the delivery log {}: {e}",
+                config.log.delivery_log.display()
+            )
+        })?;
+        let (tx, rx) = mpsc::channel(16_384);
+        let delivery = Arc::new(Delivery {
+            client: ClientSettings::new(d.ehlo_name.clone(), timeouts),
+            node: Arc::clone(&node),
+            config: Arc::clone(&config),
+            dns,
+            sites: Mutex::new(HashMap::new()),
+            updates: tx,
+            log,
+            stop: CancellationToken::new(),
+            lanes: TaskTracker::new(),
+            background: TaskTracker::new(),
+        });
+        delivery
+            .background
+            .spawn(write_updates(Arc::clone(&node), rx));
+        delivery
+            .background
+            .spawn(Arc::clone(&delivery).coordinate());
+        delivery.background.spawn(Arc::clone(&delivery).sweep());
+        Ok(delivery)
+    }
+
+    /// Stops taking work, lets in-flight transactions finish, and writes every outcome.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.lanes.close();
+        self.lanes.wait().await;
+        let idle: Vec<Connection> = {
+            let sites = self.sites.lock().expect("sites lock");
+            sites
+                .values()
+                .flat_map(|s| std::mem::take(&mut s.inner.lock().expect("site lock").idle))
+                .collect()
+        };
+        for c in idle {
+            c.quit().await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.updates.send(Update::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.background.close();
+        self.background.wait().await;
+    }
+
+    async fn coordinate(self: Arc<Self>) {
+        loop {
+            let now = crate::now_ms();
+            let (due, next) = self
+                .node
+                .queue
+                .lock()
+                .expect("queue lock")
+                .take_due_domains(now, 512);
+            let busy = !due.is_empty();
+            for d in due {
+                self.lanes.spawn(Arc::clone(&self).activate(d));
+            }
+            if busy {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let wait = next.map_or(1000, |t| t.saturating_sub(now)).min(1000);
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = self.node.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+        }
+    }
+
+    /// Resolves a newly due domain to its site and starts serving it.
+    async fn activate(self: Arc<Self>, d: DomainId) {
+        let name = self
+            .node
+            .queue
+            .lock()
+            .expect("queue lock")
+            .domain_name(d)
+            .to_owned();
+        if self.node.is_suspended(&name) {
+            self.node
+                .queue
+                .lock()
+                .expect("queue lock")
+                .set_parked(d, true);
+            return;
+        }
+        match self.site_for(&name).await {
+            Ok(site) => {
+                site.inner.lock().expect("site lock").active.push_back(d);
+                self.ensure_lanes(&site);
+            }
+            Err(failure) => {
+                let outcome = outcome::from_dns(&failure);
+                loop {
+                    let jobs = self.node.queue.lock().expect("queue lock").pop_due(
+                        d,
+                        crate::now_ms(),
+                        256,
+                    );
+                    if jobs.is_empty() || self.stop.is_cancelled() {
+                        break;
+                    }
+                    for p in self.prepare(jobs).await {
+                        self.finish(&p, outcome.clone(), None, 0).await;
+                    }
+                }
+                self.node.queue.lock().expect("queue lock").deactivate(d, 0);
+            }
+        }
+    }
+
+    async fn site_for(&self, domain: &str) -> Result<Arc<Site>, DnsFailure> {
+        let route = self.config.routes.iter().find(|r| {
+            let p = r.domain.to_ascii_lowercase();
+            match p.strip_prefix("*.") {
+                Some(s) => domain.ends_with(&format!(".{s}")),
+                None => p == domain,
+            }
+        });
+        let (key, targets) = match route {
+            Some(r) => {
+                let (host, port) = r.relay.rsplit_once(':').unwrap_or((r.relay.as_str(), "25"));
+                let port = port.parse().unwrap_or(25);
+                let host = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                (
+                    format!("relay:{host}:{port}"),
+                    vec![Target {
+                        name: host,
+                        port,
+                        preference: 0,
+                    }],
+                )
+            }
+            None => {
+                let hosts = self.dns.mx(domain).await?;
+                let mut names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                names.sort_unstable();
+                let port = self.config.delivery.smtp_port;
+                let targets = hosts
+                    .iter()
+                    .map(|h| Target {
+                        name: h.name.clone(),
+                        port,
+                        preference: h.preference,
+                    })
+                    .collect();
+                (names.join(","), targets)
+            }
+        };
+        let mut sites = self.sites.lock().expect("sites lock");
+        if let Some(site) = sites.get(&key) {
+            return Ok(Arc::clone(site));
+        }
+        let shaping = self
+            .config
+            .rules
+            .iter()
+            .find(|r| r.matches(domain) || targets.iter().any(|t: &Target| r.matches(&t.name)))
+            .map_or_else(
+                || self.config.shaping.clone(),
+                |r| r.apply(&self.config.shaping),
+            );
+        let site = Arc::new(Site {
+            key: key.clone(),
+            message_rate: shaping.message_rate.map(limiter),
+            connection_rate: shaping.connection_rate.map(limiter),
+            targets,
+            shaping,
+            inner: Mutex::new(SiteInner {
+                active: VecDeque::new(),
+                lanes: 0,
+                idle: Vec::new(),
+                failures: 0,
+                backoff_until_ms: 0,
+                last_activity: Instant::now(),
+            }),
+        });
+        sites.insert(key, Arc::clone(&site));
+        Ok(site)
+    }
+
+    /// Starts one more lane if the site has work, room and is not backed off.
+    fn ensure_lanes(self: &Arc<Self>, site: &Arc<Site>) {
+        let mut g = site.inner.lock().expect("site lock");
+        if g.active.is_empty()
+            || g.lanes >= site.shaping.max_connections
+            || self.stop.is_cancelled()
+        {
+            return;
+        }
+        let now = crate::now_ms();
+        if now < g.backoff_until_ms {
+            let until = g.backoff_until_ms;
+            let mut queue = self.node.queue.lock().expect("queue lock");
+            for d in g.active.drain(..) {
+                queue.deactivate(d, until);
+            }
+            return;
+        }
+        g.lanes += 1;
+        drop(g);
+        self.lanes.spawn(Arc::clone(self).lane(Arc::clone(site)));
+    }
+
+    async fn lane(self: Arc<Self>, site: Arc<Site>) {
+        let mut conn: Option<Connection> = None;
+        let mut not_before = 0u64;
+        let batch = if site.message_rate.is_some() {
+            1
+        } else {
+            LANE_BATCH
+        };
+        'lane: while !self.stop.is_cancelled() {
+            if let Some(wait) = throttle(&site.message_rate) {
+                if wait <= MAX_LANE_WAIT {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                not_before = crate::now_ms() + wait.as_millis() as u64;
+                break;
+            }
+            let jobs = site.pop(&self.node, crate::now_ms(), batch);
+            if jobs.is_empty() {
+                break;
+            }
+            if site.has_work() {
+                self.ensure_lanes(&site);
+            }
+            let mut prepared = self.prepare(jobs).await.into_iter();
+            while let Some(p) = prepared.next() {
+                // A connection: the current one if still good, else a pooled one, else a new one.
+                let fresh = conn.as_ref().is_some_and(|c| {
+                    c.is_reusable() && c.transactions < site.shaping.max_messages_per_connection
+                });
+                if !fresh {
+                    if let Some(old) = conn.take() {
+                        tokio::spawn(old.quit());
+                    }
+                    conn = site.take_idle();
+                    if conn.is_none() {
+                        if let Some(wait) = throttle(&site.connection_rate) {
+                            // Put the jobs back untouched; the site is retried when allowed.
+                            self.requeue(std::iter::once(p).chain(prepared));
+                            not_before = crate::now_ms() + wait.as_millis() as u64;
+                            break 'lane;
+                        }
+                        match self.connect(&site).await {
+                            Ok(c) => {
+                                CONNECTIONS.with_label_values(&["ok"]).inc();
+                                site.inner.lock().expect("site lock").failures = 0;
+                                conn = Some(c);
+                            }
+                            Err(o) => {
+                                CONNECTIONS.with_label_values(&["failed"]).inc();
+                                let mut rest: Vec<Prepared> =
+                                    std::iter::once(p).chain(prepared).collect();
+                                let more = site.pop(
+                                    &self.node,
+                                    crate::now_ms(),
+                                    FAIL_BATCH.saturating_sub(rest.len()),
+                                );
+                                rest.extend(self.prepare(more).await);
+                                for p in rest {
+                                    self.finish(&p, o.clone(), None, 0).await;
+                                }
+                                not_before = self.site_failed(&site);
+                                break 'lane;
+                            }
+                        }
+                    }
+                }
+                let Some(c) = conn.as_mut() else { break 'lane };
+                self.attempt(p, c).await;
+            }
+        }
+        if let Some(c) = conn {
+            if c.is_reusable()
+                && c.transactions < site.shaping.max_messages_per_connection
+                && !self.stop.is_cancelled()
+            {
+                site.inner.lock().expect("site lock").idle.push(c);
+            } else {
+                c.quit().await;
+            }
+        }
+        let again = {
+            let mut g = site.inner.lock().expect("site lock");
+            g.lanes -= 1;
+            if g.lanes == 0 && !g.active.is_empty() {
+                if not_before > crate::now_ms() || self.stop.is_cancelled() {
+                    let mut queue = self.node.queue.lock().expect("queue lock");
+                    for d in g.active.drain(..) {
+                        queue.deactivate(d, not_before);
+                    }
+                    false
+                } else {
+                    true
+                }
+            } else {
+                false
+            }
+        };
+        if again {
+            self.ensure_lanes(&site);
+        }
+    }
+
+    /// Records a failed connection round and returns the time the site may be tried again.
+    fn site_failed(&self, site: &Site) -> u64 {
+        let d = &self.config.delivery;
+        let mut g = site.inner.lock().expect("site lock");
+        g.failures = g.failures.saturating_add(1);
+        let factor = 1u32 << (g.failures - 1).min(16);
+        let backoff = d
+            .site_backoff
+            .saturating_mul(factor)
+            .min(d.site_backoff_max);
+        g.backoff_until_ms = crate::now_ms() + backoff.as_millis() as u64;
+        tracing::info!(site = %site.key, failures = g.failures, backoff = ?backoff, "site unreachable; backing off");
+        g.backoff_until_ms
+    }
+
+    /// Opens a connection to the site: MX hosts in preference order (equal ones shuffled), each
+    /// address in turn, moving on only when connecting or the greeting fails.
+    async fn connect(&self, site: &Site) -> Result<Connection, Outcome> {
+        let mut hosts: Vec<MxHost> = site
+            .targets
+            .iter()
+            .map(|t| MxHost {
+                name: t.name.clone(),
+                preference: t.preference,
+            })
+            .collect();
+        crate::dns::order_mx(&mut hosts);
+        let mut last = None;
+        for host in &hosts {
+            let Some(target) = site.targets.iter().find(|t| t.name == host.name) else {
+                continue;
+            };
+            let addrs = match self.dns.addresses(&target.name).await {
+                Ok(a) => a,
+                Err(f) => {
+                    last = Some(outcome::from_dns(&f));
+                    continue;
+                }
+            };
+            for ip in addrs.into_iter().take(4) {
+                let peer = SocketAddr::new(ip, target.port);
+                let tls = site.shaping.tls;
+                let source = self.config.delivery.source_ip;
+                match Connection::open(peer, source, &target.name, tls, &self.client).await {
+                    Ok(c) => return Ok(c),
+                    Err(SmtpError::Tls(e)) if tls == TlsMode::Opportunistic => {
+                        tracing::debug!(host = %target.name, error = %e, "TLS handshake failed; retrying in plain text");
+                        match Connection::open(
+                            peer,
+                            source,
+                            &target.name,
+                            TlsMode::Disabled,
+                            &self.client,
+                        )
+                        .await
+                        {
+                            Ok(c) => return Ok(c),
+                            Err(e) => last = Some(outcome::from_error(&e)),
+                        }
+                    }
+                    Err(e) => last = Some(outcome::from_error(&e)),
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            outcome::local_failure(
+                EnhancedCode(4, 4, 4),
+                "no MX host could be tried",
+                Command::Connect,
+            )
+        }))
+    }
+
+    /// Reads the jobs' records and sorts out those that must not be attempted: paused campaigns
+    /// (parked), cancelled ones, expired jobs.
+    async fn prepare(&self, jobs: Vec<PendingJob>) -> Vec<Prepared> {
+        if jobs.is_empty() {
+            return Vec::new();
+        }
+        let node = Arc::clone(&self.node);
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        let records = match tokio::task::spawn_blocking(move || node.spool.get_jobs(&ids)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading job records failed; retrying later");
+                self.requeue_jobs(jobs, crate::now_ms() + 5_000);
+                return Vec::new();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "job read task failed; retrying later");
+                self.requeue_jobs(jobs, crate::now_ms() + 5_000);
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::with_capacity(jobs.len());
+        for (job, bytes) in jobs.into_iter().zip(records) {
+            let Some(bytes) = bytes else { continue };
+            let Some(campaign) = self.node.campaigns.by_seq(job.id.campaign) else {
+                tracing::warn!(job = %job.id, "job without a campaign; skipped");
+                continue;
+            };
+            let rec = match JobRecord::decode(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "corrupt job record; skipped");
+                    continue;
+                }
+            };
+            if rec.state != JobState::Queued {
+                continue;
+            }
+            match campaign.state() {
+                CampaignState::Paused => {
+                    let mut parked = self.node.parked.lock().expect("parked lock");
+                    if campaign.state() == CampaignState::Paused {
+                        parked.entry(job.id.campaign).or_default().push(job);
+                    } else {
+                        drop(parked);
+                        self.requeue_jobs(vec![job], job.due_ms);
+                    }
+                    continue;
+                }
+                CampaignState::Cancelled => {
+                    let updated = JobRecord {
+                        state: JobState::Cancelled,
+                        ..rec
+                    }
+                    .encode();
+                    let _ = self.updates.send(Update::Job(job.id, updated)).await;
+                    continue;
+                }
+                CampaignState::Active => {}
+            }
+            let age = crate::now_ms().saturating_sub(rec.accepted_at_ms);
+            let expired = age >= self.config.delivery.max_age.as_millis() as u64;
+            let last = rec.last_response.to_owned();
+            let p = Prepared {
+                job,
+                campaign,
+                bytes,
+            };
+            if expired {
+                self.finish(&p, outcome::expired(&last), None, 0).await;
+                continue;
+            }
+            out.push(p);
+        }
+        out
+    }
+
+    fn requeue(&self, jobs: impl Iterator<Item = Prepared>) {
+        let jobs: Vec<PendingJob> = jobs.map(|p| p.job).collect();
+        let mut queue = self.node.queue.lock().expect("queue lock");
+        for j in jobs {
+            queue.push(j);
+        }
+    }
+
+    fn requeue_jobs(&self, jobs: Vec<PendingJob>, due_ms: u64) {
+        let mut queue = self.node.queue.lock().expect("queue lock");
+        for j in jobs {
+            queue.push(PendingJob { due_ms, ..j });
+        }
+    }
+
+    /// Renders and sends one job on `conn`, then records the outcome.
+    async fn attempt(&self, p: Prepared, conn: &mut Connection) {
+        let Ok(rec) = JobRecord::decode(&p.bytes) else {
+            return;
+        };
+        let record = &p.campaign.record;
+        let rendered = p.campaign.compiled().and_then(|c| {
+            crate::render::render(
+                record,
+                &c,
+                p.job.id,
+                rec.accepted_at_ms,
+                rec.address,
+                rec.vars,
+            )
+        });
+        let rendered = match rendered {
+            Ok(r) => r,
+            Err(e) => {
+                let o = outcome::local_failure(
+                    EnhancedCode(5, 6, 0),
+                    format!("message could not be rendered: {e}"),
+                    Command::Data,
+                );
+                return self.finish(&p, o, None, 0).await;
+            }
+        };
+        let smtputf8 = !rec.address.is_ascii() || !record.from.is_ascii();
+        if smtputf8 && !conn.capabilities.smtputf8 {
+            let o = outcome::local_failure(
+                EnhancedCode(5, 6, 7),
+                "the address needs SMTPUTF8, which the server does not offer",
+                Command::Mail,
+            );
+            return self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
+        }
+        if let Some(limit) = conn.capabilities.size
+            && limit > 0
+            && rendered.bytes.len() as u64 > limit
+        {
+            let o = outcome::local_failure(
+                EnhancedCode(5, 3, 4),
+                format!(
+                    "message of {} bytes exceeds the server's limit of {limit}",
+                    rendered.bytes.len()
+                ),
+                Command::Mail,
+            );
+            return self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
+        }
+        let recipients = [rec.address];
+        let env = Envelope {
+            sender: &record.from,
+            recipients: &recipients,
+            smtputf8,
+            eight_bit: rendered.eight_bit,
+        };
+        let started = Instant::now();
+        let o = match conn.send(&env, &rendered.bytes).await {
+            Ok(replies) => match replies.first() {
+                Some(r) => outcome::from_reply(r),
+                None => outcome::local_failure(
+                    EnhancedCode(4, 0, 0),
+                    "no reply for the recipient",
+                    Command::Rcpt,
+                ),
+            },
+            Err(e) => outcome::from_error(&e),
+        };
+        TRANSACTION_SECONDS.observe(started.elapsed().as_secs_f64());
+        self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
+    }
+
+    /// Applies an outcome: new job state, counts, retry schedule, spool update, log record.
+    async fn finish(&self, p: &Prepared, mut o: Outcome, conn: Option<&Connection>, size: usize) {
+        let Ok(rec) = JobRecord::decode(&p.bytes) else {
+            return;
+        };
+        let d = &self.config.delivery;
+        let now = crate::now_ms();
+        let attempt = rec.attempts.saturating_add(1);
+        if o.verdict == Verdict::Deferred
+            && now.saturating_sub(rec.accepted_at_ms) >= d.max_age.as_millis() as u64
+        {
+            o = outcome::expired(&o.summary());
+        }
+        let (state, next) = match o.verdict {
+            Verdict::Delivered => (JobState::Delivered, now),
+            Verdict::Bounced => (JobState::Bounced, now),
+            Verdict::Expired => (JobState::Expired, now),
+            Verdict::Deferred => (
+                JobState::Queued,
+                now + retry_delay(attempt, d.retry_initial, d.retry_max),
+            ),
+        };
+        let summary = o.summary();
+        let updated = JobRecord {
+            state,
+            attempts: attempt,
+            next_attempt_ms: next,
+            last_response: &summary,
+            ..rec.clone()
+        };
+        let _ = self
+            .updates
+            .send(Update::Job(p.job.id, updated.encode()))
+            .await;
+
+        let counts = &p.campaign.counts;
+        let from = if p.campaign.state() == CampaignState::Cancelled {
+            &counts.cancelled
+        } else {
+            counts.slot(JobState::Queued, rec.attempts)
+        };
+        let _ = from.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        counts.slot(state, attempt).fetch_add(1, Ordering::Relaxed);
+        if state == JobState::Queued {
+            self.node
+                .queue
+                .lock()
+                .expect("queue lock")
+                .push(PendingJob {
+                    due_ms: next,
+                    ..p.job
+                });
+        }
+        let verdict = match o.verdict {
+            Verdict::Delivered => "delivered",
+            Verdict::Deferred => "deferred",
+            Verdict::Bounced => "bounced",
+            Verdict::Expired => "expired",
+        };
+        ATTEMPTS.with_label_values(&[verdict]).inc();
+        let (kind, action) = match o.verdict {
+            Verdict::Delivered => ("d", "delivered"),
+            Verdict::Deferred => ("t", "delayed"),
+            Verdict::Bounced => ("b", "failed"),
+            Verdict::Expired => ("x", "failed"),
+        };
+        self.log.record(LogRecord {
+            kind,
+            time_queued: rfc3339(rec.accepted_at_ms),
+            time_logged: rfc3339(now),
+            campaign: p.campaign.record.id.to_string(),
+            job: p.job.id.to_string(),
+            recipient: rec.address.to_owned(),
+            sender: p.campaign.record.from.clone(),
+            dsn_action: action,
+            dsn_status: o.status.to_string(),
+            reply_code: o.code,
+            dsn_diag: o.text.clone(),
+            stage: o.stage.to_string(),
+            mx_host: conn.map(|c| c.host.clone()),
+            mx_ip: conn.map(|c| c.peer.ip().to_string()),
+            tls: conn.is_some_and(|c| c.tls),
+            size,
+            attempt,
+        });
+    }
+
+    /// Closes idle connections past `idle_timeout` and forgets empty sites.
+    async fn sweep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let idle_timeout = self.config.delivery.idle_timeout;
+            let mut closing = Vec::new();
+            {
+                let mut sites = self.sites.lock().expect("sites lock");
+                sites.retain(|_, site| {
+                    let mut g = site.inner.lock().expect("site lock");
+                    let (old, keep): (Vec<Connection>, Vec<Connection>) =
+                        std::mem::take(&mut g.idle)
+                            .into_iter()
+                            .partition(|c| c.last_used.elapsed() >= idle_timeout);
+                    g.idle = keep;
+                    closing.extend(old);
+                    !(g.lanes == 0
+                        && g.active.is_empty()
+                        && g.idle.is_empty()
+                        && g.last_activity.elapsed() > SITE_IDLE_EVICT)
+                });
+            }
+            for c in closing {
+                tokio::spawn(c.quit());
+            }
+        }
+    }
+}
+
+/// `initial · 2^(attempt−1)`, capped at `max`, with ±20% jitter so retries of one burst spread.
+pub fn retry_delay(attempt: u32, initial: Duration, max: Duration) -> u64 {
+    let factor = 1u32 << attempt.saturating_sub(1).min(20);
+    let base = initial.saturating_mul(factor).min(max).as_millis() as f64;
+    (base * (0.8 + 0.4 * fastrand::f64())) as u64
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// Batches outcome updates into spool writes; syncs the WAL at most every 100 ms, so a crash
+/// may repeat a delivery that was in flight but never loses one.
+async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update>) {
+    let mut dirty = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            _ = tick.tick() => {
+                if dirty {
+                    if let Err(e) = node.spool.write(node.spool.batch(), Durability::Sync).await {
+                        tracing::error!(error = %e, "syncing outcome updates failed");
+                    }
+                    dirty = false;
+                }
+                continue;
+            }
+        };
+        let mut close = None;
+        let mut batch = node.spool.batch();
+        let mut next = msg;
+        loop {
+            match next {
+                Some(Update::Job(id, bytes)) => batch.put_job(id, &bytes),
+                Some(Update::Close(done)) => {
+                    close = Some(done);
+                    break;
+                }
+                None => break,
+            }
+            if batch.len() >= 4096 {
+                break;
+            }
+            next = rx.try_recv().ok();
+            if next.is_none() {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = node.spool.write(batch, Durability::Buffered).await {
+                tracing::error!(error = %e, "writing outcome updates failed");
+            }
+            dirty = true;
+        }
+        if let Some(done) = close {
+            if let Err(e) = node.spool.write(node.spool.batch(), Durability::Sync).await {
+                tracing::error!(error = %e, "syncing outcome updates failed");
+            }
+            let _ = done.send(());
+            break;
+        }
+        if rx.is_closed() && rx.is_empty() {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_with_jitter_and_caps() {
+        let i = Duration::from_secs(60);
+        let m = Duration::from_secs(3600);
+        for (attempt, base) in [
+            (1u32, 60_000f64),
+            (2, 120_000.0),
+            (3, 240_000.0),
+            (10, 3_600_000.0),
+        ] {
+            for _ in 0..50 {
+                let d = retry_delay(attempt, i, m) as f64;
+                assert!(
+                    d >= base * 0.8 - 1.0 && d <= base * 1.2 + 1.0,
+                    "attempt {attempt}: {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn limiter_burst_is_a_tenth_of_a_second() {
+        let l = limiter(Rate {
+            count: 100,
+            per: Duration::from_secs(1),
+        });
+        let allowed = (0..100).filter(|_| l.check().is_ok()).count();
+        assert_eq!(allowed, 10);
+        let slow = limiter(Rate {
+            count: 60,
+            per: Duration::from_secs(60),
+        });
+        assert!(slow.check().is_ok());
+        assert!(slow.check().is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! Our SMTP client: typed replies ([`reply`]) and connections ([`client`]).
+
+pub mod client;
+pub mod reply;
