@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus::{Histogram, IntCounterVec, register_histogram, register_int_counter_vec};
 use tokio::sync::{mpsc, oneshot};
@@ -124,9 +124,11 @@ fn limiter(rate: Rate) -> DefaultDirectRateLimiter {
 /// `None` when allowed now, else how long to wait.
 fn throttle(l: &Option<DefaultDirectRateLimiter>) -> Option<Duration> {
     let l = l.as_ref()?;
+    // The wait must be measured on the limiter's own clock: instants of another clock instance
+    // are not comparable.
     l.check()
         .err()
-        .map(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        .map(|not_until| not_until.wait_time_from(l.clock().now()))
 }
 
 impl Site {
@@ -449,7 +451,8 @@ impl Delivery {
                 });
                 if !fresh {
                     if let Some(old) = conn.take() {
-                        tokio::spawn(old.quit());
+                        // Closed before a new one opens, so max_connections holds at the receiver.
+                        old.quit().await;
                     }
                     conn = site.take_idle();
                     if conn.is_none() {

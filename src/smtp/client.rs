@@ -601,10 +601,18 @@ impl Connection {
         }
     }
 
-    /// Says QUIT and closes, without waiting long for the answer.
+    /// Says QUIT and waits (briefly) for the server to close, so that a connection counted as
+    /// closed really is closed at the receiver.
     pub async fn quit(mut self) {
-        if self.write_line("QUIT", Command::Quit).await.is_ok() {
-            let _ = self.read_reply(Command::Quit, Duration::from_secs(5)).await;
+        let limit = Duration::from_secs(5);
+        if self.write_line("QUIT", Command::Quit).await.is_ok()
+            && self.read_reply(Command::Quit, limit).await.is_ok()
+        {
+            let _ = tokio::time::timeout(limit, async {
+                let mut sink = [0u8; 256];
+                while matches!(tokio::io::AsyncReadExt::read(&mut self.io, &mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
         }
         let _ = self.io.shutdown().await;
     }

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod sink;
+
 use sluice::config::Config;
 use sluice::server::Running;
 
