@@ -157,6 +157,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/campaigns/{id}/resume", post(resume_campaign))
         .route("/campaigns/{id}/cancel", post(cancel_campaign))
         .route("/messages", post(send_message))
+        .route("/domains/{domain}/suspend", post(suspend_domain))
+        .route("/domains/{domain}/resume", post(resume_domain))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route")
         })
@@ -729,6 +731,40 @@ async fn resume_campaign(State(s): State<AppState>, Path(id): Path<String>) -> A
 
 async fn cancel_campaign(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     change_state(&s, &id, CampaignState::Cancelled).await
+}
+
+fn normalise_domain(raw: &str) -> Result<String, ApiError> {
+    let bad = |m: String| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", m).field("domain")
+    };
+    let ascii = idna::domain_to_ascii_strict(raw)
+        .map_err(|_| bad(format!("{raw:?} is not a valid domain")))?;
+    crate::address::check_host_name(&ascii).map_err(|e| bad(format!("{raw:?}: {e}")))?;
+    Ok(ascii)
+}
+
+async fn set_suspended(s: &AppState, raw: &str, suspended: bool) -> ApiResult {
+    let domain = normalise_domain(raw)?;
+    let known = s.node.set_domain_suspended(&domain, suspended);
+    let queued = {
+        let q = s.node.queue.lock().expect("queue lock");
+        q.find_domain(&domain).map_or(0, |d| q.domain_len(d))
+    };
+    tracing::info!(%domain, suspended, "domain delivery {}", if suspended { "suspended" } else { "resumed" });
+    Ok(axum::Json(
+        json!({"domain": domain, "suspended": suspended, "queued": queued, "known": known}),
+    )
+    .into_response())
+}
+
+/// `POST /v1/domains/{domain}/suspend`: no new connections or transactions for the domain until
+/// resumed; queued mail waits. Runtime state: a restart resumes every domain.
+async fn suspend_domain(State(s): State<AppState>, Path(domain): Path<String>) -> ApiResult {
+    set_suspended(&s, &domain, true).await
+}
+
+async fn resume_domain(State(s): State<AppState>, Path(domain): Path<String>) -> ApiResult {
+    set_suspended(&s, &domain, false).await
 }
 
 /// `POST /v1/campaigns/{id}/recipients`: an NDJSON stream of `{email, vars?}`, parsed as it

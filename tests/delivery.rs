@@ -447,3 +447,44 @@ async fn message_rate_holds_at_the_sink() {
         .unwrap();
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_domains_wait_until_resumed() {
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(delivery_config(dir.path(), &sink)).await;
+    let c = client();
+    let r = c
+        .post(url(node.http_addr, "/v1/domains/SINK.test/suspend"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["domain"], "sink.test");
+    let id = post_campaign(node.http_addr, recipients(3)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        sink.messages().is_empty(),
+        "a suspended domain gets nothing"
+    );
+    let r = c
+        .post(url(node.http_addr, "/v1/domains/sink.test/resume"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["queued"], 3);
+    wait_counts(node.http_addr, &id, Duration::from_secs(20), |c| {
+        c["delivered"] == 3
+    })
+    .await;
+    let r = c
+        .post(url(node.http_addr, "/v1/domains/not_a_domain/suspend"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    node.shutdown().await;
+}
