@@ -1,7 +1,8 @@
 //! Sluice: a high-throughput bulk outbound mail engine.
 //!
 //! Platform engineers POST campaigns (one template, many recipients with variables) over HTTP;
-//! Sluice answers 202 once every accepted recipient is synced to its RocksDB spool, then delivers.
+//! Sluice answers 202 once every accepted recipient is synced to its RocksDB spool, then delivers
+//! them over pooled, pipelined SMTP connections, shaped per destination site.
 //! This page is for contributors: how the crate is laid out and why. Users read the README.
 //!
 //! # Layout
@@ -23,7 +24,27 @@
 //!   registry with state and per-state counts.
 //! * [`queue`]: the in-memory index of pending jobs per destination domain, 16 bytes a job, which
 //!   the delivery engine consumes.
-//! * [`node`]: one process's state (config, spool, registry, queue) and start-up recovery.
+//! * [`node`]: one process's state (config, spool, registry, queue, parked jobs of paused
+//!   campaigns, suspended domains) and start-up recovery.
+//!
+//! The delivery path:
+//!
+//! * [`delivery`]: the engine. A coordinator takes domains whose next job is due from the queue
+//!   index, resolves each to a *site* (its MX set, or a static route) and attaches it; each site
+//!   runs up to `max_connections` lanes that take jobs round-robin across its domains, read the
+//!   records on the blocking pool, render, send and record the outcome. Throttles (governor)
+//!   answer "not before T" and the domains are rescheduled for T. Outcome updates go to the spool
+//!   in batches with the WAL synced every 100 ms; [`delivery::log`] writes the JSON delivery log
+//!   on its own thread.
+//! * [`dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers (NXDOMAIN,
+//!   null MX) from temporary ones.
+//! * [`smtp`]: our SMTP client: [`smtp::reply`] parses replies into typed data, and
+//!   [`smtp::client`] runs a connection (EHLO/HELO, STARTTLS with rustls, PIPELINING, SIZE,
+//!   8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321 timeouts).
+//! * [`outcome`]: the one classifier from replies, transport errors and DNS answers to delivered,
+//!   deferred, bounced or expired.
+//! * [`render`]: template + variables to message bytes (mail-builder), deterministic so a retry
+//!   sends the same message.
 //! * [`server`]: start and graceful stop, used by the binary and by in-process tests.
 //! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors.
 //! * [`metrics`]: Prometheus registry plumbing and the metrics that belong to no one module.
@@ -43,6 +64,10 @@
 //!   the same batch as the data, so a retried request can never add recipients twice.
 //! * Campaign counts are not stored; recovery derives them from job states while it scans the jobs
 //!   to rebuild the queue anyway. This keeps ingest to one write per recipient.
+//! * The connection pool is per site rather than per (source IP, MX host): a site *is* a set of
+//!   MX hosts, so the two coincide, and keeping idle connections with the site lets
+//!   `max_connections` count pooled and busy connections together.
+//! * Campaigns share a site in queue order (due time, then job id), not round-robin by campaign.
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 
