@@ -58,15 +58,21 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
         let recovering = Arc::clone(&rec_node);
         match tokio::task::spawn_blocking(move || recovering.recover()).await {
             Ok(Ok(r)) => {
-                if rec_node.config.delivery.enabled && !rec_stop.is_cancelled() {
-                    match crate::delivery::Delivery::start(Arc::clone(&rec_node)) {
-                        Ok(d) => *rec_delivery.lock().expect("delivery slot") = Some(d),
-                        Err(e) => {
-                            tracing::error!(error = %e, "starting delivery failed");
-                            rec_stop.cancel();
-                            return;
-                        }
+                // Checked and stored under the slot's lock, which shutdown takes after it starts
+                // draining: delivery either starts before shutdown looks, or not at all.
+                let started = {
+                    let mut slot = rec_delivery.lock().expect("delivery slot");
+                    if rec_node.config.delivery.enabled && !rec_node.is_draining() {
+                        crate::delivery::Delivery::start(Arc::clone(&rec_node))
+                            .map(|d| *slot = Some(d))
+                    } else {
+                        Ok(())
                     }
+                };
+                if let Err(e) = started {
+                    tracing::error!(error = %e, "starting delivery failed");
+                    rec_stop.cancel();
+                    return;
                 }
                 crate::metrics::QUEUED_JOBS.set(r.queued as i64);
                 tracing::info!(

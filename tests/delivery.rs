@@ -330,9 +330,7 @@ async fn starttls_opportunistic_succeeds_and_verify_defers() {
 async fn paused_campaigns_wait_and_cancelled_ones_are_never_sent() {
     let sink = Sink::start(SinkOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = delivery_config(dir.path(), &sink);
-    cfg.delivery.enabled = true;
-    let node = start(cfg).await;
+    let node = start(delivery_config(dir.path(), &sink)).await;
     // Create paused: post, then pause before the engine gets to it is racy, so pause an empty
     // campaign and add recipients to it.
     let id = post_campaign(node.http_addr, vec![]).await;
