@@ -499,7 +499,10 @@ impl Upload {
         let mut queue = self.node.queue.lock().expect("queue lock");
         self.staged.reserve(self.chunk_domains.len());
         for (index, domain) in self.chunk_domains.drain(..) {
-            self.staged.push((index, queue.domain_id(&domain)));
+            let d = queue.domain_id(&domain);
+            // Pinned until commit or rollback, so the domain id cannot be evicted and reused.
+            queue.pin(d, 1);
+            self.staged.push((index, d));
         }
     }
 
@@ -540,7 +543,7 @@ impl Upload {
         {
             let mut queue = self.node.queue.lock().expect("queue lock");
             for (index, domain) in staged {
-                queue.push(PendingJob {
+                queue.push_back(PendingJob {
                     id: JobId {
                         campaign: self.campaign.seq,
                         index,
@@ -549,6 +552,10 @@ impl Upload {
                     due_ms: self.accepted_at_ms,
                 });
             }
+        }
+        if n > 0 {
+            // The coordinator may be asleep with nothing due: new work is due now.
+            self.node.wake.notify_one();
         }
         self.campaign
             .counts
@@ -561,7 +568,18 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if self.committed || !self.first_chunk_written {
+        if self.committed {
+            return;
+        }
+        self.intern_chunk();
+        if !self.staged.is_empty()
+            && let Ok(mut queue) = self.node.queue.lock()
+        {
+            for (_, d) in &self.staged {
+                queue.release(*d, 1);
+            }
+        }
+        if !self.first_chunk_written {
             return;
         }
         // Staged chunks reached the writer: delete them and the open record. If this fails too,

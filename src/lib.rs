@@ -30,7 +30,7 @@
 //! The delivery path:
 //!
 //! * [`delivery`]: the engine. A coordinator takes domains whose next job is due from the queue
-//!   index, resolves each to a *site* (its MX set, or a static route) and attaches it; each site
+//!   index, resolves each to a *site* (its MX set with preferences, or a static route) and attaches it; each site
 //!   runs up to `max_connections` lanes that take jobs round-robin across its domains, read the
 //!   records on the blocking pool, render, send and record the outcome. Throttles (governor)
 //!   answer "not before T" and the domains are rescheduled for T. Outcome updates go to the spool

@@ -196,7 +196,7 @@ impl Node {
             if !jobs.is_empty() {
                 let mut queue = self.queue.lock().expect("queue lock");
                 for job in jobs {
-                    queue.push(job);
+                    queue.push_back(job);
                 }
                 drop(queue);
                 self.wake.notify_one();

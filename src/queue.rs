@@ -39,6 +39,9 @@ struct DomainQueue {
     not_before: u64,
     /// This domain's key in `schedule`, if it is there.
     scheduled_at: Option<u64>,
+    /// Jobs of this domain held outside the index (popped by delivery, parked, staged by an
+    /// upload). While any exist the domain id must not be reused.
+    pins: u64,
 }
 
 /// Pending jobs per destination domain, plus a schedule of the inactive domains by the time
@@ -50,6 +53,12 @@ pub struct QueueIndex {
     queues: Vec<DomainQueue>,
     schedule: BTreeSet<(u64, DomainId)>,
     len: usize,
+    /// Slots of evicted domains, reused by new ones.
+    free: Vec<DomainId>,
+    /// Domains that became idle, with the time they did: eviction candidates.
+    idle: std::collections::VecDeque<(u64, DomainId)>,
+    /// Returns or releases of jobs that were never taken out: an accounting bug if not 0.
+    pin_underflows: u64,
 }
 
 impl QueueIndex {
@@ -62,12 +71,97 @@ impl QueueIndex {
         if let Some(&id) = self.ids.get(domain) {
             return id;
         }
-        let id = DomainId(u32::try_from(self.names.len()).expect("fewer than 4 billion domains"));
         let name: Box<str> = domain.into();
-        self.names.push(name.clone());
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.names[id.0 as usize] = name.clone();
+                self.queues[id.0 as usize] = DomainQueue::default();
+                id
+            }
+            None => {
+                let id = DomainId(
+                    u32::try_from(self.names.len()).expect("fewer than 4 billion domains"),
+                );
+                self.names.push(name.clone());
+                self.queues.push(DomainQueue::default());
+                id
+            }
+        };
         self.ids.insert(name, id);
-        self.queues.push(DomainQueue::default());
         id
+    }
+
+    /// Records `n` jobs of `domain` held outside the index (an upload's staged jobs).
+    pub fn pin(&mut self, domain: DomainId, n: u64) {
+        self.queues[domain.0 as usize].pins += n;
+    }
+
+    /// Returns a job taken out by [`QueueIndex::pop_due`] or pinned: it is queued again.
+    pub fn push_back(&mut self, job: PendingJob) {
+        let q = &mut self.queues[job.domain.0 as usize];
+        match q.pins.checked_sub(1) {
+            Some(p) => q.pins = p,
+            None => self.pin_underflows += 1,
+        }
+        self.push(job);
+    }
+
+    /// Forgets `n` jobs taken out or pinned that reached a final state (or were dropped).
+    pub fn release(&mut self, domain: DomainId, n: u64) {
+        let q = &mut self.queues[domain.0 as usize];
+        match q.pins.checked_sub(n) {
+            Some(p) => q.pins = p,
+            None => {
+                q.pins = 0;
+                self.pin_underflows += 1;
+            }
+        }
+        self.note_if_idle(domain);
+    }
+
+    fn is_idle(&self, d: DomainId) -> bool {
+        let q = &self.queues[d.0 as usize];
+        q.heap.is_empty() && !q.active && !q.parked && q.pins == 0 && q.scheduled_at.is_none()
+    }
+
+    fn note_if_idle(&mut self, d: DomainId) {
+        if self.is_idle(d) {
+            self.idle.push_back((crate::now_ms(), d));
+        }
+    }
+
+    /// Forgets domains that have been idle (no jobs, not served, not suspended, no job held
+    /// elsewhere) for at least `min_idle_ms`, so per-domain state over millions of recipient
+    /// domains does not grow forever. Returns how many were evicted.
+    pub fn evict_idle(&mut self, now_ms: u64, min_idle_ms: u64) -> usize {
+        let mut evicted = 0;
+        while let Some(&(since, d)) = self.idle.front() {
+            if now_ms.saturating_sub(since) < min_idle_ms {
+                break;
+            }
+            self.idle.pop_front();
+            let name = &self.names[d.0 as usize];
+            // Skip slots already freed, or busy again since they were noted.
+            if name.is_empty() || !self.is_idle(d) {
+                continue;
+            }
+            let name = std::mem::take(&mut self.names[d.0 as usize]);
+            self.ids.remove(&name);
+            self.queues[d.0 as usize] = DomainQueue::default();
+            self.free.push(d);
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Jobs returned or released that were never taken out (should stay 0).
+    pub fn pin_underflows(&self) -> u64 {
+        self.pin_underflows
+    }
+
+    /// Domains currently interned.
+    pub fn domain_count(&self) -> usize {
+        self.ids.len()
     }
 
     pub fn domain_name(&self, id: DomainId) -> &str {
@@ -132,6 +226,7 @@ impl QueueIndex {
         q.active = false;
         q.not_before = not_before_ms;
         self.reschedule(domain);
+        self.note_if_idle(domain);
     }
 
     /// Suspends or resumes a domain. A parked domain keeps its jobs but is never handed out.
@@ -142,6 +237,7 @@ impl QueueIndex {
             q.active = false;
         }
         self.reschedule(domain);
+        self.note_if_idle(domain);
     }
 
     pub fn is_parked(&self, domain: DomainId) -> bool {
@@ -195,6 +291,7 @@ impl QueueIndex {
             }
         }
         self.len -= out.len();
+        q.pins += out.len() as u64;
         out
     }
 
@@ -286,6 +383,51 @@ mod tests {
         q.deactivate(a, 500);
         assert_eq!(q.take_due_domains(100, 10), (vec![], Some(500)));
         assert_eq!(q.take_due_domains(500, 10), (vec![a], None));
+    }
+
+    #[test]
+    fn idle_domains_are_evicted_only_when_nothing_holds_them() {
+        let mut q = QueueIndex::new();
+        let j = job(&mut q, "a.example", 1, 0);
+        q.push(j);
+        let a = q.domain_id("a.example");
+        assert_eq!(q.take_due_domains(0, 10).0, vec![a]);
+        let popped = q.pop_due(a, 0, 10);
+        q.deactivate(a, 0);
+        // The popped job is still out (a delivery attempt): not evictable.
+        assert_eq!(q.evict_idle(u64::MAX, 0), 0);
+        assert_eq!(q.domain_name(a), "a.example");
+        q.push_back(PendingJob {
+            due_ms: 5,
+            ..popped[0]
+        });
+        assert_eq!(q.take_due_domains(5, 10).0, vec![a]);
+        let popped = q.pop_due(a, 5, 10);
+        q.deactivate(a, 0);
+        q.release(a, popped.len() as u64);
+        assert_eq!(q.evict_idle(u64::MAX, 0), 1);
+        assert_eq!(q.find_domain("a.example"), None);
+        assert_eq!(q.domain_count(), 0);
+        // The slot is reused, clean.
+        let b = q.domain_id("b.example");
+        assert_eq!(b, a);
+        assert_eq!(q.domain_name(b), "b.example");
+        assert_eq!(q.domain_len(b), 0);
+        // Recently idle domains wait for the minimum idle time; pinned ones are kept.
+        let c = q.domain_id("c.example");
+        q.pin(c, 1);
+        q.release(c, 1);
+        assert_eq!(q.evict_idle(crate::now_ms(), 60_000), 0);
+        q.pin(c, 1);
+        assert_eq!(q.evict_idle(u64::MAX, 0), 0);
+        assert_eq!(q.domain_name(c), "c.example");
+        assert_eq!(q.pin_underflows(), 0);
+        q.release(c, 2);
+        assert_eq!(
+            q.pin_underflows(),
+            1,
+            "a release of more than was taken out is counted"
+        );
     }
 
     #[test]

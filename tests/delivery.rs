@@ -163,6 +163,29 @@ async fn without_pipelining_commands_go_one_by_one() {
     node.shutdown().await;
 }
 
+/// Waits until `n` domains have gone idle (no job queued, served, parked or held anywhere) and
+/// evicts them; fails if that does not happen within 10 s or any job was returned twice.
+async fn wait_evicted(node: &sluice::server::Running, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut evicted = 0;
+    loop {
+        {
+            let mut queue = node.node.queue.lock().unwrap();
+            assert_eq!(queue.pin_underflows(), 0);
+            evicted += queue.evict_idle(u64::MAX, 0);
+        }
+        if evicted >= n {
+            assert_eq!(evicted, n);
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {evicted} of {n} domains became idle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deferred_then_delivered_and_bounced() {
     let rcpt = Arc::new(|rcpt: &str, seen: usize| {
@@ -212,6 +235,9 @@ async fn deferred_then_delivered_and_bounced() {
         (later[1]["type"].as_str(), later[1]["attempt"].as_u64()),
         (Some("d"), Some(2))
     );
+    // Every job taken out was returned or released: the idle domain can be forgotten.
+    wait_evicted(&node, 1).await;
+    assert_eq!(node.node.queue.lock().unwrap().domain_count(), 0);
     let gone = of("gone@sink.test");
     assert_eq!(gone.len(), 1);
     assert_eq!(
@@ -403,7 +429,9 @@ async fn paused_campaigns_wait_and_cancelled_ones_are_never_sent() {
     })
     .await;
     assert_eq!(counts["queued"], 0);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Parked, resumed and cancelled jobs are all accounted for: once the engine has dropped the
+    // cancelled ones, the domain is idle and can be forgotten.
+    wait_evicted(&node, 1).await;
     assert_eq!(
         sink.messages().len(),
         5,

@@ -79,6 +79,8 @@ const LANE_BATCH: usize = 8;
 const FAIL_BATCH: usize = 32;
 /// A throttle wait up to this long is taken inside the lane; longer ends the lane.
 const MAX_LANE_WAIT: Duration = Duration::from_secs(1);
+/// A domain with no queued or in-flight jobs is forgotten after this long.
+const DOMAIN_IDLE_EVICT_MS: u64 = 60_000;
 /// An empty site (no lanes, no domains, no idle connections) is forgotten after this long.
 const SITE_IDLE_EVICT: Duration = Duration::from_secs(600);
 
@@ -350,7 +352,12 @@ impl Delivery {
             }
             None => {
                 let hosts = self.dns.mx(domain).await?;
-                let mut names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+                // The rollup key is the MX set *with* preferences: two domains share a site
+                // (its pool and throttles) only when they would pick hosts the same way.
+                let mut names: Vec<String> = hosts
+                    .iter()
+                    .map(|h| format!("{}:{}", h.preference, h.name))
+                    .collect();
                 names.sort_unstable();
                 let port = self.config.delivery.smtp_port;
                 let targets = hosts
@@ -619,19 +626,25 @@ impl Delivery {
         };
         let mut out = Vec::with_capacity(jobs.len());
         for (job, bytes) in jobs.into_iter().zip(records) {
-            let Some(bytes) = bytes else { continue };
+            let Some(bytes) = bytes else {
+                self.release(&job);
+                continue;
+            };
             let Some(campaign) = self.node.campaigns.by_seq(job.id.campaign) else {
                 tracing::warn!(job = %job.id, "job without a campaign; skipped");
+                self.release(&job);
                 continue;
             };
             let rec = match JobRecord::decode(&bytes) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(job = %job.id, error = %e, "corrupt job record; skipped");
+                    self.release(&job);
                     continue;
                 }
             };
             if rec.state != JobState::Queued {
+                self.release(&job);
                 continue;
             }
             match campaign.state() {
@@ -652,6 +665,7 @@ impl Delivery {
                     }
                     .encode();
                     let _ = self.updates.send(Update::Job(job.id, updated)).await;
+                    self.release(&job);
                     continue;
                 }
                 CampaignState::Active => {}
@@ -677,21 +691,30 @@ impl Delivery {
         let jobs: Vec<PendingJob> = jobs.map(|p| p.job).collect();
         let mut queue = self.node.queue.lock().expect("queue lock");
         for j in jobs {
-            queue.push(j);
+            queue.push_back(j);
         }
     }
 
     fn requeue_jobs(&self, jobs: Vec<PendingJob>, due_ms: u64) {
         let mut queue = self.node.queue.lock().expect("queue lock");
         for j in jobs {
-            queue.push(PendingJob { due_ms, ..j });
+            queue.push_back(PendingJob { due_ms, ..j });
         }
+    }
+
+    /// A popped job leaves the engine for good (final state, or nothing to do).
+    fn release(&self, job: &PendingJob) {
+        self.node
+            .queue
+            .lock()
+            .expect("queue lock")
+            .release(job.domain, 1);
     }
 
     /// Renders and sends one job on `conn`, then records the outcome.
     async fn attempt(&self, p: Prepared, conn: &mut Connection) {
         let Ok(rec) = JobRecord::decode(&p.bytes) else {
-            return;
+            return self.release(&p.job);
         };
         let record = &p.campaign.record;
         let rendered = p.campaign.compiled().and_then(|c| {
@@ -764,7 +787,7 @@ impl Delivery {
     /// Applies an outcome: new job state, counts, retry schedule, spool update, log record.
     async fn finish(&self, p: &Prepared, mut o: Outcome, conn: Option<&Connection>, size: usize) {
         let Ok(rec) = JobRecord::decode(&p.bytes) else {
-            return;
+            return self.release(&p.job);
         };
         let d = &self.config.delivery;
         let now = crate::now_ms();
@@ -804,15 +827,16 @@ impl Delivery {
         };
         let _ = from.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
         counts.slot(state, attempt).fetch_add(1, Ordering::Relaxed);
-        if state == JobState::Queued {
-            self.node
-                .queue
-                .lock()
-                .expect("queue lock")
-                .push(PendingJob {
+        {
+            let mut queue = self.node.queue.lock().expect("queue lock");
+            if state == JobState::Queued {
+                queue.push_back(PendingJob {
                     due_ms: next,
                     ..p.job
                 });
+            } else {
+                queue.release(p.job.domain, 1);
+            }
         }
         let verdict = match o.verdict {
             Verdict::Delivered => "delivered",
@@ -876,6 +900,15 @@ impl Delivery {
             }
             for c in closing {
                 tokio::spawn(c.quit());
+            }
+            let evicted = self
+                .node
+                .queue
+                .lock()
+                .expect("queue lock")
+                .evict_idle(crate::now_ms(), DOMAIN_IDLE_EVICT_MS);
+            if evicted > 0 {
+                tracing::debug!(evicted, "idle domains forgotten");
             }
         }
     }
