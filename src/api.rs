@@ -627,6 +627,9 @@ async fn compose(s: AppState, headers: HeaderMap, body: Body, kind: CampaignKind
     let id = record.id;
     let record_bytes = record.encode();
     let campaign = Arc::new(Campaign::new(seq, record, 0));
+    if let Some(c) = &rules.compiled {
+        campaign.set_compiled(Arc::clone(c));
+    }
     let mut upload = Upload::new(Arc::clone(node), Arc::clone(&campaign));
     let mut rejected = RejectList::new(limits.max_rejected_reported);
 
@@ -806,7 +809,7 @@ async fn add_recipients(
     let limits = &node.config.limits;
     let mut lines = LineIngest {
         upload: Upload::new(Arc::clone(node), Arc::clone(&campaign)),
-        rules: ingest::rules_for(&campaign.record),
+        rules: ingest::rules_for(&campaign),
         rejected: RejectList::new(limits.max_rejected_reported),
         seen: 0,
         node: Arc::clone(node),

@@ -69,8 +69,35 @@ pub struct CampaignRecord {
     pub headers: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Sent with every message; stored once here, MIME-encoded once per process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
     pub state: CampaignState,
     pub created_at_ms: u64,
+}
+
+/// A file attached to every message of a campaign, as given in the request (validated at ingest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub content_base64: String,
+}
+
+impl Attachment {
+    /// The file's bytes. Whitespace (line breaks of wrapped base64) is ignored.
+    pub fn decode(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        let compact: Vec<u8> = self
+            .content_base64
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .map_err(|e| format!("not valid base64: {e}"))
+    }
 }
 
 impl CampaignRecord {
@@ -183,6 +210,11 @@ impl Campaign {
             .clone()
     }
 
+    /// Installs templates compiled at ingest, so delivery does not compile them again.
+    pub fn set_compiled(&self, compiled: Arc<crate::render::Compiled>) {
+        let _ = self.compiled.set(Ok(compiled));
+    }
+
     pub fn state(&self) -> CampaignState {
         CampaignState::from_u8(self.state.load(Ordering::Acquire))
     }
@@ -287,6 +319,7 @@ mod tests {
             html: None,
             headers: BTreeMap::new(),
             tags: vec!["weekly".into()],
+            attachments: vec![],
             state: CampaignState::Active,
             created_at_ms: 1,
         }

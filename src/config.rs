@@ -18,6 +18,12 @@ pub const API_KEYS_ENV: &str = "SLUICE_API_KEYS";
 /// The API key shipped in `config/sluice.toml` for a first run on a laptop.
 pub const EXAMPLE_API_KEY: &str = "change-me";
 
+/// The environment variable that, when set, replaces `secrets.token_keys` (comma-separated).
+pub const TOKEN_KEYS_ENV: &str = "SLUICE_TOKEN_KEYS";
+
+/// The token key shipped in `config/sluice.toml` (and the default): fine on a laptop only.
+pub const EXAMPLE_TOKEN_KEY: &str = "development-token-key-change-me";
+
 /// A config problem: which file, which key, and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
@@ -58,6 +64,76 @@ pub struct Config {
     /// Static routes: mail for `domain` goes to `relay` instead of its MX hosts.
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    /// Envelope sender (VERP return path).
+    #[serde(default)]
+    pub bounce: BounceConfig,
+    /// Headers Sluice adds to every message (unsubscribe, feedback).
+    #[serde(default)]
+    pub message: MessageConfig,
+    #[serde(default)]
+    pub secrets: SecretsConfig,
+    /// DKIM keys; every key whose domain matches the From domain signs.
+    #[serde(default, rename = "dkim")]
+    pub dkim: Vec<DkimEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BounceConfig {
+    /// Domain of the VERP return path `<local_part>+<token>@<domain>`, which must route bounces
+    /// back to Sluice. Unset: the From address's domain.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Local part in front of `+<token>`.
+    #[serde(default = "defaults::bounce_local_part")]
+    pub local_part: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageConfig {
+    /// One-click unsubscribe URL prefix (RFC 8058); the token is appended. Mailbox providers
+    /// require https in production; it must reach Sluice's `/u/` route.
+    #[serde(default = "defaults::unsubscribe_url")]
+    pub unsubscribe_url: String,
+    /// Optional address added to List-Unsubscribe as `mailto:<local>+<token>@<domain>`, for
+    /// clients without one-click support.
+    #[serde(default)]
+    pub unsubscribe_mailto: Option<String>,
+    /// Last field of `Feedback-ID` (`campaign:tag:kind:<this>`), the sender id Gmail's
+    /// feedback loop reports by.
+    #[serde(default = "defaults::feedback_sender_id")]
+    pub feedback_sender_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// HMAC-SHA256 keys for VERP, unsubscribe and trace tokens. The first signs; all verify, so
+    /// a key is rotated by putting the new one first and dropping the old one once mail signed
+    /// with it can no longer come back. Replaced by `SLUICE_TOKEN_KEYS` when that is set.
+    #[serde(default = "defaults::token_keys")]
+    pub token_keys: Vec<String>,
+}
+
+/// One DKIM key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimEntry {
+    /// The `d=` domain; signs mail whose From domain is this one or below it.
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: DkimAlgorithm,
+    /// PEM: PKCS#8 or PKCS#1 for RSA, PKCS#8 for ed25519. Relative to the working directory.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DkimAlgorithm {
+    #[serde(rename = "rsa-sha256")]
+    RsaSha256,
+    #[serde(rename = "ed25519-sha256")]
+    Ed25519Sha256,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -292,6 +368,13 @@ pub struct LimitsConfig {
     /// Most entries in the 202's `rejected` list; `rejected_count` always has the full count.
     #[serde(default = "defaults::max_rejected_reported")]
     pub max_rejected_reported: usize,
+    /// Attachments of one campaign, decoded, all together, in bytes. Stored once, but sent with
+    /// every message: keep it small.
+    #[serde(default = "defaults::max_attachment_bytes")]
+    pub max_attachment_bytes: usize,
+    /// Attachments per campaign.
+    #[serde(default = "defaults::max_attachments")]
+    pub max_attachments: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -414,6 +497,24 @@ mod defaults {
     pub fn max_connections() -> u32 {
         10
     }
+    pub fn max_attachment_bytes() -> usize {
+        10 << 20
+    }
+    pub fn max_attachments() -> usize {
+        10
+    }
+    pub fn bounce_local_part() -> String {
+        "bounce".into()
+    }
+    pub fn unsubscribe_url() -> String {
+        "http://127.0.0.1:8025/u/".into()
+    }
+    pub fn feedback_sender_id() -> String {
+        "sluice".into()
+    }
+    pub fn token_keys() -> Vec<String> {
+        vec![EXAMPLE_TOKEN_KEY.into()]
+    }
     pub fn max_messages_per_connection() -> u32 {
         100
     }
@@ -437,7 +538,10 @@ default_from_serde!(
     LogConfig,
     DnsConfig,
     DeliveryConfig,
-    Shaping
+    Shaping,
+    BounceConfig,
+    MessageConfig,
+    SecretsConfig
 );
 
 impl Default for Config {
@@ -447,7 +551,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`, then applies `SLUICE_API_KEYS` if set.
+    /// Reads, parses and validates `path` (with `SLUICE_API_KEYS` and `SLUICE_TOKEN_KEYS`
+    /// applied when set), and loads the DKIM keys it names to check them.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -458,7 +563,16 @@ impl Config {
             }])
         })?;
         let env_keys = std::env::var(API_KEYS_ENV).ok();
-        Self::from_toml(&file, &text, env_keys.as_deref())
+        let mut config = Self::from_toml(&file, &text, env_keys.as_deref())?;
+        if let Ok(keys) = std::env::var(TOKEN_KEYS_ENV) {
+            config.secrets.token_keys = split_list(&keys);
+            let errors = config.validate(&file);
+            if !errors.is_empty() {
+                return Err(ConfigErrors(errors));
+            }
+        }
+        crate::dkim::DkimKeys::load(&config.dkim, &file)?;
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `file` only labels errors.
@@ -475,12 +589,7 @@ impl Config {
             ConfigErrors(vec![toml_error(file, text, &key, &inner)])
         })?;
         if let Some(keys) = env_keys {
-            config.auth.api_keys = keys
-                .split(',')
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .map(str::to_owned)
-                .collect();
+            config.auth.api_keys = split_list(keys);
         }
         let errors = config.validate(file);
         if errors.is_empty() {
@@ -611,6 +720,103 @@ impl Config {
                 "retry_initial must be above zero and retry_max at least retry_initial".into(),
             );
         }
+        if let Some(d) = &self.bounce.domain
+            && crate::address::check_host_name(d).is_err()
+        {
+            bad("bounce.domain", format!("{d:?} is not a domain name"));
+        }
+        let lp = &self.bounce.local_part;
+        if lp.is_empty()
+            || lp.len() > 30
+            || !lp
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || lp.starts_with('.')
+            || lp.ends_with('.')
+        {
+            bad(
+                "bounce.local_part",
+                "1 to 30 of a-z, 0-9, '-', '_' and '.' (not first or last)".into(),
+            );
+        }
+        let url = &self.message.unsubscribe_url;
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.len() > 200
+            || !url
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"<>\"\\,".contains(&b))
+        {
+            bad(
+                "message.unsubscribe_url",
+                format!(
+                    "{url:?} is not an http(s) URL prefix without spaces, quotes, '<', '>' or ','"
+                ),
+            );
+        }
+        if let Some(m) = &self.message.unsubscribe_mailto {
+            match crate::address::Address::parse(m) {
+                Ok(a) if a.as_str().is_ascii() && !a.local().contains(['+', '"']) => {}
+                _ => bad(
+                    "message.unsubscribe_mailto",
+                    format!("{m:?} is not an ASCII address without '+'"),
+                ),
+            }
+        }
+        let sid = &self.message.feedback_sender_id;
+        if sid.is_empty()
+            || sid.len() > 64
+            || !sid.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+        {
+            bad(
+                "message.feedback_sender_id",
+                "1 to 64 printable ASCII characters without ':'".into(),
+            );
+        }
+        if self.secrets.token_keys.is_empty() {
+            bad(
+                "secrets.token_keys",
+                format!("no token key: set at least one here or in {TOKEN_KEYS_ENV}"),
+            );
+        }
+        for (i, key) in self.secrets.token_keys.iter().enumerate() {
+            if key.len() < 16 {
+                bad(
+                    &format!("secrets.token_keys[{i}]"),
+                    "a token key must be at least 16 bytes".into(),
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in self.dkim.iter().enumerate() {
+            if crate::address::check_host_name(&k.domain).is_err() {
+                bad(
+                    &format!("dkim[{i}].domain"),
+                    format!("{:?} is not a domain name", k.domain),
+                );
+            }
+            let selector_ok = !k.selector.is_empty()
+                && k.selector.len() <= 63
+                && k.selector.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
+            if !selector_ok {
+                bad(
+                    &format!("dkim[{i}].selector"),
+                    format!("{:?} is not a DNS label (a-z, 0-9, '-', '_')", k.selector),
+                );
+            }
+            if !seen.insert((
+                k.domain.to_ascii_lowercase(),
+                k.selector.to_ascii_lowercase(),
+            )) {
+                bad(
+                    &format!("dkim[{i}]"),
+                    format!("{} and {} appear twice", k.domain, k.selector),
+                );
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             bad(
                 "log.level",
@@ -624,6 +830,22 @@ impl Config {
     pub fn uses_example_key(&self) -> bool {
         self.auth.api_keys.iter().any(|k| k == EXAMPLE_API_KEY)
     }
+
+    /// True when the example token key is among the token keys.
+    pub fn uses_example_token_key(&self) -> bool {
+        self.secrets
+            .token_keys
+            .iter()
+            .any(|k| k == EXAMPLE_TOKEN_KEY)
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn toml_error(file: &str, text: &str, key: &str, e: &toml::de::Error) -> ConfigError {

@@ -13,10 +13,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::address::Address;
-use crate::campaign::{Campaign, CampaignKind, CampaignRecord, CampaignState};
+use crate::campaign::{Attachment, Campaign, CampaignKind, CampaignRecord, CampaignState};
 use crate::config::LimitsConfig;
 use crate::node::Node;
 use crate::queue::{DomainId, PendingJob};
+use crate::render::Compiled;
 use crate::spool::{Durability, JobId, JobRecord, JobState, PendingWrite, SpoolBatch, SpoolError};
 use crate::template;
 
@@ -47,6 +48,9 @@ const RESERVED_HEADERS: &[&str] = &[
     "received",
     "reply-to",
     "sender",
+    "feedback-id",
+    "x-sluice-ref",
+    "content-disposition",
 ];
 
 /// A problem with one field of a request: the API turns it into a 4xx naming the field.
@@ -77,6 +81,7 @@ pub struct CampaignFields {
     pub html: Option<String>,
     pub headers: BTreeMap<String, String>,
     pub tags: Vec<String>,
+    pub attachments: Vec<Attachment>,
 }
 
 /// The body of `POST /v1/campaigns` (with `recipients`) and `POST /v1/messages` (with `to` and
@@ -99,6 +104,8 @@ pub struct ComposeRequest<'a> {
     pub headers: BTreeMap<String, String>,
     #[serde(default)]
     pub tags: Vec<String>,
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
     #[serde(default, borrow)]
     pub recipients: Option<Vec<&'a RawValue>>,
     #[serde(default)]
@@ -119,6 +126,7 @@ impl<'a> ComposeRequest<'a> {
             html: self.html,
             headers: self.headers,
             tags: self.tags,
+            attachments: self.attachments,
         };
         (
             fields,
@@ -153,6 +161,8 @@ struct RecipientInput<'a> {
 pub struct RecipientRules {
     /// Variables that land in a header (the subject's): their values may not hold CR or LF.
     pub header_vars: BTreeSet<String>,
+    /// The compiled campaign: every recipient's variables must render it.
+    pub compiled: Option<Arc<Compiled>>,
 }
 
 /// Validates the campaign fields and compiles the templates. Returns the record (with a fresh
@@ -236,6 +246,7 @@ pub fn validate_campaign(
             ));
         }
     }
+    check_attachments(&fields.attachments, limits)?;
     let record = CampaignRecord {
         id: uuid::Uuid::now_v7(),
         kind,
@@ -247,16 +258,89 @@ pub fn validate_campaign(
         html: fields.html,
         headers: fields.headers,
         tags: fields.tags,
+        attachments: fields.attachments,
         state: CampaignState::Active,
         created_at_ms: now_ms,
     };
+    let compiled = crate::render::compile(&record).map_err(|e| FieldError::new("", e))?;
+    rules.compiled = Some(Arc::new(compiled));
     Ok((record, rules))
 }
 
+/// Content types an attachment may not have: they would change the message's structure.
+const FORBIDDEN_ATTACHMENT_TYPES: &[&str] = &["multipart", "message"];
+
+fn check_attachments(list: &[Attachment], limits: &LimitsConfig) -> Result<(), FieldError> {
+    if list.len() > limits.max_attachments {
+        return Err(FieldError::new(
+            "attachments",
+            format!("at most {} attachments", limits.max_attachments),
+        ));
+    }
+    let mut total = 0usize;
+    for (i, a) in list.iter().enumerate() {
+        let field = |f: &str| format!("attachments[{i}].{f}");
+        let name = &a.filename;
+        if name.trim().is_empty()
+            || name.len() > 255
+            || name.chars().any(|c| c.is_control() || "/\\\"".contains(c))
+        {
+            return Err(FieldError::new(
+                field("filename"),
+                "1 to 255 bytes of UTF-8 without control characters, '/', '\\' or '\"'",
+            ));
+        }
+        let ct = a.content_type.to_ascii_lowercase();
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+        };
+        let ok = ct.split_once('/').is_some_and(|(t, sub)| {
+            token(t) && token(sub) && !FORBIDDEN_ATTACHMENT_TYPES.contains(&t)
+        });
+        if !ok {
+            return Err(FieldError::new(
+                field("content_type"),
+                format!(
+                    "{:?} is not a type/subtype media type (multipart and message types are not allowed)",
+                    a.content_type
+                ),
+            ));
+        }
+        if a.content_base64.len() / 4 * 3 > limits.max_attachment_bytes.saturating_mul(2) {
+            return Err(FieldError::new(
+                field("content_base64"),
+                format!(
+                    "attachments may total at most {} bytes",
+                    limits.max_attachment_bytes
+                ),
+            ));
+        }
+        let data = a
+            .decode()
+            .map_err(|e| FieldError::new(field("content_base64"), e))?;
+        total += data.len();
+        if total > limits.max_attachment_bytes {
+            return Err(FieldError::new(
+                field("content_base64"),
+                format!(
+                    "attachments may total at most {} bytes; this one brings them to {total}",
+                    limits.max_attachment_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The rules for recipients added later to a stored campaign.
-pub fn rules_for(record: &CampaignRecord) -> RecipientRules {
-    let header_vars = template::check("subject", &record.subject).unwrap_or_default();
-    RecipientRules { header_vars }
+pub fn rules_for(campaign: &Campaign) -> RecipientRules {
+    let header_vars = template::check("subject", &campaign.record.subject).unwrap_or_default();
+    RecipientRules {
+        header_vars,
+        compiled: campaign.compiled().ok(),
+    }
 }
 
 fn check_header_text(field: &str, value: &str) -> Result<(), FieldError> {
@@ -312,11 +396,15 @@ pub fn check_recipient<'a>(
     let vars = match vars {
         Some(raw) if raw.get() != "null" => {
             let text = raw.get();
-            check_vars(text, rules, limits).map_err(|e| (Some(email), e))?;
+            check_vars(text, rules, limits).map_err(|e| (Some(email.clone()), e))?;
             text
         }
         _ => "",
     };
+    if let Some(c) = &rules.compiled {
+        crate::render::check_vars(c, vars)
+            .map_err(|e| (Some(email), FieldError::new(e.field, e.message)))?;
+    }
     Ok(ValidRecipient { address, vars })
 }
 
@@ -678,6 +766,7 @@ mod tests {
     fn recipients_are_checked() {
         let rules = RecipientRules {
             header_vars: ["name".to_owned()].into(),
+            compiled: None,
         };
         let r = parse_recipient(
             r#"{"email":"a@Example.COM","vars":{"name":"Ann","n":1}}"#,

@@ -76,6 +76,7 @@ pub mod api;
 pub mod campaign;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod ingest;
 pub mod metrics;
@@ -87,6 +88,7 @@ pub mod server;
 pub mod smtp;
 pub mod spool;
 pub mod template;
+pub mod tokens;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

@@ -31,6 +31,8 @@ pub struct Node {
     pub parked: Mutex<HashMap<u32, Vec<PendingJob>>>,
     /// Domains an operator suspended (runtime only; a restart resumes them).
     pub suspended: Mutex<std::collections::HashSet<String>>,
+    /// Message assembly: token keys, DKIM keys, configured addresses.
+    pub assembler: crate::render::Assembler,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -46,9 +48,11 @@ pub struct RecoveryReport {
 
 impl Node {
     /// Opens the spool. Blocking. The node is not ready until [`Node::recover`] has run.
-    pub fn open(config: Arc<Config>) -> Result<Arc<Node>, SpoolError> {
+    pub fn open(config: Arc<Config>, dkim: crate::dkim::DkimKeys) -> Result<Arc<Node>, SpoolError> {
         let spool = Spool::open(&config.spool.path)?;
+        let assembler = crate::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
+            assembler,
             state_changes: tokio::sync::Mutex::new(()),
             config,
             spool,

@@ -31,7 +31,13 @@ pub struct Running {
 /// `/readyz` turns 200 and `/v1` opens when recovery is done.
 pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
     let cfg = Arc::clone(&config);
-    let node = tokio::task::spawn_blocking(move || Node::open(cfg))
+    let dkim = tokio::task::spawn_blocking(move || {
+        crate::dkim::DkimKeys::load(&cfg.dkim, "config").map_err(|e| anyhow::anyhow!("{e}"))
+    })
+    .await?
+    .context("loading DKIM keys")?;
+    let cfg = Arc::clone(&config);
+    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim))
         .await?
         .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
     let listener = TcpListener::bind(config.http.listen)

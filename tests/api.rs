@@ -11,9 +11,9 @@ fn campaign_body(recipients: Value) -> Value {
     json!({
         "from": "news@example.com",
         "from_name": "Example News",
-        "subject": "Hello {{ first_name }}",
-        "text": "Hi {{ first_name }}, your code is {{ code }}.",
-        "html": "<p>Hi {{ first_name }}</p>",
+        "subject": "Hello {{ first_name | default('friend') }}",
+        "text": "Hi {{ first_name | default('friend') }}, your code is {{ code | default('-') }}.",
+        "html": "<p>Hi {{ first_name | default('friend') }}</p>",
         "tags": ["weekly"],
         "recipients": recipients,
     })
@@ -84,7 +84,7 @@ async fn campaign_is_accepted_counted_and_survives_restart() {
     let (status, got) = get_json(node.http_addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(status, 200);
     assert_eq!(got["counts"]["queued"], 3, "{got}");
-    assert_eq!(got["subject"], "Hello {{ first_name }}");
+    assert_eq!(got["subject"], "Hello {{ first_name | default('friend') }}");
     let mut domains: Vec<_> = {
         let queue = node.node.queue.lock().unwrap();
         queue

@@ -113,7 +113,19 @@ async fn delivers_with_pipelining_and_logs_each_attempt() {
         .iter()
         .find(|m| m.rcpts == ["user1@sink.test"])
         .expect("user1's message");
-    assert_eq!(m.mail_from, "news@example.com");
+    // VERP: bounce+<token>@<From domain>, the token naming this recipient's job.
+    let token = m
+        .mail_from
+        .strip_prefix("bounce+")
+        .and_then(|t| t.strip_suffix("@example.com"))
+        .unwrap_or_else(|| panic!("VERP sender: {}", m.mail_from));
+    let job = node
+        .node
+        .assembler
+        .tokens()
+        .verify(sluice::tokens::Purpose::Verp, token)
+        .expect("the VERP token authenticates");
+    assert_eq!(job.index, 1, "user1 is the campaign's second recipient");
     assert!(m.data.contains("Subject: Hello User 1\r\n"), "{}", m.data);
     assert!(
         m.data.contains("\r\n.dot line\r\n"),

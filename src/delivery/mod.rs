@@ -73,6 +73,15 @@ static TRANSACTION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static ASSEMBLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "sluice_message_assembly_seconds",
+        "Time to render, build and DKIM-sign one message, including the wait for a free assembly slot. Rising values with flat signing time mean the CPU is saturated.",
+        prometheus::exponential_buckets(0.00005, 2.0, 18).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
+
 /// Jobs a lane takes at once when no message rate applies.
 const LANE_BATCH: usize = 8;
 /// Jobs deferred per failed connection round of a site.
@@ -189,6 +198,9 @@ pub struct Delivery {
     stop: CancellationToken,
     lanes: TaskTracker,
     background: TaskTracker,
+    /// Messages being assembled at once on the blocking pool: one per core, so signing uses the
+    /// CPU fully without queueing unbounded work behind it.
+    assembly_slots: tokio::sync::Semaphore,
 }
 
 impl Delivery {
@@ -223,6 +235,9 @@ impl Delivery {
             stop: CancellationToken::new(),
             lanes: TaskTracker::new(),
             background: TaskTracker::new(),
+            assembly_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
         });
         delivery
             .background
@@ -717,26 +732,9 @@ impl Delivery {
             return self.release(&p.job);
         };
         let record = &p.campaign.record;
-        let rendered = p.campaign.compiled().and_then(|c| {
-            crate::render::render(
-                record,
-                &c,
-                p.job.id,
-                rec.accepted_at_ms,
-                rec.address,
-                rec.vars,
-            )
-        });
-        let rendered = match rendered {
+        let rendered = match self.assemble(&p).await {
             Ok(r) => r,
-            Err(e) => {
-                let o = outcome::local_failure(
-                    EnhancedCode(5, 6, 0),
-                    format!("message could not be rendered: {e}"),
-                    Command::Data,
-                );
-                return self.finish(&p, o, None, 0).await;
-            }
+            Err(o) => return self.finish(&p, o, None, 0).await,
         };
         let smtputf8 = !rec.address.is_ascii() || !record.from.is_ascii();
         if smtputf8 && !conn.capabilities.smtputf8 {
@@ -762,8 +760,9 @@ impl Delivery {
             return self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
         }
         let recipients = [rec.address];
+        let sender = self.node.assembler.envelope_sender(record, p.job.id);
         let env = Envelope {
-            sender: &record.from,
+            sender: &sender,
             recipients: &recipients,
             smtputf8,
             eight_bit: rendered.eight_bit,
@@ -782,6 +781,63 @@ impl Delivery {
         };
         TRANSACTION_SECONDS.observe(started.elapsed().as_secs_f64());
         self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
+    }
+
+    /// Renders, builds and signs a job's message on the blocking pool, at most one per core at a
+    /// time (RSA signing is the most expensive step of a delivery). A failure is the outcome.
+    async fn assemble(&self, p: &Prepared) -> Result<crate::render::Rendered, Outcome> {
+        let compiled = p.campaign.compiled().map_err(|e| {
+            outcome::local_failure(
+                EnhancedCode(5, 6, 0),
+                format!("message could not be rendered: {e}"),
+                Command::Data,
+            )
+        })?;
+        let _permit = self
+            .assembly_slots
+            .acquire()
+            .await
+            .expect("the assembly semaphore is never closed");
+        let node = Arc::clone(&self.node);
+        let campaign = Arc::clone(&p.campaign);
+        let job = p.job.id;
+        let bytes = p.bytes.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let rec = JobRecord::decode(&bytes)
+                .map_err(|e| crate::render::AssembleError::Render(format!("job record: {e}")))?;
+            node.assembler.assemble(
+                &campaign.record,
+                &compiled,
+                job,
+                rec.accepted_at_ms,
+                rec.address,
+                rec.vars,
+            )
+        })
+        .await;
+        ASSEMBLY_SECONDS.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(crate::render::AssembleError::Render(e))) => Err(outcome::local_failure(
+                EnhancedCode(5, 6, 0),
+                format!("message could not be rendered: {e}"),
+                Command::Data,
+            )),
+            Ok(Err(crate::render::AssembleError::Sign(e))) => {
+                tracing::error!(error = %e, "DKIM signing failed; the message waits");
+                Err(outcome::local_failure(
+                    EnhancedCode(4, 7, 0),
+                    e.to_string(),
+                    Command::Data,
+                ))
+            }
+            Err(e) => Err(outcome::local_failure(
+                EnhancedCode(4, 3, 0),
+                format!("message assembly did not finish: {e}"),
+                Command::Data,
+            )),
+        }
     }
 
     /// Applies an outcome: new job state, counts, retry schedule, spool update, log record.
@@ -858,7 +914,10 @@ impl Delivery {
             campaign: p.campaign.record.id.to_string(),
             job: p.job.id.to_string(),
             recipient: rec.address.to_owned(),
-            sender: p.campaign.record.from.clone(),
+            sender: self
+                .node
+                .assembler
+                .envelope_sender(&p.campaign.record, p.job.id),
             dsn_action: action,
             dsn_status: o.status.to_string(),
             reply_code: o.code,
