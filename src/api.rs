@@ -377,6 +377,23 @@ fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiErr
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
                     .field(field)
             }
+            // A syntax error inside a value (a lone surrogate, bytes that are not UTF-8) still
+            // has a path: name the field.
+            _ if path != "." && !path.is_empty() => {
+                let text = inner.to_string();
+                let text = text.split(" at line ").next().unwrap_or(&text);
+                let text = if text.contains("invalid unicode code point") {
+                    format!("{text} (the value is not valid UTF-8)")
+                } else {
+                    text.to_owned()
+                };
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the body is not valid JSON at {path}: {text}"),
+                )
+                .field(path)
+            }
             _ => malformed(inner),
         }
     })?;
