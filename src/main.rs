@@ -45,8 +45,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve { config } => {
-            let config = match Config::load(&config) {
+        Command::Serve { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => Arc::new(c),
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(serve(config)) {
+            match rt.block_on(serve(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -92,7 +92,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
+async fn serve(config: Arc<Config>, path: PathBuf) -> anyhow::Result<()> {
     if config.uses_example_key() {
         tracing::warn!(
             "the example API key {:?} is configured: replace it before exposing the API",
@@ -100,13 +100,38 @@ async fn serve(config: Arc<Config>) -> anyhow::Result<()> {
         );
     }
     let running = sluice::server::start(config).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = running.stopped() => {
-            running.shutdown().await;
-            anyhow::bail!("the node stopped after a fatal error");
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: shutting down");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = hup.recv() => {
+                // Re-read the file: DKIM keys change in place; anything else waits for a restart.
+                let loaded = {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || Config::load(&path)).await
+                };
+                match loaded {
+                    Ok(Ok(c)) => match running.reload(Arc::new(c)).await {
+                        Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: DKIM keys reloaded"),
+                        Err(e) => tracing::error!("SIGHUP: reload refused, old keys kept: {e}"),
+                    },
+                    Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, old keys kept: {e}"),
+                    Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
+                }
+            }
+            _ = running.stopped() => {
+                running.shutdown().await;
+                anyhow::bail!("the node stopped after a fatal error");
+            }
         }
     }
     running.shutdown().await;

@@ -38,6 +38,8 @@ pub struct Compiled {
     attachments: Vec<Vec<u8>>,
     /// The top-level variables each part reads, to name a missing one.
     part_vars: Vec<(&'static str, BTreeSet<String>)>,
+    /// When every part is plain `{{ name }}` substitution: all the names, and the subject's.
+    bare: Option<(BTreeSet<String>, BTreeSet<String>)>,
 }
 
 impl std::fmt::Debug for Compiled {
@@ -55,6 +57,7 @@ impl std::fmt::Debug for Compiled {
 pub fn compile(record: &CampaignRecord) -> Result<Compiled, String> {
     let mut env = crate::template::environment();
     let mut part_vars = Vec::with_capacity(3);
+    let mut bare = Some((BTreeSet::new(), BTreeSet::new()));
     for (name, source) in [
         ("subject", Some(&record.subject)),
         ("text", record.text.as_ref()),
@@ -64,6 +67,16 @@ pub fn compile(record: &CampaignRecord) -> Result<Compiled, String> {
         let vars = crate::template::check(name, source).map_err(|e| format!("{name}: {e}"))?;
         env.add_template_owned(name, source.clone())
             .map_err(|e| format!("{name}: {e}"))?;
+        bare = match (bare, crate::template::bare_variables(source)) {
+            (Some((mut all, mut subject)), Some(names)) => {
+                if name == "subject" {
+                    subject.extend(names.iter().cloned());
+                }
+                all.extend(names);
+                Some((all, subject))
+            }
+            _ => None,
+        };
         part_vars.push((name, vars));
     }
     let mut attachments = Vec::with_capacity(record.attachments.len());
@@ -83,6 +96,7 @@ pub fn compile(record: &CampaignRecord) -> Result<Compiled, String> {
         has_html: record.html.is_some(),
         attachments,
         part_vars,
+        bare,
     })
 }
 
@@ -109,6 +123,11 @@ fn parse_vars(vars_json: &str) -> Result<minijinja::Value, String> {
 /// Renders every part of `compiled` with `vars_json` and throws the output away: the ingest check
 /// that these variables render (strict undefined, types) and keep the subject on one line.
 pub fn check_vars(compiled: &Compiled, vars_json: &str) -> Result<(), VarsError> {
+    if let Some((all, subject)) = &compiled.bare
+        && bare_vars_present(all, subject, vars_json)
+    {
+        return Ok(());
+    }
     let ctx = parse_vars(vars_json).map_err(|message| VarsError {
         field: "vars".into(),
         message,
@@ -135,6 +154,28 @@ pub fn check_vars(compiled: &Compiled, vars_json: &str) -> Result<(), VarsError>
         }
     }
     Ok(())
+}
+
+/// The fast path of [`check_vars`] for templates of bare `{{ name }}` expressions: they render
+/// when every name is present. Only says yes; anything doubtful (a missing name, an escape in a
+/// subject value that might be a line break, unparsable JSON) goes to a real render, which
+/// produces the error message.
+fn bare_vars_present(all: &BTreeSet<String>, subject: &BTreeSet<String>, vars_json: &str) -> bool {
+    if all.is_empty() {
+        return true;
+    }
+    if vars_json.is_empty() {
+        return false;
+    }
+    let Ok(map) = serde_json::from_str::<
+        std::collections::HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue>,
+    >(vars_json) else {
+        return false;
+    };
+    all.iter().all(|name| {
+        map.get(name.as_str())
+            .is_some_and(|raw| !subject.contains(name) || !raw.get().contains('\\'))
+    })
 }
 
 /// Names the variable when the failure is a missing one (the usual case), else passes on

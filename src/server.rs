@@ -142,6 +142,25 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
 }
 
 impl Running {
+    /// Applies what can change without a restart from a freshly loaded config: the DKIM keys.
+    /// Queued mail is signed at delivery, so it is signed with the new keys from now on. Other
+    /// settings need a restart; a key that fails to load keeps the old set in place.
+    pub async fn reload(&self, config: Arc<Config>) -> Result<(), crate::config::ConfigErrors> {
+        let keys = tokio::task::spawn_blocking(move || {
+            crate::dkim::DkimKeys::load(&config.dkim, "config")
+        })
+        .await
+        .map_err(|e| {
+            crate::config::ConfigErrors(vec![crate::config::ConfigError {
+                file: "config".into(),
+                key: "dkim".into(),
+                reason: format!("loading keys did not finish: {e}"),
+            }])
+        })??;
+        self.node.assembler.replace_dkim(keys);
+        Ok(())
+    }
+
     /// Resolves when the node stops by itself (a fatal error such as failed recovery).
     pub async fn stopped(&self) {
         self.stop.cancelled().await;

@@ -50,9 +50,65 @@ pub fn check(name: &str, source: &str) -> Result<BTreeSet<String>, TemplateError
     Ok(tmpl.undeclared_variables(false).into_iter().collect())
 }
 
+/// The variables of a template made only of text and bare `{{ name }}` expressions (no tags,
+/// filters, attributes or literals), or `None` for anything else. Such a template renders with
+/// given variables exactly when each of these names is present, whatever its type, which lets
+/// ingest check a recipient without rendering. Conservative: anything unusual returns `None`
+/// and gets a real render.
+pub fn bare_variables(source: &str) -> Option<BTreeSet<String>> {
+    if source.contains("{%") || source.contains("{#") {
+        return None;
+    }
+    let mut names = BTreeSet::new();
+    let mut rest = source;
+    while let Some(open) = rest.find("{{") {
+        let after = &rest[open + 2..];
+        let close = after.find("}}")?;
+        let expr = after[..close]
+            .trim_start_matches(['-', '+'])
+            .trim_end_matches(['-', '+'])
+            .trim();
+        let mut chars = expr.chars();
+        let first = chars.next()?;
+        if !(first.is_ascii_alphabetic() || first == '_')
+            || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || matches!(expr, "true" | "false" | "none" | "True" | "False" | "None")
+        {
+            return None;
+        }
+        names.insert(expr.to_owned());
+        rest = &after[close + 2..];
+    }
+    Some(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_variables_only_for_plain_substitution() {
+        let v = bare_variables("Hi {{ first_name }}, {{-last_name-}}!{{x}}").unwrap();
+        assert_eq!(
+            v.into_iter().collect::<Vec<_>>(),
+            vec!["first_name", "last_name", "x"]
+        );
+        assert_eq!(bare_variables("no variables").unwrap().len(), 0);
+        for complex in [
+            "{{ name|upper }}",
+            "{{ user.name }}",
+            "{{ items[0] }}",
+            "{% if x %}{{ x }}{% endif %}",
+            "{# note #}{{ x }}",
+            "{{ 'lit' }}",
+            "{{ none }}",
+            "{{ a + b }}",
+            "{{ f() }}",
+            "{{ unclosed",
+        ] {
+            assert_eq!(bare_variables(complex), None, "{complex}");
+        }
+    }
 
     #[test]
     fn reports_variables() {
