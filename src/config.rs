@@ -980,4 +980,42 @@ mod tests {
         let e = errors("");
         assert!(e[0].contains("auth.api_keys: no API key"), "{e:?}");
     }
+
+    #[test]
+    fn message_bounce_secrets_and_dkim_are_checked() {
+        let e = errors(
+            "[auth]\napi_keys = [\"0123456789\"]\n\
+             [bounce]\ndomain = \"not a domain\"\nlocal_part = \"a+b\"\n\
+             [message]\nunsubscribe_url = \"ftp://x\"\nunsubscribe_mailto = \"u+x@example.com\"\nfeedback_sender_id = \"a:b\"\n\
+             [secrets]\ntoken_keys = [\"short\"]\n\
+             [[dkim]]\ndomain = \"example.com\"\nselector = \"s 1\"\nalgorithm = \"rsa-sha256\"\nkey_file = \"k.pem\"\n\
+             [[dkim]]\ndomain = \"example.com\"\nselector = \"s2\"\nalgorithm = \"rsa-sha256\"\nkey_file = \"k.pem\"\n\
+             [[dkim]]\ndomain = \"Example.com\"\nselector = \"s2\"\nalgorithm = \"ed25519-sha256\"\nkey_file = \"k.pem\"\n",
+        );
+        let keys: Vec<&str> = e
+            .iter()
+            .map(|m| m.split(": ").nth(1).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                "bounce.domain",
+                "bounce.local_part",
+                "message.unsubscribe_url",
+                "message.unsubscribe_mailto",
+                "message.feedback_sender_id",
+                "secrets.token_keys[0]",
+                "dkim[0].selector",
+                "dkim[2]",
+            ],
+            "{e:#?}"
+        );
+        let e = errors(
+            "[auth]\napi_keys = [\"0123456789\"]\n[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nalgorithm = \"rsa\"\nkey_file = \"k\"\n",
+        );
+        assert!(e[0].starts_with("t.toml: dkim[0].algorithm"), "{e:?}");
+        let c = Config::from_toml("t.toml", "[auth]\napi_keys = [\"0123456789\"]\n", None).unwrap();
+        assert!(c.uses_example_token_key());
+        assert_eq!(c.bounce.local_part, "bounce");
+    }
 }

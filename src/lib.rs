@@ -43,8 +43,16 @@
 //!   8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321 timeouts).
 //! * [`outcome`]: the one classifier from replies, transport errors and DNS answers to delivered,
 //!   deferred, bounced or expired.
-//! * [`render`]: template + variables to message bytes (mail-builder), deterministic so a retry
-//!   sends the same message.
+//! * [`render`]: message assembly. [`render::compile`] once per campaign (templates, attachments
+//!   MIME-encoded once); [`render::Assembler`] renders, builds the MIME message (mail-builder) with
+//!   List-Unsubscribe, Feedback-ID and the trace header, and signs it, on the blocking pool one
+//!   message per core at a time. Deterministic, so a retry sends the same message (DKIM `t=` aside).
+//!   [`render::check_vars`] is the same render at ingest, with a no-render fast path for templates
+//!   of bare `{{ name }}` expressions.
+//! * [`dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (ring backend), keyed by domain;
+//!   every key of the From domain (or its nearest parent) signs. Swapped whole on SIGHUP.
+//! * [`tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with a purpose
+//!   byte so one kind cannot stand in for another, and key rotation (first key signs, all verify).
 //! * [`server`]: start and graceful stop, used by the binary and by in-process tests.
 //! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors.
 //! * [`metrics`]: Prometheus registry plumbing and the metrics that belong to no one module.
@@ -68,6 +76,11 @@
 //!   MX hosts, so the two coincide, and keeping idle connections with the site lets
 //!   `max_connections` count pooled and busy connections together.
 //! * Campaigns share a site in queue order (due time, then job id), not round-robin by campaign.
+//! * The signed header list adds Reply-To to the design's; absent headers are signed as empty, so
+//!   none of them can be added in transit.
+//! * Ingest renders each recipient's variables against the templates (the rule that a
+//!   recipient who cannot render is refused at ingest), skipping the render when a template is plain
+//!   substitution and every name is present.
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 

@@ -99,6 +99,12 @@ async fn serve(config: Arc<Config>, path: PathBuf) -> anyhow::Result<()> {
             sluice::config::EXAMPLE_API_KEY
         );
     }
+    if config.uses_example_token_key() {
+        tracing::warn!(
+            "the example token key is configured: anyone can forge unsubscribe and bounce tokens; set secrets.token_keys or {}",
+            sluice::config::TOKEN_KEYS_ENV
+        );
+    }
     let running = sluice::server::start(config).await?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
