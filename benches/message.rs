@@ -39,12 +39,12 @@ fn keys(algorithms: &[(DkimAlgorithm, &str)]) -> DkimKeys {
 fn record() -> CampaignRecord {
     let para = "Dear {{ first_name }}, our spring catalogue has {{ count }} new items picked for \
                 you in {{ city }}. Prices below are valid until the end of the month.\n";
-    let text = para.repeat(25);
+    let text = para.repeat(38);
     let html = format!(
         "<html><body>{}</body></html>",
         "<p>Dear {{ first_name }}, our <b>spring catalogue</b> has {{ count }} new items for \
          you in {{ city }}.</p>\n"
-            .repeat(30)
+            .repeat(46)
     );
     CampaignRecord {
         id: uuid::Uuid::now_v7(),

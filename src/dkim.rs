@@ -138,8 +138,8 @@ impl DkimKeys {
     }
 
     /// Signs `message` with every key for `from_domain` and returns the DKIM-Signature header
-    /// fields to put in front of it (empty when no key matches). RSA keys sign first, so the
-    /// ed25519 signature comes out on top.
+    /// fields to put in front of it (empty when no key matches). Fields come in reverse config
+    /// order, as if each key had signed in turn on the way out (the last key's on top).
     pub fn sign(&self, from_domain: &str, message: &[u8]) -> Result<Vec<u8>, SignError> {
         let signers = self.for_domain(from_domain);
         if signers.is_empty() {
@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(sigs.len(), 2, "{out}");
         assert!(
             sigs[0].contains("a=ed25519-sha256"),
-            "ed25519 on top: {out}"
+            "the last configured key (ed25519) on top: {out}"
         );
         assert!(sigs[1].contains("a=rsa-sha256"), "{out}");
         for s in sigs {
