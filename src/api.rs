@@ -157,6 +157,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/campaigns/{id}/resume", post(resume_campaign))
         .route("/campaigns/{id}/cancel", post(cancel_campaign))
         .route("/messages", post(send_message))
+        .route("/suppressions", get(list_suppressions))
+        .route(
+            "/suppressions/{address}",
+            get(get_suppression)
+                .put(put_suppression)
+                .delete(delete_suppression),
+        )
         .route("/domains/{domain}/suspend", post(suspend_domain))
         .route("/domains/{domain}/resume", post(resume_domain))
         .fallback(|| async {
@@ -543,13 +550,46 @@ impl RejectList {
     }
 }
 
-fn accepted_body(id: Uuid, accepted: usize, rejected: RejectList) -> Vec<u8> {
+/// Recipients found on a suppression list, as the 202 reports them (capped like `rejected`).
+struct SuppressedList {
+    items: Vec<Value>,
+    count: u64,
+    cap: usize,
+}
+
+impl SuppressedList {
+    fn new(cap: usize) -> SuppressedList {
+        SuppressedList {
+            items: Vec::new(),
+            count: 0,
+            cap,
+        }
+    }
+
+    /// Notes the outcome of [`Upload::add`] for the recipient at `index`.
+    fn note(&mut self, index: u64, email: &str, added: Option<crate::suppression::Reason>) {
+        if let Some(reason) = added {
+            self.count += 1;
+            if self.items.len() < self.cap {
+                self.items
+                    .push(json!({"index": index, "email": email, "reason": reason.as_str()}));
+            }
+        }
+    }
+}
+
+fn accepted_body(
+    id: Uuid,
+    accepted: usize,
+    suppressed: SuppressedList,
+    rejected: RejectList,
+) -> Vec<u8> {
     crate::metrics::RECIPIENTS_REJECTED.inc_by(rejected.count);
     let body = json!({
         "id": id,
         "accepted": accepted,
-        // Recipients on the suppression list; the list itself is not implemented yet.
-        "suppressed": [],
+        "suppressed": suppressed.items,
+        "suppressed_count": suppressed.count,
         "rejected": rejected.items,
         "rejected_count": rejected.count,
     });
@@ -649,6 +689,7 @@ async fn compose(s: AppState, headers: HeaderMap, body: Body, kind: CampaignKind
     }
     let mut upload = Upload::new(Arc::clone(node), Arc::clone(&campaign));
     let mut rejected = RejectList::new(limits.max_rejected_reported);
+    let mut suppressed = SuppressedList::new(limits.max_rejected_reported);
 
     if let Some(to) = single {
         let valid =
@@ -663,11 +704,15 @@ async fn compose(s: AppState, headers: HeaderMap, body: Body, kind: CampaignKind
                     message: e.message,
                 })
             })?;
-        upload.add(&valid).await?;
+        let added = upload.add(&valid).await?;
+        suppressed.note(0, valid.address.as_str(), added);
     }
     for (i, raw) in list.iter().enumerate() {
         match ingest::parse_recipient(raw.get(), &rules, limits) {
-            Ok(valid) => upload.add(&valid).await?,
+            Ok(valid) => {
+                let added = upload.add(&valid).await?;
+                suppressed.note(i as u64, valid.address.as_str(), added);
+            }
             Err((email, e)) => rejected.push(Rejected {
                 index: i as u64,
                 line: None,
@@ -678,7 +723,7 @@ async fn compose(s: AppState, headers: HeaderMap, body: Body, kind: CampaignKind
         }
     }
     let accepted = upload.len();
-    let body = accepted_body(id, accepted, rejected);
+    let body = accepted_body(id, accepted, suppressed, rejected);
     upload
         .commit(|batch| {
             batch.put_campaign(seq, &record_bytes);
@@ -828,6 +873,7 @@ async fn add_recipients(
         upload: Upload::new(Arc::clone(node), Arc::clone(&campaign)),
         rules: ingest::rules_for(&campaign),
         rejected: RejectList::new(limits.max_rejected_reported),
+        suppressed: SuppressedList::new(limits.max_rejected_reported),
         seen: 0,
         node: Arc::clone(node),
     };
@@ -885,10 +931,13 @@ async fn add_recipients(
         lines.line(&carry, line_no).await?;
     }
     let LineIngest {
-        upload, rejected, ..
+        upload,
+        rejected,
+        suppressed,
+        ..
     } = lines;
     let accepted = upload.len();
-    let body = accepted_body(campaign.record.id, accepted, rejected);
+    let body = accepted_body(campaign.record.id, accepted, suppressed, rejected);
     upload
         .commit(|batch| {
             if let Some(i) = &idem {
@@ -904,6 +953,7 @@ struct LineIngest {
     upload: Upload,
     rules: RecipientRules,
     rejected: RejectList,
+    suppressed: SuppressedList,
     seen: u64,
     node: Arc<Node>,
 }
@@ -956,7 +1006,10 @@ impl LineIngest {
             return Ok(());
         };
         match ingest::parse_recipient(text, &self.rules, &self.node.config.limits) {
-            Ok(valid) => self.upload.add(&valid).await?,
+            Ok(valid) => {
+                let added = self.upload.add(&valid).await?;
+                self.suppressed.note(line_no, valid.address.as_str(), added);
+            }
             Err((email, e)) => self.rejected.push(reject(email, &e.field, e.message)),
         }
         Ok(())
@@ -991,4 +1044,276 @@ pub async fn expire_idempotency(node: Arc<Node>) -> Result<usize, SpoolError> {
         .write(batch, crate::spool::Durability::Buffered)
         .await?;
     Ok(expired.len())
+}
+
+// --- Suppressions -------------------------------------------------------------------------------
+
+fn suppression_address(raw: &str) -> Result<String, ApiError> {
+    crate::suppression::normalise(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("address: {e}"),
+        )
+        .field("address")
+    })
+}
+
+fn suppression_reason(r: &str) -> Result<crate::suppression::Reason, ApiError> {
+    crate::suppression::Reason::parse(r).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("reason: {r:?} is not one of hard_bounce, complaint, unsubscribe, manual"),
+        )
+        .field("reason")
+    })
+}
+
+fn suppression_scope(raw: Option<&str>) -> Result<Option<String>, ApiError> {
+    raw.map(|s| {
+        crate::suppression::normalise_scope(s).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                format!("scope: {e}"),
+            )
+            .field("scope")
+        })
+    })
+    .transpose()
+}
+
+/// The stored entries of one address, in every scope. Blocking reads go to the blocking pool.
+async fn suppression_entries(
+    node: &Arc<Node>,
+    address: &str,
+) -> Result<Vec<crate::suppression::Entry>, ApiError> {
+    let scopes = node.suppressions.scopes(address);
+    let node = Arc::clone(node);
+    let address = address.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for scope in scopes {
+            let key = crate::suppression::key(&scope, &address);
+            if let Some(v) = node.spool.get_suppression(&key)?
+                && let Ok(e) = crate::suppression::Entry::decode(&v)
+            {
+                out.push(e);
+            }
+        }
+        Ok::<_, SpoolError>(out)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("reading suppressions: {e}"),
+        )
+    })?
+    .map_err(ApiError::from)
+}
+
+/// `GET /v1/suppressions/{address}`: the address's entries (global and per sending domain).
+async fn get_suppression(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
+    let address = suppression_address(&raw)?;
+    let entries = suppression_entries(&s.node, &address).await?;
+    if entries.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_suppressed",
+            format!("{address} is not on any suppression list"),
+        )
+        .field("address"));
+    }
+    Ok(axum::Json(json!({"address": address, "entries": entries})).into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PutSuppression {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// `PUT /v1/suppressions/{address}` with an optional `{reason, scope, source}` body (defaults:
+/// `manual`, `global`): adds or replaces the entry, synced before the answer. Queued mail to the
+/// address is stopped when delivery reaches it.
+async fn put_suppression(
+    State(s): State<AppState>,
+    Path(raw): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let node = &s.node;
+    let address = suppression_address(&raw)?;
+    let body = read_body(body, 64 * 1024, node.config.http.body_read_timeout).await?;
+    let req: PutSuppression = if body.iter().all(u8::is_ascii_whitespace) {
+        PutSuppression::default()
+    } else {
+        parse_json(&body)?
+    };
+    let reason = match req.reason.as_deref() {
+        None => crate::suppression::Reason::Manual,
+        Some(r) => suppression_reason(r)?,
+    };
+    let scope = suppression_scope(req.scope.as_deref())?
+        .unwrap_or_else(|| crate::suppression::GLOBAL.to_owned());
+    if let Some(src) = &req.source
+        && (src.len() > 256 || src.chars().any(char::is_control))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "source: at most 256 bytes without control characters",
+        )
+        .field("source"));
+    }
+    let entry = crate::suppression::Entry {
+        address,
+        scope,
+        reason,
+        created_at_ms: now_ms(),
+        source: Some(req.source.unwrap_or_else(|| "api".into())),
+    };
+    let mut batch = node.spool.batch();
+    batch.put_suppression(&entry.key(), &entry.encode());
+    node.spool
+        .write(batch, crate::spool::Durability::Sync)
+        .await?;
+    node.suppressions.insert(&entry);
+    Ok(axum::Json(json!(entry)).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeQuery {
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+/// `DELETE /v1/suppressions/{address}[?scope=global|domain]`: removes the entry of that scope, or
+/// every entry of the address without `scope`.
+async fn delete_suppression(
+    State(s): State<AppState>,
+    Path(raw): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ScopeQuery>,
+) -> ApiResult {
+    let node = &s.node;
+    let address = suppression_address(&raw)?;
+    let scope = suppression_scope(q.scope.as_deref())?;
+    let scopes: Vec<String> = node
+        .suppressions
+        .scopes(&address)
+        .into_iter()
+        .filter(|s| scope.as_ref().is_none_or(|want| want == s))
+        .collect();
+    if scopes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_suppressed",
+            format!("{address} is not on that suppression list"),
+        )
+        .field("address"));
+    }
+    let mut batch = node.spool.batch();
+    for sc in &scopes {
+        batch.delete_suppression(&crate::suppression::key(sc, &address));
+    }
+    node.spool
+        .write(batch, crate::spool::Durability::Sync)
+        .await?;
+    for sc in &scopes {
+        node.suppressions.remove(&address, sc);
+    }
+    Ok(axum::Json(json!({"address": address, "deleted": scopes})).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+const MAX_SUPPRESSION_PAGE: usize = 1000;
+
+/// `GET /v1/suppressions?cursor=&limit=&reason=`: entries in key order (scope, then address),
+/// `limit` per page (default 100, at most 1000); `next_cursor` continues after the last one.
+async fn list_suppressions(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> ApiResult {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_SUPPRESSION_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("limit: between 1 and {MAX_SUPPRESSION_PAGE}"),
+        )
+        .field("limit"));
+    }
+    let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
+    let after = match &q.cursor {
+        None => None,
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                "cursor: not a cursor this API returned",
+            )
+            .field("cursor")
+        })?),
+    };
+    let node = Arc::clone(&s.node);
+    let (items, last) = tokio::task::spawn_blocking(move || {
+        let mut items = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        node.spool.scan_suppressions(after.as_deref(), |k, v| {
+            last = Some(k.to_vec());
+            if let Ok(e) = crate::suppression::Entry::decode(v)
+                && reason.is_none_or(|r| r == e.reason)
+            {
+                items.push(e);
+            }
+            items.len() < limit
+        })?;
+        Ok::<_, SpoolError>((items, last))
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("listing suppressions: {e}"),
+        )
+    })??;
+    let next = if items.len() == limit {
+        last.map(|k| encode_cursor(&k))
+    } else {
+        None
+    };
+    Ok(axum::Json(json!({"items": items, "next_cursor": next})).into_response())
+}
+
+fn encode_cursor(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 2048 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }

@@ -496,6 +496,8 @@ pub struct Upload {
     accepted_at_ms: u64,
     record_buf: Vec<u8>,
     chunk_domains: Vec<(u32, Box<str>)>,
+    /// Recipients recorded as suppressed (not queued).
+    suppressed: u64,
 }
 
 /// Why an upload could not finish.
@@ -528,6 +530,7 @@ impl Upload {
             accepted_at_ms: crate::now_ms(),
             record_buf: Vec::with_capacity(256),
             chunk_domains: Vec::new(),
+            suppressed: 0,
         }
     }
 
@@ -544,8 +547,40 @@ impl Upload {
         self.len() == 0
     }
 
+    /// Recipients recorded as suppressed so far.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+
     /// Stages one validated recipient; writes a chunk when the batch is full.
-    pub async fn add(&mut self, r: &ValidRecipient<'_>) -> Result<(), UploadError> {
+    /// Adds a recipient. One on the suppression list for this campaign's From domain is recorded
+    /// as suppressed (so the campaign counts it) and never queued: the reason is returned.
+    pub async fn add(
+        &mut self,
+        r: &ValidRecipient<'_>,
+    ) -> Result<Option<crate::suppression::Reason>, UploadError> {
+        let from_domain = crate::address::domain_of(&self.campaign.record.from);
+        match self
+            .node
+            .suppressions
+            .check(r.address.as_str(), from_domain)
+        {
+            Some(reason) => {
+                self.add_in_state(r, JobState::Suppressed).await?;
+                Ok(Some(reason))
+            }
+            None => {
+                self.add_in_state(r, JobState::Queued).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn add_in_state(
+        &mut self,
+        r: &ValidRecipient<'_>,
+        state: JobState,
+    ) -> Result<(), UploadError> {
         if self.next_index == self.end_index {
             let start = self
                 .campaign
@@ -561,7 +596,7 @@ impl Upload {
             index,
         };
         let rec = JobRecord {
-            state: JobState::Queued,
+            state,
             upload: self.id,
             accepted_at_ms: self.accepted_at_ms,
             attempts: 0,
@@ -573,8 +608,12 @@ impl Upload {
         self.record_buf.clear();
         rec.encode_into(&mut self.record_buf);
         self.batch.put_job(id, &self.record_buf);
-        self.chunk_domains.push((index, r.address.domain().into()));
-        if self.chunk_domains.len() >= self.node.config.spool.ingest_batch {
+        if state == JobState::Queued {
+            self.chunk_domains.push((index, r.address.domain().into()));
+        } else {
+            self.suppressed += 1;
+        }
+        if self.batch.len() >= self.node.config.spool.ingest_batch {
             self.flush_chunk().await?;
         }
         Ok(())
@@ -649,7 +688,12 @@ impl Upload {
             .counts
             .queued
             .fetch_add(n as u64, Ordering::Relaxed);
+        self.campaign
+            .counts
+            .suppressed
+            .fetch_add(self.suppressed, Ordering::Relaxed);
         crate::metrics::RECIPIENTS_ACCEPTED.inc_by(n as u64);
+        crate::metrics::RECIPIENTS_SUPPRESSED.inc_by(self.suppressed);
         Ok(n)
     }
 }

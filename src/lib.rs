@@ -24,6 +24,10 @@
 //!   registry with state and per-state counts.
 //! * [`queue`]: the in-memory index of pending jobs per destination domain, 16 bytes a job, which
 //!   the delivery engine consumes.
+//! * [`suppression`]: suppression entries (global or per sending domain) stored in the
+//!   `suppressions` column family and mirrored in an in-memory index; checked by
+//!   [`ingest::Upload::add`] (suppressed recipients are recorded, never queued) and again by
+//!   delivery before each message.
 //! * [`node`]: one process's state (config, spool, registry, queue, parked jobs of paused
 //!   campaigns, suspended domains) and start-up recovery.
 //!
@@ -100,6 +104,7 @@ pub mod render;
 pub mod server;
 pub mod smtp;
 pub mod spool;
+pub mod suppression;
 pub mod template;
 pub mod tokens;
 

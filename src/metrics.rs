@@ -18,6 +18,14 @@ pub static RECIPIENTS_ACCEPTED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static RECIPIENTS_SUPPRESSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_recipients_suppressed_at_ingest_total",
+        "Recipients recorded but not queued at ingest because they are on a suppression list."
+    )
+    .expect("metric registers once")
+});
+
 pub static RECIPIENTS_REJECTED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "sluice_recipients_rejected_total",

@@ -31,6 +31,8 @@ pub struct Node {
     pub parked: Mutex<HashMap<u32, Vec<PendingJob>>>,
     /// Domains an operator suspended (runtime only; a restart resumes them).
     pub suspended: Mutex<std::collections::HashSet<String>>,
+    /// Suppressed addresses, loaded at recovery, consulted at ingest and before each delivery.
+    pub suppressions: crate::suppression::Suppressions,
     /// Message assembly: token keys, DKIM keys, configured addresses.
     pub assembler: crate::render::Assembler,
     ready: AtomicBool,
@@ -53,6 +55,7 @@ impl Node {
         let assembler = crate::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
             assembler,
+            suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
             config,
             spool,
@@ -79,6 +82,20 @@ impl Node {
                 reason,
             })?;
             campaigns.insert(seq, Campaign::new(seq, record, 0));
+        }
+        let mut bad = None;
+        self.spool.scan_suppressions(None, |k, v| {
+            match crate::suppression::Entry::decode(v) {
+                Ok(e) => self.suppressions.insert(&e),
+                Err(reason) => bad = Some((String::from_utf8_lossy(k).into_owned(), reason)),
+            }
+            bad.is_none()
+        })?;
+        if let Some((key, reason)) = bad {
+            return Err(SpoolError::Corrupt {
+                key: format!("suppression {key:?}"),
+                reason,
+            });
         }
         let mut queue = QueueIndex::new();
         let mut orphans = 0u64;

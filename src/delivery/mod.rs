@@ -30,7 +30,9 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use prometheus::{Histogram, IntCounterVec, register_histogram, register_int_counter_vec};
+use prometheus::{
+    Histogram, IntCounter, IntCounterVec, register_histogram, register_int_counter_vec,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,6 +80,14 @@ static ASSEMBLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         "sluice_message_assembly_seconds",
         "Time to render, build and DKIM-sign one message, including the wait for a free assembly slot. Rising values with flat signing time mean the CPU is saturated.",
         prometheus::exponential_buckets(0.00005, 2.0, 18).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
+
+static SUPPRESSED_AT_DELIVERY: LazyLock<IntCounter> = LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "sluice_recipients_suppressed_at_delivery_total",
+        "Queued recipients dropped just before delivery because a suppression was added after they were accepted."
     )
     .expect("metric registers once")
 });
@@ -684,6 +694,27 @@ impl Delivery {
                     continue;
                 }
                 CampaignState::Active => {}
+            }
+            // Checked again here: a suppression added after ingest stops queued mail.
+            let from_domain = crate::address::domain_of(&campaign.record.from);
+            if let Some(reason) = self.node.suppressions.check(rec.address, from_domain) {
+                let updated = JobRecord {
+                    state: JobState::Suppressed,
+                    last_response: reason.as_str(),
+                    ..rec
+                }
+                .encode();
+                let counts = &campaign.counts;
+                let _ = counts.slot(JobState::Queued, rec.attempts).fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |v| v.checked_sub(1),
+                );
+                counts.suppressed.fetch_add(1, Ordering::Relaxed);
+                SUPPRESSED_AT_DELIVERY.inc();
+                let _ = self.updates.send(Update::Job(job.id, updated)).await;
+                self.release(&job);
+                continue;
             }
             let age = crate::now_ms().saturating_sub(rec.accepted_at_ms);
             let expired = age >= self.config.delivery.max_age.as_millis() as u64;

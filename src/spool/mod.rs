@@ -187,6 +187,22 @@ impl SpoolBatch {
         self.batch.delete_cf(cf, upload_key(upload));
     }
 
+    pub fn put_suppression(&mut self, key: &[u8], value: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(CF_SUPPRESSIONS)
+            .expect("column families are created at open");
+        self.batch.put_cf(cf, key, value);
+    }
+
+    pub fn delete_suppression(&mut self, key: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(CF_SUPPRESSIONS)
+            .expect("column families are created at open");
+        self.batch.delete_cf(cf, key);
+    }
+
     pub fn put_idempotency(&mut self, key: &[u8], value: &[u8]) {
         let cf = self
             .db
@@ -351,6 +367,42 @@ impl Spool {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Reads one suppression record. Blocking.
+    pub fn get_suppression(&self, key: &[u8]) -> Result<Option<Vec<u8>>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_SUPPRESSIONS)
+            .expect("column families are created at open");
+        Ok(self.db.get_cf(cf, key)?)
+    }
+
+    /// Suppression records in key order, starting after `after` (exclusive; `None`: from the
+    /// first), visiting each until `visit` returns false. Blocking.
+    pub fn scan_suppressions(
+        &self,
+        after: Option<&[u8]>,
+        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_SUPPRESSIONS)
+            .expect("column families are created at open");
+        let mode = match after {
+            Some(k) => IteratorMode::From(k, rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        for item in self.db.iterator_cf(cf, mode) {
+            let (k, v) = item?;
+            if after.is_some_and(|a| a == &k[..]) {
+                continue;
+            }
+            if !visit(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Reads every campaign record: `(sequence, encoded record)` in sequence order. Blocking.

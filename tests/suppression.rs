@@ -1,0 +1,348 @@
+//! Suppression lists end to end: the API (put, get, list with cursors, delete), persistence
+//! across a restart, the check at ingest (reported in the 202, never queued) and the check just
+//! before delivery (a suppression added after ingest stops queued mail).
+
+mod common;
+
+use std::time::Duration;
+
+use common::sink::{Sink, SinkOptions};
+use common::{KEY, client, config, start, url};
+use serde_json::{Value, json};
+use sluice::config::Route;
+
+async fn call(
+    addr: std::net::SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = client().request(method, url(addr, path)).bearer_auth(KEY);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+use reqwest::Method;
+
+#[tokio::test]
+async fn api_puts_gets_lists_deletes_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path())).await;
+    let a = node.http_addr;
+
+    let (s, b) = call(a, Method::PUT, "/v1/suppressions/Ann@Example.ORG", None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["address"], "ann@example.org");
+    assert_eq!(
+        (b["scope"].as_str(), b["reason"].as_str()),
+        (Some("*"), Some("manual"))
+    );
+    let body = json!({"reason": "unsubscribe", "scope": "News.Example.com", "source": "crm"});
+    let (s, b) = call(
+        a,
+        Method::PUT,
+        "/v1/suppressions/ann@example.org",
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["scope"], "news.example.com");
+    for (i, addr) in ["b@example.org", "c@example.org", "d@example.org"]
+        .iter()
+        .enumerate()
+    {
+        let reason = if i == 1 { "complaint" } else { "hard_bounce" };
+        let (s, _) = call(
+            a,
+            Method::PUT,
+            &format!("/v1/suppressions/{addr}"),
+            Some(json!({ "reason": reason })),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+
+    let (s, b) = call(a, Method::GET, "/v1/suppressions/ann@example.org", None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["entries"].as_array().unwrap().len(), 2, "{b}");
+
+    // Pages of two, following the cursor; then a reason filter.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/suppressions?limit=2&cursor={c}"),
+            None => "/v1/suppressions?limit=2".to_owned(),
+        };
+        let (s, b) = call(a, Method::GET, &path, None).await;
+        assert_eq!(s, 200, "{b}");
+        for e in b["items"].as_array().unwrap() {
+            seen.push(format!(
+                "{}|{}",
+                e["scope"].as_str().unwrap(),
+                e["address"].as_str().unwrap()
+            ));
+        }
+        match b["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            "*|ann@example.org",
+            "*|b@example.org",
+            "*|c@example.org",
+            "*|d@example.org",
+            "news.example.com|ann@example.org"
+        ]
+    );
+    let (_, b) = call(a, Method::GET, "/v1/suppressions?reason=hard_bounce", None).await;
+    assert_eq!(b["items"].as_array().unwrap().len(), 2, "{b}");
+
+    // Bad input names the field.
+    for (method, path, body, field) in [
+        (
+            Method::PUT,
+            "/v1/suppressions/not-an-address",
+            None,
+            "address",
+        ),
+        (
+            Method::PUT,
+            "/v1/suppressions/x@example.org",
+            Some(json!({"reason": "bored"})),
+            "reason",
+        ),
+        (
+            Method::PUT,
+            "/v1/suppressions/x@example.org",
+            Some(json!({"scope": "no such scope"})),
+            "scope",
+        ),
+        (
+            Method::PUT,
+            "/v1/suppressions/x@example.org",
+            Some(json!({"why": 1})),
+            "why",
+        ),
+        (Method::GET, "/v1/suppressions?limit=0", None, "limit"),
+        (Method::GET, "/v1/suppressions?cursor=zz", None, "cursor"),
+        (
+            Method::GET,
+            "/v1/suppressions/nobody@example.org",
+            None,
+            "address",
+        ),
+    ] {
+        let (s, b) = call(a, method, path, body).await;
+        assert!((400..500).contains(&s), "{path}: {s} {b}");
+        assert_eq!(b["error"]["field"], field, "{path}: {b}");
+    }
+
+    let (s, b) = call(
+        a,
+        Method::DELETE,
+        "/v1/suppressions/ann@example.org?scope=news.example.com",
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["deleted"], json!(["news.example.com"]));
+    let (s, _) = call(a, Method::DELETE, "/v1/suppressions/b@example.org", None).await;
+    assert_eq!(s, 200);
+    let (s, _) = call(a, Method::DELETE, "/v1/suppressions/b@example.org", None).await;
+    assert_eq!(s, 404);
+
+    node.shutdown().await;
+    let node = start(config(dir.path())).await;
+    assert_eq!(
+        node.node.suppressions.len(),
+        3,
+        "ann, c and d survive the restart"
+    );
+    assert_eq!(
+        node.node
+            .suppressions
+            .check("ann@example.org", "anything.example"),
+        Some(sluice::suppression::Reason::Manual)
+    );
+    assert_eq!(
+        node.node.suppressions.check("b@example.org", "x.example"),
+        None
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn ingest_reports_suppressed_recipients_and_queues_none_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path())).await;
+    let a = node.http_addr;
+    call(
+        a,
+        Method::PUT,
+        "/v1/suppressions/gone@example.org",
+        Some(json!({"reason": "hard_bounce"})),
+    )
+    .await;
+    call(
+        a,
+        Method::PUT,
+        "/v1/suppressions/unsub@example.org",
+        Some(json!({"reason": "unsubscribe", "scope": "example.com"})),
+    )
+    .await;
+    let campaign = |from: &str| {
+        json!({"from": from, "subject": "s", "text": "t", "recipients": [
+            {"email": "ok@example.org"}, {"email": "Gone@example.org"}, {"email": "unsub@example.org"}]})
+    };
+    let (s, b) = call(
+        a,
+        Method::POST,
+        "/v1/campaigns",
+        Some(campaign("news@example.com")),
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(b["accepted"], 1, "{b}");
+    assert_eq!(b["suppressed_count"], 2, "{b}");
+    assert_eq!(
+        b["suppressed"],
+        json!([
+            {"index": 1, "email": "Gone@example.org", "reason": "hard_bounce"},
+            {"index": 2, "email": "unsub@example.org", "reason": "unsubscribe"}
+        ])
+    );
+    let id = b["id"].as_str().unwrap().to_owned();
+    // The unsubscribe was for example.com only: another sending domain may still mail them.
+    let (_, b) = call(
+        a,
+        Method::POST,
+        "/v1/campaigns",
+        Some(campaign("shop@other.example")),
+    )
+    .await;
+    assert_eq!(
+        (b["accepted"].as_u64(), b["suppressed_count"].as_u64()),
+        (Some(2), Some(1)),
+        "{b}"
+    );
+    assert_eq!(node.node.queue.lock().unwrap().len(), 3);
+
+    // NDJSON uploads are checked the same way.
+    let r = client()
+        .post(url(a, &format!("/v1/campaigns/{id}/recipients")))
+        .bearer_auth(KEY)
+        .header("content-type", "application/x-ndjson")
+        .body("{\"email\":\"gone@example.org\"}\n{\"email\":\"new@example.org\"}\n")
+        .send()
+        .await
+        .unwrap();
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(
+        (b["accepted"].as_u64(), b["suppressed_count"].as_u64()),
+        (Some(1), Some(1)),
+        "{b}"
+    );
+    assert_eq!(b["suppressed"][0]["index"], 0);
+
+    let (_, got) = call(a, Method::GET, &format!("/v1/campaigns/{id}"), None).await;
+    assert_eq!(
+        (
+            got["counts"]["queued"].as_u64(),
+            got["counts"]["suppressed"].as_u64()
+        ),
+        (Some(2), Some(3)),
+        "{got}"
+    );
+    node.shutdown().await;
+    // Counts are derived from the job records at recovery: suppressed ones included.
+    let node = start(config(dir.path())).await;
+    let (_, got) = call(
+        node.http_addr,
+        Method::GET,
+        &format!("/v1/campaigns/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (
+            got["counts"]["queued"].as_u64(),
+            got["counts"]["suppressed"].as_u64()
+        ),
+        (Some(2), Some(3)),
+        "{got}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_suppression_added_after_ingest_stops_queued_mail() {
+    // stop@ is deferred on its first attempt and would be accepted on the next one.
+    let sink = Sink::start(SinkOptions {
+        rcpt: std::sync::Arc::new(|rcpt, n| {
+            if rcpt == "stop@sink.test" && n == 0 {
+                "451 4.3.0 try later".to_owned()
+            } else {
+                "250 2.1.5 ok".to_owned()
+            }
+        }),
+        ..SinkOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.delivery.enabled = true;
+    cfg.delivery.retry_initial = Duration::from_secs(1);
+    cfg.delivery.retry_max = Duration::from_secs(1);
+    cfg.routes.push(Route {
+        domain: "sink.test".into(),
+        relay: sink.addr.to_string(),
+    });
+    let node = start(cfg).await;
+    let a = node.http_addr;
+    let body = json!({"from": "news@example.com", "subject": "s", "text": "t",
+                      "recipients": [{"email": "keep@sink.test"}, {"email": "stop@sink.test"}]});
+    let (s, b) = call(a, Method::POST, "/v1/campaigns", Some(body)).await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["id"].as_str().unwrap().to_owned();
+    let counts = |want: &'static dyn Fn(&Value) -> bool| {
+        let id = id.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let (_, got) = call(a, Method::GET, &format!("/v1/campaigns/{id}"), None).await;
+                if want(&got["counts"]) {
+                    return got["counts"].clone();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "counts never matched: {got}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    counts(&|c| c["delivered"] == 1 && c["deferred"] == 1).await;
+    let (s, _) = call(a, Method::PUT, "/v1/suppressions/stop@sink.test", None).await;
+    assert_eq!(s, 200);
+    let c = counts(&|c| c["deferred"] == 0).await;
+    assert_eq!(
+        (c["delivered"].as_u64(), c["suppressed"].as_u64()),
+        (Some(1), Some(1)),
+        "{c}"
+    );
+    assert!(
+        sink.messages()
+            .iter()
+            .all(|m| m.rcpts != ["stop@sink.test"]),
+        "a suppressed recipient got mail"
+    );
+    node.shutdown().await;
+}
