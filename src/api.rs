@@ -182,6 +182,7 @@ pub fn router(node: Arc<Node>) -> Router {
                 )
             }),
         )
+        .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
         .nest("/v1", v1)
         .layer(middleware::from_fn(observe))
         .with_state(state)
@@ -1179,6 +1180,8 @@ async fn put_suppression(
         reason,
         created_at_ms: now_ms(),
         source: Some(req.source.unwrap_or_else(|| "api".into())),
+        campaign: None,
+        job: None,
     };
     let mut batch = node.spool.batch();
     batch.put_suppression(&entry.key(), &entry.encode());
@@ -1316,4 +1319,129 @@ fn decode_cursor(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+// --- One-click unsubscribe (RFC 8058) ---------------------------------------------------------
+
+/// The recipient, sending domain and campaign an unsubscribe token names, if it authenticates
+/// and its job still exists.
+async fn unsubscribe_target(
+    node: &Arc<Node>,
+    token: &str,
+) -> Result<(String, Arc<Campaign>, crate::spool::JobId), Response> {
+    let not_found = || {
+        (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "This unsubscribe link is not valid.\n",
+        )
+            .into_response()
+    };
+    if !node.is_ready() {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            "Starting up; try again in a few seconds.\n",
+        )
+            .into_response());
+    }
+    let Some(job) = node
+        .assembler
+        .tokens()
+        .verify(crate::tokens::Purpose::Unsubscribe, token)
+    else {
+        return Err(not_found());
+    };
+    let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
+        return Err(not_found());
+    };
+    let read = Arc::clone(node);
+    let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let address = bytes
+        .as_deref()
+        .and_then(|b| crate::spool::JobRecord::decode(b).ok())
+        .map(|r| r.address.to_lowercase());
+    match address {
+        Some(a) => Ok((a, campaign, job)),
+        None => Err(not_found()),
+    }
+}
+
+/// `GET /u/{token}`: a plain page with a button that POSTs, so link scanners that follow GETs
+/// unsubscribe no one.
+async fn unsubscribe_page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
+    let (address, campaign, _) = match unsubscribe_target(&s.node, &token).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let domain = crate::address::domain_of(&campaign.record.from);
+    let esc = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Unsubscribe</title></head>\
+         <body><p>Stop mail from {domain} to {address}?</p>\
+         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form></body></html>\n",
+        domain = esc(domain),
+        address = esc(&address),
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        html,
+    )
+        .into_response()
+}
+
+/// `POST /u/{token}`: RFC 8058 one-click unsubscribe (the body, `List-Unsubscribe=One-Click` or
+/// the page's empty form, is not needed). Suppresses the recipient for the campaign's From
+/// domain; idempotent: a repeat changes nothing and answers the same.
+async fn unsubscribe(State(s): State<AppState>, Path(token): Path<String>) -> Response {
+    let node = &s.node;
+    let (address, campaign, job) = match unsubscribe_target(node, &token).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
+    let done = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{address} is unsubscribed from {scope}.\n"),
+    );
+    if node.suppressions.scopes(&address).contains(&scope) {
+        return done.into_response();
+    }
+    let entry = crate::suppression::Entry {
+        address,
+        scope,
+        reason: crate::suppression::Reason::Unsubscribe,
+        created_at_ms: now_ms(),
+        source: Some("unsubscribe".into()),
+        campaign: Some(campaign.record.id),
+        job: Some(job.to_string()),
+    };
+    let mut batch = node.spool.batch();
+    batch.put_suppression(&entry.key(), &entry.encode());
+    if let Err(e) = node
+        .spool
+        .write(batch, crate::spool::Durability::Sync)
+        .await
+    {
+        return ApiError::from(e).into_response();
+    }
+    // Two clicks at once both write the same record; only the first to reach the index counts.
+    if node.suppressions.insert(&entry) {
+        campaign
+            .counts
+            .unsubscribed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    done.into_response()
 }

@@ -27,7 +27,9 @@
 //! * [`suppression`]: suppression entries (global or per sending domain) stored in the
 //!   `suppressions` column family and mirrored in an in-memory index; checked by
 //!   [`ingest::Upload::add`] (suppressed recipients are recorded, never queued) and again by
-//!   delivery before each message.
+//!   delivery before each message. [`api`] also serves `/u/{token}`, the one-click unsubscribe
+//!   that adds an entry scoped to the campaign's From domain. Entries that name a campaign are
+//!   counted back into its `unsubscribed`/`complained` at recovery (those counts are not stored).
 //! * [`node`]: one process's state (config, spool, registry, queue, parked jobs of paused
 //!   campaigns, suspended domains) and start-up recovery.
 //!

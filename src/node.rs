@@ -84,9 +84,16 @@ impl Node {
             campaigns.insert(seq, Campaign::new(seq, record, 0));
         }
         let mut bad = None;
+        // Unsubscribes and complaints per campaign, counted back into its counts below.
+        let mut feedback: HashMap<(uuid::Uuid, crate::suppression::Reason), u64> = HashMap::new();
         self.spool.scan_suppressions(None, |k, v| {
             match crate::suppression::Entry::decode(v) {
-                Ok(e) => self.suppressions.insert(&e),
+                Ok(e) => {
+                    if let Some(c) = e.campaign {
+                        *feedback.entry((c, e.reason)).or_default() += 1;
+                    }
+                    self.suppressions.insert(&e);
+                }
                 Err(reason) => bad = Some((String::from_utf8_lossy(k).into_owned(), reason)),
             }
             bad.is_none()
@@ -129,6 +136,19 @@ impl Node {
             tracing::warn!(orphans, "jobs without a campaign record were left alone");
         }
         let n_campaigns = campaigns.len();
+        for campaign in campaigns.values() {
+            let id = campaign.record.id;
+            let get = |r| feedback.get(&(id, r)).copied().unwrap_or(0);
+            let c = &campaign.counts;
+            c.unsubscribed.store(
+                get(crate::suppression::Reason::Unsubscribe),
+                Ordering::Relaxed,
+            );
+            c.complained.store(
+                get(crate::suppression::Reason::Complaint),
+                Ordering::Relaxed,
+            );
+        }
         for (_, campaign) in campaigns {
             self.campaigns.insert(Arc::new(campaign));
         }

@@ -60,9 +60,16 @@ pub struct Entry {
     pub scope: String,
     pub reason: Reason,
     pub created_at_ms: u64,
-    /// What caused it: a campaign and job, an import, an operator.
+    /// What caused it: `api`, `unsubscribe`, an import, an operator's note.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The campaign whose message led to it (unsubscribe, bounce, complaint). Recovery counts
+    /// these back into the campaign's `unsubscribed` and `complained`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<uuid::Uuid>,
+    /// The job (`campaign-seq.index`) whose message led to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 impl Entry {
@@ -138,13 +145,20 @@ impl Suppressions {
             .map(|(_, reason)| *reason)
     }
 
-    /// Adds or replaces `entry` (after it is persisted).
-    pub fn insert(&self, entry: &Entry) {
+    /// Adds or replaces `entry` (after it is persisted). True when the address was not
+    /// suppressed in that scope before.
+    pub fn insert(&self, entry: &Entry) -> bool {
         let mut index = self.index.write().expect("suppression index lock");
         let scopes = index.entry(entry.address.as_str().into()).or_default();
         match scopes.iter_mut().find(|(s, _)| **s == *entry.scope) {
-            Some(slot) => slot.1 = entry.reason,
-            None => scopes.push((entry.scope.as_str().into(), entry.reason)),
+            Some(slot) => {
+                slot.1 = entry.reason;
+                false
+            }
+            None => {
+                scopes.push((entry.scope.as_str().into(), entry.reason));
+                true
+            }
         }
     }
 
@@ -190,6 +204,8 @@ mod tests {
             reason,
             created_at_ms: 1,
             source: None,
+            campaign: None,
+            job: None,
         }
     }
 

@@ -346,3 +346,101 @@ async fn a_suppression_added_after_ingest_stops_queued_mail() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn one_click_unsubscribe_suppresses_for_the_sending_domain_once() {
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let make_config = || {
+        let mut cfg = config(dir.path());
+        cfg.delivery.enabled = true;
+        cfg.routes.push(Route {
+            domain: "sink.test".into(),
+            relay: sink.addr.to_string(),
+        });
+        cfg
+    };
+    let node = start(make_config()).await;
+    let a = node.http_addr;
+    let body = json!({"from": "news@example.com", "subject": "s", "text": "t",
+                      "recipients": [{"email": "Reader@sink.test"}]});
+    let (_, b) = call(a, Method::POST, "/v1/campaigns", Some(body.clone())).await;
+    let id = b["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sink.messages().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "not delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let data = sink.messages()[0].data.clone();
+    let token = data
+        .split("List-Unsubscribe: <")
+        .nth(1)
+        .and_then(|r| r.split('>').next())
+        .and_then(|u| u.rsplit('/').next())
+        .expect("List-Unsubscribe URL")
+        .to_owned();
+
+    // GET shows a page and changes nothing; POST unsubscribes, and again changes nothing.
+    let page = client()
+        .get(url(a, &format!("/u/{token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("method=\"post\"") && html.contains("reader@sink.test"),
+        "{html}"
+    );
+    assert_eq!(
+        node.node
+            .suppressions
+            .check("reader@sink.test", "example.com"),
+        None
+    );
+    for _ in 0..2 {
+        let r = client()
+            .post(url(a, &format!("/u/{token}")))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("List-Unsubscribe=One-Click")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let (_, got) = call(a, Method::GET, &format!("/v1/campaigns/{id}"), None).await;
+    assert_eq!(got["counts"]["unsubscribed"], 1, "{got}");
+    let (_, e) = call(a, Method::GET, "/v1/suppressions/reader@sink.test", None).await;
+    assert_eq!(e["entries"][0]["reason"], "unsubscribe", "{e}");
+    assert_eq!(e["entries"][0]["scope"], "example.com", "{e}");
+    assert_eq!(e["entries"][0]["campaign"], id.as_str(), "{e}");
+
+    // Forged, mistyped or other-purpose tokens are refused.
+    let trace = node.node.assembler.tokens().issue(
+        sluice::tokens::Purpose::Trace,
+        sluice::spool::JobId {
+            campaign: 1,
+            index: 0,
+        },
+    );
+    let last = if token.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{last}", &token[..31]);
+    for bad in [forged.as_str(), trace.as_str(), "nope"] {
+        let r = client()
+            .post(url(a, &format!("/u/{bad}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{bad}");
+    }
+
+    // After a restart the count is rebuilt and the next campaign from example.com skips them.
+    node.shutdown().await;
+    let node = start(make_config()).await;
+    let a = node.http_addr;
+    let (_, got) = call(a, Method::GET, &format!("/v1/campaigns/{id}"), None).await;
+    assert_eq!(got["counts"]["unsubscribed"], 1, "{got}");
+    let (_, b) = call(a, Method::POST, "/v1/campaigns", Some(body)).await;
+    assert_eq!(b["suppressed"][0]["reason"], "unsubscribe", "{b}");
+    node.shutdown().await;
+}
