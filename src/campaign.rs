@@ -159,6 +159,12 @@ impl Counts {
         }
     }
 
+    /// Moves one recipient from one counter to another (never below zero).
+    pub fn shift(&self, from: &AtomicU64, to: &AtomicU64) {
+        let _ = from.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        to.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> CountsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CountsSnapshot {

@@ -396,19 +396,26 @@ pub fn check_recipient<'a>(
     let vars = match vars {
         Some(raw) if raw.get() != "null" => {
             let text = raw.get();
-            check_vars(text, rules, limits).map_err(|e| (Some(email.clone()), e))?;
-            text
+            let map = check_vars(text, rules, limits).map_err(|e| (Some(email.clone()), e))?;
+            (text, map)
         }
-        _ => "",
+        _ => ("", None),
     };
+    let (vars, map) = vars;
     if let Some(c) = &rules.compiled {
-        crate::render::check_vars(c, vars)
+        crate::render::check_vars(c, vars, map.as_ref())
             .map_err(|e| (Some(email), FieldError::new(e.field, e.message)))?;
     }
     Ok(ValidRecipient { address, vars })
 }
 
-fn check_vars(text: &str, rules: &RecipientRules, limits: &LimitsConfig) -> Result<(), FieldError> {
+/// Checks size, shape and header variables; returns the top-level map when it had to parse it,
+/// so the template check does not parse it again.
+fn check_vars<'a>(
+    text: &'a str,
+    rules: &RecipientRules,
+    limits: &LimitsConfig,
+) -> Result<Option<crate::render::VarsMap<'a>>, FieldError> {
     if text.len() > limits.max_vars_bytes {
         return Err(FieldError::new(
             "vars",
@@ -419,12 +426,14 @@ fn check_vars(text: &str, rules: &RecipientRules, limits: &LimitsConfig) -> Resu
         return Err(FieldError::new("vars", "must be a JSON object"));
     }
     if rules.header_vars.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let map: BTreeMap<String, &RawValue> = serde_json::from_str(text)
+    let map: crate::render::VarsMap<'a> = serde_json::from_str(text)
         .map_err(|e| FieldError::new("vars", format!("must be a JSON object: {e}")))?;
     for name in &rules.header_vars {
-        let Some(raw) = map.get(name) else { continue };
+        let Some(raw) = map.get(name.as_str()) else {
+            continue;
+        };
         // Only strings can carry a line break; escapes such as \n or \u000a decode here.
         if raw.get().contains('\\') {
             let value: serde_json::Value = serde_json::from_str(raw.get())
@@ -437,7 +446,7 @@ fn check_vars(text: &str, rules: &RecipientRules, limits: &LimitsConfig) -> Resu
             }
         }
     }
-    Ok(())
+    Ok(Some(map))
 }
 
 fn has_line_break(v: &serde_json::Value) -> bool {

@@ -120,11 +120,20 @@ fn parse_vars(vars_json: &str) -> Result<minijinja::Value, String> {
     Ok(minijinja::Value::from_serialize(&vars))
 }
 
+/// A recipient's variables split at the top level, values left as JSON text.
+pub type VarsMap<'a> =
+    std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>;
+
 /// Renders every part of `compiled` with `vars_json` and throws the output away: the ingest check
 /// that these variables render (strict undefined, types) and keep the subject on one line.
-pub fn check_vars(compiled: &Compiled, vars_json: &str) -> Result<(), VarsError> {
+/// `parsed` is `vars_json` already split by the caller, if it did so.
+pub fn check_vars(
+    compiled: &Compiled,
+    vars_json: &str,
+    parsed: Option<&VarsMap<'_>>,
+) -> Result<(), VarsError> {
     if let Some((all, subject)) = &compiled.bare
-        && bare_vars_present(all, subject, vars_json)
+        && bare_vars_present(all, subject, vars_json, parsed)
     {
         return Ok(());
     }
@@ -160,17 +169,28 @@ pub fn check_vars(compiled: &Compiled, vars_json: &str) -> Result<(), VarsError>
 /// when every name is present. Only says yes; anything doubtful (a missing name, an escape in a
 /// subject value that might be a line break, unparsable JSON) goes to a real render, which
 /// produces the error message.
-fn bare_vars_present(all: &BTreeSet<String>, subject: &BTreeSet<String>, vars_json: &str) -> bool {
+fn bare_vars_present(
+    all: &BTreeSet<String>,
+    subject: &BTreeSet<String>,
+    vars_json: &str,
+    parsed: Option<&VarsMap<'_>>,
+) -> bool {
     if all.is_empty() {
         return true;
     }
     if vars_json.is_empty() {
         return false;
     }
-    let Ok(map) = serde_json::from_str::<
-        std::collections::HashMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue>,
-    >(vars_json) else {
-        return false;
+    let parsed_here;
+    let map = match parsed {
+        Some(m) => m,
+        None => match serde_json::from_str::<VarsMap<'_>>(vars_json) {
+            Ok(m) => {
+                parsed_here = m;
+                &parsed_here
+            }
+            Err(_) => return false,
+        },
     };
     all.iter().all(|name| {
         map.get(name.as_str())
@@ -573,17 +593,17 @@ mod tests {
     fn check_vars_names_the_missing_variable() {
         let rec = record();
         let c = compile(&rec).unwrap();
-        assert_eq!(check_vars(&c, r#"{"name":"Ann"}"#), Ok(()));
-        let e = check_vars(&c, "").unwrap_err();
+        assert_eq!(check_vars(&c, r#"{"name":"Ann"}"#, None), Ok(()));
+        let e = check_vars(&c, "", None).unwrap_err();
         assert_eq!(e.field, "vars.name");
         assert!(e.message.contains("subject"), "{e:?}");
         let mut rec = record();
         rec.text = Some("{% for i in items %}{{ i }}{% endfor %}".into());
         let c = compile(&rec).unwrap();
-        let e = check_vars(&c, r#"{"name":"Ann","items":3}"#).unwrap_err();
+        let e = check_vars(&c, r#"{"name":"Ann","items":3}"#, None).unwrap_err();
         assert_eq!(e.field, "vars");
         assert!(e.message.contains("text template"), "{e:?}");
-        let e = check_vars(&c, r#"{"name":"a\nBcc: x","items":[]}"#).unwrap_err();
+        let e = check_vars(&c, r#"{"name":"a\nBcc: x","items":[]}"#, None).unwrap_err();
         assert!(e.message.contains("line break"), "{e:?}");
     }
 }

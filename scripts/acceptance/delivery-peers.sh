@@ -20,7 +20,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+# shellcheck source=../lib/peers.sh
+source "$root/scripts/lib/peers.sh"
 
 # --- DNS -------------------------------------------------------------------------------------
 mkdir -p "$work/nsd"
@@ -49,28 +50,8 @@ tempfail     MX   10 mx4
 reject       MX   10 mx5
 drop         MX   10 mx6
 ZONE
-cat >"$work/nsd/nsd.conf" <<CONF
-server:
-  ip-address: 127.0.0.1@5353
-  do-ip6: no
-  username: ""
-  chroot: ""
-  zonesdir: "$work/nsd"
-  pidfile: "$work/nsd/nsd.pid"
-  xfrdfile: "$work/nsd/xfrd.state"
-  zonelistfile: "$work/nsd/zone.list"
-  database: ""
-  logfile: "$work/nsd/nsd.log"
-  verbosity: 1
-remote-control:
-  control-enable: no
-zone:
-  name: sluice.test
-  zonefile: sluice.test.zone
-CONF
 port_free 127.0.0.1 5353 || { echo "delivery-peers: 127.0.0.1:5353 is busy" >&2; exit 1; }
-nsd -d -c "$work/nsd/nsd.conf" &
-pids+=($!)
+start_nsd "$work/nsd" sluice.test 5353
 for _ in $(seq 1 50); do
   dig +short +time=1 +tries=1 @127.0.0.1 -p 5353 MX pref.sluice.test | grep -q mx1 && break
   sleep 0.1

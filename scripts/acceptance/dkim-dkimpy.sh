@@ -22,7 +22,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+# shellcheck source=../lib/peers.sh
+source "$root/scripts/lib/peers.sh"
 dns_port=5354
 sink_port=12525
 api=127.0.0.1:18026
@@ -53,27 +54,7 @@ s1._domainkey.rsa TXT $(txt "v=DKIM1; k=rsa; p=$(rsa_pub "$work/keys/rsa.pem")")
 r1._domainkey.dual TXT $(txt "v=DKIM1; k=rsa; p=$(rsa_pub "$work/keys/rsa2.pem")")
 e1._domainkey.dual TXT $(txt "v=DKIM1; k=ed25519; p=$(ed_pub "$work/keys/ed.pem")")
 ZONE
-cat >"$work/nsd/nsd.conf" <<CONF
-server:
-  ip-address: 127.0.0.1@$dns_port
-  do-ip6: no
-  username: ""
-  chroot: ""
-  zonesdir: "$work/nsd"
-  pidfile: "$work/nsd/nsd.pid"
-  xfrdfile: "$work/nsd/xfrd.state"
-  zonelistfile: "$work/nsd/zone.list"
-  database: ""
-  logfile: "$work/nsd/nsd.log"
-  verbosity: 1
-remote-control:
-  control-enable: no
-zone:
-  name: dkim.test
-  zonefile: dkim.test.zone
-CONF
-nsd -d -c "$work/nsd/nsd.conf" &
-pids+=($!)
+start_nsd "$work/nsd" dkim.test $dns_port
 for _ in $(seq 1 50); do
   dig +short +time=1 +tries=1 @127.0.0.1 -p $dns_port TXT e1._domainkey.dual.dkim.test | grep -q DKIM1 && break
   sleep 0.1

@@ -24,7 +24,6 @@ pub mod log;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -195,6 +194,8 @@ struct Prepared {
     job: PendingJob,
     campaign: Arc<Campaign>,
     bytes: Vec<u8>,
+    /// The VERP envelope sender, computed once for the attempt and its log record.
+    sender: String,
 }
 
 pub struct Delivery {
@@ -684,13 +685,8 @@ impl Delivery {
                     continue;
                 }
                 CampaignState::Cancelled => {
-                    let updated = JobRecord {
-                        state: JobState::Cancelled,
-                        ..rec
-                    }
-                    .encode();
-                    let _ = self.updates.send(Update::Job(job.id, updated)).await;
-                    self.release(&job);
+                    let last = rec.last_response;
+                    self.end_unsent(&job, rec, JobState::Cancelled, last).await;
                     continue;
                 }
                 CampaignState::Active => {}
@@ -698,31 +694,28 @@ impl Delivery {
             // Checked again here: a suppression added after ingest stops queued mail.
             let from_domain = crate::address::domain_of(&campaign.record.from);
             if let Some(reason) = self.node.suppressions.check(rec.address, from_domain) {
-                let updated = JobRecord {
-                    state: JobState::Suppressed,
-                    last_response: reason.as_str(),
-                    ..rec
-                }
-                .encode();
                 let counts = &campaign.counts;
-                let _ = counts.slot(JobState::Queued, rec.attempts).fetch_update(
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                    |v| v.checked_sub(1),
+                counts.shift(
+                    counts.slot(JobState::Queued, rec.attempts),
+                    &counts.suppressed,
                 );
-                counts.suppressed.fetch_add(1, Ordering::Relaxed);
                 SUPPRESSED_AT_DELIVERY.inc();
-                let _ = self.updates.send(Update::Job(job.id, updated)).await;
-                self.release(&job);
+                self.end_unsent(&job, rec, JobState::Suppressed, reason.as_str())
+                    .await;
                 continue;
             }
             let age = crate::now_ms().saturating_sub(rec.accepted_at_ms);
             let expired = age >= self.config.delivery.max_age.as_millis() as u64;
             let last = rec.last_response.to_owned();
+            let sender = self
+                .node
+                .assembler
+                .envelope_sender(&campaign.record, job.id);
             let p = Prepared {
                 job,
                 campaign,
                 bytes,
+                sender,
             };
             if expired {
                 self.finish(&p, outcome::expired(&last), None, 0).await;
@@ -746,6 +739,24 @@ impl Delivery {
         for j in jobs {
             queue.push_back(PendingJob { due_ms, ..j });
         }
+    }
+
+    /// Ends a popped job without sending it: records its final `state` and lets it go.
+    async fn end_unsent<'a>(
+        &self,
+        job: &PendingJob,
+        rec: JobRecord<'a>,
+        state: JobState,
+        last_response: &'a str,
+    ) {
+        let updated = JobRecord {
+            state,
+            last_response,
+            ..rec
+        }
+        .encode();
+        let _ = self.updates.send(Update::Job(job.id, updated)).await;
+        self.release(job);
     }
 
     /// A popped job leaves the engine for good (final state, or nothing to do).
@@ -791,9 +802,8 @@ impl Delivery {
             return self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
         }
         let recipients = [rec.address];
-        let sender = self.node.assembler.envelope_sender(record, p.job.id);
         let env = Envelope {
-            sender: &sender,
+            sender: &p.sender,
             recipients: &recipients,
             smtputf8,
             eight_bit: rendered.eight_bit,
@@ -912,8 +922,7 @@ impl Delivery {
         } else {
             counts.slot(JobState::Queued, rec.attempts)
         };
-        let _ = from.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-        counts.slot(state, attempt).fetch_add(1, Ordering::Relaxed);
+        counts.shift(from, counts.slot(state, attempt));
         {
             let mut queue = self.node.queue.lock().expect("queue lock");
             if state == JobState::Queued {
@@ -945,10 +954,7 @@ impl Delivery {
             campaign: p.campaign.record.id.to_string(),
             job: p.job.id.to_string(),
             recipient: rec.address.to_owned(),
-            sender: self
-                .node
-                .assembler
-                .envelope_sender(&p.campaign.record, p.job.id),
+            sender: p.sender.clone(),
             dsn_action: action,
             dsn_status: o.status.to_string(),
             reply_code: o.code,
