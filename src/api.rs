@@ -1182,13 +1182,19 @@ async fn put_suppression(
         source: Some(req.source.unwrap_or_else(|| "api".into())),
         campaign: None,
         job: None,
+        category: None,
+        detail: None,
     };
     let mut batch = node.spool.batch();
     batch.put_suppression(&entry.key(), &entry.encode());
     node.spool
         .write(batch, crate::spool::Durability::Sync)
         .await?;
-    node.suppressions.insert(&entry);
+    if node.suppressions.insert(&entry) {
+        crate::suppression::ADDED
+            .with_label_values(&[entry.reason.as_str()])
+            .inc();
+    }
     Ok(axum::Json(json!(entry)).into_response())
 }
 
@@ -1426,6 +1432,8 @@ async fn unsubscribe(State(s): State<AppState>, Path(token): Path<String>) -> Re
         source: Some("unsubscribe".into()),
         campaign: Some(campaign.record.id),
         job: Some(job.to_string()),
+        category: None,
+        detail: None,
     };
     let mut batch = node.spool.batch();
     batch.put_suppression(&entry.key(), &entry.encode());
@@ -1438,6 +1446,9 @@ async fn unsubscribe(State(s): State<AppState>, Path(token): Path<String>) -> Re
     }
     // Two clicks at once both write the same record; only the first to reach the index counts.
     if node.suppressions.insert(&entry) {
+        crate::suppression::ADDED
+            .with_label_values(&[entry.reason.as_str()])
+            .inc();
         campaign
             .counts
             .unsubscribed

@@ -87,6 +87,27 @@ pub struct BounceConfig {
     /// Local part in front of `+<token>`.
     #[serde(default = "defaults::bounce_local_part")]
     pub local_part: String,
+    /// Bounce classification rules (TOML). Unset: the built-in `config/bounce-rules.toml`.
+    /// Reloaded on SIGHUP.
+    #[serde(default)]
+    pub rules: Option<PathBuf>,
+    /// Address of the inbound SMTP listener for DSNs and feedback reports (the MX of the bounce
+    /// domain must lead here). Unset: no listener; `POST /v1/feedback` still works.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Addresses (besides the VERP ones) the listener accepts, for feedback loops (ARF) and
+    /// `unsubscribe_mailto`: the Yahoo CFL or Microsoft JMRP address you registered, for example.
+    #[serde(default)]
+    pub feedback_addresses: Vec<String>,
+    /// Largest inbound message; larger ones are refused with 552 (a DSN rarely needs 100 KB).
+    #[serde(default = "defaults::bounce_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Inbound connections at once; more get 421.
+    #[serde(default = "defaults::bounce_max_connections")]
+    pub max_connections: usize,
+    /// Inbound connections at once from one client address.
+    #[serde(default = "defaults::bounce_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -506,6 +527,15 @@ mod defaults {
     pub fn bounce_local_part() -> String {
         "bounce".into()
     }
+    pub fn bounce_max_message_bytes() -> usize {
+        10 << 20
+    }
+    pub fn bounce_max_connections() -> usize {
+        100
+    }
+    pub fn bounce_max_connections_per_ip() -> usize {
+        10
+    }
     pub fn unsubscribe_url() -> String {
         "http://127.0.0.1:8025/u/".into()
     }
@@ -572,6 +602,7 @@ impl Config {
             }
         }
         crate::dkim::DkimKeys::load(&config.dkim, &file)?;
+        crate::outcome::rules::Rules::load(config.bounce.rules.as_deref())?;
         Ok(config)
     }
 
@@ -737,6 +768,20 @@ impl Config {
             bad(
                 "bounce.local_part",
                 "1 to 30 of a-z, 0-9, '-', '_' and '.' (not first or last)".into(),
+            );
+        }
+        for (i, a) in self.bounce.feedback_addresses.iter().enumerate() {
+            if crate::address::Address::parse(a).is_err() {
+                bad(
+                    &format!("bounce.feedback_addresses[{i}]"),
+                    format!("{a:?} is not an email address"),
+                );
+            }
+        }
+        if self.bounce.max_message_bytes < 1024 || self.bounce.max_connections == 0 {
+            bad(
+                "bounce.max_message_bytes",
+                "max_message_bytes at least 1024 and max_connections above zero".into(),
             );
         }
         let url = &self.message.unsubscribe_url;

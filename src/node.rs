@@ -35,6 +35,8 @@ pub struct Node {
     pub suppressions: crate::suppression::Suppressions,
     /// Message assembly: token keys, DKIM keys, configured addresses.
     pub assembler: crate::render::Assembler,
+    /// Bounce classification rules; replaced whole on SIGHUP.
+    rules: std::sync::RwLock<Arc<crate::outcome::rules::Rules>>,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -50,11 +52,16 @@ pub struct RecoveryReport {
 
 impl Node {
     /// Opens the spool. Blocking. The node is not ready until [`Node::recover`] has run.
-    pub fn open(config: Arc<Config>, dkim: crate::dkim::DkimKeys) -> Result<Arc<Node>, SpoolError> {
+    pub fn open(
+        config: Arc<Config>,
+        dkim: crate::dkim::DkimKeys,
+        rules: crate::outcome::rules::Rules,
+    ) -> Result<Arc<Node>, SpoolError> {
         let spool = Spool::open(&config.spool.path)?;
         let assembler = crate::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
             assembler,
+            rules: std::sync::RwLock::new(Arc::new(rules)),
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
             config,
@@ -69,6 +76,15 @@ impl Node {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }))
+    }
+
+    /// The bounce classification rules in force.
+    pub fn rules(&self) -> Arc<crate::outcome::rules::Rules> {
+        Arc::clone(&self.rules.read().expect("rules lock"))
+    }
+
+    pub fn replace_rules(&self, rules: crate::outcome::rules::Rules) {
+        *self.rules.write().expect("rules lock") = Arc::new(rules);
     }
 
     /// Rebuilds campaigns, counts and the pending-job index from the spool, rolling back uploads

@@ -31,13 +31,18 @@ pub struct Running {
 /// `/readyz` turns 200 and `/v1` opens when recovery is done.
 pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
     let cfg = Arc::clone(&config);
-    let dkim = tokio::task::spawn_blocking(move || {
-        crate::dkim::DkimKeys::load(&cfg.dkim, "config").map_err(|e| anyhow::anyhow!("{e}"))
+    let (dkim, rules) = tokio::task::spawn_blocking(move || {
+        let dkim = crate::dkim::DkimKeys::load(&cfg.dkim, "config")
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("loading DKIM keys")?;
+        let rules = crate::outcome::rules::Rules::load(cfg.bounce.rules.as_deref())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("loading bounce rules")?;
+        Ok::<_, anyhow::Error>((dkim, rules))
     })
-    .await?
-    .context("loading DKIM keys")?;
+    .await??;
     let cfg = Arc::clone(&config);
-    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim))
+    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules))
         .await?
         .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
     let listener = TcpListener::bind(config.http.listen)
@@ -142,12 +147,14 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
 }
 
 impl Running {
-    /// Applies what can change without a restart from a freshly loaded config: the DKIM keys.
-    /// Queued mail is signed at delivery, so it is signed with the new keys from now on. Other
-    /// settings need a restart; a key that fails to load keeps the old set in place.
+    /// Applies what can change without a restart from a freshly loaded config: the DKIM keys and
+    /// the bounce rules. Queued mail is signed at delivery, so it is signed with the new keys from
+    /// now on. Other settings need a restart; if anything fails to load, nothing changes.
     pub async fn reload(&self, config: Arc<Config>) -> Result<(), crate::config::ConfigErrors> {
-        let keys = tokio::task::spawn_blocking(move || {
-            crate::dkim::DkimKeys::load(&config.dkim, "config")
+        let (keys, rules) = tokio::task::spawn_blocking(move || {
+            let keys = crate::dkim::DkimKeys::load(&config.dkim, "config")?;
+            let rules = crate::outcome::rules::Rules::load(config.bounce.rules.as_deref())?;
+            Ok::<_, crate::config::ConfigErrors>((keys, rules))
         })
         .await
         .map_err(|e| {
@@ -158,6 +165,7 @@ impl Running {
             }])
         })??;
         self.node.assembler.replace_dkim(keys);
+        self.node.replace_rules(rules);
         Ok(())
     }
 

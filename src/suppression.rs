@@ -10,11 +10,23 @@
 //! `ann@` was listed would send mail someone asked not to get.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{LazyLock, RwLock};
+
+use prometheus::{IntCounterVec, register_int_counter_vec};
 
 use serde::{Deserialize, Serialize};
 
 use crate::address::{Address, AddressError};
+
+/// Suppressions added, by reason.
+pub static ADDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_suppressions_added_total",
+        "Suppressions added by reason (hard_bounce, complaint, unsubscribe, manual). complaint and unsubscribe against delivered volume are the rates mailbox providers watch.",
+        &["reason"]
+    )
+    .expect("metric registers once")
+});
 
 /// Version byte in front of the JSON record.
 const VERSION: u8 = 1;
@@ -70,6 +82,12 @@ pub struct Entry {
     /// The job (`campaign-seq.index`) whose message led to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// Bounce category of a hard bounce (`bad-mailbox`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<crate::outcome::rules::Category>,
+    /// The reply or report that caused it, for people asking why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl Entry {
@@ -206,6 +224,8 @@ mod tests {
             source: None,
             campaign: None,
             job: None,
+            category: None,
+            detail: None,
         }
     }
 

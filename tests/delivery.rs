@@ -7,94 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::sink::{Sink, SinkOptions, self_signed_acceptor};
-use common::{KEY, client, config, start, url};
+use common::{
+    KEY, client, delivery_config, post_campaign, recipients, start, url, wait_counts, wait_log,
+};
 use serde_json::{Value, json};
-use sluice::config::{Config, Route};
 use sluice::smtp::client::TlsMode;
-
-fn delivery_config(dir: &std::path::Path, sink: &Sink) -> Config {
-    let mut cfg = config(dir);
-    cfg.delivery.enabled = true;
-    cfg.delivery.retry_initial = Duration::from_millis(300);
-    cfg.delivery.retry_max = Duration::from_secs(2);
-    cfg.delivery.site_backoff = Duration::from_millis(300);
-    cfg.log.delivery_log = dir.join("delivery.jsonl");
-    cfg.routes.push(Route {
-        domain: "sink.test".into(),
-        relay: sink.addr.to_string(),
-    });
-    cfg
-}
-
-async fn post_campaign(addr: std::net::SocketAddr, recipients: Vec<Value>) -> String {
-    let r = client()
-        .post(url(addr, "/v1/campaigns"))
-        .bearer_auth(KEY)
-        .json(&json!({"from": "news@example.com", "subject": "Hello {{ name }}", "text": "Hi {{ name }}.\n.dot line\n",
-                      "recipients": recipients}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
-fn recipients(n: usize) -> Vec<Value> {
-    (0..n).map(|i| json!({"email": format!("user{i}@sink.test"), "vars": {"name": format!("User {i}")}})).collect()
-}
-
-/// Polls the campaign until `done(counts)` or the timeout.
-async fn wait_counts(
-    addr: std::net::SocketAddr,
-    id: &str,
-    within: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let started = Instant::now();
-    loop {
-        let got: Value = client()
-            .get(url(addr, &format!("/v1/campaigns/{id}")))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if done(&got["counts"]) {
-            return got["counts"].clone();
-        }
-        assert!(
-            started.elapsed() < within,
-            "timed out; counts now {}",
-            got["counts"]
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn log_records(dir: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("delivery.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("log line is JSON"))
-        .collect()
-}
-
-/// The delivery log is written by its own thread; wait until it has `n` records.
-async fn wait_log(dir: &std::path::Path, n: usize) -> Vec<Value> {
-    for _ in 0..200 {
-        let r = log_records(dir);
-        if r.len() >= n {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    log_records(dir)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_with_pipelining_and_logs_each_attempt() {

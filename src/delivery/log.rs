@@ -49,6 +49,9 @@ pub struct LogRecord {
     pub tls: bool,
     pub size: usize,
     pub attempt: u32,
+    /// Bounce category of a failure (`config/bounce-rules.toml`), PowerMTA's `bounceCat`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bounce_cat: Option<&'static str>,
 }
 
 /// The sending side; cheap to clone.

@@ -91,6 +91,15 @@ static SUPPRESSED_AT_DELIVERY: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_delivery_failures_total",
+        "Failed attempts by verdict (deferred, bounced, expired) and bounce category (config/bounce-rules.toml). A rise of bad-mailbox means a stale list; spam-related or policy-related, a reputation or authentication problem.",
+        &["verdict", "category"]
+    )
+    .expect("metric registers once")
+});
+
 /// Jobs a lane takes at once when no message rate applies.
 const LANE_BATCH: usize = 8;
 /// Jobs deferred per failed connection round of a site.
@@ -186,6 +195,8 @@ impl Site {
 /// Messages to the outcome writer.
 enum Update {
     Job(JobId, Vec<u8>),
+    /// A suppression record (key, value), already in the in-memory index.
+    Suppress(Vec<u8>, Vec<u8>),
     Close(oneshot::Sender<()>),
 }
 
@@ -882,17 +893,19 @@ impl Delivery {
     }
 
     /// Applies an outcome: new job state, counts, retry schedule, spool update, log record.
-    async fn finish(&self, p: &Prepared, mut o: Outcome, conn: Option<&Connection>, size: usize) {
+    async fn finish(&self, p: &Prepared, o: Outcome, conn: Option<&Connection>, size: usize) {
         let Ok(rec) = JobRecord::decode(&p.bytes) else {
             return self.release(&p.job);
         };
         let d = &self.config.delivery;
         let now = crate::now_ms();
         let attempt = rec.attempts.saturating_add(1);
+        let rules = self.node.rules();
+        let mut o = outcome::classify(o, &rules);
         if o.verdict == Verdict::Deferred
             && now.saturating_sub(rec.accepted_at_ms) >= d.max_age.as_millis() as u64
         {
-            o = outcome::expired(&o.summary());
+            o = outcome::classify(outcome::expired(&o.summary()), &rules);
         }
         let (state, next) = match o.verdict {
             Verdict::Delivered => (JobState::Delivered, now),
@@ -941,6 +954,15 @@ impl Delivery {
             Verdict::Expired => "expired",
         };
         ATTEMPTS.with_label_values(&[verdict]).inc();
+        if let Some(class) = o.class {
+            FAILURES
+                .with_label_values(&[verdict, class.category.as_str()])
+                .inc();
+            if o.verdict == Verdict::Bounced && class.suppress {
+                self.suppress_bounced(p, rec.address, &o, class.category, now)
+                    .await;
+            }
+        }
         let (kind, action) = match o.verdict {
             Verdict::Delivered => ("d", "delivered"),
             Verdict::Deferred => ("t", "delayed"),
@@ -965,7 +987,43 @@ impl Delivery {
             tls: conn.is_some_and(|c| c.tls),
             size,
             attempt,
+            bounce_cat: o.class.map(|c| c.category.as_str()),
         });
+    }
+
+    /// Puts a hard-bounced address on the global suppression list (index now, spool with the
+    /// job's update), unless it already is there.
+    async fn suppress_bounced(
+        &self,
+        p: &Prepared,
+        address: &str,
+        o: &Outcome,
+        category: crate::outcome::rules::Category,
+        now: u64,
+    ) {
+        let address = address.to_lowercase();
+        if self.node.suppressions.check(&address, "").is_some() {
+            return;
+        }
+        let entry = crate::suppression::Entry {
+            address,
+            scope: crate::suppression::GLOBAL.to_owned(),
+            reason: crate::suppression::Reason::HardBounce,
+            created_at_ms: now,
+            source: Some("delivery".into()),
+            campaign: Some(p.campaign.record.id),
+            job: Some(p.job.id.to_string()),
+            category: Some(category),
+            detail: Some(o.summary()),
+        };
+        self.node.suppressions.insert(&entry);
+        crate::suppression::ADDED
+            .with_label_values(&[entry.reason.as_str()])
+            .inc();
+        let _ = self
+            .updates
+            .send(Update::Suppress(entry.key(), entry.encode()))
+            .await;
     }
 
     /// Closes idle connections past `idle_timeout` and forgets empty sites.
@@ -1045,6 +1103,7 @@ async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update>) {
         loop {
             match next {
                 Some(Update::Job(id, bytes)) => batch.put_job(id, &bytes),
+                Some(Update::Suppress(key, value)) => batch.put_suppression(&key, &value),
                 Some(Update::Close(done)) => {
                     close = Some(done);
                     break;

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 pub mod sink;
 
-use sluice::config::Config;
+use sink::Sink;
+
+use serde_json::{Value, json};
+use sluice::config::{Config, Route};
 use sluice::server::Running;
 
 pub const KEY: &str = "test-key-0123456789";
@@ -65,6 +68,94 @@ pub async fn spool_counts(running: &Running) -> Vec<(String, usize)> {
     })
     .await
     .expect("count task")
+}
+
+/// A node that delivers, with static routes from `sink.test` to `sink`, retrying fast.
+pub fn delivery_config(dir: &std::path::Path, sink: &Sink) -> Config {
+    let mut cfg = config(dir);
+    cfg.delivery.enabled = true;
+    cfg.delivery.retry_initial = Duration::from_millis(300);
+    cfg.delivery.retry_max = Duration::from_secs(2);
+    cfg.delivery.site_backoff = Duration::from_millis(300);
+    cfg.log.delivery_log = dir.join("delivery.jsonl");
+    cfg.routes.push(Route {
+        domain: "sink.test".into(),
+        relay: sink.addr.to_string(),
+    });
+    cfg
+}
+
+/// Posts a small templated campaign from news@example.com; returns its id.
+pub async fn post_campaign(addr: std::net::SocketAddr, recipients: Vec<Value>) -> String {
+    let r = client()
+        .post(url(addr, "/v1/campaigns"))
+        .bearer_auth(KEY)
+        .json(&json!({"from": "news@example.com", "subject": "Hello {{ name }}", "text": "Hi {{ name }}.\n.dot line\n",
+                      "recipients": recipients}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// `user{i}@sink.test` with a `name` variable.
+pub fn recipients(n: usize) -> Vec<Value> {
+    (0..n).map(|i| json!({"email": format!("user{i}@sink.test"), "vars": {"name": format!("User {i}")}})).collect()
+}
+
+/// Polls the campaign until `done(counts)` or the timeout.
+pub async fn wait_counts(
+    addr: std::net::SocketAddr,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let started = Instant::now();
+    loop {
+        let got: Value = client()
+            .get(url(addr, &format!("/v1/campaigns/{id}")))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done(&got["counts"]) {
+            return got["counts"].clone();
+        }
+        assert!(
+            started.elapsed() < within,
+            "timed out; counts now {}",
+            got["counts"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The delivery log's records.
+pub fn log_records(dir: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("delivery.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("log line is JSON"))
+        .collect()
+}
+
+/// The delivery log is written by its own thread; wait until it has `n` records.
+pub async fn wait_log(dir: &std::path::Path, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let r = log_records(dir);
+        if r.len() >= n {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    log_records(dir)
 }
 
 /// The `sluice` binary running as a child process.

@@ -1,8 +1,11 @@
 //! The one classifier: every SMTP reply, transport error and DNS answer becomes an [`Outcome`]
 //! here and nowhere else. Pure code, no I/O.
 //!
-//! Bounce categories (bad-mailbox, policy-related, …) refine this later from rules in `config/`;
-//! the verdict (delivered, deferred, bounced) is decided here.
+//! The verdict (delivered, deferred, bounced) follows the reply class, then [`classify`] runs the
+//! bounce rules ([`rules`], from `config/bounce-rules.toml`) over every failure: they name its
+//! category, retry a 5xx whose category is soft, and say whether a hard bounce suppresses.
+
+pub mod rules;
 
 use serde::Serialize;
 
@@ -34,6 +37,8 @@ pub struct Outcome {
     pub text: String,
     /// The command (stage) at which it was decided.
     pub stage: Command,
+    /// Set by [`classify`] on every failure.
+    pub class: Option<rules::Classification>,
 }
 
 impl Outcome {
@@ -59,14 +64,51 @@ pub fn from_reply(reply: &Reply) -> Outcome {
         4 => EnhancedCode(4, 0, 0),
         _ => EnhancedCode(5, 0, 0),
     });
-    let text = reply.text.split('\n').next().unwrap_or("").to_owned();
     Outcome {
         verdict,
         code: Some(reply.code),
         status,
-        text,
+        text: one_line(&reply.text),
         stage: reply.command,
+        class: None,
     }
+}
+
+/// Longest reply text kept in an outcome (and so in the spool record and the log).
+const MAX_TEXT: usize = 1000;
+
+/// A multi-line reply's text on one line (providers spread one sentence over several), capped.
+fn one_line(text: &str) -> String {
+    let mut out = text
+        .split('\n')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if out.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
+}
+
+/// Runs the bounce rules over a failure: sets its class, and retries a 5xx of a soft category.
+/// Delivered outcomes pass unchanged; expired ones are `message-expired`.
+pub fn classify(mut o: Outcome, rules: &rules::Rules) -> Outcome {
+    match o.verdict {
+        Verdict::Delivered => {}
+        Verdict::Expired => o.class = Some(rules.of(rules::Category::MessageExpired)),
+        Verdict::Deferred | Verdict::Bounced => {
+            let c = rules.classify(o.status, o.code, &o.text);
+            if o.verdict == Verdict::Bounced && c.kind == rules::Kind::Soft {
+                o.verdict = Verdict::Deferred;
+            }
+            o.class = Some(c);
+        }
+    }
+    o
 }
 
 /// A connection-level failure. The recipient is never bounced for it: the next attempt may go
@@ -90,6 +132,7 @@ pub fn from_error(e: &SmtpError) -> Outcome {
                     reply.text.split('\n').next().unwrap_or("")
                 ),
                 stage,
+                class: None,
             };
         }
         SmtpError::Io { .. } | SmtpError::Closed { .. } => (EnhancedCode(4, 4, 2), None),
@@ -107,6 +150,7 @@ pub fn from_error(e: &SmtpError) -> Outcome {
         status,
         text: e.to_string(),
         stage,
+        class: None,
     }
 }
 
@@ -124,6 +168,7 @@ pub fn from_dns(f: &DnsFailure) -> Outcome {
         status,
         text: f.to_string(),
         stage: Command::Connect,
+        class: None,
     }
 }
 
@@ -140,6 +185,7 @@ pub fn local_failure(status: EnhancedCode, text: impl Into<String>, stage: Comma
         status,
         text: text.into(),
         stage,
+        class: None,
     }
 }
 
@@ -155,6 +201,7 @@ pub fn expired(last: &str) -> Outcome {
             format!("delivery time expired; last: {last}")
         },
         stage: Command::Connect,
+        class: None,
     }
 }
 
@@ -193,9 +240,9 @@ mod tests {
         ));
         assert_eq!(
             (o.verdict, o.status, o.text.as_str()),
-            (Verdict::Bounced, EnhancedCode(5, 1, 1), "no such user")
+            (Verdict::Bounced, EnhancedCode(5, 1, 1), "no such user more")
         );
-        assert_eq!(o.summary(), "550 5.1.1 no such user");
+        assert_eq!(o.summary(), "550 5.1.1 no such user more");
         let o = from_reply(&reply(
             421,
             Some(EnhancedCode(4, 7, 0)),
@@ -228,5 +275,57 @@ mod tests {
             Verdict::Deferred
         );
         assert_eq!(expired("451 4.7.1 later").verdict, Verdict::Expired);
+    }
+
+    #[test]
+    fn rules_refine_the_verdict() {
+        let rules = rules::Rules::builtin();
+        let o = classify(
+            from_reply(&reply(
+                550,
+                Some(EnhancedCode(5, 1, 1)),
+                "no such user",
+                Command::Rcpt,
+            )),
+            &rules,
+        );
+        let c = o.class.unwrap();
+        assert_eq!(
+            (o.verdict, c.category, c.suppress),
+            (Verdict::Bounced, rules::Category::BadMailbox, true)
+        );
+        // A full mailbox is retried even when the server says 552.
+        let o = classify(
+            from_reply(&reply(
+                552,
+                Some(EnhancedCode(5, 2, 2)),
+                "mailbox full",
+                Command::Rcpt,
+            )),
+            &rules,
+        );
+        assert_eq!(o.verdict, Verdict::Deferred);
+        assert_eq!(o.class.unwrap().category, rules::Category::QuotaIssues);
+        // 4xx stays deferred whatever the text says.
+        let o = classify(
+            from_reply(&reply(450, None, "user unknown", Command::Rcpt)),
+            &rules,
+        );
+        assert_eq!(
+            (o.verdict, o.class.unwrap().category),
+            (Verdict::Deferred, rules::Category::BadMailbox)
+        );
+        let o = classify(from_dns(&DnsFailure::NxDomain), &rules);
+        assert_eq!(
+            (o.verdict, o.class.unwrap().category),
+            (Verdict::Bounced, rules::Category::BadDomain)
+        );
+        let o = classify(expired(""), &rules);
+        assert_eq!(o.class.unwrap().category, rules::Category::MessageExpired);
+        assert!(
+            classify(from_reply(&reply(250, None, "ok", Command::Dot)), &rules)
+                .class
+                .is_none()
+        );
     }
 }
