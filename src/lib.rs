@@ -97,6 +97,8 @@ pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
+pub mod feedback;
+pub mod inbound;
 pub mod ingest;
 pub mod metrics;
 pub mod node;

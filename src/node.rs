@@ -35,6 +35,8 @@ pub struct Node {
     pub suppressions: crate::suppression::Suppressions,
     /// Message assembly: token keys, DKIM keys, configured addresses.
     pub assembler: crate::render::Assembler,
+    /// The delivery log: attempts, asynchronous bounces and complaints.
+    pub log: crate::delivery::log::DeliveryLog,
     /// Bounce classification rules; replaced whole on SIGHUP.
     rules: std::sync::RwLock<Arc<crate::outcome::rules::Rules>>,
     ready: AtomicBool,
@@ -56,10 +58,12 @@ impl Node {
         config: Arc<Config>,
         dkim: crate::dkim::DkimKeys,
         rules: crate::outcome::rules::Rules,
+        log: crate::delivery::log::DeliveryLog,
     ) -> Result<Arc<Node>, SpoolError> {
         let spool = Spool::open(&config.spool.path)?;
         let assembler = crate::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
+            log,
             assembler,
             rules: std::sync::RwLock::new(Arc::new(rules)),
             suppressions: Default::default(),

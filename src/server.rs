@@ -23,6 +23,8 @@ pub struct Running {
     pub node: Arc<Node>,
     delivery: Arc<std::sync::Mutex<Option<Arc<crate::delivery::Delivery>>>>,
     pub http_addr: SocketAddr,
+    /// Where the bounce listener listens, when `[bounce] listen` is set.
+    pub bounce_addr: Option<SocketAddr>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -41,8 +43,15 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
         Ok::<_, anyhow::Error>((dkim, rules))
     })
     .await??;
+    let log =
+        crate::delivery::log::DeliveryLog::open(&config.log.delivery_log).with_context(|| {
+            format!(
+                "opening the delivery log {}",
+                config.log.delivery_log.display()
+            )
+        })?;
     let cfg = Arc::clone(&config);
-    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules))
+    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules, log))
         .await?
         .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
     let listener = TcpListener::bind(config.http.listen)
@@ -60,6 +69,15 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
+
+    let bounce_addr = match config.bounce.listen {
+        None => None,
+        Some(addr) => Some(
+            crate::inbound::serve(Arc::clone(&node), addr, stop.clone(), tasks.clone())
+                .await
+                .with_context(|| format!("binding the bounce listener to {addr}"))?,
+        ),
+    };
 
     let rec_node = Arc::clone(&node);
     let rec_stop = stop.clone();
@@ -137,10 +155,14 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
     });
     tasks.close();
     tracing::info!(%http_addr, "HTTP API listening");
+    if let Some(addr) = bounce_addr {
+        tracing::info!(%addr, "bounce listener listening");
+    }
     Ok(Running {
         node,
         delivery,
         http_addr,
+        bounce_addr,
         stop,
         tasks,
     })

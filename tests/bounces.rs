@@ -156,3 +156,362 @@ async fn soft_permanent_failures_follow_the_retry_schedule() {
     assert!(node.node.suppressions.is_empty());
     node.shutdown().await;
 }
+
+/// A minimal SMTP client for talking to the bounce listener.
+struct Smtp {
+    rd: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Smtp {
+    async fn connect(addr: std::net::SocketAddr) -> (Smtp, String) {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (rd, wr) = s.into_split();
+        let mut c = Smtp {
+            rd: tokio::io::BufReader::new(rd),
+            wr,
+        };
+        let greeting = c.reply().await;
+        (c, greeting)
+    }
+
+    /// The whole reply, lines joined with `\n`.
+    async fn reply(&mut self) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let mut all = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.rd.read_line(&mut line))
+                .await
+                .expect("reply in time")
+                .unwrap();
+            if n == 0 {
+                return all.join("\n");
+            }
+            let line = line.trim_end().to_owned();
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            all.push(line);
+            if last {
+                return all.join("\n");
+            }
+        }
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        self.wr
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+        self.reply().await
+    }
+
+    /// DATA with `message` (LF or CRLF line ends), dot-stuffed; the reply to the final dot.
+    async fn data(&mut self, message: &[u8]) -> String {
+        use tokio::io::AsyncWriteExt;
+        let r = self.cmd("DATA").await;
+        assert!(r.starts_with("354"), "{r}");
+        let mut out = Vec::with_capacity(message.len() + 1024);
+        for line in message.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        self.wr.write_all(&out).await.unwrap();
+        self.reply().await
+    }
+
+    /// One whole transaction from the null sender.
+    async fn send(addr: std::net::SocketAddr, rcpt: &str, message: &[u8]) -> String {
+        let (mut c, greeting) = Smtp::connect(addr).await;
+        assert!(greeting.starts_with("220"), "{greeting}");
+        assert!(c.cmd("EHLO mx.example.org").await.starts_with("250"));
+        assert!(c.cmd("MAIL FROM:<>").await.starts_with("250"));
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        assert!(r.starts_with("250"), "RCPT {rcpt}: {r}");
+        let r = c.data(message).await;
+        c.cmd("QUIT").await;
+        r
+    }
+}
+
+const FEEDBACK: &str = "fbl@bounces.example.com";
+
+/// A node with the bounce listener on 127.0.0.1:0, delivering `n` recipients to an accepting
+/// sink; returns it with the captured messages (in recipient order).
+async fn delivered(
+    dir: &std::path::Path,
+    n: usize,
+) -> (
+    sluice::server::Running,
+    Sink,
+    String,
+    Vec<common::sink::Captured>,
+) {
+    let sink = Sink::start(SinkOptions::default()).await;
+    let mut cfg = delivery_config(dir, &sink);
+    cfg.bounce.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bounce.domain = Some("bounces.example.com".into());
+    cfg.bounce.feedback_addresses = vec![FEEDBACK.into()];
+    cfg.bounce.max_message_bytes = 10 << 20;
+    let node = start(cfg).await;
+    let id = post_campaign(node.http_addr, recipients(n)).await;
+    wait_counts(node.http_addr, &id, Duration::from_secs(20), |c| {
+        c["delivered"] == n
+    })
+    .await;
+    let mut msgs = sink.messages();
+    msgs.sort_by_key(|m| index_of(&m.rcpts[0]));
+    (node, sink, id, msgs)
+}
+
+fn trace_token(data: &str) -> String {
+    data.lines()
+        .find_map(|l| l.strip_prefix("X-Sluice-Ref: "))
+        .expect("trace header")
+        .trim()
+        .to_owned()
+}
+
+/// A sample report with the placeholders filled for `m`; returns its expected category too.
+fn sample(name: &str, m: &common::sink::Captured) -> (String, Vec<u8>) {
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/data/reports/{name}.eml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let (first, rest) = text.split_once('\n').unwrap();
+    let expect = first.strip_prefix("# expect: ").unwrap().trim().to_owned();
+    let body = rest
+        .replace("{{VERP}}", &m.mail_from)
+        .replace("{{RCPT}}", &m.rcpts[0])
+        .replace("{{REF}}", &trace_token(&m.data))
+        .replace("{{FEEDBACK}}", FEEDBACK);
+    (expect, body.into_bytes())
+}
+
+async fn entry(addr: std::net::SocketAddr, address: &str) -> Value {
+    let (status, body) = get(addr, &format!("/v1/suppressions/{address}")).await;
+    if status == 404 {
+        return Value::Null;
+    }
+    body["entries"][0].clone()
+}
+
+/// Acceptance 2: DSNs of real MTAs over SMTP map to their jobs and are classified; an ARF
+/// complaint with a redacted recipient suppresses with reason complaint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsns_and_complaints_over_smtp_reach_their_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _sink, id, msgs) = delivered(dir.path(), 8).await;
+    let listener = node.bounce_addr.expect("listener runs");
+    let addr = node.http_addr;
+    let names = ["postfix", "exim", "exchange", "gmail", "yahoo"];
+    for (i, name) in names.iter().enumerate() {
+        let m = &msgs[i];
+        let (expect, report) = sample(name, m);
+        let r = Smtp::send(listener, &m.mail_from, &report).await;
+        assert!(r.starts_with("250 2.0.0 bounce applied"), "{name}: {r}");
+        let e = entry(addr, &m.rcpts[0]).await;
+        if expect == "quota-issues" {
+            // A soft category bounces the job but keeps the address.
+            assert!(e.is_null(), "{name}: {e}");
+        } else {
+            assert_eq!(e["reason"], "hard_bounce", "{name}: {e}");
+            assert_eq!(e["category"], expect.as_str(), "{name}: {e}");
+            assert_eq!(e["campaign"], id.as_str(), "{name}");
+            assert!(e["source"].as_str().unwrap().starts_with("dsn"), "{e}");
+        }
+    }
+    // Sent again, a DSN changes nothing.
+    let (_, again) = sample("postfix", &msgs[0]);
+    let r = Smtp::send(listener, &msgs[0].mail_from, &again).await;
+    assert!(r.starts_with("250 2.0.0 bounce duplicate"), "{r}");
+    let (_, c) = get(addr, &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(c["counts"]["bounced"], 5, "{c}");
+    assert_eq!(c["counts"]["delivered"], 3, "{c}");
+
+    // The complaint names no recipient; the trace header names the job.
+    let (_, arf) = sample("arf-redacted", &msgs[5]);
+    let r = Smtp::send(listener, FEEDBACK, &arf).await;
+    assert!(r.starts_with("250 2.0.0 complaint applied"), "{r}");
+    let e = entry(addr, &msgs[5].rcpts[0]).await;
+    assert_eq!(
+        (e["reason"].as_str(), e["scope"].as_str()),
+        (Some("complaint"), Some("example.com")),
+        "{e}"
+    );
+    let (_, c) = get(addr, &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(c["counts"]["complained"], 1, "{c}");
+
+    // The same report over HTTP for another job.
+    let (_, dsn) = sample("postfix", &msgs[6]);
+    let r = client()
+        .post(url(addr, "/v1/feedback"))
+        .bearer_auth(KEY)
+        .header("content-type", "message/rfc822")
+        .body(dsn)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            p["kind"].as_str(),
+            p["result"].as_str(),
+            p["category"].as_str()
+        ),
+        (Some("bounce"), Some("applied"), Some("bad-mailbox")),
+        "{p}"
+    );
+    assert_eq!(p["recipient"], msgs[6].rcpts[0].as_str());
+
+    let log = log_records(dir.path());
+    let remote: Vec<&Value> = log.iter().filter(|r| r["type"] == "rb").collect();
+    assert_eq!(
+        remote.len(),
+        7,
+        "five over SMTP, one of them again, one over HTTP"
+    );
+    assert!(
+        log.iter()
+            .any(|r| r["type"] == "f" && r["feedback_type"] == "abuse")
+    );
+    node.shutdown().await;
+}
+
+/// Acceptance 2 and 4: what the listener refuses, and that it keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_refuses_relays_forgeries_and_garbage_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _sink, id, msgs) = delivered(dir.path(), 2).await;
+    let listener = node.bounce_addr.expect("listener runs");
+    let verp = msgs[0].mail_from.clone();
+    let (mut c, _) = Smtp::connect(listener).await;
+    assert!(c.cmd("EHLO relay.test").await.starts_with("250"));
+    assert!(
+        c.cmd("MAIL FROM:<spammer@elsewhere.test>")
+            .await
+            .starts_with("250")
+    );
+    // Relaying, a forged token, another purpose's token, the right token at another domain.
+    let (local, _) = verp.split_once('@').unwrap();
+    let token = local.split_once('+').unwrap().1;
+    let flipped = if token.ends_with('0') { "1" } else { "0" };
+    let forged = format!("{local}@bounces.example.com")
+        .replace(token, &format!("{}{flipped}", &token[..token.len() - 1]));
+    let trace = format!("bounce+{}@bounces.example.com", trace_token(&msgs[0].data));
+    for rcpt in [
+        "victim@elsewhere.test".to_owned(),
+        forged,
+        trace,
+        format!("{local}@elsewhere.test"),
+    ] {
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+        assert!(r.starts_with("550 5.7.1"), "{rcpt}: {r}");
+    }
+    assert!(
+        c.cmd("DATA").await.starts_with("503"),
+        "no recipient, no data"
+    );
+    // A command line of 100,000 characters.
+    let r = c.cmd(&format!("NOOP {}", "x".repeat(100_000))).await;
+    assert!(r.starts_with("500 5.5.2"), "{r}");
+    assert!(c.cmd("NOOP").await.starts_with("250"), "still in step");
+    assert!(c.cmd(&format!("RCPT TO:<{verp}>")).await.starts_with("250"));
+    // A message line of 100,000 characters.
+    let long = format!(
+        "Subject: x\r\nContent-Type: text/plain\r\n\r\n{}\r\n",
+        "y".repeat(100_000)
+    );
+    let r = c.data(long.as_bytes()).await;
+    assert!(
+        r.starts_with("554 5.6.0") && r.contains("line longer"),
+        "{r}"
+    );
+
+    let refused = |name: &str, r: &str, want: &str| {
+        assert!(
+            r.starts_with("554 5.6.0") && r.contains(want),
+            "{name}: {r}"
+        );
+    };
+    let (_, good) = sample("postfix", &msgs[0]);
+    let good = String::from_utf8(good).unwrap();
+    // A multipart/report without its delivery-status part.
+    let start = good.find("Content-Description: Delivery report").unwrap();
+    let end = good
+        .find("Content-Description: Undelivered Message Headers")
+        .unwrap();
+    let missing = format!("{}{}", &good[..start], &good[end..]);
+    refused(
+        "no status part",
+        &Smtp::send(listener, &verp, missing.as_bytes()).await,
+        "without a message/delivery-status part",
+    );
+    // Malformed status fields.
+    let bad_status = good.replace("Status: 5.1.1", "Status: five-one-one");
+    refused(
+        "bad status",
+        &Smtp::send(listener, &verp, bad_status.as_bytes()).await,
+        "not a status code",
+    );
+    let no_action = good.replace("Action: failed\n", "");
+    refused(
+        "no action",
+        &Smtp::send(listener, &verp, no_action.as_bytes()).await,
+        "no Action field",
+    );
+    // 50 MB: refused whole, the connection stays usable.
+    let (mut c, _) = Smtp::connect(listener).await;
+    assert!(c.cmd("EHLO big.test").await.contains("SIZE 10485760"));
+    assert!(
+        c.cmd("MAIL FROM:<> SIZE=52428800")
+            .await
+            .starts_with("552 5.3.4")
+    );
+    assert!(c.cmd("MAIL FROM:<>").await.starts_with("250"));
+    assert!(c.cmd(&format!("RCPT TO:<{verp}>")).await.starts_with("250"));
+    let mut huge = b"Subject: big\r\n\r\n".to_vec();
+    let line = [b'z'; 998];
+    while huge.len() < 50 << 20 {
+        huge.extend_from_slice(&line);
+        huge.extend_from_slice(b"\r\n");
+    }
+    let r = c.data(&huge).await;
+    assert!(r.starts_with("552 5.3.4"), "{}", &r[..r.len().min(200)]);
+    assert!(c.cmd("NOOP").await.starts_with("250"));
+    drop(c);
+
+    // After all that, nothing changed and a good report still goes through.
+    let (_, counts) = get(node.http_addr, &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(counts["counts"]["delivered"], 2, "{counts}");
+    assert!(node.node.suppressions.is_empty());
+    let r = Smtp::send(listener, &verp, good.as_bytes()).await;
+    assert!(r.starts_with("250 2.0.0 bounce applied"), "{r}");
+    // A reply that is not a report at all is taken and ignored.
+    let r = Smtp::send(
+        listener,
+        &msgs[1].mail_from,
+        b"From: ann@example.org\r\nSubject: Re: Hello\r\n\r\nThanks!\r\n",
+    )
+    .await;
+    assert!(r.starts_with("250 2.0.0 ignored"), "{r}");
+    // Over HTTP, garbage gets a 422 naming the body.
+    let r = client()
+        .post(url(node.http_addr, "/v1/feedback"))
+        .bearer_auth(KEY)
+        .body(missing)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "body", "{e}");
+    node.shutdown().await;
+}

@@ -23,7 +23,9 @@ static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
 /// One attempt. Field names follow PowerMTA's accounting file where one exists.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogRecord {
-    /// `d` delivered, `b` bounced, `t` transient failure (deferred), `x` expired.
+    /// `d` delivered, `b` bounced, `t` transient failure (deferred), `x` expired; from reports
+    /// received later: `rb` remote bounce (a DSN), `rs` remote status (a delay or delivery DSN),
+    /// `f` feedback (an ARF report).
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub time_queued: String,
@@ -52,6 +54,9 @@ pub struct LogRecord {
     /// Bounce category of a failure (`config/bounce-rules.toml`), PowerMTA's `bounceCat`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bounce_cat: Option<&'static str>,
+    /// ARF Feedback-Type of an `f` record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback_type: Option<&'static str>,
 }
 
 /// The sending side; cheap to clone.

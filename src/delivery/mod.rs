@@ -239,12 +239,7 @@ impl Delivery {
             data_block: d.data_block_timeout,
             data_final: d.data_final_timeout,
         };
-        let log = DeliveryLog::open(&config.log.delivery_log).map_err(|e| {
-            format!(
-                "opening the delivery log {}: {e}",
-                config.log.delivery_log.display()
-            )
-        })?;
+        let log = node.log.clone();
         let (tx, rx) = mpsc::channel(16_384);
         let delivery = Arc::new(Delivery {
             client: ClientSettings::new(d.ehlo_name.clone(), timeouts),
@@ -988,6 +983,7 @@ impl Delivery {
             size,
             attempt,
             bounce_cat: o.class.map(|c| c.category.as_str()),
+            feedback_type: None,
         });
     }
 
@@ -1075,7 +1071,7 @@ pub fn retry_delay(attempt: u32, initial: Duration, max: Duration) -> u64 {
     (base * (0.8 + 0.4 * fastrand::f64())) as u64
 }
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 

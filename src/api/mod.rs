@@ -20,6 +20,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+mod lines;
+mod suppressions;
+
 use crate::campaign::{Campaign, CampaignKind, CampaignState};
 use crate::ingest::{
     self, ComposeRequest, FieldError, RecipientRules, Rejected, Upload, UploadError,
@@ -157,13 +160,16 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/campaigns/{id}/resume", post(resume_campaign))
         .route("/campaigns/{id}/cancel", post(cancel_campaign))
         .route("/messages", post(send_message))
-        .route("/suppressions", get(list_suppressions))
+        .route("/suppressions", get(suppressions::list))
+        .route("/suppressions/import", post(suppressions::import))
+        .route("/suppressions/export", get(suppressions::export))
         .route(
             "/suppressions/{address}",
-            get(get_suppression)
-                .put(put_suppression)
-                .delete(delete_suppression),
+            get(suppressions::get_one)
+                .put(suppressions::put_one)
+                .delete(suppressions::delete_one),
         )
+        .route("/feedback", post(suppressions::feedback))
         .route("/domains/{domain}/suspend", post(suspend_domain))
         .route("/domains/{domain}/resume", post(resume_domain))
         .fallback(|| async {
@@ -182,7 +188,10 @@ pub fn router(node: Arc<Node>) -> Router {
                 )
             }),
         )
-        .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .route(
+            "/u/{token}",
+            get(suppressions::unsubscribe_page).post(suppressions::unsubscribe),
+        )
         .nest("/v1", v1)
         .layer(middleware::from_fn(observe))
         .with_state(state)
@@ -879,9 +888,7 @@ async fn add_recipients(
         node: Arc::clone(node),
     };
     let mut stream = body.into_data_stream();
-    let mut carry: Vec<u8> = Vec::new();
-    let mut skipping = false;
-    let mut line_no: u64 = 0;
+    let mut split = lines::LineSplitter::new(limits.max_line_bytes);
     let timeout = node.config.http.body_read_timeout;
     loop {
         let piece = tokio::time::timeout(timeout, stream.next())
@@ -898,38 +905,18 @@ async fn add_recipients(
                 ));
             }
         };
-        let mut start = 0;
-        for nl in memchr::memchr_iter(b'\n', &chunk) {
-            let piece = &chunk[start..nl];
-            start = nl + 1;
-            if skipping {
-                skipping = false;
-                lines.too_long(line_no)?;
-            } else if carry.is_empty() {
-                lines.line(piece, line_no).await?;
-            } else if carry.len() + piece.len() > limits.max_line_bytes {
-                lines.too_long(line_no)?;
-            } else {
-                carry.extend_from_slice(piece);
-                lines.line(&carry, line_no).await?;
-            }
-            carry.clear();
-            line_no += 1;
-        }
-        let rest = &chunk[start..];
-        if !skipping {
-            if carry.len() + rest.len() > limits.max_line_bytes {
-                skipping = true;
-                carry.clear();
-            } else {
-                carry.extend_from_slice(rest);
+        let mut pos = 0;
+        while let Some(p) = split.next_piece(&chunk, &mut pos) {
+            match p {
+                lines::Piece::Line(n, l) => lines.line(l, n).await?,
+                lines::Piece::TooLong(n) => lines.too_long(n)?,
             }
         }
     }
-    if skipping {
-        lines.too_long(line_no)?;
-    } else if !carry.is_empty() {
-        lines.line(&carry, line_no).await?;
+    match split.finish() {
+        Some(lines::Piece::Line(n, l)) => lines.line(l, n).await?,
+        Some(lines::Piece::TooLong(n)) => lines.too_long(n)?,
+        None => {}
     }
     let LineIngest {
         upload,
@@ -1045,414 +1032,4 @@ pub async fn expire_idempotency(node: Arc<Node>) -> Result<usize, SpoolError> {
         .write(batch, crate::spool::Durability::Buffered)
         .await?;
     Ok(expired.len())
-}
-
-// --- Suppressions -------------------------------------------------------------------------------
-
-fn suppression_address(raw: &str) -> Result<String, ApiError> {
-    crate::suppression::normalise(raw).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            format!("address: {e}"),
-        )
-        .field("address")
-    })
-}
-
-fn suppression_reason(r: &str) -> Result<crate::suppression::Reason, ApiError> {
-    crate::suppression::Reason::parse(r).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            format!("reason: {r:?} is not one of hard_bounce, complaint, unsubscribe, manual"),
-        )
-        .field("reason")
-    })
-}
-
-fn suppression_scope(raw: Option<&str>) -> Result<Option<String>, ApiError> {
-    raw.map(|s| {
-        crate::suppression::normalise_scope(s).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                format!("scope: {e}"),
-            )
-            .field("scope")
-        })
-    })
-    .transpose()
-}
-
-/// The stored entries of one address, in every scope. Blocking reads go to the blocking pool.
-async fn suppression_entries(
-    node: &Arc<Node>,
-    address: &str,
-) -> Result<Vec<crate::suppression::Entry>, ApiError> {
-    let scopes = node.suppressions.scopes(address);
-    let node = Arc::clone(node);
-    let address = address.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        for scope in scopes {
-            let key = crate::suppression::key(&scope, &address);
-            if let Some(v) = node.spool.get_suppression(&key)?
-                && let Ok(e) = crate::suppression::Entry::decode(&v)
-            {
-                out.push(e);
-            }
-        }
-        Ok::<_, SpoolError>(out)
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("reading suppressions: {e}"),
-        )
-    })?
-    .map_err(ApiError::from)
-}
-
-/// `GET /v1/suppressions/{address}`: the address's entries (global and per sending domain).
-async fn get_suppression(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
-    let address = suppression_address(&raw)?;
-    let entries = suppression_entries(&s.node, &address).await?;
-    if entries.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_suppressed",
-            format!("{address} is not on any suppression list"),
-        )
-        .field("address"));
-    }
-    Ok(axum::Json(json!({"address": address, "entries": entries})).into_response())
-}
-
-#[derive(serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct PutSuppression {
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    scope: Option<String>,
-    #[serde(default)]
-    source: Option<String>,
-}
-
-/// `PUT /v1/suppressions/{address}` with an optional `{reason, scope, source}` body (defaults:
-/// `manual`, `global`): adds or replaces the entry, synced before the answer. Queued mail to the
-/// address is stopped when delivery reaches it.
-async fn put_suppression(
-    State(s): State<AppState>,
-    Path(raw): Path<String>,
-    body: Body,
-) -> ApiResult {
-    let node = &s.node;
-    let address = suppression_address(&raw)?;
-    let body = read_body(body, 64 * 1024, node.config.http.body_read_timeout).await?;
-    let req: PutSuppression = if body.iter().all(u8::is_ascii_whitespace) {
-        PutSuppression::default()
-    } else {
-        parse_json(&body)?
-    };
-    let reason = match req.reason.as_deref() {
-        None => crate::suppression::Reason::Manual,
-        Some(r) => suppression_reason(r)?,
-    };
-    let scope = suppression_scope(req.scope.as_deref())?
-        .unwrap_or_else(|| crate::suppression::GLOBAL.to_owned());
-    if let Some(src) = &req.source
-        && (src.len() > 256 || src.chars().any(char::is_control))
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            "source: at most 256 bytes without control characters",
-        )
-        .field("source"));
-    }
-    let entry = crate::suppression::Entry {
-        address,
-        scope,
-        reason,
-        created_at_ms: now_ms(),
-        source: Some(req.source.unwrap_or_else(|| "api".into())),
-        campaign: None,
-        job: None,
-        category: None,
-        detail: None,
-    };
-    let mut batch = node.spool.batch();
-    batch.put_suppression(&entry.key(), &entry.encode());
-    node.spool
-        .write(batch, crate::spool::Durability::Sync)
-        .await?;
-    if node.suppressions.insert(&entry) {
-        crate::suppression::ADDED
-            .with_label_values(&[entry.reason.as_str()])
-            .inc();
-    }
-    Ok(axum::Json(json!(entry)).into_response())
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ScopeQuery {
-    #[serde(default)]
-    scope: Option<String>,
-}
-
-/// `DELETE /v1/suppressions/{address}[?scope=global|domain]`: removes the entry of that scope, or
-/// every entry of the address without `scope`.
-async fn delete_suppression(
-    State(s): State<AppState>,
-    Path(raw): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<ScopeQuery>,
-) -> ApiResult {
-    let node = &s.node;
-    let address = suppression_address(&raw)?;
-    let scope = suppression_scope(q.scope.as_deref())?;
-    let scopes: Vec<String> = node
-        .suppressions
-        .scopes(&address)
-        .into_iter()
-        .filter(|s| scope.as_ref().is_none_or(|want| want == s))
-        .collect();
-    if scopes.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_suppressed",
-            format!("{address} is not on that suppression list"),
-        )
-        .field("address"));
-    }
-    let mut batch = node.spool.batch();
-    for sc in &scopes {
-        batch.delete_suppression(&crate::suppression::key(sc, &address));
-    }
-    node.spool
-        .write(batch, crate::spool::Durability::Sync)
-        .await?;
-    for sc in &scopes {
-        node.suppressions.remove(&address, sc);
-    }
-    Ok(axum::Json(json!({"address": address, "deleted": scopes})).into_response())
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    #[serde(default)]
-    cursor: Option<String>,
-    #[serde(default)]
-    limit: Option<usize>,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
-const MAX_SUPPRESSION_PAGE: usize = 1000;
-
-/// `GET /v1/suppressions?cursor=&limit=&reason=`: entries in key order (scope, then address),
-/// `limit` per page (default 100, at most 1000); `next_cursor` continues after the last one.
-async fn list_suppressions(
-    State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ListQuery>,
-) -> ApiResult {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=MAX_SUPPRESSION_PAGE).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            format!("limit: between 1 and {MAX_SUPPRESSION_PAGE}"),
-        )
-        .field("limit"));
-    }
-    let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
-    let after = match &q.cursor {
-        None => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                "cursor: not a cursor this API returned",
-            )
-            .field("cursor")
-        })?),
-    };
-    let node = Arc::clone(&s.node);
-    let (items, last) = tokio::task::spawn_blocking(move || {
-        let mut items = Vec::new();
-        let mut last: Option<Vec<u8>> = None;
-        node.spool.scan_suppressions(after.as_deref(), |k, v| {
-            last = Some(k.to_vec());
-            if let Ok(e) = crate::suppression::Entry::decode(v)
-                && reason.is_none_or(|r| r == e.reason)
-            {
-                items.push(e);
-            }
-            items.len() < limit
-        })?;
-        Ok::<_, SpoolError>((items, last))
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("listing suppressions: {e}"),
-        )
-    })??;
-    let next = if items.len() == limit {
-        last.map(|k| encode_cursor(&k))
-    } else {
-        None
-    };
-    Ok(axum::Json(json!({"items": items, "next_cursor": next})).into_response())
-}
-
-fn encode_cursor(key: &[u8]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_cursor(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 2048 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-// --- One-click unsubscribe (RFC 8058) ---------------------------------------------------------
-
-/// The recipient, sending domain and campaign an unsubscribe token names, if it authenticates
-/// and its job still exists.
-async fn unsubscribe_target(
-    node: &Arc<Node>,
-    token: &str,
-) -> Result<(String, Arc<Campaign>, crate::spool::JobId), Response> {
-    let not_found = || {
-        (
-            StatusCode::NOT_FOUND,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "This unsubscribe link is not valid.\n",
-        )
-            .into_response()
-    };
-    if !node.is_ready() {
-        return Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "5")],
-            "Starting up; try again in a few seconds.\n",
-        )
-            .into_response());
-    }
-    let Some(job) = node
-        .assembler
-        .tokens()
-        .verify(crate::tokens::Purpose::Unsubscribe, token)
-    else {
-        return Err(not_found());
-    };
-    let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
-        return Err(not_found());
-    };
-    let read = Arc::clone(node);
-    let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .flatten();
-    let address = bytes
-        .as_deref()
-        .and_then(|b| crate::spool::JobRecord::decode(b).ok())
-        .map(|r| r.address.to_lowercase());
-    match address {
-        Some(a) => Ok((a, campaign, job)),
-        None => Err(not_found()),
-    }
-}
-
-/// `GET /u/{token}`: a plain page with a button that POSTs, so link scanners that follow GETs
-/// unsubscribe no one.
-async fn unsubscribe_page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
-    let (address, campaign, _) = match unsubscribe_target(&s.node, &token).await {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let domain = crate::address::domain_of(&campaign.record.from);
-    let esc = |t: &str| {
-        t.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-    };
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Unsubscribe</title></head>\
-         <body><p>Stop mail from {domain} to {address}?</p>\
-         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form></body></html>\n",
-        domain = esc(domain),
-        address = esc(&address),
-    );
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        html,
-    )
-        .into_response()
-}
-
-/// `POST /u/{token}`: RFC 8058 one-click unsubscribe (the body, `List-Unsubscribe=One-Click` or
-/// the page's empty form, is not needed). Suppresses the recipient for the campaign's From
-/// domain; idempotent: a repeat changes nothing and answers the same.
-async fn unsubscribe(State(s): State<AppState>, Path(token): Path<String>) -> Response {
-    let node = &s.node;
-    let (address, campaign, job) = match unsubscribe_target(node, &token).await {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
-    let done = (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        format!("{address} is unsubscribed from {scope}.\n"),
-    );
-    if node.suppressions.scopes(&address).contains(&scope) {
-        return done.into_response();
-    }
-    let entry = crate::suppression::Entry {
-        address,
-        scope,
-        reason: crate::suppression::Reason::Unsubscribe,
-        created_at_ms: now_ms(),
-        source: Some("unsubscribe".into()),
-        campaign: Some(campaign.record.id),
-        job: Some(job.to_string()),
-        category: None,
-        detail: None,
-    };
-    let mut batch = node.spool.batch();
-    batch.put_suppression(&entry.key(), &entry.encode());
-    if let Err(e) = node
-        .spool
-        .write(batch, crate::spool::Durability::Sync)
-        .await
-    {
-        return ApiError::from(e).into_response();
-    }
-    // Two clicks at once both write the same record; only the first to reach the index counts.
-    if node.suppressions.insert(&entry) {
-        crate::suppression::ADDED
-            .with_label_values(&[entry.reason.as_str()])
-            .inc();
-        campaign
-            .counts
-            .unsubscribed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    done.into_response()
 }
