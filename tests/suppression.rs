@@ -444,3 +444,128 @@ async fn one_click_unsubscribe_suppresses_for_the_sending_domain_once() {
     assert_eq!(b["suppressed"][0]["reason"], "unsubscribe", "{b}");
     node.shutdown().await;
 }
+
+async fn import(addr: std::net::SocketAddr, content_type: &str, body: &str) -> (u16, Value) {
+    let r = client()
+        .post(url(addr, "/v1/suppressions/import"))
+        .bearer_auth(KEY)
+        .header("content-type", content_type)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn export(addr: std::net::SocketAddr, query: &str) -> (String, String) {
+    let r = client()
+        .get(url(addr, &format!("/v1/suppressions/export{query}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+    (ct, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn import_keeps_good_rows_names_bad_lines_and_export_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path())).await;
+    let addr = node.http_addr;
+    let csv = "address,reason,scope,source\n\
+               ann@example.org,hard_bounce,,crm\n\
+               not-an-address,manual,,\n\
+               \"Bob@Example.org\",unsubscribe,news.example.com,\"list, old\"\n\
+               \n\
+               cy@example.org,grumpy,,\n\
+               dee@example.org,manual,not a domain,\n\
+               \"eve@example.org,manual\n\
+               fay@example.org\n";
+    let (status, body) = import(addr, "text/csv", csv).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["imported"], 3, "{body}");
+    assert_eq!(body["rejected_count"], 4, "{body}");
+    let lines: Vec<u64> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lines, [3, 6, 7, 8], "{body}");
+    let errors = body["rejected"].to_string();
+    for want in ["address:", "reason:", "scope:", "unterminated"] {
+        assert!(errors.contains(want), "{want} in {errors}");
+    }
+    let (_, bob) = call(addr, Method::GET, "/v1/suppressions/bob@example.org", None).await;
+    assert_eq!(bob["entries"][0]["scope"], "news.example.com", "{bob}");
+    assert_eq!(bob["entries"][0]["source"], "list, old", "{bob}");
+    let (_, fay) = call(addr, Method::GET, "/v1/suppressions/fay@example.org", None).await;
+    assert_eq!(
+        (
+            fay["entries"][0]["reason"].as_str(),
+            fay["entries"][0]["scope"].as_str()
+        ),
+        (Some("manual"), Some("*")),
+        "defaults: {fay}"
+    );
+
+    // NDJSON, with an unknown field and a missing address.
+    let nd = "{\"email\":\"gus@example.org\",\"reason\":\"complaint\"}\n\
+              {\"address\":\"hal@example.org\",\"color\":\"red\"}\n\
+              {\"reason\":\"manual\"}\n";
+    let (status, body) = import(addr, "application/x-ndjson", nd).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["imported"].as_u64(), body["rejected_count"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(body["rejected"][0]["line"], 2);
+    assert!(
+        body["rejected"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("address: missing")
+    );
+    let (status, body) = import(addr, "text/plain", "x@example.org\n").await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (415, Some("Content-Type"))
+    );
+    let (status, body) = import(addr, "text/csv", "address,colour\nx@example.org,red\n").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "line 1");
+
+    // Export, then import the export elsewhere: the same entries.
+    let (ct, nd) = export(addr, "").await;
+    assert_eq!(ct, "application/x-ndjson");
+    assert_eq!(nd.lines().count(), 4, "{nd}");
+    let (_, unsub) = export(addr, "?reason=unsubscribe").await;
+    assert_eq!(unsub.lines().count(), 1);
+    let (ct, csv) = export(addr, "?format=csv").await;
+    assert!(ct.starts_with("text/csv"));
+    assert!(csv.starts_with("address,scope,reason,created_at,"), "{csv}");
+    assert!(csv.contains("\"list, old\""), "{csv}");
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = start(config(other_dir.path())).await;
+    let (status, body) = import(other.http_addr, "text/csv", &csv).await;
+    assert_eq!(
+        (status, body["imported"].as_u64()),
+        (200, Some(4)),
+        "{body}"
+    );
+    let (_, again) = export(other.http_addr, "").await;
+    let sorted = |s: &str| {
+        let mut v: Vec<Value> = s
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        v.sort_by_key(|e| e["address"].as_str().unwrap().to_owned());
+        v
+    };
+    assert_eq!(sorted(&nd), sorted(&again));
+    other.shutdown().await;
+    node.shutdown().await;
+}
