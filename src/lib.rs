@@ -9,7 +9,8 @@
 //!
 //! The request path, in the order data flows:
 //!
-//! * [`api`]: the axum router. Authentication (Bearer keys, constant-time), readiness, load
+//! * [`api`]: the axum router (suppression, import/export, feedback and unsubscribe handlers in
+//!   its `suppressions` module; the streamed-body line splitter in `lines`). Authentication (Bearer keys, constant-time), readiness, load
 //!   shedding (503 + `Retry-After` past `http.max_concurrent_requests`), JSON error bodies that name
 //!   the field, `Idempotency-Key`. Handlers validate through `ingest` and never speak SMTP.
 //! * [`ingest`]: validation of campaign fields, templates and recipients, and the
@@ -48,7 +49,10 @@
 //!   [`smtp::client`] runs a connection (EHLO/HELO, STARTTLS with rustls, PIPELINING, SIZE,
 //!   8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321 timeouts).
 //! * [`outcome`]: the one classifier from replies, transport errors and DNS answers to delivered,
-//!   deferred, bounced or expired.
+//!   deferred, bounced or expired; [`outcome::rules`] then names the bounce category from the
+//!   rules file (`config/bounce-rules.toml`, compiled in, replaceable and reloaded on SIGHUP),
+//!   retries a 5xx of a soft category and says whether a hard bounce suppresses. Delivery writes
+//!   that suppression in the same batch as the job's outcome.
 //! * [`render`]: message assembly. [`render::compile`] once per campaign (templates, attachments
 //!   MIME-encoded once); [`render::Assembler`] renders, builds the MIME message (mail-builder) with
 //!   List-Unsubscribe, Feedback-ID and the trace header, and signs it, on the blocking pool one
@@ -59,6 +63,14 @@
 //!   every key of the From domain (or its nearest parent) signs. Swapped whole on SIGHUP.
 //! * [`tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with a purpose
 //!   byte so one kind cannot stand in for another, and key rotation (first key signs, all verify).
+//! * [`feedback`]: reports that come back later. Parses RFC 3464 DSNs (mail-parser for MIME, the
+//!   delivery-status fields here) and RFC 5965 ARF (mail-auth), maps each to its job through the
+//!   VERP token of the envelope recipient or the trace header / VERP Return-Path of the returned
+//!   headers, and applies it: job state and counts, suppression, a delivery-log record.
+//! * [`inbound`]: the SMTP listener on `[bounce] listen` that feeds [`feedback`]; it accepts only
+//!   addresses whose tokens authenticate and configured feedback addresses, with limits on
+//!   connections, lines, size and errors, and answers the final dot after the effect is synced.
+//!   `POST /v1/feedback` is the same over HTTP.
 //! * [`server`]: start and graceful stop, used by the binary and by in-process tests.
 //! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors.
 //! * [`metrics`]: Prometheus registry plumbing and the metrics that belong to no one module.
@@ -87,6 +99,9 @@
 //! * Ingest renders each recipient's variables against the templates (the rule that a
 //!   recipient who cannot render is refused at ingest), skipping the render when a template is plain
 //!   substitution and every name is present.
+//! * Suppression entries also carry the bounce `category` and the `detail` (reply or report) that
+//!   caused them, for people asking why an address is blocked.
+//! * Complaints are scoped to the campaign's From domain, like unsubscribes, not global.
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 
