@@ -410,6 +410,7 @@ pub async fn process(
         Report::NotAReport(why) => {
             let mut p = Processed::new("ignored", "ignored");
             p.detail = Some(why.clone());
+            INBOUND.with_label_values(&[p.kind, p.result]).inc();
             return Ok(p);
         }
     };
@@ -438,6 +439,13 @@ static INBOUND: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::Lazy
 });
 
 /// A job's record and campaign, read on the blocking pool.
+fn decode(job: JobId, bytes: &[u8]) -> Result<JobRecord<'_>, SpoolError> {
+    JobRecord::decode(bytes).map_err(|reason| SpoolError::Corrupt {
+        key: job.to_string(),
+        reason: reason.to_string(),
+    })
+}
+
 async fn load_job(
     node: &Arc<Node>,
     job: JobId,
@@ -488,10 +496,7 @@ async fn apply_dsn(
     let Some((bytes, campaign)) = load_job(node, job).await? else {
         return Ok(p);
     };
-    let rec = JobRecord::decode(&bytes).map_err(|reason| SpoolError::Corrupt {
-        key: job.to_string(),
-        reason: reason.to_string(),
-    })?;
+    let rec = decode(job, &bytes)?;
     let address = rec.address.to_lowercase();
     p.campaign = Some(campaign.record.id);
     p.job = Some(job.to_string());
@@ -584,7 +589,8 @@ async fn apply_complaint(
     c: Complaint,
     source: &'static str,
 ) -> Result<Processed, SpoolError> {
-    let complaint = matches!(c.feedback_type, "abuse" | "fraud" | "virus" | "other");
+    // "other" and "not-spam" say nothing about wanting the mail; they are only logged.
+    let complaint = matches!(c.feedback_type, "abuse" | "fraud" | "virus");
     let kind = if complaint { "complaint" } else { "feedback" };
     let mut p = Processed::new(kind, "unmapped");
     p.detail = Some(format!(
@@ -601,49 +607,27 @@ async fn apply_complaint(
     let Some((bytes, campaign)) = load_job(node, job).await? else {
         return Ok(p);
     };
-    let rec = JobRecord::decode(&bytes).map_err(|reason| SpoolError::Corrupt {
-        key: job.to_string(),
-        reason: reason.to_string(),
-    })?;
+    let rec = decode(job, &bytes)?;
     // The job knows the recipient even when the report redacts Original-Rcpt-To.
     let address = rec.address.to_lowercase();
-    let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
     p.campaign = Some(campaign.record.id);
     p.job = Some(job.to_string());
     p.recipient = Some(address.clone());
     p.result = "recorded";
     if complaint {
-        if node.suppressions.scopes(&address).contains(&scope) {
-            p.result = "duplicate";
-        } else {
-            let e = Entry {
-                address: address.clone(),
-                scope,
-                reason: Reason::Complaint,
-                created_at_ms: crate::now_ms(),
-                source: Some(format!("arf via {source}")),
-                campaign: Some(campaign.record.id),
-                job: Some(job.to_string()),
-                category: None,
-                detail: p.detail.clone(),
-            };
-            let mut batch = node.spool.batch();
-            batch.put_suppression(&e.key(), &e.encode());
-            node.spool.write(batch, Durability::Sync).await?;
-            // Two copies of one report at once both write the same record; one counts.
-            if node.suppressions.insert(&e) {
-                crate::suppression::ADDED
-                    .with_label_values(&[e.reason.as_str()])
-                    .inc();
-                campaign
-                    .counts
-                    .complained
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                p.result = "applied";
-                p.suppressed = Some(Reason::Complaint);
-            } else {
-                p.result = "duplicate";
-            }
+        let new = suppress_for_sender(
+            node,
+            &campaign,
+            job,
+            address.clone(),
+            Reason::Complaint,
+            format!("arf via {source}"),
+            p.detail.clone(),
+        )
+        .await?;
+        p.result = if new { "applied" } else { "duplicate" };
+        if new {
+            p.suppressed = Some(Reason::Complaint);
         }
     }
     node.log.record(LogRecord {
@@ -680,10 +664,7 @@ pub async fn unsubscribe_job(
     let Some((bytes, campaign)) = load_job(node, job).await? else {
         return Ok(None);
     };
-    let rec = JobRecord::decode(&bytes).map_err(|reason| SpoolError::Corrupt {
-        key: job.to_string(),
-        reason: reason.to_string(),
-    })?;
+    let rec = decode(job, &bytes)?;
     let address = rec.address.to_lowercase();
     unsubscribe(node, &campaign, job, address, source)
         .await
@@ -700,34 +681,61 @@ pub async fn unsubscribe(
     source: &str,
 ) -> Result<(String, String), SpoolError> {
     let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
+    suppress_for_sender(
+        node,
+        campaign,
+        job,
+        address.clone(),
+        Reason::Unsubscribe,
+        source.to_owned(),
+        None,
+    )
+    .await?;
+    Ok((address, scope))
+}
+
+/// Suppresses `address` for `campaign`'s From domain (an unsubscribe or a complaint), synced,
+/// and counts it once in the campaign's `unsubscribed` or `complained`. True when it is new.
+async fn suppress_for_sender(
+    node: &Arc<Node>,
+    campaign: &crate::campaign::Campaign,
+    job: JobId,
+    address: String,
+    reason: Reason,
+    source: String,
+    detail: Option<String>,
+) -> Result<bool, SpoolError> {
+    let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
     if node.suppressions.scopes(&address).contains(&scope) {
-        return Ok((address, scope));
+        return Ok(false);
     }
     let entry = Entry {
         address,
         scope,
-        reason: Reason::Unsubscribe,
+        reason,
         created_at_ms: crate::now_ms(),
-        source: Some(source.to_owned()),
+        source: Some(source),
         campaign: Some(campaign.record.id),
         job: Some(job.to_string()),
         category: None,
-        detail: None,
+        detail,
     };
     let mut batch = node.spool.batch();
     batch.put_suppression(&entry.key(), &entry.encode());
     node.spool.write(batch, Durability::Sync).await?;
     // Two requests at once both write the same record; only the first to reach the index counts.
-    if node.suppressions.insert(&entry) {
-        crate::suppression::ADDED
-            .with_label_values(&[entry.reason.as_str()])
-            .inc();
-        campaign
-            .counts
-            .unsubscribed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if !node.suppressions.insert(&entry) {
+        return Ok(false);
     }
-    Ok((entry.address, entry.scope))
+    crate::suppression::ADDED
+        .with_label_values(&[reason.as_str()])
+        .inc();
+    let counter = match reason {
+        Reason::Complaint => &campaign.counts.complained,
+        _ => &campaign.counts.unsubscribed,
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(true)
 }
 
 #[cfg(test)]

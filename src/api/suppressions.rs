@@ -690,13 +690,13 @@ impl Import {
         for e in &entries {
             if self.node.suppressions.insert(e) {
                 self.imported += 1;
+                crate::suppression::ADDED
+                    .with_label_values(&[e.reason.as_str()])
+                    .inc();
             } else {
                 self.replaced += 1;
             }
         }
-        crate::suppression::ADDED
-            .with_label_values(&["import"])
-            .inc_by(entries.len() as u64);
         Ok(())
     }
 }
