@@ -199,15 +199,9 @@ async fn run(n: u64) {
             format!("{:.3}", ready.as_secs_f64()),
         ),
     ];
-    println!("\ningest benchmark, {n} recipients");
-    println!("{:<42} {:>14}", "metric", "value");
-    for (k, v) in &rows {
-        println!("{k:<42} {v:>14}");
-    }
-    let csv: String = std::iter::once("metric,value\n".to_owned())
-        .chain(rows.iter().map(|(k, v)| format!("{k},{v}\n")))
-        .collect();
-    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    std::fs::write(out_dir.join("ingest.csv"), csv).unwrap();
+    common::report(
+        "ingest",
+        &format!("ingest benchmark, {n} recipients"),
+        &rows,
+    );
 }

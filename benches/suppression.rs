@@ -185,15 +185,5 @@ async fn run(suppressions: u64, recipients: u64) {
         ("ratio_with_to_without", format!("{:.3}", loaded / none)),
         ("index_check_ns", format!("{check_ns:.0}")),
     ];
-    println!("\nsuppression benchmark");
-    println!("{:<42} {:>14}", "metric", "value");
-    for (k, v) in &rows {
-        println!("{k:<42} {v:>14}");
-    }
-    let out: String = std::iter::once("metric,value\n".to_owned())
-        .chain(rows.iter().map(|(k, v)| format!("{k},{v}\n")))
-        .collect();
-    let out_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    std::fs::write(out_dir.join("suppression.csv"), out).unwrap();
+    common::report("suppression", "suppression benchmark", &rows);
 }

@@ -372,6 +372,14 @@ pub struct Processed {
 }
 
 impl Processed {
+    /// Names the job the report was mapped to.
+    fn attach(&mut self, found: &Found, address: &str) {
+        self.campaign = Some(found.campaign.record.id);
+        self.job = Some(found.job.to_string());
+        self.recipient = Some(address.to_owned());
+        self.result = "recorded";
+    }
+
     fn new(kind: &'static str, result: &'static str) -> Processed {
         Processed {
             kind,
@@ -438,18 +446,27 @@ static INBOUND: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::Lazy
     .expect("metric registers once")
 });
 
-/// A job's record and campaign, read on the blocking pool.
-fn decode(job: JobId, bytes: &[u8]) -> Result<JobRecord<'_>, SpoolError> {
-    JobRecord::decode(bytes).map_err(|reason| SpoolError::Corrupt {
-        key: job.to_string(),
-        reason: reason.to_string(),
-    })
+/// A report's job, found in the registry and the spool.
+struct Found {
+    job: JobId,
+    campaign: Arc<crate::campaign::Campaign>,
+    bytes: Vec<u8>,
 }
 
-async fn load_job(
-    node: &Arc<Node>,
-    job: JobId,
-) -> Result<Option<(Vec<u8>, Arc<crate::campaign::Campaign>)>, SpoolError> {
+impl Found {
+    fn record(&self) -> Result<JobRecord<'_>, SpoolError> {
+        JobRecord::decode(&self.bytes).map_err(|reason| SpoolError::Corrupt {
+            key: self.job.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+/// Reads the job's record on the blocking pool; `None` when there is no job or it is gone.
+async fn find(node: &Arc<Node>, job: Option<JobId>) -> Result<Option<Found>, SpoolError> {
+    let Some(job) = job else {
+        return Ok(None);
+    };
     let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
         return Ok(None);
     };
@@ -457,7 +474,44 @@ async fn load_job(
     let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
         .await
         .map_err(|e| SpoolError::Rocks(format!("job read task: {e}")))??;
-    Ok(bytes.map(|b| (b, campaign)))
+    Ok(bytes.map(|bytes| Found {
+        job,
+        campaign,
+        bytes,
+    }))
+}
+
+/// The delivery-log record of a report about `found`'s job; callers add what the report says.
+fn report_record(
+    node: &Node,
+    found: &Found,
+    rec: &JobRecord<'_>,
+    recipient: String,
+    kind: &'static str,
+) -> LogRecord {
+    LogRecord {
+        kind,
+        time_queued: crate::delivery::rfc3339(rec.accepted_at_ms),
+        time_logged: crate::delivery::rfc3339(crate::now_ms()),
+        campaign: found.campaign.record.id.to_string(),
+        job: found.job.to_string(),
+        recipient,
+        sender: node
+            .assembler
+            .envelope_sender(&found.campaign.record, found.job),
+        dsn_action: "delivered",
+        dsn_status: "2.0.0".into(),
+        reply_code: None,
+        dsn_diag: String::new(),
+        stage: String::new(),
+        mx_host: None,
+        mx_ip: None,
+        tls: false,
+        size: 0,
+        attempt: rec.attempts,
+        bounce_cat: None,
+        feedback_type: None,
+    }
 }
 
 async fn apply_dsn(
@@ -490,18 +544,13 @@ async fn apply_dsn(
     if kind == "bounce" {
         p.category = Some(class.category);
     }
-    let Some(job) = job else {
+    let Some(found) = find(node, job).await? else {
         return Ok(p);
     };
-    let Some((bytes, campaign)) = load_job(node, job).await? else {
-        return Ok(p);
-    };
-    let rec = decode(job, &bytes)?;
+    let (job, campaign) = (found.job, &found.campaign);
+    let rec = found.record()?;
     let address = rec.address.to_lowercase();
-    p.campaign = Some(campaign.record.id);
-    p.job = Some(job.to_string());
-    p.recipient = Some(address.clone());
-    p.result = "recorded";
+    p.attach(&found, &address);
     let mut batch = node.spool.batch();
     let mut bounced = false;
     let mut entry = None;
@@ -556,13 +605,6 @@ async fn apply_dsn(
         p.suppressed = Some(e.reason);
     }
     node.log.record(LogRecord {
-        kind: if kind == "bounce" { "rb" } else { "rs" },
-        time_queued: crate::delivery::rfc3339(rec.accepted_at_ms),
-        time_logged: crate::delivery::rfc3339(crate::now_ms()),
-        campaign: campaign.record.id.to_string(),
-        job: job.to_string(),
-        recipient: address,
-        sender: node.assembler.envelope_sender(&campaign.record, job),
         dsn_action: match kind {
             "bounce" => "failed",
             "delay" => "delayed",
@@ -573,12 +615,14 @@ async fn apply_dsn(
         dsn_diag: diag,
         stage: format!("DSN ({source})"),
         mx_host: r.remote_mta.clone().or(dsn.reporting_mta.clone()),
-        mx_ip: None,
-        tls: false,
-        size: 0,
-        attempt: rec.attempts,
         bounce_cat: p.category.map(Category::as_str),
-        feedback_type: None,
+        ..report_record(
+            node,
+            &found,
+            &rec,
+            address,
+            if kind == "bounce" { "rb" } else { "rs" },
+        )
     });
     Ok(p)
 }
@@ -601,24 +645,18 @@ async fn apply_complaint(
             .map(|u| format!(" from {u}"))
             .unwrap_or_default()
     ));
-    let Some(job) = job else {
+    let Some(found) = find(node, job).await? else {
         return Ok(p);
     };
-    let Some((bytes, campaign)) = load_job(node, job).await? else {
-        return Ok(p);
-    };
-    let rec = decode(job, &bytes)?;
+    let rec = found.record()?;
     // The job knows the recipient even when the report redacts Original-Rcpt-To.
     let address = rec.address.to_lowercase();
-    p.campaign = Some(campaign.record.id);
-    p.job = Some(job.to_string());
-    p.recipient = Some(address.clone());
-    p.result = "recorded";
+    p.attach(&found, &address);
     if complaint {
         let new = suppress_for_sender(
             node,
-            &campaign,
-            job,
+            &found.campaign,
+            found.job,
             address.clone(),
             Reason::Complaint,
             format!("arf via {source}"),
@@ -631,25 +669,10 @@ async fn apply_complaint(
         }
     }
     node.log.record(LogRecord {
-        kind: "f",
-        time_queued: crate::delivery::rfc3339(rec.accepted_at_ms),
-        time_logged: crate::delivery::rfc3339(crate::now_ms()),
-        campaign: campaign.record.id.to_string(),
-        job: job.to_string(),
-        recipient: address,
-        sender: node.assembler.envelope_sender(&campaign.record, job),
-        dsn_action: "delivered",
-        dsn_status: "2.0.0".into(),
-        reply_code: None,
         dsn_diag: p.detail.clone().unwrap_or_default(),
         stage: format!("ARF ({source})"),
-        mx_host: None,
-        mx_ip: None,
-        tls: false,
-        size: 0,
-        attempt: rec.attempts,
-        bounce_cat: None,
         feedback_type: Some(c.feedback_type),
+        ..report_record(node, &found, &rec, address, "f")
     });
     Ok(p)
 }
@@ -661,12 +684,11 @@ pub async fn unsubscribe_job(
     job: JobId,
     source: &str,
 ) -> Result<Option<(String, String)>, SpoolError> {
-    let Some((bytes, campaign)) = load_job(node, job).await? else {
+    let Some(found) = find(node, Some(job)).await? else {
         return Ok(None);
     };
-    let rec = decode(job, &bytes)?;
-    let address = rec.address.to_lowercase();
-    unsubscribe(node, &campaign, job, address, source)
+    let address = found.record()?.address.to_lowercase();
+    unsubscribe(node, &found.campaign, job, address, source)
         .await
         .map(Some)
 }

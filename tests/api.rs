@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KEY, client, config, spool_counts, start, url};
+use common::{KEY, client, config, get_json, spool_counts, start, url};
 use serde_json::{Value, json};
 
 fn campaign_body(recipients: Value) -> Value {
@@ -24,17 +24,6 @@ async fn post_json(addr: std::net::SocketAddr, path: &str, body: &Value) -> (u16
         .post(url(addr, path))
         .bearer_auth(KEY)
         .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get_json(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-    let r = client()
-        .get(url(addr, path))
-        .bearer_auth(KEY)
         .send()
         .await
         .unwrap();

@@ -8,20 +8,10 @@ use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
 use common::{
-    KEY, client, delivery_config, log_records, post_campaign, recipients, start, url, wait_counts,
+    KEY, client, delivery_config, get_json, log_records, post_campaign, recipients, start, url,
+    wait_counts,
 };
 use serde_json::{Value, json};
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-    let r = client()
-        .get(url(addr, path))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
 
 /// `n` of `<user{n}@sink.test>` (the sink hands over the address in angle brackets or bare).
 fn index_of(rcpt: &str) -> usize {
@@ -58,7 +48,7 @@ async fn hard_bounces_are_suppressed_and_skipped_by_the_next_campaign() {
     .await;
     assert_eq!(counts["deferred"], 0, "{counts}");
 
-    let (status, entry) = get(addr, "/v1/suppressions/user10@sink.test").await;
+    let (status, entry) = get_json(addr, "/v1/suppressions/user10@sink.test").await;
     assert_eq!(status, 200, "{entry}");
     let e = &entry["entries"][0];
     assert_eq!(e["reason"], "hard_bounce", "{entry}");
@@ -69,9 +59,9 @@ async fn hard_bounces_are_suppressed_and_skipped_by_the_next_campaign() {
         e["detail"].as_str().unwrap().starts_with("550 5.1.1"),
         "{entry}"
     );
-    let (_, delivered) = get(addr, "/v1/suppressions/user11@sink.test").await;
+    let (_, delivered) = get_json(addr, "/v1/suppressions/user11@sink.test").await;
     assert!(delivered["entries"].is_null(), "{delivered}");
-    let (_, page) = get(addr, "/v1/suppressions?reason=hard_bounce&limit=1000").await;
+    let (_, page) = get_json(addr, "/v1/suppressions?reason=hard_bounce&limit=1000").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 100);
     let bounced: Vec<Value> = log_records(dir.path())
         .into_iter()
@@ -295,7 +285,7 @@ fn sample(name: &str, m: &common::sink::Captured) -> (String, Vec<u8>) {
 }
 
 async fn entry(addr: std::net::SocketAddr, address: &str) -> Value {
-    let (status, body) = get(addr, &format!("/v1/suppressions/{address}")).await;
+    let (status, body) = get_json(addr, &format!("/v1/suppressions/{address}")).await;
     if status == 404 {
         return Value::Null;
     }
@@ -331,7 +321,7 @@ async fn dsns_and_complaints_over_smtp_reach_their_jobs() {
     let (_, again) = sample("postfix", &msgs[0]);
     let r = Smtp::send(listener, &msgs[0].mail_from, &again).await;
     assert!(r.starts_with("250 2.0.0 bounce duplicate"), "{r}");
-    let (_, c) = get(addr, &format!("/v1/campaigns/{id}")).await;
+    let (_, c) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(c["counts"]["bounced"], 5, "{c}");
     assert_eq!(c["counts"]["delivered"], 3, "{c}");
 
@@ -345,7 +335,7 @@ async fn dsns_and_complaints_over_smtp_reach_their_jobs() {
         (Some("complaint"), Some("example.com")),
         "{e}"
     );
-    let (_, c) = get(addr, &format!("/v1/campaigns/{id}")).await;
+    let (_, c) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(c["counts"]["complained"], 1, "{c}");
 
     // The same report over HTTP for another job.
@@ -489,7 +479,7 @@ async fn the_listener_refuses_relays_forgeries_and_garbage_and_keeps_serving() {
     drop(c);
 
     // After all that, nothing changed and a good report still goes through.
-    let (_, counts) = get(node.http_addr, &format!("/v1/campaigns/{id}")).await;
+    let (_, counts) = get_json(node.http_addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(counts["counts"]["delivered"], 2, "{counts}");
     assert!(node.node.suppressions.is_empty());
     let r = Smtp::send(listener, &verp, good.as_bytes()).await;

@@ -52,6 +52,33 @@ pub fn url(addr: SocketAddr, path: &str) -> String {
     format!("http://{addr}{path}")
 }
 
+/// An authenticated GET: status and JSON body (`null` when there is none).
+pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let r = client()
+        .get(url(addr, path))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Prints a benchmark's metrics as a table and writes them to `target/bench/<name>.csv`.
+pub fn report(name: &str, title: &str, rows: &[(&str, String)]) {
+    println!("\n{title}");
+    println!("{:<42} {:>14}", "metric", "value");
+    for (k, v) in rows {
+        println!("{k:<42} {v:>14}");
+    }
+    let csv: String = std::iter::once("metric,value\n".to_owned())
+        .chain(rows.iter().map(|(k, v)| format!("{k},{v}\n")))
+        .collect();
+    let out_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out_dir).expect("create target/bench");
+    std::fs::write(out_dir.join(format!("{name}.csv")), csv).expect("write the CSV");
+}
+
 /// Record counts of every column family, to assert that a refused request changed nothing.
 pub async fn spool_counts(running: &Running) -> Vec<(String, usize)> {
     let node = Arc::clone(&running.node);
