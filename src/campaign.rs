@@ -304,6 +304,20 @@ impl Registry {
         self.inner.read().expect("registry lock").by_id.len()
     }
 
+    /// Every campaign, newest first.
+    pub fn all(&self) -> Vec<Arc<Campaign>> {
+        let mut v: Vec<Arc<Campaign>> = self
+            .inner
+            .read()
+            .expect("registry lock")
+            .by_seq
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|c| std::cmp::Reverse(c.seq));
+        v
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

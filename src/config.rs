@@ -247,6 +247,10 @@ pub struct Shaping {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
+    /// Names the sites this rule shapes in metrics and reports (a provider group such as
+    /// `google`); the pattern is used when unset.
+    #[serde(default)]
+    pub name: Option<String>,
     /// `example.com` matches that domain or MX host exactly; `*.example.com` any name below it.
     #[serde(rename = "match")]
     pub pattern: String,

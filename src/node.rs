@@ -37,6 +37,8 @@ pub struct Node {
     pub assembler: crate::render::Assembler,
     /// The delivery log: attempts, asynchronous bounces and complaints.
     pub log: crate::delivery::log::DeliveryLog,
+    /// The delivery engine, once started (not when `delivery.enabled` is off), for reports.
+    pub delivery: std::sync::OnceLock<std::sync::Weak<crate::delivery::Delivery>>,
     /// Bounce classification rules; replaced whole on SIGHUP.
     rules: std::sync::RwLock<Arc<crate::outcome::rules::Rules>>,
     ready: AtomicBool,
@@ -66,6 +68,7 @@ impl Node {
             log,
             assembler,
             rules: std::sync::RwLock::new(Arc::new(rules)),
+            delivery: std::sync::OnceLock::new(),
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
             config,
@@ -182,6 +185,14 @@ impl Node {
             rolled_back: found.rolled_back,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Per-site and per-domain statistics; without a delivery engine, domains only.
+    pub async fn report(self: &Arc<Self>) -> crate::delivery::stats::Report {
+        match self.delivery.get().and_then(std::sync::Weak::upgrade) {
+            Some(d) => d.report().await,
+            None => crate::delivery::stats::report(self, Vec::new(), &|_| None).await,
+        }
     }
 
     /// Suspends or resumes delivery to `domain` (normalised). Returns whether it has a queue.

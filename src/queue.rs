@@ -44,6 +44,21 @@ struct DomainQueue {
     pins: u64,
 }
 
+/// A domain's line in [`QueueIndex::summaries`].
+#[derive(Debug, Clone, Copy)]
+pub struct DomainSummary<'a> {
+    pub name: &'a str,
+    /// Jobs in the index.
+    pub pending: usize,
+    /// Jobs taken out (being delivered, parked for a paused campaign, staged by an upload).
+    pub held: u64,
+    /// Suspended by an operator.
+    pub parked: bool,
+    pub next_due_ms: Option<u64>,
+    /// The pending job accepted first.
+    pub oldest: Option<JobId>,
+}
+
 /// Pending jobs per destination domain, plus a schedule of the inactive domains by the time
 /// they next have work.
 #[derive(Default)]
@@ -293,6 +308,34 @@ impl QueueIndex {
         self.len -= out.len();
         q.pins += out.len() as u64;
         out
+    }
+
+    /// One line per known domain with jobs pending, held elsewhere, or parked, for reports.
+    /// Walks every pending job (to find each domain's oldest): O(queued), so callers do it
+    /// every few seconds at most.
+    pub fn summaries(&self) -> impl Iterator<Item = DomainSummary<'_>> + '_ {
+        self.queues.iter().enumerate().filter_map(|(i, q)| {
+            let name = &self.names[i];
+            if name.is_empty() || (q.heap.is_empty() && q.pins == 0 && !q.parked) {
+                return None;
+            }
+            Some(DomainSummary {
+                name,
+                pending: q.heap.len(),
+                held: q.pins,
+                parked: q.parked,
+                next_due_ms: q.heap.peek().map(|Reverse((due, _))| *due),
+                // Job ids grow with acceptance within a campaign and campaigns are numbered in
+                // creation order, so the smallest id is the longest queued (recipients appended
+                // to an old campaign later aside).
+                oldest: q
+                    .heap
+                    .iter()
+                    .map(|Reverse((_, id))| *id)
+                    .min()
+                    .map(JobId::from),
+            })
+        })
     }
 
     /// Domains that have pending jobs, with their earliest due time.

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -153,7 +153,7 @@ pub fn router(node: Arc<Node>) -> Router {
         node,
     };
     let v1 = Router::new()
-        .route("/campaigns", post(create_campaign))
+        .route("/campaigns", post(create_campaign).get(list_campaigns))
         .route("/campaigns/{id}", get(get_campaign))
         .route("/campaigns/{id}/recipients", post(add_recipients))
         .route("/campaigns/{id}/pause", post(pause_campaign))
@@ -170,6 +170,8 @@ pub fn router(node: Arc<Node>) -> Router {
                 .delete(suppressions::delete_one),
         )
         .route("/feedback", post(suppressions::feedback))
+        .route("/domains", get(list_domains))
+        .route("/queue", get(queue_summary))
         .route("/domains/{domain}/suspend", post(suspend_domain))
         .route("/domains/{domain}/resume", post(resume_domain))
         .fallback(|| async {
@@ -761,10 +763,9 @@ fn find_campaign(node: &Node, id: &str) -> Result<Arc<Campaign>, ApiError> {
         .ok_or_else(|| ApiError::not_found(id))
 }
 
-async fn get_campaign(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let c = find_campaign(&s.node, &id)?;
+fn campaign_json(c: &Campaign) -> serde_json::Value {
     let created = UNIX_EPOCH + Duration::from_millis(c.record.created_at_ms);
-    Ok(axum::Json(json!({
+    json!({
         "id": c.record.id,
         "kind": c.record.kind,
         "state": c.state(),
@@ -773,6 +774,105 @@ async fn get_campaign(State(s): State<AppState>, Path(id): Path<String>) -> ApiR
         "tags": c.record.tags,
         "created_at": humantime::format_rfc3339_millis(created).to_string(),
         "counts": c.counts.snapshot(),
+    })
+}
+
+async fn get_campaign(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let c = find_campaign(&s.node, &id)?;
+    Ok(axum::Json(campaign_json(&c)).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// Upper bound of `limit` in list endpoints without a cursor.
+const MAX_LIST_LIMIT: usize = 10_000;
+
+fn list_limit(q: &ListQuery) -> Result<usize, ApiError> {
+    match q.limit {
+        None => Ok(100),
+        Some(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
+        )
+        .field("limit")),
+    }
+}
+
+/// `GET /v1/campaigns?limit=`: the newest campaigns with their counts.
+async fn list_campaigns(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
+    let limit = list_limit(&q)?;
+    let all = s.node.campaigns.all();
+    let campaigns: Vec<serde_json::Value> =
+        all.iter().take(limit).map(|c| campaign_json(c)).collect();
+    Ok(axum::Json(json!({"campaigns": campaigns, "total": all.len()})).into_response())
+}
+
+/// `GET /v1/domains?limit=`: every site (queue, connections, rate, state, last reply) and the
+/// domains with the most queued recipients.
+async fn list_domains(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
+    let limit = list_limit(&q)?;
+    let report = s.node.report().await;
+    let mut suspended: Vec<String> = s
+        .node
+        .suspended
+        .lock()
+        .expect("suspended lock")
+        .iter()
+        .cloned()
+        .collect();
+    suspended.sort_unstable();
+    let domain_count = report.domains.len();
+    let domains: Vec<_> = report.domains.into_iter().take(limit).collect();
+    Ok(axum::Json(json!({
+        "sites": report.sites,
+        "domains": domains,
+        "domain_count": domain_count,
+        "suspended": suspended,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/queue`: totals over the whole queue.
+async fn queue_summary(State(s): State<AppState>) -> ApiResult {
+    let report = s.node.report().await;
+    let parked: usize = s
+        .node
+        .parked
+        .lock()
+        .expect("parked lock")
+        .values()
+        .map(Vec::len)
+        .sum();
+    let mut campaigns = std::collections::BTreeMap::<&str, u64>::new();
+    for c in s.node.campaigns.all() {
+        let state = match c.state() {
+            CampaignState::Active => "active",
+            CampaignState::Paused => "paused",
+            CampaignState::Cancelled => "cancelled",
+        };
+        *campaigns.entry(state).or_default() += 1;
+    }
+    let in_flight: u64 = report.sites.iter().map(|x| x.in_flight).sum();
+    let connections: i64 = report.sites.iter().map(|x| x.connections.open).sum();
+    let suspended = s.node.suspended.lock().expect("suspended lock").len();
+    Ok(axum::Json(json!({
+        "queued": report.queued,
+        "held": report.held,
+        "in_flight": in_flight,
+        "parked_for_paused_campaigns": parked,
+        "domains": report.domains.len(),
+        "sites": report.sites.len(),
+        "suspended_domains": suspended,
+        "connections": connections,
+        "oldest_queued_seconds": report.oldest_queued_seconds,
+        "campaigns": campaigns,
+        "delivery": s.node.delivery.get().is_some(),
     }))
     .into_response())
 }

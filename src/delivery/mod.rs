@@ -20,6 +20,7 @@
 //!   one batch per failure so that every recipient's log shows what happened.
 
 pub mod log;
+pub mod stats;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -50,8 +51,8 @@ use log::{DeliveryLog, LogRecord};
 static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "sluice_delivery_attempts_total",
-        "Delivery attempts by verdict (delivered, deferred, bounced, expired). rate() of delivered is throughput.",
-        &["verdict"]
+        "Delivery attempts by verdict (delivered, deferred, bounced, expired) and site label. rate() of delivered is throughput.",
+        &["verdict", "site"]
     )
     .expect("metric registers once")
 });
@@ -59,8 +60,8 @@ static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 static CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "sluice_smtp_connections_total",
-        "Outbound SMTP connection attempts by result (ok, failed). A high failed share means unreachable sites.",
-        &["result"]
+        "Outbound SMTP connection attempts by result (ok, failed) and site label. A high failed share means an unreachable site.",
+        &["result", "site"]
     )
     .expect("metric registers once")
 });
@@ -94,8 +95,29 @@ static SUPPRESSED_AT_DELIVERY: LazyLock<IntCounter> = LazyLock::new(|| {
 static FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "sluice_delivery_failures_total",
-        "Failed attempts by verdict (deferred, bounced, expired) and bounce category (config/bounce-rules.toml). A rise of bad-mailbox means a stale list; spam-related or policy-related, a reputation or authentication problem.",
-        &["verdict", "category"]
+        "Failed attempts by verdict (deferred, bounced, expired), bounce category (config/bounce-rules.toml) and site label. A rise of bad-mailbox means a stale list; spam-related or policy-related, a reputation or authentication problem.",
+        &["verdict", "category", "site"]
+    )
+    .expect("metric registers once")
+});
+
+static REPLIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_smtp_replies_total",
+        "Replies that decided an attempt, by class (2xx, 4xx, 5xx; none: no reply, e.g. a timeout or a refused connection) and site label.",
+        &["class", "site"]
+    )
+    .expect("metric registers once")
+});
+
+static LATENCY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    register_histogram!(
+        "sluice_delivery_latency_seconds",
+        "Time from acceptance (the 202) to delivery, per delivered recipient, retries included. The high quantiles show how long deferred mail waits.",
+        vec![
+            0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+            43200.0, 86400.0, 259200.0
+        ]
     )
     .expect("metric registers once")
 });
@@ -121,6 +143,7 @@ struct Target {
 
 struct Site {
     key: String,
+    stats: Arc<stats::SiteStats>,
     targets: Vec<Target>,
     shaping: Shaping,
     message_rate: Option<DefaultDirectRateLimiter>,
@@ -132,7 +155,7 @@ struct SiteInner {
     /// Domains attached to this site with jobs to take, served round-robin.
     active: VecDeque<DomainId>,
     lanes: u32,
-    idle: Vec<Connection>,
+    idle: Vec<stats::Held>,
     failures: u32,
     backoff_until_ms: u64,
     last_activity: Instant,
@@ -187,8 +210,24 @@ impl Site {
         !self.inner.lock().expect("site lock").active.is_empty()
     }
 
-    fn take_idle(&self) -> Option<Connection> {
-        self.inner.lock().expect("site lock").idle.pop()
+    fn take_idle(&self) -> Option<stats::Held> {
+        self.inner
+            .lock()
+            .expect("site lock")
+            .idle
+            .pop()
+            .map(stats::Held::busy)
+    }
+
+    fn view(&self) -> stats::SiteView {
+        let g = self.inner.lock().expect("site lock");
+        stats::SiteView {
+            key: self.key.clone(),
+            stats: Arc::clone(&self.stats),
+            max_connections: self.shaping.max_connections,
+            lanes: g.lanes,
+            backoff_until_ms: g.backoff_until_ms,
+        }
     }
 }
 
@@ -215,6 +254,9 @@ pub struct Delivery {
     dns: Dns,
     client: ClientSettings,
     sites: Mutex<HashMap<String, Arc<Site>>>,
+    /// The site key each domain was last resolved to, for reports.
+    domain_sites: Mutex<HashMap<String, String>>,
+    labels: stats::Labels,
     updates: mpsc::Sender<Update>,
     log: DeliveryLog,
     stop: CancellationToken,
@@ -247,6 +289,8 @@ impl Delivery {
             config: Arc::clone(&config),
             dns,
             sites: Mutex::new(HashMap::new()),
+            domain_sites: Mutex::new(HashMap::new()),
+            labels: stats::Labels::default(),
             updates: tx,
             log,
             stop: CancellationToken::new(),
@@ -263,6 +307,10 @@ impl Delivery {
             .background
             .spawn(Arc::clone(&delivery).coordinate());
         delivery.background.spawn(Arc::clone(&delivery).sweep());
+        delivery
+            .background
+            .spawn(Arc::clone(&delivery).publish_stats());
+        let _ = node.delivery.set(Arc::downgrade(&delivery));
         Ok(delivery)
     }
 
@@ -271,7 +319,7 @@ impl Delivery {
         self.stop.cancel();
         self.lanes.close();
         self.lanes.wait().await;
-        let idle: Vec<Connection> = {
+        let idle: Vec<stats::Held> = {
             let sites = self.sites.lock().expect("sites lock");
             sites
                 .values()
@@ -334,6 +382,10 @@ impl Delivery {
         }
         match self.site_for(&name).await {
             Ok(site) => {
+                self.domain_sites
+                    .lock()
+                    .expect("domain sites lock")
+                    .insert(name, site.key.clone());
                 site.inner.lock().expect("site lock").active.push_back(d);
                 self.ensure_lanes(&site);
             }
@@ -348,8 +400,8 @@ impl Delivery {
                     if jobs.is_empty() || self.stop.is_cancelled() {
                         break;
                     }
-                    for p in self.prepare(jobs).await {
-                        self.finish(&p, outcome.clone(), None, 0).await;
+                    for p in self.prepare(jobs, None).await {
+                        self.finish(&p, outcome.clone(), None, None, 0).await;
                     }
                 }
                 self.node.queue.lock().expect("queue lock").deactivate(d, 0);
@@ -365,7 +417,7 @@ impl Delivery {
                 None => p == domain,
             }
         });
-        let (key, targets) = match route {
+        let (key, targets, relay_label) = match route {
             Some(r) => {
                 let (host, port) = r.relay.rsplit_once(':').unwrap_or((r.relay.as_str(), "25"));
                 let port = port.parse().unwrap_or(25);
@@ -373,13 +425,15 @@ impl Delivery {
                     .trim_start_matches('[')
                     .trim_end_matches(']')
                     .to_owned();
+                let key = format!("relay:{host}:{port}");
                 (
-                    format!("relay:{host}:{port}"),
+                    key.clone(),
                     vec![Target {
                         name: host,
                         port,
                         preference: 0,
                     }],
+                    Some(key),
                 )
             }
             None => {
@@ -400,24 +454,39 @@ impl Delivery {
                         preference: h.preference,
                     })
                     .collect();
-                (names.join(","), targets)
+                (names.join(","), targets, None)
             }
         };
         let mut sites = self.sites.lock().expect("sites lock");
         if let Some(site) = sites.get(&key) {
             return Ok(Arc::clone(site));
         }
-        let shaping = self
+        let rule = self
             .config
             .rules
             .iter()
-            .find(|r| r.matches(domain) || targets.iter().any(|t: &Target| r.matches(&t.name)))
-            .map_or_else(
-                || self.config.shaping.clone(),
-                |r| r.apply(&self.config.shaping),
-            );
+            .find(|r| r.matches(domain) || targets.iter().any(|t: &Target| r.matches(&t.name)));
+        let shaping = rule.map_or_else(
+            || self.config.shaping.clone(),
+            |r| r.apply(&self.config.shaping),
+        );
+        let label = match (relay_label, rule) {
+            (Some(relay), _) => self.labels.label(relay, true),
+            (None, Some(r)) => self
+                .labels
+                .label(r.name.clone().unwrap_or_else(|| r.pattern.clone()), true),
+            // The most preferred host names the site (alphabetically first among equals).
+            (None, None) => {
+                let primary = targets
+                    .iter()
+                    .min_by(|a, b| a.preference.cmp(&b.preference).then(a.name.cmp(&b.name)))
+                    .map_or_else(|| key.clone(), |t| t.name.clone());
+                self.labels.label(primary, false)
+            }
+        };
         let site = Arc::new(Site {
             key: key.clone(),
+            stats: Arc::new(stats::SiteStats::new(label)),
             message_rate: shaping.message_rate.map(limiter),
             connection_rate: shaping.connection_rate.map(limiter),
             targets,
@@ -459,7 +528,7 @@ impl Delivery {
     }
 
     async fn lane(self: Arc<Self>, site: Arc<Site>) {
-        let mut conn: Option<Connection> = None;
+        let mut conn: Option<stats::Held> = None;
         let mut not_before = 0u64;
         let batch = if site.message_rate.is_some() {
             1
@@ -479,10 +548,11 @@ impl Delivery {
             if jobs.is_empty() {
                 break;
             }
+            let _in_flight = site.stats.hold(jobs.len());
             if site.has_work() {
                 self.ensure_lanes(&site);
             }
-            let mut prepared = self.prepare(jobs).await.into_iter();
+            let mut prepared = self.prepare(jobs, Some(&site)).await.into_iter();
             while let Some(p) = prepared.next() {
                 // A connection: the current one if still good, else a pooled one, else a new one.
                 let fresh = conn.as_ref().is_some_and(|c| {
@@ -503,12 +573,16 @@ impl Delivery {
                         }
                         match self.connect(&site).await {
                             Ok(c) => {
-                                CONNECTIONS.with_label_values(&["ok"]).inc();
+                                CONNECTIONS
+                                    .with_label_values(&["ok", &site.stats.label])
+                                    .inc();
                                 site.inner.lock().expect("site lock").failures = 0;
-                                conn = Some(c);
+                                conn = Some(site.stats.track(c));
                             }
                             Err(o) => {
-                                CONNECTIONS.with_label_values(&["failed"]).inc();
+                                CONNECTIONS
+                                    .with_label_values(&["failed", &site.stats.label])
+                                    .inc();
                                 let mut rest: Vec<Prepared> =
                                     std::iter::once(p).chain(prepared).collect();
                                 let more = site.pop(
@@ -516,9 +590,10 @@ impl Delivery {
                                     crate::now_ms(),
                                     FAIL_BATCH.saturating_sub(rest.len()),
                                 );
-                                rest.extend(self.prepare(more).await);
+                                let _more = site.stats.hold(more.len());
+                                rest.extend(self.prepare(more, Some(&site)).await);
                                 for p in rest {
-                                    self.finish(&p, o.clone(), None, 0).await;
+                                    self.finish(&p, o.clone(), Some(&site), None, 0).await;
                                 }
                                 not_before = self.site_failed(&site);
                                 break 'lane;
@@ -527,7 +602,7 @@ impl Delivery {
                     }
                 }
                 let Some(c) = conn.as_mut() else { break 'lane };
-                self.attempt(p, c).await;
+                self.attempt(p, &site, c).await;
             }
         }
         if let Some(c) = conn {
@@ -535,7 +610,7 @@ impl Delivery {
                 && c.transactions < site.shaping.max_messages_per_connection
                 && !self.stop.is_cancelled()
             {
-                site.inner.lock().expect("site lock").idle.push(c);
+                site.inner.lock().expect("site lock").idle.push(c.idle());
             } else {
                 c.quit().await;
             }
@@ -637,7 +712,7 @@ impl Delivery {
 
     /// Reads the jobs' records and sorts out those that must not be attempted: paused campaigns
     /// (parked), cancelled ones, expired jobs.
-    async fn prepare(&self, jobs: Vec<PendingJob>) -> Vec<Prepared> {
+    async fn prepare(&self, jobs: Vec<PendingJob>, site: Option<&Site>) -> Vec<Prepared> {
         if jobs.is_empty() {
             return Vec::new();
         }
@@ -724,7 +799,8 @@ impl Delivery {
                 sender,
             };
             if expired {
-                self.finish(&p, outcome::expired(&last), None, 0).await;
+                self.finish(&p, outcome::expired(&last), site, None, 0)
+                    .await;
                 continue;
             }
             out.push(p);
@@ -775,14 +851,14 @@ impl Delivery {
     }
 
     /// Renders and sends one job on `conn`, then records the outcome.
-    async fn attempt(&self, p: Prepared, conn: &mut Connection) {
+    async fn attempt(&self, p: Prepared, site: &Site, conn: &mut Connection) {
         let Ok(rec) = JobRecord::decode(&p.bytes) else {
             return self.release(&p.job);
         };
         let record = &p.campaign.record;
         let rendered = match self.assemble(&p).await {
             Ok(r) => r,
-            Err(o) => return self.finish(&p, o, None, 0).await,
+            Err(o) => return self.finish(&p, o, Some(site), None, 0).await,
         };
         let smtputf8 = !rec.address.is_ascii() || !record.from.is_ascii();
         if smtputf8 && !conn.capabilities.smtputf8 {
@@ -791,7 +867,9 @@ impl Delivery {
                 "the address needs SMTPUTF8, which the server does not offer",
                 Command::Mail,
             );
-            return self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
+            return self
+                .finish(&p, o, Some(site), Some(conn), rendered.bytes.len())
+                .await;
         }
         if let Some(limit) = conn.capabilities.size
             && limit > 0
@@ -805,7 +883,9 @@ impl Delivery {
                 ),
                 Command::Mail,
             );
-            return self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
+            return self
+                .finish(&p, o, Some(site), Some(conn), rendered.bytes.len())
+                .await;
         }
         let recipients = [rec.address];
         let env = Envelope {
@@ -827,7 +907,8 @@ impl Delivery {
             Err(e) => outcome::from_error(&e),
         };
         TRANSACTION_SECONDS.observe(started.elapsed().as_secs_f64());
-        self.finish(&p, o, Some(conn), rendered.bytes.len()).await;
+        self.finish(&p, o, Some(site), Some(conn), rendered.bytes.len())
+            .await;
     }
 
     /// Renders, builds and signs a job's message on the blocking pool, at most one per core at a
@@ -888,7 +969,14 @@ impl Delivery {
     }
 
     /// Applies an outcome: new job state, counts, retry schedule, spool update, log record.
-    async fn finish(&self, p: &Prepared, o: Outcome, conn: Option<&Connection>, size: usize) {
+    async fn finish(
+        &self,
+        p: &Prepared,
+        o: Outcome,
+        site: Option<&Site>,
+        conn: Option<&Connection>,
+        size: usize,
+    ) {
         let Ok(rec) = JobRecord::decode(&p.bytes) else {
             return self.release(&p.job);
         };
@@ -948,10 +1036,31 @@ impl Delivery {
             Verdict::Bounced => "bounced",
             Verdict::Expired => "expired",
         };
-        ATTEMPTS.with_label_values(&[verdict]).inc();
+        let label = site.map_or(stats::UNRESOLVED, |s| s.stats.label.as_str());
+        ATTEMPTS.with_label_values(&[verdict, label]).inc();
+        let class = match o.code.map(|c| c / 100) {
+            Some(2) => "2xx",
+            Some(3) => "3xx",
+            Some(4) => "4xx",
+            Some(5) => "5xx",
+            Some(_) => "other",
+            None => "none",
+        };
+        REPLIES.with_label_values(&[class, label]).inc();
+        if o.verdict == Verdict::Delivered {
+            LATENCY_SECONDS.observe(now.saturating_sub(rec.accepted_at_ms) as f64 / 1000.0);
+        }
+        if let Some(s) = site {
+            if o.verdict == Verdict::Delivered {
+                s.stats
+                    .delivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            s.stats.note_reply(summary.clone());
+        }
         if let Some(class) = o.class {
             FAILURES
-                .with_label_values(&[verdict, class.category.as_str()])
+                .with_label_values(&[verdict, class.category.as_str(), label])
                 .inc();
             if o.verdict == Verdict::Bounced && class.suppress {
                 self.suppress_bounced(p, rec.address, &o, class.category, now)
@@ -1022,6 +1131,34 @@ impl Delivery {
             .await;
     }
 
+    /// Per-site and per-domain statistics (see [`stats::report`]).
+    pub async fn report(&self) -> stats::Report {
+        let views: Vec<stats::SiteView> = {
+            let sites = self.sites.lock().expect("sites lock");
+            sites.values().map(|s| s.view()).collect()
+        };
+        let map = self.domain_sites.lock().expect("domain sites lock").clone();
+        stats::report(&self.node, views, &|d| map.get(d).cloned()).await
+    }
+
+    /// Refreshes the per-site gauges every few seconds, and forgets the site of domains the
+    /// queue no longer knows.
+    async fn publish_stats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut labels = std::collections::HashSet::new();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let report = self.report().await;
+            stats::publish(&report, &mut labels);
+            let mut map = self.domain_sites.lock().expect("domain sites lock");
+            let queue = self.node.queue.lock().expect("queue lock");
+            map.retain(|d, _| queue.find_domain(d).is_some());
+        }
+    }
+
     /// Closes idle connections past `idle_timeout` and forgets empty sites.
     async fn sweep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1035,8 +1172,9 @@ impl Delivery {
             {
                 let mut sites = self.sites.lock().expect("sites lock");
                 sites.retain(|_, site| {
+                    site.stats.sample();
                     let mut g = site.inner.lock().expect("site lock");
-                    let (old, keep): (Vec<Connection>, Vec<Connection>) =
+                    let (old, keep): (Vec<stats::Held>, Vec<stats::Held>) =
                         std::mem::take(&mut g.idle)
                             .into_iter()
                             .partition(|c| c.last_used.elapsed() >= idle_timeout);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use prometheus::{Histogram, register_histogram};
 use serde::Deserialize;
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf,
@@ -27,6 +28,24 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::reply::{Command, Reply, ReplyBuilder, ReplyError};
+
+static CONNECT_SECONDS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
+    register_histogram!(
+        "sluice_smtp_connect_seconds",
+        "Outbound TCP connect time, successful connects only. Tens of milliseconds and up mean a far or overloaded receiver; compare with sluice_smtp_tls_handshake_seconds.",
+        prometheus::exponential_buckets(0.0001, 2.0, 18).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
+
+static TLS_SECONDS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
+    register_histogram!(
+        "sluice_smtp_tls_handshake_seconds",
+        "STARTTLS handshake time (after the 220 to STARTTLS), successful handshakes only. Mostly the receiver's key exchange; it is paid once per connection, so long ones argue for more messages per connection.",
+        prometheus::exponential_buckets(0.0005, 2.0, 16).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
 
 /// When to use STARTTLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -325,6 +344,7 @@ impl Connection {
         settings: &ClientSettings,
     ) -> Result<Connection, SmtpError> {
         let t = settings.timeouts;
+        let started = Instant::now();
         let tcp = tokio::time::timeout(t.connect, async {
             let socket = if peer.is_ipv4() {
                 TcpSocket::new_v4()
@@ -345,6 +365,7 @@ impl Connection {
             stage: Command::Connect,
             error,
         })?;
+        CONNECT_SECONDS.observe(started.elapsed().as_secs_f64());
         let _ = tcp.set_nodelay(true);
         let mut conn = Connection {
             io: buffered(Stream::Plain(tcp)),
@@ -405,6 +426,7 @@ impl Connection {
         };
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| SmtpError::Tls(format!("{host:?} is not a valid TLS server name: {e}")))?;
+        let started = Instant::now();
         let stream = tokio::time::timeout(t.command, connector.connect(name, tcp))
             .await
             .map_err(|_| SmtpError::Timeout {
@@ -412,6 +434,7 @@ impl Connection {
                 after: t.command,
             })?
             .map_err(|e| SmtpError::Tls(e.to_string()))?;
+        TLS_SECONDS.observe(started.elapsed().as_secs_f64());
         conn.io = buffered(Stream::Tls(Box::new(stream)));
         conn.tls = true;
         // RFC 3207 §4.2: forget everything learned before TLS and say EHLO again.
