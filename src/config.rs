@@ -75,6 +75,64 @@ pub struct Config {
     /// DKIM keys; every key whose domain matches the From domain signs.
     #[serde(default, rename = "dkim")]
     pub dkim: Vec<DkimEntry>,
+    /// Event receivers: batched, signed JSON POSTs from a durable outbox.
+    #[serde(default, rename = "webhook")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One webhook receiver. Events are written to the spool's outbox with the outcome that caused
+/// them and POSTed in batches; a receiver that is down delays its events, never delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the receiver's outbox and its metrics; keep it when changing the URL or the
+    /// outbox is started afresh. Default: the URL.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `http://` or `https://` (certificates checked against the Mozilla roots).
+    pub url: String,
+    /// Event types to send (`delivered`, `deferred`, `bounced`, `expired`, `delayed`,
+    /// `delivery_report`, `complained`, `feedback`, `unsubscribed`). Default: all.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    /// HMAC-SHA256 key for the `X-Sluice-Signature` header. At least 16 characters.
+    pub secret: String,
+    /// Events per POST; larger batches cost the receiver less per event.
+    #[serde(default = "defaults::webhook_batch")]
+    pub batch_size: usize,
+    /// Time allowed for the receiver's answer; a timeout is a failure and the batch is resent.
+    #[serde(default = "defaults::webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// First wait after a failed POST; it doubles up to `retry_max`.
+    #[serde(default = "defaults::webhook_retry_initial", with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(default = "defaults::webhook_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+/// Every event type a webhook can subscribe to.
+pub const WEBHOOK_EVENTS: &[&str] = &[
+    "delivered",
+    "deferred",
+    "bounced",
+    "expired",
+    "delayed",
+    "delivery_report",
+    "complained",
+    "feedback",
+    "unsubscribed",
+];
+
+impl WebhookConfig {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.url)
+    }
+
+    pub fn wants(&self, event: &str) -> bool {
+        self.events
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|e| e == event))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -426,6 +484,18 @@ pub enum LogFormat {
 
 mod defaults {
     use super::*;
+    pub fn webhook_batch() -> usize {
+        100
+    }
+    pub fn webhook_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn webhook_retry_initial() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn webhook_retry_max() -> Duration {
+        Duration::from_secs(300)
+    }
     pub fn http_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 8025))
     }
@@ -745,6 +815,42 @@ impl Config {
                     &format!("route[{i}].relay"),
                     format!("{:?} is not host:port", r.relay),
                 );
+            }
+        }
+        let mut hook_names = std::collections::HashSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            let key = |k: &str| format!("webhook[{i}].{k}");
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
+                || w.url.parse::<axum::http::Uri>().is_err()
+            {
+                bad(
+                    &key("url"),
+                    format!("{:?} is not an http:// or https:// URL", w.url),
+                );
+            }
+            if w.secret.len() < 16 {
+                bad(&key("secret"), "must be at least 16 characters".into());
+            }
+            if !(1..=10_000).contains(&w.batch_size) {
+                bad(&key("batch_size"), "must be between 1 and 10000".into());
+            }
+            if w.timeout.is_zero() || w.retry_initial.is_zero() || w.retry_max < w.retry_initial {
+                bad(
+                    &key("retry_max"),
+                    "timeout and retry_initial must be above zero and retry_max at least retry_initial"
+                        .into(),
+                );
+            }
+            for (j, e) in w.events.iter().flatten().enumerate() {
+                if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                    bad(
+                        &format!("webhook[{i}].events[{j}]"),
+                        format!("{e:?} is not one of {}", WEBHOOK_EVENTS.join(", ")),
+                    );
+                }
+            }
+            if !hook_names.insert(w.name()) {
+                bad(&key("name"), format!("{:?} names two webhooks", w.name()));
             }
         }
         if self.delivery.retry_initial.is_zero()

@@ -38,7 +38,7 @@ pub const SIGNED_HEADERS: &[&str] = &[
     "Feedback-ID",
 ];
 
-static SIGN_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+pub(crate) static SIGN_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_dkim_sign_seconds",
         "Time to DKIM-sign one message with all of its keys (hashing and the signature operations).",

@@ -437,6 +437,24 @@ pub async fn process(
     Ok(result)
 }
 
+pub(crate) static COMPLAINED: std::sync::LazyLock<prometheus::IntCounter> =
+    std::sync::LazyLock::new(|| {
+        prometheus::register_int_counter!(
+            "sluice_recipients_complained_total",
+            "Recipients who complained (ARF abuse, fraud or virus report mapped to a message), counted once per recipient and sending domain. Over deliveries, the complaint rate mailbox providers watch."
+        )
+        .expect("metric registers once")
+    });
+
+pub(crate) static UNSUBSCRIBED: std::sync::LazyLock<prometheus::IntCounter> =
+    std::sync::LazyLock::new(|| {
+        prometheus::register_int_counter!(
+            "sluice_recipients_unsubscribed_total",
+            "Recipients who unsubscribed (one-click link or unsubscribe mailto), counted once per recipient and sending domain."
+        )
+        .expect("metric registers once")
+    });
+
 static INBOUND: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
     prometheus::register_int_counter_vec!(
         "sluice_feedback_reports_total",
@@ -589,22 +607,7 @@ async fn apply_dsn(
             "duplicate"
         };
     }
-    if !batch.is_empty() {
-        node.spool.write(batch, Durability::Sync).await?;
-    }
-    if bounced {
-        let c = &campaign.counts;
-        c.shift(&c.delivered, &c.bounced);
-    }
-    if let Some(e) = &entry
-        && node.suppressions.insert(e)
-    {
-        crate::suppression::ADDED
-            .with_label_values(&[e.reason.as_str()])
-            .inc();
-        p.suppressed = Some(e.reason);
-    }
-    node.log.record(LogRecord {
+    let record = LogRecord {
         dsn_action: match kind {
             "bounce" => "failed",
             "delay" => "delayed",
@@ -623,7 +626,25 @@ async fn apply_dsn(
             address,
             if kind == "bounce" { "rb" } else { "rs" },
         )
-    });
+    };
+    // The event goes with the state change it reports; a repeated report is an event too.
+    node.webhooks.stage(&mut batch, &record);
+    if !batch.is_empty() {
+        node.spool.write(batch, Durability::Sync).await?;
+    }
+    if bounced {
+        let c = &campaign.counts;
+        c.shift(&c.delivered, &c.bounced);
+    }
+    if let Some(e) = &entry
+        && node.suppressions.insert(e)
+    {
+        crate::suppression::ADDED
+            .with_label_values(&[e.reason.as_str()])
+            .inc();
+        p.suppressed = Some(e.reason);
+    }
+    node.log.record(record);
     Ok(p)
 }
 
@@ -652,28 +673,30 @@ async fn apply_complaint(
     // The job knows the recipient even when the report redacts Original-Rcpt-To.
     let address = rec.address.to_lowercase();
     p.attach(&found, &address);
+    let record = LogRecord {
+        dsn_diag: p.detail.clone().unwrap_or_default(),
+        stage: format!("ARF ({source})"),
+        feedback_type: Some(c.feedback_type),
+        ..report_record(node, &found, &rec, address.clone(), "f")
+    };
     if complaint {
         let new = suppress_for_sender(
             node,
             &found.campaign,
             found.job,
-            address.clone(),
             Reason::Complaint,
             format!("arf via {source}"),
-            p.detail.clone(),
+            &record,
         )
         .await?;
         p.result = if new { "applied" } else { "duplicate" };
         if new {
             p.suppressed = Some(Reason::Complaint);
         }
+    } else {
+        write_event(node, &record).await?;
     }
-    node.log.record(LogRecord {
-        dsn_diag: p.detail.clone().unwrap_or_default(),
-        stage: format!("ARF ({source})"),
-        feedback_type: Some(c.feedback_type),
-        ..report_record(node, &found, &rec, address, "f")
-    });
+    node.log.record(record);
     Ok(p)
 }
 
@@ -693,6 +716,17 @@ pub async fn unsubscribe_job(
         .map(Some)
 }
 
+/// Writes `record`'s event alone (synced) when a receiver wants it: for reports that change
+/// nothing stored.
+async fn write_event(node: &Arc<Node>, record: &LogRecord) -> Result<(), SpoolError> {
+    let mut batch = node.spool.batch();
+    node.webhooks.stage(&mut batch, record);
+    if !batch.is_empty() {
+        node.spool.write(batch, Durability::Sync).await?;
+    }
+    Ok(())
+}
+
 /// Suppresses `address` for `campaign`'s From domain with reason unsubscribe, synced, counted
 /// once in the campaign's `unsubscribed`. Idempotent. Returns the address and the scope.
 pub async fn unsubscribe(
@@ -703,32 +737,71 @@ pub async fn unsubscribe(
     source: &str,
 ) -> Result<(String, String), SpoolError> {
     let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
-    suppress_for_sender(
+    let found = find(node, Some(job)).await?;
+    let rec = found.as_ref().map(Found::record).transpose()?;
+    let record = match (&found, &rec) {
+        (Some(f), Some(r)) => LogRecord {
+            stage: format!("unsubscribe ({source})"),
+            ..report_record(node, f, r, address.clone(), "u")
+        },
+        // The job is gone (it cannot be, jobs are kept): log what is known.
+        _ => LogRecord {
+            kind: "u",
+            time_queued: String::new(),
+            time_logged: crate::delivery::rfc3339(crate::now_ms()),
+            campaign: campaign.record.id.to_string(),
+            job: job.to_string(),
+            recipient: address.clone(),
+            sender: node.assembler.envelope_sender(&campaign.record, job),
+            dsn_action: "delivered",
+            dsn_status: "2.0.0".into(),
+            reply_code: None,
+            dsn_diag: String::new(),
+            stage: format!("unsubscribe ({source})"),
+            mx_host: None,
+            mx_ip: None,
+            tls: false,
+            size: 0,
+            attempt: 0,
+            bounce_cat: None,
+            feedback_type: None,
+        },
+    };
+    let new = suppress_for_sender(
         node,
         campaign,
         job,
-        address.clone(),
         Reason::Unsubscribe,
         source.to_owned(),
-        None,
+        &record,
     )
     .await?;
+    // A repeated click changes nothing and reports nothing.
+    if new {
+        node.log.record(record);
+    }
     Ok((address, scope))
 }
 
 /// Suppresses `address` for `campaign`'s From domain (an unsubscribe or a complaint), synced,
 /// and counts it once in the campaign's `unsubscribed` or `complained`. True when it is new.
+/// The address is the record's recipient, the entry's detail its diagnostic.
 async fn suppress_for_sender(
     node: &Arc<Node>,
     campaign: &crate::campaign::Campaign,
     job: JobId,
-    address: String,
     reason: Reason,
     source: String,
-    detail: Option<String>,
+    record: &LogRecord,
 ) -> Result<bool, SpoolError> {
+    let address = record.recipient.clone();
+    let detail = (!record.dsn_diag.is_empty()).then(|| record.dsn_diag.clone());
     let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
     if node.suppressions.scopes(&address).contains(&scope) {
+        if reason == Reason::Complaint {
+            // Every complaint is reported, even about an address already suppressed.
+            write_event(node, record).await?;
+        }
         return Ok(false);
     }
     let entry = Entry {
@@ -744,6 +817,7 @@ async fn suppress_for_sender(
     };
     let mut batch = node.spool.batch();
     batch.put_suppression(&entry.key(), &entry.encode());
+    node.webhooks.stage(&mut batch, record);
     node.spool.write(batch, Durability::Sync).await?;
     // Two requests at once both write the same record; only the first to reach the index counts.
     if !node.suppressions.insert(&entry) {
@@ -753,8 +827,14 @@ async fn suppress_for_sender(
         .with_label_values(&[reason.as_str()])
         .inc();
     let counter = match reason {
-        Reason::Complaint => &campaign.counts.complained,
-        _ => &campaign.counts.unsubscribed,
+        Reason::Complaint => {
+            COMPLAINED.inc();
+            &campaign.counts.complained
+        }
+        _ => {
+            UNSUBSCRIBED.inc();
+            &campaign.counts.unsubscribed
+        }
     };
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok(true)

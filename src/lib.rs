@@ -126,6 +126,7 @@ pub mod spool;
 pub mod suppression;
 pub mod template;
 pub mod tokens;
+pub mod webhook;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

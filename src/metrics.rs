@@ -61,6 +61,29 @@ pub static QUEUED_JOBS: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Registers every metric without labels, so each appears in `/metrics` (at zero) from the
+/// start rather than from its first use; dashboards and alerts then always find them.
+pub fn init() {
+    use std::sync::LazyLock as L;
+    L::force(&RECIPIENTS_ACCEPTED);
+    L::force(&RECIPIENTS_SUPPRESSED);
+    L::force(&RECIPIENTS_REJECTED);
+    L::force(&QUEUED_JOBS);
+    L::force(&crate::delivery::TRANSACTION_SECONDS);
+    L::force(&crate::delivery::ASSEMBLY_SECONDS);
+    L::force(&crate::delivery::SUPPRESSED_AT_DELIVERY);
+    L::force(&crate::delivery::LATENCY_SECONDS);
+    L::force(&crate::delivery::log::DROPPED);
+    L::force(&crate::smtp::client::CONNECT_SECONDS);
+    L::force(&crate::smtp::client::TLS_SECONDS);
+    L::force(&crate::dkim::SIGN_SECONDS);
+    L::force(&crate::spool::WRITE_SECONDS);
+    L::force(&crate::spool::SYNC_SECONDS);
+    L::force(&crate::spool::GROUP_SIZE);
+    L::force(&crate::feedback::COMPLAINED);
+    L::force(&crate::feedback::UNSUBSCRIBED);
+}
+
 /// Renders every registered metric in the Prometheus text format.
 pub fn render() -> String {
     let mut out = Vec::new();

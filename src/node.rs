@@ -39,6 +39,8 @@ pub struct Node {
     pub log: crate::delivery::log::DeliveryLog,
     /// The delivery engine, once started (not when `delivery.enabled` is off), for reports.
     pub delivery: std::sync::OnceLock<std::sync::Weak<crate::delivery::Delivery>>,
+    /// Webhook receivers: which events go to whom.
+    pub webhooks: crate::webhook::Webhooks,
     /// Bounce classification rules; replaced whole on SIGHUP.
     rules: std::sync::RwLock<Arc<crate::outcome::rules::Rules>>,
     ready: AtomicBool,
@@ -62,6 +64,7 @@ impl Node {
         rules: crate::outcome::rules::Rules,
         log: crate::delivery::log::DeliveryLog,
     ) -> Result<Arc<Node>, SpoolError> {
+        let webhooks = crate::webhook::Webhooks::new(&config).map_err(SpoolError::Rocks)?;
         let spool = Spool::open(&config.spool.path)?;
         let assembler = crate::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
@@ -69,6 +72,7 @@ impl Node {
             assembler,
             rules: std::sync::RwLock::new(Arc::new(rules)),
             delivery: std::sync::OnceLock::new(),
+            webhooks,
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
             config,

@@ -32,6 +32,7 @@ pub struct Running {
 /// Opens the spool, binds the API and starts recovery in the background. The API answers at once;
 /// `/readyz` turns 200 and `/v1` opens when recovery is done.
 pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
+    crate::metrics::init();
     let cfg = Arc::clone(&config);
     let (dkim, rules) = tokio::task::spawn_blocking(move || {
         let dkim = crate::dkim::DkimKeys::load(&cfg.dkim, "config")
@@ -83,10 +84,17 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
     let rec_stop = stop.clone();
     let delivery: Arc<std::sync::Mutex<Option<Arc<crate::delivery::Delivery>>>> = Arc::default();
     let rec_delivery = Arc::clone(&delivery);
+    let rec_tasks = tasks.clone();
     tasks.spawn(async move {
         let recovering = Arc::clone(&rec_node);
         match tokio::task::spawn_blocking(move || recovering.recover()).await {
             Ok(Ok(r)) => {
+                crate::webhook::Webhooks::start(
+                    Arc::clone(&rec_node),
+                    rec_stop.clone(),
+                    &rec_tasks,
+                )
+                .await;
                 // Checked and stored under the slot's lock, which shutdown takes after it starts
                 // draining: delivery either starts before shutdown looks, or not at all.
                 let started = {
@@ -206,6 +214,8 @@ impl Running {
         }
         self.stop.cancel();
         self.tasks.wait().await;
+        let log = self.node.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.flush()).await;
         if let Err(e) = self.node.spool.close().await {
             tracing::error!(error = %e, "closing the spool failed");
         }

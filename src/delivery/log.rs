@@ -12,7 +12,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use prometheus::{IntCounter, register_int_counter};
 use serde::Serialize;
 
-static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+pub(crate) static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "sluice_delivery_log_dropped_total",
         "Delivery log records dropped because the log writer fell behind (disk too slow). Should stay 0."
@@ -25,7 +25,7 @@ static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
 pub struct LogRecord {
     /// `d` delivered, `b` bounced, `t` transient failure (deferred), `x` expired; from reports
     /// received later: `rb` remote bounce (a DSN), `rs` remote status (a delay or delivery DSN),
-    /// `f` feedback (an ARF report).
+    /// `f` feedback (an ARF report), `u` unsubscribe.
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub time_queued: String,
@@ -59,10 +59,16 @@ pub struct LogRecord {
     pub feedback_type: Option<&'static str>,
 }
 
+enum Msg {
+    Record(Box<LogRecord>),
+    /// Write out everything before this, then answer.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub struct DeliveryLog {
-    tx: SyncSender<LogRecord>,
+    tx: SyncSender<Msg>,
 }
 
 impl DeliveryLog {
@@ -85,26 +91,45 @@ impl DeliveryLog {
     }
 
     pub fn record(&self, r: LogRecord) {
-        match self.tx.try_send(r) {
+        match self.tx.try_send(Msg::Record(Box::new(r))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => DROPPED.inc(),
         }
     }
+
+    /// Waits until every record handed over so far is written to the file. Blocking: for
+    /// shutdown, on the blocking pool.
+    pub fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(10));
+        }
+    }
 }
 
-fn writer(file: std::fs::File, rx: Receiver<LogRecord>) {
+fn writer(file: std::fs::File, rx: Receiver<Msg>) {
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        while let Some(r) = next {
-            if serde_json::to_writer(&mut out, &r).is_err() || out.write_all(b"\n").is_err() {
-                tracing::error!("writing the delivery log failed");
+        let mut waiting = Vec::new();
+        while let Some(m) = next {
+            match m {
+                Msg::Record(r) => {
+                    if serde_json::to_writer(&mut out, &r).is_err() || out.write_all(b"\n").is_err()
+                    {
+                        tracing::error!("writing the delivery log failed");
+                    }
+                }
+                Msg::Flush(done) => waiting.push(done),
             }
             next = rx.try_recv().ok();
         }
         // Flushed whenever the queue runs dry, so `tail -f` sees records promptly.
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "flushing the delivery log failed");
+        }
+        for done in waiting {
+            let _ = done.send(());
         }
     }
     let _ = out.flush();

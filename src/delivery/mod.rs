@@ -66,7 +66,7 @@ static CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static TRANSACTION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+pub(crate) static TRANSACTION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_smtp_transaction_seconds",
         "Duration of one SMTP transaction (MAIL to the reply to the final dot) on an open connection.",
@@ -75,7 +75,7 @@ static TRANSACTION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static ASSEMBLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+pub(crate) static ASSEMBLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_message_assembly_seconds",
         "Time to render, build and DKIM-sign one message, including the wait for a free assembly slot. Rising values with flat signing time mean the CPU is saturated.",
@@ -84,7 +84,7 @@ static ASSEMBLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static SUPPRESSED_AT_DELIVERY: LazyLock<IntCounter> = LazyLock::new(|| {
+pub(crate) static SUPPRESSED_AT_DELIVERY: LazyLock<IntCounter> = LazyLock::new(|| {
     prometheus::register_int_counter!(
         "sluice_recipients_suppressed_at_delivery_total",
         "Queued recipients dropped just before delivery because a suppression was added after they were accepted."
@@ -110,7 +110,7 @@ static REPLIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static LATENCY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+pub(crate) static LATENCY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_delivery_latency_seconds",
         "Time from acceptance (the 202) to delivery, per delivered recipient, retries included. The high quantiles show how long deferred mail waits.",
@@ -233,7 +233,8 @@ impl Site {
 
 /// Messages to the outcome writer.
 enum Update {
-    Job(JobId, Vec<u8>),
+    /// A job's new record, and the event reporting it for webhook receivers that want it.
+    Job(JobId, Vec<u8>, Option<(Vec<u32>, Vec<u8>)>),
     /// A suppression record (key, value), already in the in-memory index.
     Suppress(Vec<u8>, Vec<u8>),
     Close(oneshot::Sender<()>),
@@ -837,7 +838,7 @@ impl Delivery {
             ..rec
         }
         .encode();
-        let _ = self.updates.send(Update::Job(job.id, updated)).await;
+        let _ = self.updates.send(Update::Job(job.id, updated, None)).await;
         self.release(job);
     }
 
@@ -1007,9 +1008,37 @@ impl Delivery {
             last_response: &summary,
             ..rec.clone()
         };
+        let (kind, action) = match o.verdict {
+            Verdict::Delivered => ("d", "delivered"),
+            Verdict::Deferred => ("t", "delayed"),
+            Verdict::Bounced => ("b", "failed"),
+            Verdict::Expired => ("x", "failed"),
+        };
+        let record = LogRecord {
+            kind,
+            time_queued: rfc3339(rec.accepted_at_ms),
+            time_logged: rfc3339(now),
+            campaign: p.campaign.record.id.to_string(),
+            job: p.job.id.to_string(),
+            recipient: rec.address.to_owned(),
+            sender: p.sender.clone(),
+            dsn_action: action,
+            dsn_status: o.status.to_string(),
+            reply_code: o.code,
+            dsn_diag: o.text.clone(),
+            stage: o.stage.to_string(),
+            mx_host: conn.map(|c| c.host.clone()),
+            mx_ip: conn.map(|c| c.peer.ip().to_string()),
+            tls: conn.is_some_and(|c| c.tls),
+            size,
+            attempt,
+            bounce_cat: o.class.map(|c| c.category.as_str()),
+            feedback_type: None,
+        };
+        let event = self.node.webhooks.event(&record);
         let _ = self
             .updates
-            .send(Update::Job(p.job.id, updated.encode()))
+            .send(Update::Job(p.job.id, updated.encode(), event))
             .await;
 
         let counts = &p.campaign.counts;
@@ -1067,33 +1096,7 @@ impl Delivery {
                     .await;
             }
         }
-        let (kind, action) = match o.verdict {
-            Verdict::Delivered => ("d", "delivered"),
-            Verdict::Deferred => ("t", "delayed"),
-            Verdict::Bounced => ("b", "failed"),
-            Verdict::Expired => ("x", "failed"),
-        };
-        self.log.record(LogRecord {
-            kind,
-            time_queued: rfc3339(rec.accepted_at_ms),
-            time_logged: rfc3339(now),
-            campaign: p.campaign.record.id.to_string(),
-            job: p.job.id.to_string(),
-            recipient: rec.address.to_owned(),
-            sender: p.sender.clone(),
-            dsn_action: action,
-            dsn_status: o.status.to_string(),
-            reply_code: o.code,
-            dsn_diag: o.text.clone(),
-            stage: o.stage.to_string(),
-            mx_host: conn.map(|c| c.host.clone()),
-            mx_ip: conn.map(|c| c.peer.ip().to_string()),
-            tls: conn.is_some_and(|c| c.tls),
-            size,
-            attempt,
-            bounce_cat: o.class.map(|c| c.category.as_str()),
-            feedback_type: None,
-        });
+        self.log.record(record);
     }
 
     /// Puts a hard-bounced address on the global suppression list (index now, spool with the
@@ -1236,7 +1239,12 @@ async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update>) {
         let mut next = msg;
         loop {
             match next {
-                Some(Update::Job(id, bytes)) => batch.put_job(id, &bytes),
+                Some(Update::Job(id, bytes, event)) => {
+                    batch.put_job(id, &bytes);
+                    if let Some((hooks, json)) = event {
+                        batch.add_event(hooks, json);
+                    }
+                }
                 Some(Update::Suppress(key, value)) => batch.put_suppression(&key, &value),
                 Some(Update::Close(done)) => {
                     close = Some(done);

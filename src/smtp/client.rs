@@ -29,16 +29,18 @@ use tokio_rustls::client::TlsStream;
 
 use super::reply::{Command, Reply, ReplyBuilder, ReplyError};
 
-static CONNECT_SECONDS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
-    register_histogram!(
+pub(crate) static CONNECT_SECONDS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(
+    || {
+        register_histogram!(
         "sluice_smtp_connect_seconds",
         "Outbound TCP connect time, successful connects only. Tens of milliseconds and up mean a far or overloaded receiver; compare with sluice_smtp_tls_handshake_seconds.",
         prometheus::exponential_buckets(0.0001, 2.0, 18).expect("static buckets")
     )
     .expect("metric registers once")
-});
+    },
+);
 
-static TLS_SECONDS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
+pub(crate) static TLS_SECONDS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
     register_histogram!(
         "sluice_smtp_tls_handshake_seconds",
         "STARTTLS handshake time (after the 220 to STARTTLS), successful handshakes only. Mostly the receiver's key exchange; it is paid once per connection, so long ones argue for more messages per connection.",

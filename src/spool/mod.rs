@@ -16,6 +16,11 @@
 //! written in the same batch as the first chunk. The commit batch (campaign record, idempotency
 //! record, removal of the open record) is synced before the 202. Recovery deletes the jobs of
 //! uploads still open, so a crash never leaves half an upload visible.
+//!
+//! **Event outbox.** A batch may carry events ([`SpoolBatch::add_event`]) for webhook receivers.
+//! The writer thread numbers them as it writes, so sequence order is write order and a reader
+//! that has seen sequence N never later finds a new event below N; it then publishes the last
+//! sequence on a watch channel.
 
 pub mod codec;
 
@@ -27,7 +32,7 @@ use std::time::Instant;
 
 use prometheus::{Histogram, register_histogram};
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use codec::{JobId, JobRecord, JobState};
 
@@ -63,7 +68,7 @@ const WRITER_QUEUE: usize = 64;
 /// Most batches the writer folds into one group before syncing.
 const MAX_GROUP: usize = 256;
 
-static WRITE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+pub(crate) static WRITE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_spool_write_seconds",
         "Time to apply one group of write batches to RocksDB, before any sync. Rising values mean \
@@ -73,7 +78,7 @@ static WRITE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static SYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+pub(crate) static SYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_spool_sync_seconds",
         "Time of one WAL fsync shared by a group of durable writes (group commit). This bounds \
@@ -83,7 +88,7 @@ static SYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static GROUP_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
+pub(crate) static GROUP_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_spool_group_batches",
         "Write batches folded into one group commit. Values above 1 show concurrent requests \
@@ -129,6 +134,7 @@ pub enum Durability {
 
 struct WriteRequest {
     batch: WriteBatch,
+    events: Vec<StagedEvent>,
     durability: Durability,
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
@@ -139,13 +145,49 @@ enum WriterMsg {
     Close(oneshot::Sender<()>),
 }
 
+/// An event for the outbox: its JSON and the receivers (webhook ids) that want it.
+struct StagedEvent {
+    hooks: Vec<u32>,
+    json: Vec<u8>,
+}
+
+/// Outbox key: sequence then receiver, big-endian, so the column family is in write order.
+pub fn event_key(seq: u64, hook: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&seq.to_be_bytes());
+    k[8..].copy_from_slice(&hook.to_be_bytes());
+    k
+}
+
+fn split_event_key(k: &[u8]) -> Option<(u64, u32)> {
+    let seq = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let hook = u32::from_be_bytes(k.get(8..12)?.try_into().ok()?);
+    Some((seq, hook))
+}
+
 /// A write batch bound to the spool's column families.
 pub struct SpoolBatch {
     db: Arc<DB>,
     batch: WriteBatch,
+    events: Vec<StagedEvent>,
 }
 
 impl SpoolBatch {
+    /// Adds an event for the receivers `hooks`; the writer gives it its sequence number.
+    pub fn add_event(&mut self, hooks: Vec<u32>, json: Vec<u8>) {
+        if !hooks.is_empty() {
+            self.events.push(StagedEvent { hooks, json });
+        }
+    }
+
+    pub fn delete_event(&mut self, seq: u64, hook: u32) {
+        let cf = self
+            .db
+            .cf_handle(CF_EVENTS)
+            .expect("column families are created at open");
+        self.batch.delete_cf(cf, event_key(seq, hook));
+    }
+
     pub fn put_job(&mut self, id: JobId, value: &[u8]) {
         let cf = self
             .db
@@ -220,11 +262,11 @@ impl SpoolBatch {
     }
 
     pub fn len(&self) -> usize {
-        self.batch.len()
+        self.batch.len() + self.events.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+        self.batch.is_empty() && self.events.is_empty()
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -259,6 +301,10 @@ pub struct Recovered {
 pub struct Spool {
     db: Arc<DB>,
     writer: mpsc::Sender<WriterMsg>,
+    /// The last event sequence written.
+    events_written: watch::Receiver<u64>,
+    /// Per-receiver backlog gauges, raised by the writer as it writes events.
+    event_gauges: Arc<std::sync::OnceLock<std::collections::HashMap<u32, prometheus::IntGauge>>>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -280,15 +326,32 @@ impl Spool {
             .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         check_schema(&db)?;
+        let last_event = {
+            let cf = db
+                .cf_handle(CF_EVENTS)
+                .expect("column families are created at open");
+            let mut it = db.raw_iterator_cf(cf);
+            it.seek_to_last();
+            it.key().and_then(split_event_key).map_or(0, |(seq, _)| seq)
+        };
+        let (events_tx, events_written) = watch::channel(last_event);
+        let event_gauges = Arc::new(std::sync::OnceLock::new());
+        let outbox = Outbox {
+            next: last_event + 1,
+            written: events_tx,
+            gauges: Arc::clone(&event_gauges),
+        };
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let writer_db = Arc::clone(&db);
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx))
+            .spawn(move || writer_loop(&writer_db, rx, outbox))
             .map_err(|e| SpoolError::Rocks(format!("starting the writer thread: {e}")))?;
         Ok(Spool {
             db,
             writer: tx,
+            events_written,
+            event_gauges,
             thread: std::sync::Mutex::new(Some(thread)),
         })
     }
@@ -297,6 +360,7 @@ impl Spool {
         SpoolBatch {
             db: Arc::clone(&self.db),
             batch: WriteBatch::default(),
+            events: Vec::new(),
         }
     }
 
@@ -310,6 +374,7 @@ impl Spool {
         self.writer
             .send(WriterMsg::Write(WriteRequest {
                 batch: batch.batch,
+                events: batch.events,
                 durability,
                 done,
             }))
@@ -365,6 +430,84 @@ impl Spool {
         for item in self.db.iterator_cf(handle, IteratorMode::Start) {
             item?;
             n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Watches the last event sequence written.
+    pub fn events_written(&self) -> watch::Receiver<u64> {
+        self.events_written.clone()
+    }
+
+    /// Gauges the writer raises by the events it writes per receiver; set once at start.
+    pub fn set_event_gauges(&self, gauges: std::collections::HashMap<u32, prometheus::IntGauge>) {
+        let _ = self.event_gauges.set(gauges);
+    }
+
+    /// Up to `max` outbox events of receiver `hook` after sequence `after`, in order. Blocking.
+    pub fn scan_events(
+        &self,
+        hook: u32,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_EVENTS)
+            .expect("column families are created at open");
+        let start = event_key(after.saturating_add(1), 0);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
+        {
+            let (k, v) = item?;
+            if let Some((seq, h)) = split_event_key(&k)
+                && h == hook
+            {
+                out.push((seq, v.into_vec()));
+                if out.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts outbox events per receiver. Blocking; a full scan, done once at start.
+    pub fn count_events(&self) -> Result<std::collections::HashMap<u32, u64>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_EVENTS)
+            .expect("column families are created at open");
+        let mut counts = std::collections::HashMap::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item?;
+            if let Some((_, h)) = split_event_key(&k) {
+                *counts.entry(h).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Deletes every outbox event of the receivers not in `keep` (receivers removed from the
+    /// config). Blocking; returns how many went.
+    pub fn drop_events_except(&self, keep: &HashSet<u32>) -> Result<u64, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_EVENTS)
+            .expect("column families are created at open");
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item?;
+            if split_event_key(&k).is_none_or(|(_, h)| !keep.contains(&h)) {
+                batch.delete_cf(cf, &k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.db.write(batch)?;
         }
         Ok(n)
     }
@@ -566,7 +709,44 @@ fn check_schema(db: &DB) -> Result<(), SpoolError> {
     }
 }
 
-fn writer_loop(db: &DB, mut rx: mpsc::Receiver<WriterMsg>) {
+/// The writer thread's side of the event outbox.
+struct Outbox {
+    next: u64,
+    written: watch::Sender<u64>,
+    gauges: Arc<std::sync::OnceLock<std::collections::HashMap<u32, prometheus::IntGauge>>>,
+}
+
+impl Outbox {
+    /// Numbers the request's events into its batch; returns the events per receiver.
+    fn stage(&mut self, db: &DB, batch: &mut WriteBatch, events: Vec<StagedEvent>) -> Vec<u32> {
+        let cf = db
+            .cf_handle(CF_EVENTS)
+            .expect("column families are created at open");
+        let mut hooks = Vec::new();
+        for e in events {
+            let seq = self.next;
+            self.next += 1;
+            for h in e.hooks {
+                batch.put_cf(cf, event_key(seq, h), &e.json);
+                hooks.push(h);
+            }
+        }
+        hooks
+    }
+
+    fn written(&self, hooks: &[u32]) {
+        if let Some(g) = self.gauges.get() {
+            for h in hooks {
+                if let Some(g) = g.get(h) {
+                    g.inc();
+                }
+            }
+        }
+        self.written.send_replace(self.next - 1);
+    }
+}
+
+fn writer_loop(db: &DB, mut rx: mpsc::Receiver<WriterMsg>, mut outbox: Outbox) {
     let no_sync = WriteOptions::default();
     let mut group = Vec::with_capacity(MAX_GROUP);
     let mut closing = None;
@@ -590,11 +770,25 @@ fn writer_loop(db: &DB, mut rx: mpsc::Receiver<WriterMsg>) {
         let started = Instant::now();
         let mut results: Vec<Result<(), SpoolError>> = Vec::with_capacity(group.len());
         let mut need_sync = false;
+        let mut events_to = Vec::new();
+        let mut wrote_events = false;
         for req in group.iter_mut() {
-            let batch = std::mem::take(&mut req.batch);
+            let mut batch = std::mem::take(&mut req.batch);
+            let hooks = if req.events.is_empty() {
+                Vec::new()
+            } else {
+                outbox.stage(db, &mut batch, std::mem::take(&mut req.events))
+            };
             let r = db.write_opt(batch, &no_sync).map_err(SpoolError::from);
             need_sync |= r.is_ok() && req.durability == Durability::Sync;
+            if r.is_ok() && !hooks.is_empty() {
+                events_to.extend(hooks);
+                wrote_events = true;
+            }
             results.push(r);
+        }
+        if wrote_events {
+            outbox.written(&events_to);
         }
         WRITE_SECONDS.observe(started.elapsed().as_secs_f64());
         let sync_result = if need_sync {

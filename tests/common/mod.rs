@@ -42,6 +42,8 @@ pub async fn start(config: Config) -> Running {
 }
 
 pub fn client() -> reqwest::Client {
+    // reqwest is built without a bundled TLS provider; ring is the one Sluice uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .build()
@@ -194,11 +196,16 @@ pub struct Process {
 impl Process {
     /// Writes a config for `spool` and starts `sluice serve`; returns once the API is listening.
     pub fn spawn(dir: &Path, spool: &Path) -> Process {
+        Process::spawn_with(dir, spool, "[delivery]\nenabled = false\n")
+    }
+
+    /// Like [`Process::spawn`], with `more` TOML (which must include a `[delivery]` table).
+    pub fn spawn_with(dir: &Path, spool: &Path, more: &str) -> Process {
         let cfg = dir.join("sluice.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"info\"\ndelivery_log = \"{}\"\n[delivery]\nenabled = false\n",
+                "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"info\"\ndelivery_log = \"{}\"\n{more}",
                 spool.display(),
                 dir.join("delivery.jsonl").display()
             ),
@@ -240,6 +247,24 @@ impl Process {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM (graceful stop); returns its exit status once it has exited.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "not stopped within {within:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until `/readyz` answers 200; returns how long that took.
