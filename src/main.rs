@@ -1,4 +1,7 @@
-//! The `sluice` binary: `serve`, and `check-config` for operators.
+//! The `sluice` binary: `serve`, `check-config`, and operator commands that use the HTTP API of
+//! a running node (`domains`, `queue`, `suspend`, `resume`, `campaign`, `suppressions`, `send`).
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +19,8 @@ use sluice::config::{Config, LogFormat};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    api: cli::ApiArgs,
 }
 
 #[derive(Subcommand)]
@@ -30,6 +35,26 @@ enum Command {
         #[arg(long, short, default_value = "config/sluice.toml")]
         config: PathBuf,
     },
+    /// Destination sites (queue, connections, rate, state, last reply) and domains.
+    Domains {
+        /// Domains to list, most queued first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Queue totals.
+    Queue,
+    /// Stop delivering to a recipient domain (queued mail waits) until resumed.
+    Suspend { domain: String },
+    /// Resume delivery to a suspended domain.
+    Resume { domain: String },
+    /// List, show, pause, resume or cancel campaigns.
+    #[command(subcommand)]
+    Campaign(cli::CampaignCommand),
+    /// List, look up, add, remove, import or export suppressions.
+    #[command(subcommand)]
+    Suppressions(cli::SuppressionCommand),
+    /// Create a campaign from a template file and send it to the rows of a CSV file.
+    Send(cli::SendArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +98,47 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        command => operate(&cli.api, command),
+    }
+}
+
+/// Runs an operator command against the API: exit 0 when all went well, 1 when it finished
+/// with rows refused or malformed (`send`), 2 when it failed.
+fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: starting the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async {
+        let api = cli::Api::new(args)?;
+        match command {
+            Command::Domains { limit } => cli::domains(&api, limit).await.map(|()| true),
+            Command::Queue => cli::queue(&api).await.map(|()| true),
+            Command::Suspend { domain } => {
+                cli::set_domain(&api, &domain, true).await.map(|()| true)
+            }
+            Command::Resume { domain } => {
+                cli::set_domain(&api, &domain, false).await.map(|()| true)
+            }
+            Command::Campaign(c) => cli::campaign(&api, c).await.map(|()| true),
+            Command::Suppressions(c) => cli::suppressions(&api, c).await.map(|()| true),
+            Command::Send(a) => cli::send(&api, a).await,
+            Command::Serve { .. } | Command::CheckConfig { .. } => Ok(true),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

@@ -1,0 +1,444 @@
+//! Operator commands of the `sluice` binary that talk to a running node over its HTTP API:
+//! sites and domains, the queue, campaigns, suppressions, and `send` (a campaign from a CSV file).
+//!
+//! Part of the binary, not the library: it only speaks HTTP, like any other API client.
+
+mod send;
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+pub use send::{SendArgs, send};
+
+/// Where the API is and how to get in.
+#[derive(Args, Clone)]
+pub struct ApiArgs {
+    /// Base URL of the node's HTTP API.
+    #[arg(
+        long,
+        env = "SLUICE_URL",
+        default_value = "http://127.0.0.1:8025",
+        global = true
+    )]
+    pub url: String,
+    /// An API key from the node's `auth.api_keys`.
+    #[arg(long, env = "SLUICE_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum CampaignCommand {
+    /// The newest campaigns with their counts.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// One campaign's state and counts.
+    Show {
+        id: String,
+    },
+    /// Stop sending a campaign's queued mail until resumed.
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Drop a campaign's queued mail for good.
+    Cancel {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SuppressionCommand {
+    /// Entries in key order, a page at a time.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// hard_bounce, complaint, unsubscribe or manual.
+        #[arg(long)]
+        reason: Option<String>,
+        /// The `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Every entry of one address.
+    Get { address: String },
+    /// Suppress an address (globally unless --scope names a sending domain).
+    Add {
+        address: String,
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long, default_value = "manual")]
+        reason: String,
+    },
+    /// Lift an address's suppression (every scope unless --scope).
+    Remove {
+        address: String,
+        #[arg(long)]
+        scope: Option<String>,
+    },
+    /// Load a CSV (address[,scope,reason]) or NDJSON file.
+    Import { file: std::path::PathBuf },
+    /// Write every entry to stdout.
+    Export {
+        #[arg(long, default_value = "ndjson")]
+        format: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// A thin authenticated JSON client of the API.
+pub struct Api {
+    base: String,
+    key: String,
+    pub client: reqwest::Client,
+    pub json: bool,
+}
+
+impl Api {
+    pub fn new(args: &ApiArgs) -> anyhow::Result<Api> {
+        let Some(key) = args.api_key.clone() else {
+            bail!("no API key: pass --api-key or set SLUICE_API_KEY");
+        };
+        // reqwest is built without a bundled TLS provider; use the ring one Sluice uses.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Api {
+            base: args.url.trim_end_matches('/').to_owned(),
+            key,
+            client,
+            json: args.json,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(&self.key)
+    }
+
+    /// Sends `req` and returns the JSON answer, or the API's error message.
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let r = req
+            .send()
+            .await
+            .with_context(|| format!("reaching the Sluice API at {}", self.base))?;
+        let status = r.status();
+        let text = r.text().await.context("reading the API's answer")?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            return Ok(body);
+        }
+        Err(api_error(status, &body))
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self.request(method, path);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        self.send(req).await
+    }
+}
+
+fn api_error(status: StatusCode, body: &Value) -> anyhow::Error {
+    let e = &body["error"];
+    match (e["message"].as_str(), e["field"].as_str()) {
+        (Some(m), Some(f)) => anyhow::anyhow!("{status}: {f}: {m}"),
+        (Some(m), None) => anyhow::anyhow!("{status}: {m}"),
+        _ => anyhow::anyhow!("{status}: {body}"),
+    }
+}
+
+/// Percent-encodes a path segment (addresses hold `@` and `+`).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn domains(api: &Api, limit: usize) -> anyhow::Result<()> {
+    let v = api
+        .call(Method::GET, &format!("/v1/domains?limit={limit}"), None)
+        .await?;
+    if api.json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<10} {:>9} {:>8} {:>9} {:>8}  LAST REPLY",
+        "SITE", "STATE", "QUEUED", "IN FLIGHT", "CONN", "RATE/S"
+    );
+    for site in v["sites"].as_array().into_iter().flatten() {
+        let c = &site["connections"];
+        println!(
+            "{:<40} {:<10} {:>9} {:>8} {:>9} {:>8}  {}",
+            s(&site["label"]),
+            s(&site["state"]),
+            s(&site["queued"]),
+            s(&site["in_flight"]),
+            format!("{}/{}", s(&c["in_use"]), s(&c["max"])),
+            s(&site["rate_per_second"]),
+            s(&site["last_reply"]).chars().take(60).collect::<String>(),
+        );
+    }
+    println!();
+    println!(
+        "{:<40} {:>9} {:>6}  {:<9} SITE",
+        "DOMAIN", "QUEUED", "HELD", "SUSPENDED"
+    );
+    for d in v["domains"].as_array().into_iter().flatten() {
+        println!(
+            "{:<40} {:>9} {:>6}  {:<9} {}",
+            s(&d["domain"]),
+            s(&d["queued"]),
+            s(&d["held"]),
+            if d["suspended"] == true { "yes" } else { "" },
+            s(&d["site"]),
+        );
+    }
+    let shown = v["domains"].as_array().map_or(0, Vec::len);
+    let total = v["domain_count"].as_u64().unwrap_or(0) as usize;
+    if total > shown {
+        println!("… and {} more domains (--limit)", total - shown);
+    }
+    Ok(())
+}
+
+pub async fn queue(api: &Api) -> anyhow::Result<()> {
+    let v = api.call(Method::GET, "/v1/queue", None).await?;
+    if api.json {
+        print_json(&v);
+        return Ok(());
+    }
+    for key in [
+        "queued",
+        "in_flight",
+        "held",
+        "parked_for_paused_campaigns",
+        "domains",
+        "sites",
+        "suspended_domains",
+        "connections",
+        "oldest_queued_seconds",
+        "delivery",
+    ] {
+        println!("{key:<28} {}", s(&v[key]));
+    }
+    println!("{:<28} {}", "campaigns", v["campaigns"]);
+    Ok(())
+}
+
+pub async fn set_domain(api: &Api, domain: &str, suspend: bool) -> anyhow::Result<()> {
+    let action = if suspend { "suspend" } else { "resume" };
+    let v = api
+        .call(
+            Method::POST,
+            &format!("/v1/domains/{}/{action}", segment(domain)),
+            None,
+        )
+        .await?;
+    if api.json {
+        print_json(&v);
+    } else {
+        println!(
+            "{} {}; {} queued",
+            s(&v["domain"]),
+            if suspend { "suspended" } else { "resumed" },
+            s(&v["queued"])
+        );
+    }
+    Ok(())
+}
+
+fn print_campaign(c: &Value) {
+    let k = &c["counts"];
+    println!(
+        "{}  {:<9} {}  queued {} delivered {} deferred {} bounced {} expired {} suppressed {} complained {} unsubscribed {}",
+        s(&c["id"]),
+        s(&c["state"]),
+        s(&c["created_at"]),
+        s(&k["queued"]),
+        s(&k["delivered"]),
+        s(&k["deferred"]),
+        s(&k["bounced"]),
+        s(&k["expired"]),
+        s(&k["suppressed"]),
+        s(&k["complained"]),
+        s(&k["unsubscribed"]),
+    );
+}
+
+pub async fn campaign(api: &Api, cmd: CampaignCommand) -> anyhow::Result<()> {
+    let v = match &cmd {
+        CampaignCommand::List { limit } => {
+            api.call(Method::GET, &format!("/v1/campaigns?limit={limit}"), None)
+                .await?
+        }
+        CampaignCommand::Show { id } => {
+            api.call(Method::GET, &format!("/v1/campaigns/{}", segment(id)), None)
+                .await?
+        }
+        CampaignCommand::Pause { id }
+        | CampaignCommand::Resume { id }
+        | CampaignCommand::Cancel { id } => {
+            let action = match cmd {
+                CampaignCommand::Pause { .. } => "pause",
+                CampaignCommand::Resume { .. } => "resume",
+                _ => "cancel",
+            };
+            api.call(
+                Method::POST,
+                &format!("/v1/campaigns/{}/{action}", segment(id)),
+                None,
+            )
+            .await?
+        }
+    };
+    if api.json {
+        print_json(&v);
+    } else if let Some(list) = v["campaigns"].as_array() {
+        for c in list {
+            print_campaign(c);
+        }
+    } else {
+        print_campaign(&v);
+    }
+    Ok(())
+}
+
+pub async fn suppressions(api: &Api, cmd: SuppressionCommand) -> anyhow::Result<()> {
+    let v = match cmd {
+        SuppressionCommand::List {
+            limit,
+            reason,
+            cursor,
+        } => {
+            let mut path = format!("/v1/suppressions?limit={limit}");
+            if let Some(r) = reason {
+                path.push_str(&format!("&reason={}", segment(&r)));
+            }
+            if let Some(c) = cursor {
+                path.push_str(&format!("&cursor={}", segment(&c)));
+            }
+            api.call(Method::GET, &path, None).await?
+        }
+        SuppressionCommand::Get { address } => {
+            api.call(
+                Method::GET,
+                &format!("/v1/suppressions/{}", segment(&address)),
+                None,
+            )
+            .await?
+        }
+        SuppressionCommand::Add {
+            address,
+            scope,
+            reason,
+        } => {
+            let mut body = json!({"reason": reason});
+            if let Some(sc) = scope {
+                body["scope"] = json!(sc);
+            }
+            api.call(
+                Method::PUT,
+                &format!("/v1/suppressions/{}", segment(&address)),
+                Some(body),
+            )
+            .await?
+        }
+        SuppressionCommand::Remove { address, scope } => {
+            let mut path = format!("/v1/suppressions/{}", segment(&address));
+            if let Some(sc) = scope {
+                path.push_str(&format!("?scope={}", segment(&sc)));
+            }
+            api.call(Method::DELETE, &path, None).await?
+        }
+        SuppressionCommand::Import { file } => {
+            let data = tokio::fs::read(&file)
+                .await
+                .with_context(|| format!("reading {}", file.display()))?;
+            let ctype = if file.extension().is_some_and(|e| e == "csv") {
+                "text/csv"
+            } else {
+                "application/x-ndjson"
+            };
+            api.send(
+                api.request(Method::POST, "/v1/suppressions/import")
+                    .header("content-type", ctype)
+                    .body(data),
+            )
+            .await?
+        }
+        SuppressionCommand::Export { format, reason } => {
+            let mut path = format!("/v1/suppressions/export?format={}", segment(&format));
+            if let Some(r) = reason {
+                path.push_str(&format!("&reason={}", segment(&r)));
+            }
+            let mut r = api
+                .request(Method::GET, &path)
+                .send()
+                .await
+                .context("reaching the Sluice API")?;
+            if !r.status().is_success() {
+                let status = r.status();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                return Err(api_error(status, &body));
+            }
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = r.chunk().await.context("reading the export")? {
+                out.write_all(&chunk)?;
+            }
+            return Ok(());
+        }
+    };
+    print_json(&v);
+    Ok(())
+}
+
+/// Whether progress goes to an interactive terminal (a bar) or a log (plain lines).
+pub fn interactive() -> bool {
+    std::io::stderr().is_terminal()
+}

@@ -1,0 +1,216 @@
+//! The operator CLI against a running node: `sluice send` with a 100,000-row CSV (progress, a
+//! summary that adds up, bad rows named by line), and the admin commands.
+
+mod common;
+
+use std::io::Write;
+use std::process::Output;
+
+use common::*;
+use serde_json::Value;
+
+async fn sluice(addr: std::net::SocketAddr, args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["--url", &format!("http://{addr}"), "--api-key", KEY])
+        .args(args)
+        .env_remove("SLUICE_URL")
+        .env_remove("SLUICE_API_KEY");
+    tokio::task::spawn_blocking(move || cmd.output().expect("run sluice"))
+        .await
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_posts_a_csv_with_progress_and_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path())).await;
+    let addr = node.http_addr;
+
+    // Suppressed before the send: reported, recorded, not queued.
+    let r = client()
+        .put(url(addr, "/v1/suppressions/user500@sink.test"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let rows = 100_000usize;
+    let csv_path = dir.path().join("list.csv");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&csv_path).unwrap());
+    writeln!(f, "email,name").unwrap();
+    // Line numbers: the header is line 1, row i is line i + 2.
+    let (malformed_row, bad_address_row) = (1234usize, 77_777usize);
+    for i in 0..rows {
+        if i == malformed_row {
+            writeln!(f, "user{i}@sink.test,Name {i},extra").unwrap();
+        } else if i == bad_address_row {
+            writeln!(f, "not-an-address,Name {i}").unwrap();
+        } else {
+            writeln!(f, "user{i}@sink.test,\"Name, {i}\"").unwrap();
+        }
+    }
+    drop(f);
+    let template = dir.path().join("campaign.json");
+    std::fs::write(
+        &template,
+        r#"{"from": "news@example.com", "subject": "Hello {{ name }}", "text": "Hi {{ name }}"}"#,
+    )
+    .unwrap();
+
+    let out = sluice(
+        addr,
+        &[
+            "send",
+            "--csv",
+            csv_path.to_str().unwrap(),
+            "--template",
+            template.to_str().unwrap(),
+            "--chunk",
+            "30000",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    // Progress (plain lines when stderr is not a terminal): rising, ending at the total.
+    let progress: Vec<u64> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("sent ")?.split('/').next()?.parse().ok())
+        .collect();
+    assert!(progress.len() >= 5, "{stderr}");
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{stderr}");
+    assert_eq!(progress.last(), Some(&100_000), "{stderr}");
+    assert!(
+        stdout.contains("rows 100000: accepted 99997, suppressed 1, refused 1, malformed 1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "line {}: malformed: 3 fields where the header has 2",
+            malformed_row + 2
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("line {}: refused: email:", bad_address_row + 2)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("line 502: suppressed (manual): user500@sink.test"),
+        "{stdout}"
+    );
+    let id = stdout
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("campaign "))
+        .unwrap()
+        .to_owned();
+    let (_, c) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(c["counts"]["queued"], 99_997);
+    assert_eq!(c["counts"]["suppressed"], 1);
+
+    // A template that carries recipients is refused before anything is created.
+    std::fs::write(
+        &template,
+        r#"{"from": "a@example.com", "subject": "s", "text": "t", "recipients": []}"#,
+    )
+    .unwrap();
+    let out = sluice(
+        addr,
+        &[
+            "send",
+            "--csv",
+            csv_path.to_str().unwrap(),
+            "--template",
+            template.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("remove `recipients`"));
+    let (_, list) = get_json(addr, "/v1/campaigns").await;
+    assert_eq!(list["total"], 1);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_use_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config(dir.path())).await;
+    let addr = node.http_addr;
+    let id = post_campaign(addr, recipients(3)).await;
+
+    let out = sluice(addr, &["suspend", "Sink.Test"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "sink.test suspended; 3 queued");
+    let out = sluice(addr, &["domains"]).await;
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("unresolved"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("sink.test") && l.contains(" 3 ") && l.contains("yes")),
+        "{stdout}"
+    );
+    let out = sluice(addr, &["--json", "queue"]).await;
+    let q: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(q["queued"], 3);
+    assert_eq!(q["suspended_domains"], 1);
+    assert!(
+        sluice(addr, &["resume", "sink.test"])
+            .await
+            .status
+            .success()
+    );
+
+    let out = sluice(addr, &["campaign", "pause", &id]).await;
+    assert!(
+        text(&out.stdout).contains("paused"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = sluice(addr, &["campaign", "list"]).await;
+    assert!(text(&out.stdout).starts_with(&id));
+
+    let out = sluice(
+        addr,
+        &[
+            "suppressions",
+            "add",
+            "Someone+x@Example.com",
+            "--reason",
+            "complaint",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = sluice(addr, &["suppressions", "get", "someone+x@example.com"]).await;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["entries"][0]["reason"], "complaint");
+    let out = sluice(addr, &["suppressions", "export", "--format", "csv"]).await;
+    assert!(text(&out.stdout).contains("someone+x@example.com"));
+    let out = sluice(addr, &["suppressions", "remove", "someone+x@example.com"]).await;
+    assert!(out.status.success());
+
+    // API errors come through with their message; a missing key is named.
+    let out = sluice(addr, &["campaign", "show", "nope"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("404"), "{}", text(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--url", &format!("http://{addr}"), "queue"])
+        .env_remove("SLUICE_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no API key"));
+    node.shutdown().await;
+}
