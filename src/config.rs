@@ -472,6 +472,16 @@ pub struct LogConfig {
     /// One JSON line per delivery attempt (PowerMTA-style accounting record).
     #[serde(default = "defaults::delivery_log")]
     pub delivery_log: PathBuf,
+    /// Rotate the delivery log once it reaches this many bytes; 0: never by size.
+    #[serde(default = "defaults::delivery_log_max_bytes")]
+    pub delivery_log_max_bytes: u64,
+    /// Rotate the delivery log when this period turns over (UTC, counted from the epoch, so
+    /// "1d" rotates at midnight UTC and "1h" on the hour). Unset: never by time.
+    #[serde(default, with = "humantime_serde")]
+    pub delivery_log_rotate_every: Option<Duration>,
+    /// Rotated files to keep (`delivery.jsonl.<UTC time>`); older ones are deleted.
+    #[serde(default = "defaults::delivery_log_keep")]
+    pub delivery_log_keep: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -543,6 +553,12 @@ mod defaults {
     }
     pub fn delivery_log() -> PathBuf {
         PathBuf::from("var/log/delivery.jsonl")
+    }
+    pub fn delivery_log_max_bytes() -> u64 {
+        1 << 30
+    }
+    pub fn delivery_log_keep() -> usize {
+        30
     }
     pub fn dns_timeout() -> Duration {
         Duration::from_secs(5)

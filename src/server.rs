@@ -44,13 +44,16 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
         Ok::<_, anyhow::Error>((dkim, rules))
     })
     .await??;
-    let log =
-        crate::delivery::log::DeliveryLog::open(&config.log.delivery_log).with_context(|| {
-            format!(
-                "opening the delivery log {}",
-                config.log.delivery_log.display()
-            )
-        })?;
+    let log = crate::delivery::log::DeliveryLog::open(
+        &config.log.delivery_log,
+        crate::delivery::log::Rotation::from_config(&config.log),
+    )
+    .with_context(|| {
+        format!(
+            "opening the delivery log {}",
+            config.log.delivery_log.display()
+        )
+    })?;
     let cfg = Arc::clone(&config);
     let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules, log))
         .await?

@@ -3,11 +3,16 @@
 //! Owns the log file. Records are handed over a bounded channel to a dedicated thread that does
 //! the (blocking) file writes, so delivery never waits on the disk; if the channel is full the
 //! record is counted as dropped rather than stalling a connection.
+//!
+//! The writer rotates the file by size and/or on UTC period boundaries: the current file is
+//! renamed `<name>.<UTC time>` and a new one started; the oldest rotated files beyond `keep` are
+//! deleted.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{IntCounter, register_int_counter};
 use serde::Serialize;
@@ -65,6 +70,33 @@ enum Msg {
     Flush(std::sync::mpsc::Sender<()>),
 }
 
+/// When the writer starts a new file.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    /// Rotate at this size; 0: never by size.
+    pub max_bytes: u64,
+    /// Rotate when this UTC period (counted from the epoch) turns over.
+    pub every: Option<Duration>,
+    /// Rotated files kept.
+    pub keep: usize,
+}
+
+impl Rotation {
+    pub fn from_config(c: &crate::config::LogConfig) -> Rotation {
+        Rotation {
+            max_bytes: c.delivery_log_max_bytes,
+            every: c.delivery_log_rotate_every,
+            keep: c.delivery_log_keep,
+        }
+    }
+
+    /// The period `t` falls in (0 when rotation by time is off).
+    fn period(&self, t: SystemTime) -> u64 {
+        let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.every.map_or(0, |e| secs / e.as_secs().max(1))
+    }
+}
+
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub struct DeliveryLog {
@@ -73,16 +105,13 @@ pub struct DeliveryLog {
 
 impl DeliveryLog {
     /// Opens (appends to) `path`, creating its directory, and starts the writer thread.
-    pub fn open(path: &Path) -> std::io::Result<DeliveryLog> {
+    pub fn open(path: &Path, rotation: Rotation) -> std::io::Result<DeliveryLog> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
             std::fs::create_dir_all(dir)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let file = LogFile::open(path.to_owned(), rotation)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(65_536);
         std::thread::Builder::new()
             .name("delivery-log".into())
@@ -107,30 +136,214 @@ impl DeliveryLog {
     }
 }
 
-fn writer(file: std::fs::File, rx: Receiver<Msg>) {
-    let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+/// The open file with what rotation needs to know about it.
+struct LogFile {
+    path: PathBuf,
+    rotation: Rotation,
+    out: std::io::BufWriter<std::fs::File>,
+    bytes: u64,
+    period: u64,
+}
+
+impl LogFile {
+    fn open(path: PathBuf, rotation: Rotation) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let meta = file.metadata()?;
+        // An existing file belongs to the period it was last written in.
+        let period = rotation.period(meta.modified().unwrap_or_else(|_| SystemTime::now()));
+        Ok(LogFile {
+            path,
+            rotation,
+            out: std::io::BufWriter::with_capacity(256 * 1024, file),
+            bytes: meta.len(),
+            period,
+        })
+    }
+
+    fn due(&self) -> bool {
+        self.bytes > 0
+            && ((self.rotation.max_bytes > 0 && self.bytes >= self.rotation.max_bytes)
+                || (self.rotation.every.is_some()
+                    && self.rotation.period(SystemTime::now()) != self.period))
+    }
+
+    /// Renames the file with a UTC time suffix, starts a new one, and prunes old ones.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.out.flush()?;
+        let stamp = humantime::format_rfc3339_millis(SystemTime::now())
+            .to_string()
+            .replace([':', '-'], "");
+        let mut rotated = self.path.clone().into_os_string();
+        rotated.push(format!(".{stamp}"));
+        std::fs::rename(&self.path, &rotated)?;
+        *self = LogFile::open(std::mem::take(&mut self.path), self.rotation)?;
+        self.period = self.rotation.period(SystemTime::now());
+        self.prune();
+        Ok(())
+    }
+
+    fn prune(&self) {
+        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else {
+            return;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let prefix = format!("{}.", name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        // The suffix is a UTC time in a fixed format, so name order is age order.
+        let mut old: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        old.sort();
+        let excess = old.len().saturating_sub(self.rotation.keep);
+        for p in &old[..excess] {
+            if let Err(e) = std::fs::remove_file(p) {
+                tracing::warn!(file = %p.display(), error = %e, "removing an old delivery log failed");
+            }
+        }
+    }
+}
+
+fn writer(mut file: LogFile, rx: Receiver<Msg>) {
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         let mut waiting = Vec::new();
         while let Some(m) = next {
             match m {
                 Msg::Record(r) => {
-                    if serde_json::to_writer(&mut out, &r).is_err() || out.write_all(b"\n").is_err()
+                    if file.due()
+                        && let Err(e) = file.rotate()
                     {
+                        tracing::error!(error = %e, "rotating the delivery log failed");
+                    }
+                    let mut line = serde_json::to_vec(&r).unwrap_or_default();
+                    line.push(b'\n');
+                    if file.out.write_all(&line).is_err() {
                         tracing::error!("writing the delivery log failed");
                     }
+                    file.bytes += line.len() as u64;
                 }
                 Msg::Flush(done) => waiting.push(done),
             }
             next = rx.try_recv().ok();
         }
         // Flushed whenever the queue runs dry, so `tail -f` sees records promptly.
-        if let Err(e) = out.flush() {
+        if let Err(e) = file.out.flush() {
             tracing::error!(error = %e, "flushing the delivery log failed");
         }
         for done in waiting {
             let _ = done.send(());
         }
     }
-    let _ = out.flush();
+    let _ = file.out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: usize) -> LogRecord {
+        LogRecord {
+            kind: "d",
+            time_queued: String::new(),
+            time_logged: String::new(),
+            campaign: "c".into(),
+            job: format!("j{i}"),
+            recipient: format!("user{i}@example.com"),
+            sender: String::new(),
+            dsn_action: "delivered",
+            dsn_status: "2.0.0".into(),
+            reply_code: Some(250),
+            dsn_diag: "ok".into(),
+            stage: "DATA".into(),
+            mx_host: None,
+            mx_ip: None,
+            tls: false,
+            size: 1,
+            attempt: 1,
+            bounce_cat: None,
+            feedback_type: None,
+        }
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delivery.jsonl");
+        let rotation = Rotation {
+            max_bytes: 2_000,
+            every: None,
+            keep: 3,
+        };
+        let log = DeliveryLog::open(&path, rotation).unwrap();
+        for i in 0..200 {
+            log.record(record(i));
+            if i % 10 == 9 {
+                log.flush();
+                // Rotated names carry the time to the millisecond.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        log.flush();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert_eq!(names[0], "delivery.jsonl");
+        for n in &names[1..] {
+            assert!(n.starts_with("delivery.jsonl.2"), "{n}");
+            let len = std::fs::metadata(dir.path().join(n)).unwrap().len();
+            assert!((2_000..2_400).contains(&len), "{n}: {len} bytes");
+        }
+        // The newest record is in the current file, the oldest kept one in the first rotated.
+        let current = std::fs::read_to_string(&path).unwrap();
+        assert!(current.contains("\"job\":\"j199\""), "{current}");
+    }
+
+    #[test]
+    fn periods_count_from_the_epoch() {
+        let r = Rotation {
+            max_bytes: 0,
+            every: Some(Duration::from_secs(86_400)),
+            keep: 1,
+        };
+        let day = |s: u64| r.period(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(day(86_399), 0);
+        assert_eq!(day(86_400), 1);
+        let off = Rotation { every: None, ..r };
+        assert_eq!(off.period(SystemTime::now()), 0);
+
+        // Every second: a record after the turn of the second starts a new file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        let every = Rotation {
+            max_bytes: 0,
+            every: Some(Duration::from_secs(1)),
+            keep: 5,
+        };
+        let log = DeliveryLog::open(&path, every).unwrap();
+        log.record(record(1));
+        log.flush();
+        std::thread::sleep(Duration::from_millis(1100));
+        log.record(record(2));
+        log.flush();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("\"job\":\"j2\"")
+        );
+    }
 }
