@@ -42,7 +42,9 @@
 //!   records on the blocking pool, render, send and record the outcome. Throttles (governor)
 //!   answer "not before T" and the domains are rescheduled for T. Outcome updates go to the spool
 //!   in batches with the WAL synced every 100 ms; [`delivery::log`] writes the JSON delivery log
-//!   on its own thread.
+//!   on its own thread and rotates it. [`delivery::stats`] gives sites their bounded metric
+//!   label, keeps the per-site gauges (connections open and in use, in flight, queue and oldest
+//!   job, refreshed every 5 s) and builds the reports of `GET /v1/domains` and `GET /v1/queue`.
 //! * [`dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers (NXDOMAIN,
 //!   null MX) from temporary ones.
 //! * [`smtp`]: our SMTP client: [`smtp::reply`] parses replies into typed data, and
@@ -71,9 +73,16 @@
 //!   addresses whose tokens authenticate and configured feedback addresses, with limits on
 //!   connections, lines, size and errors, and answers the final dot after the effect is synced.
 //!   `POST /v1/feedback` is the same over HTTP.
+//! * [`webhook`]: events for HTTP receivers. An event (a delivery-log record plus id and type) is
+//!   staged into the same spool batch as the change it reports; the spool's writer numbers it in
+//!   write order into the `events` column family (the outbox); one sender per receiver reads its
+//!   events from a cursor, POSTs signed batches and deletes what was acknowledged.
 //! * [`server`]: start and graceful stop, used by the binary and by in-process tests.
 //! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors.
 //! * [`metrics`]: Prometheus registry plumbing and the metrics that belong to no one module.
+//!
+//! The binary (`src/main.rs`) adds `src/cli/`: operator commands (`domains`, `queue`, `suspend`,
+//! `campaign`, `suppressions`, `send --csv`) that are plain clients of the HTTP API.
 //!
 //! # Durability
 //!
@@ -102,6 +111,10 @@
 //! * Suppression entries also carry the bounce `category` and the `detail` (reply or report) that
 //!   caused them, for people asking why an address is blocked.
 //! * Complaints are scoped to the campaign's From domain, like unsubscribes, not global.
+//! * The `events` column family is the webhook outbox only; the delivery log is a rotated file
+//!   written by its own thread (a log shipper reads it), not a second consumer of the outbox.
+//! * Metrics use a `site` label (the rule name, route, or primary MX host of the first 100
+//!   sites), never the recipient domain; per-domain detail is in `GET /v1/domains`.
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 
