@@ -141,20 +141,9 @@ async fn suspending_a_domain_stops_it_within_a_second_while_others_flow() {
 
     // The per-site metrics carry the site labels and agree with what the sinks saw.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let metrics = c
-        .get(url(addr, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(addr).await;
     let value = |name: &str, labels: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l.contains(labels))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        metric_value(&text, name, labels)
             .unwrap_or_else(|| panic!("{name}{{{labels}}} not in /metrics"))
     };
     let site_label = format!("site=\"{site_b}\"");

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KEY, client, config, get_json, spool_counts, start, url};
+use common::{KEY, client, config, get_json, metrics, spool_counts, start, url};
 use serde_json::{Value, json};
 
 fn campaign_body(recipients: Value) -> Value {
@@ -332,14 +332,7 @@ async fn health_and_metrics_need_no_key() {
         &campaign_body(json!([{"email": "a@example.com"}])),
     )
     .await;
-    let text = c
-        .get(url(addr, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(addr).await;
     assert!(text.contains("sluice_recipients_accepted_total"), "{text}");
     assert!(text.contains("sluice_spool_sync_seconds_bucket"), "{text}");
     assert!(

@@ -182,20 +182,12 @@ async fn every_event_arrives_once_across_an_outage_and_a_restart() {
 
     // The events wait on disk, and the backlog gauge says so.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let metrics = client()
-        .get(url(sluice.addr, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let backlog: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("sluice_webhook_backlog_events{hook=\"test\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .expect("backlog gauge");
+    let backlog = metric_value(
+        &metrics(sluice.addr).await,
+        "sluice_webhook_backlog_events",
+        "hook=\"test\"",
+    )
+    .expect("backlog gauge");
     assert!(backlog > 0.0, "no backlog during the outage");
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
     // Back, and the first request it gets fails (a receiver error: those ids may repeat).

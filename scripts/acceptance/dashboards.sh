@@ -11,17 +11,9 @@ bin="$root/target/release/sluice"
 [ -x "$bin" ] || { echo "dashboards: build first (cargo build --release)" >&2; exit 1; }
 "$root/scripts/setup-peers"
 
-work="$(mktemp -d)"
-chmod 755 "$work"  # smtp-sink may run as nobody and writes its captures below
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 # shellcheck source=../lib/peers.sh
 source "$root/scripts/lib/peers.sh"
+start_work
 
 api=127.0.0.1:18125
 prom=127.0.0.1:19190

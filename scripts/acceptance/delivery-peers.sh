@@ -11,17 +11,9 @@ bin="$root/target/release/sluice"
 if [ "$(id -u)" -ne 0 ]; then echo "delivery-peers: needs root for port 25; skipped" >&2; exit 1; fi
 "$root/scripts/setup-peers"
 
-work="$(mktemp -d)"
-chmod 755 "$work"  # smtp-sink runs as nobody and writes its captures below
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 # shellcheck source=../lib/peers.sh
 source "$root/scripts/lib/peers.sh"
+start_work
 
 # --- DNS -------------------------------------------------------------------------------------
 mkdir -p "$work/nsd"
@@ -97,6 +89,11 @@ site_backoff = "1h"
 connect_timeout = "3s"
 [shaping]
 tls = "opportunistic"
+# A connection per message, so the split between equal-preference hosts does not hang on how
+# many connections happened to open.
+[[rule]]
+match = "equal.sluice.test"
+max_messages_per_connection = 1
 CONF
 "$bin" serve --config "$work/sluice.toml" 2>"$work/sluice.log" &
 pids+=($!)

@@ -13,17 +13,9 @@ bin="$root/target/release/sluice"
 "$root/scripts/setup-peers"
 py="$("$root/scripts/setup-dkimpy")"
 
-work="$(mktemp -d)"
-chmod 755 "$work"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 # shellcheck source=../lib/peers.sh
 source "$root/scripts/lib/peers.sh"
+start_work
 dns_port=5354
 sink_port=12525
 api=127.0.0.1:18026

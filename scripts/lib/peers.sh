@@ -1,4 +1,14 @@
-# Shared by the acceptance scripts (sourced, not run): port checks and a local NSD.
+# Shared by the acceptance scripts and benchmarks (sourced, not run): a work directory with
+# cleanup, port checks and a local NSD.
+
+# start_work: makes $work (a temporary directory others may read: smtp-sink runs as nobody and
+# writes below it) and an EXIT trap that kills every pid in `pids` and removes $work.
+start_work() {
+  work="$(mktemp -d)"
+  chmod 755 "$work"
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}
 
 # port_free HOST PORT: true when nothing accepts TCP connections there.
 port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }

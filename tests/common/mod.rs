@@ -54,6 +54,30 @@ pub fn url(addr: SocketAddr, path: &str) -> String {
     format!("http://{addr}{path}")
 }
 
+/// The `/metrics` text.
+pub async fn metrics(addr: SocketAddr) -> String {
+    client()
+        .get(url(addr, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first sample of `name` whose labels contain `labels` (`site="x"`, or
+/// several in the exposition's order, `a="1",b="2"`), if any.
+pub fn metric_value(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']) && rest.contains(labels))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// An authenticated GET: status and JSON body (`null` when there is none).
 pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
     let r = client()
