@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
 use common::{
-    KEY, client, delivery_config, get_json, log_records, post_campaign, recipients, start, url,
-    wait_counts,
+    KEY, client, delivery_config, get_json, post_campaign, recipients, start, url, wait_counts,
+    wait_log_kind,
 };
 use serde_json::{Value, json};
 
@@ -63,7 +63,8 @@ async fn hard_bounces_are_suppressed_and_skipped_by_the_next_campaign() {
     assert!(delivered["entries"].is_null(), "{delivered}");
     let (_, page) = get_json(addr, "/v1/suppressions?reason=hard_bounce&limit=1000").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 100);
-    let bounced: Vec<Value> = log_records(dir.path())
+    let bounced: Vec<Value> = wait_log_kind(dir.path(), "b", 100)
+        .await
         .into_iter()
         .filter(|r| r["type"] == "b")
         .collect();
@@ -135,7 +136,7 @@ async fn soft_permanent_failures_follow_the_retry_schedule() {
         c["delivered"] == 3
     })
     .await;
-    let log = log_records(dir.path());
+    let log = wait_log_kind(dir.path(), "t", 3).await;
     let deferred: Vec<&Value> = log.iter().filter(|r| r["type"] == "t").collect();
     assert_eq!(deferred.len(), 3, "{log:?}");
     assert!(
@@ -361,7 +362,7 @@ async fn dsns_and_complaints_over_smtp_reach_their_jobs() {
     );
     assert_eq!(p["recipient"], msgs[6].rcpts[0].as_str());
 
-    let log = log_records(dir.path());
+    let log = wait_log_kind(dir.path(), "rb", 7).await;
     let remote: Vec<&Value> = log.iter().filter(|r| r["type"] == "rb").collect();
     assert_eq!(
         remote.len(),

@@ -200,6 +200,19 @@ pub fn log_records(dir: &std::path::Path) -> Vec<Value> {
 }
 
 /// The delivery log is written by its own thread; wait until it has `n` records.
+/// The delivery log's records once it holds at least `n` of type `kind` (the log is written on
+/// its own thread, a moment after the counts move), or after 2 s.
+pub async fn wait_log_kind(dir: &std::path::Path, kind: &str, n: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let r = log_records(dir);
+        if r.iter().filter(|r| r["type"] == kind).count() >= n {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    log_records(dir)
+}
+
 pub async fn wait_log(dir: &std::path::Path, n: usize) -> Vec<Value> {
     for _ in 0..200 {
         let r = log_records(dir);
