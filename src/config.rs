@@ -254,6 +254,11 @@ pub struct DeliveryConfig {
     /// An idle pooled connection is closed after this long.
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// On SIGTERM, how long SMTP transactions under way may take to finish. Past it they are
+    /// abandoned (their recipients stay queued and are sent again after the restart, which may
+    /// deliver a message twice); the whole stop takes at most this plus 10 s.
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// After a site's connections fail, wait this long before trying it again; doubles with
     /// each further failure up to `site_backoff_max`.
     #[serde(default = "defaults::site_backoff", with = "humantime_serde")]
@@ -583,6 +588,9 @@ mod defaults {
     }
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(20)
     }
     pub fn site_backoff() -> Duration {
         Duration::from_secs(30)

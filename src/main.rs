@@ -6,6 +6,7 @@ mod cli;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, LogFormat};
@@ -171,6 +172,7 @@ async fn serve(config: Arc<Config>, path: PathBuf) -> anyhow::Result<()> {
             sluice::config::TOKEN_KEYS_ENV
         );
     }
+    let shutdown_timeout = config.delivery.shutdown_timeout;
     let running = sluice::server::start(config).await?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -206,6 +208,15 @@ async fn serve(config: Arc<Config>, path: PathBuf) -> anyhow::Result<()> {
             }
         }
     }
-    running.shutdown().await;
+    // Bounded: in-flight transactions get `delivery.shutdown_timeout`, the rest (HTTP requests,
+    // webhook POSTs, the spool flush) 10 s more. Past that the process exits anyway: what was
+    // acknowledged is on disk already.
+    let limit = shutdown_timeout + Duration::from_secs(10);
+    if tokio::time::timeout(limit, running.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::error!("shutdown did not finish within {limit:?}; exiting");
+    }
     Ok(())
 }

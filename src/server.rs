@@ -212,11 +212,20 @@ impl Running {
     pub async fn shutdown(self) {
         self.node.start_draining();
         let delivery = self.delivery.lock().expect("delivery slot").take();
+        let started = std::time::Instant::now();
         if let Some(d) = delivery {
             d.shutdown().await;
+            tracing::info!(
+                seconds = format!("{:.3}", started.elapsed().as_secs_f64()),
+                "delivery stopped; outcomes written"
+            );
         }
         self.stop.cancel();
         self.tasks.wait().await;
+        tracing::info!(
+            seconds = format!("{:.3}", started.elapsed().as_secs_f64()),
+            "API, listener and webhooks stopped"
+        );
         let log = self.node.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.flush()).await;
         if let Err(e) = self.node.spool.close().await {

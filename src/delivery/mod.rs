@@ -315,11 +315,21 @@ impl Delivery {
         Ok(delivery)
     }
 
-    /// Stops taking work, lets in-flight transactions finish, and writes every outcome.
+    /// Stops taking work, lets in-flight transactions finish (for up to
+    /// `delivery.shutdown_timeout`), and writes every outcome.
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.lanes.close();
-        self.lanes.wait().await;
+        let limit = self.config.delivery.shutdown_timeout;
+        if tokio::time::timeout(limit, self.lanes.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                lanes = self.lanes.len(),
+                "SMTP transactions still under way after {limit:?}; abandoned, their recipients stay queued"
+            );
+        }
         let idle: Vec<stats::Held> = {
             let sites = self.sites.lock().expect("sites lock");
             sites
@@ -555,6 +565,11 @@ impl Delivery {
             }
             let mut prepared = self.prepare(jobs, Some(&site)).await.into_iter();
             while let Some(p) = prepared.next() {
+                if self.stop.is_cancelled() {
+                    // Stopping: the transaction under way has finished; the rest stays queued.
+                    self.requeue(std::iter::once(p).chain(prepared));
+                    break 'lane;
+                }
                 // A connection: the current one if still good, else a pooled one, else a new one.
                 let fresh = conn.as_ref().is_some_and(|c| {
                     c.is_reusable() && c.transactions < site.shaping.max_messages_per_connection

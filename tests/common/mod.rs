@@ -288,9 +288,18 @@ impl Process {
 
     /// SIGTERM (graceful stop); returns its exit status once it has exited.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.send_term();
+        self.wait_exit(within)
+    }
+
+    pub fn send_term(&self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
+    }
+
+    /// Waits for the process to exit; panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let started = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
