@@ -41,6 +41,10 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `production` (the default) refuses the example API key and token key shipped in
+    /// `config/sluice.toml`; `development` allows them, with a warning, for a laptop.
+    #[serde(default)]
+    pub profile: Profile,
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
@@ -78,6 +82,14 @@ pub struct Config {
     /// Event receivers: batched, signed JSON POSTs from a durable outbox.
     #[serde(default, rename = "webhook")]
     pub webhooks: Vec<WebhookConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Production,
+    Development,
 }
 
 /// One webhook receiver. Events are written to the spool's outbox with the outcome that caused
@@ -153,6 +165,12 @@ pub struct BounceConfig {
     /// domain must lead here). Unset: no listener; `POST /v1/feedback` still works.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// PEM certificate chain and key for STARTTLS on the listener (offered when set). Senders of
+    /// bounces use it opportunistically, like any MTA.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
     /// Addresses (besides the VERP ones) the listener accepts, for feedback loops (ARF) and
     /// `unsubscribe_mailto`: the Yahoo CFL or Microsoft JMRP address you registered, for example.
     #[serde(default)]
@@ -407,6 +425,13 @@ pub struct HttpConfig {
     /// How long a client may take between two pieces of a request body before it is cut off.
     #[serde(default = "defaults::body_read_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// PEM certificate chain (leaf first) for HTTPS on `listen`; with `tls_key`. Unset: plain
+    /// HTTP, for a loopback address or behind a TLS-terminating proxy.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -691,14 +716,8 @@ impl Config {
             }])
         })?;
         let env_keys = std::env::var(API_KEYS_ENV).ok();
-        let mut config = Self::from_toml(&file, &text, env_keys.as_deref())?;
-        if let Ok(keys) = std::env::var(TOKEN_KEYS_ENV) {
-            config.secrets.token_keys = split_list(&keys);
-            let errors = config.validate(&file);
-            if !errors.is_empty() {
-                return Err(ConfigErrors(errors));
-            }
-        }
+        let env_tokens = std::env::var(TOKEN_KEYS_ENV).ok();
+        let config = Self::parse(&file, &text, env_keys.as_deref(), env_tokens.as_deref())?;
         crate::dkim::DkimKeys::load(&config.dkim, &file)?;
         crate::outcome::rules::Rules::load(config.bounce.rules.as_deref())?;
         Ok(config)
@@ -710,6 +729,17 @@ impl Config {
         text: &str,
         env_keys: Option<&str>,
     ) -> Result<Config, ConfigErrors> {
+        Self::parse(file, text, env_keys, None)
+    }
+
+    /// Parses TOML text, replaces the API keys and token keys with the environment's when given,
+    /// and validates the result.
+    fn parse(
+        file: &str,
+        text: &str,
+        env_keys: Option<&str>,
+        env_tokens: Option<&str>,
+    ) -> Result<Config, ConfigErrors> {
         let de = toml::Deserializer::parse(text)
             .map_err(|e| ConfigErrors(vec![toml_error(file, text, "(syntax)", &e)]))?;
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -719,6 +749,9 @@ impl Config {
         })?;
         if let Some(keys) = env_keys {
             config.auth.api_keys = split_list(keys);
+        }
+        if let Some(keys) = env_tokens {
+            config.secrets.token_keys = split_list(keys);
         }
         let errors = config.validate(file);
         if errors.is_empty() {
@@ -756,6 +789,38 @@ impl Config {
                     "an API key may hold only printable ASCII without spaces".into(),
                 );
             }
+        }
+        if self.profile == Profile::Production {
+            for (i, key) in self.auth.api_keys.iter().enumerate() {
+                if key == EXAMPLE_API_KEY {
+                    bad(
+                        &format!("auth.api_keys[{i}]"),
+                        format!(
+                            "{EXAMPLE_API_KEY:?} is the example key: set your own here or in {API_KEYS_ENV}, or profile = \"development\" on a laptop"
+                        ),
+                    );
+                }
+            }
+            if self.uses_example_token_key() {
+                bad(
+                    "secrets.token_keys",
+                    format!(
+                        "the example token key lets anyone forge unsubscribe and bounce tokens: set your own here or in {TOKEN_KEYS_ENV}, or profile = \"development\" on a laptop"
+                    ),
+                );
+            }
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            bad(
+                "http.tls_cert",
+                "tls_cert and tls_key go together: set both or neither".into(),
+            );
+        }
+        if self.bounce.tls_cert.is_some() != self.bounce.tls_key.is_some() {
+            bad(
+                "bounce.tls_cert",
+                "tls_cert and tls_key go together: set both or neither".into(),
+            );
         }
         if self.http.max_concurrent_requests == 0 {
             bad("http.max_concurrent_requests", "must be at least 1".into());
@@ -1062,7 +1127,12 @@ mod tests {
 
     #[test]
     fn minimal_config_takes_defaults() {
-        let c = Config::from_toml("t.toml", "[auth]\napi_keys = [\"0123456789\"]\n", None).unwrap();
+        let c = Config::from_toml(
+            "t.toml",
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n",
+            None,
+        )
+        .unwrap();
         assert_eq!(c.http.listen, "127.0.0.1:8025".parse().unwrap());
         assert_eq!(c.spool.path, PathBuf::from("var/spool"));
         assert_eq!(c.spool.idempotency_ttl, Duration::from_secs(86400));
@@ -1070,25 +1140,29 @@ mod tests {
 
     #[test]
     fn errors_name_file_key_and_reason() {
-        let e = errors("[auth]\napi_keys = [\"0123456789\"]\n[http]\nlisten = \"nope\"\n");
+        let e = errors(
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[http]\nlisten = \"nope\"\n",
+        );
         assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("t.toml: http.listen (line 4): "), "{e:?}");
+        assert!(e[0].starts_with("t.toml: http.listen (line 5): "), "{e:?}");
         assert!(e[0].contains("invalid socket address"), "{e:?}");
 
-        let e =
-            errors("[auth]\napi_keys = [\"0123456789\"]\n[http]\nlisten_on = \"127.0.0.1:1\"\n");
+        let e = errors(
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[http]\nlisten_on = \"127.0.0.1:1\"\n",
+        );
         assert!(e[0].contains("unknown field `listen_on`"), "{e:?}");
         assert!(e[0].starts_with("t.toml: http"), "{e:?}");
 
-        let e =
-            errors("[auth]\napi_keys = [\"0123456789\"]\n[spool]\nidempotency_ttl = \"soon\"\n");
+        let e = errors(
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[spool]\nidempotency_ttl = \"soon\"\n",
+        );
         assert!(
-            e[0].starts_with("t.toml: spool.idempotency_ttl (line 4): "),
+            e[0].starts_with("t.toml: spool.idempotency_ttl (line 5): "),
             "{e:?}"
         );
 
         let e = errors(
-            "[auth]\napi_keys = [\"short\", \"0123456789\", \"with space\"]\n[limits]\nmax_line_bytes = 0\n",
+            "profile = \"development\"\n[auth]\napi_keys = [\"short\", \"0123456789\", \"with space\"]\n[limits]\nmax_line_bytes = 0\n",
         );
         assert_eq!(
             e,
@@ -1106,7 +1180,7 @@ mod tests {
     fn rules_routes_and_rates() {
         let c = Config::from_toml(
             "t.toml",
-            "[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmessage_rate = \"100/s\"\n\
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmessage_rate = \"100/s\"\n\
              [[rule]]\nmatch = \"*.google.com\"\nmax_connections = 20\nmessage_rate = \"5000/m\"\n\
              [[route]]\ndomain = \"example.test\"\nrelay = \"127.0.0.1:2525\"\n",
             None,
@@ -1133,13 +1207,15 @@ mod tests {
             })
         );
         assert_eq!(c.routes[0].relay, "127.0.0.1:2525");
-        let e = errors("[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmessage_rate = \"fast\"\n");
+        let e = errors(
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmessage_rate = \"fast\"\n",
+        );
         assert!(
-            e[0].starts_with("t.toml: shaping.message_rate (line 4): "),
+            e[0].starts_with("t.toml: shaping.message_rate (line 5): "),
             "{e:?}"
         );
         let e = errors(
-            "[auth]\napi_keys = [\"0123456789\"]\n[[route]]\ndomain = \"a.test\"\nrelay = \"nowhere\"\n",
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[[route]]\ndomain = \"a.test\"\nrelay = \"nowhere\"\n",
         );
         assert_eq!(
             e,
@@ -1151,7 +1227,7 @@ mod tests {
     fn env_keys_replace_file_keys() {
         let c = Config::from_toml(
             "t.toml",
-            "[auth]\napi_keys = [\"0123456789\"]\n",
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n",
             Some("aaaaaaaaaa, bbbbbbbbbb"),
         )
         .unwrap();
@@ -1163,7 +1239,7 @@ mod tests {
     #[test]
     fn message_bounce_secrets_and_dkim_are_checked() {
         let e = errors(
-            "[auth]\napi_keys = [\"0123456789\"]\n\
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n\
              [bounce]\ndomain = \"not a domain\"\nlocal_part = \"a+b\"\n\
              [message]\nunsubscribe_url = \"ftp://x\"\nunsubscribe_mailto = \"u+x@example.com\"\nfeedback_sender_id = \"a:b\"\n\
              [secrets]\ntoken_keys = [\"short\"]\n\
@@ -1190,11 +1266,43 @@ mod tests {
             "{e:#?}"
         );
         let e = errors(
-            "[auth]\napi_keys = [\"0123456789\"]\n[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nalgorithm = \"rsa\"\nkey_file = \"k\"\n",
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[[dkim]]\ndomain = \"example.com\"\nselector = \"s\"\nalgorithm = \"rsa\"\nkey_file = \"k\"\n",
         );
         assert!(e[0].starts_with("t.toml: dkim[0].algorithm"), "{e:?}");
-        let c = Config::from_toml("t.toml", "[auth]\napi_keys = [\"0123456789\"]\n", None).unwrap();
+        let c = Config::from_toml(
+            "t.toml",
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n",
+            None,
+        )
+        .unwrap();
         assert!(c.uses_example_token_key());
         assert_eq!(c.bounce.local_part, "bounce");
+    }
+
+    #[test]
+    fn production_refuses_the_example_secrets() {
+        let e = errors("[auth]\napi_keys = [\"change-me\", \"0123456789\"]\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("t.toml: auth.api_keys[0]: "), "{e:?}");
+        assert!(e[1].starts_with("t.toml: secrets.token_keys: "), "{e:?}");
+        assert!(e[1].contains("profile = \"development\""), "{e:?}");
+        let own = "[auth]\napi_keys = [\"0123456789\"]\n[secrets]\ntoken_keys = [\"0123456789abcdef0123\"]\n";
+        assert!(errors(own).is_empty());
+        let c = Config::from_toml("t.toml", own, None).unwrap();
+        assert_eq!(c.profile, Profile::Production);
+        // The environment's keys count, not the file's.
+        let c = Config::parse(
+            "t.toml",
+            "[auth]\napi_keys = [\"change-me\"]\n",
+            Some("0123456789"),
+            Some("0123456789abcdef0123"),
+        )
+        .unwrap();
+        assert!(!c.uses_example_key() && !c.uses_example_token_key());
+        assert!(
+            errors("profile = \"development\"\n[auth]\napi_keys = [\"change-me\"]\n").is_empty()
+        );
+        let e = errors("profile = \"staging\"\n[auth]\napi_keys = [\"0123456789\"]\n");
+        assert!(e[0].starts_with("t.toml: profile"), "{e:?}");
     }
 }

@@ -16,8 +16,9 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, register_int_counter_vec};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -72,6 +73,17 @@ pub async fn serve(
     stop: CancellationToken,
     tasks: TaskTracker,
 ) -> std::io::Result<SocketAddr> {
+    let tls = match (&node.config.bounce.tls_cert, &node.config.bounce.tls_key) {
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (cert.clone(), key.clone());
+            let loaded =
+                tokio::task::spawn_blocking(move || crate::tls::acceptor(&cert, &key, &[]))
+                    .await
+                    .map_err(std::io::Error::other)?;
+            Some(loaded.map_err(|e| std::io::Error::other(format!("bounce.tls_cert: {e}")))?)
+        }
+        _ => None,
+    };
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let limits = Arc::new(Limits {
@@ -95,6 +107,7 @@ pub async fn serve(
             let node = Arc::clone(&node);
             let limits = Arc::clone(&limits);
             let stop = stop.clone();
+            let tls = tls.clone();
             t.spawn(async move {
                 let Some(_slot) =
                     limits.enter(peer.ip(), node.config.bounce.max_connections_per_ip)
@@ -109,7 +122,7 @@ pub async fn serve(
                 SESSIONS.with_label_values(&["served"]).inc();
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    r = session(&node, stream) => {
+                    r = session(&node, stream, tls.as_ref()) => {
                         if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "bounce listener session ended");
                         }
@@ -226,16 +239,49 @@ struct Transaction {
     rcpts: Vec<(String, Mailbox)>,
 }
 
-async fn session(node: &Arc<Node>, stream: TcpStream) -> std::io::Result<()> {
-    let (rd, mut wr) = stream.into_split();
+/// A connection: the greeting, the dialogue, and after STARTTLS the dialogue again over TLS.
+async fn session(
+    node: &Arc<Node>,
+    mut stream: TcpStream,
+    tls: Option<&TlsAcceptor>,
+) -> std::io::Result<()> {
+    let host = &node.config.delivery.ehlo_name;
+    if !node.is_ready() || node.is_draining() {
+        return reply(&mut stream, "421 4.3.2 not ready, try again later").await;
+    }
+    stream
+        .write_all(format!("220 {host} ESMTP Sluice bounce and feedback receiver\r\n").as_bytes())
+        .await?;
+    let Some(acceptor) = tls else {
+        return dialogue(node, stream, false).await.map(drop);
+    };
+    let Some(plain) = dialogue(node, stream, true).await? else {
+        return Ok(());
+    };
+    match tokio::time::timeout(COMMAND_TIMEOUT, acceptor.accept(plain)).await {
+        // RFC 3207 §4.2: the client starts again with EHLO; nothing from before counts.
+        Ok(Ok(secure)) => dialogue(node, secure, false).await.map(drop),
+        Ok(Err(e)) => {
+            REFUSED.with_label_values(&["tls"]).inc();
+            tracing::debug!(error = %e, "STARTTLS handshake on the bounce listener failed");
+            Ok(())
+        }
+        Err(_) => Ok(()),
+    }
+}
+
+/// Commands until QUIT, an error limit, or STARTTLS (when `offer_tls`): then the stream is
+/// handed back for the handshake.
+async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
+    node: &Arc<Node>,
+    stream: S,
+    offer_tls: bool,
+) -> std::io::Result<Option<S>> {
+    let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(16 * 1024, rd);
     let host = &node.config.delivery.ehlo_name;
     let max_size = node.config.bounce.max_message_bytes;
-    if !node.is_ready() || node.is_draining() {
-        return reply(&mut wr, "421 4.3.2 not ready, try again later").await;
-    }
-    wr.write_all(format!("220 {host} ESMTP Sluice bounce and feedback receiver\r\n").as_bytes())
-        .await?;
+    let starttls = if offer_tls { "250-STARTTLS\r\n" } else { "" };
     let mut tx = Transaction {
         mail_from: None,
         rcpts: Vec::new(),
@@ -248,12 +294,12 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> std::io::Result<()> {
             Err(_) => {
                 wr.write_all(b"421 4.4.2 idle too long, closing\r\n")
                     .await?;
-                return Ok(());
+                return Ok(None);
             }
             Ok(r) => r?,
         };
         let line = match line {
-            Line::Eof => return Ok(()),
+            Line::Eof => return Ok(None),
             Line::TooLong => {
                 REFUSED.with_label_values(&["line"]).inc();
                 bad += 1;
@@ -279,7 +325,7 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> std::io::Result<()> {
                     rcpts: Vec::new(),
                 };
                 format!(
-                    "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max_size}\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"
+                    "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max_size}\r\n250-8BITMIME\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"
                 )
             }
             "HELO" => {
@@ -348,12 +394,12 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> std::io::Result<()> {
                     {
                         Err(_) => {
                             wr.write_all(b"421 4.4.2 data timeout, closing\r\n").await?;
-                            return Ok(());
+                            return Ok(None);
                         }
                         Ok(r) => r?,
                     };
                     let answer = match r {
-                        Data::Eof => return Ok(()),
+                        Data::Eof => return Ok(None),
                         Data::TooBig => {
                             REFUSED.with_label_values(&["size"]).inc();
                             format!("552 5.3.4 message size exceeds {max_size} octets")
@@ -384,7 +430,21 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> std::io::Result<()> {
             "VRFY" => "252 2.5.0 cannot verify".into(),
             "QUIT" => {
                 reply(&mut wr, "221 2.0.0 bye").await?;
-                return Ok(());
+                return Ok(None);
+            }
+            "STARTTLS" if offer_tls => {
+                if upper.trim() != "STARTTLS" {
+                    "501 5.5.4 STARTTLS takes no parameters".into()
+                } else {
+                    reply(&mut wr, "220 2.0.0 ready to start TLS").await?;
+                    // Commands sent after STARTTLS in the clear would be taken as if they came
+                    // over TLS (the CVE-2011-0411 class): such a client is dropped.
+                    if !rd.buffer().is_empty() {
+                        REFUSED.with_label_values(&["tls"]).inc();
+                        return Ok(None);
+                    }
+                    return Ok(Some(rd.into_inner().unsplit(wr)));
+                }
             }
             _ => {
                 bad += 1;
@@ -397,7 +457,8 @@ async fn session(node: &Arc<Node>, stream: TcpStream) -> std::io::Result<()> {
             break;
         }
     }
-    reply(&mut wr, "421 4.7.0 too many errors, closing").await
+    reply(&mut wr, "421 4.7.0 too many errors, closing").await?;
+    Ok(None)
 }
 
 async fn reply<W: AsyncWriteExt + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {

@@ -138,6 +138,7 @@ pub mod smtp;
 pub mod spool;
 pub mod suppression;
 pub mod template;
+pub mod tls;
 pub mod tokens;
 pub mod webhook;
 

@@ -67,12 +67,26 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
 
     let app = crate::api::router(Arc::clone(&node));
     let http_stop = stop.clone();
-    tasks.spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
+    match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (cert.clone(), key.clone());
+            let acceptor = tokio::task::spawn_blocking(move || {
+                crate::tls::acceptor(&cert, &key, &[b"http/1.1"])
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("http.tls_cert: {e}"))?;
+            tasks.spawn(serve_tls(listener, app, acceptor, http_stop));
         }
-    });
+        _ => {
+            tasks.spawn(async move {
+                let serve =
+                    axum::serve(listener, app).with_graceful_shutdown(http_stop.cancelled_owned());
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            });
+        }
+    }
 
     let bounce_addr = match config.bounce.listen {
         None => None,
@@ -178,6 +192,52 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
         tasks,
     })
 }
+
+/// Serves the API over TLS until `stop`, then lets open requests finish.
+async fn serve_tls(
+    listener: TcpListener,
+    app: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stop: CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting an HTTPS connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake on the API failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "HTTPS connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+}
+
+/// A client that has not finished its TLS handshake by then is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Running {
     /// Applies what can change without a restart from a freshly loaded config: the DKIM keys and

@@ -236,7 +236,7 @@ async fn delivered_messages_carry_signed_unsubscribe_headers_and_the_attachment(
     let dir = tempfile::tempdir().unwrap();
     let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim");
     let text = format!(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{spool}\"\n\
+        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[secrets]\ntoken_keys = [\"test-token-key-0123456789\"]\n[spool]\npath = \"{spool}\"\n\
          [log]\nlevel = \"warn\"\ndelivery_log = \"{spool}/delivery.jsonl\"\n\
          [delivery]\nehlo_name = \"mta.example.com\"\nretry_initial = \"1s\"\n\
          [[route]]\ndomain = \"sink.test\"\nrelay = \"{sink}\"\n\
@@ -330,7 +330,7 @@ async fn delivered_messages_carry_signed_unsubscribe_headers_and_the_attachment(
 fn dkim_config(spool: &std::path::Path, sink: std::net::SocketAddr, selector: &str) -> Config {
     let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim");
     let text = format!(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{spool}\"\n\
+        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[secrets]\ntoken_keys = [\"test-token-key-0123456789\"]\n[spool]\npath = \"{spool}\"\n\
          [log]\nlevel = \"warn\"\ndelivery_log = \"{spool}/delivery.jsonl\"\n\
          [delivery]\nehlo_name = \"mta.example.com\"\nretry_initial = \"1s\"\nretry_max = \"1s\"\n\
          [[route]]\ndomain = \"sink.test\"\nrelay = \"{sink}\"\n\

@@ -41,6 +41,8 @@ cat >"$work/sluice.toml" <<CONF
 listen = "$api"
 [auth]
 api_keys = ["dashboards-test-key"]
+[secrets]
+token_keys = ["peer-token-key-0123456789"]
 [spool]
 path = "$work/spool"
 [log]

@@ -73,6 +73,8 @@ cat >"$work/sluice.toml" <<CONF
 listen = "$api"
 [auth]
 api_keys = ["peer-test-key"]
+[secrets]
+token_keys = ["peer-token-key-0123456789"]
 [spool]
 path = "$work/spool"
 [log]

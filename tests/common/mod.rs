@@ -21,7 +21,7 @@ pub const KEY: &str = "test-key-0123456789";
 
 pub fn config(spool: &Path) -> Config {
     let text = format!(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"warn\"\ndelivery_log = \"{}\"\n[delivery]\nenabled = false\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[secrets]\ntoken_keys = [\"test-token-key-0123456789\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"warn\"\ndelivery_log = \"{}\"\n[delivery]\nenabled = false\n",
         spool.display(),
         spool.join("delivery.jsonl").display()
     );
@@ -242,7 +242,7 @@ impl Process {
         std::fs::write(
             &cfg,
             format!(
-                "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"info\"\ndelivery_log = \"{}\"\n{more}",
+                "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n[secrets]\ntoken_keys = [\"test-token-key-0123456789\"]\n[spool]\npath = \"{}\"\n[log]\nlevel = \"info\"\ndelivery_log = \"{}\"\n{more}",
                 spool.display(),
                 dir.join("delivery.jsonl").display()
             ),
