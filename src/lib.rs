@@ -77,7 +77,11 @@
 //!   staged into the same spool batch as the change it reports; the spool's writer numbers it in
 //!   write order into the `events` column family (the outbox); one sender per receiver reads its
 //!   events from a cursor, POSTs signed batches and deletes what was acknowledged.
-//! * [`server`]: start and graceful stop, used by the binary and by in-process tests.
+//! * [`server`]: start and graceful stop (delivery first, bounded by `delivery.shutdown_timeout`,
+//!   then the API, listener and webhook senders, then the delivery log and the spool), used by
+//!   the binary and by in-process tests. HTTPS on the API is served here with hyper's HTTP/1
+//!   connection builder, since `axum::serve` speaks plain TCP only.
+//! * [`tls`]: certificate and key files into a rustls acceptor (API, listener STARTTLS).
 //! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors.
 //! * [`metrics`]: Prometheus registry plumbing and the metrics that belong to no one module.
 //!
