@@ -319,4 +319,65 @@ mod tests {
             assert_eq!(take_varint(&mut &out[..]).unwrap(), v);
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn state() -> impl Strategy<Value = JobState> {
+            (0u8..6).prop_map(|v| JobState::from_u8(v).expect("0..6 are states"))
+        }
+
+        proptest! {
+            #[test]
+            fn records_round_trip(
+                state in state(),
+                upload: u64,
+                accepted_at_ms: u64,
+                attempts: u32,
+                next_attempt_ms: u64,
+                address in ".{0,300}",
+                vars in ".{0,2000}",
+                last_response in ".{0,600}",
+            ) {
+                let rec = JobRecord {
+                    state,
+                    upload,
+                    accepted_at_ms,
+                    attempts,
+                    next_attempt_ms,
+                    address: &address,
+                    vars: &vars,
+                    last_response: &last_response,
+                };
+                let bytes = rec.encode();
+                prop_assert_eq!(JobRecord::decode(&bytes), Ok(rec));
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                // Ok or a typed error; and whatever decodes encodes to something that decodes the same.
+                if let Ok(rec) = JobRecord::decode(&bytes) {
+                    let again = rec.encode();
+                    prop_assert_eq!(JobRecord::decode(&again), Ok(rec));
+                }
+            }
+
+            #[test]
+            fn keys_round_trip_and_sort_like_ids(a: u64, b: u64) {
+                let (ia, ib) = (JobId::from(a), JobId::from(b));
+                prop_assert_eq!(JobId::from_key(&ia.key()), Ok(ia));
+                prop_assert_eq!(ia.key().cmp(&ib.key()), ia.cmp(&ib));
+            }
+
+            #[test]
+            fn varints_round_trip(v: u64) {
+                let mut out = Vec::new();
+                put_varint(&mut out, v);
+                let mut rest = &out[..];
+                prop_assert_eq!(take_varint(&mut rest), Ok(v));
+                prop_assert!(rest.is_empty());
+            }
+        }
+    }
 }
