@@ -529,16 +529,30 @@ impl Connection {
         } else {
             self.read_reply(Command::Mail, t.command).await?
         };
+        // A 421 at any step means the server is closing (RFC 5321 §3.8): nothing more will be
+        // answered, and that reply is the outcome for every recipient, not the lost connection.
+        let closing = |r: &Reply| (r.code == 421).then(|| vec![r.clone(); env.recipients.len()]);
+        if let Some(all) = closing(&mail_reply) {
+            return Ok(all);
+        }
         let mut rcpt_replies = Vec::with_capacity(env.recipients.len());
         if pipelined {
             for _ in env.recipients {
-                rcpt_replies.push(self.read_reply(Command::Rcpt, t.command).await?);
+                let r = self.read_reply(Command::Rcpt, t.command).await?;
+                if let Some(all) = closing(&r) {
+                    return Ok(all);
+                }
+                rcpt_replies.push(r);
             }
         } else if mail_reply.is_positive() {
             for rcpt in env.recipients {
                 self.write_line(&format!("RCPT TO:<{rcpt}>"), Command::Rcpt)
                     .await?;
-                rcpt_replies.push(self.read_reply(Command::Rcpt, t.command).await?);
+                let r = self.read_reply(Command::Rcpt, t.command).await?;
+                if let Some(all) = closing(&r) {
+                    return Ok(all);
+                }
+                rcpt_replies.push(r);
             }
         }
         let any_rcpt = mail_reply.is_positive() && rcpt_replies.iter().any(Reply::is_positive);
@@ -550,6 +564,9 @@ impl Connection {
         } else {
             None
         };
+        if let Some(all) = data_reply.as_ref().and_then(closing) {
+            return Ok(all);
+        }
         if !mail_reply.is_positive() {
             if mail_reply.code != 421 {
                 // MAIL failed; the pipelined RCPTs and DATA failed with it. Start clean.

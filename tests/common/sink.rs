@@ -21,7 +21,14 @@ pub struct SinkOptions {
     pub rcpt: RcptReply,
     /// Delay before answering the final dot.
     pub data_delay: Duration,
+    /// Accept connections but never send the greeting.
+    pub silent: bool,
+    /// Close without replying after the final dot, for (first recipient, times seen before);
+    /// nothing is captured then.
+    pub drop_after_dot: Option<RcptDrop>,
 }
+
+pub type RcptDrop = Arc<dyn Fn(&str, usize) -> bool + Send + Sync>;
 
 impl Default for SinkOptions {
     fn default() -> Self {
@@ -30,6 +37,8 @@ impl Default for SinkOptions {
             tls: None,
             rcpt: Arc::new(|_, _| "250 2.1.5 ok".to_owned()),
             data_delay: Duration::ZERO,
+            silent: false,
+            drop_after_dot: None,
         }
     }
 }
@@ -52,6 +61,8 @@ pub struct SinkStats {
     pub pipelined: AtomicUsize,
     pub messages: Mutex<Vec<Captured>>,
     seen: Mutex<HashMap<String, usize>>,
+    /// Transactions dropped after the final dot, per first recipient.
+    dropped: Mutex<HashMap<String, usize>>,
 }
 
 pub struct Sink {
@@ -76,6 +87,13 @@ impl Sink {
                 let (s, opts) = (Arc::clone(&s), opts.clone());
                 tokio::spawn(async move {
                     let mut io = BufReader::new(tcp);
+                    if opts.silent {
+                        // Holds the connection open until the client gives up.
+                        let mut sink = Vec::new();
+                        let _ = tokio::io::AsyncReadExt::read_to_end(&mut io, &mut sink).await;
+                        s.open.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    }
                     let _ = io.get_mut().write_all(b"220 sink.test ESMTP\r\n").await;
                     if session(&mut io, &opts, &s, id, false).await == Next::StartTls
                         && let Some(acceptor) = &opts.tls
@@ -190,6 +208,20 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     data.push_str(line.strip_prefix('.').unwrap_or(&line));
                 }
+                if let Some(drop_it) = &opts.drop_after_dot {
+                    let first = rcpts.first().cloned().unwrap_or_default();
+                    let prior = stats
+                        .dropped
+                        .lock()
+                        .unwrap()
+                        .entry(first.clone())
+                        .or_insert(0)
+                        .to_owned();
+                    if drop_it(&first, prior) {
+                        *stats.dropped.lock().unwrap().entry(first).or_insert(0) += 1;
+                        return Next::Done;
+                    }
+                }
                 tokio::time::sleep(opts.data_delay).await;
                 stats.messages.lock().unwrap().push(Captured {
                     connection: id,
@@ -214,6 +246,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             .write_all(format!("{reply}\r\n").as_bytes())
             .await
             .is_err()
+            || reply.starts_with("421")
         {
             return Next::Done;
         }
