@@ -149,16 +149,26 @@ impl LogFile {
     fn open(path: PathBuf, rotation: Rotation) -> std::io::Result<LogFile> {
         let file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)?;
         let meta = file.metadata()?;
         // An existing file belongs to the period it was last written in.
         let period = rotation.period(meta.modified().unwrap_or_else(|_| SystemTime::now()));
+        let bytes = drop_torn_tail(&file, meta.len())?;
+        if bytes < meta.len() {
+            tracing::warn!(
+                file = %path.display(),
+                bytes = meta.len() - bytes,
+                "the delivery log ended in a partly written record (the process was killed while \
+                 writing it); removed it"
+            );
+        }
         Ok(LogFile {
             path,
             rotation,
             out: std::io::BufWriter::with_capacity(256 * 1024, file),
-            bytes: meta.len(),
+            bytes,
             period,
         })
     }
@@ -212,6 +222,32 @@ impl LogFile {
             }
         }
     }
+}
+
+/// Cuts `file` (of `len` bytes) back to just after its last newline, so that a record torn by
+/// a kill during a write does not run into the next one; returns the length kept.
+fn drop_torn_tail(file: &std::fs::File, len: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                file.set_len(keep)?;
+            }
+            return Ok(keep);
+        }
+        end = start;
+    }
+    if len > 0 {
+        file.set_len(0)?;
+    }
+    Ok(0)
 }
 
 fn writer(mut file: LogFile, rx: Receiver<Msg>) {
@@ -310,6 +346,47 @@ mod tests {
         // The newest record is in the current file, the oldest kept one in the first rotated.
         let current = std::fs::read_to_string(&path).unwrap();
         assert!(current.contains("\"job\":\"j199\""), "{current}");
+    }
+
+    #[test]
+    fn a_record_torn_by_a_kill_is_cut_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("delivery.jsonl");
+        let rotation = Rotation {
+            max_bytes: 0,
+            every: None,
+            keep: 1,
+        };
+        // Two whole records, then most of a third, as a kill in the middle of a write leaves.
+        let whole = "{\"job\":\"a\"}\n{\"job\":\"b\"}\n";
+        std::fs::write(&path, format!("{whole}{{\"job\":\"c\",\"recipi")).unwrap();
+        let log = DeliveryLog::open(&path, rotation).unwrap();
+        log.record(record(1));
+        log.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(whole), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        for l in lines {
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+
+        // A tail longer than one read chunk, and a file with no newline at all.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(0).unwrap();
+        use std::os::unix::fs::FileExt;
+        let long = format!("x\n{}", "y".repeat(200_000));
+        file.write_all_at(long.as_bytes(), 0).unwrap();
+        assert_eq!(drop_torn_tail(&file, long.len() as u64).unwrap(), 2);
+        assert_eq!(std::fs::read(&path).unwrap(), b"x\n");
+        file.write_all_at(b"zzz", 0).unwrap();
+        file.set_len(3).unwrap();
+        assert_eq!(drop_torn_tail(&file, 3).unwrap(), 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 
     #[test]
