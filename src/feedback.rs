@@ -710,10 +710,7 @@ pub async fn unsubscribe_job(
     let Some(found) = find(node, Some(job)).await? else {
         return Ok(None);
     };
-    let address = found.record()?.address.to_lowercase();
-    unsubscribe(node, &found.campaign, job, address, source)
-        .await
-        .map(Some)
+    unsubscribe(node, &found, source).await.map(Some)
 }
 
 /// Writes `record`'s event alone (synced) when a receiver wants it: for reports that change
@@ -727,50 +724,26 @@ async fn write_event(node: &Arc<Node>, record: &LogRecord) -> Result<(), SpoolEr
     Ok(())
 }
 
-/// Suppresses `address` for `campaign`'s From domain with reason unsubscribe, synced, counted
-/// once in the campaign's `unsubscribed`. Idempotent. Returns the address and the scope.
-pub async fn unsubscribe(
+/// Suppresses the recipient of `found`'s job for its campaign's From domain with reason
+/// unsubscribe, synced, counted once in the campaign's `unsubscribed`. Idempotent. Returns the
+/// address and the scope.
+async fn unsubscribe(
     node: &Arc<Node>,
-    campaign: &crate::campaign::Campaign,
-    job: JobId,
-    address: String,
+    found: &Found,
     source: &str,
 ) -> Result<(String, String), SpoolError> {
+    let campaign = &found.campaign;
     let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
-    let found = find(node, Some(job)).await?;
-    let rec = found.as_ref().map(Found::record).transpose()?;
-    let record = match (&found, &rec) {
-        (Some(f), Some(r)) => LogRecord {
-            stage: format!("unsubscribe ({source})"),
-            ..report_record(node, f, r, address.clone(), "u")
-        },
-        // The job is gone (it cannot be, jobs are kept): log what is known.
-        _ => LogRecord {
-            kind: "u",
-            time_queued: String::new(),
-            time_logged: crate::delivery::rfc3339(crate::now_ms()),
-            campaign: campaign.record.id.to_string(),
-            job: job.to_string(),
-            recipient: address.clone(),
-            sender: node.assembler.envelope_sender(&campaign.record, job),
-            dsn_action: "delivered",
-            dsn_status: "2.0.0".into(),
-            reply_code: None,
-            dsn_diag: String::new(),
-            stage: format!("unsubscribe ({source})"),
-            mx_host: None,
-            mx_ip: None,
-            tls: false,
-            size: 0,
-            attempt: 0,
-            bounce_cat: None,
-            feedback_type: None,
-        },
+    let rec = found.record()?;
+    let address = rec.address.to_lowercase();
+    let record = LogRecord {
+        stage: format!("unsubscribe ({source})"),
+        ..report_record(node, found, &rec, address.clone(), "u")
     };
     let new = suppress_for_sender(
         node,
         campaign,
-        job,
+        found.job,
         Reason::Unsubscribe,
         source.to_owned(),
         &record,

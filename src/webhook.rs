@@ -153,11 +153,7 @@ impl Webhooks {
         let hooks = &node.webhooks.hooks;
         let keep: HashSet<u32> = hooks.iter().map(|h| h.id).collect();
         let scan = Arc::clone(&node);
-        let counted = tokio::task::spawn_blocking(move || {
-            let dropped = scan.spool.drop_events_except(&keep)?;
-            Ok::<_, crate::spool::SpoolError>((dropped, scan.spool.count_events()?))
-        })
-        .await;
+        let counted = tokio::task::spawn_blocking(move || scan.spool.prune_events(&keep)).await;
         let counts = match counted {
             Ok(Ok((dropped, counts))) => {
                 if dropped > 0 {

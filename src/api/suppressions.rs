@@ -299,37 +299,53 @@ fn decode_cursor(s: &str) -> Option<Vec<u8>> {
 
 // --- One-click unsubscribe (RFC 8058) ---------------------------------------------------------
 
-/// The recipient, sending domain and campaign an unsubscribe token names, if it authenticates
-/// and its job still exists.
+/// Why an unsubscribe link gets no page or no unsubscribe.
+enum LinkRefused {
+    /// The spool is still being recovered.
+    Starting,
+    /// The token does not verify, or its job or campaign is gone.
+    NotFound,
+}
+
+impl IntoResponse for LinkRefused {
+    fn into_response(self) -> Response {
+        match self {
+            LinkRefused::Starting => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                "Starting up; try again in a few seconds.\n",
+            )
+                .into_response(),
+            LinkRefused::NotFound => (
+                StatusCode::NOT_FOUND,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "This unsubscribe link is not valid.\n",
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// The job an unsubscribe token names, once the node is ready and the token verifies.
+fn unsubscribe_token(node: &Node, token: &str) -> Result<crate::spool::JobId, LinkRefused> {
+    if !node.is_ready() {
+        return Err(LinkRefused::Starting);
+    }
+    node.assembler
+        .tokens()
+        .verify(crate::tokens::Purpose::Unsubscribe, token)
+        .ok_or(LinkRefused::NotFound)
+}
+
+/// The recipient and campaign an unsubscribe token names, if it authenticates and its job
+/// still exists.
 async fn unsubscribe_target(
     node: &Arc<Node>,
     token: &str,
-) -> Result<(String, Arc<Campaign>, crate::spool::JobId), Response> {
-    let not_found = || {
-        (
-            StatusCode::NOT_FOUND,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "This unsubscribe link is not valid.\n",
-        )
-            .into_response()
-    };
-    if !node.is_ready() {
-        return Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "5")],
-            "Starting up; try again in a few seconds.\n",
-        )
-            .into_response());
-    }
-    let Some(job) = node
-        .assembler
-        .tokens()
-        .verify(crate::tokens::Purpose::Unsubscribe, token)
-    else {
-        return Err(not_found());
-    };
+) -> Result<(String, Arc<Campaign>), LinkRefused> {
+    let job = unsubscribe_token(node, token)?;
     let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
-        return Err(not_found());
+        return Err(LinkRefused::NotFound);
     };
     let read = Arc::clone(node);
     let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
@@ -342,8 +358,8 @@ async fn unsubscribe_target(
         .and_then(|b| crate::spool::JobRecord::decode(b).ok())
         .map(|r| r.address.to_lowercase());
     match address {
-        Some(a) => Ok((a, campaign, job)),
-        None => Err(not_found()),
+        Some(a) => Ok((a, campaign)),
+        None => Err(LinkRefused::NotFound),
     }
 }
 
@@ -353,9 +369,9 @@ pub(super) async fn unsubscribe_page(
     State(s): State<AppState>,
     Path(token): Path<String>,
 ) -> Response {
-    let (address, campaign, _) = match unsubscribe_target(&s.node, &token).await {
+    let (address, campaign) = match unsubscribe_target(&s.node, &token).await {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let domain = crate::address::domain_of(&campaign.record.from);
     let esc = |t: &str| {
@@ -384,12 +400,13 @@ pub(super) async fn unsubscribe_page(
 /// domain; idempotent: a repeat changes nothing and answers the same.
 pub(super) async fn unsubscribe(State(s): State<AppState>, Path(token): Path<String>) -> Response {
     let node = &s.node;
-    let (address, campaign, job) = match unsubscribe_target(node, &token).await {
-        Ok(t) => t,
-        Err(r) => return r,
+    let job = match unsubscribe_token(node, &token) {
+        Ok(j) => j,
+        Err(r) => return r.into_response(),
     };
-    match crate::feedback::unsubscribe(node, &campaign, job, address, "unsubscribe").await {
-        Ok((address, scope)) => (
+    match crate::feedback::unsubscribe_job(node, job, "unsubscribe").await {
+        Ok(None) => LinkRefused::NotFound.into_response(),
+        Ok(Some((address, scope))) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             format!("{address} is unsubscribed from {scope}.\n"),

@@ -1155,8 +1155,14 @@ impl Delivery {
             let sites = self.sites.lock().expect("sites lock");
             sites.values().map(|s| s.view()).collect()
         };
-        let map = self.domain_sites.lock().expect("domain sites lock").clone();
-        stats::report(&self.node, views, &|d| map.get(d).cloned()).await
+        let site_of = |d: &str| {
+            self.domain_sites
+                .lock()
+                .expect("domain sites lock")
+                .get(d)
+                .cloned()
+        };
+        stats::report(&self.node, views, &site_of).await
     }
 
     /// Refreshes the per-site gauges every few seconds, and forgets the site of domains the

@@ -474,42 +474,34 @@ impl Spool {
         Ok(out)
     }
 
-    /// Counts outbox events per receiver. Blocking; a full scan, done once at start.
-    pub fn count_events(&self) -> Result<std::collections::HashMap<u32, u64>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_EVENTS)
-            .expect("column families are created at open");
-        let mut counts = std::collections::HashMap::new();
-        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
-            let (k, _) = item?;
-            if let Some((_, h)) = split_event_key(&k) {
-                *counts.entry(h).or_default() += 1;
-            }
-        }
-        Ok(counts)
-    }
-
-    /// Deletes every outbox event of the receivers not in `keep` (receivers removed from the
-    /// config). Blocking; returns how many went.
-    pub fn drop_events_except(&self, keep: &HashSet<u32>) -> Result<u64, SpoolError> {
+    /// In one scan of the outbox: deletes the events of receivers not in `keep` (removed from
+    /// the config) and counts the others per receiver. Blocking; done once at start. Returns how
+    /// many were deleted and the counts.
+    pub fn prune_events(
+        &self,
+        keep: &HashSet<u32>,
+    ) -> Result<(u64, std::collections::HashMap<u32, u64>), SpoolError> {
         let cf = self
             .db
             .cf_handle(CF_EVENTS)
             .expect("column families are created at open");
         let mut batch = WriteBatch::default();
-        let mut n = 0;
+        let mut dropped = 0;
+        let mut counts = std::collections::HashMap::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, _) = item?;
-            if split_event_key(&k).is_none_or(|(_, h)| !keep.contains(&h)) {
-                batch.delete_cf(cf, &k);
-                n += 1;
+            match split_event_key(&k) {
+                Some((_, h)) if keep.contains(&h) => *counts.entry(h).or_default() += 1,
+                _ => {
+                    batch.delete_cf(cf, &k);
+                    dropped += 1;
+                }
             }
         }
-        if n > 0 {
+        if dropped > 0 {
             self.db.write(batch)?;
         }
-        Ok(n)
+        Ok((dropped, counts))
     }
 
     /// Reads one suppression record. Blocking.
