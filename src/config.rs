@@ -455,6 +455,11 @@ pub struct SpoolConfig {
     /// How long an `Idempotency-Key` is remembered.
     #[serde(default = "defaults::idempotency_ttl", with = "humantime_serde")]
     pub idempotency_ttl: Duration,
+    /// Free space, in bytes, the spool's filesystem must keep: below it ingest answers 507 and
+    /// accepts nothing, while delivery goes on (and frees space). RocksDB needs this headroom to
+    /// flush memtables and compact. 0 turns the guard off.
+    #[serde(default = "defaults::min_free_bytes")]
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -553,6 +558,9 @@ mod defaults {
     }
     pub fn ingest_batch() -> usize {
         4096
+    }
+    pub fn min_free_bytes() -> u64 {
+        256 << 20
     }
     pub fn idempotency_ttl() -> Duration {
         Duration::from_secs(24 * 3600)

@@ -505,8 +505,8 @@ pub struct Upload {
     accepted_at_ms: u64,
     record_buf: Vec<u8>,
     chunk_domains: Vec<(u32, Box<str>)>,
-    /// Recipients recorded as suppressed (not queued).
-    suppressed: u64,
+    /// Indexes of the recipients recorded as suppressed (not queued), for a rollback.
+    suppressed: Vec<u32>,
 }
 
 /// Why an upload could not finish.
@@ -539,7 +539,7 @@ impl Upload {
             accepted_at_ms: crate::now_ms(),
             record_buf: Vec::with_capacity(256),
             chunk_domains: Vec::new(),
-            suppressed: 0,
+            suppressed: Vec::new(),
         }
     }
 
@@ -558,7 +558,7 @@ impl Upload {
 
     /// Recipients recorded as suppressed so far.
     pub fn suppressed(&self) -> u64 {
-        self.suppressed
+        self.suppressed.len() as u64
     }
 
     /// Stages one validated recipient; writes a chunk when the batch is full.
@@ -620,7 +620,7 @@ impl Upload {
         if state == JobState::Queued {
             self.chunk_domains.push((index, r.address.domain().into()));
         } else {
-            self.suppressed += 1;
+            self.suppressed.push(index);
         }
         if self.batch.len() >= self.node.config.spool.ingest_batch {
             self.flush_chunk().await?;
@@ -647,6 +647,7 @@ impl Upload {
         if self.batch.is_empty() {
             return Ok(());
         }
+        self.node.spool.check_space()?;
         let mut batch = std::mem::replace(&mut self.batch, self.node.spool.batch());
         if !self.first_chunk_written {
             batch.open_upload(self.id, self.campaign.seq);
@@ -667,6 +668,7 @@ impl Upload {
         for w in std::mem::take(&mut self.writes) {
             w.wait().await?;
         }
+        self.node.spool.check_space()?;
         let mut batch = std::mem::replace(&mut self.batch, self.node.spool.batch());
         if self.first_chunk_written {
             batch.close_upload(self.id);
@@ -700,9 +702,9 @@ impl Upload {
         self.campaign
             .counts
             .suppressed
-            .fetch_add(self.suppressed, Ordering::Relaxed);
+            .fetch_add(self.suppressed(), Ordering::Relaxed);
         crate::metrics::RECIPIENTS_ACCEPTED.inc_by(n as u64);
-        crate::metrics::RECIPIENTS_SUPPRESSED.inc_by(self.suppressed);
+        crate::metrics::RECIPIENTS_SUPPRESSED.inc_by(self.suppressed());
         Ok(n)
     }
 }
@@ -727,7 +729,8 @@ impl Drop for Upload {
         // recovery at the next start does the same.
         self.intern_chunk();
         let mut batch = self.node.spool.batch();
-        for (index, _) in &self.staged {
+        let queued = self.staged.iter().map(|(index, _)| index);
+        for index in queued.chain(&self.suppressed) {
             batch.delete_job(JobId {
                 campaign: self.campaign.seq,
                 index: *index,

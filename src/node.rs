@@ -66,6 +66,7 @@ impl Node {
     ) -> Result<Arc<Node>, SpoolError> {
         let webhooks = crate::webhook::Webhooks::new(&config).map_err(SpoolError::Rocks)?;
         let spool = Spool::open(&config.spool.path)?;
+        spool.set_min_free_bytes(config.spool.min_free_bytes);
         let assembler = crate::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
             log,

@@ -699,6 +699,9 @@ impl Import {
     /// Writes the pending rows, then makes them visible in the index.
     async fn flush(&mut self, durability: crate::spool::Durability) -> Result<(), ApiError> {
         let entries = std::mem::take(&mut self.pending);
+        if !entries.is_empty() {
+            self.node.spool.check_space()?;
+        }
         let mut batch = self.node.spool.batch();
         for e in &entries {
             batch.put_suppression(&e.key(), &e.encode());

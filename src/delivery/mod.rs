@@ -1282,9 +1282,7 @@ async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update>) {
             }
         }
         if !batch.is_empty() {
-            if let Err(e) = node.spool.write(batch, Durability::Buffered).await {
-                tracing::error!(error = %e, "writing outcome updates failed");
-            }
+            write_until_done(&node, batch).await;
             dirty = true;
         }
         if let Some(done) = close {
@@ -1296,6 +1294,38 @@ async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update>) {
         }
         if rx.is_closed() && rx.is_empty() {
             break;
+        }
+    }
+}
+
+/// Writes a batch of outcome updates, retrying while the spool refuses it (a full disk) until it
+/// is written or the spool closes. Meanwhile the update channel fills and delivery waits on it:
+/// mail whose outcome cannot be recorded is not sent.
+async fn write_until_done(node: &Node, batch: crate::spool::SpoolBatch) {
+    let mut failures = 0u32;
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match node.spool.write(batch.copy(), Durability::Buffered).await {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::warn!(failures, "outcome updates written after failed attempts");
+                }
+                return;
+            }
+            Err(crate::spool::SpoolError::Closed) => {
+                tracing::error!(
+                    "the spool closed before outcome updates were written; the jobs stay queued and are sent again after a restart"
+                );
+                return;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::error!(error = %e, "writing outcome updates failed; retrying, delivery waits");
+                }
+                failures += 1;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

@@ -88,6 +88,15 @@ pub(crate) static SYNC_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub(crate) static FREE_BYTES: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    prometheus::register_int_gauge!(
+        "sluice_spool_free_bytes",
+        "Bytes free on the spool's filesystem (for unprivileged users), sampled every half second. \
+         Under spool.min_free_bytes ingest answers 507."
+    )
+    .expect("metric registers once")
+});
+
 pub(crate) static GROUP_SIZE: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_spool_group_batches",
@@ -146,6 +155,7 @@ enum WriterMsg {
 }
 
 /// An event for the outbox: its JSON and the receivers (webhook ids) that want it.
+#[derive(Clone)]
 struct StagedEvent {
     hooks: Vec<u32>,
     json: Vec<u8>,
@@ -173,6 +183,15 @@ pub struct SpoolBatch {
 }
 
 impl SpoolBatch {
+    /// A copy, for a write that may have to be retried.
+    pub fn copy(&self) -> SpoolBatch {
+        SpoolBatch {
+            db: Arc::clone(&self.db),
+            batch: WriteBatch::from_data(self.batch.data()),
+            events: self.events.clone(),
+        }
+    }
+
     /// Adds an event for the receivers `hooks`; the writer gives it its sequence number.
     pub fn add_event(&mut self, hooks: Vec<u32>, json: Vec<u8>) {
         if !hooks.is_empty() {
@@ -306,6 +325,39 @@ pub struct Spool {
     /// Per-receiver backlog gauges, raised by the writer as it writes events.
     event_gauges: Arc<std::sync::OnceLock<std::collections::HashMap<u32, prometheus::IntGauge>>>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    space: Arc<Space>,
+}
+
+/// The free-space guard: the spool filesystem's free bytes, sampled by a thread, against the
+/// configured floor.
+struct Space {
+    min_free: std::sync::atomic::AtomicU64,
+    free: std::sync::atomic::AtomicU64,
+}
+
+/// How often the free space is sampled.
+const SPACE_SAMPLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Samples the free space until the spool is dropped (the thread then holds the last reference).
+fn sample_space(path: std::path::PathBuf, space: Arc<Space>) {
+    while Arc::strong_count(&space) > 1 {
+        match free_bytes(&path) {
+            Ok(free) => {
+                space.free.store(free, std::sync::atomic::Ordering::Relaxed);
+                FREE_BYTES.set(i64::try_from(free).unwrap_or(i64::MAX));
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "statvfs of the spool failed")
+            }
+        }
+        std::thread::sleep(SPACE_SAMPLE);
+    }
 }
 
 impl Spool {
@@ -341,6 +393,17 @@ impl Spool {
             written: events_tx,
             gauges: Arc::clone(&event_gauges),
         };
+        let space = Arc::new(Space {
+            min_free: std::sync::atomic::AtomicU64::new(0),
+            free: std::sync::atomic::AtomicU64::new(free_bytes(path).unwrap_or(u64::MAX)),
+        });
+        {
+            let (path, space) = (path.to_owned(), Arc::clone(&space));
+            std::thread::Builder::new()
+                .name("spool-space".into())
+                .spawn(move || sample_space(path, space))
+                .map_err(|e| SpoolError::Rocks(format!("starting the space sampler: {e}")))?;
+        }
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let writer_db = Arc::clone(&db);
         let thread = std::thread::Builder::new()
@@ -353,7 +416,34 @@ impl Spool {
             events_written,
             event_gauges,
             thread: std::sync::Mutex::new(Some(thread)),
+            space,
         })
+    }
+
+    /// Sets the free space the filesystem must keep for [`Spool::check_space`] to pass (0: no
+    /// floor).
+    pub fn set_min_free_bytes(&self, bytes: u64) {
+        self.space
+            .min_free
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Refuses new data (ingest, imports) while the filesystem's free space, as last sampled, is
+    /// under the floor. Writes that record progress (delivery outcomes, bounces) do not ask: they
+    /// are small and must not stop because a large upload used the room.
+    pub fn check_space(&self) -> Result<(), SpoolError> {
+        let min = self
+            .space
+            .min_free
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let free = self.space.free.load(std::sync::atomic::Ordering::Relaxed);
+        if free < min {
+            return Err(SpoolError::NoSpace(format!(
+                "the spool's filesystem has {free} bytes free, under spool.min_free_bytes \
+                 ({min}); ingest resumes by itself once space is freed"
+            )));
+        }
+        Ok(())
     }
 
     pub fn batch(&self) -> SpoolBatch {
