@@ -1,6 +1,6 @@
 //! Security: no start with the example secrets outside the development profile, API keys kept
-//! out of the logs, HTTPS on the API, and STARTTLS on the bounce listener (which still relays
-//! nothing).
+//! out of the logs, HTTPS on the API, STARTTLS on the bounce listener (which still relays
+//! nothing), and the listener's connection limits per client and overall.
 
 mod common;
 
@@ -256,5 +256,73 @@ async fn the_bounce_listener_offers_starttls_and_still_relays_nothing() {
         .expect("the listener closed the connection")
         .unwrap_or(0);
     assert_eq!(n, 0, "the listener answered {rest:?}");
+    node.shutdown().await;
+}
+
+/// Connects to `to` from the loopback address `from` and returns the greeting line.
+async fn greeting_from(
+    from: [u8; 4],
+    to: std::net::SocketAddr,
+) -> (BufReader<tokio::net::TcpStream>, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let mut io = BufReader::new(socket.connect(to).await.unwrap());
+    let first = line(&mut io).await;
+    (io, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bounce_listener_limits_connections_per_client_and_overall() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.bounce.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bounce.max_connections_per_ip = 3;
+    cfg.bounce.max_connections = 5;
+    let node = start(cfg).await;
+    let listener = node.bounce_addr.unwrap();
+
+    // Three from one client are served; its fourth is turned away with a 421.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (io, first) = greeting_from([127, 0, 0, 1], listener).await;
+        assert!(first.starts_with("220 "), "{first}");
+        held.push(io);
+    }
+    let (_, fourth) = greeting_from([127, 0, 0, 1], listener).await;
+    assert!(fourth.starts_with("421 4.7.0"), "{fourth}");
+    // Another client is not affected by the first one's limit...
+    for _ in 0..2 {
+        let (io, first) = greeting_from([127, 0, 0, 2], listener).await;
+        assert!(first.starts_with("220 "), "{first}");
+        held.push(io);
+    }
+    // ...but the overall limit (5) holds for everyone.
+    let (_, sixth) = greeting_from([127, 0, 0, 3], listener).await;
+    assert!(sixth.starts_with("421 4.7.0"), "{sixth}");
+
+    // A client that hangs up gives its place back.
+    let mut quit = held.remove(0);
+    quit.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    assert!(line(&mut quit).await.starts_with("221"));
+    drop(quit);
+    let started = std::time::Instant::now();
+    loop {
+        let (_io, first) = greeting_from([127, 0, 0, 1], listener).await;
+        if first.starts_with("220 ") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the place was not given back: {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = metrics(node.http_addr).await;
+    let refused = metric_value(
+        &m,
+        "sluice_inbound_connections_total",
+        "result=\"over_limit\"",
+    );
+    assert!(refused.is_some_and(|n| n >= 2.0), "{refused:?}");
     node.shutdown().await;
 }
