@@ -227,11 +227,77 @@ fn trim_crlf(line: &[u8]) -> &[u8] {
 }
 
 /// `<addr> PARAM=…` after `MAIL FROM:` / `RCPT TO:` → the address and the parameters.
-fn path_and_params(arg: &str) -> Option<(String, &str)> {
+fn path_and_params(arg: &str) -> Option<(&str, &str)> {
     let arg = arg.trim_start();
     let rest = arg.strip_prefix('<')?;
     let end = rest.find('>')?;
-    Some((rest[..end].to_owned(), rest[end + 1..].trim()))
+    Some((&rest[..end], rest[end + 1..].trim()))
+}
+
+/// One command line of the inbound dialogue (without its CRLF), parsed. What it means depends on
+/// the session's state, which the dialogue keeps; this part is pure, so it is fuzzed on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command<'a> {
+    Ehlo,
+    Helo,
+    /// `MAIL FROM:<path> [SIZE=n …]`; `None` when the path is malformed.
+    Mail(Option<MailFrom<'a>>),
+    /// `RCPT TO:<path> […]`; `None` when the path is malformed.
+    Rcpt(Option<&'a str>),
+    Data,
+    Rset,
+    Noop,
+    Vrfy,
+    Quit,
+    /// `STARTTLS`; `params` when anything followed it (which is a syntax error).
+    StartTls {
+        params: bool,
+    },
+    /// Anything else, including `MAIL` without `FROM:` and `RCPT` without `TO:`.
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailFrom<'a> {
+    pub path: &'a str,
+    /// The `SIZE=` parameter, when present and a number.
+    pub size: Option<u64>,
+}
+
+impl<'a> Command<'a> {
+    pub fn parse(text: &'a str) -> Command<'a> {
+        let verb = text.split_whitespace().next().unwrap_or("");
+        let has_prefix = |p: &str| {
+            text.get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p))
+        };
+        match verb.to_ascii_uppercase().as_str() {
+            "EHLO" => Command::Ehlo,
+            "HELO" => Command::Helo,
+            "MAIL" if has_prefix("MAIL FROM:") => {
+                Command::Mail(path_and_params(&text[10..]).map(|(path, params)| MailFrom {
+                    path,
+                    size: params.split_whitespace().find_map(|p| {
+                        p.get(..5)
+                            .filter(|k| k.eq_ignore_ascii_case("SIZE="))
+                            .and_then(|_| p[5..].parse().ok())
+                    }),
+                }))
+            }
+            "RCPT" if has_prefix("RCPT TO:") => {
+                Command::Rcpt(path_and_params(&text[8..]).map(|(path, _)| path))
+            }
+            "DATA" => Command::Data,
+            "RSET" => Command::Rset,
+            "NOOP" => Command::Noop,
+            "VRFY" => Command::Vrfy,
+            "QUIT" => Command::Quit,
+            "STARTTLS" => Command::StartTls {
+                params: !text.trim().eq_ignore_ascii_case("STARTTLS"),
+            },
+            _ => Command::Unknown,
+        }
+    }
 }
 
 struct Transaction {
@@ -316,10 +382,8 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
             Line::Data(l) => l,
         };
         let text = String::from_utf8_lossy(trim_crlf(&line)).into_owned();
-        let upper = text.to_ascii_uppercase();
-        let verb = upper.split_whitespace().next().unwrap_or("");
-        let answer: String = match verb {
-            "EHLO" => {
+        let answer: String = match Command::parse(&text) {
+            Command::Ehlo => {
                 tx = Transaction {
                     mail_from: None,
                     rcpts: Vec::new(),
@@ -328,50 +392,42 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     "250-{host}\r\n250-PIPELINING\r\n250-SIZE {max_size}\r\n250-8BITMIME\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8"
                 )
             }
-            "HELO" => {
+            Command::Helo => {
                 tx = Transaction {
                     mail_from: None,
                     rcpts: Vec::new(),
                 };
                 format!("250 {host}")
             }
-            "MAIL" if upper.starts_with("MAIL FROM:") => {
+            Command::Mail(mail) => {
                 if tx.mail_from.is_some() {
                     "503 5.5.1 nested MAIL command".into()
                 } else {
-                    match path_and_params(&text[10..]) {
+                    match mail {
                         None => "501 5.5.4 syntax: MAIL FROM:<address>".into(),
-                        Some((from, params)) => {
-                            let size = params
-                                .split_whitespace()
-                                .find_map(|p| {
-                                    p.to_ascii_uppercase()
-                                        .strip_prefix("SIZE=")
-                                        .map(str::to_owned)
-                                })
-                                .and_then(|v| v.parse::<u64>().ok());
+                        Some(MailFrom { path, size }) => {
                             if size.is_some_and(|s| s > max_size as u64) {
                                 REFUSED.with_label_values(&["size"]).inc();
                                 format!("552 5.3.4 message size exceeds {max_size} octets")
                             } else {
-                                tx.mail_from = Some(from);
+                                tx.mail_from = Some(path.to_owned());
                                 "250 2.1.0 ok".into()
                             }
                         }
                     }
                 }
             }
-            "RCPT" if upper.starts_with("RCPT TO:") => {
+            Command::Rcpt(rcpt) => {
                 if tx.mail_from.is_none() {
                     "503 5.5.1 MAIL first".into()
                 } else if tx.rcpts.len() >= MAX_RECIPIENTS {
                     "452 4.5.3 too many recipients".into()
                 } else {
-                    match path_and_params(&text[8..]) {
+                    match rcpt {
                         None => "501 5.5.4 syntax: RCPT TO:<address>".into(),
-                        Some((to, _)) => match mailbox(node, &to) {
+                        Some(to) => match mailbox(node, to) {
                             Some(m) => {
-                                tx.rcpts.push((to, m));
+                                tx.rcpts.push((to.to_owned(), m));
                                 "250 2.1.5 ok".into()
                             }
                             None => {
@@ -384,7 +440,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
-            "DATA" => {
+            Command::Data => {
                 if tx.rcpts.is_empty() {
                     "503 5.5.1 RCPT first".into()
                 } else {
@@ -419,21 +475,21 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     answer
                 }
             }
-            "RSET" => {
+            Command::Rset => {
                 tx = Transaction {
                     mail_from: None,
                     rcpts: Vec::new(),
                 };
                 "250 2.0.0 ok".into()
             }
-            "NOOP" => "250 2.0.0 ok".into(),
-            "VRFY" => "252 2.5.0 cannot verify".into(),
-            "QUIT" => {
+            Command::Noop => "250 2.0.0 ok".into(),
+            Command::Vrfy => "252 2.5.0 cannot verify".into(),
+            Command::Quit => {
                 reply(&mut wr, "221 2.0.0 bye").await?;
                 return Ok(None);
             }
-            "STARTTLS" if offer_tls => {
-                if upper.trim() != "STARTTLS" {
+            Command::StartTls { params } if offer_tls => {
+                if params {
                     "501 5.5.4 STARTTLS takes no parameters".into()
                 } else {
                     reply(&mut wr, "220 2.0.0 ready to start TLS").await?;
@@ -595,6 +651,44 @@ async fn deliver(node: &Arc<Node>, tx: &Transaction, message: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn commands_parse_case_insensitively_with_their_paths() {
+        assert_eq!(Command::parse("ehlo client.test"), Command::Ehlo);
+        assert_eq!(
+            Command::parse("mail from:<a@b.test> SIZE=1200 BODY=8BITMIME"),
+            Command::Mail(Some(MailFrom {
+                path: "a@b.test",
+                size: Some(1200)
+            }))
+        );
+        assert_eq!(
+            Command::parse("MAIL FROM: <> size=x"),
+            Command::Mail(Some(MailFrom {
+                path: "",
+                size: None
+            }))
+        );
+        assert_eq!(Command::parse("MAIL FROM:a@b.test"), Command::Mail(None));
+        assert_eq!(Command::parse("MAIL a@b.test"), Command::Unknown);
+        assert_eq!(
+            Command::parse("RCPT TO:<x@y.test> NOTIFY=NEVER"),
+            Command::Rcpt(Some("x@y.test"))
+        );
+        assert_eq!(Command::parse("RCPT TO:<x@y.test"), Command::Rcpt(None));
+        assert_eq!(
+            Command::parse("starttls"),
+            Command::StartTls { params: false }
+        );
+        assert_eq!(
+            Command::parse("STARTTLS now"),
+            Command::StartTls { params: true }
+        );
+        // Multi-byte text where the verb's prefix would end mid-character.
+        assert_eq!(Command::parse("MAIL\u{e9}FROM:<a>"), Command::Unknown);
+        assert_eq!(Command::parse("RCPT TO\u{e9}"), Command::Unknown);
+        assert_eq!(Command::parse(""), Command::Unknown);
+    }
+
     #[tokio::test]
     async fn lines_are_bounded() {
         let input = format!("short\r\n{}\r\nnext\r\n", "x".repeat(100_000));
@@ -627,7 +721,7 @@ mod tests {
         assert_eq!(line, "NOOP\r\n", "the session stays in step");
         assert_eq!(
             path_and_params(" <a+b@c.d> SIZE=10"),
-            Some(("a+b@c.d".to_owned(), "SIZE=10"))
+            Some(("a+b@c.d", "SIZE=10"))
         );
         assert_eq!(path_and_params("a@b"), None);
     }
