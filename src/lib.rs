@@ -20,7 +20,10 @@
 //! * [`template`]: minijinja settings shared by ingest (compile, find header variables) and
 //!   delivery (render).
 //! * [`spool`]: RocksDB, its column families and the single writer thread that does group commit;
-//!   [`spool::codec`] is the compact, versioned job encoding.
+//!   [`spool::codec`] is the compact, versioned job encoding. A thread samples the filesystem's
+//!   free space: under `spool.min_free_bytes` ingest is refused (507) before it writes, so RocksDB
+//!   itself rarely meets a full disk; when it does, its error handler resumes writes once space
+//!   is back, and delivery retries its outcome writes rather than drop them.
 //! * [`campaign`]: the stored campaign record (the template, written once) and the in-memory
 //!   registry with state and per-state counts.
 //! * [`queue`]: the in-memory index of pending jobs per destination domain, 16 bytes a job, which
@@ -69,7 +72,8 @@
 //!   delivery-status fields here) and RFC 5965 ARF (mail-auth), maps each to its job through the
 //!   VERP token of the envelope recipient or the trace header / VERP Return-Path of the returned
 //!   headers, and applies it: job state and counts, suppression, a delivery-log record.
-//! * [`inbound`]: the SMTP listener on `[bounce] listen` that feeds [`feedback`]; it accepts only
+//! * [`inbound`]: the SMTP listener on `[bounce] listen` that feeds [`feedback`]; a pure
+//!   [`inbound::Command::parse`] reads each command line, the dialogue applies it; it accepts only
 //!   addresses whose tokens authenticate and configured feedback addresses, with limits on
 //!   connections, lines, size and errors, and answers the final dot after the effect is synced.
 //!   `POST /v1/feedback` is the same over HTTP.
@@ -87,6 +91,13 @@
 //!
 //! The binary (`src/main.rs`) adds `src/cli/`: operator commands (`domains`, `queue`, `suspend`,
 //! `campaign`, `suppressions`, `send --csv`) that are plain clients of the HTTP API.
+//!
+//! Around the crate: `tests/` (end-to-end, Sluice in-process or as a process, with SMTP sinks and
+//! a programmable DNS server on loopback), `benches/`, `scripts/` (run, test, setup, the peer
+//! acceptance scripts with Postfix's smtp-sink, NSD, dkimpy and Prometheus, and `scripts/fuzz`),
+//! and `fuzz/`, the `cargo fuzz` crate: one target per parser that meets outside input (SMTP
+//! replies, inbound commands, DSN/ARF reports, addresses, ingest JSON). It is a crate of its own
+//! at the top, where cargo fuzz looks for it, because it builds with libFuzzer's instrumentation.
 //!
 //! # Durability
 //!
