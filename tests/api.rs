@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KEY, client, config, get_json, metrics, spool_counts, start, url};
+use common::{KEY, client, config, get_json, metrics, post_json, spool_counts, start, url};
 use serde_json::{Value, json};
 
 fn campaign_body(recipients: Value) -> Value {
@@ -17,18 +17,6 @@ fn campaign_body(recipients: Value) -> Value {
         "tags": ["weekly"],
         "recipients": recipients,
     })
-}
-
-async fn post_json(addr: std::net::SocketAddr, path: &str, body: &Value) -> (u16, Value) {
-    let r = client()
-        .post(url(addr, path))
-        .bearer_auth(KEY)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test]

@@ -83,17 +83,10 @@ fn fill(fs: &Tmpfs, file: &Path, leave: u64) {
     }
 }
 
+/// POSTs JSON: status, body, and whether a `Retry-After` came with it.
 async fn post(addr: std::net::SocketAddr, path: &str, body: Value) -> (u16, Value, bool) {
-    let r = client()
-        .post(url(addr, path))
-        .bearer_auth(KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let retry_after = r.headers().contains_key("retry-after");
-    (status, r.json().await.unwrap_or(Value::Null), retry_after)
+    let (status, headers, body) = post_body(addr, path, "application/json", body.to_string()).await;
+    (status, body, headers.contains_key("retry-after"))
 }
 
 fn campaign(prefix: &str, n: usize) -> Value {
@@ -243,16 +236,9 @@ fn ndjson(prefix: &str, n: usize, pad: usize) -> String {
 }
 
 async fn upload(addr: std::net::SocketAddr, id: &str, body: String) -> (u16, Value) {
-    let r = client()
-        .post(url(addr, &format!("/v1/campaigns/{id}/recipients")))
-        .bearer_auth(KEY)
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    let path = format!("/v1/campaigns/{id}/recipients");
+    let (status, _, body) = post_body(addr, &path, "application/x-ndjson", body).await;
+    (status, body)
 }
 
 /// With the floor off, an upload runs RocksDB itself out of space: the upload is refused whole,

@@ -8,21 +8,13 @@ mod common;
 use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
-use common::{KEY, client, config, spool_counts, start, url};
+use common::{KEY, client, config, post_body, spool_counts, start, url};
 use serde_json::{Value, json};
 use sluice::config::Config;
 
 async fn post(addr: std::net::SocketAddr, path: &str, body: Vec<u8>) -> (u16, Value) {
-    let r = client()
-        .post(url(addr, path))
-        .bearer_auth(KEY)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    let (status, _, body) = post_body(addr, path, "application/json", body).await;
+    (status, body)
 }
 
 fn campaign(extra: Value) -> Value {

@@ -90,6 +90,33 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// An authenticated POST of `body` as `content_type`: status, response headers and JSON body
+/// (`null` when there is none).
+pub async fn post_body(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client()
+        .post(url(addr, path))
+        .bearer_auth(KEY)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+/// An authenticated POST of JSON: status and JSON body.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
+    let (status, _, body) = post_body(addr, path, "application/json", body.to_string()).await;
+    (status, body)
+}
+
 /// Prints a benchmark's metrics as a table and writes them to `target/bench/<name>.csv`.
 pub fn report(name: &str, title: &str, rows: &[(&str, String)]) {
     println!("\n{title}");
