@@ -41,11 +41,24 @@ struct Dns {
 }
 
 impl Dns {
-    async fn start_on(addr: SocketAddr, mode: Arc<Mutex<Mode>>, queries: Arc<Mutex<usize>>) -> Dns {
-        let socket = tokio::net::UdpSocket::bind(addr).await.expect("bind DNS");
-        let addr = socket.local_addr().unwrap();
-        let (m, q) = (Arc::clone(&mode), Arc::clone(&queries));
-        let task = tokio::spawn(async move {
+    async fn start() -> Dns {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind DNS");
+        let mut dns = Dns {
+            addr: socket.local_addr().unwrap(),
+            mode: Arc::new(Mutex::new(Mode::Answer)),
+            task: None,
+            queries: Default::default(),
+        };
+        dns.serve(socket);
+        dns
+    }
+
+    /// Answers the queries that arrive on `socket`, as the current mode says.
+    fn serve(&mut self, socket: tokio::net::UdpSocket) {
+        let (m, q) = (Arc::clone(&self.mode), Arc::clone(&self.queries));
+        self.task = Some(tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
                 let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
@@ -57,18 +70,7 @@ impl Dns {
                     let _ = socket.send_to(&reply, peer).await;
                 }
             }
-        });
-        Dns {
-            addr,
-            mode,
-            task: Some(task),
-            queries,
-        }
-    }
-
-    async fn start() -> Dns {
-        let mode = Arc::new(Mutex::new(Mode::Answer));
-        Dns::start_on("127.0.0.1:0".parse().unwrap(), mode, Default::default()).await
+        }));
     }
 
     fn set(&self, mode: Mode) {
@@ -81,23 +83,22 @@ impl Dns {
         }
     }
 
+    /// Binds the same port again and answers on it.
     async fn restart(&mut self) {
         self.stop();
         // The aborted task drops its socket at its next poll; retry the bind briefly.
         let started = Instant::now();
-        loop {
-            if tokio::net::UdpSocket::bind(self.addr).await.is_ok() {
-                break;
+        let socket = loop {
+            if let Ok(s) = tokio::net::UdpSocket::bind(self.addr).await {
+                break s;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(5),
                 "DNS port stays busy"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let again =
-            Dns::start_on(self.addr, Arc::clone(&self.mode), Arc::clone(&self.queries)).await;
-        self.task = again.task;
+        };
+        self.serve(socket);
     }
 
     fn queries(&self) -> usize {
@@ -142,7 +143,8 @@ fn answer(query: &[u8], mode: Mode) -> Option<Vec<u8>> {
     r.to_vec().ok()
 }
 
-fn recipients(prefix: &str, domains: usize, per: usize) -> Vec<Value> {
+/// `per` recipients at each of `domains` domains `<prefix><d>.test`.
+fn spread(prefix: &str, domains: usize, per: usize) -> Vec<Value> {
     (0..domains)
         .flat_map(|d| (0..per).map(move |i| (d, i)))
         .map(|(d, i)| json!({"email": format!("u{i}@{prefix}{d}.test"), "vars": {"name": "N"}}))
@@ -179,7 +181,7 @@ async fn dns_faults_defer_and_resume_and_never_stall_other_mail() {
     let domains = 8;
 
     // Healthy: resolved and delivered.
-    let ok = post_campaign(addr, recipients("ok", domains, per)).await;
+    let ok = post_campaign(addr, spread("ok", domains, per)).await;
     wait_counts(addr, &ok, Duration::from_secs(30), |c| {
         c["delivered"].as_u64() == Some((domains * per) as u64)
     })
@@ -197,7 +199,7 @@ async fn dns_faults_defer_and_resume_and_never_stall_other_mail() {
             _ => dns.stop(),
         }
         let queries_before = dns.queries();
-        let id = post_campaign(addr, recipients(prefix, domains, per)).await;
+        let id = post_campaign(addr, spread(prefix, domains, per)).await;
         // Every recipient is deferred (the lookup failed), none bounced or delivered.
         let counts = wait_counts(addr, &id, Duration::from_secs(30), |c| {
             c["deferred"].as_u64() == Some((domains * per) as u64)
