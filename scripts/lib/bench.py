@@ -1,0 +1,470 @@
+"""End-to-end delivery benchmark; run through `scripts/bench`, which installs the peers and builds.
+
+Every figure is measured as a ratio to a limit measured in the same run, because this machine is
+shared and noisy:
+  * the loopback limit: Postfix's smtp-source -> smtp-sink on reused connections, run just before
+    and just after each scenario at the scenario's message size (the mean of the two);
+  * the signing limit: `openssl speed rsa2048` on one core, before and after each DKIM scenario;
+  * for the scale figures, Sluice itself with a small queue (CPU time per message) or idle
+    (resident memory).
+
+Rates are counted at the sinks (smtp-sink -c): messages from the first delivery until the
+campaign's last one. CPU time is Sluice's own (user + system, /proc/PID/stat) over a window of
+deliveries. Writes the table to stdout and target/bench/bench.csv.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, "target", "release", "sluice")
+KEY = "bench-key-0123456789"
+DNS_PORT = 5399
+TICKS = os.sysconf("SC_CLK_TCK")
+
+# MX hosts of the bench zone: smtp-sink on 127.0.0.x:25.
+MX = {"mx1": "127.0.0.2", "mx2": "127.0.0.3", "mx3": "127.0.0.5", "slow": "127.0.0.4"}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- peers ----------------------------------------------------------------------------------------
+
+
+class Sink:
+    """smtp-sink with live counters (-c): a thread reads them as they are printed."""
+
+    PATTERN = re.compile(rb"mesg=(\d+)")
+
+    def __init__(self, ip, *options):
+        self.ip = ip
+        self.count = 0
+        self.changed_at = 0.0
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-c", "-u", "nobody", *options, f"{ip}:25", "1024"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        fd = self.proc.stdout.fileno()
+        tail = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return
+            now = time.monotonic()
+            text = tail + chunk
+            # Counter lines end with \r; a line cut by the read is completed by the next one.
+            cut = text.rfind(b"\r")
+            tail = text[cut + 1 :]
+            found = self.PATTERN.findall(text[: cut + 1])
+            if found:
+                self.count, self.changed_at = int(found[-1]), now
+
+    def stop(self):
+        self.proc.kill()
+
+
+def port_free(ip, port):
+    import socket
+
+    s = socket.socket()
+    s.settimeout(0.2)
+    try:
+        return s.connect_ex((ip, port)) != 0
+    finally:
+        s.close()
+
+
+def start_nsd(work, domains):
+    """NSD serving bench.test on 127.0.0.1:DNS_PORT: one.bench.test and slow.bench.test, plus
+    d0..d{domains-1}.bench.test spread over three MX hosts."""
+    os.makedirs(f"{work}/nsd", exist_ok=True)
+    lines = [
+        "$ORIGIN bench.test.",
+        "$TTL 3600",
+        "@ SOA ns.bench.test. admin.bench.test. 1 3600 600 86400 3600",
+        "@ NS ns.bench.test.",
+        "ns A 127.0.0.1",
+    ]
+    lines += [f"{name} A {ip}" for name, ip in MX.items()]
+    lines += ["one MX 10 mx1", "slow MX 10 slow"]
+    lines += [f"d{i} MX 10 mx{i % 3 + 1}" for i in range(domains)]
+    with open(f"{work}/nsd/bench.test.zone", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(f"{work}/nsd/nsd.conf", "w") as f:
+        f.write(
+            f"""server:
+  ip-address: 127.0.0.1@{DNS_PORT}
+  do-ip6: no
+  username: ""
+  chroot: ""
+  zonesdir: "{work}/nsd"
+  pidfile: "{work}/nsd/nsd.pid"
+  xfrdfile: "{work}/nsd/xfrd.state"
+  zonelistfile: "{work}/nsd/zone.list"
+  database: ""
+  logfile: "{work}/nsd/nsd.log"
+  verbosity: 1
+remote-control:
+  control-enable: no
+zone:
+  name: bench.test
+  zonefile: bench.test.zone
+"""
+        )
+    proc = subprocess.Popen(["nsd", "-d", "-c", f"{work}/nsd/nsd.conf"], start_new_session=True)
+    for _ in range(100):
+        out = subprocess.run(
+            ["dig", "+short", "+time=1", "+tries=1", "@127.0.0.1", "-p", str(DNS_PORT), "MX", "one.bench.test"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        if "mx1" in out:
+            return proc
+        time.sleep(0.1)
+    raise SystemExit(f"bench: NSD did not answer; see {work}/nsd/nsd.log")
+
+
+# --- Sluice ---------------------------------------------------------------------------------------
+
+
+class Sluice:
+    def __init__(self, work, name, api_port):
+        self.api = f"127.0.0.1:{api_port}"
+        self.dir = f"{work}/{name}"
+        os.makedirs(self.dir)
+        with open(f"{self.dir}/sluice.toml", "w") as f:
+            f.write(
+                f"""[http]
+listen = "{self.api}"
+[auth]
+api_keys = ["{KEY}"]
+[secrets]
+token_keys = ["bench-token-key-0123456789"]
+[spool]
+path = "{self.dir}/spool"
+[log]
+level = "warn"
+delivery_log = "{self.dir}/delivery.jsonl"
+[dns]
+nameservers = ["127.0.0.1:{DNS_PORT}"]
+[delivery]
+ehlo_name = "bench.sluice.test"
+retry_initial = "1h"
+[shaping]
+max_connections = 20
+max_messages_per_connection = 1000
+[[dkim]]
+domain = "rsa.bench.test"
+selector = "s1"
+algorithm = "rsa-sha256"
+key_file = "{work}/rsa.pem"
+[[dkim]]
+domain = "dual.bench.test"
+selector = "s1"
+algorithm = "rsa-sha256"
+key_file = "{work}/rsa.pem"
+[[dkim]]
+domain = "dual.bench.test"
+selector = "s2"
+algorithm = "ed25519-sha256"
+key_file = "{work}/ed25519.pem"
+"""
+            )
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--config", f"{self.dir}/sluice.toml"],
+            stderr=open(f"{self.dir}/sluice.log", "w"),
+        )
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://{self.api}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise SystemExit(f"bench: Sluice did not start; see {self.dir}/sluice.log")
+
+    def call(self, method, path, body=None, raw=None, ctype="application/json"):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(
+            f"http://{self.api}{path}",
+            method=method,
+            data=data,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": ctype},
+        )
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read() or b"{}")
+
+    def campaign(self, sender, size, recipients):
+        """Creates a personalised campaign whose text part is about `size` bytes once rendered and
+        uploads `recipients` (an iterable of (email, name)) as one NDJSON request."""
+        line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\n"
+        filler = (line * (size // len(line) + 1))[: max(size - 40, 0)]
+        cid = self.call(
+            "POST",
+            "/v1/campaigns",
+            {"from": sender, "subject": "Bench {{ name }}", "text": "Hello {{ name }},\n" + filler},
+        )["id"]
+        body = "".join(
+            json.dumps({"email": email, "vars": {"name": name}}) + "\n" for email, name in recipients
+        ).encode()
+        r = self.call("POST", f"/v1/campaigns/{cid}/recipients", raw=body, ctype="application/x-ndjson")
+        return cid, r["accepted"]
+
+    def counts(self, cid):
+        return self.call("GET", f"/v1/campaigns/{cid}")["counts"]
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def rss_bytes(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+
+def total(sinks):
+    return sum(s.count for s in sinks)
+
+
+def deliveries(sinks, n, start, sluice=None, marks=(), deadline=600):
+    """Runs `start()` and waits for `n` more messages at `sinks`. Returns the rate from the first
+    message to the n-th, and Sluice's CPU seconds at each count in `marks` (counted from the
+    first of these messages). A process `start()` returns is waited for at the end."""
+    base = total(sinks)
+    started = start()
+    end = time.monotonic() + deadline
+    first = None
+    cpu = {}
+    while True:
+        got = total(sinks) - base
+        if first is None and got > 0:
+            first = max(s.changed_at for s in sinks if s.count)
+            first_count = got
+        for m in marks:
+            if m not in cpu and got >= m:
+                cpu[m] = sluice.cpu_seconds()
+        if got >= n:
+            last = max(s.changed_at for s in sinks)
+            break
+        if time.monotonic() > end:
+            raise SystemExit(f"bench: only {got} of {n} messages arrived in {deadline} s")
+        time.sleep(0.005)
+    if isinstance(started, subprocess.Popen) and started.wait() != 0:
+        raise SystemExit(f"bench: {started.args[0]} failed")
+    rate = (n - first_count) / (last - first) if last > first else float("nan")
+    return rate, cpu
+
+
+def smtp_source(sinks, ip, size, n):
+    """The loopback limit: smtp-source, 20 sessions on reused connections."""
+    rate, _ = deliveries(
+        sinks,
+        n,
+        lambda: subprocess.Popen(
+            ["smtp-source", "-s", "20", "-m", str(n), "-l", str(size), "-d", f"{ip}:25"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    )
+    return rate
+
+
+def openssl_rsa2048():
+    out = subprocess.run(
+        ["openssl", "speed", "-seconds", "3", "rsa2048"], capture_output=True, text=True, check=True
+    ).stdout
+    for line in out.splitlines():
+        if re.match(r"^rsa\s+2048 bits", line):
+            return float(line.split()[-2])
+    raise SystemExit("bench: could not read openssl speed's output")
+
+
+def people(domain_of, n, offset=0):
+    return ((f"u{offset + i}@{domain_of(i)}", f"User {offset + i}") for i in range(n))
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
+    ap.add_argument("--queue", type=int, default=1_000_000, help="recipients of the queue-at-scale run")
+    ap.add_argument("--csv", default=os.path.join(ROOT, "target", "bench", "bench.csv"))
+    args = ap.parse_args()
+    work = args.work
+
+    def n(count):
+        return max(int(count * args.scale), 100)
+
+    for ip in MX.values():
+        if not port_free(ip, 25):
+            raise SystemExit(f"bench: {ip}:25 is busy")
+    if not port_free("127.0.0.1", DNS_PORT):
+        raise SystemExit(f"bench: 127.0.0.1:{DNS_PORT} is busy")
+    subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                    "-out", f"{work}/rsa.pem"], check=True, capture_output=True)
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", f"{work}/ed25519.pem"],
+                   check=True, capture_output=True)
+    many = 10_000
+    nsd = start_nsd(work, many)
+    sinks = {name: Sink(ip) for name, ip in MX.items() if name != "slow"}
+    slow = Sink(MX["slow"], "-w", "5")
+    one = [sinks["mx1"]]
+    three = list(sinks.values())
+    rows = []
+    procs = []
+
+    def row(name, rate, ref, ref_what, target=None, unit="msg/s", cpu=None):
+        ratio = rate / ref if ref else float("nan")
+        rows.append((name, rate, unit, ref, ref_what, ratio, target, cpu))
+        log(f"  {name}: {rate:,.0f} {unit}, reference {ref:,.0f} ({ref_what}), ratio {ratio:.2f}")
+
+    try:
+        a = Sluice(work, "a", 18031)
+        procs.append(a)
+        # Warm-up: connections, DNS cache and the allocator, so the first scenario is not penalised.
+        deliveries(one, 2000, lambda: a.campaign("news@plain.bench.test", 1024, people(lambda i: "one.bench.test", 2000)))
+
+        def scenario(name, size, sender, count, domain_of, at, reference, target=None):
+            log(f"{name} ...")
+            if reference == "openssl":
+                before = openssl_rsa2048()
+            else:
+                before = smtp_source(one, MX["mx1"], size, reference)
+            cpu0 = a.cpu_seconds()
+            rate, _ = deliveries(at, count, lambda: a.campaign(sender, size, people(domain_of, count)))
+            cpu = (a.cpu_seconds() - cpu0) / count
+            if reference == "openssl":
+                ref, what = (before + openssl_rsa2048()) / 2, "openssl speed rsa2048, one core"
+            else:
+                ref = (before + smtp_source(one, MX["mx1"], size, reference)) / 2
+                what = f"smtp-source, {size // 1024} KB, reused connections"
+            row(name, rate, ref, what, target, cpu=cpu)
+            return rate
+
+        site = lambda i: "one.bench.test"  # noqa: E731
+        spread = lambda i: f"d{i % 1000}.bench.test"  # noqa: E731
+        scenario("1 KB, no DKIM, one site", 1024, "news@plain.bench.test", n(40_000), site, one, n(40_000))
+        scenario("10 KB, no DKIM, one site", 10_240, "news@plain.bench.test", n(20_000), site, one, n(20_000), ">= 0.50")
+        scenario("100 KB, no DKIM, one site", 102_400, "news@plain.bench.test", n(4_000), site, one, n(4_000))
+        rsa10 = scenario("10 KB, RSA-2048, one site", 10_240, "news@rsa.bench.test", n(8_000), site, one, "openssl", ">= 0.70")
+        scenario("10 KB, RSA-2048 + ed25519, one site", 10_240, "news@dual.bench.test", n(8_000), site, one, "openssl")
+        scenario("100 KB, RSA-2048, one site", 102_400, "news@rsa.bench.test", n(3_000), site, one, n(3_000), ">= 0.60")
+        scenario("10 KB, no DKIM, 1,000 domains over 3 MX hosts", 10_240, "news@plain.bench.test", n(20_000), spread, three, n(20_000))
+        scenario("10 KB, RSA-2048, 1,000 domains over 3 MX hosts", 10_240, "news@rsa.bench.test", n(8_000), spread, three, "openssl")
+        rows.append(("10 KB, RSA-2048, one site (absolute)", rsa10, "msg/s", 2500, "target 2,500 msg/s", rsa10 / 2500, ">= 1.00", None))
+
+        # Fairness: the same campaign beside a site that takes 5 s per message.
+        log("fairness ...")
+        count = n(20_000)
+        alone, _ = deliveries(one, count, lambda: a.campaign("news@plain.bench.test", 10_240, people(site, count)))
+        held, _ = a.campaign("news@plain.bench.test", 10_240, people(lambda i: "slow.bench.test", 200))
+        beside, _ = deliveries(one, count, lambda: a.campaign("news@plain.bench.test", 10_240, people(site, count)))
+        a.call("POST", f"/v1/campaigns/{held}/cancel")
+        row("10 KB, one site beside a slow site (5 s per message)", beside, alone, "the same campaign alone")
+
+        # Destination domains: CPU per message to 10 and to 10,000 domains over the same 3 MX hosts.
+        log("domains ...")
+        count = n(30_000)
+        cpu = {}
+        # One message to each domain first, so that both runs find their MX answers cached.
+        deliveries(three, many, lambda: a.campaign("news@plain.bench.test", 1024,
+                                                    people(lambda i: f"d{i}.bench.test", many)))
+        for domains in (10, many):
+            c0 = a.cpu_seconds()
+            deliveries(three, count, lambda: a.campaign("news@plain.bench.test", 10_240,
+                                                        people(lambda i: f"d{i % domains}.bench.test", count)))
+            cpu[domains] = (a.cpu_seconds() - c0) / count
+        row("CPU per message, 10 KB to 10,000 domains (µs)", cpu[many] * 1e6, cpu[10] * 1e6,
+            "the same to 10 domains", "<= 1.15", unit="µs")
+        a.stop()
+        procs.remove(a)
+
+        # Queue at scale, on a fresh process: CPU per message with 10,000 queued, then resident
+        # memory and CPU per message with a million queued.
+        log("queue at scale ...")
+        b = Sluice(work, "b", 18032)
+        procs.append(b)
+        small = n(10_000)
+        lo, hi = small // 10, small - small // 10
+        _, cpu_small = deliveries(one, small, lambda: b.campaign("news@plain.bench.test", 10_240, people(site, small)),
+                                  sluice=b, marks=(lo, hi))
+        per_small = (cpu_small[hi] - cpu_small[lo]) / (hi - lo)
+        time.sleep(2)
+        idle = b.rss_bytes()
+        b.call("POST", "/v1/domains/one.bench.test/suspend")
+        t0 = time.monotonic()
+        _, accepted = b.campaign("news@plain.bench.test", 10_240, people(site, args.queue, offset=10**7))
+        ingest = accepted / (time.monotonic() - t0)
+        time.sleep(3)
+        queued = b.rss_bytes()
+        per_recipient = (queued - idle) / accepted
+        window = 4 * (hi - lo)
+        _, cpu_big = deliveries(one, lo + window, lambda: b.call("POST", "/v1/domains/one.bench.test/resume"),
+                                sluice=b, marks=(lo, lo + window))
+        per_big = (cpu_big[lo + window] - cpu_big[lo]) / window
+        row(f"CPU per message, {accepted:,} queued (µs)", per_big * 1e6, per_small * 1e6,
+            f"the same with {small:,} queued", "<= 1.15", unit="µs")
+        rows.append((f"resident memory per queued recipient, {accepted:,} queued", per_recipient, "bytes",
+                     idle / 2**20, "idle resident set (MiB)", float("nan"), "<= 300 bytes", None))
+        rows.append((f"ingest of {accepted:,} recipients (one NDJSON request)", ingest, "rcpt/s",
+                     float("nan"), "", float("nan"), None, None))
+        b.stop()
+        procs.remove(b)
+    finally:
+        for p in procs:
+            p.stop()
+        for s in [*sinks.values(), slow]:
+            s.stop()
+        os.killpg(nsd.pid, 15)
+
+    print()
+    print(f"{'scenario':<62} {'result':>14} {'reference':>16} {'ratio':>6}  {'target':<12} {'CPU µs/msg':>10}")
+    for name, rate, unit, ref, what, ratio, target, cpu in rows:
+        cpu_s = f"{cpu * 1e6:,.0f}" if cpu is not None else ""
+        print(f"{name:<62} {rate:>8,.0f} {unit:<5} {ref:>16,.0f} {ratio:>6.2f}  {target or '':<12} {cpu_s:>10}")
+        if what:
+            print(f"{'':<64}reference: {what}")
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    with open(args.csv, "w") as f:
+        f.write("scenario,result,unit,reference,reference_is,ratio,target,cpu_us_per_msg\n")
+        for name, rate, unit, ref, what, ratio, target, cpu in rows:
+            cpu_s = f"{cpu * 1e6:.1f}" if cpu is not None else ""
+            f.write(f'"{name}",{rate:.1f},{unit},{ref:.1f},"{what}",{ratio:.3f},"{target or ""}",{cpu_s}\n')
+    log(f"written to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
