@@ -101,6 +101,18 @@ impl Attachment {
 }
 
 impl CampaignRecord {
+    /// The size of the templates and attachments, a measure of the work to assemble a message.
+    pub fn template_bytes(&self) -> usize {
+        self.subject.len()
+            + self.text.as_ref().map_or(0, String::len)
+            + self.html.as_ref().map_or(0, String::len)
+            + self
+                .attachments
+                .iter()
+                .map(|a| a.content_base64.len())
+                .sum::<usize>()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![CAMPAIGN_VERSION];
         serde_json::to_writer(&mut out, self).expect("a campaign record always serialises");

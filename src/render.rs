@@ -333,6 +333,34 @@ impl Assembler {
         Ok(Rendered { bytes, eight_bit })
     }
 
+    /// [`Assembler::assemble`] of a stored job record.
+    pub fn assemble_job(
+        &self,
+        record: &CampaignRecord,
+        compiled: &Compiled,
+        job: JobId,
+        job_record: &[u8],
+    ) -> Result<Rendered, AssembleError> {
+        let rec = crate::spool::JobRecord::decode(job_record)
+            .map_err(|e| AssembleError::Render(format!("job record: {e}")))?;
+        self.assemble(
+            record,
+            compiled,
+            job,
+            rec.accepted_at_ms,
+            rec.address,
+            rec.vars,
+        )
+    }
+
+    /// Whether mail from `from_domain` is signed with an RSA key (the costly kind).
+    pub fn signs_with_rsa(&self, from_domain: &str) -> bool {
+        self.dkim()
+            .for_domain(from_domain)
+            .iter()
+            .any(|s| s.algorithm == crate::config::DkimAlgorithm::RsaSha256)
+    }
+
     /// The unsigned message.
     pub fn build(
         &self,
