@@ -58,6 +58,7 @@ fn record() -> CampaignRecord {
         headers: Default::default(),
         tags: vec!["spring".into()],
         attachments: vec![],
+        personalised: true,
         state: CampaignState::Active,
         created_at_ms: 1_700_000_000_000,
     }

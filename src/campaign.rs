@@ -72,8 +72,20 @@ pub struct CampaignRecord {
     /// Sent with every message; stored once here, MIME-encoded once per process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<Attachment>,
+    /// False when every recipient gets the same message (no variables, no per-recipient
+    /// headers): delivery then sends one message to several recipients of a domain at once.
+    #[serde(default = "personalised", skip_serializing_if = "is_personalised")]
+    pub personalised: bool,
     pub state: CampaignState,
     pub created_at_ms: u64,
+}
+
+fn personalised() -> bool {
+    true
+}
+
+fn is_personalised(p: &bool) -> bool {
+    *p
 }
 
 /// A file attached to every message of a campaign, as given in the request (validated at ingest).
@@ -352,6 +364,7 @@ mod tests {
             headers: BTreeMap::new(),
             tags: vec!["weekly".into()],
             attachments: vec![],
+            personalised: true,
             state: CampaignState::Active,
             created_at_ms: 1,
         }

@@ -313,6 +313,11 @@ pub struct Shaping {
     /// Messages sent over one connection before it is closed and a new one opened.
     #[serde(default = "defaults::max_messages_per_connection")]
     pub max_messages_per_connection: u32,
+    /// Recipients of one message sent in one transaction, for campaigns with
+    /// `personalised: false` (every recipient gets the same message); personalised mail always
+    /// goes one recipient per transaction.
+    #[serde(default = "defaults::max_recipients_per_message")]
+    pub max_recipients_per_message: u32,
     /// Messages per period, e.g. "200/s", "5000/m"; unset: unlimited.
     #[serde(default)]
     pub message_rate: Option<Rate>,
@@ -337,6 +342,7 @@ pub struct Rule {
     pub pattern: String,
     pub max_connections: Option<u32>,
     pub max_messages_per_connection: Option<u32>,
+    pub max_recipients_per_message: Option<u32>,
     pub message_rate: Option<Rate>,
     pub connection_rate: Option<Rate>,
     pub tls: Option<crate::smtp::client::TlsMode>,
@@ -363,6 +369,9 @@ impl Rule {
             max_messages_per_connection: self
                 .max_messages_per_connection
                 .unwrap_or(base.max_messages_per_connection),
+            max_recipients_per_message: self
+                .max_recipients_per_message
+                .unwrap_or(base.max_recipients_per_message),
             message_rate: self.message_rate.or(base.message_rate),
             connection_rate: self.connection_rate.or(base.connection_rate),
             tls: self.tls.unwrap_or(base.tls),
@@ -679,6 +688,11 @@ mod defaults {
     pub fn max_messages_per_connection() -> u32 {
         100
     }
+    /// RFC 5321 §4.5.3.1.8: a server must accept at least 100 recipients; half of that keeps
+    /// one refused transaction cheap.
+    pub fn max_recipients_per_message() -> u32 {
+        50
+    }
 }
 
 macro_rules! default_from_serde {
@@ -886,6 +900,12 @@ impl Config {
                     "must be at least 1".into(),
                 );
             }
+            if !(1..=1000).contains(&s.max_recipients_per_message) {
+                bad(
+                    &format!("{key}.max_recipients_per_message"),
+                    "must be 1 to 1000".into(),
+                );
+            }
         }
         for (i, r) in self.rules.iter().enumerate() {
             let p = r.pattern.strip_prefix("*.").unwrap_or(&r.pattern);
@@ -897,6 +917,14 @@ impl Config {
             }
             if r.max_connections == Some(0) || r.max_messages_per_connection == Some(0) {
                 bad(&format!("rule[{i}]"), "limits must be at least 1".into());
+            }
+            if r.max_recipients_per_message
+                .is_some_and(|n| !(1..=1000).contains(&n))
+            {
+                bad(
+                    &format!("rule[{i}].max_recipients_per_message"),
+                    "must be 1 to 1000".into(),
+                );
             }
         }
         for (i, r) in self.routes.iter().enumerate() {

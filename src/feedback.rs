@@ -538,12 +538,81 @@ async fn apply_dsn(
     dsn: Dsn,
     source: &'static str,
 ) -> Result<Processed, SpoolError> {
+    let lead = find(node, job).await?;
+    if let Some(lead) = lead.as_ref().filter(|f| !f.campaign.record.personalised) {
+        // A message of a campaign that is not personalised went to several recipients; the DSN
+        // may name any number of them. Each is applied to its own job; the answer describes the
+        // first (a failure first, as below).
+        let mut order: Vec<&DsnRecipient> = dsn.recipients.iter().collect();
+        order.sort_by_key(|r| r.action != "failed");
+        let mut first = None;
+        for r in order {
+            let member = member(node, lead, reported(r)).await?;
+            let p = apply_dsn_recipient(node, member, &dsn, r, source).await?;
+            first.get_or_insert(p);
+        }
+        return Ok(first.expect("a parsed DSN names at least one recipient"));
+    }
     // A DSN about one of our messages names one recipient; prefer a failure if there are more.
     let r = dsn
         .recipients
         .iter()
         .find(|r| r.action == "failed")
         .unwrap_or(&dsn.recipients[0]);
+    apply_dsn_recipient(node, lead, &dsn, r, source).await
+}
+
+/// The address a DSN recipient names: Final-Recipient, else Original-Recipient.
+fn reported(r: &DsnRecipient) -> Option<&str> {
+    r.final_recipient
+        .as_deref()
+        .or(r.original_recipient.as_deref())
+}
+
+/// For a report about a message of a campaign that is not personalised (sent to several
+/// recipients, with the first one's tokens): the job of the recipient the report names. `None`
+/// when it names none (a redacted complaint) or one the campaign does not have.
+async fn member(
+    node: &Arc<Node>,
+    lead: &Found,
+    reported: Option<&str>,
+) -> Result<Option<Found>, SpoolError> {
+    let Some(reported) = reported else {
+        return Ok(None);
+    };
+    let address = reported
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_lowercase();
+    if lead.record()?.address.eq_ignore_ascii_case(&address) {
+        return Ok(Some(Found {
+            job: lead.job,
+            campaign: Arc::clone(&lead.campaign),
+            bytes: lead.bytes.clone(),
+        }));
+    }
+    // The index holds A-label domains; a report may give the domain in Unicode.
+    let address = match crate::address::Address::parse(&address) {
+        Ok(a) => a.as_str().to_lowercase(),
+        Err(_) => return Ok(None),
+    };
+    let read = Arc::clone(node);
+    let campaign = lead.job.campaign;
+    let job = tokio::task::spawn_blocking(move || read.spool.find_recipient(campaign, &address))
+        .await
+        .map_err(|e| SpoolError::Rocks(format!("recipient lookup task: {e}")))??;
+    find(node, job).await
+}
+
+/// Applies one recipient's part of a DSN to `found`, its job (unmapped when `None`).
+async fn apply_dsn_recipient(
+    node: &Arc<Node>,
+    found: Option<Found>,
+    dsn: &Dsn,
+    r: &DsnRecipient,
+    source: &'static str,
+) -> Result<Processed, SpoolError> {
     let kind = match r.action.as_str() {
         "failed" => "bounce",
         "delayed" => "delay",
@@ -562,7 +631,7 @@ async fn apply_dsn(
     if kind == "bounce" {
         p.category = Some(class.category);
     }
-    let Some(found) = find(node, job).await? else {
+    let Some(found) = found else {
         return Ok(p);
     };
     let (job, campaign) = (found.job, &found.campaign);
@@ -617,7 +686,7 @@ async fn apply_dsn(
         reply_code: r.code,
         dsn_diag: diag,
         stage: format!("DSN ({source})"),
-        mx_host: r.remote_mta.clone().or(dsn.reporting_mta.clone()),
+        mx_host: r.remote_mta.clone().or_else(|| dsn.reporting_mta.clone()),
         bounce_cat: p.category.map(Category::as_str),
         ..report_record(
             node,
@@ -666,9 +735,19 @@ async fn apply_complaint(
             .map(|u| format!(" from {u}"))
             .unwrap_or_default()
     ));
-    let Some(found) = find(node, job).await? else {
+    let Some(mut found) = find(node, job).await? else {
         return Ok(p);
     };
+    if !found.campaign.record.personalised {
+        // The message went to several recipients: only the report can say which one complained.
+        match member(node, &found, c.original_rcpt_to.as_deref()).await? {
+            Some(m) => found = m,
+            None => {
+                p.campaign = Some(found.campaign.record.id);
+                return Ok(p);
+            }
+        }
+    }
     let rec = found.record()?;
     // The job knows the recipient even when the report redacts Original-Rcpt-To.
     let address = rec.address.to_lowercase();

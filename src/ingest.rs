@@ -82,6 +82,8 @@ pub struct CampaignFields {
     pub headers: BTreeMap<String, String>,
     pub tags: Vec<String>,
     pub attachments: Vec<Attachment>,
+    /// `false`: every recipient gets the same message (see [`CampaignRecord::personalised`]).
+    pub personalised: Option<bool>,
 }
 
 /// The body of `POST /v1/campaigns` (with `recipients`) and `POST /v1/messages` (with `to` and
@@ -106,6 +108,8 @@ pub struct ComposeRequest<'a> {
     pub tags: Vec<String>,
     #[serde(default)]
     pub attachments: Vec<Attachment>,
+    #[serde(default)]
+    pub personalised: Option<bool>,
     #[serde(default, borrow)]
     pub recipients: Option<Vec<&'a RawValue>>,
     #[serde(default)]
@@ -127,6 +131,7 @@ impl<'a> ComposeRequest<'a> {
             headers: self.headers,
             tags: self.tags,
             attachments: self.attachments,
+            personalised: self.personalised,
         };
         (
             fields,
@@ -163,6 +168,8 @@ pub struct RecipientRules {
     pub header_vars: BTreeSet<String>,
     /// The compiled campaign: every recipient's variables must render it.
     pub compiled: Option<Arc<Compiled>>,
+    /// The campaign is not personalised: recipients may not carry variables.
+    pub no_vars: bool,
 }
 
 /// Validates the campaign fields and compiles the templates. Returns the record (with a fresh
@@ -195,7 +202,19 @@ pub fn validate_campaign(
             "a message needs a text or an html part (or both)",
         ));
     }
-    let mut rules = RecipientRules::default();
+    let personalised = match (fields.personalised, kind) {
+        (Some(false), CampaignKind::Transactional) => {
+            return Err(FieldError::new(
+                "personalised",
+                "a message has one recipient; \"personalised\": false is for campaigns",
+            ));
+        }
+        (p, _) => p.unwrap_or(true),
+    };
+    let mut rules = RecipientRules {
+        no_vars: !personalised,
+        ..RecipientRules::default()
+    };
     for (name, part) in [
         ("subject", Some(&fields.subject)),
         ("text", fields.text.as_ref()),
@@ -209,6 +228,16 @@ pub fn validate_campaign(
             ));
         }
         let vars = template::check(name, source).map_err(|e| FieldError::new(name, e.message))?;
+        if !personalised && !vars.is_empty() {
+            let names: Vec<&str> = vars.iter().map(String::as_str).collect();
+            return Err(FieldError::new(
+                name,
+                format!(
+                    "uses variables ({}), but with \"personalised\": false every recipient gets the same message",
+                    names.join(", ")
+                ),
+            ));
+        }
         if name == "subject" {
             rules.header_vars = vars;
         }
@@ -259,6 +288,7 @@ pub fn validate_campaign(
         headers: fields.headers,
         tags: fields.tags,
         attachments: fields.attachments,
+        personalised,
         state: CampaignState::Active,
         created_at_ms: now_ms,
     };
@@ -340,6 +370,7 @@ pub fn rules_for(campaign: &Campaign) -> RecipientRules {
     RecipientRules {
         header_vars,
         compiled: campaign.compiled().ok(),
+        no_vars: !campaign.record.personalised,
     }
 }
 
@@ -393,6 +424,18 @@ pub fn check_recipient<'a>(
         Ok(a) => a,
         Err(e) => return Err((Some(email), FieldError::new("email", e.to_string()))),
     };
+    if rules.no_vars
+        && let Some(raw) = vars
+        && !matches!(raw.get().trim(), "null" | "{}")
+    {
+        return Err((
+            Some(email),
+            FieldError::new(
+                "vars",
+                "the campaign is not personalised (\"personalised\": false): recipients take no variables",
+            ),
+        ));
+    }
     let vars = match vars {
         Some(raw) if raw.get() != "null" => {
             let text = raw.get();
@@ -617,6 +660,10 @@ impl Upload {
         self.record_buf.clear();
         rec.encode_into(&mut self.record_buf);
         self.batch.put_job(id, &self.record_buf);
+        if !self.campaign.record.personalised {
+            self.batch
+                .put_recipient(id, &r.address.as_str().to_lowercase());
+        }
         if state == JobState::Queued {
             self.chunk_domains.push((index, r.address.domain().into()));
         } else {
@@ -823,6 +870,7 @@ mod tests {
         let rules = RecipientRules {
             header_vars: ["name".to_owned()].into(),
             compiled: None,
+            no_vars: false,
         };
         let r = parse_recipient(
             r#"{"email":"a@Example.COM","vars":{"name":"Ann","n":1}}"#,

@@ -322,6 +322,11 @@ impl Assembler {
         let message = self
             .build(record, compiled, job, accepted_at_ms, to, vars_json)
             .map_err(AssembleError::Render)?;
+        self.sign(record, message)
+    }
+
+    /// Puts the DKIM signatures of the From domain's keys in front of `message`.
+    fn sign(&self, record: &CampaignRecord, message: Vec<u8>) -> Result<Rendered, AssembleError> {
         let from_domain = crate::address::domain_of(&record.from);
         let mut bytes = self.dkim().sign(from_domain, &message)?;
         if bytes.is_empty() {
@@ -333,16 +338,38 @@ impl Assembler {
         Ok(Rendered { bytes, eight_bit })
     }
 
-    /// [`Assembler::assemble`] of a stored job record.
+    /// The message of a campaign that is not personalised, for several recipients at once: `lead`
+    /// is the first of them, whose job names the message (Message-ID, MIME boundaries, trace
+    /// token). `To:` is the empty group `undisclosed-recipients:;`, so no recipient sees another,
+    /// and there is no List-Unsubscribe: its one-click link names one recipient.
+    pub fn assemble_merged(
+        &self,
+        record: &CampaignRecord,
+        compiled: &Compiled,
+        lead: JobId,
+        accepted_at_ms: u64,
+    ) -> Result<Rendered, AssembleError> {
+        let message = self
+            .build_for(record, compiled, lead, accepted_at_ms, None, "")
+            .map_err(AssembleError::Render)?;
+        self.sign(record, message)
+    }
+
+    /// [`Assembler::assemble`] of a stored job record, or with `merged`
+    /// [`Assembler::assemble_merged`] led by it.
     pub fn assemble_job(
         &self,
         record: &CampaignRecord,
         compiled: &Compiled,
         job: JobId,
         job_record: &[u8],
+        merged: bool,
     ) -> Result<Rendered, AssembleError> {
         let rec = crate::spool::JobRecord::decode(job_record)
             .map_err(|e| AssembleError::Render(format!("job record: {e}")))?;
+        if merged {
+            return self.assemble_merged(record, compiled, job, rec.accepted_at_ms);
+        }
         self.assemble(
             record,
             compiled,
@@ -371,6 +398,19 @@ impl Assembler {
         to: &str,
         vars_json: &str,
     ) -> Result<Vec<u8>, String> {
+        self.build_for(record, compiled, job, accepted_at_ms, Some(to), vars_json)
+    }
+
+    /// The unsigned message to `to`, or to several recipients when `None`.
+    fn build_for(
+        &self,
+        record: &CampaignRecord,
+        compiled: &Compiled,
+        job: JobId,
+        accepted_at_ms: u64,
+        to: Option<&str>,
+        vars_json: &str,
+    ) -> Result<Vec<u8>, String> {
         let ctx = parse_vars(vars_json)?;
         let part = |name: &str| -> Result<String, String> {
             compiled
@@ -390,16 +430,19 @@ impl Assembler {
             Some(name) => (name.as_str(), record.from.as_str()).into(),
             None => record.from.as_str().into(),
         };
-        let mut builder = mail_builder::MessageBuilder::new()
-            .from(from)
-            .to(to)
+        let mut builder = mail_builder::MessageBuilder::new().from(from);
+        builder = match to {
+            Some(to) => builder.to(to),
+            None => builder.header("To", Raw::new("undisclosed-recipients:;")),
+        };
+        builder = builder
             .subject(subject)
             .date((accepted_at_ms / 1000) as i64)
             .message_id(message_id);
         if let Some(r) = &record.reply_to {
             builder = builder.reply_to(r.as_str());
         }
-        if record.kind == CampaignKind::Bulk {
+        if record.kind == CampaignKind::Bulk && to.is_some() {
             let token = self.tokens.issue(Purpose::Unsubscribe, job);
             let mut urls = vec![format!("{}{token}", self.unsubscribe_url)];
             if let Some((local, domain)) = &self.unsubscribe_mailto {
@@ -509,6 +552,7 @@ mod tests {
             headers: [("X-Campaign".to_owned(), "spring".to_owned())].into(),
             tags: vec!["spring sale".into()],
             attachments: vec![],
+            personalised: true,
             state: CampaignState::Active,
             created_at_ms: 0,
         }

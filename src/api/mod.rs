@@ -772,6 +772,7 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         "from": c.record.from,
         "subject": c.record.subject,
         "tags": c.record.tags,
+        "personalised": c.record.personalised,
         "created_at": humantime::format_rfc3339_millis(created).to_string(),
         "counts": c.counts.snapshot(),
     })

@@ -566,11 +566,25 @@ impl Delivery {
             if site.has_work() {
                 self.ensure_lanes(&site);
             }
-            let mut prepared = self.prepare(jobs, Some(&site)).await.into_iter();
-            while let Some(p) = prepared.next() {
+            let mut prepared = self.prepare(jobs, Some(&site)).await;
+            let max_rcpt = site.shaping.max_recipients_per_message as usize;
+            let mut _topped_up = None;
+            if max_rcpt > 1
+                && let Some(first) = prepared.first()
+                && !first.campaign.record.personalised
+                && prepared.len() < max_rcpt
+            {
+                // Not personalised: one message can go to several recipients of this domain,
+                // so take more of its jobs for the transaction.
+                let more = self.pop_domain(first.job.domain, max_rcpt - prepared.len());
+                _topped_up = Some(site.stats.hold(more.len()));
+                prepared.extend(self.prepare(more, Some(&site)).await);
+            }
+            let mut groups = group_recipients(prepared, max_rcpt).into_iter();
+            while let Some(g) = groups.next() {
                 if self.stop.is_cancelled() {
                     // Stopping: the transaction under way has finished; the rest stays queued.
-                    self.requeue(std::iter::once(p).chain(prepared));
+                    self.requeue(g.into_iter().chain(groups.flatten()));
                     break 'lane;
                 }
                 // A connection: the current one if still good, else a pooled one, else a new one.
@@ -586,7 +600,7 @@ impl Delivery {
                     if conn.is_none() {
                         if let Some(wait) = throttle(&site.connection_rate) {
                             // Put the jobs back untouched; the site is retried when allowed.
-                            self.requeue(std::iter::once(p).chain(prepared));
+                            self.requeue(g.into_iter().chain(groups.flatten()));
                             not_before = crate::now_ms() + wait.as_millis() as u64;
                             break 'lane;
                         }
@@ -603,7 +617,7 @@ impl Delivery {
                                     .with_label_values(&["failed", &site.stats.label])
                                     .inc();
                                 let mut rest: Vec<Prepared> =
-                                    std::iter::once(p).chain(prepared).collect();
+                                    g.into_iter().chain(groups.flatten()).collect();
                                 let more = site.pop(
                                     &self.node,
                                     crate::now_ms(),
@@ -621,7 +635,7 @@ impl Delivery {
                     }
                 }
                 let Some(c) = conn.as_mut() else { break 'lane };
-                self.attempt(p, &site, c).await;
+                self.attempt(g, &site, c).await;
             }
         }
         if let Some(c) = conn {
@@ -869,17 +883,31 @@ impl Delivery {
             .release(job.domain, 1);
     }
 
-    /// Renders and sends one job on `conn`, then records the outcome.
-    async fn attempt(&self, p: Prepared, site: &Site, conn: &mut Connection) {
-        let Ok(rec) = JobRecord::decode(&p.bytes) else {
-            return self.release(&p.job);
-        };
-        let record = &p.campaign.record;
-        let rendered = match self.assemble(&p).await {
+    /// Renders and sends one message on `conn` to the group's recipients (one job, or several
+    /// of a campaign that is not personalised), then records each one's outcome.
+    async fn attempt(&self, mut group: Vec<Prepared>, site: &Site, conn: &mut Connection) {
+        let mut addresses = Vec::with_capacity(group.len());
+        group.retain(|p| match JobRecord::decode(&p.bytes) {
+            Ok(rec) => {
+                addresses.push(rec.address.to_owned());
+                true
+            }
+            Err(_) => {
+                self.release(&p.job);
+                false
+            }
+        });
+        let Some(lead) = group.first() else { return };
+        // Every message of a campaign that is not personalised has the shared form, also when
+        // one recipient happens to go alone: what a recipient gets must not depend on timing.
+        let merged = !lead.campaign.record.personalised;
+        let record = &lead.campaign.record;
+        let rendered = match self.assemble(lead, merged).await {
             Ok(r) => r,
-            Err(o) => return self.finish(&p, o, Some(site), None, 0).await,
+            Err(o) => return self.finish_all(&group, |_| o.clone(), site, None, 0).await,
         };
-        let smtputf8 = !rec.address.is_ascii() || !record.from.is_ascii();
+        let size = rendered.bytes.len();
+        let smtputf8 = !record.from.is_ascii() || addresses.iter().any(|a| !a.is_ascii());
         if smtputf8 && !conn.capabilities.smtputf8 {
             let o = outcome::local_failure(
                 EnhancedCode(5, 6, 7),
@@ -887,54 +915,89 @@ impl Delivery {
                 Command::Mail,
             );
             return self
-                .finish(&p, o, Some(site), Some(conn), rendered.bytes.len())
+                .finish_all(&group, |_| o.clone(), site, Some(conn), size)
                 .await;
         }
         if let Some(limit) = conn.capabilities.size
             && limit > 0
-            && rendered.bytes.len() as u64 > limit
+            && size as u64 > limit
         {
             let o = outcome::local_failure(
                 EnhancedCode(5, 3, 4),
-                format!(
-                    "message of {} bytes exceeds the server's limit of {limit}",
-                    rendered.bytes.len()
-                ),
+                format!("message of {size} bytes exceeds the server's limit of {limit}"),
                 Command::Mail,
             );
             return self
-                .finish(&p, o, Some(site), Some(conn), rendered.bytes.len())
+                .finish_all(&group, |_| o.clone(), site, Some(conn), size)
                 .await;
         }
-        let recipients = [rec.address];
+        // Every recipient of a merged message is sent with the lead's envelope sender.
+        let sender = lead.sender.clone();
+        for p in group.iter_mut().skip(1) {
+            p.sender.clone_from(&sender);
+        }
+        let recipients: Vec<&str> = addresses.iter().map(String::as_str).collect();
         let env = Envelope {
-            sender: &p.sender,
+            sender: &sender,
             recipients: &recipients,
             smtputf8,
             eight_bit: rendered.eight_bit,
         };
         let started = Instant::now();
-        let o = match conn.send(&env, &rendered.bytes).await {
-            Ok(replies) => match replies.first() {
-                Some(r) => outcome::from_reply(r),
-                None => outcome::local_failure(
-                    EnhancedCode(4, 0, 0),
-                    "no reply for the recipient",
-                    Command::Rcpt,
-                ),
-            },
-            Err(e) => outcome::from_error(&e),
-        };
+        let result = conn.send(&env, &rendered.bytes).await;
         TRANSACTION_SECONDS.observe(started.elapsed().as_secs_f64());
-        self.finish(&p, o, Some(site), Some(conn), rendered.bytes.len())
+        let outcomes: Vec<Outcome> = match result {
+            Ok(replies) => (0..group.len())
+                .map(|i| match replies.get(i) {
+                    Some(r) => outcome::from_reply(r),
+                    None => outcome::local_failure(
+                        EnhancedCode(4, 0, 0),
+                        "no reply for the recipient",
+                        Command::Rcpt,
+                    ),
+                })
+                .collect(),
+            Err(e) => vec![outcome::from_error(&e); group.len()],
+        };
+        self.finish_all(&group, |i| outcomes[i].clone(), site, Some(conn), size)
             .await;
+    }
+
+    /// [`Delivery::finish`] for each job of a group, with the outcome `outcome(i)` of the i-th.
+    async fn finish_all(
+        &self,
+        group: &[Prepared],
+        outcome: impl Fn(usize) -> Outcome,
+        site: &Site,
+        conn: Option<&Connection>,
+        size: usize,
+    ) {
+        for (i, p) in group.iter().enumerate() {
+            self.finish(p, outcome(i), Some(site), conn, size).await;
+        }
+    }
+
+    /// Takes up to `max` more due jobs of `domain` for a merged message (none if the domain
+    /// was suspended meanwhile).
+    fn pop_domain(&self, domain: DomainId, max: usize) -> Vec<PendingJob> {
+        let mut queue = self.node.queue.lock().expect("queue lock");
+        if queue.is_parked(domain) {
+            return Vec::new();
+        }
+        queue.pop_due(domain, crate::now_ms(), max)
     }
 
     /// Renders, builds and signs a job's message. RSA signing (about a millisecond) and large
     /// templates go to the blocking pool, at most one per core at a time; a small message without
     /// an RSA key (tens of microseconds) is assembled right here, which spares two thread
     /// hand-offs per message. A failure is the outcome.
-    async fn assemble(&self, p: &Prepared) -> Result<crate::render::Rendered, Outcome> {
+    /// With `merged`, the message is the campaign's shared one for several recipients, led by
+    /// `p` ([`crate::render::Assembler::assemble_merged`]).
+    async fn assemble(
+        &self,
+        p: &Prepared,
+        merged: bool,
+    ) -> Result<crate::render::Rendered, Outcome> {
         let compiled = p.campaign.compiled().map_err(|e| {
             outcome::local_failure(
                 EnhancedCode(5, 6, 0),
@@ -954,7 +1017,7 @@ impl Delivery {
             Ok(self
                 .node
                 .assembler
-                .assemble_job(record, &compiled, job, &p.bytes))
+                .assemble_job(record, &compiled, job, &p.bytes, merged))
         } else {
             let _permit = self
                 .assembly_slots
@@ -966,7 +1029,7 @@ impl Delivery {
             let bytes = p.bytes.clone();
             tokio::task::spawn_blocking(move || {
                 node.assembler
-                    .assemble_job(&campaign.record, &compiled, job, &bytes)
+                    .assemble_job(&campaign.record, &compiled, job, &bytes, merged)
             })
             .await
         };
@@ -1237,6 +1300,30 @@ impl Delivery {
 }
 
 /// `initial · 2^(attempt−1)`, capped at `max`, with ±20% jitter so retries of one burst spread.
+/// Splits prepared jobs into transactions: each job alone, except consecutive jobs of one
+/// campaign that is not personalised, which share a message up to `max` recipients. An address
+/// that needs SMTPUTF8 always goes alone, so a server without it refuses only that one.
+fn group_recipients(prepared: Vec<Prepared>, max: usize) -> Vec<Vec<Prepared>> {
+    let mergeable = |p: &Prepared| {
+        !p.campaign.record.personalised
+            && JobRecord::decode(&p.bytes).is_ok_and(|r| r.address.is_ascii())
+    };
+    let mut groups: Vec<Vec<Prepared>> = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        if let Some(last) = groups.last_mut()
+            && last.len() < max
+            && mergeable(&p)
+            && mergeable(&last[0])
+            && Arc::ptr_eq(&last[0].campaign, &p.campaign)
+        {
+            last.push(p);
+            continue;
+        }
+        groups.push(vec![p]);
+    }
+    groups
+}
+
 pub fn retry_delay(attempt: u32, initial: Duration, max: Duration) -> u64 {
     let factor = 1u32 << attempt.saturating_sub(1).min(20);
     let base = initial.saturating_mul(factor).min(max).as_millis() as f64;

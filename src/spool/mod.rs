@@ -62,6 +62,18 @@ const ALL_CFS: [&str; 6] = [
 pub const SCHEMA_VERSION: u32 = 1;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_UPLOAD_PREFIX: &[u8] = b"upload/";
+/// `rcpt/` + campaign sequence (u32 big-endian) + address: the job index (u32 big-endian) of
+/// that recipient, kept for campaigns that are not personalised, whose messages go to several
+/// recipients at once and so cannot name one job in their VERP address.
+const META_RECIPIENT_PREFIX: &[u8] = b"rcpt/";
+
+fn recipient_key(campaign: u32, address: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(META_RECIPIENT_PREFIX.len() + 4 + address.len());
+    key.extend_from_slice(META_RECIPIENT_PREFIX);
+    key.extend_from_slice(&campaign.to_be_bytes());
+    key.extend_from_slice(address.as_bytes());
+    key
+}
 
 /// Batches queued for the writer thread before senders wait.
 const WRITER_QUEUE: usize = 64;
@@ -205,6 +217,19 @@ impl SpoolBatch {
             .cf_handle(CF_EVENTS)
             .expect("column families are created at open");
         self.batch.delete_cf(cf, event_key(seq, hook));
+    }
+
+    /// Records which job of `id.campaign` is `address` (see [`Spool::find_recipient`]).
+    pub fn put_recipient(&mut self, id: JobId, address: &str) {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .expect("column families are created at open");
+        self.batch.put_cf(
+            cf,
+            recipient_key(id.campaign, address),
+            id.index.to_be_bytes(),
+        );
     }
 
     pub fn put_job(&mut self, id: JobId, value: &[u8]) {
@@ -507,6 +532,26 @@ impl Spool {
             .cf_handle(CF_JOBS)
             .expect("column families are created at open");
         Ok(self.db.get_cf(cf, id.key())?)
+    }
+
+    /// The job of `campaign` sent to `address`, for a campaign that is not personalised.
+    /// Addresses are recorded and looked up in lower case (A-label domains). Blocking.
+    pub fn find_recipient(
+        &self,
+        campaign: u32,
+        address: &str,
+    ) -> Result<Option<JobId>, SpoolError> {
+        let cf = self
+            .db
+            .cf_handle(CF_META)
+            .expect("column families are created at open");
+        let found = self.db.get_cf(cf, recipient_key(campaign, address))?;
+        Ok(found
+            .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
+            .map(|b| JobId {
+                campaign,
+                index: u32::from_be_bytes(b),
+            }))
     }
 
     /// Counts the records of one column family (`CF_*`). Blocking; a full scan, for tests and
