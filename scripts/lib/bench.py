@@ -9,7 +9,8 @@ shared and noisy:
     (resident memory).
 
 Rates are counted at the sinks (smtp-sink -c): messages from the first delivery until the
-campaign's last one. CPU time is Sluice's own (user + system, /proc/PID/stat) over a window of
+campaign's last one. Campaigns that are not personalised put several recipients in one message,
+so they and their personalised twins are compared in recipients per second from Sluice's counts. CPU time is Sluice's own (user + system, /proc/PID/stat) over a window of
 deliveries. Writes the table to stdout and target/bench/bench.csv.
 """
 
@@ -215,7 +216,9 @@ key_file = "{work}/ed25519.pem"
         `recipients` (an iterable of (email, name)) as one NDJSON request, whose duration is kept
         in `upload_seconds`. Personalised: the name is in the subject and the text; otherwise
         the campaign is `"personalised": false` and recipients carry no variables."""
-        line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\n"
+        # Text wrapped at 72 characters, as mail clients write it (and as smtp-source's payload
+        # is): lines over 76 would be quoted-printable encoded.
+        line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\n"
         filler = (line * (size // len(line) + 1))[: max(size - 40, 0)]
         if personalised:
             fields = {"subject": "Bench {{ name }}", "text": "Hello {{ name }},\n" + filler}
