@@ -543,7 +543,9 @@ async fn apply_dsn(
         // A message of a campaign that is not personalised went to several recipients; the DSN
         // may name any number of them. Each is applied to its own job; the answer describes the
         // first (a failure first, as below).
-        let mut order: Vec<&DsnRecipient> = dsn.recipients.iter().collect();
+        // No message has more recipients than `max_recipients_per_message` allows (1000 at
+        // most), so a report naming more is cut there.
+        let mut order: Vec<&DsnRecipient> = dsn.recipients.iter().take(1000).collect();
         order.sort_by_key(|r| r.action != "failed");
         let mut first = None;
         for r in order {

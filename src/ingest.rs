@@ -426,7 +426,10 @@ pub fn check_recipient<'a>(
     };
     if rules.no_vars
         && let Some(raw) = vars
-        && !matches!(raw.get().trim(), "null" | "{}")
+        && !matches!(
+            raw.get().split_whitespace().collect::<String>().as_str(),
+            "null" | "{}"
+        )
     {
         return Err((
             Some(email),

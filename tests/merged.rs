@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
-use common::{KEY, client, delivery_config, get_json, post_json, url, wait_counts, wait_log};
+use common::{delivery_config, get_json, post_body, post_json, wait_counts, wait_log};
 use serde_json::{Value, json};
 use sluice::config::{DkimAlgorithm, DkimEntry};
 use sluice::tokens::Purpose;
@@ -39,16 +39,9 @@ fn report(name: &str, verp: &str, rcpt: &str, reference: &str) -> Vec<u8> {
 }
 
 async fn feedback(addr: std::net::SocketAddr, body: Vec<u8>) -> Value {
-    let r = client()
-        .post(url(addr, "/v1/feedback"))
-        .bearer_auth(KEY)
-        .header("content-type", "message/rfc822")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    let (status, _, p) = post_body(addr, "/v1/feedback", "message/rfc822", body).await;
+    assert_eq!(status, 200, "{p}");
+    p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,8 @@
 # List-Unsubscribe and List-Unsubscribe-Post must be covered by each signature's h=. The messages
 # mix 7-bit text with lines that begin with a dot (and a lone dot), non-ASCII subjects, names and
 # bodies, lines far over 998 octets in the template, HTML alternatives and a binary attachment.
+# A campaign that is not personalised per domain adds shared messages, several recipients each,
+# signed once: they must verify too.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="$root/target/release/sluice"
@@ -152,13 +154,28 @@ for domain in ("rsa.dkim.test", "dual.dkim.test"):
         status, resp = call("POST", "/v1/campaigns", body)
         assert status == 202 and resp["accepted"] == n, resp
         expected[domain] += n
+# Not personalised: one shared message per transaction to several recipients, signed once.
+MERGED = 60
+merged_rcpts = collections.Counter()
+for domain in ("rsa.dkim.test", "dual.dkim.test"):
+    body = {"from": f"news@{domain}", "subject": "The same for everyone",
+            "text": "One message, many recipients.\n.dot line\n", "personalised": False,
+            "recipients": [{"email": f"{domain.split('.')[0]}m{i}@inbox.test"} for i in range(MERGED)]}
+    status, resp = call("POST", "/v1/campaigns", body)
+    assert status == 202 and resp["accepted"] == MERGED, resp
+    merged_rcpts[domain] += MERGED
 
-total = sum(expected.values())
+def rcpts(path):
+    """Recipients of a captured transaction: smtp-sink writes one X-Rcpt-Args line for each."""
+    with open(path, "rb") as f:
+        return f.read(16384).split(b"\n\n", 1)[0].count(b"\nX-Rcpt-Args:")
+
+total = sum(expected.values()) + sum(merged_rcpts.values())
 deadline = time.time() + 180
 files = []
 while time.time() < deadline:
     files = glob.glob(os.path.join(work, "mail", "*"))
-    if len(files) >= total:
+    if sum(rcpts(f) for f in files) >= total:
         break
     time.sleep(0.5)
 time.sleep(0.5)
@@ -181,6 +198,9 @@ def message_of(path):
 
 failures = []
 verified = collections.Counter()
+merged_msgs = collections.Counter()
+merged_seen = collections.Counter()
+single = []
 algs = collections.Counter()
 for path in files:
     msg = message_of(path)
@@ -209,12 +229,17 @@ for path in files:
             algs[(domain, tags[b"a"].decode())] += 1
         elif len(failures) < 20:
             failures.append(f"{os.path.basename(path)}: signature {idx} ({tags[b'a'].decode()}, s={tags[b's'].decode()}) does not verify")
+    if b"\nTo: undisclosed-recipients:;" in head:
+        merged_msgs[domain] += 1
+        merged_seen[domain] += rcpts(path)
+        continue
+    single.append(path)
     if b"\nList-Unsubscribe-Post: List-Unsubscribe=One-Click" not in head:
         failures.append(f"{os.path.basename(path)}: no List-Unsubscribe-Post")
     verified[domain] += 1
 
 # The verifier must be able to say no: a changed List-Unsubscribe or body breaks every signature.
-for path in files[:5]:
+for path in single[:5]:
     msg = message_of(path)
     for tampered in (msg.replace(b"List-Unsubscribe: <https://mta.dkim.test/u/", b"List-Unsubscribe: <https://evil.test/u/", 1),
                      msg[:-40] + msg[-40:].replace(b"\r\n", b"\r\nX", 1)):
@@ -244,14 +269,19 @@ for name in ("dot lines", "encoded subject", "attachment"):
     if features[name] < quarter:
         failures.append(f"only {features[name]} messages with {name}, want at least {quarter}")
 
-want_algs = {("rsa.dkim.test", "rsa-sha256"): expected["rsa.dkim.test"],
-             ("dual.dkim.test", "rsa-sha256"): expected["dual.dkim.test"],
-             ("dual.dkim.test", "ed25519-sha256"): expected["dual.dkim.test"]}
-if len(files) != total:
-    failures.append(f"the sink captured {len(files)} messages, want {total}")
+want_algs = {("rsa.dkim.test", "rsa-sha256"): expected["rsa.dkim.test"] + merged_msgs["rsa.dkim.test"],
+             ("dual.dkim.test", "rsa-sha256"): expected["dual.dkim.test"] + merged_msgs["dual.dkim.test"],
+             ("dual.dkim.test", "ed25519-sha256"): expected["dual.dkim.test"] + merged_msgs["dual.dkim.test"]}
+if len(single) != sum(expected.values()):
+    failures.append(f"the sink captured {len(single)} personalised messages, want {sum(expected.values())}")
+if merged_seen != merged_rcpts:
+    failures.append(f"shared messages reached {dict(merged_seen)} recipients, want {dict(merged_rcpts)}")
+if not any(rcpts(f) > 1 for f in files):
+    failures.append("no captured message had more than one recipient")
 if dict(algs) != want_algs:
     failures.append(f"verified signatures {dict(algs)}, want {want_algs}")
 if failures:
     print("dkim-dkimpy: FAILED"); print("\n".join(failures[:40])); sys.exit(1)
-print(f"dkim-dkimpy: ok ({len(files)} messages captured; dkimpy verified {dict(algs)}; {dict(features)})")
+print(f"dkim-dkimpy: ok ({len(files)} messages captured, {sum(merged_msgs.values())} of them shared by "
+      f"{sum(merged_seen.values())} recipients; dkimpy verified {dict(algs)}; {dict(features)})")
 PY

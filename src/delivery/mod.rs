@@ -1431,6 +1431,83 @@ async fn write_until_done(node: &Node, batch: crate::spool::SpoolBatch) {
 mod tests {
     use super::*;
 
+    fn prepared(campaign: &Arc<Campaign>, index: u32, address: &str) -> Prepared {
+        let bytes = JobRecord {
+            state: JobState::Queued,
+            upload: 1,
+            accepted_at_ms: 1,
+            attempts: 0,
+            next_attempt_ms: 1,
+            address,
+            vars: "",
+            last_response: "",
+        }
+        .encode();
+        let mut queue = crate::queue::QueueIndex::new();
+        Prepared {
+            job: PendingJob {
+                id: JobId {
+                    campaign: campaign.seq,
+                    index,
+                },
+                domain: queue.domain_id("example.org"),
+                due_ms: 1,
+            },
+            campaign: Arc::clone(campaign),
+            bytes,
+            sender: String::new(),
+        }
+    }
+
+    fn campaign(seq: u32, personalised: bool) -> Arc<Campaign> {
+        let record: crate::campaign::CampaignRecord = serde_json::from_value(serde_json::json!({
+            "id": uuid::Uuid::now_v7(), "kind": "bulk", "from": "news@example.com",
+            "subject": "Hi", "text": "Hello", "personalised": personalised,
+            "state": "active", "created_at_ms": 1
+        }))
+        .expect("a valid campaign record");
+        Arc::new(Campaign::new(seq, record, 0))
+    }
+
+    #[test]
+    fn shared_messages_group_consecutive_jobs_of_one_campaign() {
+        let (shared, other, personal) = (campaign(1, false), campaign(2, false), campaign(3, true));
+        let jobs = vec![
+            prepared(&shared, 0, "a@example.org"),
+            prepared(&shared, 1, "b@example.org"),
+            prepared(&shared, 2, "ü@example.org"),
+            prepared(&shared, 3, "c@example.org"),
+            prepared(&shared, 4, "d@example.org"),
+            prepared(&shared, 5, "e@example.org"),
+            prepared(&other, 0, "f@example.org"),
+            prepared(&personal, 0, "g@example.org"),
+            prepared(&personal, 1, "h@example.org"),
+        ];
+        let groups: Vec<Vec<(u32, u32)>> = group_recipients(jobs, 2)
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|p| (p.job.id.campaign, p.job.id.index))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            vec![
+                vec![(1, 0), (1, 1)],
+                // An address that needs SMTPUTF8 goes alone.
+                vec![(1, 2)],
+                vec![(1, 3), (1, 4)],
+                vec![(1, 5)],
+                // Another campaign starts its own message.
+                vec![(2, 0)],
+                // Personalised jobs are never grouped.
+                vec![(3, 0)],
+                vec![(3, 1)],
+            ]
+        );
+    }
+
     #[test]
     fn retry_delay_doubles_with_jitter_and_caps() {
         let i = Duration::from_secs(60);
