@@ -1243,6 +1243,18 @@ mod tests {
             })
         );
         assert_eq!(c.routes[0].relay, "127.0.0.1:2525");
+        assert_eq!(s.max_recipients_per_message, 50);
+        let e = errors(
+            "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmax_recipients_per_message = 0\n\
+             [[rule]]\nmatch = \"a.test\"\nmax_recipients_per_message = 5000\n",
+        );
+        assert_eq!(
+            e,
+            vec![
+                "t.toml: shaping.max_recipients_per_message: must be 1 to 1000",
+                "t.toml: rule[0].max_recipients_per_message: must be 1 to 1000"
+            ]
+        );
         let e = errors(
             "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[shaping]\nmessage_rate = \"fast\"\n",
         );

@@ -10,8 +10,9 @@ shared and noisy:
 
 Rates are counted at the sinks (smtp-sink -c): messages from the first delivery until the
 campaign's last one. Campaigns that are not personalised put several recipients in one message,
-so they and their personalised twins are compared in recipients per second from Sluice's counts. CPU time is Sluice's own (user + system, /proc/PID/stat) over a window of
-deliveries. Writes the table to stdout and target/bench/bench.csv.
+so they and their personalised twins are compared in recipients per second from Sluice's counts.
+CPU time is Sluice's own (user + system, /proc/PID/stat) over a window of deliveries. Writes the
+table to stdout and target/bench/bench.csv.
 """
 
 import argparse

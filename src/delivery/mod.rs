@@ -991,6 +991,7 @@ impl Delivery {
     /// templates go to the blocking pool, at most one per core at a time; a small message without
     /// an RSA key (tens of microseconds) is assembled right here, which spares two thread
     /// hand-offs per message. A failure is the outcome.
+    ///
     /// With `merged`, the message is the campaign's shared one for several recipients, led by
     /// `p` ([`crate::render::Assembler::assemble_merged`]).
     async fn assemble(
@@ -1299,7 +1300,6 @@ impl Delivery {
     }
 }
 
-/// `initial · 2^(attempt−1)`, capped at `max`, with ±20% jitter so retries of one burst spread.
 /// Splits prepared jobs into transactions: each job alone, except consecutive jobs of one
 /// campaign that is not personalised, which share a message up to `max` recipients. An address
 /// that needs SMTPUTF8 always goes alone, so a server without it refuses only that one.
@@ -1324,6 +1324,7 @@ fn group_recipients(prepared: Vec<Prepared>, max: usize) -> Vec<Vec<Prepared>> {
     groups
 }
 
+/// `initial · 2^(attempt−1)`, capped at `max`, with ±20% jitter so retries of one burst spread.
 pub fn retry_delay(attempt: u32, initial: Duration, max: Duration) -> u64 {
     let factor = 1u32 << attempt.saturating_sub(1).min(20);
     let base = initial.saturating_mul(factor).min(max).as_millis() as f64;
