@@ -9,20 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
-use common::{delivery_config, get_json, post_body, post_json, wait_counts, wait_log};
+use common::{delivery_config, get_json, post_body, post_json, trace_token, wait_counts, wait_log};
 use serde_json::{Value, json};
 use sluice::config::{DkimAlgorithm, DkimEntry};
 use sluice::tokens::Purpose;
 
 const MAX_RCPT: usize = 20;
-
-fn trace_token(data: &str) -> String {
-    data.lines()
-        .find_map(|l| l.strip_prefix("X-Sluice-Ref: "))
-        .expect("trace header")
-        .trim()
-        .to_owned()
-}
 
 fn report(name: &str, verp: &str, rcpt: &str, reference: &str) -> Vec<u8> {
     let text = std::fs::read_to_string(format!(

@@ -182,6 +182,15 @@ pub async fn post_campaign(addr: std::net::SocketAddr, recipients: Vec<Value>) -
         .to_owned()
 }
 
+/// The trace token (`X-Sluice-Ref`) of a captured message.
+pub fn trace_token(data: &str) -> String {
+    data.lines()
+        .find_map(|l| l.strip_prefix("X-Sluice-Ref: "))
+        .expect("trace header")
+        .trim()
+        .to_owned()
+}
+
 /// `user{i}@sink.test` with a `name` variable.
 pub fn recipients(n: usize) -> Vec<Value> {
     (0..n).map(|i| json!({"email": format!("user{i}@sink.test"), "vars": {"name": format!("User {i}")}})).collect()
