@@ -70,7 +70,7 @@
 //!   delivery task itself (tens of microseconds, cheaper than two thread hand-offs). Deterministic, so a retry sends the same message (DKIM `t=` aside).
 //!   [`render::check_vars`] is the same render at ingest, with a no-render fast path for templates
 //!   of bare `{{ name }}` expressions.
-//! * [`dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (ring backend), keyed by domain;
+//! * [`dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend), keyed by domain;
 //!   every key of the From domain (or its nearest parent) signs. Swapped whole on SIGHUP.
 //! * [`tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with a purpose
 //!   byte so one kind cannot stand in for another, and key rotation (first key signs, all verify).
