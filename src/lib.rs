@@ -29,7 +29,8 @@
 //! * [`campaign`]: the stored campaign record (the template, written once) and the in-memory
 //!   registry with state and per-state counts.
 //! * [`queue`]: the in-memory index of pending jobs per destination domain, 16 bytes a job, which
-//!   the delivery engine consumes.
+//!   the delivery engine consumes. Jobs that arrive in (due, id) order, as an upload's do, sit in
+//!   a sorted run taken from the front; only out-of-order ones go to a heap.
 //! * [`suppression`]: suppression entries (global or per sending domain) stored in the
 //!   `suppressions` column family and mirrored in an in-memory index; checked by
 //!   [`ingest::Upload::add`] (suppressed recipients are recorded, never queued) and again by

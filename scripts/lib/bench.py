@@ -462,16 +462,17 @@ class Bench:
         log("domains ...")
         a = self.sluice("domains", 18032)
         count = self.n(30_000)
-        cpu = {}
+        cpu = {10: 0.0, MANY: 0.0}
         # One message to each domain first, so that both runs find their MX answers cached.
         deliveries(self.three, MANY, lambda: a.campaign(PLAIN, 1024, people(lambda i: f"d{i}.bench.test", MANY)))
-        for domains in (10, MANY):
+        # Alternated and averaged, so a slow moment of the machine does not fall on one side only.
+        for domains in (10, MANY, 10, MANY):
             c0 = a.cpu_seconds()
             deliveries(self.three, count, lambda: a.campaign(PLAIN, 10_240,
                                                              people(lambda i: f"d{i % domains}.bench.test", count)))
-            cpu[domains] = (a.cpu_seconds() - c0) / count
+            cpu[domains] += (a.cpu_seconds() - c0) / count / 2
         self.row(f"CPU per message, 10 KB to {MANY:,} domains (µs)", cpu[MANY] * 1e6, cpu[10] * 1e6,
-                 "the same to 10 domains", "<= 1.15", unit="µs")
+                 "the same to 10 domains (two runs each, alternated)", "<= 1.15", unit="µs")
         self.done(a)
 
     def queue(self):
@@ -482,9 +483,15 @@ class Bench:
         b = self.sluice("queue", 18033)
         small = self.n(10_000)
         lo, hi = small // 10, small - small // 10
-        _, cpu_small = deliveries(one, small, lambda: b.campaign(PLAIN, 10_240, people(SITE, small)),
-                                  sluice=b, marks=(lo, hi))
-        per_small = (cpu_small[hi] - cpu_small[lo]) / (hi - lo)
+        # Warm-up (connections, DNS cache, allocator), then the small queue twice: one window of
+        # 8,000 messages is under a second, and the machine's noise is as large as the effect.
+        deliveries(one, 2000, lambda: b.campaign(PLAIN, 1024, people(SITE, 2000, offset=2 * 10**7)))
+        per_small = 0.0
+        for run in range(2):
+            _, cpu_small = deliveries(one, small, lambda: b.campaign(PLAIN, 10_240,
+                                                                      people(SITE, small, offset=run * small)),
+                                      sluice=b, marks=(lo, hi))
+            per_small += (cpu_small[hi] - cpu_small[lo]) / (hi - lo) / 2
         time.sleep(2)
         idle = b.rss_bytes()
         b.call("POST", "/v1/domains/one.bench.test/suspend")
@@ -500,7 +507,7 @@ class Bench:
                                 sluice=b, marks=(lo, lo + window))
         per_big = (cpu_big[lo + window] - cpu_big[lo]) / window
         self.row(f"CPU per message, {accepted:,} queued (µs)", per_big * 1e6, per_small * 1e6,
-                 f"the same with {small:,} queued", "<= 1.15", unit="µs")
+                 f"the same with {small:,} queued, mean of two runs", "<= 1.15", unit="µs")
         self.rows.append((f"resident memory per queued recipient, {accepted:,} queued", per_recipient, "bytes",
                           idle / 2**20, "idle resident set (MiB)", float("nan"), "<= 300 bytes", None))
         self.rows.append((f"ingest of {accepted:,} recipients (one NDJSON request)", ingest, "rcpt/s",

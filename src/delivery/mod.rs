@@ -987,8 +987,9 @@ impl Delivery {
         queue.pop_due(domain, crate::now_ms(), max)
     }
 
-    /// Renders, builds and signs a job's message. RSA signing (about a millisecond) and large
-    /// templates go to the blocking pool, at most one per core at a time; a small message without
+    /// Renders, builds and signs a job's message. RSA signing (a quarter of a millisecond to one,
+    /// by CPU) and large templates go to the blocking pool, at most one per core at a time; a
+    /// small message without
     /// an RSA key (tens of microseconds) is assembled right here, which spares two thread
     /// hand-offs per message. A failure is the outcome.
     ///
