@@ -30,10 +30,10 @@ pub struct PendingJob {
 /// A domain's pending jobs ordered by (due, job id): earliest first, then campaign order.
 ///
 /// Jobs mostly arrive in that order already (an upload's recipients are due at once with rising
-/// ids; retries of one schedule come due later than the jobs before them), so those go to the
-/// back of a sorted run, taken from the front in O(1) and in memory order. Only a job that would
-/// break the run's order (a retry with a shorter wait, a campaign appended to in the same
-/// millisecond) goes to a min-heap. Popping takes the smaller of the two heads. With a million
+/// ids; a retry is usually due after everything queued), so those go to the back of a sorted
+/// run, taken from the front in O(1) and in memory order. Only a job that would break the run's
+/// order (a retry due sooner than the run's last job, jobs of a paused campaign put back, a
+/// campaign appended to in the same millisecond) goes to a min-heap. Popping takes the smaller of the two heads. With a million
 /// jobs of one campaign queued, a heap pop is 20 cache-missing levels; the run is a pointer bump.
 #[derive(Default)]
 struct Pending {
