@@ -989,9 +989,8 @@ impl Delivery {
 
     /// Renders, builds and signs a job's message. RSA signing (a quarter of a millisecond to one,
     /// by CPU) and large templates go to the blocking pool, at most one per core at a time; a
-    /// small message without
-    /// an RSA key (tens of microseconds) is assembled right here, which spares two thread
-    /// hand-offs per message. A failure is the outcome.
+    /// small message without an RSA key (tens of microseconds) is assembled right here, which
+    /// spares two thread hand-offs per message. A failure is the outcome.
     ///
     /// With `merged`, the message is the campaign's shared one for several recipients, led by
     /// `p` ([`crate::render::Assembler::assemble_merged`]).
