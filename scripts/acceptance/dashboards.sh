@@ -133,6 +133,19 @@ def call(method, path, body=None, ctype="application/json", raw=None):
         text = r.read()
         return r.status, (json.loads(text) if text.strip().startswith(b"{") else text)
 
+def prom_get(path, **params):
+    url = f"http://{prom}{path}?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+# Prometheus being ready does not mean it has scraped Sluice yet. A delivery finished before the
+# first scrape leaves every histogram flat from its first sample on: its rate() is 0 and the
+# latency panels' quantiles have nothing to show. So the campaign waits for a first scrape.
+deadline = time.time() + 30
+while not any(r["value"][1] == "1" for r in prom_get("/api/v1/query", query='up{job="sluice"}')["data"]["result"]):
+    assert time.time() < deadline, "Prometheus did not scrape Sluice within 30 s"
+    time.sleep(0.2)
+
 recipients = ([{"email": f"u{i}@ok.sluice.test", "vars": {"n": i}} for i in range(400)]
     + [{"email": f"b{i}@bounce.sluice.test", "vars": {"n": i}} for i in range(40)]
     + [{"email": f"f{i}@full.sluice.test", "vars": {"n": i}} for i in range(40)])
@@ -184,10 +197,6 @@ assert status == 202 and len(body["suppressed"]) == 1, body
 # Let Prometheus scrape the end state a few times.
 time.sleep(6)
 
-def prom_get(path, **params):
-    url = f"http://{prom}{path}?" + urllib.parse.urlencode(params)
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
 names = set(prom_get("/api/v1/label/__name__/values")["data"])
 SUBS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "${site}": ".*", "$site": ".*"}
 failures, checked = [], 0
