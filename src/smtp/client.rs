@@ -4,6 +4,10 @@
 //! Owns the wire protocol only. It reports what happened as typed replies and errors; deciding
 //! what that means for a recipient is `outcome`'s job. Every read and write has the RFC 5321
 //! §4.5.3.2 timeout for its stage. Async network I/O; no blocking calls.
+//!
+//! A [`Connection`] runs over any byte stream ([`Connection::with_stream`]): TCP in production
+//! ([`Connection::open`] connects, optionally from a source address), an in-memory pipe in the
+//! unit tests below, which script the server's side of the dialogue.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -17,12 +21,6 @@ use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf,
 };
 
-/// Buffered both ways; the read buffer must be checked empty before STARTTLS.
-type Io = BufReader<BufWriter<Stream>>;
-
-fn buffered(s: Stream) -> Io {
-    BufReader::new(BufWriter::new(s))
-}
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -250,9 +248,21 @@ impl Capabilities {
     }
 }
 
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+/// The byte stream a connection runs over: TCP, or anything else that reads and writes.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
+
+/// Buffered both ways; the read buffer must be checked empty before STARTTLS.
+type Io<S> = BufReader<BufWriter<Stream<S>>>;
+
+fn buffered<S: Transport>(s: Stream<S>) -> Io<S> {
+    BufReader::new(BufWriter::new(s))
+}
+
+enum Stream<S> {
+    Plain(S),
+    Tls(Box<TlsStream<S>>),
     /// Stands in for the TCP stream while it is moved into the TLS handshake.
     Detached,
 }
@@ -264,7 +274,7 @@ fn detached() -> std::io::Error {
     )
 }
 
-impl AsyncRead for Stream {
+impl<S: Transport> AsyncRead for Stream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -278,7 +288,7 @@ impl AsyncRead for Stream {
     }
 }
 
-impl AsyncWrite for Stream {
+impl<S: Transport> AsyncWrite for Stream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -316,9 +326,9 @@ pub struct Envelope<'a> {
     pub eight_bit: bool,
 }
 
-/// An open, greeted connection.
-pub struct Connection {
-    io: Io,
+/// An open, greeted connection, over TCP unless made [`Connection::with_stream`].
+pub struct Connection<S = TcpStream> {
+    io: Io<S>,
     pub peer: SocketAddr,
     /// The MX host name this connection was made for.
     pub host: String,
@@ -336,8 +346,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `peer`, reads the greeting, says EHLO (HELO if refused) and applies the TLS
-    /// policy. `host` is the MX name, for certificate checks and logs.
+    /// Connects to `peer` (from `source` when given), then [`Connection::with_stream`].
     pub async fn open(
         peer: SocketAddr,
         source: Option<IpAddr>,
@@ -369,8 +378,23 @@ impl Connection {
         })?;
         CONNECT_SECONDS.observe(started.elapsed().as_secs_f64());
         let _ = tcp.set_nodelay(true);
+        Connection::with_stream(tcp, peer, host, tls, settings).await
+    }
+}
+
+impl<S: Transport> Connection<S> {
+    /// Reads the greeting on `stream`, says EHLO (HELO if refused) and applies the TLS policy.
+    /// `peer` names the other end in logs; `host` is the MX name, for certificate checks.
+    pub async fn with_stream(
+        stream: S,
+        peer: SocketAddr,
+        host: &str,
+        tls: TlsMode,
+        settings: &ClientSettings,
+    ) -> Result<Connection<S>, SmtpError> {
+        let t = settings.timeouts;
         let mut conn = Connection {
-            io: buffered(Stream::Plain(tcp)),
+            io: buffered(Stream::Plain(stream)),
             peer,
             host: host.to_owned(),
             capabilities: Capabilities::default(),
@@ -413,7 +437,7 @@ impl Connection {
                 "the server sent data before the TLS handshake".into(),
             ));
         }
-        let Stream::Plain(tcp) = std::mem::replace(&mut conn.io, buffered(Stream::Detached))
+        let Stream::Plain(plain) = std::mem::replace(&mut conn.io, buffered(Stream::Detached))
             .into_inner()
             .into_inner()
         else {
@@ -429,7 +453,7 @@ impl Connection {
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| SmtpError::Tls(format!("{host:?} is not a valid TLS server name: {e}")))?;
         let started = Instant::now();
-        let stream = tokio::time::timeout(t.command, connector.connect(name, tcp))
+        let stream = tokio::time::timeout(t.command, connector.connect(name, plain))
             .await
             .map_err(|_| SmtpError::Timeout {
                 stage: Command::StartTls,
@@ -756,5 +780,419 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
         if done {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against scripted servers on an in-memory pipe: what a server sends, in which
+    //! pieces, and what it expects to read.
+
+    use super::*;
+    use crate::smtp::reply::EnhancedCode;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    /// One step of a scripted server.
+    enum Step {
+        /// Read one command line and check it starts with this.
+        Expect(&'static str),
+        /// Write these bytes at once.
+        Say(&'static str),
+        /// Write these bytes a few at a time, with a pause between pieces.
+        Trickle(&'static str),
+        /// Read the message up to the final dot.
+        Data,
+        /// Close the connection.
+        Close,
+        /// Stop answering (keep the connection open).
+        Hang,
+    }
+    use Step::*;
+
+    fn settings(command: Duration) -> ClientSettings {
+        ClientSettings::new(
+            "client.example".into(),
+            Timeouts {
+                connect: command,
+                greeting: command,
+                command,
+                data_init: command,
+                data_block: command,
+                data_final: command,
+            },
+        )
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 25))
+    }
+
+    async fn read_line(io: &mut BufReader<DuplexStream>) -> String {
+        let mut line = String::new();
+        io.read_line(&mut line).await.expect("server read");
+        line
+    }
+
+    /// Runs `script` as the server side of a pipe; returns the client's end and the server task,
+    /// which fails the test if the client did not send what the script expects.
+    fn server(script: Vec<Step>) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let mut io = BufReader::new(server);
+            for step in script {
+                match step {
+                    Expect(prefix) => {
+                        let line = read_line(&mut io).await;
+                        assert!(
+                            line.starts_with(prefix),
+                            "expected {prefix:?}, got {line:?}"
+                        );
+                        assert!(line.ends_with("\r\n"), "{line:?} does not end in CRLF");
+                    }
+                    Say(bytes) => io.get_mut().write_all(bytes.as_bytes()).await.unwrap(),
+                    Trickle(bytes) => {
+                        for piece in bytes.as_bytes().chunks(3) {
+                            io.get_mut().write_all(piece).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                    }
+                    Data => loop {
+                        if read_line(&mut io).await == ".\r\n" {
+                            break;
+                        }
+                    },
+                    Close => return,
+                    Hang => {
+                        let mut rest = Vec::new();
+                        let _ = io.read_to_end(&mut rest).await;
+                        return;
+                    }
+                }
+            }
+        });
+        (client, task)
+    }
+
+    async fn connect(
+        script: Vec<Step>,
+    ) -> (
+        Result<Connection<DuplexStream>, SmtpError>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (stream, task) = server(script);
+        let settings = settings(Duration::from_secs(5));
+        let conn =
+            Connection::with_stream(stream, peer(), "mx.example", TlsMode::Disabled, &settings)
+                .await;
+        (conn, task)
+    }
+
+    fn envelope<'a>(recipients: &'a [&'a str]) -> Envelope<'a> {
+        Envelope {
+            sender: "bounces@example.com",
+            recipients,
+            smtputf8: false,
+            eight_bit: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn multi_line_ehlo_gives_the_capabilities() {
+        let (conn, task) = connect(vec![
+            Say("220 mx.example ESMTP\r\n"),
+            Expect("EHLO client.example"),
+            Say("250-mx.example hello\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"),
+        ])
+        .await;
+        let conn = conn.expect("connected");
+        task.await.unwrap();
+        let c = &conn.capabilities;
+        assert!(c.esmtp && c.pipelining && c.eight_bit_mime && c.smtputf8);
+        assert!(c.enhanced_status_codes && !c.starttls && !c.chunking);
+        assert_eq!(c.size, Some(1_000_000));
+    }
+
+    #[tokio::test]
+    async fn a_bare_last_ehlo_line_ends_the_reply() {
+        let (conn, task) = connect(vec![
+            Say("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Say("250-mx.example\r\n250-PIPELINING\r\n250\r\n"),
+            Expect("QUIT"),
+            Say("221 bye\r\n"),
+            Close,
+        ])
+        .await;
+        let conn = conn.expect("connected");
+        assert!(conn.capabilities.pipelining);
+        conn.quit().await;
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn ehlo_refused_falls_back_to_helo() {
+        let (conn, task) = connect(vec![
+            Say("220 old.example\r\n"),
+            Expect("EHLO"),
+            Say("502 5.5.1 command not recognised\r\n"),
+            Expect("HELO client.example"),
+            Say("250 old.example\r\n"),
+        ])
+        .await;
+        let conn = conn.expect("connected");
+        task.await.unwrap();
+        assert_eq!(conn.capabilities, Capabilities::default());
+    }
+
+    #[tokio::test]
+    async fn replies_split_across_reads_and_pipelined_replies_together() {
+        let (conn, task) = connect(vec![
+            Trickle("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Trickle("250-mx.example\r\n250 PIPELINING\r\n"),
+            Expect("MAIL FROM:<bounces@example.com>"),
+            Expect("RCPT TO:<a@example.org>"),
+            Expect("RCPT TO:<b@example.org>"),
+            Expect("DATA"),
+            // Every reply of the flight in one write.
+            Say("250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n354 go ahead\r\n"),
+            Data,
+            Trickle("250 2.0.0 queued as X1\r\n"),
+        ])
+        .await;
+        let mut conn = conn.expect("connected");
+        let replies = conn
+            .send(
+                &envelope(&["a@example.org", "b@example.org"]),
+                b"Subject: x\r\n\r\n.hi\r\n",
+            )
+            .await
+            .expect("sent");
+        task.await.unwrap();
+        assert_eq!(replies.len(), 2);
+        assert_eq!((replies[0].code, replies[0].command), (250, Command::Dot));
+        assert_eq!(replies[0].text, "queued as X1");
+        assert_eq!((replies[1].code, replies[1].command), (550, Command::Rcpt));
+        assert_eq!(replies[1].enhanced, Some(EnhancedCode(5, 1, 1)));
+        assert!(conn.is_reusable());
+    }
+
+    #[tokio::test]
+    async fn without_pipelining_each_command_waits_for_its_reply() {
+        let (conn, task) = connect(vec![
+            Say("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Say("250 mx.example\r\n"),
+            Expect("MAIL FROM:"),
+            Say("250 ok\r\n"),
+            Expect("RCPT TO:<a@example.org>"),
+            Say("250 ok\r\n"),
+            Expect("DATA"),
+            Say("354 go\r\n"),
+            Data,
+            Say("250 queued\r\n"),
+        ])
+        .await;
+        let mut conn = conn.expect("connected");
+        let replies = conn
+            .send(&envelope(&["a@example.org"]), b"x\r\n")
+            .await
+            .expect("sent");
+        task.await.unwrap();
+        assert_eq!(replies[0].code, 250);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_closes_mid_reply_is_a_closed_connection() {
+        let (conn, task) = connect(vec![
+            Say("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Say("250-mx.example\r\n250-PIPE"),
+            Close,
+        ])
+        .await;
+        task.await.unwrap();
+        match conn {
+            Err(SmtpError::Closed { stage }) => assert_eq!(stage, Command::Ehlo),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("connected to a server that closed"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_421_mid_transaction_answers_every_recipient_and_ends_reuse() {
+        let (conn, task) = connect(vec![
+            Say("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Say("250-mx.example\r\n250 PIPELINING\r\n"),
+            Expect("MAIL"),
+            Expect("RCPT"),
+            Expect("RCPT"),
+            Expect("DATA"),
+            Say("250 ok\r\n421 4.7.0 too many messages, closing\r\n"),
+            Close,
+        ])
+        .await;
+        let mut conn = conn.expect("connected");
+        let replies = conn
+            .send(&envelope(&["a@example.org", "b@example.org"]), b"x\r\n")
+            .await
+            .expect("a 421 is an answer, not a failure");
+        task.await.unwrap();
+        assert!(replies.iter().all(|r| r.code == 421), "{replies:?}");
+        assert!(!conn.is_reusable());
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_replies_are_protocol_errors() {
+        let (conn, task) = connect(vec![Say("hello there\r\n"), Hang]).await;
+        assert!(matches!(
+            conn,
+            Err(SmtpError::Protocol {
+                stage: Command::Connect,
+                ..
+            })
+        ));
+        task.abort();
+        let long: &'static str =
+            Box::leak(format!("220 {}\r\n", "x".repeat(5000)).into_boxed_str());
+        let (conn, task) = connect(vec![Say(long), Hang]).await;
+        assert!(matches!(
+            conn,
+            Err(SmtpError::Protocol {
+                error: ReplyError::LineTooLong,
+                ..
+            })
+        ));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out_at_the_stage_it_went_silent() {
+        let (stream, task) = server(vec![Hang]);
+        let s = settings(Duration::from_millis(200));
+        let conn =
+            Connection::with_stream(stream, peer(), "mx.example", TlsMode::Disabled, &s).await;
+        match conn {
+            Err(SmtpError::Timeout { stage, after }) => {
+                assert_eq!(
+                    (stage, after),
+                    (Command::Connect, Duration::from_millis(200))
+                )
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("connected to a silent server"),
+        }
+        task.abort();
+
+        let (conn, task) = {
+            let (stream, task) = server(vec![
+                Say("220 mx.example\r\n"),
+                Expect("EHLO"),
+                Say("250 mx.example\r\n"),
+                Expect("MAIL"),
+                Hang,
+            ]);
+            (
+                Connection::with_stream(stream, peer(), "mx.example", TlsMode::Disabled, &s).await,
+                task,
+            )
+        };
+        let mut conn = conn.expect("connected");
+        let e = conn
+            .send(&envelope(&["a@example.org"]), b"x\r\n")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SmtpError::Timeout {
+                    stage: Command::Mail,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!conn.is_reusable());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn starttls_required_but_not_offered_is_refused() {
+        let (stream, task) = server(vec![
+            Say("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Say("250 mx.example\r\n"),
+        ]);
+        let s = settings(Duration::from_secs(5));
+        let conn =
+            Connection::with_stream(stream, peer(), "mx.example", TlsMode::Required, &s).await;
+        task.await.unwrap();
+        assert!(matches!(conn, Err(SmtpError::TlsNotOffered)));
+    }
+
+    #[tokio::test]
+    async fn data_after_the_starttls_reply_is_refused() {
+        let (stream, task) = server(vec![
+            Say("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Say("250-mx.example\r\n250 STARTTLS\r\n"),
+            Expect("STARTTLS"),
+            // A reply and, in the same packet, bytes that would be read as if sent under TLS.
+            Say("220 go ahead\r\n250 injected\r\n"),
+            Hang,
+        ]);
+        let s = settings(Duration::from_secs(5));
+        let conn =
+            Connection::with_stream(stream, peer(), "mx.example", TlsMode::Required, &s).await;
+        match conn {
+            Err(SmtpError::Tls(m)) => assert!(m.contains("before the TLS handshake"), "{m}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("accepted injected data"),
+        }
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn dot_stuffing_and_the_final_line_break() {
+        let (client, server_end) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut io = BufReader::new(server_end);
+            io.get_mut().write_all(b"220 mx\r\n").await.unwrap();
+            read_line(&mut io).await;
+            io.get_mut()
+                .write_all(b"250-mx\r\n250 PIPELINING\r\n")
+                .await
+                .unwrap();
+            for _ in 0..3 {
+                read_line(&mut io).await;
+            }
+            io.get_mut()
+                .write_all(b"250 ok\r\n250 ok\r\n354 go\r\n")
+                .await
+                .unwrap();
+            let mut data = String::new();
+            loop {
+                let line = read_line(&mut io).await;
+                if line == ".\r\n" {
+                    break;
+                }
+                data.push_str(&line);
+            }
+            io.get_mut().write_all(b"250 ok\r\n").await.unwrap();
+            data
+        });
+        let s = settings(Duration::from_secs(5));
+        let mut conn = Connection::with_stream(client, peer(), "mx", TlsMode::Disabled, &s)
+            .await
+            .expect("connected");
+        conn.send(
+            &envelope(&["a@example.org"]),
+            b".first\r\nmid\r\n.\r\n..two\r\nlast",
+        )
+        .await
+        .expect("sent");
+        let data = server.await.unwrap();
+        assert_eq!(data, "..first\r\nmid\r\n..\r\n...two\r\nlast\r\n");
     }
 }
