@@ -216,8 +216,6 @@ pub struct Campaign {
     /// Next recipient index to hand out.
     next_index: AtomicU32,
     pub counts: Counts,
-    /// Templates compiled on first use by the delivery engine.
-    compiled: std::sync::OnceLock<Result<Arc<crate::render::Compiled>, String>>,
 }
 
 impl Campaign {
@@ -229,20 +227,7 @@ impl Campaign {
             state,
             next_index: AtomicU32::new(next_index),
             counts: Counts::default(),
-            compiled: std::sync::OnceLock::new(),
         }
-    }
-
-    /// The compiled templates (compiled once, on first call).
-    pub fn compiled(&self) -> Result<Arc<crate::render::Compiled>, String> {
-        self.compiled
-            .get_or_init(|| crate::render::compile(&self.record).map(Arc::new))
-            .clone()
-    }
-
-    /// Installs templates compiled at ingest, so delivery does not compile them again.
-    pub fn set_compiled(&self, compiled: Arc<crate::render::Compiled>) {
-        let _ = self.compiled.set(Ok(compiled));
     }
 
     pub fn state(&self) -> CampaignState {

@@ -725,24 +725,29 @@ impl Default for Config {
     }
 }
 
+/// A settings file's name (for errors) and text; a file that cannot be read is an error of
+/// key `(file)`.
+pub fn read_file(path: &Path) -> Result<(String, String), ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((file, text)),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file,
+            key: "(file)".into(),
+            reason: e.to_string(),
+        }])),
+    }
+}
+
 impl Config {
     /// Reads, parses and validates `path` (with `SLUICE_API_KEYS` and `SLUICE_TOKEN_KEYS`
-    /// applied when set), and loads the DKIM keys it names to check them.
+    /// applied when set). The files it names (DKIM keys, bounce rules) are loaded by
+    /// [`crate::server::Settings`], once.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: file.clone(),
-                key: "(file)".into(),
-                reason: e.to_string(),
-            }])
-        })?;
+        let (file, text) = read_file(path)?;
         let env_keys = std::env::var(API_KEYS_ENV).ok();
         let env_tokens = std::env::var(TOKEN_KEYS_ENV).ok();
-        let config = Self::parse(&file, &text, env_keys.as_deref(), env_tokens.as_deref())?;
-        crate::dkim::DkimKeys::load(&config.dkim, &file)?;
-        crate::outcome::rules::Rules::load(config.bounce.rules.as_deref())?;
-        Ok(config)
+        Self::parse(&file, &text, env_keys.as_deref(), env_tokens.as_deref())
     }
 
     /// Parses and validates TOML text; `file` only labels errors.

@@ -64,6 +64,11 @@ pub struct LogRecord {
     pub feedback_type: Option<&'static str>,
 }
 
+/// A record's time: RFC 3339 in UTC with milliseconds.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
 enum Msg {
     Record(Box<LogRecord>),
     /// Write out everything before this, then answer.

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
-use crate::delivery::log::LogRecord;
+use crate::delivery_log::LogRecord;
 use crate::node::Node;
 use crate::outcome::rules::{Category, Kind};
 use crate::smtp::reply::EnhancedCode;
-use crate::spool::{Durability, JobId, JobRecord, JobState, SpoolError};
+use crate::spool::{JobId, JobRecord, JobState, SpoolError};
 use crate::suppression::{Entry, Reason};
 use crate::tokens::Purpose;
+use crate::transition::Transition;
 
 /// Per-recipient groups read from one DSN; more are ignored (a DSN for one of our messages names
 /// one recipient).
@@ -437,24 +438,6 @@ pub async fn process(
     Ok(result)
 }
 
-pub(crate) static COMPLAINED: std::sync::LazyLock<prometheus::IntCounter> =
-    std::sync::LazyLock::new(|| {
-        prometheus::register_int_counter!(
-            "sluice_recipients_complained_total",
-            "Recipients who complained (ARF abuse, fraud or virus report mapped to a message), counted once per recipient and sending domain. Over deliveries, the complaint rate mailbox providers watch."
-        )
-        .expect("metric registers once")
-    });
-
-pub(crate) static UNSUBSCRIBED: std::sync::LazyLock<prometheus::IntCounter> =
-    std::sync::LazyLock::new(|| {
-        prometheus::register_int_counter!(
-            "sluice_recipients_unsubscribed_total",
-            "Recipients who unsubscribed (one-click link or unsubscribe mailto), counted once per recipient and sending domain."
-        )
-        .expect("metric registers once")
-    });
-
 static INBOUND: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
     prometheus::register_int_counter_vec!(
         "sluice_feedback_reports_total",
@@ -509,8 +492,8 @@ fn report_record(
 ) -> LogRecord {
     LogRecord {
         kind,
-        time_queued: crate::delivery::rfc3339(rec.accepted_at_ms),
-        time_logged: crate::delivery::rfc3339(crate::now_ms()),
+        time_queued: crate::delivery_log::rfc3339(rec.accepted_at_ms),
+        time_logged: crate::delivery_log::rfc3339(crate::now_ms()),
         campaign: found.campaign.record.id.to_string(),
         job: found.job.to_string(),
         recipient,
@@ -640,9 +623,7 @@ async fn apply_dsn_recipient(
     let rec = found.record()?;
     let address = rec.address.to_lowercase();
     p.attach(&found, &address);
-    let mut batch = node.spool.batch();
-    let mut bounced = false;
-    let mut entry = None;
+    let mut t = Transition::of(campaign, job);
     if kind == "bounce" {
         if rec.state == JobState::Delivered {
             let last = format!("dsn: {}", p.detail.as_deref().unwrap_or(""));
@@ -651,14 +632,14 @@ async fn apply_dsn_recipient(
                 last_response: &last,
                 ..rec.clone()
             };
-            batch.put_job(job, &updated.encode());
-            bounced = true;
+            t.record = Some(updated.encode());
+            t.counts = Some((&campaign.counts.delivered, &campaign.counts.bounced));
         }
         if class.kind == Kind::Hard
             && class.suppress
             && node.suppressions.check(&address, "").is_none()
         {
-            let e = Entry {
+            t.suppression = Some(Entry {
                 address: address.clone(),
                 scope: crate::suppression::GLOBAL.to_owned(),
                 reason: Reason::HardBounce,
@@ -668,17 +649,16 @@ async fn apply_dsn_recipient(
                 job: Some(job.to_string()),
                 category: Some(class.category),
                 detail: p.detail.clone(),
-            };
-            batch.put_suppression(&e.key(), &e.encode());
-            entry = Some(e);
+            });
         }
-        p.result = if bounced || entry.is_some() {
+        p.result = if t.record.is_some() || t.suppression.is_some() {
             "applied"
         } else {
             "duplicate"
         };
     }
-    let record = LogRecord {
+    // The event goes with the state change it reports; a repeated report is an event too.
+    t.report = Some(LogRecord {
         dsn_action: match kind {
             "bounce" => "failed",
             "delay" => "delayed",
@@ -697,25 +677,11 @@ async fn apply_dsn_recipient(
             address,
             if kind == "bounce" { "rb" } else { "rs" },
         )
-    };
-    // The event goes with the state change it reports; a repeated report is an event too.
-    node.webhooks.stage(&mut batch, &record);
-    if !batch.is_empty() {
-        node.spool.write(batch, Durability::Sync).await?;
+    });
+    let reason = t.suppression.as_ref().map(|e| e.reason);
+    if t.commit(node).await?.suppressed {
+        p.suppressed = reason;
     }
-    if bounced {
-        let c = &campaign.counts;
-        c.shift(&c.delivered, &c.bounced);
-    }
-    if let Some(e) = &entry
-        && node.suppressions.insert(e)
-    {
-        crate::suppression::ADDED
-            .with_label_values(&[e.reason.as_str()])
-            .inc();
-        p.suppressed = Some(e.reason);
-    }
-    node.log.record(record);
     Ok(p)
 }
 
@@ -758,26 +724,28 @@ async fn apply_complaint(
         dsn_diag: p.detail.clone().unwrap_or_default(),
         stage: format!("ARF ({source})"),
         feedback_type: Some(c.feedback_type),
-        ..report_record(node, &found, &rec, address.clone(), "f")
+        ..report_record(node, &found, &rec, address, "f")
     };
-    if complaint {
-        let new = suppress_for_sender(
-            node,
-            &found.campaign,
-            found.job,
-            Reason::Complaint,
-            format!("arf via {source}"),
-            &record,
-        )
-        .await?;
-        p.result = if new { "applied" } else { "duplicate" };
-        if new {
-            p.suppressed = Some(Reason::Complaint);
-        }
-    } else {
-        write_event(node, &record).await?;
+    if !complaint {
+        let mut t = Transition::of(&found.campaign, found.job);
+        t.report = Some(record);
+        t.commit(node).await?;
+        return Ok(p);
     }
-    node.log.record(record);
+    // Every complaint is reported, even about an address already suppressed.
+    let new = suppress_for_sender(
+        node,
+        &found,
+        Reason::Complaint,
+        format!("arf via {source}"),
+        record,
+        true,
+    )
+    .await?;
+    p.result = if new { "applied" } else { "duplicate" };
+    if new {
+        p.suppressed = Some(Reason::Complaint);
+    }
     Ok(p)
 }
 
@@ -794,104 +762,73 @@ pub async fn unsubscribe_job(
     unsubscribe(node, &found, source).await.map(Some)
 }
 
-/// Writes `record`'s event alone (synced) when a receiver wants it: for reports that change
-/// nothing stored.
-async fn write_event(node: &Arc<Node>, record: &LogRecord) -> Result<(), SpoolError> {
-    let mut batch = node.spool.batch();
-    node.webhooks.stage(&mut batch, record);
-    if !batch.is_empty() {
-        node.spool.write(batch, Durability::Sync).await?;
-    }
-    Ok(())
-}
-
 /// Suppresses the recipient of `found`'s job for its campaign's From domain with reason
-/// unsubscribe, synced, counted once in the campaign's `unsubscribed`. Idempotent. Returns the
-/// address and the scope.
+/// unsubscribe, synced, counted once in the campaign's `unsubscribed`. Idempotent: a repeated
+/// click changes nothing and reports nothing. Returns the address and the scope.
 async fn unsubscribe(
     node: &Arc<Node>,
     found: &Found,
     source: &str,
 ) -> Result<(String, String), SpoolError> {
-    let campaign = &found.campaign;
-    let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
     let rec = found.record()?;
     let address = rec.address.to_lowercase();
     let record = LogRecord {
         stage: format!("unsubscribe ({source})"),
         ..report_record(node, found, &rec, address.clone(), "u")
     };
-    let new = suppress_for_sender(
+    suppress_for_sender(
         node,
-        campaign,
-        found.job,
+        found,
         Reason::Unsubscribe,
         source.to_owned(),
-        &record,
+        record,
+        false,
     )
     .await?;
-    // A repeated click changes nothing and reports nothing.
-    if new {
-        node.log.record(record);
-    }
-    Ok((address, scope))
+    Ok((address, sender_scope(&found.campaign)))
 }
 
-/// Suppresses `address` for `campaign`'s From domain (an unsubscribe or a complaint), synced,
-/// and counts it once in the campaign's `unsubscribed` or `complained`. True when it is new.
-/// The address is the record's recipient, the entry's detail its diagnostic.
+/// The scope of a suppression for a campaign's sender: its From domain.
+fn sender_scope(campaign: &crate::campaign::Campaign) -> String {
+    crate::address::domain_of(&campaign.record.from).to_ascii_lowercase()
+}
+
+/// Suppresses the recipient of `record` (the job of `found`) for its campaign's From domain (an
+/// unsubscribe or a complaint), synced, reported by `record`; the campaign counts it once. When
+/// the address already is suppressed there, only `record` is reported, and only if
+/// `report_repeats`. True when the suppression is new.
 async fn suppress_for_sender(
     node: &Arc<Node>,
-    campaign: &crate::campaign::Campaign,
-    job: JobId,
+    found: &Found,
     reason: Reason,
     source: String,
-    record: &LogRecord,
+    record: LogRecord,
+    report_repeats: bool,
 ) -> Result<bool, SpoolError> {
-    let address = record.recipient.clone();
-    let detail = (!record.dsn_diag.is_empty()).then(|| record.dsn_diag.clone());
-    let scope = crate::address::domain_of(&campaign.record.from).to_ascii_lowercase();
-    if node.suppressions.scopes(&address).contains(&scope) {
-        if reason == Reason::Complaint {
-            // Every complaint is reported, even about an address already suppressed.
-            write_event(node, record).await?;
+    let campaign = &found.campaign;
+    let scope = sender_scope(campaign);
+    let mut t = Transition::of(campaign, found.job);
+    if node.suppressions.scopes(&record.recipient).contains(&scope) {
+        if report_repeats {
+            t.report = Some(record);
+            t.commit(node).await?;
         }
         return Ok(false);
     }
-    let entry = Entry {
-        address,
+    t.suppression = Some(Entry {
+        address: record.recipient.clone(),
         scope,
         reason,
         created_at_ms: crate::now_ms(),
         source: Some(source),
         campaign: Some(campaign.record.id),
-        job: Some(job.to_string()),
+        job: Some(found.job.to_string()),
         category: None,
-        detail,
-    };
-    let mut batch = node.spool.batch();
-    batch.put_suppression(&entry.key(), &entry.encode());
-    node.webhooks.stage(&mut batch, record);
-    node.spool.write(batch, Durability::Sync).await?;
+        detail: (!record.dsn_diag.is_empty()).then(|| record.dsn_diag.clone()),
+    });
+    t.report = Some(record);
     // Two requests at once both write the same record; only the first to reach the index counts.
-    if !node.suppressions.insert(&entry) {
-        return Ok(false);
-    }
-    crate::suppression::ADDED
-        .with_label_values(&[reason.as_str()])
-        .inc();
-    let counter = match reason {
-        Reason::Complaint => {
-            COMPLAINED.inc();
-            &campaign.counts.complained
-        }
-        _ => {
-            UNSUBSCRIBED.inc();
-            &campaign.counts.unsubscribed
-        }
-    };
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(true)
+    Ok(t.commit(node).await?.suppressed)
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use crate::address::Address;
 use crate::campaign::{Attachment, Campaign, CampaignKind, CampaignRecord, CampaignState};
 use crate::config::LimitsConfig;
 use crate::node::Node;
-use crate::queue::{DomainId, PendingJob};
 use crate::render::Compiled;
+use crate::scheduler::index::DomainId;
 use crate::spool::{Durability, JobId, JobRecord, JobState, PendingWrite, SpoolBatch, SpoolError};
 use crate::template;
 
@@ -365,11 +365,11 @@ fn check_attachments(list: &[Attachment], limits: &LimitsConfig) -> Result<(), F
 }
 
 /// The rules for recipients added later to a stored campaign.
-pub fn rules_for(campaign: &Campaign) -> RecipientRules {
+pub fn rules_for(campaign: &Campaign, assembler: &crate::render::Assembler) -> RecipientRules {
     let header_vars = template::check("subject", &campaign.record.subject).unwrap_or_default();
     RecipientRules {
         header_vars,
-        compiled: campaign.compiled().ok(),
+        compiled: assembler.compiled(campaign).ok(),
         no_vars: !campaign.record.personalised,
     }
 }
@@ -553,6 +553,8 @@ pub struct Upload {
     chunk_domains: Vec<(u32, Box<str>)>,
     /// Indexes of the recipients recorded as suppressed (not queued), for a rollback.
     suppressed: Vec<u32>,
+    /// The campaign is new: it joins the registry at commit, before its jobs can be taken.
+    new_campaign: bool,
 }
 
 /// Why an upload could not finish.
@@ -568,6 +570,15 @@ pub enum UploadError {
 const INDEX_BLOCK: u32 = 1024;
 
 impl Upload {
+    /// An upload that creates `campaign`: the campaign is registered at commit, after its record
+    /// is on disk and before delivery can meet its jobs (which it would drop as orphans).
+    pub fn for_new_campaign(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
+        let mut upload = Upload::new(node, campaign);
+        upload.new_campaign = true;
+        upload
+    }
+
+    /// An upload of more recipients to a registered campaign.
     pub fn new(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
         let id = node.upload_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let batch = node.spool.batch();
@@ -586,6 +597,7 @@ impl Upload {
             record_buf: Vec::with_capacity(256),
             chunk_domains: Vec::new(),
             suppressed: Vec::new(),
+            new_campaign: false,
         }
     }
 
@@ -682,14 +694,14 @@ impl Upload {
         if self.chunk_domains.is_empty() {
             return;
         }
-        let mut queue = self.node.queue.lock().expect("queue lock");
-        self.staged.reserve(self.chunk_domains.len());
-        for (index, domain) in self.chunk_domains.drain(..) {
-            let d = queue.domain_id(&domain);
-            // Pinned until commit or rollback, so the domain id cannot be evicted and reused.
-            queue.pin(d, 1);
-            self.staged.push((index, d));
-        }
+        // Pinned until commit or rollback, so a domain id cannot be evicted and reused.
+        let ids = self
+            .node
+            .scheduler
+            .stage(self.chunk_domains.iter().map(|(_, d)| &**d));
+        self.staged.reserve(ids.len());
+        let indexes = self.chunk_domains.drain(..).map(|(index, _)| index);
+        self.staged.extend(indexes.zip(ids));
     }
 
     async fn flush_chunk(&mut self) -> Result<(), UploadError> {
@@ -726,25 +738,11 @@ impl Upload {
         finish(&mut batch);
         self.node.spool.write(batch, Durability::Sync).await?;
         self.committed = true;
+        if self.new_campaign {
+            self.node.campaigns.insert(Arc::clone(&self.campaign));
+        }
         let staged = std::mem::take(&mut self.staged);
         let n = staged.len();
-        {
-            let mut queue = self.node.queue.lock().expect("queue lock");
-            for (index, domain) in staged {
-                queue.push_back(PendingJob {
-                    id: JobId {
-                        campaign: self.campaign.seq,
-                        index,
-                    },
-                    domain,
-                    due_ms: self.accepted_at_ms,
-                });
-            }
-        }
-        if n > 0 {
-            // The coordinator may be asleep with nothing due: new work is due now.
-            self.node.wake.notify_one();
-        }
         self.campaign
             .counts
             .queued
@@ -755,6 +753,16 @@ impl Upload {
             .fetch_add(self.suppressed(), Ordering::Relaxed);
         crate::metrics::RECIPIENTS_ACCEPTED.inc_by(n as u64);
         crate::metrics::RECIPIENTS_SUPPRESSED.inc_by(self.suppressed());
+        // Indexed in slices by a task of its own: delivery keeps running meanwhile, and a client
+        // that leaves now (dropping this future) cannot keep committed jobs out of the queue.
+        let node = Arc::clone(&self.node);
+        let (campaign, due) = (self.campaign.seq, self.accepted_at_ms);
+        let indexing = tokio::spawn(async move {
+            node.scheduler.enqueue_staged(campaign, due, staged).await;
+        });
+        if let Err(e) = indexing.await {
+            tracing::error!(error = %e, "indexing committed jobs failed; they are queued again at the next start");
+        }
         Ok(n)
     }
 }
@@ -765,13 +773,9 @@ impl Drop for Upload {
             return;
         }
         self.intern_chunk();
-        if !self.staged.is_empty()
-            && let Ok(mut queue) = self.node.queue.lock()
-        {
-            for (_, d) in &self.staged {
-                queue.release(*d, 1);
-            }
-        }
+        self.node
+            .scheduler
+            .unstage(self.staged.iter().map(|&(_, d)| d));
         if !self.first_chunk_written {
             return;
         }

@@ -7,18 +7,23 @@
 //!
 //! # Layout
 //!
-//! The request path, in the order data flows:
+//! Modules in the order a recipient meets them, each with the state it owns. Locks are private
+//! to their module; where two are held at once the order is written in the module that allows it
+//! (a delivery site's lock, then the scheduler's, which is a leaf).
 //!
-//! * [`api`]: the axum router (suppression, import/export, feedback and unsubscribe handlers in
-//!   its `suppressions` module; the streamed-body line splitter in `lines`). Authentication (Bearer keys, constant-time), readiness, load
-//!   shedding (503 + `Retry-After` past `http.max_concurrent_requests`), JSON error bodies that name
-//!   the field, `Idempotency-Key`. Handlers validate through `ingest` and never speak SMTP.
+//! **In: HTTP to durable jobs.**
+//!
+//! * [`api`]: the axum router, one file per resource (`campaigns`, `messages`, `suppressions`,
+//!   `feedback`, `unsubscribe`, `domains`), plus `idempotency` and `lines`, the line-by-line
+//!   reader shared by NDJSON uploads and suppression imports. Authentication (Bearer keys,
+//!   constant-time), readiness, load shedding (503 + `Retry-After` past
+//!   `http.max_concurrent_requests`), [`api::ApiError`] with the field at fault. Owns the
+//!   in-flight `Idempotency-Key` set (through the node). Never speaks SMTP.
 //! * [`ingest`]: validation of campaign fields, templates and recipients, and the
 //!   [`ingest::Upload`], which stages a request's jobs in the spool chunk by chunk and makes them
 //!   visible in one synced commit (or deletes them if the request fails or the client leaves).
-//! * [`address`]: the one definition of a valid address (RFC 5321/6531; IDN to punycode).
-//! * [`template`]: minijinja settings shared by ingest (compile, find header variables) and
-//!   delivery (render).
+//!   [`address`] is the one definition of a valid address (RFC 5321/6531; IDN to punycode);
+//!   [`template`] the minijinja settings shared by ingest and rendering.
 //! * [`spool`]: RocksDB, its column families and the single writer thread that does group commit;
 //!   [`spool::codec`] is the compact, versioned job encoding. A thread samples the filesystem's
 //!   free space: under `spool.min_free_bytes` ingest is refused (507) before it writes, so RocksDB
@@ -28,75 +33,99 @@
 //!   written with each job (reports about a shared message name the recipient by address).
 //! * [`campaign`]: the stored campaign record (the template, written once) and the in-memory
 //!   registry with state and per-state counts.
-//! * [`queue`]: the in-memory index of pending jobs per destination domain, 16 bytes a job, which
-//!   the delivery engine consumes. Jobs that arrive in (due, id) order, as an upload's do, sit in
-//!   a sorted run taken from the front; only out-of-order ones go to a heap.
-//! * [`suppression`]: suppression entries (global or per sending domain) stored in the
-//!   `suppressions` column family and mirrored in an in-memory index; checked by
-//!   [`ingest::Upload::add`] (suppressed recipients are recorded, never queued) and again by
-//!   delivery before each message. [`api`] also serves `/u/{token}`, the one-click unsubscribe
-//!   that adds an entry scoped to the campaign's From domain. Entries that name a campaign are
-//!   counted back into its `unsubscribed`/`complained` at recovery (those counts are not stored).
-//! * [`node`]: one process's state (config, spool, registry, queue, parked jobs of paused
-//!   campaigns, suspended domains) and start-up recovery.
 //!
-//! The delivery path:
+//! **Which job when.**
 //!
-//! * [`delivery`]: the engine. A coordinator takes domains whose next job is due from the queue
-//!   index, resolves each to a *site* (its MX set with preferences, or a static route) and attaches it; each site
-//!   runs up to `max_connections` lanes that take jobs round-robin across its domains, read the
-//!   records on the blocking pool, render, send and record the outcome. Jobs of a campaign that
-//!   is not personalised are grouped into one transaction per domain (up to the site's
-//!   `max_recipients_per_message`) with one shared message; each recipient's outcome comes from
-//!   its own RCPT reply. Throttles (governor)
-//!   answer "not before T" and the domains are rescheduled for T. Outcome updates go to the spool
-//!   in batches with the WAL synced every 100 ms; [`delivery::log`] writes the JSON delivery log
-//!   on its own thread and rotates it. [`delivery::stats`] gives sites their bounded metric
-//!   label, keeps the per-site gauges (connections open and in use, in flight, queue and oldest
-//!   job, refreshed every 5 s) and builds the reports of `GET /v1/domains` and `GET /v1/queue`.
+//! * [`scheduler`]: owns the pending-job index ([`scheduler::index`], 16 bytes a job, per
+//!   destination domain, a sorted run plus a heap for out-of-order jobs), the jobs parked for
+//!   paused campaigns, the suspended domains and the engine's wake-up, behind one private lock.
+//!   Its `//!` states where a job is at every moment and what may be held when. Uploads are
+//!   indexed in slices, so a million-recipient commit never stalls delivery.
+//! * [`node`]: one process's state (config, spool, registry, scheduler, suppressions, assembler,
+//!   delivery log, webhook receivers, rules) and start-up recovery, which rebuilds the registry,
+//!   the counts, the suppression index and the scheduler from the spool.
+//!
+//! **Out: jobs to SMTP transactions.**
+//!
+//! * [`delivery`]: the engine, one file per step of an attempt: the coordinator (mod) takes due
+//!   domains from the scheduler, `route` resolves a domain to a *site* (its MX set with
+//!   preferences, or a static route) and opens connections, `site` keeps a site's throttles,
+//!   lanes, idle connections and backoff, `lane` runs up to `max_connections` lanes per site,
+//!   `pick` reads and decodes each leased job once and sorts out paused, cancelled, suppressed
+//!   and expired ones, `transact` renders, signs and sends one message (one transaction for
+//!   several recipients of a campaign that is not personalised), `finish` classifies the outcome
+//!   and applies it as a [`transition::Transition`] through one batching writer (WAL synced every
+//!   100 ms). Throttles (governor) answer "not before T" and the domains are rescheduled for T.
+//!   [`delivery::stats`] gives sites their bounded metric label and builds the reports of
+//!   `GET /v1/domains` and `GET /v1/queue`; the API reaches them through a
+//!   [`delivery::EngineHandle`], so nothing below the API knows the engine.
 //! * [`dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers (NXDOMAIN,
 //!   null MX) from temporary ones.
+//! * [`render`]: message assembly. [`render::compile`] once per campaign (the compiled templates
+//!   are cached in the [`render::Assembler`], not in the campaign record); the assembler renders,
+//!   builds the MIME message (mail-builder) with List-Unsubscribe, Feedback-ID and the trace
+//!   header, and signs it: on the blocking pool one message per core at a time when an RSA key
+//!   signs or the templates are large, else on the delivery task itself. Deterministic, so a
+//!   retry sends the same message (DKIM `t=` aside). [`render::check_vars`] is the same render at
+//!   ingest, with a no-render fast path for templates of bare `{{ name }}` expressions.
+//! * [`dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend), keyed by
+//!   domain; every key of the From domain (or its nearest parent) signs. Swapped whole on SIGHUP.
+//! * [`tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with a purpose
+//!   byte so one kind cannot stand in for another, and key rotation (first key signs, all verify).
 //! * [`smtp`]: our SMTP client: [`smtp::reply`] parses replies into typed data, and
-//!   [`smtp::client`] runs a connection (EHLO/HELO, STARTTLS with rustls, PIPELINING, SIZE,
-//!   8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321 timeouts).
+//!   [`smtp::client`] runs a connection over any byte stream (EHLO/HELO, STARTTLS with rustls,
+//!   PIPELINING, SIZE, 8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321 timeouts), unit-tested against
+//!   scripted servers on an in-memory pipe.
 //! * [`outcome`]: the one classifier from replies, transport errors and DNS answers to delivered,
 //!   deferred, bounced or expired; [`outcome::rules`] then names the bounce category from the
 //!   rules file (`config/bounce-rules.toml`, compiled in, replaceable and reloaded on SIGHUP),
-//!   retries a 5xx of a soft category and says whether a hard bounce suppresses. Delivery writes
-//!   that suppression in the same batch as the job's outcome.
-//! * [`render`]: message assembly. [`render::compile`] once per campaign (templates, attachments
-//!   MIME-encoded once); [`render::Assembler`] renders, builds the MIME message (mail-builder) with
-//!   List-Unsubscribe, Feedback-ID and the trace header, and signs it: on the blocking pool one
-//!   message per core at a time when an RSA key signs or the templates are large, else on the
-//!   delivery task itself (tens of microseconds, cheaper than two thread hand-offs). Deterministic, so a retry sends the same message (DKIM `t=` aside).
-//!   [`render::check_vars`] is the same render at ingest, with a no-render fast path for templates
-//!   of bare `{{ name }}` expressions.
-//! * [`dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend), keyed by domain;
-//!   every key of the From domain (or its nearest parent) signs. Swapped whole on SIGHUP.
-//! * [`tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with a purpose
-//!   byte so one kind cannot stand in for another, and key rotation (first key signs, all verify).
-//! * [`feedback`]: reports that come back later. Parses RFC 3464 DSNs (mail-parser for MIME, the
-//!   delivery-status fields here) and RFC 5965 ARF (mail-auth), maps each to its job through the
-//!   VERP token of the envelope recipient or the trace header / VERP Return-Path of the returned
-//!   headers, and applies it: job state and counts, suppression, a delivery-log record. A report
-//!   about a shared message (a campaign that is not personalised) names its first recipient's
-//!   job; the recipient the report names is found through the spool's per-campaign address index.
+//!   retries a 5xx of a soft category and says whether a hard bounce suppresses. [`retry`] is
+//!   the backoff schedule (deferred recipients, webhook receivers).
+//!
+//! **What happened: one write path for every effect.**
+//!
+//! * [`transition`]: a job's change of state, with everything it touches (record, campaign
+//!   counts, delivery-log record and webhook event, a suppression it causes), staged into the
+//!   caller's spool batch and applied in memory once written. Delivery and feedback use it and
+//!   nothing else, so record, counts and events cannot drift apart.
+//! * [`suppression`]: entries (global or per sending domain) in the `suppressions` column family,
+//!   mirrored in an in-memory index checked at ingest and again before each delivery. Every new
+//!   entry goes through [`suppression::Suppressions::added`] (index, metric, log): from a
+//!   transition, or [`suppression::Suppressions::add`] for the API and imports. Entries that name
+//!   a campaign are counted back into its `unsubscribed`/`complained` at recovery (those counts
+//!   are not stored).
+//! * [`delivery_log`]: the JSON delivery log, written on its own thread and rotated.
+//! * [`webhook`]: events for HTTP receivers. An event (a delivery-log record plus id and type) is
+//!   staged into the same spool batch as the change it reports; the spool's writer numbers it in
+//!   write order into the `events` column family (the outbox); one sender per receiver reads its
+//!   events from a cursor, POSTs signed batches and deletes what was acknowledged.
+//!
+//! **Back: reports about mail sent.**
+//!
+//! * [`feedback`]: parses RFC 3464 DSNs (mail-parser for MIME, the delivery-status fields here)
+//!   and RFC 5965 ARF (mail-auth), maps each to its job through the VERP token of the envelope
+//!   recipient or the trace header / VERP Return-Path of the returned headers, and applies it as
+//!   a transition. A report about a shared message names its first recipient's job; the
+//!   recipient the report names is found through the spool's per-campaign address index.
 //! * [`inbound`]: the SMTP listener on `[bounce] listen` that feeds [`feedback`]; a pure
 //!   [`inbound::Command::parse`] reads each command line, the dialogue applies it; it accepts only
 //!   addresses whose tokens authenticate and configured feedback addresses, with limits on
 //!   connections, lines, size and errors, and answers the final dot after the effect is synced.
 //!   `POST /v1/feedback` is the same over HTTP.
-//! * [`webhook`]: events for HTTP receivers. An event (a delivery-log record plus id and type) is
-//!   staged into the same spool batch as the change it reports; the spool's writer numbers it in
-//!   write order into the `events` column family (the outbox); one sender per receiver reads its
-//!   events from a cursor, POSTs signed batches and deletes what was acknowledged.
-//! * [`server`]: start and graceful stop (delivery first, bounded by `delivery.shutdown_timeout`,
-//!   then the API, listener and webhook senders, then the delivery log and the spool), used by
-//!   the binary and by in-process tests. HTTPS on the API is served here with hyper's HTTP/1
-//!   connection builder, since `axum::serve` speaks plain TCP only.
-//! * [`tls`]: certificate and key files into a rustls acceptor (API, listener STARTTLS).
-//! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors.
-//! * [`metrics`]: Prometheus registry plumbing and the metrics that belong to no one module.
+//!
+//! **Around.**
+//!
+//! * [`server`]: [`server::Settings`] (the config and the files it names, DKIM keys and bounce
+//!   rules, each loaded once), start and graceful stop (delivery first, bounded by
+//!   `delivery.shutdown_timeout`, then the API, listener and webhook senders, then the delivery
+//!   log and the spool), used by the binary and by in-process tests. HTTPS on the API is served
+//!   here with hyper's HTTP/1 connection builder, since `axum::serve` speaks plain TCP only.
+//! * [`config`]: the TOML schema, defaults and validation with file/key/reason errors; it names
+//!   files but reads none but itself. [`tls`]: certificate and key files into a rustls acceptor.
+//!   [`metrics`]: the registry and the metrics that belong to no one module.
+//!
+//! No module-level import cycles: `scripts/lib/module_cycles.py`, run by the test script, reads
+//! the `crate::` paths of every module and fails on a cycle between top-level modules.
 //!
 //! The binary (`src/main.rs`) adds `src/cli/`: operator commands (`domains`, `queue`, `suspend`,
 //! `campaign`, `suppressions`, `send --csv`) that are plain clients of the HTTP API.
@@ -126,6 +155,8 @@
 //! * The connection pool is per site rather than per (source IP, MX host): a site *is* a set of
 //!   MX hosts, so the two coincide, and keeping idle connections with the site lets
 //!   `max_connections` count pooled and busy connections together.
+//! * The design's "queue manager" is the [`scheduler`], which also owns parked jobs and suspended
+//!   domains: everything that decides whether a job may be taken sits behind one lock.
 //! * Campaigns share a site in queue order (due time, then job id), not round-robin by campaign.
 //! * The signed header list adds Reply-To to the design's; absent headers are signed as empty, so
 //!   none of them can be added in transit.
@@ -151,6 +182,7 @@ pub mod api;
 pub mod campaign;
 pub mod config;
 pub mod delivery;
+pub mod delivery_log;
 pub mod dkim;
 pub mod dns;
 pub mod feedback;
@@ -159,8 +191,9 @@ pub mod ingest;
 pub mod metrics;
 pub mod node;
 pub mod outcome;
-pub mod queue;
 pub mod render;
+pub mod retry;
+pub mod scheduler;
 pub mod server;
 pub mod smtp;
 pub mod spool;
@@ -168,6 +201,7 @@ pub mod suppression;
 pub mod template;
 pub mod tls;
 pub mod tokens;
+pub mod transition;
 pub mod webhook;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

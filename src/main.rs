@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, LogFormat};
+use sluice::server::Settings;
 
 #[derive(Parser)]
 #[command(
@@ -61,7 +62,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match Settings::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
@@ -72,14 +73,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config: path } => {
-            let config = match Config::load(&path) {
-                Ok(c) => Arc::new(c),
+            let settings = match Settings::load(&path) {
+                Ok(s) => s,
                 Err(errors) => {
                     eprintln!("{errors}");
                     return ExitCode::from(2);
                 }
             };
-            init_logging(&config);
+            init_logging(&settings.config);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("sluice")
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(serve(config, path)) {
+            match rt.block_on(serve(settings, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -159,7 +160,8 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn serve(config: Arc<Config>, path: PathBuf) -> anyhow::Result<()> {
+async fn serve(settings: Settings, path: PathBuf) -> anyhow::Result<()> {
+    let config = Arc::clone(&settings.config);
     if config.uses_example_key() {
         tracing::warn!(
             "the example API key {:?} is configured: replace it before exposing the API",
@@ -173,7 +175,7 @@ async fn serve(config: Arc<Config>, path: PathBuf) -> anyhow::Result<()> {
         );
     }
     let shutdown_timeout = config.delivery.shutdown_timeout;
-    let running = sluice::server::start(config).await?;
+    let running = sluice::server::start_with(settings).await?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -191,13 +193,13 @@ async fn serve(config: Arc<Config>, path: PathBuf) -> anyhow::Result<()> {
                 // Re-read the file: DKIM keys change in place; anything else waits for a restart.
                 let loaded = {
                     let path = path.clone();
-                    tokio::task::spawn_blocking(move || Config::load(&path)).await
+                    tokio::task::spawn_blocking(move || Settings::load(&path)).await
                 };
                 match loaded {
-                    Ok(Ok(c)) => match running.reload(Arc::new(c)).await {
-                        Ok(()) => tracing::info!(config = %path.display(), "SIGHUP: DKIM keys reloaded"),
-                        Err(e) => tracing::error!("SIGHUP: reload refused, old keys kept: {e}"),
-                    },
+                    Ok(Ok(s)) => {
+                        running.apply(s);
+                        tracing::info!(config = %path.display(), "SIGHUP: DKIM keys reloaded");
+                    }
                     Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, old keys kept: {e}"),
                     Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),
                 }

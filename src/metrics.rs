@@ -73,15 +73,15 @@ pub fn init() {
     L::force(&crate::delivery::ASSEMBLY_SECONDS);
     L::force(&crate::delivery::SUPPRESSED_AT_DELIVERY);
     L::force(&crate::delivery::LATENCY_SECONDS);
-    L::force(&crate::delivery::log::DROPPED);
+    L::force(&crate::delivery_log::DROPPED);
     L::force(&crate::smtp::client::CONNECT_SECONDS);
     L::force(&crate::smtp::client::TLS_SECONDS);
     L::force(&crate::dkim::SIGN_SECONDS);
     L::force(&crate::spool::WRITE_SECONDS);
     L::force(&crate::spool::SYNC_SECONDS);
     L::force(&crate::spool::GROUP_SIZE);
-    L::force(&crate::feedback::COMPLAINED);
-    L::force(&crate::feedback::UNSUBSCRIBED);
+    L::force(&crate::transition::COMPLAINED);
+    L::force(&crate::transition::UNSUBSCRIBED);
 }
 
 /// Renders every registered metric in the Prometheus text format.

@@ -1,8 +1,10 @@
-//! One Sluice process: its config, spool, campaign registry and pending-job index, and the start-up
-//! recovery that rebuilds the in-memory parts from the spool.
+//! One Sluice process: its config, spool, campaign registry, scheduler, suppression index and
+//! the rest of the shared state, and the start-up recovery that rebuilds the in-memory parts
+//! from the spool.
 //!
-//! Owns the wiring, not the policy of any layer. Recovery and other RocksDB reads run on the
-//! blocking pool; the HTTP layer holds an `Arc<Node>`.
+//! Owns the wiring, not the policy of any layer, and knows nothing of the delivery engine (which
+//! holds the node, not the other way round). Recovery and other RocksDB reads run on the blocking
+//! pool; the HTTP layer holds an `Arc<Node>`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,36 +13,30 @@ use std::time::Instant;
 
 use crate::campaign::{Campaign, CampaignRecord, CampaignState, Registry};
 use crate::config::Config;
-use crate::queue::{PendingJob, QueueIndex};
+use crate::scheduler::Scheduler;
+use crate::scheduler::index::{PendingJob, QueueIndex};
 use crate::spool::{Durability, JobState, Spool, SpoolError};
 
 pub struct Node {
     /// Serialises campaign state changes so the stored and in-memory states agree.
     state_changes: tokio::sync::Mutex<()>,
     pub config: Arc<Config>,
-    pub spool: Spool,
+    pub spool: Arc<Spool>,
     pub campaigns: Registry,
-    pub queue: Mutex<QueueIndex>,
+    /// Which pending job is taken when: the index, parked jobs, suspended domains.
+    pub scheduler: Scheduler,
     /// Last upload id handed out; resumes after the highest one found in the spool.
     pub upload_seq: AtomicU64,
     /// Idempotency keys of requests being processed right now.
     pub idempotency_in_flight: Mutex<std::collections::HashSet<String>>,
-    /// Woken when jobs become due sooner than the delivery engine expects (ingest, resume).
-    pub wake: tokio::sync::Notify,
-    /// Jobs of paused campaigns met by the delivery engine, held until resume.
-    pub parked: Mutex<HashMap<u32, Vec<PendingJob>>>,
-    /// Domains an operator suspended (runtime only; a restart resumes them).
-    pub suspended: Mutex<std::collections::HashSet<String>>,
     /// Suppressed addresses, loaded at recovery, consulted at ingest and before each delivery.
     pub suppressions: crate::suppression::Suppressions,
     /// Message assembly: token keys, DKIM keys, configured addresses.
     pub assembler: crate::render::Assembler,
     /// The delivery log: attempts, asynchronous bounces and complaints.
-    pub log: crate::delivery::log::DeliveryLog,
-    /// The delivery engine, once started (not when `delivery.enabled` is off), for reports.
-    pub delivery: std::sync::OnceLock<std::sync::Weak<crate::delivery::Delivery>>,
+    pub log: crate::delivery_log::DeliveryLog,
     /// Webhook receivers: which events go to whom.
-    pub webhooks: crate::webhook::Webhooks,
+    pub webhooks: Arc<crate::webhook::Webhooks>,
     /// Bounce classification rules; replaced whole on SIGHUP.
     rules: std::sync::RwLock<Arc<crate::outcome::rules::Rules>>,
     ready: AtomicBool,
@@ -62,29 +58,25 @@ impl Node {
         config: Arc<Config>,
         dkim: crate::dkim::DkimKeys,
         rules: crate::outcome::rules::Rules,
-        log: crate::delivery::log::DeliveryLog,
+        log: crate::delivery_log::DeliveryLog,
     ) -> Result<Arc<Node>, SpoolError> {
-        let webhooks = crate::webhook::Webhooks::new(&config).map_err(SpoolError::Rocks)?;
-        let spool = Spool::open(&config.spool.path)?;
+        let webhooks = Arc::new(crate::webhook::Webhooks::new(&config).map_err(SpoolError::Rocks)?);
+        let spool = Arc::new(Spool::open(&config.spool.path)?);
         spool.set_min_free_bytes(config.spool.min_free_bytes);
         let assembler = crate::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
             log,
             assembler,
             rules: std::sync::RwLock::new(Arc::new(rules)),
-            delivery: std::sync::OnceLock::new(),
             webhooks,
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
             config,
             spool,
             campaigns: Registry::default(),
-            queue: Mutex::new(QueueIndex::new()),
+            scheduler: Scheduler::new(),
             upload_seq: AtomicU64::new(0),
             idempotency_in_flight: Mutex::new(Default::default()),
-            wake: tokio::sync::Notify::new(),
-            parked: Mutex::new(HashMap::new()),
-            suspended: Mutex::new(Default::default()),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }))
@@ -181,7 +173,7 @@ impl Node {
             self.campaigns.insert(Arc::new(campaign));
         }
         let queued = queue.len();
-        *self.queue.lock().expect("queue lock") = queue;
+        self.scheduler.install(queue);
         self.upload_seq.store(found.max_upload, Ordering::Relaxed);
         self.ready.store(true, Ordering::Release);
         Ok(RecoveryReport {
@@ -190,43 +182,6 @@ impl Node {
             rolled_back: found.rolled_back,
             seconds: started.elapsed().as_secs_f64(),
         })
-    }
-
-    /// Per-site and per-domain statistics; without a delivery engine, domains only.
-    pub async fn report(self: &Arc<Self>) -> crate::delivery::stats::Report {
-        match self.delivery.get().and_then(std::sync::Weak::upgrade) {
-            Some(d) => d.report().await,
-            None => crate::delivery::stats::report(self, Vec::new(), &|_| None).await,
-        }
-    }
-
-    /// Suspends or resumes delivery to `domain` (normalised). Returns whether it has a queue.
-    pub fn set_domain_suspended(&self, domain: &str, suspended: bool) -> bool {
-        {
-            let mut set = self.suspended.lock().expect("suspended lock");
-            if suspended {
-                set.insert(domain.to_owned());
-            } else {
-                set.remove(domain);
-            }
-        }
-        let mut queue = self.queue.lock().expect("queue lock");
-        let known = queue.find_domain(domain);
-        if let Some(d) = known {
-            queue.set_parked(d, suspended);
-        }
-        drop(queue);
-        if !suspended {
-            self.wake.notify_one();
-        }
-        known.is_some()
-    }
-
-    pub fn is_suspended(&self, domain: &str) -> bool {
-        self.suspended
-            .lock()
-            .expect("suspended lock")
-            .contains(domain)
     }
 
     /// True once recovery is done and until shutdown starts.
@@ -264,20 +219,7 @@ impl Node {
         if state != CampaignState::Paused {
             // Resumed or cancelled: parked jobs go back to the queue (the engine drops those of a
             // cancelled campaign when it meets them).
-            let jobs = self
-                .parked
-                .lock()
-                .expect("parked lock")
-                .remove(&campaign.seq)
-                .unwrap_or_default();
-            if !jobs.is_empty() {
-                let mut queue = self.queue.lock().expect("queue lock");
-                for job in jobs {
-                    queue.push_back(job);
-                }
-                drop(queue);
-                self.wake.notify_one();
-            }
+            self.scheduler.unpark_campaign(campaign.seq).await;
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 //! accept time, so a retry sends the same message (the DKIM `t=` tag aside). Pure CPU, no I/O;
 //! signing is expensive, so delivery runs [`Assembler::assemble`] on the blocking pool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use mail_builder::headers::content_type::ContentType;
@@ -19,7 +19,7 @@ use mail_builder::headers::url::URL;
 use mail_builder::mime::{BodyPart, MimePart};
 use minijinja::Environment;
 
-use crate::campaign::{CampaignKind, CampaignRecord};
+use crate::campaign::{Campaign, CampaignKind, CampaignRecord};
 use crate::config::Config;
 use crate::dkim::{DkimKeys, SignError};
 use crate::spool::JobId;
@@ -257,6 +257,9 @@ pub struct Assembler {
     feedback_sender_id: String,
     bounce_local: String,
     bounce_domain: Option<String>,
+    /// Compiled templates by campaign sequence: installed at ingest, or compiled on first use
+    /// after a restart. Kept as long as the campaign is (campaigns are never removed today).
+    templates: RwLock<HashMap<u32, Result<Arc<Compiled>, String>>>,
 }
 
 impl Assembler {
@@ -277,7 +280,36 @@ impl Assembler {
                 .domain
                 .as_ref()
                 .map(|d| d.to_ascii_lowercase()),
+            templates: RwLock::default(),
         }
+    }
+
+    /// A campaign's compiled templates, compiled on first use; the error is the compile error.
+    pub fn compiled(&self, campaign: &Campaign) -> Result<Arc<Compiled>, String> {
+        if let Some(c) = self
+            .templates
+            .read()
+            .expect("templates lock")
+            .get(&campaign.seq)
+        {
+            return c.clone();
+        }
+        // Compiled outside the lock; a race compiles twice and keeps the first.
+        let compiled = compile(&campaign.record).map(Arc::new);
+        self.templates
+            .write()
+            .expect("templates lock")
+            .entry(campaign.seq)
+            .or_insert(compiled)
+            .clone()
+    }
+
+    /// Installs templates compiled at ingest, so delivery does not compile them again.
+    pub fn install_compiled(&self, campaign: u32, compiled: Arc<Compiled>) {
+        self.templates
+            .write()
+            .expect("templates lock")
+            .insert(campaign, Ok(compiled));
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -355,18 +387,16 @@ impl Assembler {
         self.sign(record, message)
     }
 
-    /// [`Assembler::assemble`] of a stored job record, or with `merged`
-    /// [`Assembler::assemble_merged`] led by it.
+    /// [`Assembler::assemble`] of a job's record, or with `merged` [`Assembler::assemble_merged`]
+    /// led by it.
     pub fn assemble_job(
         &self,
         record: &CampaignRecord,
         compiled: &Compiled,
         job: JobId,
-        job_record: &[u8],
+        rec: &crate::spool::JobRecord<'_>,
         merged: bool,
     ) -> Result<Rendered, AssembleError> {
-        let rec = crate::spool::JobRecord::decode(job_record)
-            .map_err(|e| AssembleError::Render(format!("job record: {e}")))?;
         if merged {
             return self.assemble_merged(record, compiled, job, rec.accepted_at_ms);
         }

@@ -4,6 +4,7 @@
 //! Used by the binary and by end-to-end tests, which start a node in-process on `127.0.0.1:0`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors};
 use crate::node::Node;
 
 /// How often expired idempotency records are purged.
@@ -29,24 +30,62 @@ pub struct Running {
     tasks: TaskTracker,
 }
 
+/// A validated config and the files it names, each read once: what a node starts (or reloads)
+/// with.
+pub struct Settings {
+    pub config: Arc<Config>,
+    pub dkim: crate::dkim::DkimKeys,
+    pub rules: crate::outcome::rules::Rules,
+}
+
+impl Settings {
+    /// Reads and validates `path`, then loads the DKIM keys and bounce rules it names, reporting
+    /// every problem as `file: key: reason`. Blocking.
+    pub fn load(path: &Path) -> Result<Settings, ConfigErrors> {
+        let config = Config::load(path)?;
+        Settings::with_files(Arc::new(config), &path.display().to_string())
+    }
+
+    /// Loads the DKIM keys and bounce rules `config` names. Blocking.
+    pub fn from_config(config: Arc<Config>) -> Result<Settings, ConfigErrors> {
+        Settings::with_files(config, "config")
+    }
+
+    fn with_files(config: Arc<Config>, file: &str) -> Result<Settings, ConfigErrors> {
+        let dkim = crate::dkim::DkimKeys::load(&config.dkim, file);
+        let rules = crate::outcome::rules::Rules::load(config.bounce.rules.as_deref());
+        match (dkim, rules) {
+            (Ok(dkim), Ok(rules)) => Ok(Settings {
+                config,
+                dkim,
+                rules,
+            }),
+            (Err(a), Err(b)) => Err(ConfigErrors(a.0.into_iter().chain(b.0).collect())),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+}
+
+/// [`start_with`] a config whose files are loaded here (tests build configs in memory).
+pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
+    let settings = tokio::task::spawn_blocking(move || Settings::from_config(config))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    start_with(settings).await
+}
+
 /// Opens the spool, binds the API and starts recovery in the background. The API answers at once;
 /// `/readyz` turns 200 and `/v1` opens when recovery is done.
-pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
+pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
     crate::metrics::init();
-    let cfg = Arc::clone(&config);
-    let (dkim, rules) = tokio::task::spawn_blocking(move || {
-        let dkim = crate::dkim::DkimKeys::load(&cfg.dkim, "config")
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("loading DKIM keys")?;
-        let rules = crate::outcome::rules::Rules::load(cfg.bounce.rules.as_deref())
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("loading bounce rules")?;
-        Ok::<_, anyhow::Error>((dkim, rules))
-    })
-    .await??;
-    let log = crate::delivery::log::DeliveryLog::open(
+    let Settings {
+        config,
+        dkim,
+        rules,
+    } = settings;
+    let log = crate::delivery_log::DeliveryLog::open(
         &config.log.delivery_log,
-        crate::delivery::log::Rotation::from_config(&config.log),
+        crate::delivery_log::Rotation::from_config(&config.log),
     )
     .with_context(|| {
         format!(
@@ -65,7 +104,8 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let app = crate::api::router(Arc::clone(&node));
+    let engine = crate::delivery::EngineHandle::default();
+    let app = crate::api::router(Arc::clone(&node), engine.clone());
     let http_stop = stop.clone();
     match (&config.http.tls_cert, &config.http.tls_key) {
         (Some(cert), Some(key)) => {
@@ -106,19 +146,19 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
         let recovering = Arc::clone(&rec_node);
         match tokio::task::spawn_blocking(move || recovering.recover()).await {
             Ok(Ok(r)) => {
-                crate::webhook::Webhooks::start(
-                    Arc::clone(&rec_node),
-                    rec_stop.clone(),
-                    &rec_tasks,
-                )
-                .await;
+                rec_node
+                    .webhooks
+                    .start(&rec_node.spool, rec_stop.clone(), &rec_tasks)
+                    .await;
                 // Checked and stored under the slot's lock, which shutdown takes after it starts
                 // draining: delivery either starts before shutdown looks, or not at all.
                 let started = {
                     let mut slot = rec_delivery.lock().expect("delivery slot");
                     if rec_node.config.delivery.enabled && !rec_node.is_draining() {
-                        crate::delivery::Delivery::start(Arc::clone(&rec_node))
-                            .map(|d| *slot = Some(d))
+                        crate::delivery::Delivery::start(Arc::clone(&rec_node)).map(|d| {
+                            engine.set(&d);
+                            *slot = Some(d);
+                        })
                     } else {
                         Ok(())
                     }
@@ -174,7 +214,7 @@ pub async fn start(config: Arc<Config>) -> anyhow::Result<Running> {
                 _ = gauge_stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let len = gauge_node.queue.lock().map(|q| q.len()).unwrap_or(0);
+            let len = gauge_node.scheduler.len();
             crate::metrics::QUEUED_JOBS.set(len as i64);
         }
     });
@@ -240,25 +280,27 @@ async fn serve_tls(
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Running {
-    /// Applies what can change without a restart from a freshly loaded config: the DKIM keys and
+    /// Applies what can change without a restart from freshly loaded settings: the DKIM keys and
     /// the bounce rules. Queued mail is signed at delivery, so it is signed with the new keys from
-    /// now on. Other settings need a restart; if anything fails to load, nothing changes.
-    pub async fn reload(&self, config: Arc<Config>) -> Result<(), crate::config::ConfigErrors> {
-        let (keys, rules) = tokio::task::spawn_blocking(move || {
-            let keys = crate::dkim::DkimKeys::load(&config.dkim, "config")?;
-            let rules = crate::outcome::rules::Rules::load(config.bounce.rules.as_deref())?;
-            Ok::<_, crate::config::ConfigErrors>((keys, rules))
-        })
-        .await
-        .map_err(|e| {
-            crate::config::ConfigErrors(vec![crate::config::ConfigError {
-                file: "config".into(),
-                key: "dkim".into(),
-                reason: format!("loading keys did not finish: {e}"),
-            }])
-        })??;
-        self.node.assembler.replace_dkim(keys);
-        self.node.replace_rules(rules);
+    /// now on. Other settings need a restart.
+    pub fn apply(&self, settings: Settings) {
+        self.node.assembler.replace_dkim(settings.dkim);
+        self.node.replace_rules(settings.rules);
+    }
+
+    /// [`Running::apply`] of `config` with its files loaded (on the blocking pool); if anything
+    /// fails to load, nothing changes.
+    pub async fn reload(&self, config: Arc<Config>) -> Result<(), ConfigErrors> {
+        let settings = tokio::task::spawn_blocking(move || Settings::from_config(config))
+            .await
+            .map_err(|e| {
+                ConfigErrors(vec![crate::config::ConfigError {
+                    file: "config".into(),
+                    key: "dkim".into(),
+                    reason: format!("loading keys did not finish: {e}"),
+                }])
+            })??;
+        self.apply(settings);
         Ok(())
     }
 

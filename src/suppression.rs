@@ -2,8 +2,10 @@
 //!
 //! Records live in the spool's `suppressions` column family (key `scope \0 address`, value a
 //! versioned JSON record); this module owns their encoding and the in-memory index that ingest and
-//! delivery consult, a hash lookup per recipient. Callers persist through the spool and then
-//! update the index, so the index never holds what the disk does not. No I/O here.
+//! delivery consult, a hash lookup per recipient. A new entry is written first and indexed after
+//! ([`Suppressions::added`]), so the index never holds what the disk will not: one caused by a
+//! job's change travels with it ([`crate::transition`]), others go through
+//! [`Suppressions::add`]. Writes go through the spool's writer thread; lookups never block on I/O.
 //!
 //! Addresses are normalised to lower case as a whole: local parts are case-sensitive in theory,
 //! but no large mailbox provider treats them so, and a suppression that misses `Ann@` because
@@ -17,9 +19,10 @@ use prometheus::{IntCounterVec, register_int_counter_vec};
 use serde::{Deserialize, Serialize};
 
 use crate::address::{Address, AddressError};
+use crate::spool::{Durability, Spool, SpoolError};
 
 /// Suppressions added, by reason.
-pub static ADDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+static ADDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "sluice_suppressions_added_total",
         "Suppressions added by reason (hard_bounce, complaint, unsubscribe, manual). complaint and unsubscribe against delivered volume are the rates mailbox providers watch.",
@@ -163,8 +166,9 @@ impl Suppressions {
             .map(|(_, reason)| *reason)
     }
 
-    /// Adds or replaces `entry` (after it is persisted). True when the address was not
-    /// suppressed in that scope before.
+    /// Adds or replaces `entry` in the index. True when the address was not suppressed in that
+    /// scope before. Recovery loads entries with it; a new suppression goes through
+    /// [`Suppressions::added`].
     pub fn insert(&self, entry: &Entry) -> bool {
         let mut index = self.index.write().expect("suppression index lock");
         let scopes = index.entry(entry.address.as_str().into()).or_default();
@@ -178,6 +182,41 @@ impl Suppressions {
                 true
             }
         }
+    }
+
+    /// Indexes `entry` once its record is written (or queued with the change that caused it),
+    /// counting and logging it when it is new. True when the address was not suppressed in
+    /// that scope before. Every suppression, from any source, goes through here.
+    pub fn added(&self, entry: &Entry) -> bool {
+        let new = self.insert(entry);
+        if new {
+            ADDED.with_label_values(&[entry.reason.as_str()]).inc();
+            tracing::debug!(
+                address = %entry.address,
+                scope = %entry.scope,
+                reason = entry.reason.as_str(),
+                source = entry.source.as_deref().unwrap_or(""),
+                "suppression added"
+            );
+        }
+        new
+    }
+
+    /// Writes `entries` and indexes them: suppressions that no job's change caused (the API,
+    /// imports). `Buffered` is for all but the last batch of an import, whose final synced write
+    /// covers them. Returns how many were new.
+    pub async fn add(
+        &self,
+        spool: &Spool,
+        entries: &[Entry],
+        durability: Durability,
+    ) -> Result<usize, SpoolError> {
+        let mut batch = spool.batch();
+        for e in entries {
+            batch.put_suppression(&e.key(), &e.encode());
+        }
+        spool.write(batch, durability).await?;
+        Ok(entries.iter().filter(|e| self.added(e)).count())
     }
 
     /// Removes the suppression of `address` in `scope` (after it is deleted from the spool).

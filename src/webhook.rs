@@ -22,9 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, WebhookConfig};
-use crate::delivery::log::LogRecord;
-use crate::node::Node;
-use crate::spool::{Durability, SpoolBatch};
+use crate::delivery_log::LogRecord;
+use crate::spool::{Durability, Spool, SpoolBatch};
 
 static BACKLOG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
@@ -149,11 +148,16 @@ impl Webhooks {
 
     /// Counts each receiver's backlog, drops the outbox of receivers no longer configured, and
     /// starts one sender per receiver. Blocking part on the blocking pool.
-    pub async fn start(node: Arc<Node>, stop: CancellationToken, tasks: &TaskTracker) {
-        let hooks = &node.webhooks.hooks;
+    pub async fn start(
+        self: &Arc<Self>,
+        spool: &Arc<Spool>,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) {
+        let hooks = &self.hooks;
         let keep: HashSet<u32> = hooks.iter().map(|h| h.id).collect();
-        let scan = Arc::clone(&node);
-        let counted = tokio::task::spawn_blocking(move || scan.spool.prune_events(&keep)).await;
+        let scan = Arc::clone(spool);
+        let counted = tokio::task::spawn_blocking(move || scan.prune_events(&keep)).await;
         let counts = match counted {
             Ok(Ok((dropped, counts))) => {
                 if dropped > 0 {
@@ -179,7 +183,7 @@ impl Webhooks {
             g.set(counts.get(&h.id).copied().unwrap_or(0) as i64);
             gauges.insert(h.id, g);
         }
-        node.spool.set_event_gauges(gauges);
+        spool.set_event_gauges(gauges);
         let client = match http_client() {
             Ok(c) => c,
             Err(e) => {
@@ -189,7 +193,8 @@ impl Webhooks {
         };
         for i in 0..hooks.len() {
             tasks.spawn(send_loop(
-                Arc::clone(&node),
+                Arc::clone(self),
+                Arc::clone(spool),
                 i,
                 client.clone(),
                 stop.clone(),
@@ -249,15 +254,16 @@ fn body(events: &[(u64, Vec<u8>)]) -> Vec<u8> {
 }
 
 async fn send_loop(
-    node: Arc<Node>,
+    hooks: Arc<Webhooks>,
+    spool: Arc<Spool>,
     index: usize,
     client: reqwest::Client,
     stop: CancellationToken,
 ) {
-    let hook = &node.webhooks.hooks[index];
+    let hook = &hooks.hooks[index];
     let cfg = &hook.config;
     let name = cfg.name();
-    let mut written = node.spool.events_written();
+    let mut written = spool.events_written();
     let mut cursor = 0u64;
     let mut failures = 0u32;
     let backlog = BACKLOG.with_label_values(&[name]);
@@ -267,23 +273,20 @@ async fn send_loop(
         }
         // Marked seen before reading, so a write that lands during the read wakes the next wait.
         written.borrow_and_update();
-        let read = Arc::clone(&node);
+        let read = Arc::clone(&spool);
         let (id, max) = (hook.id, cfg.batch_size);
-        let events = match tokio::task::spawn_blocking(move || {
-            read.spool.scan_events(id, cursor, max)
-        })
-        .await
-        {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => {
-                tracing::error!(hook = name, error = %e, "reading the webhook outbox failed");
-                Vec::new()
-            }
-            Err(e) => {
-                tracing::error!(hook = name, error = %e, "reading the webhook outbox failed");
-                Vec::new()
-            }
-        };
+        let events =
+            match tokio::task::spawn_blocking(move || read.scan_events(id, cursor, max)).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => {
+                    tracing::error!(hook = name, error = %e, "reading the webhook outbox failed");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::error!(hook = name, error = %e, "reading the webhook outbox failed");
+                    Vec::new()
+                }
+            };
         if events.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -318,12 +321,12 @@ async fn send_loop(
             POSTS.with_label_values(&[name, "ok"]).inc();
             SENT.with_label_values(&[name]).inc_by(events.len() as u64);
             failures = 0;
-            let mut batch = node.spool.batch();
+            let mut batch = spool.batch();
             for (seq, _) in &events {
                 batch.delete_event(*seq, hook.id);
             }
             cursor = events.last().map_or(cursor, |(seq, _)| *seq);
-            if let Err(e) = node.spool.write(batch, Durability::Buffered).await {
+            if let Err(e) = spool.write(batch, Durability::Buffered).await {
                 // They are sent; a restart would send them again, which receivers must tolerate.
                 tracing::error!(hook = name, error = %e, "removing sent webhook events failed");
             }
@@ -332,7 +335,7 @@ async fn send_loop(
         }
         POSTS.with_label_values(&[name, "failed"]).inc();
         failures = failures.saturating_add(1);
-        let wait = crate::delivery::retry_delay(failures, cfg.retry_initial, cfg.retry_max);
+        let wait = crate::retry::retry_delay(failures, cfg.retry_initial, cfg.retry_max);
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}

@@ -54,7 +54,7 @@ async fn campaign_is_accepted_counted_and_survives_restart() {
     assert_eq!(status, 200);
     assert_eq!(got["state"], "active");
     assert_eq!(got["counts"]["queued"], 3);
-    assert_eq!(node.node.queue.lock().unwrap().len(), 3);
+    assert_eq!(node.node.scheduler.len(), 3);
 
     node.shutdown().await;
     let node = start(config(dir.path())).await;
@@ -62,13 +62,7 @@ async fn campaign_is_accepted_counted_and_survives_restart() {
     assert_eq!(status, 200);
     assert_eq!(got["counts"]["queued"], 3, "{got}");
     assert_eq!(got["subject"], "Hello {{ first_name | default('friend') }}");
-    let mut domains: Vec<_> = {
-        let queue = node.node.queue.lock().unwrap();
-        queue
-            .domains()
-            .map(|(d, _)| queue.domain_name(d).to_owned())
-            .collect()
-    };
+    let mut domains = node.node.scheduler.pending_domains();
     domains.sort();
     assert_eq!(
         domains,
@@ -185,7 +179,7 @@ async fn abandoned_upload_leaves_nothing() {
     }
     let (_, got) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(got["counts"]["queued"], 0);
-    assert_eq!(node.node.queue.lock().unwrap().len(), 0);
+    assert_eq!(node.node.scheduler.len(), 0);
     node.shutdown().await;
 }
 

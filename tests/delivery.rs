@@ -98,11 +98,8 @@ async fn wait_evicted(node: &sluice::server::Running, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut evicted = 0;
     loop {
-        {
-            let mut queue = node.node.queue.lock().unwrap();
-            assert_eq!(queue.pin_underflows(), 0);
-            evicted += queue.evict_idle(u64::MAX, 0);
-        }
+        assert_eq!(node.node.scheduler.pin_underflows(), 0);
+        evicted += node.node.scheduler.evict_idle(u64::MAX, 0);
         if evicted >= n {
             assert_eq!(evicted, n);
             return;
@@ -166,7 +163,7 @@ async fn deferred_then_delivered_and_bounced() {
     );
     // Every job taken out was returned or released: the idle domain can be forgotten.
     wait_evicted(&node, 1).await;
-    assert_eq!(node.node.queue.lock().unwrap().domain_count(), 0);
+    assert_eq!(node.node.scheduler.domain_count(), 0);
     let gone = of("gone@sink.test");
     assert_eq!(gone.len(), 1);
     assert_eq!(

@@ -142,7 +142,7 @@ async fn bad_templates_headers_and_attachments_are_refused_and_change_nothing() 
 
     assert_eq!(spool_counts(&node).await, before, "nothing was written");
     assert_eq!(node.node.campaigns.len(), 0);
-    assert_eq!(node.node.queue.lock().unwrap().len(), 0);
+    assert_eq!(node.node.scheduler.len(), 0);
     node.shutdown().await;
 }
 
@@ -199,7 +199,7 @@ async fn recipients_whose_variables_cannot_render_are_rejected_alone() {
         .await
         .unwrap();
     assert_eq!(got["counts"]["queued"], 2, "{got}");
-    assert_eq!(node.node.queue.lock().unwrap().len(), 2);
+    assert_eq!(node.node.scheduler.len(), 2);
     node.shutdown().await;
 }
 

@@ -233,7 +233,7 @@ async fn ingest_reports_suppressed_recipients_and_queues_none_of_them() {
         (Some(2), Some(1)),
         "{b}"
     );
-    assert_eq!(node.node.queue.lock().unwrap().len(), 3);
+    assert_eq!(node.node.scheduler.len(), 3);
 
     // NDJSON uploads are checked the same way.
     let r = client()

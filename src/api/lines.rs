@@ -1,5 +1,108 @@
-//! Splitting a streamed request body into lines without buffering it whole (NDJSON uploads,
-//! suppression imports). Pure code.
+//! Line-by-line uploads (NDJSON recipients, suppression imports): a streamed request body split
+//! into lines without buffering it whole, and the one reader both uploads use. It skips blank
+//! lines, strips a CR before the LF, refuses lines that are too long or not UTF-8 on their own,
+//! counts rows against a limit, and hands each line to the upload's [`Rows`]. The splitter is
+//! pure code; the reader awaits the body and the rows' spool writes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+
+use super::ApiError;
+
+/// What an upload does with its lines.
+pub(super) trait Rows {
+    /// Takes one non-blank line (`line` numbered from 0), already known to be UTF-8 text.
+    fn row(&mut self, text: &str, line: u64) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Refuses one line on its own, for `error`; the rest go on.
+    fn refuse(&mut self, line: u64, error: String);
+}
+
+/// The limits of a line-by-line upload.
+pub(super) struct LineLimits {
+    pub max_line_bytes: usize,
+    /// Most rows (non-blank lines); past it the upload fails with `too_many`.
+    pub max_rows: u64,
+    pub too_many: fn(u64) -> ApiError,
+    /// Longest wait for the next piece of the body.
+    pub piece_timeout: Duration,
+}
+
+/// How a line-by-line upload ended, when it did not end well.
+pub(super) enum ReadError {
+    /// The body broke off or stalled after the lines before it were handed over; the caller
+    /// says whether those stand.
+    Body(ApiError),
+    /// The rows refused the upload as a whole (or there were too many).
+    Rows(ApiError),
+}
+
+/// Reads `body` line by line into `rows` (see the module documentation).
+pub(super) async fn read_lines(
+    body: Body,
+    limits: &LineLimits,
+    rows: &mut impl Rows,
+) -> Result<(), ReadError> {
+    let mut seen = 0u64;
+    let mut stream = body.into_data_stream();
+    let mut split = LineSplitter::new(limits.max_line_bytes);
+    loop {
+        let chunk = match tokio::time::timeout(limits.piece_timeout, stream.next()).await {
+            Err(_) => return Err(ReadError::Body(super::body_timeout())),
+            Ok(None) => break,
+            Ok(Some(Ok(c))) => c,
+            Ok(Some(Err(e))) => {
+                return Err(ReadError::Body(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "body_read_error",
+                    format!("reading the body failed: {e}"),
+                )));
+            }
+        };
+        let mut pos = 0;
+        while let Some(p) = split.next_piece(&chunk, &mut pos) {
+            take(p, limits, &mut seen, rows).await?;
+        }
+    }
+    if let Some(p) = split.finish() {
+        take(p, limits, &mut seen, rows).await?;
+    }
+    Ok(())
+}
+
+async fn take(
+    piece: Piece<'_>,
+    limits: &LineLimits,
+    seen: &mut u64,
+    rows: &mut impl Rows,
+) -> Result<(), ReadError> {
+    let (n, raw) = match piece {
+        Piece::Line(n, raw) => {
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            if raw.iter().all(u8::is_ascii_whitespace) {
+                return Ok(());
+            }
+            (n, Some(raw))
+        }
+        Piece::TooLong(n) => (n, None),
+    };
+    *seen += 1;
+    if *seen > limits.max_rows {
+        return Err(ReadError::Rows((limits.too_many)(limits.max_rows)));
+    }
+    match raw.map(std::str::from_utf8) {
+        None => rows.refuse(
+            n,
+            format!("line is longer than {} bytes", limits.max_line_bytes),
+        ),
+        Some(Err(_)) => rows.refuse(n, "line is not valid UTF-8".into()),
+        Some(Ok(text)) => rows.row(text, n).await.map_err(ReadError::Rows)?,
+    }
+    Ok(())
+}
 
 /// One line of the body, without its LF (a CR before it is left for the caller), numbered from 0.
 pub(super) enum Piece<'a> {

@@ -1,56 +1,40 @@
-//! Suppression lists over HTTP (`/v1/suppressions…`, import and export), raw reports
-//! (`POST /v1/feedback`) and the one-click unsubscribe pages (`/u/{token}`).
+//! Suppression lists over HTTP: one address (`GET|PUT|DELETE /v1/suppressions/{address}`), the
+//! list by cursor, and bulk import (CSV or NDJSON, streamed through the shared line reader) and
+//! export (streamed as the spool is scanned).
 //!
-//! Handlers only: entries and their index live in [`crate::suppression`], report handling in
-//! [`crate::feedback`]. Spool reads and scans run on the blocking pool.
+//! Handlers only: entries, their index and the one write path live in [`crate::suppression`].
+//! Spool reads and scans run on the blocking pool.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use serde_json::json;
 
+use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{ApiError, ApiResult, AppState, now_ms, parse_json, read_body};
-use crate::campaign::Campaign;
 use crate::node::Node;
 use crate::spool::SpoolError;
 
-// --- Suppressions -------------------------------------------------------------------------------
-
 fn suppression_address(raw: &str) -> Result<String, ApiError> {
-    crate::suppression::normalise(raw).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            format!("address: {e}"),
-        )
-        .field("address")
-    })
+    crate::suppression::normalise(raw)
+        .map_err(|e| ApiError::invalid_field("address", e.to_string()))
 }
 
 fn suppression_reason(r: &str) -> Result<crate::suppression::Reason, ApiError> {
     crate::suppression::Reason::parse(r).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            format!("reason: {r:?} is not one of hard_bounce, complaint, unsubscribe, manual"),
+        ApiError::invalid_field(
+            "reason",
+            format!("{r:?} is not one of hard_bounce, complaint, unsubscribe, manual"),
         )
-        .field("reason")
     })
 }
 
 fn suppression_scope(raw: Option<&str>) -> Result<Option<String>, ApiError> {
     raw.map(|s| {
-        crate::suppression::normalise_scope(s).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                format!("scope: {e}"),
-            )
-            .field("scope")
-        })
+        crate::suppression::normalise_scope(s).map_err(|e| ApiError::invalid_field("scope", e))
     })
     .transpose()
 }
@@ -76,27 +60,26 @@ async fn suppression_entries(
         Ok::<_, SpoolError>(out)
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("reading suppressions: {e}"),
-        )
-    })?
+    .map_err(|e| ApiError::internal("reading suppressions", e))?
     .map_err(ApiError::from)
 }
 
+/// 404 `not_suppressed`: `address` is not on `list`.
+fn not_suppressed(address: &str, list: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_suppressed",
+        format!("{address} is not on {list}"),
+    )
+    .field("address")
+}
+
 /// `GET /v1/suppressions/{address}`: the address's entries (global and per sending domain).
-pub(super) async fn get_one(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
+pub(super) async fn get(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
     let address = suppression_address(&raw)?;
     let entries = suppression_entries(&s.node, &address).await?;
     if entries.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_suppressed",
-            format!("{address} is not on any suppression list"),
-        )
-        .field("address"));
+        return Err(not_suppressed(&address, "any suppression list"));
     }
     Ok(axum::Json(json!({"address": address, "entries": entries})).into_response())
 }
@@ -115,7 +98,7 @@ struct PutSuppression {
 /// `PUT /v1/suppressions/{address}` with an optional `{reason, scope, source}` body (defaults:
 /// `manual`, `global`): adds or replaces the entry, synced before the answer. Queued mail to the
 /// address is stopped when delivery reaches it.
-pub(super) async fn put_one(
+pub(super) async fn put(
     State(s): State<AppState>,
     Path(raw): Path<String>,
     body: Body,
@@ -137,12 +120,10 @@ pub(super) async fn put_one(
     if let Some(src) = &req.source
         && (src.len() > 256 || src.chars().any(char::is_control))
     {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            "source: at most 256 bytes without control characters",
-        )
-        .field("source"));
+        return Err(ApiError::invalid_field(
+            "source",
+            "at most 256 bytes without control characters",
+        ));
     }
     let entry = crate::suppression::Entry {
         address,
@@ -155,16 +136,10 @@ pub(super) async fn put_one(
         category: None,
         detail: None,
     };
-    let mut batch = node.spool.batch();
-    batch.put_suppression(&entry.key(), &entry.encode());
-    node.spool
-        .write(batch, crate::spool::Durability::Sync)
+    let entries = std::slice::from_ref(&entry);
+    node.suppressions
+        .add(&node.spool, entries, crate::spool::Durability::Sync)
         .await?;
-    if node.suppressions.insert(&entry) {
-        crate::suppression::ADDED
-            .with_label_values(&[entry.reason.as_str()])
-            .inc();
-    }
     Ok(axum::Json(json!(entry)).into_response())
 }
 
@@ -177,7 +152,7 @@ pub(super) struct ScopeQuery {
 
 /// `DELETE /v1/suppressions/{address}[?scope=global|domain]`: removes the entry of that scope, or
 /// every entry of the address without `scope`.
-pub(super) async fn delete_one(
+pub(super) async fn delete(
     State(s): State<AppState>,
     Path(raw): Path<String>,
     axum::extract::Query(q): axum::extract::Query<ScopeQuery>,
@@ -192,12 +167,7 @@ pub(super) async fn delete_one(
         .filter(|s| scope.as_ref().is_none_or(|want| want == s))
         .collect();
     if scopes.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_suppressed",
-            format!("{address} is not on that suppression list"),
-        )
-        .field("address"));
+        return Err(not_suppressed(&address, "that suppression list"));
     }
     let mut batch = node.spool.batch();
     for sc in &scopes {
@@ -233,25 +203,19 @@ pub(super) async fn list(
 ) -> ApiResult {
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_SUPPRESSION_PAGE).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            format!("limit: between 1 and {MAX_SUPPRESSION_PAGE}"),
-        )
-        .field("limit"));
+        return Err(ApiError::invalid_field(
+            "limit",
+            format!("between 1 and {MAX_SUPPRESSION_PAGE}"),
+        ));
     }
     let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
-    let after = match &q.cursor {
-        None => None,
-        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                "cursor: not a cursor this API returned",
-            )
-            .field("cursor")
-        })?),
-    };
+    let after =
+        match &q.cursor {
+            None => None,
+            Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+                ApiError::invalid_field("cursor", "not a cursor this API returned")
+            })?),
+        };
     let node = Arc::clone(&s.node);
     let (items, last) = tokio::task::spawn_blocking(move || {
         let mut items = Vec::new();
@@ -268,13 +232,7 @@ pub(super) async fn list(
         Ok::<_, SpoolError>((items, last))
     })
     .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("listing suppressions: {e}"),
-        )
-    })??;
+    .map_err(|e| ApiError::internal("listing suppressions", e))??;
     let next = if items.len() == limit {
         last.map(|k| encode_cursor(&k))
     } else {
@@ -296,127 +254,6 @@ fn decode_cursor(s: &str) -> Option<Vec<u8>> {
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
 }
-
-// --- One-click unsubscribe (RFC 8058) ---------------------------------------------------------
-
-/// Why an unsubscribe link gets no page or no unsubscribe.
-enum LinkRefused {
-    /// The spool is still being recovered.
-    Starting,
-    /// The token does not verify, or its job or campaign is gone.
-    NotFound,
-}
-
-impl IntoResponse for LinkRefused {
-    fn into_response(self) -> Response {
-        match self {
-            LinkRefused::Starting => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, "5")],
-                "Starting up; try again in a few seconds.\n",
-            )
-                .into_response(),
-            LinkRefused::NotFound => (
-                StatusCode::NOT_FOUND,
-                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                "This unsubscribe link is not valid.\n",
-            )
-                .into_response(),
-        }
-    }
-}
-
-/// The job an unsubscribe token names, once the node is ready and the token verifies.
-fn unsubscribe_token(node: &Node, token: &str) -> Result<crate::spool::JobId, LinkRefused> {
-    if !node.is_ready() {
-        return Err(LinkRefused::Starting);
-    }
-    node.assembler
-        .tokens()
-        .verify(crate::tokens::Purpose::Unsubscribe, token)
-        .ok_or(LinkRefused::NotFound)
-}
-
-/// The recipient and campaign an unsubscribe token names, if it authenticates and its job
-/// still exists.
-async fn unsubscribe_target(
-    node: &Arc<Node>,
-    token: &str,
-) -> Result<(String, Arc<Campaign>), LinkRefused> {
-    let job = unsubscribe_token(node, token)?;
-    let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
-        return Err(LinkRefused::NotFound);
-    };
-    let read = Arc::clone(node);
-    let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .flatten();
-    let address = bytes
-        .as_deref()
-        .and_then(|b| crate::spool::JobRecord::decode(b).ok())
-        .map(|r| r.address.to_lowercase());
-    match address {
-        Some(a) => Ok((a, campaign)),
-        None => Err(LinkRefused::NotFound),
-    }
-}
-
-/// `GET /u/{token}`: a plain page with a button that POSTs, so link scanners that follow GETs
-/// unsubscribe no one.
-pub(super) async fn unsubscribe_page(
-    State(s): State<AppState>,
-    Path(token): Path<String>,
-) -> Response {
-    let (address, campaign) = match unsubscribe_target(&s.node, &token).await {
-        Ok(t) => t,
-        Err(r) => return r.into_response(),
-    };
-    let domain = crate::address::domain_of(&campaign.record.from);
-    let esc = |t: &str| {
-        t.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-    };
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Unsubscribe</title></head>\
-         <body><p>Stop mail from {domain} to {address}?</p>\
-         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form></body></html>\n",
-        domain = esc(domain),
-        address = esc(&address),
-    );
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        html,
-    )
-        .into_response()
-}
-
-/// `POST /u/{token}`: RFC 8058 one-click unsubscribe (the body, `List-Unsubscribe=One-Click` or
-/// the page's empty form, is not needed). Suppresses the recipient for the campaign's From
-/// domain; idempotent: a repeat changes nothing and answers the same.
-pub(super) async fn unsubscribe(State(s): State<AppState>, Path(token): Path<String>) -> Response {
-    let node = &s.node;
-    let job = match unsubscribe_token(node, &token) {
-        Ok(j) => j,
-        Err(r) => return r.into_response(),
-    };
-    match crate::feedback::unsubscribe_job(node, job, "unsubscribe").await {
-        Ok(None) => LinkRefused::NotFound.into_response(),
-        Ok(Some((address, scope))) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("{address} is unsubscribed from {scope}.\n"),
-        )
-            .into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
-}
-
-// --- Import and export ------------------------------------------------------------------------
 
 /// Rows written per spool batch during an import.
 const IMPORT_BATCH: usize = 8192;
@@ -610,12 +447,11 @@ struct Import {
     replaced: u64,
     rejected: Vec<serde_json::Value>,
     rejected_count: u64,
-    rows: u64,
     now: u64,
 }
 
-impl Import {
-    fn reject(&mut self, line: u64, error: String) {
+impl Rows for Import {
+    fn refuse(&mut self, line: u64, error: String) {
         self.rejected_count += 1;
         if self.rejected.len() < self.node.config.limits.max_rejected_reported {
             self.rejected
@@ -623,15 +459,7 @@ impl Import {
         }
     }
 
-    async fn line(&mut self, raw: &[u8], n: u64) -> Result<(), ApiError> {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if raw.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        let Ok(text) = std::str::from_utf8(raw) else {
-            self.reject(n, "not UTF-8".into());
-            return Ok(());
-        };
+    async fn row(&mut self, text: &str, n: u64) -> Result<(), ApiError> {
         let row = match &mut self.format {
             ImportFormat::Ndjson => {
                 serde_json::from_str::<ImportRow>(text).map_err(|e| e.to_string())
@@ -650,16 +478,13 @@ impl Import {
                                 match CSV_COLUMNS.iter().position(|c| *c == f) {
                                     Some(i) => cols.push(i),
                                     None => {
-                                        return Err(ApiError::new(
-                                            StatusCode::UNPROCESSABLE_ENTITY,
-                                            "invalid_field",
+                                        return Err(ApiError::invalid_field(
+                                            format!("line {}", n + 1),
                                             format!(
-                                                "line {}: unknown column {f:?}; known: {}",
-                                                n + 1,
+                                                "unknown column {f:?}; known: {}",
                                                 CSV_COLUMNS.join(", ")
                                             ),
-                                        )
-                                        .field(format!("line {}", n + 1)));
+                                        ));
                                     }
                                 }
                             }
@@ -673,17 +498,6 @@ impl Import {
                 },
             },
         };
-        self.rows += 1;
-        let max = self.node.config.limits.max_recipients_per_upload as u64;
-        if self.rows > max {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_many_rows",
-                format!(
-                    "more than {max} rows in one import; the rows before were kept: split the file"
-                ),
-            ));
-        }
         match row.and_then(|r| r.entry(self.now)) {
             Ok(e) => {
                 self.pending.push(e);
@@ -691,32 +505,26 @@ impl Import {
                     self.flush(crate::spool::Durability::Buffered).await?;
                 }
             }
-            Err(e) => self.reject(n, e),
+            Err(e) => self.refuse(n, e),
         }
         Ok(())
     }
+}
 
+impl Import {
     /// Writes the pending rows, then makes them visible in the index.
     async fn flush(&mut self, durability: crate::spool::Durability) -> Result<(), ApiError> {
         let entries = std::mem::take(&mut self.pending);
         if !entries.is_empty() {
             self.node.spool.check_space()?;
         }
-        let mut batch = self.node.spool.batch();
-        for e in &entries {
-            batch.put_suppression(&e.key(), &e.encode());
-        }
-        self.node.spool.write(batch, durability).await?;
-        for e in &entries {
-            if self.node.suppressions.insert(e) {
-                self.imported += 1;
-                crate::suppression::ADDED
-                    .with_label_values(&[e.reason.as_str()])
-                    .inc();
-            } else {
-                self.replaced += 1;
-            }
-        }
+        let new = self
+            .node
+            .suppressions
+            .add(&self.node.spool, &entries, durability)
+            .await?;
+        self.imported += new as u64;
+        self.replaced += (entries.len() - new) as u64;
         Ok(())
     }
 }
@@ -766,16 +574,10 @@ pub(super) async fn import(
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> ApiResult {
-    use futures_util::StreamExt;
     let node = &s.node;
     let csv = format_of(q.format.as_deref(), &headers)?;
     if q.reason.is_some() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            "reason: give the reason per row",
-        )
-        .field("reason"));
+        return Err(ApiError::invalid_field("reason", "give the reason per row"));
     }
     let mut import = Import {
         node: Arc::clone(node),
@@ -789,56 +591,37 @@ pub(super) async fn import(
         replaced: 0,
         rejected: Vec::new(),
         rejected_count: 0,
-        rows: 0,
         now: now_ms(),
     };
-    let mut split = super::lines::LineSplitter::new(node.config.limits.max_line_bytes);
-    let mut stream = body.into_data_stream();
-    let timeout = node.config.http.body_read_timeout;
-    let mut failure = None;
-    loop {
-        let chunk = match tokio::time::timeout(timeout, stream.next()).await {
-            Err(_) => {
-                failure = Some(super::body_timeout());
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Ok(c))) => c,
-            Ok(Some(Err(e))) => {
-                failure = Some(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "body_read_error",
-                    format!("reading the body failed: {e}"),
-                ));
-                break;
-            }
-        };
-        let mut pos = 0;
-        while let Some(p) = split.next_piece(&chunk, &mut pos) {
-            match p {
-                super::lines::Piece::Line(n, l) => import.line(l, n).await?,
-                super::lines::Piece::TooLong(n) => import.reject(
-                    n,
-                    format!("longer than {} bytes", node.config.limits.max_line_bytes),
+    let line_limits = LineLimits {
+        max_line_bytes: node.config.limits.max_line_bytes,
+        max_rows: node.config.limits.max_recipients_per_upload as u64,
+        too_many: |max| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_rows",
+                format!(
+                    "more than {max} rows in one import; the rows before were kept: split the file"
                 ),
-            }
+            )
+        },
+        piece_timeout: node.config.http.body_read_timeout,
+    };
+    match lines::read_lines(body, &line_limits, &mut import).await {
+        Ok(()) => {}
+        Err(ReadError::Rows(e)) => return Err(e),
+        Err(ReadError::Body(mut e)) => {
+            // Rows read before a broken upload are kept, as the answer says.
+            import.flush(crate::spool::Durability::Sync).await?;
+            e.message = format!(
+                "{}; {} rows before it were imported",
+                e.message,
+                import.imported + import.replaced
+            );
+            return Err(e);
         }
     }
-    match split.finish() {
-        Some(super::lines::Piece::Line(n, l)) if failure.is_none() => import.line(l, n).await?,
-        Some(super::lines::Piece::TooLong(n)) => import.reject(n, "line too long".into()),
-        _ => {}
-    }
-    // Rows read before a broken upload are kept, as the answer says.
     import.flush(crate::spool::Durability::Sync).await?;
-    if let Some(mut e) = failure {
-        e.message = format!(
-            "{}; {} rows before it were imported",
-            e.message,
-            import.imported + import.replaced
-        );
-        return Err(e);
-    }
     Ok(axum::Json(json!({
         "imported": import.imported,
         "replaced": import.replaced,
@@ -871,12 +654,10 @@ pub(super) async fn export(
         None | Some("ndjson") => false,
         Some("csv") => true,
         Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                format!("format: {other:?} is not csv or ndjson"),
-            )
-            .field("format"));
+            return Err(ApiError::invalid_field(
+                "format",
+                format!("{other:?} is not csv or ndjson"),
+            ));
         }
     };
     let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
@@ -960,45 +741,4 @@ pub(super) async fn export(
         Body::from_stream(stream),
     )
         .into_response())
-}
-
-// --- Raw reports ------------------------------------------------------------------------------
-
-/// `POST /v1/feedback`: one raw DSN or ARF message (`message/rfc822` or any type), processed
-/// as if it had come to the bounce listener. Answers what it found and did.
-pub(super) async fn feedback(State(s): State<AppState>, body: Body) -> ApiResult {
-    let node = &s.node;
-    let limit = node.config.bounce.max_message_bytes;
-    let raw = read_body(body, limit, node.config.http.body_read_timeout)
-        .await
-        .map_err(|e| {
-            if e.code == "body_too_large" {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("the message is larger than bounce.max_message_bytes ({limit} bytes)"),
-                )
-            } else {
-                e
-            }
-        })?;
-    match crate::feedback::process(node, &raw, &[], "http").await {
-        Ok(p) if p.kind == "ignored" => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "not_a_report",
-            format!(
-                "not a delivery status notification or feedback report ({})",
-                p.detail.unwrap_or_default()
-            ),
-        )
-        .field("body")),
-        Ok(p) => Ok(axum::Json(p).into_response()),
-        Err(crate::feedback::FeedbackError::Parse(e)) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unparseable_report",
-            e.to_string(),
-        )
-        .field("body")),
-        Err(crate::feedback::FeedbackError::Spool(e)) => Err(e.into()),
-    }
 }

@@ -326,24 +326,19 @@ pub async fn report(
     sites: Vec<SiteView>,
     domain_site: &(dyn Fn(&str) -> Option<String> + Sync),
 ) -> Report {
-    let mut domains = Vec::new();
-    {
-        let queue = node.queue.lock().expect("queue lock");
-        for s in queue.summaries() {
-            domains.push((
-                s.name.to_owned(),
-                s.pending as u64,
-                s.held,
-                s.parked,
-                s.next_due_ms,
-                s.oldest,
-            ));
-        }
-    }
+    let domains = node.scheduler.summaries();
     let mut acc: HashMap<Option<String>, Acc> = HashMap::new();
     let mut out_domains = Vec::with_capacity(domains.len());
     let (mut queued, mut held) = (0u64, 0u64);
-    for (name, pending, h, parked, next_due, oldest) in domains {
+    for s in domains {
+        let (name, pending, h, parked, next_due, oldest) = (
+            s.name,
+            s.pending,
+            s.held,
+            s.suspended,
+            s.next_due_ms,
+            s.oldest,
+        );
         let site = domain_site(&name);
         queued += pending;
         held += h;
@@ -367,7 +362,7 @@ pub async fn report(
             queued: pending,
             held: h,
             suspended: parked,
-            next_attempt: next_due.map(super::rfc3339),
+            next_attempt: next_due.map(crate::delivery_log::rfc3339),
         });
     }
     out_domains.sort_by(|a, b| b.queued.cmp(&a.queued).then(a.domain.cmp(&b.domain)));
@@ -420,8 +415,9 @@ pub async fn report(
             },
             rate_per_second: (v.stats.rate() * 100.0).round() / 100.0,
             state,
-            backoff_until: (v.backoff_until_ms > now).then(|| super::rfc3339(v.backoff_until_ms)),
-            last_reply_at: last.as_ref().map(|(t, _)| super::rfc3339(*t)),
+            backoff_until: (v.backoff_until_ms > now)
+                .then(|| crate::delivery_log::rfc3339(v.backoff_until_ms)),
+            last_reply_at: last.as_ref().map(|(t, _)| crate::delivery_log::rfc3339(*t)),
             last_reply: last.map(|(_, r)| r),
             oldest_queued_seconds: ages.get(&key).copied(),
             site: v.key,

@@ -192,14 +192,7 @@ impl Rules {
         let Some(path) = path else {
             return Ok(Rules::builtin());
         };
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: file.clone(),
-                key: "(file)".into(),
-                reason: e.to_string(),
-            }])
-        })?;
+        let (file, text) = crate::config::read_file(path)?;
         Rules::parse(&file, &text)
     }
 

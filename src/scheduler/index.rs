@@ -1,13 +1,14 @@
-//! The in-memory index of pending jobs: which job is due when, grouped by destination domain.
+//! The pending-job index: which job is due when, grouped by destination domain.
 //!
-//! Owns no I/O and never touches the spool: it is rebuilt from the spool at start and fed by ingest
-//! after each durable commit. The delivery engine consumes it. Memory is the constraint (millions
-//! of queued recipients), so an entry is 16 bytes: due time and job id. Domain names are interned
-//! once; the address and variables stay on disk and are read when the job is sent.
+//! A plain data structure with no lock and no I/O; [`super::Scheduler`]
+//! owns the one instance the engine uses and is its only caller outside benchmarks. Memory is the
+//! constraint (millions of queued recipients), so an entry is 16 bytes: due time and job id.
+//! Domain names are interned once; the address and variables stay on disk and are read when the
+//! job is sent.
 //!
-//! Interface for the delivery engine: [`QueueIndex::next_due`] says when a domain next has work
-//! (the scheduler keeps its own timer wheel over domains), [`QueueIndex::pop_due`] hands out up to
-//! N jobs due by a time, and [`QueueIndex::push`] puts a deferred job back with its new due time.
+//! [`QueueIndex::take_due_domains`] hands out domains whose next job is due (from a schedule of
+//! the inactive domains ordered by that time), [`QueueIndex::pop_due`] up to N jobs of one
+//! domain due by a time, and [`QueueIndex::push`] puts a deferred job back with its new due time.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -185,6 +186,29 @@ impl QueueIndex {
             None => self.pin_underflows += 1,
         }
         self.push(job);
+    }
+
+    /// [`QueueIndex::push_back`] of many jobs, scheduling each domain once rather than once per
+    /// job: an upload's jobs come in long runs of few domains.
+    pub fn push_back_many(&mut self, jobs: impl IntoIterator<Item = PendingJob>) {
+        let mut touched: Vec<DomainId> = Vec::new();
+        for job in jobs {
+            let q = &mut self.queues[job.domain.0 as usize];
+            match q.pins.checked_sub(1) {
+                Some(p) => q.pins = p,
+                None => self.pin_underflows += 1,
+            }
+            q.pending.push((job.due_ms, u64::from(job.id)));
+            self.len += 1;
+            if touched.last() != Some(&job.domain) {
+                touched.push(job.domain);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for d in touched {
+            self.reschedule(d);
+        }
     }
 
     /// Forgets `n` jobs taken out or pinned that reached a final state (or were dropped).

@@ -172,6 +172,50 @@ impl<'a> JobRecord<'a> {
     }
 }
 
+/// A decoded job record that owns its text, for code that keeps it across awaits (an attempt
+/// decodes its job once and uses it from the read to the outcome).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedJobRecord {
+    pub state: JobState,
+    pub upload: u64,
+    pub accepted_at_ms: u64,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub address: String,
+    pub vars: String,
+    pub last_response: String,
+}
+
+impl OwnedJobRecord {
+    pub fn decode(bytes: &[u8]) -> Result<OwnedJobRecord, DecodeError> {
+        let r = JobRecord::decode(bytes)?;
+        Ok(OwnedJobRecord {
+            state: r.state,
+            upload: r.upload,
+            accepted_at_ms: r.accepted_at_ms,
+            attempts: r.attempts,
+            next_attempt_ms: r.next_attempt_ms,
+            address: r.address.to_owned(),
+            vars: r.vars.to_owned(),
+            last_response: r.last_response.to_owned(),
+        })
+    }
+
+    /// The record as [`JobRecord`], to encode a changed copy.
+    pub fn as_record(&self) -> JobRecord<'_> {
+        JobRecord {
+            state: self.state,
+            upload: self.upload,
+            accepted_at_ms: self.accepted_at_ms,
+            attempts: self.attempts,
+            next_attempt_ms: self.next_attempt_ms,
+            address: &self.address,
+            vars: &self.vars,
+            last_response: &self.last_response,
+        }
+    }
+}
+
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);

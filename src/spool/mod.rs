@@ -34,7 +34,7 @@ use prometheus::{Histogram, register_histogram};
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use codec::{JobId, JobRecord, JobState};
+pub use codec::{JobId, JobRecord, JobState, OwnedJobRecord};
 
 /// Campaign records, keyed by campaign sequence (u32 big-endian).
 pub const CF_CAMPAIGNS: &str = "campaigns";
