@@ -99,7 +99,8 @@ impl Scheduler {
         self.wake.notify_one();
     }
 
-    /// Resolves when [`Scheduler::wake`] was called since the last wait.
+    /// Resolves once new work may be due sooner than the engine expects (jobs enqueued, a
+    /// campaign or domain resumed) since the last wait.
     pub async fn woken(&self) {
         self.wake.notified().await
     }
