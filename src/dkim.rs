@@ -3,9 +3,9 @@
 //!
 //! Loading reads key files (blocking, at start-up and on reload). Signing is pure CPU, and for
 //! RSA expensive (a modular exponentiation per message): delivery calls it on the blocking pool,
-//! never on a tokio worker. The signed header list is DESIGN §5's with From over-signed (listed
-//! twice, so a second From cannot be added without breaking the signature), plus Reply-To; absent
-//! headers are signed as empty, so they cannot be added either.
+//! never on a tokio worker. The signed headers are [`SIGNED_HEADERS`], From over-signed (listed
+//! twice, so a second From cannot be added without breaking the signature); absent headers are
+//! signed as empty, so they cannot be added either.
 
 use std::collections::HashMap;
 use std::path::Path;
