@@ -781,7 +781,6 @@ impl Drop for Upload {
         }
         // Staged chunks reached the writer: delete them and the open record. If this fails too,
         // recovery at the next start does the same.
-        self.intern_chunk();
         let mut batch = self.node.spool.batch();
         let queued = self.staged.iter().map(|(index, _)| index);
         for index in queued.chain(&self.suppressed) {

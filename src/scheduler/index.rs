@@ -180,11 +180,7 @@ impl QueueIndex {
 
     /// Returns a job taken out by [`QueueIndex::pop_due`] or pinned: it is queued again.
     pub fn push_back(&mut self, job: PendingJob) {
-        let q = &mut self.queues[job.domain.0 as usize];
-        match q.pins.checked_sub(1) {
-            Some(p) => q.pins = p,
-            None => self.pin_underflows += 1,
-        }
+        self.unpin(job.domain, 1);
         self.push(job);
     }
 
@@ -193,13 +189,8 @@ impl QueueIndex {
     pub fn push_back_many(&mut self, jobs: impl IntoIterator<Item = PendingJob>) {
         let mut touched: Vec<DomainId> = Vec::new();
         for job in jobs {
-            let q = &mut self.queues[job.domain.0 as usize];
-            match q.pins.checked_sub(1) {
-                Some(p) => q.pins = p,
-                None => self.pin_underflows += 1,
-            }
-            q.pending.push((job.due_ms, u64::from(job.id)));
-            self.len += 1;
+            self.unpin(job.domain, 1);
+            self.insert(job);
             if touched.last() != Some(&job.domain) {
                 touched.push(job.domain);
             }
@@ -213,6 +204,13 @@ impl QueueIndex {
 
     /// Forgets `n` jobs taken out or pinned that reached a final state (or were dropped).
     pub fn release(&mut self, domain: DomainId, n: u64) {
+        self.unpin(domain, n);
+        self.note_if_idle(domain);
+    }
+
+    /// `n` jobs of `domain` held outside the index are no longer; more than were held is
+    /// counted as an underflow.
+    fn unpin(&mut self, domain: DomainId, n: u64) {
         let q = &mut self.queues[domain.0 as usize];
         match q.pins.checked_sub(n) {
             Some(p) => q.pins = p,
@@ -221,7 +219,6 @@ impl QueueIndex {
                 self.pin_underflows += 1;
             }
         }
-        self.note_if_idle(domain);
     }
 
     fn is_idle(&self, d: DomainId) -> bool {
@@ -279,11 +276,16 @@ impl QueueIndex {
     }
 
     pub fn push(&mut self, job: PendingJob) {
+        self.insert(job);
+        self.reschedule(job.domain);
+    }
+
+    /// Adds a pending job without rescheduling its domain.
+    fn insert(&mut self, job: PendingJob) {
         self.queues[job.domain.0 as usize]
             .pending
             .push((job.due_ms, u64::from(job.id)));
         self.len += 1;
-        self.reschedule(job.domain);
     }
 
     /// Puts an inactive, unparked domain with jobs into the schedule at its next useful time.
