@@ -23,9 +23,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sluice::outbound::smtp::client::{ClientSettings, Connection, Envelope, Timeouts, TlsMode};
 use sluice::scheduler::index::{DomainId, PendingJob, QueueIndex};
-use sluice::smtp::client::{ClientSettings, Connection, Envelope, Timeouts, TlsMode};
-use sluice::spool::{Durability, JobId, JobRecord, JobState, Spool};
+use sluice::store::spool::{Durability, JobId, JobRecord, JobState, Spool};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{KEY, Process, client, url};
 use serde_json::{Value, json};
-use sluice::spool::{Durability, JobId, JobRecord, JobState, Spool};
+use sluice::store::spool::{Durability, JobId, JobRecord, JobState, Spool};
 
 fn line(i: u64) -> String {
     format!(

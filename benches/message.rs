@@ -10,11 +10,11 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sluice::campaign::{CampaignKind, CampaignRecord, CampaignState};
 use sluice::config::{Config, DkimAlgorithm, DkimEntry};
-use sluice::dkim::DkimKeys;
-use sluice::render::{Assembler, compile};
-use sluice::spool::JobId;
+use sluice::outbound::dkim::DkimKeys;
+use sluice::outbound::render::{Assembler, compile};
+use sluice::store::campaign::{CampaignKind, CampaignRecord, CampaignState};
+use sluice::store::spool::JobId;
 
 fn key(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

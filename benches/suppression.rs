@@ -131,12 +131,12 @@ async fn run(suppressions: u64, recipients: u64) {
     drop(server);
 
     // The index alone: the check ingest and delivery make per recipient.
-    let index = sluice::suppression::Suppressions::default();
+    let index = sluice::effects::suppression::Suppressions::default();
     for i in 0..suppressions {
-        index.insert(&sluice::suppression::Entry {
+        index.insert(&sluice::effects::suppression::Entry {
             address: format!("s{i:07}@d{:03}.example", i % 1000),
-            scope: sluice::suppression::GLOBAL.into(),
-            reason: sluice::suppression::Reason::Manual,
+            scope: sluice::effects::suppression::GLOBAL.into(),
+            reason: sluice::effects::suppression::Reason::Manual,
             created_at_ms: 0,
             source: None,
             campaign: None,

@@ -326,7 +326,7 @@ pub struct Shaping {
     pub connection_rate: Option<Rate>,
     /// STARTTLS policy: opportunistic, required, verify or disabled.
     #[serde(default)]
-    pub tls: crate::smtp::client::TlsMode,
+    pub tls: crate::outbound::smtp::client::TlsMode,
 }
 
 /// An override of [`Shaping`] for the sites it matches.
@@ -345,7 +345,7 @@ pub struct Rule {
     pub max_recipients_per_message: Option<u32>,
     pub message_rate: Option<Rate>,
     pub connection_rate: Option<Rate>,
-    pub tls: Option<crate::smtp::client::TlsMode>,
+    pub tls: Option<crate::outbound::smtp::client::TlsMode>,
 }
 
 impl Rule {
@@ -883,7 +883,7 @@ impl Config {
                 format!("must be at most {}", u32::MAX),
             );
         }
-        if crate::address::check_host_name(&self.delivery.ehlo_name).is_err() {
+        if crate::intake::address::check_host_name(&self.delivery.ehlo_name).is_err() {
             bad(
                 "delivery.ehlo_name",
                 format!(
@@ -992,7 +992,7 @@ impl Config {
             );
         }
         if let Some(d) = &self.bounce.domain
-            && crate::address::check_host_name(d).is_err()
+            && crate::intake::address::check_host_name(d).is_err()
         {
             bad("bounce.domain", format!("{d:?} is not a domain name"));
         }
@@ -1011,7 +1011,7 @@ impl Config {
             );
         }
         for (i, a) in self.bounce.feedback_addresses.iter().enumerate() {
-            if crate::address::Address::parse(a).is_err() {
+            if crate::intake::address::Address::parse(a).is_err() {
                 bad(
                     &format!("bounce.feedback_addresses[{i}]"),
                     format!("{a:?} is not an email address"),
@@ -1039,7 +1039,7 @@ impl Config {
             );
         }
         if let Some(m) = &self.message.unsubscribe_mailto {
-            match crate::address::Address::parse(m) {
+            match crate::intake::address::Address::parse(m) {
                 Ok(a) if a.as_str().is_ascii() && !a.local().contains(['+', '"']) => {}
                 _ => bad(
                     "message.unsubscribe_mailto",
@@ -1073,7 +1073,7 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, k) in self.dkim.iter().enumerate() {
-            if crate::address::check_host_name(&k.domain).is_err() {
+            if crate::intake::address::check_host_name(&k.domain).is_err() {
                 bad(
                     &format!("dkim[{i}].domain"),
                     format!("{:?} is not a domain name", k.domain),

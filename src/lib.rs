@@ -7,114 +7,121 @@
 //!
 //! # Layout
 //!
-//! Modules in the order a recipient meets them, each with the state it owns. Locks are private
-//! to their module; where two are held at once the order is written in the module that allows it
-//! (a delivery site's lock, then the scheduler's, which is a leaf).
+//! The folders of `src/` are the stages a recipient passes through, in this order: `intake/`,
+//! `store/`, `scheduler/`, `outbound/`, `effects/`, `feedback/`; the few files beside them are
+//! the process around the stages. Below, each module with the state it owns. Locks are private to
+//! their module; where two are held at once the order is written in the module that allows it (a
+//! delivery site's lock, then the scheduler's, which is a leaf).
 //!
-//! **In: HTTP to durable jobs.**
+//! **[`intake`]: HTTP to durable jobs.**
 //!
-//! * [`api`]: the axum router, one file per resource (`campaigns`, `messages`, `suppressions`,
-//!   `feedback`, `unsubscribe`, `domains`), plus `idempotency` and `lines`, the line-by-line
-//!   reader shared by NDJSON uploads and suppression imports. Authentication (Bearer keys,
-//!   constant-time), readiness, load shedding (503 + `Retry-After` past
-//!   `http.max_concurrent_requests`), [`api::ApiError`] with the field at fault. Owns the
+//! * [`intake::api`]: the axum router, one file per resource (`campaigns`, `messages`,
+//!   `suppressions`, `feedback`, `unsubscribe`, `domains`), plus `idempotency` and `lines`, the
+//!   line-by-line reader shared by NDJSON uploads and suppression imports. Authentication (Bearer
+//!   keys, constant-time), readiness, load shedding (503 + `Retry-After` past
+//!   `http.max_concurrent_requests`), [`intake::api::ApiError`] with the field at fault. Owns the
 //!   in-flight `Idempotency-Key` set (through the node). Never speaks SMTP.
-//! * [`ingest`]: validation of campaign fields, templates and recipients, and the
-//!   [`ingest::Upload`], which stages a request's jobs in the spool chunk by chunk and makes them
-//!   visible in one synced commit (or deletes them if the request fails or the client leaves).
-//!   [`address`] is the one definition of a valid address (RFC 5321/6531; IDN to punycode);
-//!   [`template`] the minijinja settings shared by ingest and rendering.
-//! * [`spool`]: RocksDB, its column families and the single writer thread that does group commit;
-//!   [`spool::codec`] is the compact, versioned job encoding. A thread samples the filesystem's
-//!   free space: under `spool.min_free_bytes` ingest is refused (507) before it writes, so RocksDB
-//!   itself rarely meets a full disk; when it does, its error handler resumes writes once space
-//!   is back, and delivery retries its outcome writes rather than drop them. The `meta` column
-//!   family also holds, for campaigns that are not personalised only, an address → job index
-//!   written with each job (reports about a shared message name the recipient by address).
-//! * [`campaign`]: the stored campaign record (the template, written once) and the in-memory
-//!   registry with state and per-state counts.
+//! * [`intake::ingest`]: validation of campaign fields, templates and recipients, and the
+//!   [`intake::ingest::Upload`], which stages a request's jobs in the spool chunk by chunk and
+//!   makes them visible in one synced commit (or deletes them if the request fails or the client
+//!   leaves). [`intake::address`] is the one definition of a valid address (RFC 5321/6531; IDN to
+//!   punycode); [`intake::template`] the minijinja settings shared by ingest and rendering.
 //!
-//! **Which job when.**
+//! **[`store`]: what is kept.**
 //!
-//! * [`scheduler`]: owns the pending-job index ([`scheduler::index`], 16 bytes a job, per
-//!   destination domain, a sorted run plus a heap for out-of-order jobs), the jobs parked for
-//!   paused campaigns, the suspended domains and the engine's wake-up, behind one private lock.
-//!   Its `//!` states where a job is at every moment and what may be held when. Uploads are
-//!   indexed in slices, so a million-recipient commit never stalls delivery.
-//! * [`node`]: one process's state (config, spool, registry, scheduler, suppressions, assembler,
-//!   delivery log, webhook receivers, rules) and start-up recovery, which rebuilds the registry,
-//!   the counts, the suppression index and the scheduler from the spool.
+//! * [`store::spool`]: RocksDB, its column families and the single writer thread that does group
+//!   commit; [`store::spool::codec`] is the compact, versioned job encoding. A thread samples the
+//!   filesystem's free space: under `spool.min_free_bytes` ingest is refused (507) before it
+//!   writes, so RocksDB itself rarely meets a full disk; when it does, its error handler resumes
+//!   writes once space is back, and delivery retries its outcome writes rather than drop them.
+//!   The `meta` column family also holds, for campaigns that are not personalised only, an
+//!   address → job index written with each job (reports about a shared message name the
+//!   recipient by address).
+//! * [`store::campaign`]: the stored campaign record (the template, written once) and the
+//!   in-memory registry with state and per-state counts.
 //!
-//! **Out: jobs to SMTP transactions.**
+//! **[`scheduler`]: which job when.** It owns the pending-job index ([`scheduler::index`], 16 bytes
+//! a job, per destination domain, a sorted run plus a heap for out-of-order jobs), the jobs parked
+//! for paused campaigns, the suspended domains and the engine's wake-up, behind one private lock.
+//! Its `//!` states where a job is at every moment and what may be held when. Uploads are indexed
+//! in slices, so a million-recipient commit never stalls delivery.
 //!
-//! * [`delivery`]: the engine, one file per step of an attempt: the coordinator (mod) takes due
-//!   domains from the scheduler, `route` resolves a domain to a *site* (its MX set with
+//! **[`outbound`]: due jobs to SMTP transactions.**
+//!
+//! * [`outbound::delivery`]: the engine, one file per step of an attempt: the coordinator (mod)
+//!   takes due domains from the scheduler, `route` resolves a domain to a *site* (its MX set with
 //!   preferences, or a static route) and opens connections, `site` keeps a site's throttles,
 //!   lanes, idle connections and backoff, `lane` runs up to `max_connections` lanes per site,
 //!   `pick` reads and decodes each leased job once and sorts out paused, cancelled, suppressed
 //!   and expired ones, `transact` renders, signs and sends one message (one transaction for
 //!   several recipients of a campaign that is not personalised), `finish` classifies the outcome
-//!   and applies it as a [`transition::Transition`] through one batching writer (WAL synced every
-//!   100 ms). Throttles (governor) answer "not before T" and the domains are rescheduled for T.
-//!   [`delivery::stats`] gives sites their bounded metric label and builds the reports of
-//!   `GET /v1/domains` and `GET /v1/queue`; the API reaches them through a
-//!   [`delivery::EngineHandle`], so nothing below the API knows the engine.
-//! * [`dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers (NXDOMAIN,
-//!   null MX) from temporary ones.
-//! * [`render`]: message assembly. [`render::compile`] once per campaign (the compiled templates
-//!   are cached in the [`render::Assembler`], not in the campaign record); the assembler renders,
-//!   builds the MIME message (mail-builder) with List-Unsubscribe, Feedback-ID and the trace
-//!   header, and signs it: on the blocking pool one message per core at a time when an RSA key
-//!   signs or the templates are large, else on the delivery task itself. Deterministic, so a
-//!   retry sends the same message (DKIM `t=` aside). [`render::check_vars`] is the same render at
-//!   ingest, with a no-render fast path for templates of bare `{{ name }}` expressions.
-//! * [`dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend), keyed by
-//!   domain; every key of the From domain (or its nearest parent) signs. Swapped whole on SIGHUP.
-//! * [`tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with a purpose
-//!   byte so one kind cannot stand in for another, and key rotation (first key signs, all verify).
-//! * [`smtp`]: our SMTP client: [`smtp::reply`] parses replies into typed data, and
-//!   [`smtp::client`] runs a connection over any byte stream (EHLO/HELO, STARTTLS with rustls,
-//!   PIPELINING, SIZE, 8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321 timeouts), unit-tested against
-//!   scripted servers on an in-memory pipe.
-//! * [`outcome`]: the one classifier from replies, transport errors and DNS answers to delivered,
-//!   deferred, bounced or expired; [`outcome::rules`] then names the bounce category from the
-//!   rules file (`config/bounce-rules.toml`, compiled in, replaceable and reloaded on SIGHUP),
-//!   retries a 5xx of a soft category and says whether a hard bounce suppresses. [`retry`] is
-//!   the backoff schedule (deferred recipients, webhook receivers).
+//!   and applies it as an [`effects::transition::Transition`] through one batching writer (WAL
+//!   synced every 100 ms). Throttles (governor) answer "not before T" and the domains are
+//!   rescheduled for T. [`outbound::delivery::stats`] gives sites their bounded metric label and
+//!   builds the reports of `GET /v1/domains` and `GET /v1/queue`; the API reaches them through an
+//!   [`outbound::delivery::EngineHandle`], so nothing below the API knows the engine.
+//! * [`outbound::dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers
+//!   (NXDOMAIN, null MX) from temporary ones.
+//! * [`outbound::render`]: message assembly. [`outbound::render::compile`] once per campaign (the
+//!   compiled templates are cached in the [`outbound::render::Assembler`], not in the campaign
+//!   record); the assembler renders, builds the MIME message (mail-builder) with
+//!   List-Unsubscribe, Feedback-ID and the trace header, and signs it: on the blocking pool one
+//!   message per core at a time when an RSA key signs or the templates are large, else on the
+//!   delivery task itself. Deterministic, so a retry sends the same message (DKIM `t=` aside).
+//!   [`outbound::render::check_vars`] is the same render at ingest, with a no-render fast path
+//!   for templates of bare `{{ name }}` expressions.
+//! * [`outbound::dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend),
+//!   keyed by domain; every key of the From domain (or its nearest parent) signs. Swapped whole
+//!   on SIGHUP.
+//! * [`outbound::tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with
+//!   a purpose byte so one kind cannot stand in for another, and key rotation (first key signs,
+//!   all verify).
+//! * [`outbound::smtp`]: our SMTP client: [`outbound::smtp::reply`] parses replies into typed
+//!   data, and [`outbound::smtp::client`] runs a connection over any byte stream (EHLO/HELO,
+//!   STARTTLS with rustls, PIPELINING, SIZE, 8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321
+//!   timeouts), unit-tested against scripted servers on an in-memory pipe.
+//! * [`outbound::outcome`]: the one classifier from replies, transport errors and DNS answers to
+//!   delivered, deferred, bounced or expired; [`outbound::outcome::rules`] then names the bounce
+//!   category from the rules file (`config/bounce-rules.toml`, compiled in, replaceable and
+//!   reloaded on SIGHUP), retries a 5xx of a soft category and says whether a hard bounce
+//!   suppresses. [`outbound::retry`] is the backoff schedule (deferred recipients, webhook
+//!   receivers).
 //!
-//! **What happened: one write path for every effect.**
+//! **[`effects`]: what happened, one write path for every effect.**
 //!
-//! * [`transition`]: a job's change of state, with everything it touches (record, campaign
-//!   counts, delivery-log record and webhook event, a suppression it causes), staged into the
-//!   caller's spool batch and applied in memory once written. Delivery and feedback use it and
-//!   nothing else, so record, counts and events cannot drift apart.
-//! * [`suppression`]: entries (global or per sending domain) in the `suppressions` column family,
-//!   mirrored in an in-memory index checked at ingest and again before each delivery. Every new
-//!   entry goes through [`suppression::Suppressions::added`] (index, metric, log): from a
-//!   transition, or [`suppression::Suppressions::add`] for the API and imports. Entries that name
-//!   a campaign are counted back into its `unsubscribed`/`complained` at recovery (those counts
-//!   are not stored).
-//! * [`delivery_log`]: the JSON delivery log, written on its own thread and rotated.
-//! * [`webhook`]: events for HTTP receivers. An event (a delivery-log record plus id and type) is
-//!   staged into the same spool batch as the change it reports; the spool's writer numbers it in
-//!   write order into the `events` column family (the outbox); one sender per receiver reads its
-//!   events from a cursor, POSTs signed batches and deletes what was acknowledged.
+//! * [`effects::transition`]: a job's change of state, with everything it touches (record,
+//!   campaign counts, delivery-log record and webhook event, a suppression it causes), staged
+//!   into the caller's spool batch and applied in memory once written. Delivery and feedback use
+//!   it and nothing else, so record, counts and events cannot drift apart.
+//! * [`effects::suppression`]: entries (global or per sending domain) in the `suppressions`
+//!   column family, mirrored in an in-memory index checked at ingest and again before each
+//!   delivery. Every new entry goes through [`effects::suppression::Suppressions::added`] (index,
+//!   metric, log): from a transition, or [`effects::suppression::Suppressions::add`] for the API
+//!   and imports. Entries that name a campaign are counted back into its
+//!   `unsubscribed`/`complained` at recovery (those counts are not stored).
+//! * [`effects::delivery_log`]: the JSON delivery log, written on its own thread and rotated.
+//! * [`effects::webhook`]: events for HTTP receivers. An event (a delivery-log record plus id and
+//!   type) is staged into the same spool batch as the change it reports; the spool's writer
+//!   numbers it in write order into the `events` column family (the outbox); one sender per
+//!   receiver reads its events from a cursor, POSTs signed batches and deletes what was
+//!   acknowledged.
 //!
-//! **Back: reports about mail sent.**
+//! **[`feedback`]: reports about mail sent, back.** It parses RFC 3464 DSNs (mail-parser for
+//! MIME, the delivery-status fields here) and RFC 5965 ARF (mail-auth), maps each to its job
+//! through the VERP token of the envelope recipient or the trace header / VERP Return-Path of the
+//! returned headers, and applies it as a transition. A report about a shared message names its
+//! first recipient's job; the recipient the report names is found through the spool's
+//! per-campaign address index. [`feedback::listener`] is the SMTP listener on `[bounce] listen`
+//! that feeds it; a pure [`feedback::listener::Command::parse`] reads each command line, the
+//! dialogue applies it; it accepts only addresses whose tokens authenticate and configured
+//! feedback addresses, with limits on connections, lines, size and errors, and answers the final
+//! dot after the effect is synced. `POST /v1/feedback` is the same over HTTP.
 //!
-//! * [`feedback`]: parses RFC 3464 DSNs (mail-parser for MIME, the delivery-status fields here)
-//!   and RFC 5965 ARF (mail-auth), maps each to its job through the VERP token of the envelope
-//!   recipient or the trace header / VERP Return-Path of the returned headers, and applies it as
-//!   a transition. A report about a shared message names its first recipient's job; the
-//!   recipient the report names is found through the spool's per-campaign address index.
-//! * [`inbound`]: the SMTP listener on `[bounce] listen` that feeds [`feedback`]; a pure
-//!   [`inbound::Command::parse`] reads each command line, the dialogue applies it; it accepts only
-//!   addresses whose tokens authenticate and configured feedback addresses, with limits on
-//!   connections, lines, size and errors, and answers the final dot after the effect is synced.
-//!   `POST /v1/feedback` is the same over HTTP.
+//! **Around the stages** (the files beside the folders).
 //!
-//! **Around.**
-//!
+//! * [`node`]: one process's state (config, spool, registry, scheduler, suppressions, assembler,
+//!   delivery log, webhook receivers, rules) and start-up recovery, which rebuilds the registry,
+//!   the counts, the suppression index and the scheduler from the spool.
 //! * [`server`]: [`server::Settings`] (the config and the files it names, DKIM keys and bounce
 //!   rules, each loaded once), start and graceful stop (delivery first, bounded by
 //!   `delivery.shutdown_timeout`, then the API, listener and webhook senders, then the delivery
@@ -124,8 +131,9 @@
 //!   files but reads none but itself. [`tls`]: certificate and key files into a rustls acceptor.
 //!   [`metrics`]: the registry and the metrics that belong to no one module.
 //!
-//! No module-level import cycles: `scripts/lib/module_cycles.py`, run by the test script, reads
-//! the `crate::` paths of every module and fails on a cycle between top-level modules.
+//! No import cycles between modules: `scripts/lib/module_cycles.py`, run by the test script,
+//! reads the `crate::` paths of every file and fails on a cycle between modules (a top-level
+//! module, or one level down inside a stage folder).
 //!
 //! The binary (`src/main.rs`) adds `src/cli/`: operator commands (`domains`, `queue`, `suspend`,
 //! `campaign`, `suppressions`, `send --csv`) that are plain clients of the HTTP API.
@@ -177,32 +185,17 @@
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 
-pub mod address;
-pub mod api;
-pub mod campaign;
 pub mod config;
-pub mod delivery;
-pub mod delivery_log;
-pub mod dkim;
-pub mod dns;
+pub mod effects;
 pub mod feedback;
-pub mod inbound;
-pub mod ingest;
+pub mod intake;
 pub mod metrics;
 pub mod node;
-pub mod outcome;
-pub mod render;
-pub mod retry;
+pub mod outbound;
 pub mod scheduler;
 pub mod server;
-pub mod smtp;
-pub mod spool;
-pub mod suppression;
-pub mod template;
+pub mod store;
 pub mod tls;
-pub mod tokens;
-pub mod transition;
-pub mod webhook;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

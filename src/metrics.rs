@@ -69,19 +69,19 @@ pub fn init() {
     L::force(&RECIPIENTS_SUPPRESSED);
     L::force(&RECIPIENTS_REJECTED);
     L::force(&QUEUED_JOBS);
-    L::force(&crate::delivery::TRANSACTION_SECONDS);
-    L::force(&crate::delivery::ASSEMBLY_SECONDS);
-    L::force(&crate::delivery::SUPPRESSED_AT_DELIVERY);
-    L::force(&crate::delivery::LATENCY_SECONDS);
-    L::force(&crate::delivery_log::DROPPED);
-    L::force(&crate::smtp::client::CONNECT_SECONDS);
-    L::force(&crate::smtp::client::TLS_SECONDS);
-    L::force(&crate::dkim::SIGN_SECONDS);
-    L::force(&crate::spool::WRITE_SECONDS);
-    L::force(&crate::spool::SYNC_SECONDS);
-    L::force(&crate::spool::GROUP_SIZE);
-    L::force(&crate::transition::COMPLAINED);
-    L::force(&crate::transition::UNSUBSCRIBED);
+    L::force(&crate::outbound::delivery::TRANSACTION_SECONDS);
+    L::force(&crate::outbound::delivery::ASSEMBLY_SECONDS);
+    L::force(&crate::outbound::delivery::SUPPRESSED_AT_DELIVERY);
+    L::force(&crate::outbound::delivery::LATENCY_SECONDS);
+    L::force(&crate::effects::delivery_log::DROPPED);
+    L::force(&crate::outbound::smtp::client::CONNECT_SECONDS);
+    L::force(&crate::outbound::smtp::client::TLS_SECONDS);
+    L::force(&crate::outbound::dkim::SIGN_SECONDS);
+    L::force(&crate::store::spool::WRITE_SECONDS);
+    L::force(&crate::store::spool::SYNC_SECONDS);
+    L::force(&crate::store::spool::GROUP_SIZE);
+    L::force(&crate::effects::transition::COMPLAINED);
+    L::force(&crate::effects::transition::UNSUBSCRIBED);
 }
 
 /// Renders every registered metric in the Prometheus text format.

@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::campaign::{Campaign, CampaignRecord, CampaignState, Registry};
 use crate::config::Config;
 use crate::scheduler::Scheduler;
 use crate::scheduler::index::{PendingJob, QueueIndex};
-use crate::spool::{Durability, JobState, Spool, SpoolError};
+use crate::store::campaign::{Campaign, CampaignRecord, CampaignState, Registry};
+use crate::store::spool::{Durability, JobState, Spool, SpoolError};
 
 pub struct Node {
     /// Serialises campaign state changes so the stored and in-memory states agree.
@@ -30,15 +30,15 @@ pub struct Node {
     /// Idempotency keys of requests being processed right now.
     pub idempotency_in_flight: Mutex<std::collections::HashSet<String>>,
     /// Suppressed addresses, loaded at recovery, consulted at ingest and before each delivery.
-    pub suppressions: crate::suppression::Suppressions,
+    pub suppressions: crate::effects::suppression::Suppressions,
     /// Message assembly: token keys, DKIM keys, configured addresses.
-    pub assembler: crate::render::Assembler,
+    pub assembler: crate::outbound::render::Assembler,
     /// The delivery log: attempts, asynchronous bounces and complaints.
-    pub log: crate::delivery_log::DeliveryLog,
+    pub log: crate::effects::delivery_log::DeliveryLog,
     /// Webhook receivers: which events go to whom.
-    pub webhooks: Arc<crate::webhook::Webhooks>,
+    pub webhooks: Arc<crate::effects::webhook::Webhooks>,
     /// Bounce classification rules; replaced whole on SIGHUP.
-    rules: std::sync::RwLock<Arc<crate::outcome::rules::Rules>>,
+    rules: std::sync::RwLock<Arc<crate::outbound::outcome::rules::Rules>>,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -56,14 +56,15 @@ impl Node {
     /// Opens the spool. Blocking. The node is not ready until [`Node::recover`] has run.
     pub fn open(
         config: Arc<Config>,
-        dkim: crate::dkim::DkimKeys,
-        rules: crate::outcome::rules::Rules,
-        log: crate::delivery_log::DeliveryLog,
+        dkim: crate::outbound::dkim::DkimKeys,
+        rules: crate::outbound::outcome::rules::Rules,
+        log: crate::effects::delivery_log::DeliveryLog,
     ) -> Result<Arc<Node>, SpoolError> {
-        let webhooks = Arc::new(crate::webhook::Webhooks::new(&config).map_err(SpoolError::Rocks)?);
+        let webhooks =
+            Arc::new(crate::effects::webhook::Webhooks::new(&config).map_err(SpoolError::Rocks)?);
         let spool = Arc::new(Spool::open(&config.spool.path)?);
         spool.set_min_free_bytes(config.spool.min_free_bytes);
-        let assembler = crate::render::Assembler::new(&config, dkim);
+        let assembler = crate::outbound::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
             log,
             assembler,
@@ -83,11 +84,11 @@ impl Node {
     }
 
     /// The bounce classification rules in force.
-    pub fn rules(&self) -> Arc<crate::outcome::rules::Rules> {
+    pub fn rules(&self) -> Arc<crate::outbound::outcome::rules::Rules> {
         Arc::clone(&self.rules.read().expect("rules lock"))
     }
 
-    pub fn replace_rules(&self, rules: crate::outcome::rules::Rules) {
+    pub fn replace_rules(&self, rules: crate::outbound::outcome::rules::Rules) {
         *self.rules.write().expect("rules lock") = Arc::new(rules);
     }
 
@@ -105,9 +106,10 @@ impl Node {
         }
         let mut bad = None;
         // Unsubscribes and complaints per campaign, counted back into its counts below.
-        let mut feedback: HashMap<(uuid::Uuid, crate::suppression::Reason), u64> = HashMap::new();
+        let mut feedback: HashMap<(uuid::Uuid, crate::effects::suppression::Reason), u64> =
+            HashMap::new();
         self.spool.scan_suppressions(None, |k, v| {
-            match crate::suppression::Entry::decode(v) {
+            match crate::effects::suppression::Entry::decode(v) {
                 Ok(e) => {
                     if let Some(c) = e.campaign {
                         *feedback.entry((c, e.reason)).or_default() += 1;
@@ -144,7 +146,7 @@ impl Node {
                 .slot(state, rec.attempts)
                 .fetch_add(1, Ordering::Relaxed);
             if state == JobState::Queued {
-                let domain = queue.domain_id(crate::address::domain_of(rec.address));
+                let domain = queue.domain_id(crate::intake::address::domain_of(rec.address));
                 queue.push(PendingJob {
                     id,
                     domain,
@@ -161,11 +163,11 @@ impl Node {
             let get = |r| feedback.get(&(id, r)).copied().unwrap_or(0);
             let c = &campaign.counts;
             c.unsubscribed.store(
-                get(crate::suppression::Reason::Unsubscribe),
+                get(crate::effects::suppression::Reason::Unsubscribe),
                 Ordering::Relaxed,
             );
             c.complained.store(
-                get(crate::suppression::Reason::Complaint),
+                get(crate::effects::suppression::Reason::Complaint),
                 Ordering::Relaxed,
             );
         }

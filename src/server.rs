@@ -22,7 +22,7 @@ const IDEMPOTENCY_SWEEP: Duration = Duration::from_secs(600);
 /// A running node. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
     pub node: Arc<Node>,
-    delivery: Arc<std::sync::Mutex<Option<Arc<crate::delivery::Delivery>>>>,
+    delivery: Arc<std::sync::Mutex<Option<Arc<crate::outbound::delivery::Delivery>>>>,
     pub http_addr: SocketAddr,
     /// Where the bounce listener listens, when `[bounce] listen` is set.
     pub bounce_addr: Option<SocketAddr>,
@@ -34,8 +34,8 @@ pub struct Running {
 /// with.
 pub struct Settings {
     pub config: Arc<Config>,
-    pub dkim: crate::dkim::DkimKeys,
-    pub rules: crate::outcome::rules::Rules,
+    pub dkim: crate::outbound::dkim::DkimKeys,
+    pub rules: crate::outbound::outcome::rules::Rules,
 }
 
 impl Settings {
@@ -52,8 +52,8 @@ impl Settings {
     }
 
     fn with_files(config: Arc<Config>, file: &str) -> Result<Settings, ConfigErrors> {
-        let dkim = crate::dkim::DkimKeys::load(&config.dkim, file);
-        let rules = crate::outcome::rules::Rules::load(config.bounce.rules.as_deref());
+        let dkim = crate::outbound::dkim::DkimKeys::load(&config.dkim, file);
+        let rules = crate::outbound::outcome::rules::Rules::load(config.bounce.rules.as_deref());
         match (dkim, rules) {
             (Ok(dkim), Ok(rules)) => Ok(Settings {
                 config,
@@ -83,9 +83,9 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         dkim,
         rules,
     } = settings;
-    let log = crate::delivery_log::DeliveryLog::open(
+    let log = crate::effects::delivery_log::DeliveryLog::open(
         &config.log.delivery_log,
-        crate::delivery_log::Rotation::from_config(&config.log),
+        crate::effects::delivery_log::Rotation::from_config(&config.log),
     )
     .with_context(|| {
         format!(
@@ -104,8 +104,8 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let engine = crate::delivery::EngineHandle::default();
-    let app = crate::api::router(Arc::clone(&node), engine.clone());
+    let engine = crate::outbound::delivery::EngineHandle::default();
+    let app = crate::intake::api::router(Arc::clone(&node), engine.clone());
     let http_stop = stop.clone();
     match (&config.http.tls_cert, &config.http.tls_key) {
         (Some(cert), Some(key)) => {
@@ -131,7 +131,7 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
     let bounce_addr = match config.bounce.listen {
         None => None,
         Some(addr) => Some(
-            crate::inbound::serve(Arc::clone(&node), addr, stop.clone(), tasks.clone())
+            crate::feedback::listener::serve(Arc::clone(&node), addr, stop.clone(), tasks.clone())
                 .await
                 .with_context(|| format!("binding the bounce listener to {addr}"))?,
         ),
@@ -139,7 +139,8 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
 
     let rec_node = Arc::clone(&node);
     let rec_stop = stop.clone();
-    let delivery: Arc<std::sync::Mutex<Option<Arc<crate::delivery::Delivery>>>> = Arc::default();
+    let delivery: Arc<std::sync::Mutex<Option<Arc<crate::outbound::delivery::Delivery>>>> =
+        Arc::default();
     let rec_delivery = Arc::clone(&delivery);
     let rec_tasks = tasks.clone();
     tasks.spawn(async move {
@@ -155,7 +156,7 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
                 let started = {
                     let mut slot = rec_delivery.lock().expect("delivery slot");
                     if rec_node.config.delivery.enabled && !rec_node.is_draining() {
-                        crate::delivery::Delivery::start(Arc::clone(&rec_node)).map(|d| {
+                        crate::outbound::delivery::Delivery::start(Arc::clone(&rec_node)).map(|d| {
                             engine.set(&d);
                             *slot = Some(d);
                         })
@@ -197,7 +198,7 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
                 _ = sweep_stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match crate::api::expire_idempotency(Arc::clone(&sweep_node)).await {
+            match crate::intake::api::expire_idempotency(Arc::clone(&sweep_node)).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(expired = n, "idempotency records expired"),
                 Err(e) => tracing::warn!(error = %e, "expiring idempotency records failed"),

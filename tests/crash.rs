@@ -117,10 +117,10 @@ async fn sigkill_during_uploads_loses_nothing_acknowledged() {
         // Nothing staged is left behind: the jobs on disk are exactly the queued ones.
         let spool_for_check = spool.clone();
         let jobs = tokio::task::spawn_blocking(move || {
-            let s = sluice::spool::Spool::open(&spool_for_check).unwrap();
+            let s = sluice::store::spool::Spool::open(&spool_for_check).unwrap();
             (
-                s.count_keys(sluice::spool::CF_JOBS).unwrap(),
-                s.count_keys(sluice::spool::CF_META).unwrap(),
+                s.count_keys(sluice::store::spool::CF_JOBS).unwrap(),
+                s.count_keys(sluice::store::spool::CF_META).unwrap(),
             )
         })
         .await

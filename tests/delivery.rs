@@ -11,7 +11,7 @@ use common::{
     KEY, client, delivery_config, post_campaign, recipients, start, url, wait_counts, wait_log,
 };
 use serde_json::{Value, json};
-use sluice::smtp::client::TlsMode;
+use sluice::outbound::smtp::client::TlsMode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_with_pipelining_and_logs_each_attempt() {
@@ -40,7 +40,7 @@ async fn delivers_with_pipelining_and_logs_each_attempt() {
         .node
         .assembler
         .tokens()
-        .verify(sluice::tokens::Purpose::Verp, token)
+        .verify(sluice::outbound::tokens::Purpose::Verp, token)
         .expect("the VERP token authenticates");
     assert_eq!(job.index, 1, "user1 is the campaign's second recipient");
     assert!(m.data.contains("Subject: Hello User 1\r\n"), "{}", m.data);

@@ -302,9 +302,11 @@ async fn rocksdb_out_of_space_refuses_the_upload_and_recovers_when_space_frees()
     assert_eq!(got["counts"]["queued"], 30, "after a restart: {got}");
     let jobs = {
         let n = std::sync::Arc::clone(&node.node);
-        tokio::task::spawn_blocking(move || n.spool.count_keys(sluice::spool::CF_JOBS).unwrap())
-            .await
-            .unwrap()
+        tokio::task::spawn_blocking(move || {
+            n.spool.count_keys(sluice::store::spool::CF_JOBS).unwrap()
+        })
+        .await
+        .unwrap()
     };
     assert_eq!(jobs, 30, "job records of the refused upload remain");
     node.shutdown().await;

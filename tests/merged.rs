@@ -12,7 +12,7 @@ use common::sink::{Sink, SinkOptions};
 use common::{delivery_config, get_json, post_body, post_json, trace_token, wait_counts, wait_log};
 use serde_json::{Value, json};
 use sluice::config::{DkimAlgorithm, DkimEntry};
-use sluice::tokens::Purpose;
+use sluice::outbound::tokens::Purpose;
 
 const MAX_RCPT: usize = 20;
 

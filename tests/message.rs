@@ -282,7 +282,7 @@ async fn delivered_messages_carry_signed_unsubscribe_headers_and_the_attachment(
     let tokens = node.node.assembler.tokens();
     let trace = header(d, "X-Sluice-Ref").expect("trace header");
     let job = tokens
-        .verify(sluice::tokens::Purpose::Trace, &trace)
+        .verify(sluice::outbound::tokens::Purpose::Trace, &trace)
         .expect("the trace token authenticates");
     let unsub = lu
         .trim_start_matches("<https://mta.example.com/u/")
@@ -290,10 +290,13 @@ async fn delivered_messages_carry_signed_unsubscribe_headers_and_the_attachment(
         .next()
         .unwrap_or_default();
     assert_eq!(
-        tokens.verify(sluice::tokens::Purpose::Unsubscribe, unsub),
+        tokens.verify(sluice::outbound::tokens::Purpose::Unsubscribe, unsub),
         Some(job)
     );
-    assert_eq!(tokens.verify(sluice::tokens::Purpose::Verp, &trace), None);
+    assert_eq!(
+        tokens.verify(sluice::outbound::tokens::Purpose::Verp, &trace),
+        None
+    );
     assert!(d.contains("filename=\"prix.txt\""), "{d}");
     // A text attachment goes quoted-printable ("prix\n"); a binary one would be base64.
     assert!(d.contains("prix=0A") || d.contains("cHJpeAo="), "{d}");

@@ -170,7 +170,7 @@ async fn api_puts_gets_lists_deletes_and_survives_restart() {
         node.node
             .suppressions
             .check("ann@example.org", "anything.example"),
-        Some(sluice::suppression::Reason::Manual)
+        Some(sluice::effects::suppression::Reason::Manual)
     );
     assert_eq!(
         node.node.suppressions.check("b@example.org", "x.example"),
@@ -417,8 +417,8 @@ async fn one_click_unsubscribe_suppresses_for_the_sending_domain_once() {
 
     // Forged, mistyped or other-purpose tokens are refused.
     let trace = node.node.assembler.tokens().issue(
-        sluice::tokens::Purpose::Trace,
-        sluice::spool::JobId {
+        sluice::outbound::tokens::Purpose::Trace,
+        sluice::store::spool::JobId {
             campaign: 1,
             index: 0,
         },

@@ -5,9 +5,9 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use sluice::campaign::CampaignKind;
 use sluice::config::LimitsConfig;
-use sluice::ingest::{self, ComposeRequest};
+use sluice::intake::ingest::{self, ComposeRequest};
+use sluice::store::campaign::CampaignKind;
 
 static LIMITS: LazyLock<LimitsConfig> =
     LazyLock::new(|| serde_json::from_str("{}").expect("limits have defaults"));

@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use sluice::outcome::rules::Rules;
-use sluice::smtp::reply::{Command, EnhancedCode, ReplyBuilder};
+use sluice::outbound::outcome::rules::Rules;
+use sluice::outbound::smtp::reply::{Command, EnhancedCode, ReplyBuilder};
 
 static RULES: LazyLock<Rules> = LazyLock::new(Rules::builtin);
 
@@ -17,8 +17,8 @@ fuzz_target!(|data: &[u8]| {
         match builder.push(line, Command::Rcpt) {
             Ok(Some(reply)) => {
                 let _ = reply.summary();
-                let outcome = sluice::outcome::from_reply(&reply);
-                let _ = sluice::outcome::classify(outcome, &RULES);
+                let outcome = sluice::outbound::outcome::from_reply(&reply);
+                let _ = sluice::outbound::outcome::classify(outcome, &RULES);
             }
             Ok(None) => {}
             Err(_) => builder = ReplyBuilder::default(),

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Fails when the crate's top-level modules import each other in a cycle.
+"""Fails when the crate's modules import each other in a cycle.
 
 Reads every file under src/ (the binary's src/main.rs and src/cli/ excepted: they sit on top of
-the library), maps it to its top-level module (src/delivery/log.rs -> delivery), collects the
-`crate::name` paths it mentions outside comments and tests, and looks for strongly connected
-components in that graph. Submodules of one module may refer to each other freely; a cycle
-between two top-level modules is what makes a change ripple, and what this check refuses.
+the library) and maps it to its module: the top-level module (src/scheduler/index.rs ->
+scheduler), or, inside a folder that only groups modules by stage (a mod.rs of docs and `pub mod`
+lines, like src/outbound/), the module one level down (src/outbound/delivery/lane.rs ->
+outbound::delivery). It collects the `crate::` paths each file mentions outside comments and
+tests, and looks for strongly connected components in that graph. Submodules of one module may
+refer to each other freely; a cycle between two modules is what makes a change ripple, and what
+this check refuses.
 """
 import os
 import re
@@ -14,12 +17,40 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src")
 
 
+def is_group(name):
+    """A folder whose mod.rs holds nothing but docs and `pub mod x;` lines."""
+    path = os.path.join(ROOT, name, "mod.rs")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line and not line.startswith("//") and not re.fullmatch(r"pub mod \w+;", line):
+                return False
+    return True
+
+
+GROUPS = {d for d in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, d)) and is_group(d)}
+
+
+def unit(segments):
+    """The module a path (or a file's path under src/, without extensions) belongs to."""
+    if not segments:
+        return None
+    if segments[0] in GROUPS:
+        return "::".join(segments[:2]) if len(segments) > 1 else None
+    return segments[0]
+
+
 def module_of(path):
     rel = os.path.relpath(path, ROOT)
     parts = rel.split(os.sep)
     if parts[0] in ("main.rs", "lib.rs", "cli"):
         return None
-    return parts[0][:-3] if parts[0].endswith(".rs") else parts[0]
+    parts = [p[:-3] if p.endswith(".rs") else p for p in parts]
+    if parts[-1] == "mod":
+        parts.pop()
+    return unit(parts)
 
 
 def code_of(text):
@@ -29,28 +60,41 @@ def code_of(text):
     return text
 
 
-def deps(text):
-    found = set()
-    for m in re.finditer(r"crate::(\{|\w+)", text):
-        if m.group(1) != "{":
-            found.add(m.group(1))
-            continue
-        # A use group: the first name of each top-level item, nested groups skipped.
-        depth, item, i = 1, "", m.end()
-        while i < len(text) and depth:
-            c = text[i]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-            if depth == 1 and c == ",":
-                found.add(item.strip().split("::")[0].strip())
-                item = ""
-            elif depth == 1 or (depth == 0 and c != "}"):
-                item += c
+def use_tree(text, i, prefix, out):
+    """Expands the use tree (or plain path) starting at text[i] into paths appended to out."""
+    segs = list(prefix)
+    while i < len(text):
+        m = re.match(r"\s*(\w+|\*)\s*", text[i:])
+        if m:
+            segs.append(m.group(1))
+            i += m.end()
+            if text.startswith("::", i):
+                i += 2
+                continue
+            out.append(segs)
+            return i
+        if text.startswith("{", i):
             i += 1
-        found.add(item.strip().split("::")[0].strip())
-    found.discard("")
+            while i < len(text):
+                i = use_tree(text, i, segs, out)
+                m = re.match(r"\s*([,}])", text[i:])
+                if not m:
+                    return i
+                i += m.end()
+                if m.group(1) == "}":
+                    break
+            return i
+        break
+    out.append(segs)
+    return i
+
+
+def deps(text):
+    paths = []
+    for m in re.finditer(r"(?<![\w$])crate::", text):
+        use_tree(text, m.end(), [], paths)
+    found = {unit(p) for p in paths}
+    found.discard(None)
     return found
 
 

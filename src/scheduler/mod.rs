@@ -33,7 +33,7 @@ pub mod index;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::spool::JobId;
+use crate::store::spool::JobId;
 use index::{DomainId, PendingJob, QueueIndex};
 
 /// Jobs of an upload put into the index per lock hold.

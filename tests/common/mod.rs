@@ -137,10 +137,10 @@ pub async fn spool_counts(running: &Running) -> Vec<(String, usize)> {
     let node = Arc::clone(&running.node);
     tokio::task::spawn_blocking(move || {
         [
-            sluice::spool::CF_CAMPAIGNS,
-            sluice::spool::CF_JOBS,
-            sluice::spool::CF_META,
-            sluice::spool::CF_IDEMPOTENCY,
+            sluice::store::spool::CF_CAMPAIGNS,
+            sluice::store::spool::CF_JOBS,
+            sluice::store::spool::CF_META,
+            sluice::store::spool::CF_IDEMPOTENCY,
         ]
         .iter()
         .map(|cf| (cf.to_string(), node.spool.count_keys(cf).expect("count")))

@@ -1,0 +1,153 @@
+//! Job transitions: the one path by which something that happened to a recipient is written,
+//! counted and reported.
+//!
+//! A [`Transition`] names a job and everything its change touches: the job's new record, the
+//! campaign counter it moves between, the delivery-log record that reports it (which is also its
+//! webhook event), and a suppression it causes. Delivery (an attempt's outcome, a job dropped
+//! unsent) and feedback (a DSN, a complaint, an unsubscribe) both build one; neither writes a
+//! record, a count or an event any other way, so the stored record, the counts and the events
+//! cannot drift apart.
+//!
+//! Two steps, because the two callers write differently: [`Transition::writes`] is what goes to
+//! the spool, staged into whatever batch the caller writes (delivery batches many outcomes and
+//! syncs on a timer; a report is written on its own, synced, before it is answered), and
+//! [`Transition::apply`] changes memory (counts, suppression index, log line, metrics) once the
+//! write is queued or done. [`Transition::commit`] is both, synced. No blocking work here; the
+//! spool write goes through its writer thread.
+
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus::{IntCounter, register_int_counter};
+
+use crate::effects::delivery_log::LogRecord;
+use crate::effects::suppression::{Entry, Reason};
+use crate::node::Node;
+use crate::store::campaign::Campaign;
+use crate::store::spool::{Durability, JobId, SpoolBatch, SpoolError};
+
+pub(crate) static COMPLAINED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_recipients_complained_total",
+        "Recipients who complained (ARF abuse, fraud or virus report mapped to a message), counted once per recipient and sending domain. Over deliveries, the complaint rate mailbox providers watch."
+    )
+    .expect("metric registers once")
+});
+
+pub(crate) static UNSUBSCRIBED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sluice_recipients_unsubscribed_total",
+        "Recipients who unsubscribed (one-click link or unsubscribe mailto), counted once per recipient and sending domain."
+    )
+    .expect("metric registers once")
+});
+
+/// One change to one job. Every part is optional: a repeated complaint is only a report, an
+/// unsent cancelled job only a record.
+pub struct Transition<'a> {
+    pub campaign: &'a Campaign,
+    pub job: JobId,
+    /// The job's new record (encoded), when it changes.
+    pub record: Option<Vec<u8>>,
+    /// The campaign counters the recipient leaves and enters.
+    pub counts: Option<(&'a AtomicU64, &'a AtomicU64)>,
+    /// The delivery-log record reporting the change; also its webhook event.
+    pub report: Option<LogRecord>,
+    /// A suppression the change causes. One that names the campaign with reason complaint or
+    /// unsubscribe counts into the campaign's `complained` or `unsubscribed` the first time the
+    /// address is suppressed in that scope, exactly as recovery counts such entries back.
+    pub suppression: Option<Entry>,
+}
+
+/// What a transition writes to the spool, owned, so it can travel to a batching writer.
+#[derive(Default)]
+pub struct Writes {
+    job: Option<(JobId, Vec<u8>)>,
+    event: Option<(Vec<u32>, Vec<u8>)>,
+    suppression: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Writes {
+    /// Adds these writes to `batch`.
+    pub fn stage(self, batch: &mut SpoolBatch) {
+        if let Some((id, bytes)) = self.job {
+            batch.put_job(id, &bytes);
+        }
+        if let Some((hooks, json)) = self.event {
+            batch.add_event(hooks, json);
+        }
+        if let Some((key, value)) = self.suppression {
+            batch.put_suppression(&key, &value);
+        }
+    }
+}
+
+/// What [`Transition::apply`] changed that callers report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Applied {
+    /// The suppression was new (the address was not suppressed in that scope before).
+    pub suppressed: bool,
+}
+
+impl<'a> Transition<'a> {
+    /// A transition of `job` of `campaign` that changes nothing yet.
+    pub fn of(campaign: &'a Campaign, job: JobId) -> Transition<'a> {
+        Transition {
+            campaign,
+            job,
+            record: None,
+            counts: None,
+            report: None,
+            suppression: None,
+        }
+    }
+
+    /// The spool writes: the job record, the event, the suppression record. Takes the record's
+    /// bytes out of `self`.
+    pub fn writes(&mut self, node: &Node) -> Writes {
+        Writes {
+            job: self.record.take().map(|r| (self.job, r)),
+            event: self.report.as_ref().and_then(|r| node.webhooks.event(r)),
+            suppression: self.suppression.as_ref().map(|e| (e.key(), e.encode())),
+        }
+    }
+
+    /// The changes in memory, once the writes are queued (delivery) or done (reports).
+    pub fn apply(self, node: &Node) -> Applied {
+        let mut applied = Applied::default();
+        if let Some((from, to)) = self.counts {
+            self.campaign.counts.shift(from, to);
+        }
+        if let Some(entry) = &self.suppression {
+            applied.suppressed = node.suppressions.added(entry);
+            if applied.suppressed && entry.campaign == Some(self.campaign.record.id) {
+                let c = &self.campaign.counts;
+                match entry.reason {
+                    Reason::Complaint => {
+                        COMPLAINED.inc();
+                        c.complained.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Reason::Unsubscribe => {
+                        UNSUBSCRIBED.inc();
+                        c.unsubscribed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Reason::HardBounce | Reason::Manual => {}
+                }
+            }
+        }
+        if let Some(report) = self.report {
+            node.log.record(report);
+        }
+        applied
+    }
+
+    /// Writes (synced) and applies: for changes a caller answers for, such as a report.
+    pub async fn commit(mut self, node: &Node) -> Result<Applied, SpoolError> {
+        let mut batch = node.spool.batch();
+        self.writes(node).stage(&mut batch);
+        if !batch.is_empty() {
+            node.spool.write(batch, Durability::Sync).await?;
+        }
+        Ok(self.apply(node))
+    }
+}

@@ -1,0 +1,442 @@
+//! Campaigns: `POST /v1/campaigns` (shared with `POST /v1/messages`), the NDJSON recipient
+//! upload, `GET` one or the list, and pause / resume / cancel.
+//!
+//! Handlers only: validation and the staged, all-or-nothing upload live in [`crate::intake::ingest`];
+//! state changes in [`crate::node::Node::set_campaign_state`].
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::idempotency::{self, IdempotencyCheck};
+use super::lines::{self, LineLimits, ReadError, Rows};
+use super::{
+    ApiError, ApiResult, AppState, ListQuery, json_response, list_limit, now_ms, parse_json,
+    read_body, require_content_type,
+};
+use crate::intake::ingest::{self, ComposeRequest, FieldError, RecipientRules, Rejected, Upload};
+use crate::node::Node;
+use crate::store::campaign::{Campaign, CampaignKind, CampaignState};
+
+pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+    compose(s, headers, body, CampaignKind::Bulk).await
+}
+
+/// Collects per-recipient rejections, keeping at most `cap` of them.
+struct RejectList {
+    items: Vec<Rejected>,
+    count: u64,
+    cap: usize,
+}
+
+impl RejectList {
+    fn new(cap: usize) -> RejectList {
+        RejectList {
+            items: Vec::new(),
+            count: 0,
+            cap,
+        }
+    }
+
+    fn push(&mut self, r: Rejected) {
+        self.count += 1;
+        if self.items.len() < self.cap {
+            self.items.push(r);
+        }
+    }
+}
+
+/// Recipients found on a suppression list, as the 202 reports them (capped like `rejected`).
+struct SuppressedList {
+    items: Vec<Value>,
+    count: u64,
+    cap: usize,
+}
+
+impl SuppressedList {
+    fn new(cap: usize) -> SuppressedList {
+        SuppressedList {
+            items: Vec::new(),
+            count: 0,
+            cap,
+        }
+    }
+
+    /// Notes the outcome of [`Upload::add`] for the recipient at `index`.
+    fn note(
+        &mut self,
+        index: u64,
+        email: &str,
+        added: Option<crate::effects::suppression::Reason>,
+    ) {
+        if let Some(reason) = added {
+            self.count += 1;
+            if self.items.len() < self.cap {
+                self.items
+                    .push(json!({"index": index, "email": email, "reason": reason.as_str()}));
+            }
+        }
+    }
+}
+
+fn accepted_body(
+    id: Uuid,
+    accepted: usize,
+    suppressed: SuppressedList,
+    rejected: RejectList,
+) -> Vec<u8> {
+    crate::metrics::RECIPIENTS_REJECTED.inc_by(rejected.count);
+    let body = json!({
+        "id": id,
+        "accepted": accepted,
+        "suppressed": suppressed.items,
+        "suppressed_count": suppressed.count,
+        "rejected": rejected.items,
+        "rejected_count": rejected.count,
+    });
+    serde_json::to_vec(&body).expect("a JSON value serialises")
+}
+
+/// `POST /v1/campaigns` and `POST /v1/messages`: a new campaign and its recipients, atomically.
+pub(super) async fn compose(
+    s: AppState,
+    headers: HeaderMap,
+    body: Body,
+    kind: CampaignKind,
+) -> ApiResult {
+    let node = &s.node;
+    let limits = &node.config.limits;
+    require_content_type(&headers, &["application/json"])?;
+    let route = match kind {
+        CampaignKind::Bulk => "POST /v1/campaigns",
+        CampaignKind::Transactional => "POST /v1/messages",
+    };
+    let idem = match idempotency::check(node, &headers, route.to_owned()).await? {
+        IdempotencyCheck::Replay(resp) => return Ok(resp),
+        IdempotencyCheck::Fresh(i) => Some(i),
+        IdempotencyCheck::None => None,
+    };
+    let body = read_body(
+        body,
+        limits.max_request_bytes,
+        node.config.http.body_read_timeout,
+    )
+    .await?;
+    let req: ComposeRequest<'_> = parse_json(&body)?;
+    let (fields, recipients) = req.into_parts();
+    let single = match kind {
+        CampaignKind::Bulk => {
+            if recipients.to.is_some() || recipients.vars.is_some() {
+                let field = if recipients.to.is_some() {
+                    "to"
+                } else {
+                    "vars"
+                };
+                return Err(ApiError::invalid(FieldError::new(
+                    field,
+                    "not a campaign field; give recipients as [{\"email\", \"vars\"}]",
+                )));
+            }
+            None
+        }
+        CampaignKind::Transactional => {
+            if recipients.list.is_some() {
+                return Err(ApiError::invalid(FieldError::new(
+                    "recipients",
+                    "a message has one recipient: use \"to\" and \"vars\"",
+                )));
+            }
+            let to = recipients
+                .to
+                .clone()
+                .ok_or_else(|| ApiError::invalid(FieldError::new("to", "missing field `to`")))?;
+            Some(to)
+        }
+    };
+    let list = recipients.list.unwrap_or_default();
+    if list.len() > limits.max_recipients_per_request {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_recipients",
+            format!(
+                "{} recipients in one request; the limit is {}: create the campaign, then stream recipients as NDJSON to /v1/campaigns/{{id}}/recipients",
+                list.len(),
+                limits.max_recipients_per_request
+            ),
+        )
+        .field("recipients"));
+    }
+    let (record, rules) =
+        ingest::validate_campaign(fields, kind, limits, now_ms()).map_err(ApiError::invalid)?;
+    let seq = node.campaigns.allocate_seq().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "campaigns_exhausted",
+            "no campaign numbers left",
+        )
+    })?;
+    let id = record.id;
+    let record_bytes = record.encode();
+    let campaign = Arc::new(Campaign::new(seq, record, 0));
+    if let Some(c) = &rules.compiled {
+        node.assembler.install_compiled(seq, Arc::clone(c));
+    }
+    let mut upload = Upload::for_new_campaign(Arc::clone(node), Arc::clone(&campaign));
+    let mut rejected = RejectList::new(limits.max_rejected_reported);
+    let mut suppressed = SuppressedList::new(limits.max_rejected_reported);
+
+    if let Some(to) = single {
+        let valid =
+            ingest::check_recipient(to, recipients.vars, &rules, limits).map_err(|(_, e)| {
+                let field = if e.field == "email" {
+                    "to".to_owned()
+                } else {
+                    e.field.clone()
+                };
+                ApiError::invalid(FieldError {
+                    field,
+                    message: e.message,
+                })
+            })?;
+        let added = upload.add(&valid).await?;
+        suppressed.note(0, valid.address.as_str(), added);
+    }
+    for (i, raw) in list.iter().enumerate() {
+        match ingest::parse_recipient(raw.get(), &rules, limits) {
+            Ok(valid) => {
+                let added = upload.add(&valid).await?;
+                suppressed.note(i as u64, valid.address.as_str(), added);
+            }
+            Err((email, e)) => rejected.push(Rejected {
+                index: i as u64,
+                line: None,
+                email,
+                field: join_field(&format!("recipients[{i}]"), &e.field),
+                error: e.message,
+            }),
+        }
+    }
+    let accepted = upload.len();
+    let body = accepted_body(id, accepted, suppressed, rejected);
+    upload
+        .commit(|batch| {
+            batch.put_campaign(seq, &record_bytes);
+            if let Some(i) = &idem {
+                i.put(batch, StatusCode::ACCEPTED, &body);
+            }
+        })
+        .await?;
+    Ok(json_response(StatusCode::ACCEPTED, body))
+}
+
+fn join_field(prefix: &str, field: &str) -> String {
+    if field.is_empty() {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn find_campaign(node: &Node, id: &str) -> Result<Arc<Campaign>, ApiError> {
+    let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
+    node.campaigns.get(&uuid).ok_or_else(|| not_found(id))
+}
+
+fn campaign_json(c: &Campaign) -> serde_json::Value {
+    let created = UNIX_EPOCH + Duration::from_millis(c.record.created_at_ms);
+    json!({
+        "id": c.record.id,
+        "kind": c.record.kind,
+        "state": c.state(),
+        "from": c.record.from,
+        "subject": c.record.subject,
+        "tags": c.record.tags,
+        "personalised": c.record.personalised,
+        "created_at": humantime::format_rfc3339_millis(created).to_string(),
+        "counts": c.counts.snapshot(),
+    })
+}
+
+pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let c = find_campaign(&s.node, &id)?;
+    Ok(axum::Json(campaign_json(&c)).into_response())
+}
+
+/// `GET /v1/campaigns?limit=`: the newest campaigns with their counts.
+pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
+    let limit = list_limit(&q)?;
+    let all = s.node.campaigns.all();
+    let campaigns: Vec<serde_json::Value> =
+        all.iter().take(limit).map(|c| campaign_json(c)).collect();
+    Ok(axum::Json(json!({"campaigns": campaigns, "total": all.len()})).into_response())
+}
+
+async fn change_state(s: &AppState, id: &str, to: CampaignState) -> ApiResult {
+    let c = find_campaign(&s.node, id)?;
+    let from = c.state();
+    if from == CampaignState::Cancelled && to != CampaignState::Cancelled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "campaign_cancelled",
+            "a cancelled campaign cannot be paused or resumed",
+        ));
+    }
+    if from != to {
+        s.node.set_campaign_state(&c, to).await?;
+    }
+    Ok(
+        axum::Json(json!({"id": c.record.id, "state": c.state(), "counts": c.counts.snapshot()}))
+            .into_response(),
+    )
+}
+
+pub(super) async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    change_state(&s, &id, CampaignState::Paused).await
+}
+
+pub(super) async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    change_state(&s, &id, CampaignState::Active).await
+}
+
+pub(super) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    change_state(&s, &id, CampaignState::Cancelled).await
+}
+
+/// `POST /v1/campaigns/{id}/recipients`: an NDJSON stream of `{email, vars?}`, parsed as it
+/// arrives and committed at the end: all accepted lines become visible at once, or none do.
+pub(super) async fn add_recipients(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let node = &s.node;
+    let campaign = find_campaign(node, &id)?;
+    if campaign.state() == CampaignState::Cancelled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "campaign_cancelled",
+            "the campaign is cancelled; nothing was accepted",
+        ));
+    }
+    require_content_type(
+        &headers,
+        &[
+            "application/x-ndjson",
+            "application/ndjson",
+            "application/jsonl",
+        ],
+    )?;
+    let idem = match idempotency::check(
+        node,
+        &headers,
+        format!("POST /v1/campaigns/{}/recipients", campaign.record.id),
+    )
+    .await?
+    {
+        IdempotencyCheck::Replay(resp) => return Ok(resp),
+        IdempotencyCheck::Fresh(i) => Some(i),
+        IdempotencyCheck::None => None,
+    };
+    let limits = &node.config.limits;
+    let mut lines = LineIngest {
+        upload: Upload::new(Arc::clone(node), Arc::clone(&campaign)),
+        rules: ingest::rules_for(&campaign, &node.assembler),
+        rejected: RejectList::new(limits.max_rejected_reported),
+        suppressed: SuppressedList::new(limits.max_rejected_reported),
+        node: Arc::clone(node),
+    };
+    let line_limits = LineLimits {
+        max_line_bytes: limits.max_line_bytes,
+        max_rows: limits.max_recipients_per_upload as u64,
+        too_many: |max| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_recipients",
+                format!(
+                    "more than {max} recipients in one upload; nothing was accepted: split the list into several uploads"
+                ),
+            )
+        },
+        piece_timeout: node.config.http.body_read_timeout,
+    };
+    // Nothing stands unless the whole body arrived: the upload rolls back when dropped.
+    lines::read_lines(body, &line_limits, &mut lines)
+        .await
+        .map_err(|(ReadError::Body(e) | ReadError::Rows(e))| match e.code {
+            "body_read_error" => ApiError {
+                message: format!("{}; nothing was accepted", e.message),
+                ..e
+            },
+            _ => e,
+        })?;
+    let LineIngest {
+        upload,
+        rejected,
+        suppressed,
+        ..
+    } = lines;
+    let accepted = upload.len();
+    let body = accepted_body(campaign.record.id, accepted, suppressed, rejected);
+    upload
+        .commit(|batch| {
+            if let Some(i) = &idem {
+                i.put(batch, StatusCode::ACCEPTED, &body);
+            }
+        })
+        .await?;
+    Ok(json_response(StatusCode::ACCEPTED, body))
+}
+
+/// Per-line state of an NDJSON upload.
+struct LineIngest {
+    upload: Upload,
+    rules: RecipientRules,
+    rejected: RejectList,
+    suppressed: SuppressedList,
+    node: Arc<Node>,
+}
+
+impl Rows for LineIngest {
+    fn refuse(&mut self, line_no: u64, error: String) {
+        self.rejected.push(Rejected {
+            index: line_no,
+            line: Some(line_no + 1),
+            email: None,
+            field: format!("line {}", line_no + 1),
+            error,
+        });
+    }
+
+    async fn row(&mut self, text: &str, line_no: u64) -> Result<(), ApiError> {
+        match ingest::parse_recipient(text, &self.rules, &self.node.config.limits) {
+            Ok(valid) => {
+                let added = self.upload.add(&valid).await?;
+                self.suppressed.note(line_no, valid.address.as_str(), added);
+            }
+            Err((email, e)) => self.rejected.push(Rejected {
+                index: line_no,
+                line: Some(line_no + 1),
+                email,
+                field: join_field(&format!("line {}", line_no + 1), &e.field),
+                error: e.message,
+            }),
+        }
+        Ok(())
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "campaign_not_found",
+        format!("no campaign with id {id:?}"),
+    )
+    .field("id")
+}

@@ -1,0 +1,347 @@
+//! The HTTP API (axum): the router, authentication, load shedding and the request plumbing
+//! every handler shares (content type, bounded body reads, JSON parsing that names the field).
+//! One file per resource below; every error is an [`ApiError`], answered as the JSON body
+//! `{"error": {"code", "message", "field"}}`.
+//!
+//! * [`campaigns`]: `POST /v1/campaigns`, the NDJSON recipient upload, `GET`, pause / resume /
+//!   cancel. [`messages`]: `POST /v1/messages`.
+//! * [`suppressions`]: `/v1/suppressions…`, import and export. [`feedback`]: `POST /v1/feedback`.
+//!   [`unsubscribe`]: `/u/{token}` (no API key).
+//! * [`domains`]: `GET /v1/domains`, `GET /v1/queue`, suspend / resume a domain.
+//! * [`idempotency`]: `Idempotency-Key`. [`lines`]: the line-by-line reader of both uploads.
+//!
+//! Handlers validate through [`crate::intake::ingest`] and persist through the spool; they never speak
+//! SMTP. RocksDB reads go to the blocking pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+
+mod campaigns;
+mod domains;
+mod error;
+mod feedback;
+mod idempotency;
+mod lines;
+mod messages;
+mod suppressions;
+mod unsubscribe;
+
+pub use error::ApiError;
+use error::ApiResult;
+pub use idempotency::expire as expire_idempotency;
+
+use crate::node::Node;
+
+#[derive(Clone)]
+struct AppState {
+    node: Arc<Node>,
+    engine: crate::outbound::delivery::EngineHandle,
+    slots: Arc<Semaphore>,
+}
+
+/// Builds the router. `/healthz`, `/readyz` and `/metrics` need no key; `/v1` does.
+pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) -> Router {
+    let state = AppState {
+        engine,
+        slots: Arc::new(Semaphore::new(node.config.http.max_concurrent_requests)),
+        node,
+    };
+    let v1 = Router::new()
+        .route("/campaigns", post(campaigns::create).get(campaigns::list))
+        .route("/campaigns/{id}", get(campaigns::get))
+        .route(
+            "/campaigns/{id}/recipients",
+            post(campaigns::add_recipients),
+        )
+        .route("/campaigns/{id}/pause", post(campaigns::pause))
+        .route("/campaigns/{id}/resume", post(campaigns::resume))
+        .route("/campaigns/{id}/cancel", post(campaigns::cancel))
+        .route("/messages", post(messages::send))
+        .route("/suppressions", get(suppressions::list))
+        .route("/suppressions/import", post(suppressions::import))
+        .route("/suppressions/export", get(suppressions::export))
+        .route(
+            "/suppressions/{address}",
+            get(suppressions::get)
+                .put(suppressions::put)
+                .delete(suppressions::delete),
+        )
+        .route("/feedback", post(feedback::post))
+        .route("/domains", get(domains::list))
+        .route("/queue", get(domains::queue))
+        .route("/domains/{domain}/suspend", post(domains::suspend))
+        .route("/domains/{domain}/resume", post(domains::resume))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route")
+        })
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    crate::metrics::render(),
+                )
+            }),
+        )
+        .route("/u/{token}", get(unsubscribe::page).post(unsubscribe::post))
+        .nest("/v1", v1)
+        .layer(middleware::from_fn(observe))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.node.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else if s.node.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "recovering\n").into_response()
+    }
+}
+
+/// Counts and times every request by route template (bounded labels).
+async fn observe(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    crate::metrics::HTTP_SECONDS
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    crate::metrics::HTTP_REQUESTS
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// Readiness, load shedding and authentication for `/v1`.
+async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if s.node.is_draining() {
+        return ApiError::unavailable("shutting_down", "the server is shutting down")
+            .into_response();
+    }
+    if !s.node.is_ready() {
+        return ApiError::unavailable("recovering", "the spool is being recovered; retry shortly")
+            .into_response();
+    }
+    if let Err(e) = authenticate(&s.node, req.headers()) {
+        return e.into_response();
+    }
+    let Ok(_slot) = Arc::clone(&s.slots).try_acquire_owned() else {
+        return ApiError::unavailable("overloaded", "too many requests in progress; retry shortly")
+            .into_response();
+    };
+    next.run(req).await
+}
+
+fn authenticate(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    let unauthorized =
+        |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m).field("Authorization");
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <API key>"))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .ok_or_else(|| unauthorized("the Authorization header must be 'Bearer <API key>'"))?
+        .trim();
+    // Compare against every key without stopping early, so timing reveals neither which key nor
+    // how much of it matched.
+    let mut ok = subtle::Choice::from(0u8);
+    for key in &node.config.auth.api_keys {
+        ok |= key.as_bytes().ct_eq(token.as_bytes());
+    }
+    if bool::from(ok) {
+        Ok(())
+    } else {
+        Err(unauthorized("invalid API key"))
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::now_ms()
+}
+
+fn require_content_type(headers: &HeaderMap, accepted: &[&str]) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if accepted.contains(&essence.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type must be {} (got {:?})",
+                accepted.join(" or "),
+                ct
+            ),
+        )
+        .field("Content-Type"))
+    }
+}
+
+/// Reads a whole body up to `limit` bytes, with a time limit between pieces.
+async fn read_body(body: Body, limit: usize, piece_timeout: Duration) -> Result<Bytes, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    loop {
+        let piece = tokio::time::timeout(piece_timeout, stream.next())
+            .await
+            .map_err(|_| body_timeout())?;
+        match piece {
+            None => return Ok(Bytes::from(buf)),
+            Some(Err(e)) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "body_read_error",
+                    format!("reading the body failed: {e}"),
+                ));
+            }
+            Some(Ok(bytes)) => {
+                if buf.len() + bytes.len() > limit {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!(
+                            "the body is larger than {limit} bytes; send large recipient lists to /v1/campaigns/{{id}}/recipients as NDJSON"
+                        ),
+                    ));
+                }
+                buf.extend_from_slice(&bytes);
+            }
+        }
+    }
+}
+
+fn body_timeout() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        "the client stopped sending the body; nothing was accepted",
+    )
+}
+
+/// Parses a JSON body, naming the field of a type error and the position of a syntax error.
+fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    let malformed = |e: serde_json::Error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    };
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "the body is not valid JSON: it must be a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let text = inner.to_string();
+                let named = ["missing field `", "unknown field `"]
+                    .iter()
+                    .find_map(|p| text.strip_prefix(p))
+                    .and_then(|rest| rest.split('`').next())
+                    .map(str::to_owned);
+                // serde reports a missing field at the parent's path and an unknown one at its own.
+                let field = match named {
+                    Some(name) if path == "." => name,
+                    Some(name) if path != name && !path.ends_with(&format!(".{name}")) => {
+                        format!("{path}.{name}")
+                    }
+                    _ if path == "." => String::new(),
+                    _ => path,
+                };
+                let text = text.split(" at line ").next().unwrap_or(&text);
+                let message = if field.is_empty() {
+                    text.to_owned()
+                } else {
+                    format!("{field}: {text}")
+                };
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+                    .field(field)
+            }
+            // A syntax error inside a value (a lone surrogate, bytes that are not UTF-8) still
+            // has a path: name the field.
+            _ if path != "." && !path.is_empty() => {
+                let text = inner.to_string();
+                let text = text.split(" at line ").next().unwrap_or(&text);
+                let text = if text.contains("invalid unicode code point") {
+                    format!("{text} (the value is not valid UTF-8)")
+                } else {
+                    text.to_owned()
+                };
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the body is not valid JSON at {path}: {text}"),
+                )
+                .field(path)
+            }
+            _ => malformed(inner),
+        }
+    })?;
+    de.end().map_err(malformed)?;
+    Ok(value)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// Upper bound of `limit` in list endpoints without a cursor.
+const MAX_LIST_LIMIT: usize = 10_000;
+
+fn list_limit(q: &ListQuery) -> Result<usize, ApiError> {
+    match q.limit {
+        None => Ok(100),
+        Some(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::invalid_field(
+            "limit",
+            format!("must be between 1 and {MAX_LIST_LIMIT}"),
+        )),
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}

@@ -1,0 +1,748 @@
+//! Suppression lists over HTTP: one address (`GET|PUT|DELETE /v1/suppressions/{address}`), the
+//! list by cursor, and bulk import (CSV or NDJSON, streamed through the shared line reader) and
+//! export (streamed as the spool is scanned).
+//!
+//! Handlers only: entries, their index and the one write path live in [`crate::effects::suppression`].
+//! Spool reads and scans run on the blocking pool.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::lines::{self, LineLimits, ReadError, Rows};
+use super::{ApiError, ApiResult, AppState, now_ms, parse_json, read_body};
+use crate::node::Node;
+use crate::store::spool::SpoolError;
+
+fn suppression_address(raw: &str) -> Result<String, ApiError> {
+    crate::effects::suppression::normalise(raw)
+        .map_err(|e| ApiError::invalid_field("address", e.to_string()))
+}
+
+fn suppression_reason(r: &str) -> Result<crate::effects::suppression::Reason, ApiError> {
+    crate::effects::suppression::Reason::parse(r).ok_or_else(|| {
+        ApiError::invalid_field(
+            "reason",
+            format!("{r:?} is not one of hard_bounce, complaint, unsubscribe, manual"),
+        )
+    })
+}
+
+fn suppression_scope(raw: Option<&str>) -> Result<Option<String>, ApiError> {
+    raw.map(|s| {
+        crate::effects::suppression::normalise_scope(s)
+            .map_err(|e| ApiError::invalid_field("scope", e))
+    })
+    .transpose()
+}
+
+/// The stored entries of one address, in every scope. Blocking reads go to the blocking pool.
+async fn suppression_entries(
+    node: &Arc<Node>,
+    address: &str,
+) -> Result<Vec<crate::effects::suppression::Entry>, ApiError> {
+    let scopes = node.suppressions.scopes(address);
+    let node = Arc::clone(node);
+    let address = address.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for scope in scopes {
+            let key = crate::effects::suppression::key(&scope, &address);
+            if let Some(v) = node.spool.get_suppression(&key)?
+                && let Ok(e) = crate::effects::suppression::Entry::decode(&v)
+            {
+                out.push(e);
+            }
+        }
+        Ok::<_, SpoolError>(out)
+    })
+    .await
+    .map_err(|e| ApiError::internal("reading suppressions", e))?
+    .map_err(ApiError::from)
+}
+
+/// 404 `not_suppressed`: `address` is not on `list`.
+fn not_suppressed(address: &str, list: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_suppressed",
+        format!("{address} is not on {list}"),
+    )
+    .field("address")
+}
+
+/// `GET /v1/suppressions/{address}`: the address's entries (global and per sending domain).
+pub(super) async fn get(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
+    let address = suppression_address(&raw)?;
+    let entries = suppression_entries(&s.node, &address).await?;
+    if entries.is_empty() {
+        return Err(not_suppressed(&address, "any suppression list"));
+    }
+    Ok(axum::Json(json!({"address": address, "entries": entries})).into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PutSuppression {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// `PUT /v1/suppressions/{address}` with an optional `{reason, scope, source}` body (defaults:
+/// `manual`, `global`): adds or replaces the entry, synced before the answer. Queued mail to the
+/// address is stopped when delivery reaches it.
+pub(super) async fn put(
+    State(s): State<AppState>,
+    Path(raw): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let node = &s.node;
+    let address = suppression_address(&raw)?;
+    let body = read_body(body, 64 * 1024, node.config.http.body_read_timeout).await?;
+    let req: PutSuppression = if body.iter().all(u8::is_ascii_whitespace) {
+        PutSuppression::default()
+    } else {
+        parse_json(&body)?
+    };
+    let reason = match req.reason.as_deref() {
+        None => crate::effects::suppression::Reason::Manual,
+        Some(r) => suppression_reason(r)?,
+    };
+    let scope = suppression_scope(req.scope.as_deref())?
+        .unwrap_or_else(|| crate::effects::suppression::GLOBAL.to_owned());
+    if let Some(src) = &req.source
+        && (src.len() > 256 || src.chars().any(char::is_control))
+    {
+        return Err(ApiError::invalid_field(
+            "source",
+            "at most 256 bytes without control characters",
+        ));
+    }
+    let entry = crate::effects::suppression::Entry {
+        address,
+        scope,
+        reason,
+        created_at_ms: now_ms(),
+        source: Some(req.source.unwrap_or_else(|| "api".into())),
+        campaign: None,
+        job: None,
+        category: None,
+        detail: None,
+    };
+    let entries = std::slice::from_ref(&entry);
+    node.suppressions
+        .add(&node.spool, entries, crate::store::spool::Durability::Sync)
+        .await?;
+    Ok(axum::Json(json!(entry)).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ScopeQuery {
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+/// `DELETE /v1/suppressions/{address}[?scope=global|domain]`: removes the entry of that scope, or
+/// every entry of the address without `scope`.
+pub(super) async fn delete(
+    State(s): State<AppState>,
+    Path(raw): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ScopeQuery>,
+) -> ApiResult {
+    let node = &s.node;
+    let address = suppression_address(&raw)?;
+    let scope = suppression_scope(q.scope.as_deref())?;
+    let scopes: Vec<String> = node
+        .suppressions
+        .scopes(&address)
+        .into_iter()
+        .filter(|s| scope.as_ref().is_none_or(|want| want == s))
+        .collect();
+    if scopes.is_empty() {
+        return Err(not_suppressed(&address, "that suppression list"));
+    }
+    let mut batch = node.spool.batch();
+    for sc in &scopes {
+        batch.delete_suppression(&crate::effects::suppression::key(sc, &address));
+    }
+    node.spool
+        .write(batch, crate::store::spool::Durability::Sync)
+        .await?;
+    for sc in &scopes {
+        node.suppressions.remove(&address, sc);
+    }
+    Ok(axum::Json(json!({"address": address, "deleted": scopes})).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+const MAX_SUPPRESSION_PAGE: usize = 1000;
+
+/// `GET /v1/suppressions?cursor=&limit=&reason=`: entries in key order (scope, then address),
+/// `limit` per page (default 100, at most 1000); `next_cursor` continues after the last one.
+pub(super) async fn list(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> ApiResult {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_SUPPRESSION_PAGE).contains(&limit) {
+        return Err(ApiError::invalid_field(
+            "limit",
+            format!("between 1 and {MAX_SUPPRESSION_PAGE}"),
+        ));
+    }
+    let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
+    let after =
+        match &q.cursor {
+            None => None,
+            Some(c) => Some(decode_cursor(c).ok_or_else(|| {
+                ApiError::invalid_field("cursor", "not a cursor this API returned")
+            })?),
+        };
+    let node = Arc::clone(&s.node);
+    let (items, last) = tokio::task::spawn_blocking(move || {
+        let mut items = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        node.spool.scan_suppressions(after.as_deref(), |k, v| {
+            last = Some(k.to_vec());
+            if let Ok(e) = crate::effects::suppression::Entry::decode(v)
+                && reason.is_none_or(|r| r == e.reason)
+            {
+                items.push(e);
+            }
+            items.len() < limit
+        })?;
+        Ok::<_, SpoolError>((items, last))
+    })
+    .await
+    .map_err(|e| ApiError::internal("listing suppressions", e))??;
+    let next = if items.len() == limit {
+        last.map(|k| encode_cursor(&k))
+    } else {
+        None
+    };
+    Ok(axum::Json(json!({"items": items, "next_cursor": next})).into_response())
+}
+
+fn encode_cursor(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 2048 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Rows written per spool batch during an import.
+const IMPORT_BATCH: usize = 8192;
+
+/// One import row as NDJSON; also the shape an export writes, so an export imports back.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportRow {
+    #[serde(default, alias = "email")]
+    address: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    created_at_ms: Option<u64>,
+    #[serde(default)]
+    campaign: Option<uuid::Uuid>,
+    #[serde(default)]
+    job: Option<String>,
+    #[serde(default)]
+    category: Option<crate::outbound::outcome::rules::Category>,
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+impl ImportRow {
+    /// Checks and normalises the row into an entry.
+    fn entry(self, now: u64) -> Result<crate::effects::suppression::Entry, String> {
+        let raw = self.address.ok_or("address: missing")?;
+        let address =
+            crate::effects::suppression::normalise(&raw).map_err(|e| format!("address: {e}"))?;
+        let reason = match self.reason.as_deref().map(str::trim) {
+            None | Some("") => crate::effects::suppression::Reason::Manual,
+            Some(r) => crate::effects::suppression::Reason::parse(r).ok_or_else(|| {
+                format!("reason: {r:?} is not one of hard_bounce, complaint, unsubscribe, manual")
+            })?,
+        };
+        let scope = match self.scope.as_deref().map(str::trim) {
+            None | Some("") => crate::effects::suppression::GLOBAL.to_owned(),
+            Some(s) => crate::effects::suppression::normalise_scope(s)
+                .map_err(|e| format!("scope: {e}"))?,
+        };
+        for (name, v) in [
+            ("source", &self.source),
+            ("job", &self.job),
+            ("detail", &self.detail),
+        ] {
+            if let Some(v) = v
+                && (v.len() > 1000 || v.chars().any(|c| c == '\r' || c == '\n'))
+            {
+                return Err(format!("{name}: at most 1000 bytes on one line"));
+            }
+        }
+        Ok(crate::effects::suppression::Entry {
+            address,
+            scope,
+            reason,
+            created_at_ms: self.created_at_ms.unwrap_or(now),
+            source: Some(self.source.unwrap_or_else(|| "import".into())),
+            campaign: self.campaign,
+            job: self.job,
+            category: self.category,
+            detail: self.detail,
+        })
+    }
+}
+
+/// Splits one CSV record (RFC 4180 quoting; no line breaks inside fields).
+fn csv_fields(line: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("unterminated quoted field".into()),
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                }
+            }
+            match chars.next() {
+                None => {
+                    out.push(field);
+                    return Ok(out);
+                }
+                Some(',') => {}
+                Some(c) => return Err(format!("{c:?} after a closing quote")),
+            }
+        } else {
+            loop {
+                match chars.next() {
+                    None => {
+                        out.push(field.trim().to_owned());
+                        return Ok(out);
+                    }
+                    Some(',') => break,
+                    Some('"') => return Err("a quote inside an unquoted field".into()),
+                    Some(c) => field.push(c),
+                }
+            }
+            field = field.trim().to_owned();
+        }
+        out.push(field);
+    }
+}
+
+/// CSV columns an import understands, in the order an export writes them.
+const CSV_COLUMNS: [&str; 9] = [
+    "address",
+    "scope",
+    "reason",
+    "created_at",
+    "source",
+    "campaign",
+    "job",
+    "category",
+    "detail",
+];
+
+/// Reads a CSV row into an import row by the header's columns.
+fn csv_row(columns: &[usize], fields: Vec<String>) -> Result<ImportRow, String> {
+    let mut row = ImportRow {
+        address: None,
+        reason: None,
+        scope: None,
+        source: None,
+        created_at_ms: None,
+        campaign: None,
+        job: None,
+        category: None,
+        detail: None,
+    };
+    if fields.len() > columns.len() {
+        return Err(format!(
+            "{} fields, the header has {}",
+            fields.len(),
+            columns.len()
+        ));
+    }
+    for (value, &col) in fields.into_iter().zip(columns) {
+        if value.is_empty() {
+            continue;
+        }
+        match CSV_COLUMNS[col] {
+            "address" => row.address = Some(value),
+            "scope" => row.scope = Some(value),
+            "reason" => row.reason = Some(value),
+            "created_at" => {
+                let t = humantime::parse_rfc3339_weak(&value)
+                    .map_err(|e| format!("created_at: {e}"))?;
+                row.created_at_ms = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_millis() as u64);
+            }
+            "source" => row.source = Some(value),
+            "campaign" => {
+                row.campaign = Some(value.parse().map_err(|_| "campaign: not a campaign id")?)
+            }
+            "job" => row.job = Some(value),
+            "category" => {
+                row.category = Some(
+                    crate::outbound::outcome::rules::Category::parse(&value)
+                        .ok_or_else(|| format!("category: {value:?} is not a bounce category"))?,
+                )
+            }
+            _ => row.detail = Some(value),
+        }
+    }
+    Ok(row)
+}
+
+enum ImportFormat {
+    Csv { columns: Option<Vec<usize>> },
+    Ndjson,
+}
+
+/// Import state: rows checked and written in batches, bad rows listed by line.
+struct Import {
+    node: Arc<Node>,
+    format: ImportFormat,
+    pending: Vec<crate::effects::suppression::Entry>,
+    imported: u64,
+    replaced: u64,
+    rejected: Vec<serde_json::Value>,
+    rejected_count: u64,
+    now: u64,
+}
+
+impl Rows for Import {
+    fn refuse(&mut self, line: u64, error: String) {
+        self.rejected_count += 1;
+        if self.rejected.len() < self.node.config.limits.max_rejected_reported {
+            self.rejected
+                .push(json!({"line": line + 1, "error": error}));
+        }
+    }
+
+    async fn row(&mut self, text: &str, n: u64) -> Result<(), ApiError> {
+        let row = match &mut self.format {
+            ImportFormat::Ndjson => {
+                serde_json::from_str::<ImportRow>(text).map_err(|e| e.to_string())
+            }
+            ImportFormat::Csv { columns } => match csv_fields(text) {
+                Err(e) => Err(e),
+                Ok(fields) => match columns {
+                    Some(cols) => csv_row(cols, fields),
+                    None => {
+                        let first = fields.first().map(|f| f.to_ascii_lowercase());
+                        if matches!(first.as_deref(), Some("address" | "email")) {
+                            let mut cols = Vec::new();
+                            for f in &fields {
+                                let f = f.to_ascii_lowercase();
+                                let f = if f == "email" { "address".into() } else { f };
+                                match CSV_COLUMNS.iter().position(|c| *c == f) {
+                                    Some(i) => cols.push(i),
+                                    None => {
+                                        return Err(ApiError::invalid_field(
+                                            format!("line {}", n + 1),
+                                            format!(
+                                                "unknown column {f:?}; known: {}",
+                                                CSV_COLUMNS.join(", ")
+                                            ),
+                                        ));
+                                    }
+                                }
+                            }
+                            *columns = Some(cols);
+                            return Ok(());
+                        }
+                        // No header: address, reason, scope, source.
+                        *columns = Some(vec![0, 2, 1, 4]);
+                        csv_row(&[0, 2, 1, 4], fields)
+                    }
+                },
+            },
+        };
+        match row.and_then(|r| r.entry(self.now)) {
+            Ok(e) => {
+                self.pending.push(e);
+                if self.pending.len() >= IMPORT_BATCH {
+                    self.flush(crate::store::spool::Durability::Buffered)
+                        .await?;
+                }
+            }
+            Err(e) => self.refuse(n, e),
+        }
+        Ok(())
+    }
+}
+
+impl Import {
+    /// Writes the pending rows, then makes them visible in the index.
+    async fn flush(&mut self, durability: crate::store::spool::Durability) -> Result<(), ApiError> {
+        let entries = std::mem::take(&mut self.pending);
+        if !entries.is_empty() {
+            self.node.spool.check_space()?;
+        }
+        let new = self
+            .node
+            .suppressions
+            .add(&self.node.spool, &entries, durability)
+            .await?;
+        self.imported += new as u64;
+        self.replaced += (entries.len() - new) as u64;
+        Ok(())
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FormatQuery {
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn format_of(q: Option<&str>, headers: &axum::http::HeaderMap) -> Result<bool, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match q.unwrap_or(match ct.as_str() {
+        "text/csv" => "csv",
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => "ndjson",
+        _ => "",
+    }) {
+        "csv" => Ok(true),
+        "ndjson" => Ok(false),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send text/csv or application/x-ndjson (or ?format=csv|ndjson)",
+        )
+        .field("Content-Type")),
+    }
+}
+
+/// `POST /v1/suppressions/import`: CSV (`address,reason,scope,source`, header optional; the
+/// columns of an export are understood) or NDJSON rows, streamed. Good rows are kept, written in
+/// batches and synced before the answer; bad ones are listed by line number. Existing entries of
+/// the same address and scope are replaced.
+pub(super) async fn import(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<FormatQuery>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let node = &s.node;
+    let csv = format_of(q.format.as_deref(), &headers)?;
+    if q.reason.is_some() {
+        return Err(ApiError::invalid_field("reason", "give the reason per row"));
+    }
+    let mut import = Import {
+        node: Arc::clone(node),
+        format: if csv {
+            ImportFormat::Csv { columns: None }
+        } else {
+            ImportFormat::Ndjson
+        },
+        pending: Vec::with_capacity(IMPORT_BATCH),
+        imported: 0,
+        replaced: 0,
+        rejected: Vec::new(),
+        rejected_count: 0,
+        now: now_ms(),
+    };
+    let line_limits = LineLimits {
+        max_line_bytes: node.config.limits.max_line_bytes,
+        max_rows: node.config.limits.max_recipients_per_upload as u64,
+        too_many: |max| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_rows",
+                format!(
+                    "more than {max} rows in one import; the rows before were kept: split the file"
+                ),
+            )
+        },
+        piece_timeout: node.config.http.body_read_timeout,
+    };
+    match lines::read_lines(body, &line_limits, &mut import).await {
+        Ok(()) => {}
+        Err(ReadError::Rows(e)) => return Err(e),
+        Err(ReadError::Body(mut e)) => {
+            // Rows read before a broken upload are kept, as the answer says.
+            import.flush(crate::store::spool::Durability::Sync).await?;
+            e.message = format!(
+                "{}; {} rows before it were imported",
+                e.message,
+                import.imported + import.replaced
+            );
+            return Err(e);
+        }
+    }
+    import.flush(crate::store::spool::Durability::Sync).await?;
+    Ok(axum::Json(json!({
+        "imported": import.imported,
+        "replaced": import.replaced,
+        "rejected_count": import.rejected_count,
+        "rejected": import.rejected,
+    }))
+    .into_response())
+}
+
+fn csv_quote(out: &mut String, v: &str) {
+    if v.contains([',', '"', '\r', '\n']) {
+        out.push('"');
+        out.push_str(&v.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(v);
+    }
+}
+
+/// Keys scanned per step of an export; each step's output is one body chunk.
+const EXPORT_STEP: usize = 4096;
+
+/// `GET /v1/suppressions/export?format=ndjson|csv&reason=`: every entry, streamed in key order
+/// as the spool is scanned (NDJSON by default; CSV with a header row).
+pub(super) async fn export(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<FormatQuery>,
+) -> ApiResult {
+    let csv = match q.format.as_deref() {
+        None | Some("ndjson") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Err(ApiError::invalid_field(
+                "format",
+                format!("{other:?} is not csv or ndjson"),
+            ));
+        }
+    };
+    let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let node = Arc::clone(&s.node);
+    tokio::task::spawn_blocking(move || {
+        let mut after: Option<Vec<u8>> = None;
+        if csv {
+            let head = format!("{}\n", CSV_COLUMNS.join(",")).into_bytes();
+            if tx.blocking_send(Ok(head)).is_err() {
+                return;
+            }
+        }
+        loop {
+            let mut out = Vec::with_capacity(EXPORT_STEP * 96);
+            let mut seen = 0;
+            let mut last = None;
+            let scanned = node.spool.scan_suppressions(after.as_deref(), |k, v| {
+                seen += 1;
+                last = Some(k.to_vec());
+                if let Ok(e) = crate::effects::suppression::Entry::decode(v)
+                    && reason.is_none_or(|r| r == e.reason)
+                {
+                    if csv {
+                        let mut line = String::new();
+                        let created = humantime::format_rfc3339_millis(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_millis(e.created_at_ms),
+                        )
+                        .to_string();
+                        let campaign = e.campaign.map(|c| c.to_string()).unwrap_or_default();
+                        let fields = [
+                            e.address.as_str(),
+                            e.scope.as_str(),
+                            e.reason.as_str(),
+                            &created,
+                            e.source.as_deref().unwrap_or(""),
+                            &campaign,
+                            e.job.as_deref().unwrap_or(""),
+                            e.category.map(|c| c.as_str()).unwrap_or(""),
+                            e.detail.as_deref().unwrap_or(""),
+                        ];
+                        for (i, f) in fields.iter().enumerate() {
+                            if i > 0 {
+                                line.push(',');
+                            }
+                            csv_quote(&mut line, f);
+                        }
+                        out.extend_from_slice(line.as_bytes());
+                    } else {
+                        let _ = serde_json::to_writer(&mut out, &e);
+                    }
+                    out.push(b'\n');
+                }
+                seen < EXPORT_STEP
+            });
+            if let Err(e) = scanned {
+                tracing::error!(error = %e, "suppression export failed");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+            if !out.is_empty() && tx.blocking_send(Ok(out)).is_err() {
+                return;
+            }
+            if seen < EXPORT_STEP {
+                return;
+            }
+            after = last;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let content_type = if csv {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

@@ -1,0 +1,127 @@
+//! One-click unsubscribe (RFC 8058): `GET /u/{token}` shows a page with a button, `POST
+//! /u/{token}` unsubscribes. No API key: the HMAC token is the authority. The suppression itself
+//! is [`crate::feedback`]'s, the same as an unsubscribe by mail.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, AppState};
+use crate::node::Node;
+use crate::store::campaign::Campaign;
+
+/// Why an unsubscribe link gets no page or no unsubscribe.
+enum LinkRefused {
+    /// The spool is still being recovered.
+    Starting,
+    /// The token does not verify, or its job or campaign is gone.
+    NotFound,
+}
+
+impl IntoResponse for LinkRefused {
+    fn into_response(self) -> Response {
+        match self {
+            LinkRefused::Starting => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                "Starting up; try again in a few seconds.\n",
+            )
+                .into_response(),
+            LinkRefused::NotFound => (
+                StatusCode::NOT_FOUND,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "This unsubscribe link is not valid.\n",
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// The job an unsubscribe token names, once the node is ready and the token verifies.
+fn unsubscribe_token(node: &Node, token: &str) -> Result<crate::store::spool::JobId, LinkRefused> {
+    if !node.is_ready() {
+        return Err(LinkRefused::Starting);
+    }
+    node.assembler
+        .tokens()
+        .verify(crate::outbound::tokens::Purpose::Unsubscribe, token)
+        .ok_or(LinkRefused::NotFound)
+}
+
+/// The recipient and campaign an unsubscribe token names, if it authenticates and its job
+/// still exists.
+async fn unsubscribe_target(
+    node: &Arc<Node>,
+    token: &str,
+) -> Result<(String, Arc<Campaign>), LinkRefused> {
+    let job = unsubscribe_token(node, token)?;
+    let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
+        return Err(LinkRefused::NotFound);
+    };
+    let read = Arc::clone(node);
+    let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+    let address = bytes
+        .as_deref()
+        .and_then(|b| crate::store::spool::JobRecord::decode(b).ok())
+        .map(|r| r.address.to_lowercase());
+    match address {
+        Some(a) => Ok((a, campaign)),
+        None => Err(LinkRefused::NotFound),
+    }
+}
+
+/// `GET /u/{token}`: a plain page with a button that POSTs, so link scanners that follow GETs
+/// unsubscribe no one.
+pub(super) async fn page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
+    let (address, campaign) = match unsubscribe_target(&s.node, &token).await {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
+    let domain = crate::intake::address::domain_of(&campaign.record.from);
+    let esc = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Unsubscribe</title></head>\
+         <body><p>Stop mail from {domain} to {address}?</p>\
+         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form></body></html>\n",
+        domain = esc(domain),
+        address = esc(&address),
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        html,
+    )
+        .into_response()
+}
+
+/// `POST /u/{token}`: RFC 8058 one-click unsubscribe (the body, `List-Unsubscribe=One-Click` or
+/// the page's empty form, is not needed). Suppresses the recipient for the campaign's From
+/// domain; idempotent: a repeat changes nothing and answers the same.
+pub(super) async fn post(State(s): State<AppState>, Path(token): Path<String>) -> Response {
+    let node = &s.node;
+    let job = match unsubscribe_token(node, &token) {
+        Ok(j) => j,
+        Err(r) => return r.into_response(),
+    };
+    match crate::feedback::unsubscribe_job(node, job, "unsubscribe").await {
+        Ok(None) => LinkRefused::NotFound.into_response(),
+        Ok(Some((address, scope))) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{address} is unsubscribed from {scope}.\n"),
+        )
+            .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}

@@ -1,0 +1,953 @@
+//! Ingest: turning API requests into validated campaigns and durable jobs.
+//!
+//! Owns request validation (campaign fields, templates, recipients) and the [`Upload`], the staged
+//! writer that makes a request's recipients durable all at once or not at all. It does CPU work on
+//! the calling task in small pieces and reaches the disk only through the spool's writer thread.
+//! It never speaks SMTP and never decides delivery.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::LimitsConfig;
+use crate::intake::address::Address;
+use crate::intake::template;
+use crate::node::Node;
+use crate::outbound::render::Compiled;
+use crate::scheduler::index::DomainId;
+use crate::store::campaign::{Attachment, Campaign, CampaignKind, CampaignRecord, CampaignState};
+use crate::store::spool::{
+    Durability, JobId, JobRecord, JobState, PendingWrite, SpoolBatch, SpoolError,
+};
+
+/// Most custom headers on a campaign.
+pub const MAX_HEADERS: usize = 50;
+/// Most tags on a campaign, and the longest tag.
+pub const MAX_TAGS: usize = 20;
+pub const MAX_TAG_LEN: usize = 128;
+/// Longest subject, display name, header value (before folding).
+pub const MAX_HEADER_VALUE: usize = 998;
+
+/// Headers Sluice writes itself; a campaign may not set them.
+const RESERVED_HEADERS: &[&str] = &[
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "dkim-signature",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "return-path",
+    "received",
+    "reply-to",
+    "sender",
+    "feedback-id",
+    "x-sluice-ref",
+    "content-disposition",
+];
+
+/// A problem with one field of a request: the API turns it into a 4xx naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The template and sender fields of a campaign or message, as validated by [`validate_campaign`].
+#[derive(Debug, Default)]
+pub struct CampaignFields {
+    pub from: String,
+    pub from_name: Option<String>,
+    pub reply_to: Option<String>,
+    pub subject: String,
+    pub text: Option<String>,
+    pub html: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub tags: Vec<String>,
+    pub attachments: Vec<Attachment>,
+    /// `false`: every recipient gets the same message (see [`CampaignRecord::personalised`]).
+    pub personalised: Option<bool>,
+}
+
+/// The body of `POST /v1/campaigns` (with `recipients`) and `POST /v1/messages` (with `to` and
+/// `vars`). Recipients are kept as raw JSON so one bad recipient is reported on its own instead of
+/// failing the whole request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComposeRequest<'a> {
+    pub from: String,
+    #[serde(default)]
+    pub from_name: Option<String>,
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    pub subject: String,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub html: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+    #[serde(default)]
+    pub personalised: Option<bool>,
+    #[serde(default, borrow)]
+    pub recipients: Option<Vec<&'a RawValue>>,
+    #[serde(default)]
+    pub to: Option<String>,
+    #[serde(default, borrow)]
+    pub vars: Option<&'a RawValue>,
+}
+
+impl<'a> ComposeRequest<'a> {
+    /// Splits off the campaign fields, leaving the recipient part.
+    pub fn into_parts(self) -> (CampaignFields, Recipients<'a>) {
+        let fields = CampaignFields {
+            from: self.from,
+            from_name: self.from_name,
+            reply_to: self.reply_to,
+            subject: self.subject,
+            text: self.text,
+            html: self.html,
+            headers: self.headers,
+            tags: self.tags,
+            attachments: self.attachments,
+            personalised: self.personalised,
+        };
+        (
+            fields,
+            Recipients {
+                list: self.recipients,
+                to: self.to,
+                vars: self.vars,
+            },
+        )
+    }
+}
+
+/// The recipient part of a [`ComposeRequest`]: a list for campaigns, `to` + `vars` for messages.
+#[derive(Debug)]
+pub struct Recipients<'a> {
+    pub list: Option<Vec<&'a RawValue>>,
+    pub to: Option<String>,
+    pub vars: Option<&'a RawValue>,
+}
+
+/// One recipient: an element of `recipients` or one NDJSON line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipientInput<'a> {
+    email: String,
+    #[serde(default, borrow)]
+    vars: Option<&'a RawValue>,
+}
+
+/// What ingest needs to know about a campaign to check its recipients.
+#[derive(Debug, Clone, Default)]
+pub struct RecipientRules {
+    /// Variables that land in a header (the subject's): their values may not hold CR or LF.
+    pub header_vars: BTreeSet<String>,
+    /// The compiled campaign: every recipient's variables must render it.
+    pub compiled: Option<Arc<Compiled>>,
+    /// The campaign is not personalised: recipients may not carry variables.
+    pub no_vars: bool,
+}
+
+/// Validates the campaign fields and compiles the templates. Returns the record (with a fresh
+/// id) and the rules for its recipients.
+pub fn validate_campaign(
+    fields: CampaignFields,
+    kind: CampaignKind,
+    limits: &LimitsConfig,
+    now_ms: u64,
+) -> Result<(CampaignRecord, RecipientRules), FieldError> {
+    let from = Address::parse(&fields.from).map_err(|e| FieldError::new("from", e.to_string()))?;
+    if let Some(name) = &fields.from_name {
+        check_header_text("from_name", name)?;
+    }
+    let reply_to = match &fields.reply_to {
+        Some(r) => Some(
+            Address::parse(r)
+                .map_err(|e| FieldError::new("reply_to", e.to_string()))?
+                .into_string(),
+        ),
+        None => None,
+    };
+    if fields.subject.trim().is_empty() {
+        return Err(FieldError::new("subject", "must not be empty"));
+    }
+    check_header_text("subject", &fields.subject)?;
+    if fields.text.is_none() && fields.html.is_none() {
+        return Err(FieldError::new(
+            "text",
+            "a message needs a text or an html part (or both)",
+        ));
+    }
+    let personalised = match (fields.personalised, kind) {
+        (Some(false), CampaignKind::Transactional) => {
+            return Err(FieldError::new(
+                "personalised",
+                "a message has one recipient; \"personalised\": false is for campaigns",
+            ));
+        }
+        (p, _) => p.unwrap_or(true),
+    };
+    let mut rules = RecipientRules {
+        no_vars: !personalised,
+        ..RecipientRules::default()
+    };
+    for (name, part) in [
+        ("subject", Some(&fields.subject)),
+        ("text", fields.text.as_ref()),
+        ("html", fields.html.as_ref()),
+    ] {
+        let Some(source) = part else { continue };
+        if source.len() > limits.max_template_bytes {
+            return Err(FieldError::new(
+                name,
+                format!("is larger than {} bytes", limits.max_template_bytes),
+            ));
+        }
+        let vars = template::check(name, source).map_err(|e| FieldError::new(name, e.message))?;
+        if !personalised && !vars.is_empty() {
+            let names: Vec<&str> = vars.iter().map(String::as_str).collect();
+            return Err(FieldError::new(
+                name,
+                format!(
+                    "uses variables ({}), but with \"personalised\": false every recipient gets the same message",
+                    names.join(", ")
+                ),
+            ));
+        }
+        if name == "subject" {
+            rules.header_vars = vars;
+        }
+    }
+    if fields.headers.len() > MAX_HEADERS {
+        return Err(FieldError::new(
+            "headers",
+            format!("at most {MAX_HEADERS} headers"),
+        ));
+    }
+    for (name, value) in &fields.headers {
+        let field = format!("headers.{name}");
+        if name.is_empty() || !name.bytes().all(|b| (33..=126).contains(&b) && b != b':') {
+            return Err(FieldError::new(
+                field,
+                "a header name is printable ASCII without spaces or ':'",
+            ));
+        }
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(FieldError::new(
+                field,
+                "this header is set by Sluice and may not be given",
+            ));
+        }
+        check_header_text(&field, value)?;
+    }
+    if fields.tags.len() > MAX_TAGS {
+        return Err(FieldError::new("tags", format!("at most {MAX_TAGS} tags")));
+    }
+    for (i, tag) in fields.tags.iter().enumerate() {
+        if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                format!("tags[{i}]"),
+                format!("a tag is 1 to {MAX_TAG_LEN} bytes without control characters"),
+            ));
+        }
+    }
+    check_attachments(&fields.attachments, limits)?;
+    let record = CampaignRecord {
+        id: uuid::Uuid::now_v7(),
+        kind,
+        from: from.into_string(),
+        from_name: fields.from_name,
+        reply_to,
+        subject: fields.subject,
+        text: fields.text,
+        html: fields.html,
+        headers: fields.headers,
+        tags: fields.tags,
+        attachments: fields.attachments,
+        personalised,
+        state: CampaignState::Active,
+        created_at_ms: now_ms,
+    };
+    let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;
+    rules.compiled = Some(Arc::new(compiled));
+    Ok((record, rules))
+}
+
+/// Content types an attachment may not have: they would change the message's structure.
+const FORBIDDEN_ATTACHMENT_TYPES: &[&str] = &["multipart", "message"];
+
+fn check_attachments(list: &[Attachment], limits: &LimitsConfig) -> Result<(), FieldError> {
+    if list.len() > limits.max_attachments {
+        return Err(FieldError::new(
+            "attachments",
+            format!("at most {} attachments", limits.max_attachments),
+        ));
+    }
+    let mut total = 0usize;
+    for (i, a) in list.iter().enumerate() {
+        let field = |f: &str| format!("attachments[{i}].{f}");
+        let name = &a.filename;
+        if name.trim().is_empty()
+            || name.len() > 255
+            || name.chars().any(|c| c.is_control() || "/\\\"".contains(c))
+        {
+            return Err(FieldError::new(
+                field("filename"),
+                "1 to 255 bytes of UTF-8 without control characters, '/', '\\' or '\"'",
+            ));
+        }
+        let ct = a.content_type.to_ascii_lowercase();
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+        };
+        let ok = ct.split_once('/').is_some_and(|(t, sub)| {
+            token(t) && token(sub) && !FORBIDDEN_ATTACHMENT_TYPES.contains(&t)
+        });
+        if !ok {
+            return Err(FieldError::new(
+                field("content_type"),
+                format!(
+                    "{:?} is not a type/subtype media type (multipart and message types are not allowed)",
+                    a.content_type
+                ),
+            ));
+        }
+        if a.content_base64.len() / 4 * 3 > limits.max_attachment_bytes.saturating_mul(2) {
+            return Err(FieldError::new(
+                field("content_base64"),
+                format!(
+                    "attachments may total at most {} bytes",
+                    limits.max_attachment_bytes
+                ),
+            ));
+        }
+        let data = a
+            .decode()
+            .map_err(|e| FieldError::new(field("content_base64"), e))?;
+        total += data.len();
+        if total > limits.max_attachment_bytes {
+            return Err(FieldError::new(
+                field("content_base64"),
+                format!(
+                    "attachments may total at most {} bytes; this one brings them to {total}",
+                    limits.max_attachment_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The rules for recipients added later to a stored campaign.
+pub fn rules_for(
+    campaign: &Campaign,
+    assembler: &crate::outbound::render::Assembler,
+) -> RecipientRules {
+    let header_vars = template::check("subject", &campaign.record.subject).unwrap_or_default();
+    RecipientRules {
+        header_vars,
+        compiled: assembler.compiled(campaign).ok(),
+        no_vars: !campaign.record.personalised,
+    }
+}
+
+fn check_header_text(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.contains(['\r', '\n']) {
+        return Err(FieldError::new(field, "must not contain CR or LF"));
+    }
+    if value.len() > MAX_HEADER_VALUE {
+        return Err(FieldError::new(
+            field,
+            format!("is longer than {MAX_HEADER_VALUE} bytes"),
+        ));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A recipient that passed validation, borrowing from the request.
+#[derive(Debug)]
+pub struct ValidRecipient<'a> {
+    pub address: Address,
+    /// JSON object text, or empty.
+    pub vars: &'a str,
+}
+
+/// Parses and checks one recipient given as JSON text. The error names the sub-field
+/// (`email`, `vars.first_name`) relative to the recipient, and echoes the email when it was read.
+pub fn parse_recipient<'a>(
+    json: &'a str,
+    rules: &RecipientRules,
+    limits: &LimitsConfig,
+) -> Result<ValidRecipient<'a>, (Option<String>, FieldError)> {
+    let input: RecipientInput<'a> =
+        serde_json::from_str(json).map_err(|e| (None, json_field_error(&e)))?;
+    check_recipient(input.email, input.vars, rules, limits)
+}
+
+/// Checks one recipient's address and variables (see [`parse_recipient`]).
+pub fn check_recipient<'a>(
+    email: String,
+    vars: Option<&'a RawValue>,
+    rules: &RecipientRules,
+    limits: &LimitsConfig,
+) -> Result<ValidRecipient<'a>, (Option<String>, FieldError)> {
+    let address = match Address::parse(&email) {
+        Ok(a) => a,
+        Err(e) => return Err((Some(email), FieldError::new("email", e.to_string()))),
+    };
+    if rules.no_vars
+        && let Some(raw) = vars
+        && !matches!(
+            raw.get().split_whitespace().collect::<String>().as_str(),
+            "null" | "{}"
+        )
+    {
+        return Err((
+            Some(email),
+            FieldError::new(
+                "vars",
+                "the campaign is not personalised (\"personalised\": false): recipients take no variables",
+            ),
+        ));
+    }
+    let vars = match vars {
+        Some(raw) if raw.get() != "null" => {
+            let text = raw.get();
+            let map = check_vars(text, rules, limits).map_err(|e| (Some(email.clone()), e))?;
+            (text, map)
+        }
+        _ => ("", None),
+    };
+    let (vars, map) = vars;
+    if let Some(c) = &rules.compiled {
+        crate::outbound::render::check_vars(c, vars, map.as_ref())
+            .map_err(|e| (Some(email), FieldError::new(e.field, e.message)))?;
+    }
+    Ok(ValidRecipient { address, vars })
+}
+
+/// Checks size, shape and header variables; returns the top-level map when it had to parse it,
+/// so the template check does not parse it again.
+fn check_vars<'a>(
+    text: &'a str,
+    rules: &RecipientRules,
+    limits: &LimitsConfig,
+) -> Result<Option<crate::outbound::render::VarsMap<'a>>, FieldError> {
+    if text.len() > limits.max_vars_bytes {
+        return Err(FieldError::new(
+            "vars",
+            format!("is larger than {} bytes", limits.max_vars_bytes),
+        ));
+    }
+    if !text.starts_with('{') {
+        return Err(FieldError::new("vars", "must be a JSON object"));
+    }
+    if rules.header_vars.is_empty() {
+        return Ok(None);
+    }
+    let map: crate::outbound::render::VarsMap<'a> = serde_json::from_str(text)
+        .map_err(|e| FieldError::new("vars", format!("must be a JSON object: {e}")))?;
+    for name in &rules.header_vars {
+        let Some(raw) = map.get(name.as_str()) else {
+            continue;
+        };
+        // Only strings can carry a line break; escapes such as \n or \u000a decode here.
+        if raw.get().contains('\\') {
+            let value: serde_json::Value = serde_json::from_str(raw.get())
+                .map_err(|e| FieldError::new(format!("vars.{name}"), e.to_string()))?;
+            if has_line_break(&value) {
+                return Err(FieldError::new(
+                    format!("vars.{name}"),
+                    "must not contain CR or LF: it is used in the subject header",
+                ));
+            }
+        }
+    }
+    Ok(Some(map))
+}
+
+fn has_line_break(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains(['\r', '\n']),
+        serde_json::Value::Array(a) => a.iter().any(has_line_break),
+        serde_json::Value::Object(o) => o.values().any(has_line_break),
+        _ => false,
+    }
+}
+
+/// Turns a serde_json error on a recipient into a field error with a clean message.
+fn json_field_error(e: &serde_json::Error) -> FieldError {
+    let msg = e.to_string();
+    // serde_json appends " at line L column C"; within one recipient that is noise.
+    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+    let field = if msg.contains("`email`") {
+        "email"
+    } else if msg.contains("`vars`") {
+        "vars"
+    } else {
+        ""
+    };
+    FieldError::new(field, msg)
+}
+
+/// A recipient refused at ingest, as reported in the 202's `rejected` list.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rejected {
+    pub index: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    pub field: String,
+    pub error: String,
+}
+
+/// An in-progress upload: recipients staged in the spool, invisible until [`Upload::commit`].
+///
+/// Dropping an upload that was not committed (client gone, error) deletes what it staged.
+pub struct Upload {
+    node: Arc<Node>,
+    campaign: Arc<Campaign>,
+    id: u64,
+    batch: SpoolBatch,
+    /// Reserved indexes not yet used: `next..end`.
+    next_index: u32,
+    end_index: u32,
+    /// Jobs added, in order, with their domain: enqueued at commit.
+    staged: Vec<(u32, DomainId)>,
+    /// Chunk writes handed to the writer; all must succeed before the commit.
+    writes: Vec<PendingWrite>,
+    first_chunk_written: bool,
+    committed: bool,
+    accepted_at_ms: u64,
+    record_buf: Vec<u8>,
+    chunk_domains: Vec<(u32, Box<str>)>,
+    /// Indexes of the recipients recorded as suppressed (not queued), for a rollback.
+    suppressed: Vec<u32>,
+    /// The campaign is new: it joins the registry at commit, before its jobs can be taken.
+    new_campaign: bool,
+}
+
+/// Why an upload could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("the campaign has no room for more recipients")]
+    CampaignFull,
+}
+
+/// Indexes reserved from the campaign at a time, so concurrent uploads interleave in blocks.
+const INDEX_BLOCK: u32 = 1024;
+
+impl Upload {
+    /// An upload that creates `campaign`: the campaign is registered at commit, after its record
+    /// is on disk and before delivery can meet its jobs (which it would drop as orphans).
+    pub fn for_new_campaign(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
+        let mut upload = Upload::new(node, campaign);
+        upload.new_campaign = true;
+        upload
+    }
+
+    /// An upload of more recipients to a registered campaign.
+    pub fn new(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
+        let id = node.upload_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let batch = node.spool.batch();
+        Upload {
+            node,
+            campaign,
+            id,
+            batch,
+            next_index: 0,
+            end_index: 0,
+            staged: Vec::new(),
+            writes: Vec::new(),
+            first_chunk_written: false,
+            committed: false,
+            accepted_at_ms: crate::now_ms(),
+            record_buf: Vec::with_capacity(256),
+            chunk_domains: Vec::new(),
+            suppressed: Vec::new(),
+            new_campaign: false,
+        }
+    }
+
+    pub fn campaign(&self) -> &Arc<Campaign> {
+        &self.campaign
+    }
+
+    /// Recipients staged so far.
+    pub fn len(&self) -> usize {
+        self.staged.len() + self.chunk_domains.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Recipients recorded as suppressed so far.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.len() as u64
+    }
+
+    /// Stages one validated recipient; writes a chunk when the batch is full.
+    /// Adds a recipient. One on the suppression list for this campaign's From domain is recorded
+    /// as suppressed (so the campaign counts it) and never queued: the reason is returned.
+    pub async fn add(
+        &mut self,
+        r: &ValidRecipient<'_>,
+    ) -> Result<Option<crate::effects::suppression::Reason>, UploadError> {
+        let from_domain = crate::intake::address::domain_of(&self.campaign.record.from);
+        match self
+            .node
+            .suppressions
+            .check(r.address.as_str(), from_domain)
+        {
+            Some(reason) => {
+                self.add_in_state(r, JobState::Suppressed).await?;
+                Ok(Some(reason))
+            }
+            None => {
+                self.add_in_state(r, JobState::Queued).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn add_in_state(
+        &mut self,
+        r: &ValidRecipient<'_>,
+        state: JobState,
+    ) -> Result<(), UploadError> {
+        if self.next_index == self.end_index {
+            let start = self
+                .campaign
+                .reserve_indexes(INDEX_BLOCK)
+                .ok_or(UploadError::CampaignFull)?;
+            self.next_index = start;
+            self.end_index = start + INDEX_BLOCK;
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        let id = JobId {
+            campaign: self.campaign.seq,
+            index,
+        };
+        let rec = JobRecord {
+            state,
+            upload: self.id,
+            accepted_at_ms: self.accepted_at_ms,
+            attempts: 0,
+            next_attempt_ms: self.accepted_at_ms,
+            address: r.address.as_str(),
+            vars: r.vars,
+            last_response: "",
+        };
+        self.record_buf.clear();
+        rec.encode_into(&mut self.record_buf);
+        self.batch.put_job(id, &self.record_buf);
+        if !self.campaign.record.personalised {
+            self.batch
+                .put_recipient(id, &r.address.as_str().to_lowercase());
+        }
+        if state == JobState::Queued {
+            self.chunk_domains.push((index, r.address.domain().into()));
+        } else {
+            self.suppressed.push(index);
+        }
+        if self.batch.len() >= self.node.config.spool.ingest_batch {
+            self.flush_chunk().await?;
+        }
+        Ok(())
+    }
+
+    fn intern_chunk(&mut self) {
+        if self.chunk_domains.is_empty() {
+            return;
+        }
+        // Pinned until commit or rollback, so a domain id cannot be evicted and reused.
+        let ids = self
+            .node
+            .scheduler
+            .stage(self.chunk_domains.iter().map(|(_, d)| &**d));
+        self.staged.reserve(ids.len());
+        let indexes = self.chunk_domains.drain(..).map(|(index, _)| index);
+        self.staged.extend(indexes.zip(ids));
+    }
+
+    async fn flush_chunk(&mut self) -> Result<(), UploadError> {
+        self.intern_chunk();
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.node.spool.check_space()?;
+        let mut batch = std::mem::replace(&mut self.batch, self.node.spool.batch());
+        if !self.first_chunk_written {
+            batch.open_upload(self.id, self.campaign.seq);
+            self.first_chunk_written = true;
+        }
+        let pending = self.node.spool.submit(batch, Durability::Buffered).await?;
+        self.writes.push(pending);
+        Ok(())
+    }
+
+    /// Makes every staged recipient durable and visible at once: writes the last chunk plus
+    /// `finish` (campaign record, idempotency record) in one synced batch, then enqueues the jobs.
+    pub async fn commit(
+        mut self,
+        finish: impl FnOnce(&mut SpoolBatch),
+    ) -> Result<usize, UploadError> {
+        self.intern_chunk();
+        for w in std::mem::take(&mut self.writes) {
+            w.wait().await?;
+        }
+        self.node.spool.check_space()?;
+        let mut batch = std::mem::replace(&mut self.batch, self.node.spool.batch());
+        if self.first_chunk_written {
+            batch.close_upload(self.id);
+        }
+        finish(&mut batch);
+        self.node.spool.write(batch, Durability::Sync).await?;
+        self.committed = true;
+        if self.new_campaign {
+            self.node.campaigns.insert(Arc::clone(&self.campaign));
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let n = staged.len();
+        self.campaign
+            .counts
+            .queued
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.campaign
+            .counts
+            .suppressed
+            .fetch_add(self.suppressed(), Ordering::Relaxed);
+        crate::metrics::RECIPIENTS_ACCEPTED.inc_by(n as u64);
+        crate::metrics::RECIPIENTS_SUPPRESSED.inc_by(self.suppressed());
+        // Indexed in slices by a task of its own: delivery keeps running meanwhile, and a client
+        // that leaves now (dropping this future) cannot keep committed jobs out of the queue.
+        let node = Arc::clone(&self.node);
+        let (campaign, due) = (self.campaign.seq, self.accepted_at_ms);
+        let indexing = tokio::spawn(async move {
+            node.scheduler.enqueue_staged(campaign, due, staged).await;
+        });
+        if let Err(e) = indexing.await {
+            tracing::error!(error = %e, "indexing committed jobs failed; they are queued again at the next start");
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        self.intern_chunk();
+        self.node
+            .scheduler
+            .unstage(self.staged.iter().map(|&(_, d)| d));
+        if !self.first_chunk_written {
+            return;
+        }
+        // Staged chunks reached the writer: delete them and the open record. If this fails too,
+        // recovery at the next start does the same.
+        let mut batch = self.node.spool.batch();
+        let queued = self.staged.iter().map(|(index, _)| index);
+        for index in queued.chain(&self.suppressed) {
+            batch.delete_job(JobId {
+                campaign: self.campaign.seq,
+                index: *index,
+            });
+        }
+        batch.close_upload(self.id);
+        let node = Arc::clone(&self.node);
+        let upload = self.id;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = node.spool.write(batch, Durability::Buffered).await {
+                    tracing::warn!(upload, error = %e, "rolling back an abandoned upload failed; recovery will finish it");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> LimitsConfig {
+        LimitsConfig::default()
+    }
+
+    fn fields(json: &str) -> CampaignFields {
+        serde_json::from_str::<ComposeRequest<'_>>(json)
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    #[test]
+    fn campaign_validation_names_fields() {
+        let ok = r#"{"from":"News@Example.com","subject":"Hi {{ name }}","text":"x"}"#;
+        let (rec, rules) = validate_campaign(fields(ok), CampaignKind::Bulk, &limits(), 5).unwrap();
+        assert_eq!(rec.from, "News@example.com");
+        assert_eq!(rules.header_vars.iter().collect::<Vec<_>>(), vec!["name"]);
+
+        let cases = [
+            (r#"{"from":"bad","subject":"s","text":"x"}"#, "from"),
+            (
+                r#"{"from":"a@example.com","reply_to":"x@","subject":"s","text":"x"}"#,
+                "reply_to",
+            ),
+            (
+                r#"{"from":"a@example.com","subject":" ","text":"x"}"#,
+                "subject",
+            ),
+            (
+                r#"{"from":"a@example.com","subject":"a\r\nBcc: x@y.com","text":"x"}"#,
+                "subject",
+            ),
+            (r#"{"from":"a@example.com","subject":"s"}"#, "text"),
+            (
+                r#"{"from":"a@example.com","subject":"s","html":"{% if %}"}"#,
+                "html",
+            ),
+            (
+                r#"{"from":"a@example.com","subject":"s","text":"x","headers":{"X-A":"1\nBcc: y"}}"#,
+                "headers.X-A",
+            ),
+            (
+                r#"{"from":"a@example.com","subject":"s","text":"x","headers":{"Subject":"again"}}"#,
+                "headers.Subject",
+            ),
+            (
+                r#"{"from":"a@example.com","subject":"s","text":"x","headers":{"Bad Name":"v"}}"#,
+                "headers.Bad Name",
+            ),
+            (
+                r#"{"from":"a@example.com","from_name":"A\nB","subject":"s","text":"x"}"#,
+                "from_name",
+            ),
+            (
+                r#"{"from":"a@example.com","subject":"s","text":"x","tags":[""]}"#,
+                "tags[0]",
+            ),
+        ];
+        for (json, field) in cases {
+            let err =
+                validate_campaign(fields(json), CampaignKind::Bulk, &limits(), 0).unwrap_err();
+            assert_eq!(err.field, field, "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn recipients_are_checked() {
+        let rules = RecipientRules {
+            header_vars: ["name".to_owned()].into(),
+            compiled: None,
+            no_vars: false,
+        };
+        let r = parse_recipient(
+            r#"{"email":"a@Example.COM","vars":{"name":"Ann","n":1}}"#,
+            &rules,
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(r.address.as_str(), "a@example.com");
+        assert_eq!(r.vars, r#"{"name":"Ann","n":1}"#);
+        assert_eq!(
+            parse_recipient(
+                r#"{"email":"a@example.com","vars":null}"#,
+                &rules,
+                &limits()
+            )
+            .unwrap()
+            .vars,
+            ""
+        );
+
+        let bad = |json: &str| parse_recipient(json, &rules, &limits()).unwrap_err();
+        assert_eq!(bad(r#"{"email":"nope"}"#).1.field, "email");
+        assert_eq!(bad(r#"{"email":"nope"}"#).0.as_deref(), Some("nope"));
+        assert_eq!(bad(r#"{"vars":{}}"#).1.field, "email");
+        assert!(
+            bad(r#"{"vars":{}}"#)
+                .1
+                .message
+                .contains("missing field `email`")
+        );
+        assert_eq!(
+            bad(r#"{"email":"a@example.com","vars":[1]}"#).1.field,
+            "vars"
+        );
+        assert_eq!(
+            bad(r#"{"email":"a@example.com","vars":{"name":"x\r\nBcc: v@x.com"}}"#)
+                .1
+                .field,
+            "vars.name"
+        );
+        assert_eq!(
+            bad(r#"{"email":"a@example.com","vars":{"name":"x\u000aBcc"}}"#)
+                .1
+                .field,
+            "vars.name"
+        );
+        // Line breaks in a variable the subject does not use are body content, not a header.
+        assert!(
+            parse_recipient(
+                r#"{"email":"a@example.com","vars":{"body":"a\nb"}}"#,
+                &rules,
+                &limits()
+            )
+            .is_ok()
+        );
+        assert!(
+            bad(r#"{"email":"a@example.com","emial":"x"}"#)
+                .1
+                .message
+                .contains("unknown field")
+        );
+        assert!(bad("{not json").1.message.contains("key must be a string"));
+        let big = format!(
+            r#"{{"email":"a@example.com","vars":{{"x":"{}"}}}}"#,
+            "y".repeat(20_000)
+        );
+        assert_eq!(bad(&big).1.field, "vars");
+    }
+}

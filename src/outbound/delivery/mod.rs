@@ -1,0 +1,300 @@
+//! The delivery engine: from due jobs in the scheduler to SMTP transactions and outcomes.
+//!
+//! Owns sites, lanes, the connection pool, throttles, retries and expiry. It reads job records
+//! from the spool on the blocking pool and writes outcome updates through one batching task; it
+//! never blocks a tokio worker and never holds a lock across an `.await`. One file per step of an
+//! attempt, in the order a job meets them:
+//!
+//! * this file: the engine's start and stop, and the **coordinator**, which takes domains whose
+//!   next job is due from the scheduler, resolves each to a site and attaches it. DNS failures
+//!   are decided per domain at once: NXDOMAIN and null MX bounce the due jobs, temporary failures
+//!   defer them. Also the sweeper (idle connections, empty sites, idle domains) and reports.
+//! * [`route`]: domain → **site** (the MX set, or a static relay, so all domains a provider
+//!   hosts share one set of limits) and site → open connection.
+//! * [`site`]: a site's live state: throttles, lanes, idle connections, backoff. A site whose
+//!   connections fail is backed off (doubling up to `site_backoff_max`), deferring one batch per
+//!   failure so that every recipient's log shows what happened.
+//! * [`lane`]: up to `max_connections` lanes per site, each owning one connection at a time.
+//! * [`pick`]: pick and lease: jobs taken from the scheduler, read and decoded once, checked
+//!   (paused, cancelled, suppressed, expired) and grouped into transactions.
+//! * [`transact`]: render, sign and send one message.
+//! * [`finish`]: classify the outcome and apply it as one [`crate::effects::transition::Transition`];
+//!   the batching outcome writer.
+//! * [`stats`]: per-site gauges and the reports of `GET /v1/domains` and `GET /v1/queue`.
+
+mod finish;
+mod lane;
+mod pick;
+mod route;
+mod site;
+pub mod stats;
+mod transact;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::node::Node;
+use crate::outbound::dns::Dns;
+use crate::outbound::outcome;
+use crate::outbound::smtp::client::{ClientSettings, Timeouts};
+use crate::scheduler::index::DomainId;
+use finish::Update;
+use site::Site;
+
+pub(crate) use finish::LATENCY_SECONDS;
+pub(crate) use pick::SUPPRESSED_AT_DELIVERY;
+pub(crate) use transact::{ASSEMBLY_SECONDS, TRANSACTION_SECONDS};
+
+/// A domain with no queued or in-flight jobs is forgotten after this long.
+const DOMAIN_IDLE_EVICT_MS: u64 = 60_000;
+/// An empty site (no lanes, no domains, no idle connections) is forgotten after this long.
+const SITE_IDLE_EVICT: Duration = Duration::from_secs(600);
+
+/// What the API sees of the engine: its reports, once it runs (never with `delivery.enabled`
+/// off). Set by whoever starts the engine; holds it weakly, so it does not keep it alive.
+#[derive(Clone, Default)]
+pub struct EngineHandle(Arc<OnceLock<Weak<Delivery>>>);
+
+impl EngineHandle {
+    pub fn set(&self, engine: &Arc<Delivery>) {
+        let _ = self.0.set(Arc::downgrade(engine));
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.get().is_some()
+    }
+
+    /// Per-site and per-domain statistics; without a running engine, domains only.
+    pub async fn report(&self, node: &Arc<Node>) -> stats::Report {
+        match self.0.get().and_then(Weak::upgrade) {
+            Some(d) => d.report().await,
+            None => stats::report(node, Vec::new(), &|_| None).await,
+        }
+    }
+}
+
+pub struct Delivery {
+    node: Arc<Node>,
+    config: Arc<Config>,
+    dns: Dns,
+    client: ClientSettings,
+    sites: Mutex<HashMap<String, Arc<Site>>>,
+    /// The site key each domain was last resolved to, for reports.
+    domain_sites: Mutex<HashMap<String, String>>,
+    labels: stats::Labels,
+    updates: mpsc::Sender<Update>,
+    stop: CancellationToken,
+    lanes: TaskTracker,
+    background: TaskTracker,
+    /// Messages being assembled at once on the blocking pool: one per core, so signing uses the
+    /// CPU fully without queueing unbounded work behind it.
+    assembly_slots: tokio::sync::Semaphore,
+}
+
+impl Delivery {
+    /// Starts the coordinator, the outcome writer and the pool sweeper.
+    pub fn start(node: Arc<Node>) -> Result<Arc<Delivery>, String> {
+        let config = Arc::clone(&node.config);
+        let d = &config.delivery;
+        let dns = Dns::new(&config.dns.nameservers, config.dns.timeout)?;
+        let timeouts = Timeouts {
+            connect: d.connect_timeout,
+            greeting: d.greeting_timeout,
+            command: d.command_timeout,
+            data_init: d.data_init_timeout,
+            data_block: d.data_block_timeout,
+            data_final: d.data_final_timeout,
+        };
+        let (tx, rx) = mpsc::channel(16_384);
+        let delivery = Arc::new(Delivery {
+            client: ClientSettings::new(d.ehlo_name.clone(), timeouts),
+            node: Arc::clone(&node),
+            config: Arc::clone(&config),
+            dns,
+            sites: Mutex::new(HashMap::new()),
+            domain_sites: Mutex::new(HashMap::new()),
+            labels: stats::Labels::default(),
+            updates: tx,
+            stop: CancellationToken::new(),
+            lanes: TaskTracker::new(),
+            background: TaskTracker::new(),
+            assembly_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
+        });
+        delivery
+            .background
+            .spawn(finish::write_updates(Arc::clone(&node), rx));
+        delivery
+            .background
+            .spawn(Arc::clone(&delivery).coordinate());
+        delivery.background.spawn(Arc::clone(&delivery).sweep());
+        delivery
+            .background
+            .spawn(Arc::clone(&delivery).publish_stats());
+        Ok(delivery)
+    }
+
+    /// Stops taking work, lets in-flight transactions finish (for up to
+    /// `delivery.shutdown_timeout`), and writes every outcome.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.lanes.close();
+        let limit = self.config.delivery.shutdown_timeout;
+        if tokio::time::timeout(limit, self.lanes.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                lanes = self.lanes.len(),
+                "SMTP transactions still under way after {limit:?}; abandoned, their recipients stay queued"
+            );
+        }
+        let idle: Vec<stats::Held> = {
+            let sites = self.sites.lock().expect("sites lock");
+            sites
+                .values()
+                .flat_map(|s| std::mem::take(&mut s.lock().idle))
+                .collect()
+        };
+        for c in idle {
+            c.quit().await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.updates.send(Update::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.background.close();
+        self.background.wait().await;
+    }
+
+    async fn coordinate(self: Arc<Self>) {
+        loop {
+            let now = crate::now_ms();
+            let (due, next) = self.node.scheduler.take_due_domains(now, 512);
+            let busy = !due.is_empty();
+            for d in due {
+                self.lanes.spawn(Arc::clone(&self).activate(d));
+            }
+            if busy {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let wait = next.map_or(1000, |t| t.saturating_sub(now)).min(1000);
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = self.node.scheduler.woken() => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+        }
+    }
+
+    /// Resolves a newly due domain to its site and starts serving it.
+    async fn activate(self: Arc<Self>, d: DomainId) {
+        let Some(name) = self.node.scheduler.claim(d) else {
+            return;
+        };
+        match self.site_for(&name).await {
+            Ok(site) => {
+                self.domain_sites
+                    .lock()
+                    .expect("domain sites lock")
+                    .insert(name, site.key.clone());
+                site.lock().active.push_back(d);
+                self.ensure_lanes(&site);
+            }
+            Err(failure) => {
+                let outcome = outcome::from_dns(&failure);
+                loop {
+                    let jobs = self.node.scheduler.pop_due(d, crate::now_ms(), 256);
+                    if jobs.is_empty() || self.stop.is_cancelled() {
+                        break;
+                    }
+                    for p in self.prepare(jobs, None).await {
+                        self.finish(&p, outcome.clone(), None, None, 0).await;
+                    }
+                }
+                self.node.scheduler.deactivate([d], 0);
+            }
+        }
+    }
+
+    /// Per-site and per-domain statistics (see [`stats::report`]).
+    pub async fn report(&self) -> stats::Report {
+        let views: Vec<stats::SiteView> = {
+            let sites = self.sites.lock().expect("sites lock");
+            sites.values().map(|s| s.view()).collect()
+        };
+        let site_of = |d: &str| {
+            self.domain_sites
+                .lock()
+                .expect("domain sites lock")
+                .get(d)
+                .cloned()
+        };
+        stats::report(&self.node, views, &site_of).await
+    }
+
+    /// Refreshes the per-site gauges every few seconds, and forgets the site of domains the
+    /// queue no longer knows.
+    async fn publish_stats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut labels = std::collections::HashSet::new();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let report = self.report().await;
+            stats::publish(&report, &mut labels);
+            let mut map = self.domain_sites.lock().expect("domain sites lock");
+            self.node.scheduler.retain_known(&mut map);
+        }
+    }
+
+    /// Closes idle connections past `idle_timeout` and forgets empty sites.
+    async fn sweep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let idle_timeout = self.config.delivery.idle_timeout;
+            let mut closing = Vec::new();
+            {
+                let mut sites = self.sites.lock().expect("sites lock");
+                sites.retain(|_, site| {
+                    site.stats.sample();
+                    let mut g = site.lock();
+                    let (old, keep): (Vec<stats::Held>, Vec<stats::Held>) =
+                        std::mem::take(&mut g.idle)
+                            .into_iter()
+                            .partition(|c| c.last_used.elapsed() >= idle_timeout);
+                    g.idle = keep;
+                    closing.extend(old);
+                    !(g.lanes == 0
+                        && g.active.is_empty()
+                        && g.idle.is_empty()
+                        && g.last_activity.elapsed() > SITE_IDLE_EVICT)
+                });
+            }
+            for c in closing {
+                tokio::spawn(c.quit());
+            }
+            let evicted = self
+                .node
+                .scheduler
+                .evict_idle(crate::now_ms(), DOMAIN_IDLE_EVICT_MS);
+            if evicted > 0 {
+                tracing::debug!(evicted, "idle domains forgotten");
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Out: due jobs to SMTP transactions. The delivery engine and what it uses to reach a site,
+//! build and sign a message, speak SMTP and classify the answer.
+
+pub mod delivery;
+pub mod dkim;
+pub mod dns;
+pub mod outcome;
+pub mod render;
+pub mod retry;
+pub mod smtp;
+pub mod tokens;

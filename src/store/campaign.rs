@@ -1,0 +1,388 @@
+//! Campaigns: the stored record (template written once) and the in-memory registry with state and
+//! per-state counts.
+//!
+//! Owns no I/O: callers persist records through the spool. Counts are derived, never stored: they
+//! are rebuilt from the job records at recovery and moved by the code that changes a job's state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::store::spool::JobState;
+
+/// Version byte in front of the JSON campaign record.
+const CAMPAIGN_VERSION: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CampaignState {
+    Active,
+    Paused,
+    Cancelled,
+}
+
+impl CampaignState {
+    fn from_u8(v: u8) -> CampaignState {
+        match v {
+            1 => CampaignState::Paused,
+            2 => CampaignState::Cancelled,
+            _ => CampaignState::Active,
+        }
+    }
+    fn as_u8(self) -> u8 {
+        match self {
+            CampaignState::Active => 0,
+            CampaignState::Paused => 1,
+            CampaignState::Cancelled => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CampaignKind {
+    /// Many recipients, one template (`POST /v1/campaigns`).
+    Bulk,
+    /// One message (`POST /v1/messages`).
+    Transactional,
+}
+
+/// The campaign as stored: written once, rewritten only when its state changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CampaignRecord {
+    pub id: Uuid,
+    pub kind: CampaignKind,
+    pub from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Sent with every message; stored once here, MIME-encoded once per process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+    /// False when every recipient gets the same message (no variables, no per-recipient
+    /// headers): delivery then sends one message to several recipients of a domain at once.
+    #[serde(default = "personalised", skip_serializing_if = "is_personalised")]
+    pub personalised: bool,
+    pub state: CampaignState,
+    pub created_at_ms: u64,
+}
+
+fn personalised() -> bool {
+    true
+}
+
+fn is_personalised(p: &bool) -> bool {
+    *p
+}
+
+/// A file attached to every message of a campaign, as given in the request (validated at ingest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: String,
+    pub content_base64: String,
+}
+
+impl Attachment {
+    /// The file's bytes. Whitespace (line breaks of wrapped base64) is ignored.
+    pub fn decode(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        let compact: Vec<u8> = self
+            .content_base64
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .map_err(|e| format!("not valid base64: {e}"))
+    }
+}
+
+impl CampaignRecord {
+    /// The size of the templates and attachments, a measure of the work to assemble a message.
+    pub fn template_bytes(&self) -> usize {
+        self.subject.len()
+            + self.text.as_ref().map_or(0, String::len)
+            + self.html.as_ref().map_or(0, String::len)
+            + self
+                .attachments
+                .iter()
+                .map(|a| a.content_base64.len())
+                .sum::<usize>()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![CAMPAIGN_VERSION];
+        serde_json::to_writer(&mut out, self).expect("a campaign record always serialises");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<CampaignRecord, String> {
+        match bytes.split_first() {
+            Some((&CAMPAIGN_VERSION, json)) => {
+                serde_json::from_slice(json).map_err(|e| e.to_string())
+            }
+            Some((v, _)) => Err(format!("unknown campaign record version {v}")),
+            None => Err("empty campaign record".into()),
+        }
+    }
+}
+
+/// Per-state recipient counts of one campaign, as `GET /v1/campaigns/{id}` shows them.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub queued: AtomicU64,
+    pub deferred: AtomicU64,
+    pub delivered: AtomicU64,
+    pub bounced: AtomicU64,
+    pub expired: AtomicU64,
+    pub suppressed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub complained: AtomicU64,
+    pub unsubscribed: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CountsSnapshot {
+    pub queued: u64,
+    pub deferred: u64,
+    pub delivered: u64,
+    pub bounced: u64,
+    pub expired: u64,
+    pub suppressed: u64,
+    pub cancelled: u64,
+    pub complained: u64,
+    pub unsubscribed: u64,
+}
+
+impl Counts {
+    /// The counter a job in `state` with `attempts` attempts belongs to.
+    pub fn slot(&self, state: JobState, attempts: u32) -> &AtomicU64 {
+        match state {
+            JobState::Queued if attempts == 0 => &self.queued,
+            JobState::Queued => &self.deferred,
+            JobState::Delivered => &self.delivered,
+            JobState::Bounced => &self.bounced,
+            JobState::Expired => &self.expired,
+            JobState::Suppressed => &self.suppressed,
+            JobState::Cancelled => &self.cancelled,
+        }
+    }
+
+    /// Moves one recipient from one counter to another (never below zero).
+    pub fn shift(&self, from: &AtomicU64, to: &AtomicU64) {
+        let _ = from.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        to.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CountsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CountsSnapshot {
+            queued: g(&self.queued),
+            deferred: g(&self.deferred),
+            delivered: g(&self.delivered),
+            bounced: g(&self.bounced),
+            expired: g(&self.expired),
+            suppressed: g(&self.suppressed),
+            cancelled: g(&self.cancelled),
+            complained: g(&self.complained),
+            unsubscribed: g(&self.unsubscribed),
+        }
+    }
+}
+
+/// A campaign in memory.
+#[derive(Debug)]
+pub struct Campaign {
+    pub seq: u32,
+    /// The record as last persisted. Templates are immutable; only `state` changes, and the
+    /// authoritative state is the atomic below.
+    pub record: CampaignRecord,
+    state: AtomicU8,
+    /// Next recipient index to hand out.
+    next_index: AtomicU32,
+    pub counts: Counts,
+}
+
+impl Campaign {
+    pub fn new(seq: u32, record: CampaignRecord, next_index: u32) -> Campaign {
+        let state = AtomicU8::new(record.state.as_u8());
+        Campaign {
+            seq,
+            record,
+            state,
+            next_index: AtomicU32::new(next_index),
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn state(&self) -> CampaignState {
+        CampaignState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, state: CampaignState) {
+        self.state.store(state.as_u8(), Ordering::Release);
+    }
+
+    /// Reserves `n` consecutive recipient indexes, or `None` when the campaign is full.
+    pub fn reserve_indexes(&self, n: u32) -> Option<u32> {
+        self.next_index
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                cur.checked_add(n)
+            })
+            .ok()
+    }
+
+    /// Makes sure indexes below `next` are never handed out again (recovery).
+    pub fn ensure_next_index(&self, next: u32) {
+        self.next_index.fetch_max(next, Ordering::AcqRel);
+    }
+
+    /// The record with the current state, for persisting a state change.
+    pub fn record_with_state(&self, state: CampaignState) -> CampaignRecord {
+        CampaignRecord {
+            state,
+            ..self.record.clone()
+        }
+    }
+}
+
+/// All campaigns by public id and by sequence.
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    by_id: HashMap<Uuid, Arc<Campaign>>,
+    by_seq: HashMap<u32, Arc<Campaign>>,
+    next_seq: u32,
+}
+
+impl Registry {
+    pub fn get(&self, id: &Uuid) -> Option<Arc<Campaign>> {
+        self.inner
+            .read()
+            .expect("registry lock")
+            .by_id
+            .get(id)
+            .cloned()
+    }
+
+    pub fn by_seq(&self, seq: u32) -> Option<Arc<Campaign>> {
+        self.inner
+            .read()
+            .expect("registry lock")
+            .by_seq
+            .get(&seq)
+            .cloned()
+    }
+
+    pub fn insert(&self, campaign: Arc<Campaign>) {
+        let mut g = self.inner.write().expect("registry lock");
+        g.next_seq = g.next_seq.max(campaign.seq.saturating_add(1));
+        g.by_id.insert(campaign.record.id, Arc::clone(&campaign));
+        g.by_seq.insert(campaign.seq, campaign);
+    }
+
+    /// Hands out a fresh campaign sequence number (not yet persisted; the commit persists it by
+    /// writing the campaign record, and recovery resumes after the highest stored one).
+    pub fn allocate_seq(&self) -> Option<u32> {
+        let mut g = self.inner.write().expect("registry lock");
+        let seq = g.next_seq.max(1);
+        g.next_seq = seq.checked_add(1)?;
+        Some(seq)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("registry lock").by_id.len()
+    }
+
+    /// Every campaign, newest first.
+    pub fn all(&self) -> Vec<Arc<Campaign>> {
+        let mut v: Vec<Arc<Campaign>> = self
+            .inner
+            .read()
+            .expect("registry lock")
+            .by_seq
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|c| std::cmp::Reverse(c.seq));
+        v
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> CampaignRecord {
+        CampaignRecord {
+            id: Uuid::now_v7(),
+            kind: CampaignKind::Bulk,
+            from: "news@example.com".into(),
+            from_name: Some("News".into()),
+            reply_to: None,
+            subject: "Hi {{ first_name }}".into(),
+            text: Some("Hello".into()),
+            html: None,
+            headers: BTreeMap::new(),
+            tags: vec!["weekly".into()],
+            attachments: vec![],
+            personalised: true,
+            state: CampaignState::Active,
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn record_round_trips_with_version() {
+        let r = record();
+        let bytes = r.encode();
+        assert_eq!(bytes[0], CAMPAIGN_VERSION);
+        assert_eq!(CampaignRecord::decode(&bytes).unwrap(), r);
+        assert!(
+            CampaignRecord::decode(&[9, b'{'])
+                .unwrap_err()
+                .contains("version 9")
+        );
+        assert!(CampaignRecord::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn indexes_are_reserved_without_overlap() {
+        let c = Campaign::new(1, record(), u32::MAX - 10);
+        assert_eq!(c.reserve_indexes(5), Some(u32::MAX - 10));
+        assert_eq!(c.reserve_indexes(5), Some(u32::MAX - 5));
+        assert_eq!(c.reserve_indexes(1), None);
+    }
+
+    #[test]
+    fn registry_allocates_after_highest_seq() {
+        let reg = Registry::default();
+        assert_eq!(reg.allocate_seq(), Some(1));
+        reg.insert(Arc::new(Campaign::new(7, record(), 0)));
+        assert_eq!(reg.allocate_seq(), Some(8));
+        assert_eq!(reg.by_seq(7).unwrap().seq, 7);
+    }
+}
