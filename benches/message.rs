@@ -62,6 +62,7 @@ fn record() -> CampaignRecord {
         personalised: true,
         state: CampaignState::Active,
         created_at_ms: 1_700_000_000_000,
+        lifecycle: Default::default(),
     }
 }
 

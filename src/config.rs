@@ -51,6 +51,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// How long what was sent is kept.
+    #[serde(default)]
+    pub retention: RetentionConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
@@ -471,6 +474,25 @@ pub struct SpoolConfig {
     pub min_free_bytes: u64,
 }
 
+/// What happens to the data of finished campaigns. A campaign is finished when none of its
+/// recipients is queued and no upload to it is open; the clocks below start then.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How long the compact record of each final recipient (about 100 bytes: state, address,
+    /// attempts, last reply) is kept, so that DSNs, complaints and unsubscribes that arrive
+    /// later still find their recipient. Afterwards they are reported as unmapped.
+    #[serde(default = "defaults::job_tombstones", with = "humantime_serde")]
+    pub job_tombstones: Duration,
+    /// How long the campaign record keeps its templates and attachments. Afterwards it keeps
+    /// its counts and metadata only, and takes no more recipients.
+    #[serde(default = "defaults::campaign_retention", with = "humantime_serde")]
+    pub campaigns: Duration,
+    /// How often finished campaigns are looked for and their expired data deleted.
+    #[serde(default = "defaults::retention_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -573,6 +595,15 @@ mod defaults {
     }
     pub fn idempotency_ttl() -> Duration {
         Duration::from_secs(24 * 3600)
+    }
+    pub fn job_tombstones() -> Duration {
+        Duration::from_secs(30 * 86400)
+    }
+    pub fn campaign_retention() -> Duration {
+        Duration::from_secs(90 * 86400)
+    }
+    pub fn retention_interval() -> Duration {
+        Duration::from_secs(60)
     }
     pub fn max_request_bytes() -> usize {
         32 << 20
@@ -709,6 +740,7 @@ default_from_serde!(
     HttpConfig,
     AuthConfig,
     SpoolConfig,
+    RetentionConfig,
     LimitsConfig,
     LogConfig,
     DnsConfig,
@@ -982,6 +1014,12 @@ impl Config {
             if !hook_names.insert(w.name()) {
                 bad(&key("name"), format!("{:?} names two webhooks", w.name()));
             }
+        }
+        if self.retention.interval < Duration::from_secs(1) {
+            bad(
+                "retention.interval",
+                "must be at least 1s: each pass reads every campaign in memory".into(),
+            );
         }
         if self.delivery.retry_initial.is_zero()
             || self.delivery.retry_max < self.delivery.retry_initial

@@ -30,7 +30,10 @@
 //! **[`store`]: what is kept.**
 //!
 //! * [`store::spool`]: RocksDB, its column families and the single writer thread that does group
-//!   commit; [`store::spool::codec`] is the compact, versioned job encoding. A thread samples the
+//!   commit; [`store::spool::codec`] is the compact, versioned job encoding. Queued jobs live in
+//!   `jobs`; a job that becomes final moves, in the batch that ends it, to a compact tombstone in
+//!   `finals`, and its campaign's final counts and next free index go to `tallies` as a merge
+//!   operand. Recovery therefore reads the live jobs and one tally per campaign, never history. A thread samples the
 //!   filesystem's free space: under `spool.min_free_bytes` ingest is refused (507) before it
 //!   writes, so RocksDB itself rarely meets a full disk; when it does, its error handler resumes
 //!   writes once space is back, and delivery retries its outcome writes rather than drop them.
@@ -38,7 +41,10 @@
 //!   address → job index written with each job (reports about a shared message name the
 //!   recipient by address).
 //! * [`store::campaign`]: the stored campaign record (the template, written once) and the
-//!   in-memory registry with state and per-state counts.
+//!   in-memory registry with state, per-state counts, live recipients, open uploads and the
+//!   campaign's lifecycle after sending.
+//! * [`store::retention`]: a periodic pass that marks idle campaigns finished and, per
+//!   `[retention]`, deletes their tombstones by key range and later drops their templates.
 //!
 //! **[`scheduler`]: which job when.** It owns the pending-job index ([`scheduler::index`], 16 bytes
 //! a job, per destination domain, a sorted run plus a heap for out-of-order jobs), the jobs parked
@@ -158,8 +164,10 @@
 //!
 //! * An `idempotency` column family joins the five of the design: the stored answer is written in
 //!   the same batch as the data, so a retried request can never add recipients twice.
-//! * Campaign counts are not stored; recovery derives them from job states while it scans the jobs
-//!   to rebuild the queue anyway. This keeps ingest to one write per recipient.
+//! * Final counts are stored per campaign as RocksDB merge operands (`tallies`), added in the
+//!   batch of each transition; queued counts come from the live jobs recovery scans anyway.
+//! * Final jobs leave the `jobs` column family for `finals`, so restart time and memory follow
+//!   what is queued; retention deletes a finished campaign's tombstones by key range.
 //! * The connection pool is per site rather than per (source IP, MX host): a site *is* a set of
 //!   MX hosts, so the two coincide, and keeping idle connections with the site lets
 //!   `max_connections` count pooled and busy connections together.

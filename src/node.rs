@@ -18,8 +18,9 @@ use crate::store::campaign::{Campaign, CampaignRecord, CampaignState, Registry};
 use crate::store::spool::{Durability, JobState, Spool, SpoolError};
 
 pub struct Node {
-    /// Serialises campaign state changes so the stored and in-memory states agree.
-    state_changes: tokio::sync::Mutex<()>,
+    /// Serialises campaign record writes (state changes, retention) so the stored and in-memory
+    /// records agree.
+    pub(crate) state_changes: tokio::sync::Mutex<()>,
     pub config: Arc<Config>,
     pub spool: Arc<Spool>,
     pub campaigns: Registry,
@@ -93,7 +94,8 @@ impl Node {
     }
 
     /// Rebuilds campaigns, counts and the pending-job index from the spool, rolling back uploads
-    /// that never committed. Blocking: run it on the blocking pool.
+    /// that never committed. Reads the campaigns, their tallies and the live jobs, not the final
+    /// ones. Blocking: run it on the blocking pool.
     pub fn recover(&self) -> Result<RecoveryReport, SpoolError> {
         let started = Instant::now();
         let mut campaigns = HashMap::new();
@@ -126,6 +128,25 @@ impl Node {
                 reason,
             });
         }
+        // Final counts and the next free index are stored per campaign; the live jobs add the
+        // queued ones below.
+        for (seq, tally) in self.spool.load_tallies()? {
+            let Some(campaign) = campaigns.get(&seq) else {
+                continue;
+            };
+            campaign.ensure_next_index(tally.next_index);
+            let c = &campaign.counts;
+            for state in [
+                JobState::Delivered,
+                JobState::Bounced,
+                JobState::Expired,
+                JobState::Suppressed,
+                JobState::Cancelled,
+            ] {
+                c.slot(state, 0)
+                    .store(tally.count(state), Ordering::Relaxed);
+            }
+        }
         let mut queue = QueueIndex::new();
         let mut orphans = 0u64;
         let found = self.spool.recover(|id, rec| {
@@ -135,6 +156,7 @@ impl Node {
                 return;
             };
             campaign.ensure_next_index(id.index.saturating_add(1));
+            campaign.add_live(1);
             let cancelled = campaign.state() == CampaignState::Cancelled;
             let state = if rec.state == JobState::Queued && cancelled {
                 JobState::Cancelled
@@ -145,14 +167,14 @@ impl Node {
                 .counts
                 .slot(state, rec.attempts)
                 .fetch_add(1, Ordering::Relaxed);
-            if state == JobState::Queued {
-                let domain = queue.domain_id(crate::intake::address::domain_of(rec.address));
-                queue.push(PendingJob {
-                    id,
-                    domain,
-                    due_ms: rec.next_attempt_ms,
-                });
-            }
+            // Every live job is queued, those of a cancelled campaign at once: delivery ends
+            // them (a tombstone each), so they do not stay among the live jobs for good.
+            let domain = queue.domain_id(crate::intake::address::domain_of(rec.address));
+            queue.push(PendingJob {
+                id,
+                domain,
+                due_ms: if cancelled { 0 } else { rec.next_attempt_ms },
+            });
         })?;
         if orphans > 0 {
             tracing::warn!(orphans, "jobs without a campaign record were left alone");
@@ -207,7 +229,7 @@ impl Node {
     ) -> Result<(), SpoolError> {
         let _serial = self.state_changes.lock().await;
         let mut batch = self.spool.batch();
-        batch.put_campaign(campaign.seq, &campaign.record_with_state(state).encode());
+        batch.put_campaign(campaign.seq, &campaign.stored_record(state).encode());
         self.spool.write(batch, Durability::Sync).await?;
         let previous = campaign.state();
         campaign.set_state(state);

@@ -206,6 +206,11 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         }
     });
 
+    tasks.spawn(crate::store::retention::run(
+        Arc::clone(&node),
+        stop.clone(),
+    ));
+
     let gauge_node = Arc::clone(&node);
     let gauge_stop = stop.clone();
     tasks.spawn(async move {

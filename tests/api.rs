@@ -126,7 +126,10 @@ async fn ndjson_upload_streams_and_commits_atomically() {
     let (_, got) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(got["counts"]["queued"], 20_001);
     let counts = spool_counts(&node).await;
-    assert!(counts.contains(&("jobs".into(), 20_001)), "{counts:?}");
+    assert!(
+        counts.contains(&("jobs+finals".into(), 20_001)),
+        "{counts:?}"
+    );
     assert!(
         counts.contains(&("meta".into(), 1)),
         "only the schema version remains: {counts:?}"

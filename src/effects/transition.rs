@@ -1,9 +1,10 @@
 //! Job transitions: the one path by which something that happened to a recipient is written,
 //! counted and reported.
 //!
-//! A [`Transition`] names a job and everything its change touches: the job's new record, the
-//! campaign counter it moves between, the delivery-log record that reports it (which is also its
-//! webhook event), and a suppression it causes. Delivery (an attempt's outcome, a job dropped
+//! A [`Transition`] names a job and everything its change touches: the job's new record (kept
+//! among the live jobs while queued, as a tombstone once final, and tallied by final state), the
+//! in-memory campaign counter it moves between, the delivery-log record that reports it (which
+//! is also its webhook event), and a suppression it causes. Delivery (an attempt's outcome, a job dropped
 //! unsent) and feedback (a DSN, a complaint, an unsubscribe) both build one; neither writes a
 //! record, a count or an event any other way, so the stored record, the counts and the events
 //! cannot drift apart.
@@ -24,7 +25,7 @@ use crate::effects::delivery_log::LogRecord;
 use crate::effects::suppression::{Entry, Reason};
 use crate::node::Node;
 use crate::store::campaign::Campaign;
-use crate::store::spool::{Durability, JobId, SpoolBatch, SpoolError};
+use crate::store::spool::{Durability, JobId, JobRecord, JobState, SpoolBatch, SpoolError, Tally};
 
 pub(crate) static COMPLAINED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
@@ -47,8 +48,8 @@ pub(crate) static UNSUBSCRIBED: LazyLock<IntCounter> = LazyLock::new(|| {
 pub struct Transition<'a> {
     pub campaign: &'a Campaign,
     pub job: JobId,
-    /// The job's new record (encoded), when it changes.
-    pub record: Option<Vec<u8>>,
+    /// The job's new record, when it changes ([`Transition::set_record`]).
+    pub record: Option<JobChange>,
     /// The campaign counters the recipient leaves and enters.
     pub counts: Option<(&'a AtomicU64, &'a AtomicU64)>,
     /// The delivery-log record reporting the change; also its webhook event.
@@ -57,12 +58,22 @@ pub struct Transition<'a> {
     /// unsubscribe counts into the campaign's `complained` or `unsubscribed` the first time the
     /// address is suppressed in that scope, exactly as recovery counts such entries back.
     pub suppression: Option<Entry>,
+    /// The record change takes the job from queued to final (set by [`Transition::writes`]).
+    ends_job: bool,
+}
+
+/// A job's new record and the states it moves between, which say where it is stored and how
+/// the campaign's stored tally changes.
+pub struct JobChange {
+    from: JobState,
+    to: JobState,
+    bytes: Vec<u8>,
 }
 
 /// What a transition writes to the spool, owned, so it can travel to a batching writer.
 #[derive(Default)]
 pub struct Writes {
-    job: Option<(JobId, Vec<u8>)>,
+    job: Option<(JobId, JobChange)>,
     event: Option<(Vec<u32>, Vec<u8>)>,
     suppression: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -70,8 +81,17 @@ pub struct Writes {
 impl Writes {
     /// Adds these writes to `batch`.
     pub fn stage(self, batch: &mut SpoolBatch) {
-        if let Some((id, bytes)) = self.job {
-            batch.put_job(id, &bytes);
+        if let Some((id, change)) = self.job {
+            match (change.from.is_final(), change.to.is_final()) {
+                (false, false) => batch.put_job(id, &change.bytes),
+                (false, true) => batch.finish_job(id, &change.bytes),
+                (true, true) => batch.put_final(id, &change.bytes),
+                (true, false) => {
+                    batch.delete_final(id);
+                    batch.put_job(id, &change.bytes);
+                }
+            }
+            batch.tally(id.campaign, &Tally::moved(change.from, change.to));
         }
         if let Some((hooks, json)) = self.event {
             batch.add_event(hooks, json);
@@ -99,12 +119,32 @@ impl<'a> Transition<'a> {
             counts: None,
             report: None,
             suppression: None,
+            ends_job: false,
         }
+    }
+
+    /// Sets the job's new record, `rec`, which replaces one in state `from`. A final record is
+    /// stored as its tombstone (its `next_attempt_ms` is when it became final).
+    pub fn set_record(&mut self, from: JobState, rec: &JobRecord<'_>) {
+        let bytes = if rec.state.is_final() {
+            rec.tombstone().encode()
+        } else {
+            rec.encode()
+        };
+        self.record = Some(JobChange {
+            from,
+            to: rec.state,
+            bytes,
+        });
     }
 
     /// The spool writes: the job record, the event, the suppression record. Takes the record's
     /// bytes out of `self`.
     pub fn writes(&mut self, node: &Node) -> Writes {
+        self.ends_job = self
+            .record
+            .as_ref()
+            .is_some_and(|c| !c.from.is_final() && c.to.is_final());
         Writes {
             job: self.record.take().map(|r| (self.job, r)),
             event: self.report.as_ref().and_then(|r| node.webhooks.event(r)),
@@ -115,6 +155,9 @@ impl<'a> Transition<'a> {
     /// The changes in memory, once the writes are queued (delivery) or done (reports).
     pub fn apply(self, node: &Node) -> Applied {
         let mut applied = Applied::default();
+        if self.ends_job {
+            self.campaign.end_live();
+        }
         if let Some((from, to)) = self.counts {
             self.campaign.counts.shift(from, to);
         }

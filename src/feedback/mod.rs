@@ -636,7 +636,7 @@ async fn apply_dsn_recipient(
                 last_response: &last,
                 ..rec.clone()
             };
-            t.record = Some(updated.encode());
+            t.set_record(JobState::Delivered, &updated);
             t.counts = Some((&campaign.counts.delivered, &campaign.counts.bounced));
         }
         if class.kind == Kind::Hard

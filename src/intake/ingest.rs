@@ -20,7 +20,7 @@ use crate::outbound::render::Compiled;
 use crate::scheduler::index::DomainId;
 use crate::store::campaign::{Attachment, Campaign, CampaignKind, CampaignRecord, CampaignState};
 use crate::store::spool::{
-    Durability, JobId, JobRecord, JobState, PendingWrite, SpoolBatch, SpoolError,
+    Durability, JobId, JobRecord, JobState, PendingWrite, SpoolBatch, SpoolError, Tally,
 };
 
 /// Most custom headers on a campaign.
@@ -293,6 +293,7 @@ pub fn validate_campaign(
         personalised,
         state: CampaignState::Active,
         created_at_ms: now_ms,
+        lifecycle: Default::default(),
     };
     let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;
     rules.compiled = Some(Arc::new(compiled));
@@ -556,10 +557,15 @@ pub struct Upload {
     accepted_at_ms: u64,
     record_buf: Vec<u8>,
     chunk_domains: Vec<(u32, Box<str>)>,
-    /// Indexes of the recipients recorded as suppressed (not queued), for a rollback.
-    suppressed: Vec<u32>,
+    /// Recipients found on the suppression list: index, address and reason. They are never
+    /// queued; their tombstones are written by the commit, so a rollback has nothing of them to
+    /// delete.
+    suppressed: Vec<(u32, Box<str>, crate::effects::suppression::Reason)>,
     /// The campaign is new: it joins the registry at commit, before its jobs can be taken.
     new_campaign: bool,
+    /// The campaign had finished and this upload made it busy again: the commit persists its
+    /// record without the finish time.
+    reopened: bool,
 }
 
 /// Why an upload could not finish.
@@ -569,6 +575,8 @@ pub enum UploadError {
     Spool(#[from] SpoolError),
     #[error("the campaign has no room for more recipients")]
     CampaignFull,
+    #[error("the campaign is compacted and takes no more recipients")]
+    Compacted,
 }
 
 /// Indexes reserved from the campaign at a time, so concurrent uploads interleave in blocks.
@@ -578,13 +586,29 @@ impl Upload {
     /// An upload that creates `campaign`: the campaign is registered at commit, after its record
     /// is on disk and before delivery can meet its jobs (which it would drop as orphans).
     pub fn for_new_campaign(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
-        let mut upload = Upload::new(node, campaign);
+        let opened = campaign.upload_open();
+        debug_assert_eq!(
+            opened,
+            Some(false),
+            "a new campaign is neither finished nor compacted"
+        );
+        let mut upload = Upload::open(node, campaign);
         upload.new_campaign = true;
         upload
     }
 
-    /// An upload of more recipients to a registered campaign.
-    pub fn new(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
+    /// An upload of more recipients to a registered campaign; refused once the campaign is
+    /// compacted (its templates are gone).
+    pub fn new(node: Arc<Node>, campaign: Arc<Campaign>) -> Result<Upload, UploadError> {
+        let reopened = campaign.upload_open().ok_or(UploadError::Compacted)?;
+        let mut upload = Upload::open(node, campaign);
+        upload.reopened = reopened;
+        Ok(upload)
+    }
+
+    /// The upload of a campaign whose [`Campaign::upload_open`] has said yes. Until it is
+    /// dropped, the campaign is not finished, so retention leaves it alone.
+    fn open(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
         let id = node.upload_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let batch = node.spool.batch();
         Upload {
@@ -603,6 +627,7 @@ impl Upload {
             chunk_domains: Vec::new(),
             suppressed: Vec::new(),
             new_campaign: false,
+            reopened: false,
         }
     }
 
@@ -638,21 +663,24 @@ impl Upload {
             .check(r.address.as_str(), from_domain)
         {
             Some(reason) => {
-                self.add_in_state(r, JobState::Suppressed).await?;
+                let index = self.next_index()?;
+                self.suppressed
+                    .push((index, r.address.as_str().into(), reason));
+                if !self.campaign.record.personalised {
+                    self.batch
+                        .put_recipient(self.job(index), &r.address.as_str().to_lowercase());
+                }
                 Ok(Some(reason))
             }
             None => {
-                self.add_in_state(r, JobState::Queued).await?;
+                self.add_queued(r).await?;
                 Ok(None)
             }
         }
     }
 
-    async fn add_in_state(
-        &mut self,
-        r: &ValidRecipient<'_>,
-        state: JobState,
-    ) -> Result<(), UploadError> {
+    /// Hands out the next recipient index, reserving a block from the campaign when needed.
+    fn next_index(&mut self) -> Result<u32, UploadError> {
         if self.next_index == self.end_index {
             let start = self
                 .campaign
@@ -663,12 +691,21 @@ impl Upload {
         }
         let index = self.next_index;
         self.next_index += 1;
-        let id = JobId {
+        Ok(index)
+    }
+
+    fn job(&self, index: u32) -> JobId {
+        JobId {
             campaign: self.campaign.seq,
             index,
-        };
+        }
+    }
+
+    async fn add_queued(&mut self, r: &ValidRecipient<'_>) -> Result<(), UploadError> {
+        let index = self.next_index()?;
+        let id = self.job(index);
         let rec = JobRecord {
-            state,
+            state: JobState::Queued,
             upload: self.id,
             accepted_at_ms: self.accepted_at_ms,
             attempts: 0,
@@ -684,11 +721,7 @@ impl Upload {
             self.batch
                 .put_recipient(id, &r.address.as_str().to_lowercase());
         }
-        if state == JobState::Queued {
-            self.chunk_domains.push((index, r.address.domain().into()));
-        } else {
-            self.suppressed.push(index);
-        }
+        self.chunk_domains.push((index, r.address.domain().into()));
         if self.batch.len() >= self.node.config.spool.ingest_batch {
             self.flush_chunk().await?;
         }
@@ -740,14 +773,46 @@ impl Upload {
         if self.first_chunk_written {
             batch.close_upload(self.id);
         }
+        for (index, address, reason) in &self.suppressed {
+            let stone = JobRecord {
+                state: JobState::Suppressed,
+                upload: self.id,
+                accepted_at_ms: self.accepted_at_ms,
+                attempts: 0,
+                next_attempt_ms: self.accepted_at_ms,
+                address,
+                vars: "",
+                last_response: reason.as_str(),
+            };
+            self.record_buf.clear();
+            stone.encode_into(&mut self.record_buf);
+            batch.put_final(self.job(*index), &self.record_buf);
+        }
+        let mut tally = Tally {
+            next_index: self.next_index,
+            ..Tally::default()
+        };
+        tally.finals[Tally::slot(JobState::Suppressed).expect("a final state")] =
+            self.suppressed.len() as i64;
+        batch.tally(self.campaign.seq, &tally);
         finish(&mut batch);
-        self.node.spool.write(batch, Durability::Sync).await?;
+        if self.reopened {
+            // Record writes are serialised, so a state change cannot be overwritten by an
+            // older copy of the record.
+            let _serial = self.node.state_changes.lock().await;
+            let record = self.campaign.stored_record(self.campaign.state());
+            batch.put_campaign(self.campaign.seq, &record.encode());
+            self.node.spool.write(batch, Durability::Sync).await?;
+        } else {
+            self.node.spool.write(batch, Durability::Sync).await?;
+        }
         self.committed = true;
         if self.new_campaign {
             self.node.campaigns.insert(Arc::clone(&self.campaign));
         }
         let staged = std::mem::take(&mut self.staged);
         let n = staged.len();
+        self.campaign.add_live(n as u64);
         self.campaign
             .counts
             .queued
@@ -774,6 +839,7 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
+        self.campaign.upload_closed();
         if self.committed {
             return;
         }
@@ -787,12 +853,8 @@ impl Drop for Upload {
         // Staged chunks reached the writer: delete them and the open record. If this fails too,
         // recovery at the next start does the same.
         let mut batch = self.node.spool.batch();
-        let queued = self.staged.iter().map(|(index, _)| index);
-        for index in queued.chain(&self.suppressed) {
-            batch.delete_job(JobId {
-                campaign: self.campaign.seq,
-                index: *index,
-            });
+        for (index, _) in &self.staged {
+            batch.delete_job(self.job(*index));
         }
         batch.close_upload(self.id);
         let node = Arc::clone(&self.node);

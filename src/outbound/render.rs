@@ -586,6 +586,7 @@ mod tests {
             personalised: true,
             state: CampaignState::Active,
             created_at_ms: 0,
+            lifecycle: Default::default(),
         }
     }
 

@@ -1,8 +1,10 @@
 //! Campaigns: the stored record (template written once) and the in-memory registry with state and
 //! per-state counts.
 //!
-//! Owns no I/O: callers persist records through the spool. Counts are derived, never stored: they
-//! are rebuilt from the job records at recovery and moved by the code that changes a job's state.
+//! Owns no I/O: callers persist records through the spool. The counts in memory are moved by the
+//! code that changes a job's state; at recovery the final ones come from the campaign's stored
+//! tally and the queued ones from its live jobs. The record also carries the campaign's
+//! [`Lifecycle`] after sending, which [`crate::store::retention`] moves on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -78,6 +80,26 @@ pub struct CampaignRecord {
     pub personalised: bool,
     pub state: CampaignState,
     pub created_at_ms: u64,
+    #[serde(flatten)]
+    pub lifecycle: Lifecycle,
+}
+
+/// Where a campaign is in its life after sending: when it finished and what retention has
+/// removed since. All unset while it has recipients queued.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifecycle {
+    /// When it last finished: no recipient queued and no upload open. Cleared if recipients
+    /// are added again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
+    /// When retention deleted its recipients' tombstones (`retention.job_tombstones` after it
+    /// finished). Reports about its messages are unmapped from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tombstones_deleted_at_ms: Option<u64>,
+    /// When retention dropped its templates and attachments (`retention.campaigns` after it
+    /// finished). It takes no more recipients from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compacted_at_ms: Option<u64>,
 }
 
 fn personalised() -> bool {
@@ -216,18 +238,104 @@ pub struct Campaign {
     /// Next recipient index to hand out.
     next_index: AtomicU32,
     pub counts: Counts,
+    /// Recipients queued or in flight (not final), whatever the counts say of a cancelled
+    /// campaign, and uploads still open: while either is above zero the campaign is not
+    /// finished.
+    live: AtomicU64,
+    uploads_open: AtomicU32,
+    lifecycle: std::sync::Mutex<Lifecycle>,
 }
 
 impl Campaign {
     pub fn new(seq: u32, record: CampaignRecord, next_index: u32) -> Campaign {
         let state = AtomicU8::new(record.state.as_u8());
+        let lifecycle = std::sync::Mutex::new(record.lifecycle);
         Campaign {
             seq,
             record,
             state,
             next_index: AtomicU32::new(next_index),
             counts: Counts::default(),
+            live: AtomicU64::new(0),
+            uploads_open: AtomicU32::new(0),
+            lifecycle,
         }
+    }
+
+    /// Adds `n` recipients that are queued (committed upload, recovery).
+    pub fn add_live(&self, n: u64) {
+        self.live.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// One recipient became final.
+    pub fn end_live(&self) {
+        let _ = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+    }
+
+    /// An upload to this campaign opens: `None` (and nothing opens) once the campaign is
+    /// compacted, else whether the campaign was finished and is not any more (its record must
+    /// then be persisted with the upload). Decided under the lifecycle lock, so retention either
+    /// sees the upload open or decides first.
+    pub fn upload_open(&self) -> Option<bool> {
+        let mut l = self.lifecycle.lock().expect("lifecycle lock");
+        if l.compacted_at_ms.is_some() {
+            return None;
+        }
+        self.uploads_open.fetch_add(1, Ordering::AcqRel);
+        let reopened = l.finished_at_ms.is_some();
+        l.finished_at_ms = None;
+        l.tombstones_deleted_at_ms = None;
+        Some(reopened)
+    }
+
+    /// An upload opened by [`Campaign::upload_open`] ends, committed or not.
+    pub fn upload_closed(&self) {
+        let _ = self
+            .uploads_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+    }
+
+    /// Nothing queued, nothing in flight, no upload open.
+    pub fn is_idle(&self) -> bool {
+        self.uploads_open.load(Ordering::Acquire) == 0 && self.live.load(Ordering::Acquire) == 0
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        *self.lifecycle.lock().expect("lifecycle lock")
+    }
+
+    /// Moves the lifecycle on at `now` (ms), in memory, under the lifecycle lock: an idle
+    /// campaign is finished from now if it was not, its tombstones are due for deletion
+    /// `tombstones_ms` after it finished and its templates `templates_ms` after. A busy one is
+    /// left as it is. Returns the step taken, if any; the caller persists
+    /// [`Campaign::stored_record`] and deletes what the step says.
+    pub fn advance_lifecycle(
+        &self,
+        now: u64,
+        tombstones_ms: u64,
+        templates_ms: u64,
+    ) -> Option<LifecycleStep> {
+        let mut l = self.lifecycle.lock().expect("lifecycle lock");
+        let before = *l;
+        let mut step = LifecycleStep {
+            delete_tombstones_below: None,
+        };
+        // Busy: an upload that made it so has already cleared the finish time.
+        if !self.is_idle() {
+            return None;
+        }
+        let finished = *l.finished_at_ms.get_or_insert(now);
+        if l.tombstones_deleted_at_ms.is_none() && now >= finished.saturating_add(tombstones_ms) {
+            l.tombstones_deleted_at_ms = Some(now);
+            // Uploads opened from here on get indexes at or above this bound.
+            step.delete_tombstones_below = Some(self.next_index.load(Ordering::Acquire));
+        }
+        if l.compacted_at_ms.is_none() && now >= finished.saturating_add(templates_ms) {
+            l.compacted_at_ms = Some(now);
+        }
+        (*l != before).then_some(step)
     }
 
     pub fn state(&self) -> CampaignState {
@@ -252,13 +360,30 @@ impl Campaign {
         self.next_index.fetch_max(next, Ordering::AcqRel);
     }
 
-    /// The record with the current state, for persisting a state change.
-    pub fn record_with_state(&self, state: CampaignState) -> CampaignRecord {
-        CampaignRecord {
+    /// The record to persist: the templates as created, `state` and the current lifecycle.
+    /// Once compacted it keeps no templates or attachments.
+    pub fn stored_record(&self, state: CampaignState) -> CampaignRecord {
+        let lifecycle = self.lifecycle();
+        let mut r = CampaignRecord {
             state,
+            lifecycle,
             ..self.record.clone()
+        };
+        if lifecycle.compacted_at_ms.is_some() {
+            r.text = None;
+            r.html = None;
+            r.attachments = Vec::new();
+            r.headers = BTreeMap::new();
         }
+        r
     }
+}
+
+/// What [`Campaign::advance_lifecycle`] decided beyond the new record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LifecycleStep {
+    /// Delete the tombstones (and address index) of recipients below this index.
+    pub delete_tombstones_below: Option<u32>,
 }
 
 /// All campaigns by public id and by sequence.
@@ -352,6 +477,7 @@ mod tests {
             personalised: true,
             state: CampaignState::Active,
             created_at_ms: 1,
+            lifecycle: Lifecycle::default(),
         }
     }
 

@@ -1,4 +1,6 @@
-//! What is kept: the RocksDB spool and the campaign records and registry built on it.
+//! What is kept: the RocksDB spool, the campaign records and registry built on it, and the
+//! retention that deletes what finished campaigns no longer need.
 
 pub mod campaign;
+pub mod retention;
 pub mod spool;

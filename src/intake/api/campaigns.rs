@@ -249,8 +249,8 @@ fn find_campaign(node: &Node, id: &str) -> Result<Arc<Campaign>, ApiError> {
 }
 
 fn campaign_json(c: &Campaign) -> serde_json::Value {
-    let created = UNIX_EPOCH + Duration::from_millis(c.record.created_at_ms);
-    json!({
+    let time = |ms: u64| humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms));
+    let mut v = json!({
         "id": c.record.id,
         "kind": c.record.kind,
         "state": c.state(),
@@ -258,9 +258,21 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         "subject": c.record.subject,
         "tags": c.record.tags,
         "personalised": c.record.personalised,
-        "created_at": humantime::format_rfc3339_millis(created).to_string(),
+        "created_at": time(c.record.created_at_ms).to_string(),
         "counts": c.counts.snapshot(),
-    })
+    });
+    // Retention's steps, once taken (see `[retention]`).
+    let l = c.lifecycle();
+    for (name, at) in [
+        ("finished_at", l.finished_at_ms),
+        ("tombstones_deleted_at", l.tombstones_deleted_at_ms),
+        ("compacted_at", l.compacted_at_ms),
+    ] {
+        if let Some(ms) = at {
+            v[name] = json!(time(ms).to_string());
+        }
+    }
+    v
 }
 
 pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
@@ -346,7 +358,7 @@ pub(super) async fn add_recipients(
     };
     let limits = &node.config.limits;
     let mut lines = LineIngest {
-        upload: Upload::new(Arc::clone(node), Arc::clone(&campaign)),
+        upload: Upload::new(Arc::clone(node), Arc::clone(&campaign))?,
         rules: ingest::rules_for(&campaign, &node.assembler),
         rejected: RejectList::new(limits.max_rejected_reported),
         suppressed: SuppressedList::new(limits.max_rejected_reported),

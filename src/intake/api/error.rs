@@ -106,6 +106,12 @@ impl From<UploadError> for ApiError {
                 "campaign_full",
                 "the campaign has no room for more recipients; nothing was accepted",
             ),
+            UploadError::Compacted => ApiError::new(
+                StatusCode::CONFLICT,
+                "campaign_compacted",
+                "the campaign finished long enough ago that retention removed its templates \
+                 (retention.campaigns); it takes no more recipients: create a new campaign",
+            ),
         }
     }
 }

@@ -131,15 +131,15 @@ impl Delivery {
             counts.slot(JobState::Queued, rec.attempts)
         };
         let mut t = Transition::of(campaign, p.job.id);
-        t.record = Some(
-            JobRecord {
+        t.set_record(
+            JobState::Queued,
+            &JobRecord {
                 state,
                 attempts: attempt,
                 next_attempt_ms: next,
                 last_response: &summary,
                 ..rec.as_record()
-            }
-            .encode(),
+            },
         );
         t.counts = Some((from, counts.slot(state, attempt)));
         t.report = Some(LogRecord {

@@ -159,11 +159,12 @@ impl Delivery {
     ) {
         let updated = JobRecord {
             state,
+            next_attempt_ms: crate::now_ms(),
             last_response: reason.unwrap_or(&record.last_response),
             ..record.as_record()
         };
         let mut t = Transition::of(campaign, job.id);
-        t.record = Some(updated.encode());
+        t.set_record(JobState::Queued, &updated);
         if state == JobState::Suppressed {
             let c = &campaign.counts;
             t.counts = Some((c.slot(JobState::Queued, record.attempts), &c.suppressed));

@@ -14,6 +14,12 @@
 //!
 //! `upload` names the upload (request) that wrote the job; while that upload is open the job is
 //! staged, and recovery deletes staged jobs of uploads that never committed.
+//!
+//! A final job keeps the same layout as a *tombstone* (see [`JobRecord::tombstone`]): no
+//! variables, and `next_attempt_ms` holds the time it became final.
+//!
+//! A campaign's [`Tally`] (final counts and the next free recipient index) is a fixed-size
+//! record that merge operands add to (`version = 1 | 5 × i64 LE counts | u32 LE next index`).
 
 use std::fmt;
 
@@ -143,6 +149,16 @@ impl<'a> JobRecord<'a> {
         out
     }
 
+    /// The record a final job keeps: what later reports and lookups need (state, address,
+    /// attempts, last response, times), without the variables. Its `next_attempt_ms` is the time
+    /// it became final.
+    pub fn tombstone(&self) -> JobRecord<'a> {
+        JobRecord {
+            vars: "",
+            ..self.clone()
+        }
+    }
+
     pub fn decode(mut buf: &'a [u8]) -> Result<JobRecord<'a>, DecodeError> {
         let version = take_u8(&mut buf)?;
         if version != JOB_VERSION {
@@ -216,6 +232,113 @@ impl OwnedJobRecord {
     }
 }
 
+/// Per-campaign figures kept apart from the job records: recipients per final state, and one
+/// past the highest recipient index ever committed. Stored as a merge operand per change, so a
+/// transition adds a few bytes to its batch instead of rewriting a campaign record, and recovery
+/// reads one value per campaign instead of every final job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Delivered, bounced, expired, suppressed, cancelled (in [`Tally::slot`] order). Operands
+    /// may be negative (a DSN turns a delivery into a bounce); merged values are not.
+    pub finals: [i64; 5],
+    /// Merged by maximum, not by sum.
+    pub next_index: u32,
+}
+
+const TALLY_VERSION: u8 = 1;
+const TALLY_LEN: usize = 1 + 5 * 8 + 4;
+
+impl Tally {
+    /// The index of `state` in [`Tally::finals`]; `None` for `Queued`, which is not tallied
+    /// (queued jobs are counted from the live jobs at recovery).
+    pub fn slot(state: JobState) -> Option<usize> {
+        match state {
+            JobState::Queued => None,
+            JobState::Delivered => Some(0),
+            JobState::Bounced => Some(1),
+            JobState::Expired => Some(2),
+            JobState::Suppressed => Some(3),
+            JobState::Cancelled => Some(4),
+        }
+    }
+
+    /// The tally of one job changing state from `from` to `to` (either may be non-final).
+    pub fn moved(from: JobState, to: JobState) -> Tally {
+        let mut t = Tally::default();
+        if from != to {
+            if let Some(i) = Tally::slot(from) {
+                t.finals[i] -= 1;
+            }
+            if let Some(i) = Tally::slot(to) {
+                t.finals[i] += 1;
+            }
+        }
+        t
+    }
+
+    /// The count of `state` (0 for `Queued`, never negative).
+    pub fn count(&self, state: JobState) -> u64 {
+        Tally::slot(state).map_or(0, |i| self.finals[i].max(0) as u64)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.finals == [0; 5] && self.next_index == 0
+    }
+
+    /// Adds `other` to this tally (counts summed, indexes by maximum).
+    pub fn merge(&mut self, other: &Tally) {
+        for (a, b) in self.finals.iter_mut().zip(other.finals) {
+            *a = a.saturating_add(b);
+        }
+        self.next_index = self.next_index.max(other.next_index);
+    }
+
+    pub fn encode(&self) -> [u8; TALLY_LEN] {
+        let mut out = [0u8; TALLY_LEN];
+        out[0] = TALLY_VERSION;
+        for (i, v) in self.finals.iter().enumerate() {
+            out[1 + i * 8..9 + i * 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out[41..].copy_from_slice(&self.next_index.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Tally, DecodeError> {
+        let bytes: &[u8; TALLY_LEN] = bytes.try_into().map_err(|_| DecodeError::Truncated)?;
+        if bytes[0] != TALLY_VERSION {
+            return Err(DecodeError::BadVersion(bytes[0]));
+        }
+        let mut t = Tally::default();
+        for (i, v) in t.finals.iter_mut().enumerate() {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(&bytes[1 + i * 8..9 + i * 8]);
+            *v = i64::from_le_bytes(le);
+        }
+        let mut le = [0u8; 4];
+        le.copy_from_slice(&bytes[41..]);
+        t.next_index = u32::from_le_bytes(le);
+        Ok(t)
+    }
+}
+
+/// The merge of the tally column family: the stored value plus every operand. A value or
+/// operand that does not decode is skipped (and counted in the second result) rather than
+/// failing every later read of the campaign's counts.
+pub fn merge_tallies<'a>(
+    existing: Option<&'a [u8]>,
+    operands: impl IntoIterator<Item = &'a [u8]>,
+) -> (Vec<u8>, usize) {
+    let mut skipped = 0;
+    let mut total = Tally::default();
+    for bytes in existing.into_iter().chain(operands) {
+        match Tally::decode(bytes) {
+            Ok(t) => total.merge(&t),
+            Err(_) => skipped += 1,
+        }
+    }
+    (total.encode().to_vec(), skipped)
+}
+
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -276,6 +399,34 @@ mod tests {
             vars: r#"{"first_name":"Jörg","n":3}"#,
             last_response: "451 4.7.1 try later",
         }
+    }
+
+    #[test]
+    fn tallies_merge_by_sum_and_maximum() {
+        let mut a = Tally::moved(JobState::Queued, JobState::Delivered);
+        a.next_index = 7;
+        let b = Tally::moved(JobState::Delivered, JobState::Bounced);
+        let c = Tally {
+            next_index: 3,
+            ..Tally::moved(JobState::Queued, JobState::Suppressed)
+        };
+        let (merged, skipped) = merge_tallies(
+            Some(&a.encode()),
+            [&b.encode()[..], &c.encode()[..], b"garbage"],
+        );
+        assert_eq!(skipped, 1);
+        let t = Tally::decode(&merged).unwrap();
+        assert_eq!(t.count(JobState::Delivered), 0);
+        assert_eq!(t.count(JobState::Bounced), 1);
+        assert_eq!(t.count(JobState::Suppressed), 1);
+        assert_eq!(t.count(JobState::Queued), 0);
+        assert_eq!(t.next_index, 7);
+        assert_eq!(
+            Tally::moved(JobState::Bounced, JobState::Bounced),
+            Tally::default()
+        );
+        assert!(Tally::decode(&[2; TALLY_LEN]).is_err());
+        assert!(Tally::decode(&[1; 3]).is_err());
     }
 
     #[test]

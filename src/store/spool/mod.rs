@@ -17,6 +17,13 @@
 //! record, removal of the open record) is synced before the 202. Recovery deletes the jobs of
 //! uploads still open, so a crash never leaves half an upload visible.
 //!
+//! **Live and final jobs.** `jobs` holds queued jobs only. The batch that makes a job final
+//! deletes it there and writes its tombstone to `finals`, with a merge operand that adds one to
+//! the campaign's tally of that state. Recovery reads `jobs` and `tallies`, so it costs what is
+//! queued plus one value per campaign; the deletions in `jobs` are compacted away early (a
+//! collector flags files that are mostly deletions). Retention deletes a finished campaign's
+//! tombstones with one range deletion.
+//!
 //! **Event outbox.** A batch may carry events ([`SpoolBatch::add_event`]) for webhook receivers.
 //! The writer thread numbers them as it writes, so sequence order is write order and a reader
 //! that has seen sequence N never later finds a new event below N; it then publishes the last
@@ -34,12 +41,19 @@ use prometheus::{Histogram, register_histogram};
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
-pub use codec::{JobId, JobRecord, JobState, OwnedJobRecord};
+pub use codec::{JobId, JobRecord, JobState, OwnedJobRecord, Tally};
 
 /// Campaign records, keyed by campaign sequence (u32 big-endian).
 pub const CF_CAMPAIGNS: &str = "campaigns";
-/// One record per recipient, keyed by [`JobId::key`].
+/// One record per queued recipient, keyed by [`JobId::key`]. A job leaves it when it becomes
+/// final, so this column family, which recovery reads whole, holds what is pending, not history.
 pub const CF_JOBS: &str = "jobs";
+/// Tombstones of final jobs ([`JobRecord::tombstone`]), keyed like jobs, kept for the reports
+/// that arrive later (DSNs, complaints, unsubscribes) and for lookups, until retention deletes a
+/// finished campaign's range.
+pub const CF_FINALS: &str = "finals";
+/// One [`Tally`] per campaign, keyed by campaign sequence (u32 big-endian), updated by merge.
+pub const CF_TALLIES: &str = "tallies";
 /// Suppressed addresses.
 pub const CF_SUPPRESSIONS: &str = "suppressions";
 /// Outbox of delivery events (webhooks, delivery log).
@@ -49,17 +63,20 @@ pub const CF_META: &str = "meta";
 /// Stored responses to requests that carried an `Idempotency-Key`, so a retry gets the same answer.
 pub const CF_IDEMPOTENCY: &str = "idempotency";
 
-const ALL_CFS: [&str; 6] = [
+const ALL_CFS: [&str; 8] = [
     CF_CAMPAIGNS,
     CF_JOBS,
+    CF_FINALS,
+    CF_TALLIES,
     CF_SUPPRESSIONS,
     CF_EVENTS,
     CF_META,
     CF_IDEMPOTENCY,
 ];
 
-/// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build reads and writes. Version 1 kept final jobs in `jobs` and had no
+/// tallies; [`Spool::recover`] migrates it.
+pub const SCHEMA_VERSION: u32 = 2;
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_UPLOAD_PREFIX: &[u8] = b"upload/";
 /// `rcpt/` + campaign sequence (u32 big-endian) + address: the job index (u32 big-endian) of
@@ -246,6 +263,72 @@ impl SpoolBatch {
             .cf_handle(CF_JOBS)
             .expect("column families are created at open");
         self.batch.delete_cf(cf, id.key());
+    }
+
+    /// Moves a job that became final out of the live jobs: deletes it there and writes its
+    /// tombstone.
+    pub fn finish_job(&mut self, id: JobId, tombstone: &[u8]) {
+        self.delete_job(id);
+        self.put_final(id, tombstone);
+    }
+
+    /// Deletes a final job's tombstone (a final job queued again).
+    pub fn delete_final(&mut self, id: JobId) {
+        let cf = self
+            .db
+            .cf_handle(CF_FINALS)
+            .expect("column families are created at open");
+        self.batch.delete_cf(cf, id.key());
+    }
+
+    /// Writes (or rewrites, when a later report changes it) a final job's tombstone.
+    pub fn put_final(&mut self, id: JobId, tombstone: &[u8]) {
+        let cf = self
+            .db
+            .cf_handle(CF_FINALS)
+            .expect("column families are created at open");
+        self.batch.put_cf(cf, id.key(), tombstone);
+    }
+
+    /// Deletes the tombstones of `campaign`'s recipients below index `below`, and the
+    /// campaign's address index, by key range: a few bytes in the batch whatever their number;
+    /// compaction reclaims the space.
+    pub fn delete_tombstones(&mut self, campaign: u32, below: u32) {
+        let finals = self
+            .db
+            .cf_handle(CF_FINALS)
+            .expect("column families are created at open");
+        let from = JobId { campaign, index: 0 }.key();
+        let to = u64::from(JobId {
+            campaign,
+            index: below,
+        })
+        .to_be_bytes();
+        self.batch.delete_range_cf(finals, from, to);
+        let meta = self
+            .db
+            .cf_handle(CF_META)
+            .expect("column families are created at open");
+        let from = [META_RECIPIENT_PREFIX, &campaign.to_be_bytes()].concat();
+        let to = match campaign.checked_add(1) {
+            Some(next) => [META_RECIPIENT_PREFIX, &next.to_be_bytes()].concat(),
+            // Past every `rcpt/` key: '0' follows '/'.
+            None => b"rcpt0".to_vec(),
+        };
+        self.batch.delete_range_cf(meta, from, to);
+    }
+
+    /// Adds `tally` to the campaign's stored tally.
+    pub fn tally(&mut self, campaign: u32, tally: &Tally) {
+        if tally.is_empty() {
+            return;
+        }
+        let cf = self
+            .db
+            .cf_handle(CF_TALLIES)
+            .expect("column families are created at open");
+        self.batch
+            .merge_cf(cf, campaign.to_be_bytes(), tally.encode());
     }
 
     pub fn put_campaign(&mut self, seq: u32, value: &[u8]) {
@@ -525,13 +608,39 @@ impl Spool {
         Ok(())
     }
 
-    /// Reads one job record's bytes. Blocking.
+    /// Reads a job's record, live or final (its tombstone). Blocking.
     pub fn get_job(&self, id: JobId) -> Result<Option<Vec<u8>>, SpoolError> {
+        for name in [CF_JOBS, CF_FINALS] {
+            let cf = self
+                .db
+                .cf_handle(name)
+                .expect("column families are created at open");
+            if let Some(v) = self.db.get_cf(cf, id.key())? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every campaign's stored tally, in sequence order. Blocking.
+    pub fn load_tallies(&self) -> Result<Vec<(u32, Tally)>, SpoolError> {
         let cf = self
             .db
-            .cf_handle(CF_JOBS)
+            .cf_handle(CF_TALLIES)
             .expect("column families are created at open");
-        Ok(self.db.get_cf(cf, id.key())?)
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let corrupt = |reason: String| SpoolError::Corrupt {
+                key: format!("tally {k:?}"),
+                reason,
+            };
+            let seq = <[u8; 4]>::try_from(&k[..])
+                .map(u32::from_be_bytes)
+                .map_err(|_| corrupt("key is not 4 bytes".into()))?;
+            out.push((seq, Tally::decode(&v).map_err(|e| corrupt(e.to_string()))?));
+        }
+        Ok(out)
     }
 
     /// The job of `campaign` sent to `address`, for a campaign that is not personalised.
@@ -567,6 +676,27 @@ impl Spool {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Counts the records of several column families in one snapshot, so a record that moves
+    /// from one to another meanwhile is counted once. Blocking; full scans, for tests and
+    /// diagnostics.
+    pub fn count_keys_together(&self, cfs: &[&str]) -> Result<Vec<usize>, SpoolError> {
+        let snapshot = self.db.snapshot();
+        cfs.iter()
+            .map(|cf| {
+                let handle = self
+                    .db
+                    .cf_handle(cf)
+                    .ok_or_else(|| SpoolError::Rocks(format!("no column family {cf:?}")))?;
+                let mut n = 0;
+                for item in snapshot.iterator_cf(handle, IteratorMode::Start) {
+                    item?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+            .collect()
     }
 
     /// Watches the last event sequence written.
@@ -696,7 +826,8 @@ impl Spool {
         Ok(campaigns)
     }
 
-    /// Reads several job records at once. Blocking.
+    /// Reads several live job records at once (`None` for a job that is final or gone).
+    /// Blocking.
     pub fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
         let cf = self
             .db
@@ -710,8 +841,10 @@ impl Spool {
             .collect()
     }
 
-    /// Rebuilds state after a start: rolls back uncommitted uploads, then hands every committed
-    /// job to `visit` in key order. Blocking; run it before serving.
+    /// Rebuilds state after a start: rolls back uncommitted uploads, migrates a version 1 spool,
+    /// then hands every committed live job to `visit` in key order. Reads the live jobs only, so
+    /// its time depends on what is queued, not on what was ever sent. Blocking; run it before
+    /// serving.
     pub fn recover(
         &self,
         mut visit: impl FnMut(JobId, &JobRecord<'_>),
@@ -737,6 +870,9 @@ impl Spool {
             max_upload = max_upload.max(id);
             open.insert(id);
         }
+        if self.schema()? == 1 {
+            self.migrate_from_v1(&open)?;
+        }
 
         let jobs = self
             .db
@@ -759,6 +895,12 @@ impl Spool {
             if open.contains(&rec.upload) {
                 rollback.delete_cf(jobs, k);
                 rolled_back += 1;
+            } else if rec.state.is_final() {
+                // Written by this build only as tombstones; a final job here is corrupt data.
+                return Err(SpoolError::Corrupt {
+                    key: format!("job {id}"),
+                    reason: format!("a {:?} job among the live jobs", rec.state),
+                });
             } else {
                 visit(id, &rec);
             }
@@ -777,6 +919,83 @@ impl Spool {
             max_upload,
             rolled_back,
         })
+    }
+
+    fn schema(&self) -> Result<u32, SpoolError> {
+        let meta = self
+            .db
+            .cf_handle(CF_META)
+            .expect("column families are created at open");
+        Ok(self
+            .db
+            .get_cf(meta, META_SCHEMA)?
+            .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
+            .map_or(SCHEMA_VERSION, u32::from_be_bytes))
+    }
+
+    /// Version 1 to 2: final jobs move to their tombstones and are tallied, and every campaign's
+    /// next free index is tallied. Each synced batch moves what it tallies, so a crash part way
+    /// leaves nothing counted twice: the next start carries on with what is left. Jobs of
+    /// uploads still open are left for the rollback.
+    fn migrate_from_v1(&self, open: &HashSet<u64>) -> Result<(), SpoolError> {
+        let started = Instant::now();
+        let cf = |name| {
+            self.db
+                .cf_handle(name)
+                .expect("column families are created at open")
+        };
+        let (jobs, finals, tallies, meta) =
+            (cf(CF_JOBS), cf(CF_FINALS), cf(CF_TALLIES), cf(CF_META));
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        let mut batch = WriteBatch::default();
+        let mut pending: std::collections::HashMap<u32, Tally> = Default::default();
+        let mut moved = 0u64;
+        let flush = |batch: &mut WriteBatch,
+                     pending: &mut std::collections::HashMap<u32, Tally>|
+         -> Result<(), SpoolError> {
+            for (seq, t) in pending.drain() {
+                batch.merge_cf(tallies, seq.to_be_bytes(), t.encode());
+            }
+            self.db.write_opt(std::mem::take(batch), &sync)?;
+            Ok(())
+        };
+        let mut iter = self.db.raw_iterator_cf(jobs);
+        iter.seek_to_first();
+        while let (Some(k), Some(v)) = (iter.key(), iter.value()) {
+            let id = JobId::from_key(k).map_err(|e| SpoolError::Corrupt {
+                key: format!("job {k:?}"),
+                reason: e.to_string(),
+            })?;
+            let rec = JobRecord::decode(v).map_err(|e| SpoolError::Corrupt {
+                key: format!("job {id}"),
+                reason: e.to_string(),
+            })?;
+            if !open.contains(&rec.upload) {
+                let t = pending.entry(id.campaign).or_default();
+                t.next_index = t.next_index.max(id.index.saturating_add(1));
+                if rec.state.is_final() {
+                    t.merge(&Tally::moved(JobState::Queued, rec.state));
+                    batch.delete_cf(jobs, k);
+                    let stone = rec.tombstone();
+                    batch.put_cf(finals, k, stone.encode());
+                    moved += 1;
+                }
+            }
+            if batch.len() >= 10_000 {
+                flush(&mut batch, &mut pending)?;
+            }
+            iter.next();
+        }
+        iter.status()?;
+        batch.put_cf(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes());
+        flush(&mut batch, &mut pending)?;
+        tracing::info!(
+            moved,
+            seconds = started.elapsed().as_secs_f64(),
+            "spool migrated from schema 1: final jobs moved to tombstones"
+        );
+        Ok(())
     }
 
     /// Stops the writer once it has applied everything queued before this call, and syncs the
@@ -804,6 +1023,25 @@ fn cf_options(name: &str) -> Options {
             o.set_max_write_buffer_number(3);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_level_compaction_dynamic_level_bytes(true);
+            // Every job is deleted here when it becomes final. A file that is mostly deletions
+            // is compacted soon, so recovery's scan of the live jobs does not wade through
+            // the markers of everything sent.
+            o.add_compact_on_deletion_collector_factory(4096, 2048, 0.5);
+        }
+        CF_FINALS => {
+            o.set_write_buffer_size(32 << 20);
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_level_compaction_dynamic_level_bytes(true);
+        }
+        CF_TALLIES => {
+            o.set_write_buffer_size(8 << 20);
+            o.set_merge_operator_associative("tally", |_key, existing, operands| {
+                let (merged, skipped) = codec::merge_tallies(existing, operands);
+                if skipped > 0 {
+                    tracing::error!(skipped, "corrupt tally operands were skipped");
+                }
+                Some(merged)
+            });
         }
         _ => {
             o.set_write_buffer_size(8 << 20);
@@ -827,7 +1065,8 @@ fn check_schema(db: &DB) -> Result<(), SpoolError> {
             let found = <[u8; 4]>::try_from(&v[..])
                 .map(u32::from_be_bytes)
                 .unwrap_or(u32::MAX);
-            if found == SCHEMA_VERSION {
+            // Version 1 is migrated by recovery.
+            if found == SCHEMA_VERSION || found == 1 {
                 Ok(())
             } else {
                 Err(SpoolError::Schema { found })
@@ -938,5 +1177,127 @@ fn writer_loop(db: &DB, mut rx: mpsc::Receiver<WriterMsg>, mut outbox: Outbox) {
     let _ = db.flush_wal(true);
     if let Some(done) = closing {
         let _ = done.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(campaign: u32, index: u32) -> JobId {
+        JobId { campaign, index }
+    }
+
+    fn record(state: JobState, upload: u64, address: &str) -> Vec<u8> {
+        JobRecord {
+            state,
+            upload,
+            accepted_at_ms: 1_000,
+            attempts: u32::from(state.is_final()),
+            next_attempt_ms: 2_000,
+            address,
+            vars: r#"{"name":"Ada"}"#,
+            last_response: "250 ok",
+        }
+        .encode()
+    }
+
+    fn recovered(spool: &Spool) -> Vec<JobId> {
+        let mut live = Vec::new();
+        spool
+            .recover(|id, rec| {
+                assert_eq!(rec.state, JobState::Queued);
+                live.push(id);
+            })
+            .unwrap();
+        live
+    }
+
+    #[tokio::test]
+    async fn final_jobs_leave_the_live_jobs_and_are_tallied() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut b = spool.batch();
+        for i in 0..3 {
+            b.put_job(job(1, i), &record(JobState::Queued, 1, "a@example.org"));
+        }
+        b.tally(
+            1,
+            &Tally {
+                next_index: 3,
+                ..Tally::default()
+            },
+        );
+        spool.write(b, Durability::Sync).await.unwrap();
+
+        let delivered = record(JobState::Delivered, 1, "a@example.org");
+        let stone = JobRecord {
+            next_attempt_ms: 5_000,
+            ..JobRecord::decode(&delivered).unwrap()
+        }
+        .tombstone()
+        .encode();
+        let mut b = spool.batch();
+        b.finish_job(job(1, 1), &stone);
+        b.tally(1, &Tally::moved(JobState::Queued, JobState::Delivered));
+        spool.write(b, Durability::Sync).await.unwrap();
+
+        assert_eq!(recovered(&spool), vec![job(1, 0), job(1, 2)]);
+        let got = spool.get_job(job(1, 1)).unwrap().unwrap();
+        let got = JobRecord::decode(&got).unwrap();
+        assert_eq!(
+            (got.state, got.vars, got.next_attempt_ms),
+            (JobState::Delivered, "", 5_000)
+        );
+        assert_eq!(spool.get_jobs(&[job(1, 1)]).unwrap(), vec![None]);
+        let tallies = spool.load_tallies().unwrap();
+        assert_eq!(tallies.len(), 1);
+        assert_eq!(tallies[0].1.count(JobState::Delivered), 1);
+        assert_eq!(tallies[0].1.next_index, 3);
+        spool.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_version_1_spool_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path()).unwrap();
+            let mut b = spool.batch();
+            b.put_job(job(1, 0), &record(JobState::Queued, 1, "a@example.org"));
+            b.put_job(job(1, 1), &record(JobState::Delivered, 1, "b@example.org"));
+            b.put_job(job(1, 4), &record(JobState::Bounced, 1, "c@example.org"));
+            b.put_job(job(2, 0), &record(JobState::Suppressed, 2, "d@example.org"));
+            // An upload that never committed: rolled back, not migrated.
+            b.open_upload(3, 2);
+            b.put_job(job(2, 7), &record(JobState::Suppressed, 3, "e@example.org"));
+            spool.write(b, Durability::Sync).await.unwrap();
+            let meta = spool.db.cf_handle(CF_META).unwrap();
+            spool
+                .db
+                .put_cf(meta, META_SCHEMA, 1u32.to_be_bytes())
+                .unwrap();
+            spool.close().await.unwrap();
+        }
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.schema().unwrap(), 1);
+        assert_eq!(recovered(&spool), vec![job(1, 0)]);
+        assert_eq!(spool.schema().unwrap(), SCHEMA_VERSION);
+        let stone = spool.get_job(job(1, 4)).unwrap().unwrap();
+        let stone = JobRecord::decode(&stone).unwrap();
+        assert_eq!((stone.state, stone.vars), (JobState::Bounced, ""));
+        assert_eq!(spool.get_job(job(2, 7)).unwrap(), None);
+        let tallies: std::collections::HashMap<u32, Tally> =
+            spool.load_tallies().unwrap().into_iter().collect();
+        assert_eq!(tallies[&1].count(JobState::Delivered), 1);
+        assert_eq!(tallies[&1].count(JobState::Bounced), 1);
+        assert_eq!(tallies[&1].next_index, 5);
+        assert_eq!(tallies[&2].count(JobState::Suppressed), 1);
+        assert_eq!(tallies[&2].next_index, 1);
+        // A second start finds nothing left to migrate and counts nothing twice.
+        assert_eq!(recovered(&spool), vec![job(1, 0)]);
+        let again: std::collections::HashMap<u32, Tally> =
+            spool.load_tallies().unwrap().into_iter().collect();
+        assert_eq!(again, tallies);
+        spool.close().await.unwrap();
     }
 }
