@@ -107,7 +107,8 @@ pub struct WebhookConfig {
     /// `http://` or `https://` (certificates checked against the Mozilla roots).
     pub url: String,
     /// Event types to send (`delivered`, `deferred`, `bounced`, `expired`, `delayed`,
-    /// `delivery_report`, `complained`, `feedback`, `unsubscribed`). Default: all.
+    /// `delivery_report`, `complained`, `feedback`, `unsubscribed`, `suppressed`, `cancelled`,
+    /// `rejected`). Default: all.
     #[serde(default)]
     pub events: Option<Vec<String>>,
     /// HMAC-SHA256 key for the `X-Sluice-Signature` header. At least 16 characters.
@@ -136,6 +137,9 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
     "complained",
     "feedback",
     "unsubscribed",
+    "suppressed",
+    "cancelled",
+    "rejected",
 ];
 
 impl WebhookConfig {

@@ -253,3 +253,120 @@ async fn sigkill_during_delivery_ten_times_delivers_everyone() {
          {bound}); {unlogged} deliveries missing from the delivery log"
     );
 }
+
+/// SIGKILL while retention marks campaigns finished, deletes their tombstones and drops their
+/// templates, at several points: nothing pending is lost or comes back, no final recipient is
+/// queued again, and the counts stand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_retention_loses_and_resurrects_nothing() {
+    const CAMPAIGNS: usize = 12;
+    const EACH: usize = 40;
+    const HELD: usize = 30;
+    // Mail to held.test is deferred with a long retry, so it stays queued throughout.
+    let sink = common::sink::Sink::start(common::sink::SinkOptions {
+        rcpt: Arc::new(|rcpt: &str, _| {
+            if rcpt.contains("@held.test") {
+                "451 4.3.0 later".to_owned()
+            } else {
+                "250 2.1.5 ok".to_owned()
+            }
+        }),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let more = format!(
+        "[delivery]\nenabled = true\nretry_initial = \"1h\"\nretry_max = \"1h\"\n\
+         [retention]\njob_tombstones = \"1s\"\ncampaigns = \"2s\"\ninterval = \"1s\"\n\
+         [[route]]\ndomain = \"sink.test\"\nrelay = \"{0}\"\n\
+         [[route]]\ndomain = \"held.test\"\nrelay = \"{0}\"\n",
+        sink.addr
+    );
+    let mut sluice = Process::spawn_with(dir.path(), &spool, &more);
+    sluice.wait_ready(Duration::from_secs(30)).await;
+    let post = |addr, domain: &'static str, n: usize| async move {
+        let list: Vec<Value> = (0..n)
+            .map(|i| json!({"email": format!("u{i}@{domain}"), "vars": {"name": "N"}}))
+            .collect();
+        let r = client()
+            .post(url(addr, "/v1/campaigns"))
+            .bearer_auth(KEY)
+            .json(
+                &json!({"from": "news@example.com", "subject": "Hi {{ name }}", "text": "Hello",
+                          "recipients": list}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let held = post(sluice.addr, "held.test", HELD).await;
+    let mut sent = Vec::new();
+    for _ in 0..CAMPAIGNS {
+        sent.push(post(sluice.addr, "sink.test", EACH).await);
+    }
+
+    let check = |addr| {
+        let (held, sent) = (held.clone(), sent.clone());
+        async move {
+            let c = wait_counts(addr, &held, Duration::from_secs(30), |c| {
+                c["queued"].as_u64().unwrap_or(0) + c["deferred"].as_u64().unwrap_or(0)
+                    == HELD as u64
+            })
+            .await;
+            assert_eq!(c["delivered"], 0, "{c}");
+            let mut compacted = 0;
+            for id in &sent {
+                let c = wait_counts(addr, id, Duration::from_secs(30), |c| {
+                    c["delivered"] == EACH
+                })
+                .await;
+                assert_eq!(
+                    (c["queued"].as_u64(), c["deferred"].as_u64()),
+                    (Some(0), Some(0)),
+                    "{c}"
+                );
+                let (_, got) = common::get_json(addr, &format!("/v1/campaigns/{id}")).await;
+                compacted += usize::from(got["compacted_at"].is_string());
+            }
+            compacted
+        }
+    };
+    // Kill points spread over the passes that finish, purge and compact the campaigns.
+    for delay_ms in [150u64, 900, 1_400, 2_100, 2_600, 3_300] {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        sluice.kill();
+        sluice = Process::spawn_with(dir.path(), &spool, &more);
+        sluice.wait_ready(Duration::from_secs(30)).await;
+        let compacted = check(sluice.addr).await;
+        eprintln!("kill after {delay_ms} ms: {compacted} of {CAMPAIGNS} campaigns compacted");
+    }
+    // Left alone, retention finishes its work; the held campaign is never finished.
+    let started = std::time::Instant::now();
+    while check(sluice.addr).await < CAMPAIGNS {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "retention did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, got) = common::get_json(sluice.addr, &format!("/v1/campaigns/{held}")).await;
+    assert!(got.get("finished_at").is_none(), "{got}");
+    sluice.kill();
+    let counts = tokio::task::spawn_blocking(move || {
+        let s = sluice::store::spool::Spool::open(&spool).unwrap();
+        s.count_keys_together(&[
+            sluice::store::spool::CF_JOBS,
+            sluice::store::spool::CF_FINALS,
+        ])
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(counts, vec![HELD, 0], "live jobs, tombstones");
+}

@@ -25,12 +25,14 @@ pub(crate) static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// One attempt. Field names follow PowerMTA's accounting file where one exists.
+/// One attempt, report or other fate of a recipient. Field names follow PowerMTA's accounting
+/// file where one exists.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogRecord {
     /// `d` delivered, `b` bounced, `t` transient failure (deferred), `x` expired; from reports
     /// received later: `rb` remote bounce (a DSN), `rs` remote status (a delay or delivery DSN),
-    /// `f` feedback (an ARF report), `u` unsubscribe.
+    /// `f` feedback (an ARF report), `u` unsubscribe; never sent: `s` suppressed (at ingest or
+    /// before delivery), `c` cancelled with its campaign, `r` rejected at ingest (no job).
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub time_queued: String,
@@ -62,6 +64,53 @@ pub struct LogRecord {
     /// ARF Feedback-Type of an `f` record.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback_type: Option<&'static str>,
+    /// The campaign's tags.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// The parts of a record about a recipient that was never sent (see [`LogRecord::unsent`]).
+pub struct Unsent<'a> {
+    /// `s`, `c` or `r`.
+    pub kind: &'static str,
+    pub campaign: String,
+    /// The job id; empty for a recipient rejected at ingest, which never had one.
+    pub job: String,
+    pub recipient: &'a str,
+    pub accepted_at_ms: u64,
+    pub attempts: u32,
+    /// Why: the suppression reason, "campaign cancelled", the field and error of a reject.
+    pub detail: String,
+    /// Where it was decided: `ingest` or `delivery`.
+    pub stage: &'static str,
+}
+
+impl LogRecord {
+    /// The record of a recipient that ends without a (further) attempt.
+    pub fn unsent(u: Unsent<'_>) -> LogRecord {
+        LogRecord {
+            kind: u.kind,
+            time_queued: rfc3339(u.accepted_at_ms),
+            time_logged: rfc3339(crate::now_ms()),
+            campaign: u.campaign,
+            job: u.job,
+            recipient: u.recipient.to_owned(),
+            sender: String::new(),
+            dsn_action: "failed",
+            dsn_status: String::new(),
+            reply_code: None,
+            dsn_diag: u.detail,
+            stage: u.stage.to_owned(),
+            mx_host: None,
+            mx_ip: None,
+            tls: false,
+            size: 0,
+            attempt: u.attempts,
+            bounce_cat: None,
+            feedback_type: None,
+            tags: Vec::new(),
+        }
+    }
 }
 
 /// A record's time: RFC 3339 in UTC with milliseconds.
@@ -314,6 +363,7 @@ mod tests {
             attempt: 1,
             bounce_cat: None,
             feedback_type: None,
+            tags: Vec::new(),
         }
     }
 

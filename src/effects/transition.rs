@@ -141,6 +141,11 @@ impl<'a> Transition<'a> {
     /// The spool writes: the job record, the event, the suppression record. Takes the record's
     /// bytes out of `self`.
     pub fn writes(&mut self, node: &Node) -> Writes {
+        if let Some(r) = &mut self.report
+            && r.tags.is_empty()
+        {
+            r.tags.clone_from(&self.campaign.record.tags);
+        }
         self.ends_job = self
             .record
             .as_ref()

@@ -67,6 +67,9 @@ pub fn event_name(r: &LogRecord) -> &'static str {
         "f" if matches!(r.feedback_type, Some("abuse" | "fraud" | "virus")) => "complained",
         "f" => "feedback",
         "u" => "unsubscribed",
+        "s" => "suppressed",
+        "c" => "cancelled",
+        "r" => "rejected",
         _ => "other",
     }
 }

@@ -516,6 +516,7 @@ fn report_record(
         attempt: rec.attempts,
         bounce_cat: None,
         feedback_type: None,
+        tags: Vec::new(),
     }
 }
 

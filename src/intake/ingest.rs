@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::config::LimitsConfig;
+use crate::effects::delivery_log::{LogRecord, Unsent};
 use crate::intake::address::Address;
 use crate::intake::template;
 use crate::node::Node;
@@ -561,6 +562,9 @@ pub struct Upload {
     /// queued; their tombstones are written by the commit, so a rollback has nothing of them to
     /// delete.
     suppressed: Vec<(u32, Box<str>, crate::effects::suppression::Reason)>,
+    /// Recipients refused by validation: each gets a `rejected` event with the commit (and
+    /// none if the upload fails, since then nothing was accepted).
+    rejected: Vec<Rejected>,
     /// The campaign is new: it joins the registry at commit, before its jobs can be taken.
     new_campaign: bool,
     /// The campaign had finished and this upload made it busy again: the commit persists its
@@ -626,6 +630,7 @@ impl Upload {
             record_buf: Vec::with_capacity(256),
             chunk_domains: Vec::new(),
             suppressed: Vec::new(),
+            rejected: Vec::new(),
             new_campaign: false,
             reopened: false,
         }
@@ -642,6 +647,11 @@ impl Upload {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Notes a recipient refused by validation, for its event at commit.
+    pub fn reject(&mut self, r: &Rejected) {
+        self.rejected.push(r.clone());
     }
 
     /// Recipients recorded as suppressed so far.
@@ -788,6 +798,37 @@ impl Upload {
             stone.encode_into(&mut self.record_buf);
             batch.put_final(self.job(*index), &self.record_buf);
         }
+        // Every recipient that will never be sent is reported with the commit that decides it.
+        let mut reports = Vec::with_capacity(self.suppressed.len() + self.rejected.len());
+        let campaign_id = self.campaign.record.id.to_string();
+        for (index, address, reason) in &self.suppressed {
+            reports.push(LogRecord::unsent(Unsent {
+                kind: "s",
+                campaign: campaign_id.clone(),
+                job: self.job(*index).to_string(),
+                recipient: address,
+                accepted_at_ms: self.accepted_at_ms,
+                attempts: 0,
+                detail: format!("suppressed: {}", reason.as_str()),
+                stage: "ingest",
+            }));
+        }
+        for r in &self.rejected {
+            reports.push(LogRecord::unsent(Unsent {
+                kind: "r",
+                campaign: campaign_id.clone(),
+                job: String::new(),
+                recipient: r.email.as_deref().unwrap_or(""),
+                accepted_at_ms: self.accepted_at_ms,
+                attempts: 0,
+                detail: format!("{}: {}", r.field, r.error),
+                stage: "ingest",
+            }));
+        }
+        for r in &mut reports {
+            r.tags.clone_from(&self.campaign.record.tags);
+            self.node.webhooks.stage(&mut batch, r);
+        }
         let mut tally = Tally {
             next_index: self.next_index,
             ..Tally::default()
@@ -823,6 +864,9 @@ impl Upload {
             .fetch_add(self.suppressed(), Ordering::Relaxed);
         crate::metrics::RECIPIENTS_ACCEPTED.inc_by(n as u64);
         crate::metrics::RECIPIENTS_SUPPRESSED.inc_by(self.suppressed());
+        for r in reports {
+            self.node.log.record(r);
+        }
         // Indexed in slices by a task of its own: delivery keeps running meanwhile, and a client
         // that leaves now (dropping this future) cannot keep committed jobs out of the queue.
         let node = Arc::clone(&self.node);

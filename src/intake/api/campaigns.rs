@@ -213,13 +213,17 @@ pub(super) async fn compose(
                 let added = upload.add(&valid).await?;
                 suppressed.note(i as u64, valid.address.as_str(), added);
             }
-            Err((email, e)) => rejected.push(Rejected {
-                index: i as u64,
-                line: None,
-                email,
-                field: join_field(&format!("recipients[{i}]"), &e.field),
-                error: e.message,
-            }),
+            Err((email, e)) => reject(
+                &mut upload,
+                &mut rejected,
+                Rejected {
+                    index: i as u64,
+                    line: None,
+                    email,
+                    field: join_field(&format!("recipients[{i}]"), &e.field),
+                    error: e.message,
+                },
+            ),
         }
     }
     let accepted = upload.len();
@@ -406,6 +410,13 @@ pub(super) async fn add_recipients(
     Ok(json_response(StatusCode::ACCEPTED, body))
 }
 
+/// A recipient refused by validation: listed in the 202 (up to its cap) and reported as a
+/// `rejected` event when the upload commits.
+fn reject(upload: &mut Upload, list: &mut RejectList, r: Rejected) {
+    upload.reject(&r);
+    list.push(r);
+}
+
 /// Per-line state of an NDJSON upload.
 struct LineIngest {
     upload: Upload,
@@ -417,13 +428,14 @@ struct LineIngest {
 
 impl Rows for LineIngest {
     fn refuse(&mut self, line_no: u64, error: String) {
-        self.rejected.push(Rejected {
+        let r = Rejected {
             index: line_no,
             line: Some(line_no + 1),
             email: None,
             field: format!("line {}", line_no + 1),
             error,
-        });
+        };
+        reject(&mut self.upload, &mut self.rejected, r);
     }
 
     async fn row(&mut self, text: &str, line_no: u64) -> Result<(), ApiError> {
@@ -432,13 +444,16 @@ impl Rows for LineIngest {
                 let added = self.upload.add(&valid).await?;
                 self.suppressed.note(line_no, valid.address.as_str(), added);
             }
-            Err((email, e)) => self.rejected.push(Rejected {
-                index: line_no,
-                line: Some(line_no + 1),
-                email,
-                field: join_field(&format!("line {}", line_no + 1), &e.field),
-                error: e.message,
-            }),
+            Err((email, e)) => {
+                let r = Rejected {
+                    index: line_no,
+                    line: Some(line_no + 1),
+                    email,
+                    field: join_field(&format!("line {}", line_no + 1), &e.field),
+                    error: e.message,
+                };
+                reject(&mut self.upload, &mut self.rejected, r);
+            }
         }
         Ok(())
     }

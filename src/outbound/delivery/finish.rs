@@ -162,6 +162,7 @@ impl Delivery {
             attempt,
             bounce_cat: o.class.map(|c| c.category.as_str()),
             feedback_type: None,
+            tags: Vec::new(),
         });
         if let Some(class) = o.class
             && o.verdict == Verdict::Bounced

@@ -12,6 +12,7 @@ use prometheus::IntCounter;
 
 use super::Delivery;
 use super::site::Site;
+use crate::effects::delivery_log::{LogRecord, Unsent};
 use crate::effects::transition::Transition;
 use crate::outbound::outcome;
 use crate::scheduler::index::{DomainId, PendingJob};
@@ -147,8 +148,8 @@ impl Delivery {
     }
 
     /// Ends a leased job without sending it: records its final `state` (with `reason` as its
-    /// last response, else the one it had) and lets it go. A suppressed recipient moves from its
-    /// queued count to `suppressed`.
+    /// last response, else the one it had), reports it (a `suppressed` or `cancelled` event) and
+    /// lets it go. A suppressed recipient moves from its queued count to `suppressed`.
     async fn end_unsent(
         &self,
         job: &PendingJob,
@@ -169,6 +170,21 @@ impl Delivery {
             let c = &campaign.counts;
             t.counts = Some((c.slot(JobState::Queued, record.attempts), &c.suppressed));
         }
+        let (kind, detail) = match (state, reason) {
+            (JobState::Suppressed, Some(r)) => ("s", format!("suppressed: {r}")),
+            (JobState::Suppressed, None) => ("s", "suppressed".to_owned()),
+            _ => ("c", "campaign cancelled".to_owned()),
+        };
+        t.report = Some(LogRecord::unsent(Unsent {
+            kind,
+            campaign: campaign.record.id.to_string(),
+            job: job.id.to_string(),
+            recipient: &record.address,
+            accepted_at_ms: record.accepted_at_ms,
+            attempts: record.attempts,
+            detail,
+            stage: "delivery",
+        }));
         self.record(t).await;
         self.release(job);
     }
