@@ -495,6 +495,19 @@ pub struct RetentionConfig {
     /// How often finished campaigns are looked for and their expired data deleted.
     #[serde(default = "defaults::retention_interval", with = "humantime_serde")]
     pub interval: Duration,
+    /// How long one bucket of a transactional stream takes new messages (buckets start at
+    /// multiples of this since the epoch, so `1d` is a UTC day). A bucket can finish only after
+    /// its period, so a message's tombstone lasts between `job_tombstones` and `job_tombstones`
+    /// plus this; each bucket is one small campaign record.
+    #[serde(default = "defaults::message_buckets", with = "humantime_serde")]
+    pub message_buckets: Duration,
+}
+
+impl RetentionConfig {
+    /// The period of the message bucket that is open at `now_ms`.
+    pub fn bucket_period(&self, now_ms: u64) -> u64 {
+        now_ms / (self.message_buckets.as_millis() as u64).max(1)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -608,6 +621,9 @@ mod defaults {
     }
     pub fn retention_interval() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn message_buckets() -> Duration {
+        Duration::from_secs(86400)
     }
     pub fn max_request_bytes() -> usize {
         32 << 20
@@ -1018,6 +1034,9 @@ impl Config {
             if !hook_names.insert(w.name()) {
                 bad(&key("name"), format!("{:?} names two webhooks", w.name()));
             }
+        }
+        if self.retention.message_buckets < Duration::from_secs(1) {
+            bad("retention.message_buckets", "must be at least 1s".into());
         }
         if self.retention.interval < Duration::from_secs(1) {
             bad(

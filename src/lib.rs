@@ -39,12 +39,20 @@
 //!   writes once space is back, and delivery retries its outcome writes rather than drop them.
 //!   The `meta` column family also holds, for campaigns that are not personalised only, an
 //!   address → job index written with each job (reports about a shared message name the
-//!   recipient by address).
+//!   recipient by address). `messages` holds each transactional message's own record beside its
+//!   job (below).
 //! * [`store::campaign`]: the stored campaign record (the template, written once) and the
 //!   in-memory registry with state, per-state counts, live recipients, open uploads and the
-//!   campaign's lifecycle after sending.
+//!   campaign's lifecycle after sending. A transactional message is not a campaign: it is one
+//!   job of its stream's *bucket* (a campaign record per stream and `retention.message_buckets`
+//!   period, holding counts and state), with the message's templates in `messages` under the
+//!   job's key. Delivery and reports build a short-lived [`store::campaign::Campaign::message`]
+//!   from it that shares the bucket's counts and state, so every layer treats it as a campaign;
+//!   the registry holds buckets, never one entry per message, and the transition that ends the
+//!   job compacts the record.
 //! * [`store::retention`]: a periodic pass that marks idle campaigns finished and, per
-//!   `[retention]`, deletes their tombstones by key range and later drops their templates.
+//!   `[retention]`, deletes their tombstones (and a bucket's message records) by key range and
+//!   later drops their templates. A bucket finishes only after its period.
 //!
 //! **[`scheduler`]: which job when.** It owns the pending-job index ([`scheduler::index`], 16 bytes
 //! a job, per destination domain, a sorted run plus a heap for out-of-order jobs), the jobs parked

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::scheduler::Scheduler;
 use crate::scheduler::index::{PendingJob, QueueIndex};
 use crate::store::campaign::{Campaign, CampaignRecord, CampaignState, Registry};
-use crate::store::spool::{Durability, JobState, Spool, SpoolError};
+use crate::store::spool::{Durability, JobId, JobState, Spool, SpoolError};
 
 pub struct Node {
     /// Serialises campaign record writes (state changes, retention) so the stored and in-memory
@@ -221,6 +221,103 @@ impl Node {
         self.draining.store(true, Ordering::Release);
     }
 
+    /// The campaign of job `id` as delivery and reports see it: the registered campaign, or for
+    /// a job of a stream's bucket the message built from `message`, its record as read from the
+    /// spool. `Ok(None)` when there is no such campaign, or the message record is missing.
+    pub fn campaign_of(
+        &self,
+        id: JobId,
+        message: Option<&[u8]>,
+    ) -> Result<Option<Arc<Campaign>>, SpoolError> {
+        let Some(campaign) = self.campaigns.by_seq(id.campaign) else {
+            return Ok(None);
+        };
+        if !campaign.record.is_bucket() {
+            return Ok(Some(campaign));
+        }
+        let Some(bytes) = message else {
+            return Ok(None);
+        };
+        let record = CampaignRecord::decode(bytes).map_err(|reason| SpoolError::Corrupt {
+            key: format!("message {id}"),
+            reason,
+        })?;
+        Ok(Some(Arc::new(Campaign::message(&campaign, record))))
+    }
+
+    /// Job `id`'s record (queued, or its tombstone) and its campaign as [`Node::campaign_of`]
+    /// gives it; `None` when either is gone. Blocking.
+    pub fn load_job(&self, id: JobId) -> Result<Option<LoadedJob>, SpoolError> {
+        let Some(bytes) = self.spool.get_job(id)? else {
+            return Ok(None);
+        };
+        let bucket = self
+            .campaigns
+            .by_seq(id.campaign)
+            .is_some_and(|c| c.record.is_bucket());
+        let message = match bucket {
+            true => self.spool.get_messages(&[id])?.pop().flatten(),
+            false => None,
+        };
+        Ok(self
+            .campaign_of(id, message.as_deref())?
+            .map(|c| (c, bytes)))
+    }
+
+    /// The bucket that takes `stream`'s messages now: its newest, unless that one is from an
+    /// earlier period (`retention.message_buckets`, a UTC day by default), cancelled or
+    /// compacted, in which case a new one is created (its record synced before it is used). A
+    /// bucket per period keeps a stream's counts by day and lets retention finish and delete a
+    /// period's messages as a whole.
+    pub async fn stream_bucket(
+        &self,
+        stream: &str,
+        now_ms: u64,
+    ) -> Result<Arc<Campaign>, BucketError> {
+        let r = &self.config.retention;
+        let usable = |c: &Campaign| {
+            r.bucket_period(c.record.created_at_ms) == r.bucket_period(now_ms)
+                && c.state() != CampaignState::Cancelled
+                && c.lifecycle().compacted_at_ms.is_none()
+        };
+        if let Some(c) = self.campaigns.stream(stream).filter(|c| usable(c)) {
+            return Ok(c);
+        }
+        let _serial = self.state_changes.lock().await;
+        if let Some(c) = self.campaigns.stream(stream).filter(|c| usable(c)) {
+            return Ok(c);
+        }
+        self.spool.check_space()?;
+        let seq = self
+            .campaigns
+            .allocate_seq()
+            .ok_or(BucketError::Exhausted)?;
+        let record = CampaignRecord {
+            id: uuid::Uuid::now_v7(),
+            kind: crate::store::campaign::CampaignKind::Transactional,
+            from: String::new(),
+            from_name: None,
+            reply_to: None,
+            subject: String::new(),
+            text: None,
+            html: None,
+            headers: Default::default(),
+            tags: Vec::new(),
+            attachments: Vec::new(),
+            personalised: true,
+            state: CampaignState::Active,
+            created_at_ms: now_ms,
+            lifecycle: Default::default(),
+            stream: Some(stream.to_owned()),
+        };
+        let mut batch = self.spool.batch();
+        batch.put_campaign(seq, &record.encode());
+        self.spool.write(batch, Durability::Sync).await?;
+        let bucket = Arc::new(Campaign::new(seq, record, 0));
+        self.campaigns.insert(Arc::clone(&bucket));
+        Ok(bucket)
+    }
+
     /// Persists a campaign state change (synced), then applies it in memory.
     pub async fn set_campaign_state(
         &self,
@@ -247,4 +344,16 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// A job's campaign (see [`Node::campaign_of`]) and its stored record.
+pub type LoadedJob = (Arc<Campaign>, Vec<u8>);
+
+/// Why [`Node::stream_bucket`] could not give a bucket.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("no campaign numbers left")]
+    Exhausted,
 }

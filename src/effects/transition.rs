@@ -7,7 +7,8 @@
 //! is also its webhook event), and a suppression it causes. Delivery (an attempt's outcome, a job dropped
 //! unsent) and feedback (a DSN, a complaint, an unsubscribe) both build one; neither writes a
 //! record, a count or an event any other way, so the stored record, the counts and the events
-//! cannot drift apart.
+//! cannot drift apart. A transactional message's own record is compacted by the transition
+//! that makes its job final.
 //!
 //! Two steps, because the two callers write differently: [`Transition::writes`] is what goes to
 //! the spool, staged into whatever batch the caller writes (delivery batches many outcomes and
@@ -74,6 +75,8 @@ pub struct JobChange {
 #[derive(Default)]
 pub struct Writes {
     job: Option<(JobId, JobChange)>,
+    /// A message's record, compacted as its job ends.
+    message: Option<(JobId, Vec<u8>)>,
     event: Option<(Vec<u32>, Vec<u8>)>,
     suppression: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -92,6 +95,9 @@ impl Writes {
                 }
             }
             batch.tally(id.campaign, &Tally::moved(change.from, change.to));
+        }
+        if let Some((id, record)) = self.message {
+            batch.put_message(id, &record);
         }
         if let Some((hooks, json)) = self.event {
             batch.add_event(hooks, json);
@@ -150,8 +156,12 @@ impl<'a> Transition<'a> {
             .record
             .as_ref()
             .is_some_and(|c| !c.from.is_final() && c.to.is_final());
+        // A message keeps only what reports and lookups show once it is final.
+        let message = (self.ends_job && self.campaign.is_message())
+            .then(|| (self.job, self.campaign.record.compacted().encode()));
         Writes {
             job: self.record.take().map(|r| (self.job, r)),
+            message,
             event: self.report.as_ref().and_then(|r| node.webhooks.event(r)),
             suppression: self.suppression.as_ref().map(|e| (e.key(), e.encode())),
         }

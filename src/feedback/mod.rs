@@ -472,14 +472,11 @@ async fn find(node: &Arc<Node>, job: Option<JobId>) -> Result<Option<Found>, Spo
     let Some(job) = job else {
         return Ok(None);
     };
-    let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
-        return Ok(None);
-    };
     let read = Arc::clone(node);
-    let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
+    let found = tokio::task::spawn_blocking(move || read.load_job(job))
         .await
         .map_err(|e| SpoolError::Rocks(format!("job read task: {e}")))??;
-    Ok(bytes.map(|bytes| Found {
+    Ok(found.map(|(campaign, bytes)| Found {
         job,
         campaign,
         bytes,

@@ -87,6 +87,8 @@ pub struct CampaignFields {
     pub attachments: Vec<Attachment>,
     /// `false`: every recipient gets the same message (see [`CampaignRecord::personalised`]).
     pub personalised: Option<bool>,
+    /// The stream of a message (see [`CampaignRecord::stream`]).
+    pub stream: Option<String>,
 }
 
 /// The body of `POST /v1/campaigns` (with `recipients`) and `POST /v1/messages` (with `to` and
@@ -113,6 +115,8 @@ pub struct ComposeRequest<'a> {
     pub attachments: Vec<Attachment>,
     #[serde(default)]
     pub personalised: Option<bool>,
+    #[serde(default)]
+    pub stream: Option<String>,
     #[serde(default, borrow)]
     pub recipients: Option<Vec<&'a RawValue>>,
     #[serde(default)]
@@ -135,6 +139,7 @@ impl<'a> ComposeRequest<'a> {
             tags: self.tags,
             attachments: self.attachments,
             personalised: self.personalised,
+            stream: self.stream,
         };
         (
             fields,
@@ -279,6 +284,16 @@ pub fn validate_campaign(
         }
     }
     check_attachments(&fields.attachments, limits)?;
+    let stream = match (kind, fields.stream) {
+        (CampaignKind::Bulk, Some(_)) => {
+            return Err(FieldError::new(
+                "stream",
+                "only messages belong to a stream; group campaigns with tags",
+            ));
+        }
+        (CampaignKind::Bulk, None) => None,
+        (CampaignKind::Transactional, s) => Some(check_stream(s)?),
+    };
     let record = CampaignRecord {
         id: uuid::Uuid::now_v7(),
         kind,
@@ -295,10 +310,32 @@ pub fn validate_campaign(
         state: CampaignState::Active,
         created_at_ms: now_ms,
         lifecycle: Default::default(),
+        stream,
     };
     let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;
     rules.compiled = Some(Arc::new(compiled));
     Ok((record, rules))
+}
+
+/// The stream of a message without one.
+pub const DEFAULT_STREAM: &str = "default";
+const MAX_STREAM_LEN: usize = 64;
+
+/// A message's stream name: 1 to 64 of `A-Z a-z 0-9 . _ -`, [`DEFAULT_STREAM`] when absent.
+fn check_stream(stream: Option<String>) -> Result<String, FieldError> {
+    let Some(s) = stream else {
+        return Ok(DEFAULT_STREAM.to_owned());
+    };
+    let ok = (1..=MAX_STREAM_LEN).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(FieldError::new(
+            "stream",
+            format!("a stream name is 1 to {MAX_STREAM_LEN} of A-Z, a-z, 0-9, '.', '_' and '-'"),
+        ));
+    }
+    Ok(s)
 }
 
 /// Content types an attachment may not have: they would change the message's structure.
@@ -570,6 +607,12 @@ pub struct Upload {
     /// The campaign had finished and this upload made it busy again: the commit persists its
     /// record without the finish time.
     reopened: bool,
+    /// The record of the message this upload adds to a stream's bucket, stored beside its job.
+    message: Option<CampaignRecord>,
+    /// Indexes reserved from the campaign at a time.
+    index_block: u32,
+    /// The index handed out last.
+    last_index: Option<u32>,
 }
 
 /// Why an upload could not finish.
@@ -610,6 +653,31 @@ impl Upload {
         Ok(upload)
     }
 
+    /// The upload of one transactional message, `record`, to the stream bucket `bucket`: its
+    /// job takes one index of the bucket, and its record is stored beside the job (compacted at
+    /// once if the recipient is suppressed).
+    pub fn for_message(
+        node: Arc<Node>,
+        bucket: Arc<Campaign>,
+        record: CampaignRecord,
+    ) -> Result<Upload, UploadError> {
+        let mut upload = Upload::new(node, bucket)?;
+        upload.message = Some(record);
+        upload.index_block = 1;
+        Ok(upload)
+    }
+
+    /// The job of the recipient added last, if any.
+    pub fn last_job(&self) -> Option<JobId> {
+        self.last_index.map(|i| self.job(i))
+    }
+
+    /// The record whose From domain, tags and templates apply: the message's, else the
+    /// campaign's.
+    fn content(&self) -> &CampaignRecord {
+        self.message.as_ref().unwrap_or(&self.campaign.record)
+    }
+
     /// The upload of a campaign whose [`Campaign::upload_open`] has said yes. Until it is
     /// dropped, the campaign is not finished, so retention leaves it alone.
     fn open(node: Arc<Node>, campaign: Arc<Campaign>) -> Upload {
@@ -633,6 +701,9 @@ impl Upload {
             rejected: Vec::new(),
             new_campaign: false,
             reopened: false,
+            message: None,
+            index_block: INDEX_BLOCK,
+            last_index: None,
         }
     }
 
@@ -666,7 +737,7 @@ impl Upload {
         &mut self,
         r: &ValidRecipient<'_>,
     ) -> Result<Option<crate::effects::suppression::Reason>, UploadError> {
-        let from_domain = crate::intake::address::domain_of(&self.campaign.record.from);
+        let from_domain = crate::intake::address::domain_of(&self.content().from);
         match self
             .node
             .suppressions
@@ -694,13 +765,14 @@ impl Upload {
         if self.next_index == self.end_index {
             let start = self
                 .campaign
-                .reserve_indexes(INDEX_BLOCK)
+                .reserve_indexes(self.index_block)
                 .ok_or(UploadError::CampaignFull)?;
             self.next_index = start;
-            self.end_index = start + INDEX_BLOCK;
+            self.end_index = start + self.index_block;
         }
         let index = self.next_index;
         self.next_index += 1;
+        self.last_index = Some(index);
         Ok(index)
     }
 
@@ -826,8 +898,18 @@ impl Upload {
             }));
         }
         for r in &mut reports {
-            r.tags.clone_from(&self.campaign.record.tags);
+            r.tags.clone_from(&self.content().tags);
             self.node.webhooks.stage(&mut batch, r);
+        }
+        if let Some(message) = &self.message {
+            let full = message.encode();
+            for (index, _) in &self.staged {
+                batch.put_message(self.job(*index), &full);
+            }
+            let compacted = message.compacted().encode();
+            for (index, _, _) in &self.suppressed {
+                batch.put_message(self.job(*index), &compacted);
+            }
         }
         let mut tally = Tally {
             next_index: self.next_index,

@@ -286,7 +286,12 @@ impl Assembler {
     }
 
     /// A campaign's compiled templates, compiled on first use; the error is the compile error.
+    /// A message's are compiled for each use and not kept: it is sent once or a few times, and
+    /// a backlog of messages must not hold a compiled template each.
     pub fn compiled(&self, campaign: &Campaign) -> Result<Arc<Compiled>, String> {
+        if campaign.is_message() {
+            return compile(&campaign.record).map(Arc::new);
+        }
         if let Some(c) = self
             .templates
             .read()
@@ -587,6 +592,7 @@ mod tests {
             state: CampaignState::Active,
             created_at_ms: 0,
             lifecycle: Default::default(),
+            stream: None,
         }
     }
 

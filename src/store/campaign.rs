@@ -48,7 +48,11 @@ impl CampaignState {
 pub enum CampaignKind {
     /// Many recipients, one template (`POST /v1/campaigns`).
     Bulk,
-    /// One message (`POST /v1/messages`).
+    /// Transactional messages (`POST /v1/messages`). A record with a `stream` is either a
+    /// stream's bucket (in the registry: one per stream and UTC day, holding the messages as its
+    /// jobs, for counts and state) or one message's own record (stored beside its job, see
+    /// [`Campaign::message`]). Without one it is a single message stored as a campaign, as
+    /// earlier versions did.
     Transactional,
 }
 
@@ -82,6 +86,9 @@ pub struct CampaignRecord {
     pub created_at_ms: u64,
     #[serde(flatten)]
     pub lifecycle: Lifecycle,
+    /// The stream of a transactional bucket or message (see [`CampaignKind::Transactional`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
 }
 
 /// Where a campaign is in its life after sending: when it finished and what retention has
@@ -145,6 +152,23 @@ impl CampaignRecord {
                 .iter()
                 .map(|a| a.content_base64.len())
                 .sum::<usize>()
+    }
+
+    /// A stream's bucket, whose jobs are messages with records of their own.
+    pub fn is_bucket(&self) -> bool {
+        self.kind == CampaignKind::Transactional && self.stream.is_some()
+    }
+
+    /// The record without what only sending needs: templates, headers and attachments. What
+    /// stays (sender, subject, tags, counts' context) is what reports and lookups show.
+    pub fn compacted(&self) -> CampaignRecord {
+        CampaignRecord {
+            text: None,
+            html: None,
+            attachments: Vec::new(),
+            headers: BTreeMap::new(),
+            ..self.clone()
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -237,7 +261,10 @@ pub struct Campaign {
     state: AtomicU8,
     /// Next recipient index to hand out.
     next_index: AtomicU32,
-    pub counts: Counts,
+    /// Shared by a stream's bucket and its messages: a message counts into its bucket.
+    pub counts: Arc<Counts>,
+    /// The bucket of a message (see [`Campaign::message`]); `None` for campaigns and buckets.
+    parent: Option<Arc<Campaign>>,
     /// Recipients queued or in flight (not final), whatever the counts say of a cancelled
     /// campaign, and uploads still open: while either is above zero the campaign is not
     /// finished.
@@ -255,20 +282,50 @@ impl Campaign {
             record,
             state,
             next_index: AtomicU32::new(next_index),
-            counts: Counts::default(),
+            counts: Arc::default(),
+            parent: None,
             live: AtomicU64::new(0),
             uploads_open: AtomicU32::new(0),
             lifecycle,
         }
     }
 
+    /// One message of the stream bucket `bucket`, with its own `record` (read from beside its
+    /// job). It lives only while a job of it is handled: its counts, liveness and state are the
+    /// bucket's, so it can go wherever a campaign goes (delivery, transitions, reports) and the
+    /// registry never holds one per message.
+    pub fn message(bucket: &Arc<Campaign>, record: CampaignRecord) -> Campaign {
+        Campaign {
+            seq: bucket.seq,
+            state: AtomicU8::new(bucket.state().as_u8()),
+            next_index: AtomicU32::new(0),
+            counts: Arc::clone(&bucket.counts),
+            parent: Some(Arc::clone(bucket)),
+            live: AtomicU64::new(0),
+            uploads_open: AtomicU32::new(0),
+            lifecycle: std::sync::Mutex::new(record.lifecycle),
+            record,
+        }
+    }
+
+    /// A message of a stream bucket (built by [`Campaign::message`]).
+    pub fn is_message(&self) -> bool {
+        self.parent.is_some()
+    }
+
     /// Adds `n` recipients that are queued (committed upload, recovery).
     pub fn add_live(&self, n: u64) {
+        if let Some(p) = &self.parent {
+            return p.add_live(n);
+        }
         self.live.fetch_add(n, Ordering::AcqRel);
     }
 
     /// One recipient became final.
     pub fn end_live(&self) {
+        if let Some(p) = &self.parent {
+            return p.end_live();
+        }
         let _ = self
             .live
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
@@ -338,7 +395,12 @@ impl Campaign {
         (*l != before).then_some(step)
     }
 
+    /// The state; a message's is its bucket's, so pausing or cancelling a stream's bucket
+    /// pauses or cancels its messages.
     pub fn state(&self) -> CampaignState {
+        if let Some(p) = &self.parent {
+            return p.state();
+        }
         CampaignState::from_u8(self.state.load(Ordering::Acquire))
     }
 
@@ -364,18 +426,16 @@ impl Campaign {
     /// Once compacted it keeps no templates or attachments.
     pub fn stored_record(&self, state: CampaignState) -> CampaignRecord {
         let lifecycle = self.lifecycle();
-        let mut r = CampaignRecord {
+        let r = CampaignRecord {
             state,
             lifecycle,
             ..self.record.clone()
         };
         if lifecycle.compacted_at_ms.is_some() {
-            r.text = None;
-            r.html = None;
-            r.attachments = Vec::new();
-            r.headers = BTreeMap::new();
+            r.compacted()
+        } else {
+            r
         }
-        r
     }
 }
 
@@ -396,6 +456,8 @@ pub struct Registry {
 struct RegistryInner {
     by_id: HashMap<Uuid, Arc<Campaign>>,
     by_seq: HashMap<u32, Arc<Campaign>>,
+    /// The newest bucket of each stream.
+    streams: HashMap<String, Arc<Campaign>>,
     next_seq: u32,
 }
 
@@ -422,7 +484,28 @@ impl Registry {
         let mut g = self.inner.write().expect("registry lock");
         g.next_seq = g.next_seq.max(campaign.seq.saturating_add(1));
         g.by_id.insert(campaign.record.id, Arc::clone(&campaign));
+        if let Some(stream) = campaign
+            .record
+            .stream
+            .as_ref()
+            .filter(|_| campaign.record.is_bucket())
+        {
+            let newer = g.streams.get(stream).is_none_or(|c| c.seq < campaign.seq);
+            if newer {
+                g.streams.insert(stream.clone(), Arc::clone(&campaign));
+            }
+        }
         g.by_seq.insert(campaign.seq, campaign);
+    }
+
+    /// The newest bucket of `stream`, if it has one.
+    pub fn stream(&self, stream: &str) -> Option<Arc<Campaign>> {
+        self.inner
+            .read()
+            .expect("registry lock")
+            .streams
+            .get(stream)
+            .cloned()
     }
 
     /// Hands out a fresh campaign sequence number (not yet persisted; the commit persists it by
@@ -478,6 +561,7 @@ mod tests {
             state: CampaignState::Active,
             created_at_ms: 1,
             lifecycle: Lifecycle::default(),
+            stream: None,
         }
     }
 

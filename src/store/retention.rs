@@ -41,6 +41,12 @@ pub async fn pass(node: &Arc<Node>, now: u64) -> Result<Pass, SpoolError> {
     let mut done = Pass::default();
     for campaign in node.campaigns.all() {
         let before = campaign.lifecycle();
+        if campaign.record.is_bucket()
+            && r.bucket_period(campaign.record.created_at_ms) == r.bucket_period(now)
+        {
+            // A stream's bucket takes messages for its whole period; it may finish after it.
+            continue;
+        }
         if before.compacted_at_ms.is_some() && campaign.is_idle() {
             // Nothing left to do for it.
             continue;

@@ -24,19 +24,15 @@ use crate::intake::ingest::{self, ComposeRequest, FieldError, RecipientRules, Re
 use crate::node::Node;
 use crate::store::campaign::{Campaign, CampaignKind, CampaignState};
 
-pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    compose(s, headers, body, CampaignKind::Bulk).await
-}
-
 /// Collects per-recipient rejections, keeping at most `cap` of them.
-struct RejectList {
+pub(super) struct RejectList {
     items: Vec<Rejected>,
     count: u64,
     cap: usize,
 }
 
 impl RejectList {
-    fn new(cap: usize) -> RejectList {
+    pub(super) fn new(cap: usize) -> RejectList {
         RejectList {
             items: Vec::new(),
             count: 0,
@@ -53,14 +49,14 @@ impl RejectList {
 }
 
 /// Recipients found on a suppression list, as the 202 reports them (capped like `rejected`).
-struct SuppressedList {
+pub(super) struct SuppressedList {
     items: Vec<Value>,
     count: u64,
     cap: usize,
 }
 
 impl SuppressedList {
-    fn new(cap: usize) -> SuppressedList {
+    pub(super) fn new(cap: usize) -> SuppressedList {
         SuppressedList {
             items: Vec::new(),
             count: 0,
@@ -69,7 +65,7 @@ impl SuppressedList {
     }
 
     /// Notes the outcome of [`Upload::add`] for the recipient at `index`.
-    fn note(
+    pub(super) fn note(
         &mut self,
         index: u64,
         email: &str,
@@ -85,39 +81,29 @@ impl SuppressedList {
     }
 }
 
-fn accepted_body(
-    id: Uuid,
+/// The 202 body: `ids` (the new campaign's or message's) and what became of the recipients.
+pub(super) fn accepted_body(
+    ids: Value,
     accepted: usize,
     suppressed: SuppressedList,
     rejected: RejectList,
 ) -> Vec<u8> {
     crate::metrics::RECIPIENTS_REJECTED.inc_by(rejected.count);
-    let body = json!({
-        "id": id,
-        "accepted": accepted,
-        "suppressed": suppressed.items,
-        "suppressed_count": suppressed.count,
-        "rejected": rejected.items,
-        "rejected_count": rejected.count,
-    });
+    let mut body = ids;
+    body["accepted"] = json!(accepted);
+    body["suppressed"] = json!(suppressed.items);
+    body["suppressed_count"] = json!(suppressed.count);
+    body["rejected"] = json!(rejected.items);
+    body["rejected_count"] = json!(rejected.count);
     serde_json::to_vec(&body).expect("a JSON value serialises")
 }
 
-/// `POST /v1/campaigns` and `POST /v1/messages`: a new campaign and its recipients, atomically.
-pub(super) async fn compose(
-    s: AppState,
-    headers: HeaderMap,
-    body: Body,
-    kind: CampaignKind,
-) -> ApiResult {
+/// `POST /v1/campaigns`: a new campaign and its recipients, atomically.
+pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let node = &s.node;
     let limits = &node.config.limits;
     require_content_type(&headers, &["application/json"])?;
-    let route = match kind {
-        CampaignKind::Bulk => "POST /v1/campaigns",
-        CampaignKind::Transactional => "POST /v1/messages",
-    };
-    let idem = match idempotency::check(node, &headers, route.to_owned()).await? {
+    let idem = match idempotency::check(node, &headers, "POST /v1/campaigns".to_owned()).await? {
         IdempotencyCheck::Replay(resp) => return Ok(resp),
         IdempotencyCheck::Fresh(i) => Some(i),
         IdempotencyCheck::None => None,
@@ -130,35 +116,18 @@ pub(super) async fn compose(
     .await?;
     let req: ComposeRequest<'_> = parse_json(&body)?;
     let (fields, recipients) = req.into_parts();
-    let single = match kind {
-        CampaignKind::Bulk => {
-            if recipients.to.is_some() || recipients.vars.is_some() {
-                let field = if recipients.to.is_some() {
-                    "to"
-                } else {
-                    "vars"
-                };
-                return Err(ApiError::invalid(FieldError::new(
-                    field,
-                    "not a campaign field; give recipients as [{\"email\", \"vars\"}]",
-                )));
-            }
-            None
-        }
-        CampaignKind::Transactional => {
-            if recipients.list.is_some() {
-                return Err(ApiError::invalid(FieldError::new(
-                    "recipients",
-                    "a message has one recipient: use \"to\" and \"vars\"",
-                )));
-            }
-            let to = recipients
-                .to
-                .clone()
-                .ok_or_else(|| ApiError::invalid(FieldError::new("to", "missing field `to`")))?;
-            Some(to)
-        }
-    };
+    if recipients.to.is_some() || recipients.vars.is_some() {
+        let field = if recipients.to.is_some() {
+            "to"
+        } else {
+            "vars"
+        };
+        return Err(ApiError::invalid(FieldError::new(
+            field,
+            "not a campaign field; give recipients as [{\"email\", \"vars\"}]",
+        )));
+    }
+
     let list = recipients.list.unwrap_or_default();
     if list.len() > limits.max_recipients_per_request {
         return Err(ApiError::new(
@@ -172,8 +141,8 @@ pub(super) async fn compose(
         )
         .field("recipients"));
     }
-    let (record, rules) =
-        ingest::validate_campaign(fields, kind, limits, now_ms()).map_err(ApiError::invalid)?;
+    let (record, rules) = ingest::validate_campaign(fields, CampaignKind::Bulk, limits, now_ms())
+        .map_err(ApiError::invalid)?;
     let seq = node.campaigns.allocate_seq().ok_or_else(|| {
         ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
@@ -191,22 +160,6 @@ pub(super) async fn compose(
     let mut rejected = RejectList::new(limits.max_rejected_reported);
     let mut suppressed = SuppressedList::new(limits.max_rejected_reported);
 
-    if let Some(to) = single {
-        let valid =
-            ingest::check_recipient(to, recipients.vars, &rules, limits).map_err(|(_, e)| {
-                let field = if e.field == "email" {
-                    "to".to_owned()
-                } else {
-                    e.field.clone()
-                };
-                ApiError::invalid(FieldError {
-                    field,
-                    message: e.message,
-                })
-            })?;
-        let added = upload.add(&valid).await?;
-        suppressed.note(0, valid.address.as_str(), added);
-    }
     for (i, raw) in list.iter().enumerate() {
         match ingest::parse_recipient(raw.get(), &rules, limits) {
             Ok(valid) => {
@@ -227,7 +180,7 @@ pub(super) async fn compose(
         }
     }
     let accepted = upload.len();
-    let body = accepted_body(id, accepted, suppressed, rejected);
+    let body = accepted_body(json!({"id": id}), accepted, suppressed, rejected);
     upload
         .commit(|batch| {
             batch.put_campaign(seq, &record_bytes);
@@ -265,6 +218,9 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         "created_at": time(c.record.created_at_ms).to_string(),
         "counts": c.counts.snapshot(),
     });
+    if let Some(stream) = &c.record.stream {
+        v["stream"] = json!(stream);
+    }
     // Retention's steps, once taken (see `[retention]`).
     let l = c.lifecycle();
     for (name, at) in [
@@ -399,7 +355,12 @@ pub(super) async fn add_recipients(
         ..
     } = lines;
     let accepted = upload.len();
-    let body = accepted_body(campaign.record.id, accepted, suppressed, rejected);
+    let body = accepted_body(
+        json!({"id": campaign.record.id}),
+        accepted,
+        suppressed,
+        rejected,
+    );
     upload
         .commit(|batch| {
             if let Some(i) = &idem {

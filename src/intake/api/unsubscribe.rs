@@ -57,22 +57,18 @@ async fn unsubscribe_target(
     token: &str,
 ) -> Result<(String, Arc<Campaign>), LinkRefused> {
     let job = unsubscribe_token(node, token)?;
-    let Some(campaign) = node.campaigns.by_seq(job.campaign) else {
-        return Err(LinkRefused::NotFound);
-    };
     let read = Arc::clone(node);
-    let bytes = tokio::task::spawn_blocking(move || read.spool.get_job(job))
+    let found = tokio::task::spawn_blocking(move || read.load_job(job))
         .await
         .ok()
         .and_then(Result::ok)
         .flatten();
-    let address = bytes
-        .as_deref()
-        .and_then(|b| crate::store::spool::JobRecord::decode(b).ok())
-        .map(|r| r.address.to_lowercase());
-    match address {
-        Some(a) => Ok((a, campaign)),
-        None => Err(LinkRefused::NotFound),
+    let Some((campaign, bytes)) = found else {
+        return Err(LinkRefused::NotFound);
+    };
+    match crate::store::spool::JobRecord::decode(&bytes) {
+        Ok(r) => Ok((r.address.to_lowercase(), campaign)),
+        Err(_) => Err(LinkRefused::NotFound),
     }
 }
 

@@ -50,7 +50,8 @@ impl Delivery {
         }
         let node = Arc::clone(&self.node);
         let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-        let records = match tokio::task::spawn_blocking(move || node.spool.get_jobs(&ids)).await {
+        let read = tokio::task::spawn_blocking(move || read_jobs(&node, &ids)).await;
+        let (records, mut messages) = match read {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading job records failed; retrying later");
@@ -64,15 +65,24 @@ impl Delivery {
             }
         };
         let mut out = Vec::with_capacity(jobs.len());
-        for (job, bytes) in jobs.into_iter().zip(records) {
+        for (i, (job, bytes)) in jobs.into_iter().zip(records).enumerate() {
             let Some(bytes) = bytes else {
                 self.release(&job);
                 continue;
             };
-            let Some(campaign) = self.node.campaigns.by_seq(job.id.campaign) else {
-                tracing::warn!(job = %job.id, "job without a campaign; skipped");
-                self.release(&job);
-                continue;
+            let message = messages.get_mut(i).and_then(Option::take);
+            let campaign = match self.node.campaign_of(job.id, message.as_deref()) {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    tracing::warn!(job = %job.id, "job without a campaign or message record; skipped");
+                    self.release(&job);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "corrupt message record; skipped");
+                    self.release(&job);
+                    continue;
+                }
             };
             let record = match OwnedJobRecord::decode(&bytes) {
                 Ok(r) => r,
@@ -200,6 +210,28 @@ impl Delivery {
         self.node.scheduler.pop_due(domain, crate::now_ms(), max)
     }
 }
+
+/// The records of `ids` and, for jobs of streams' buckets, their messages' records (position for
+/// position; `None` elsewhere). Blocking.
+fn read_jobs(
+    node: &crate::node::Node,
+    ids: &[JobId],
+) -> Result<(Records, Records), crate::store::spool::SpoolError> {
+    let records = node.spool.get_jobs(ids)?;
+    let in_bucket = |id: &JobId| {
+        node.campaigns
+            .by_seq(id.campaign)
+            .is_some_and(|c| c.record.is_bucket())
+    };
+    if !ids.iter().any(in_bucket) {
+        return Ok((records, Vec::new()));
+    }
+    let messages = node.spool.get_messages(ids)?;
+    Ok((records, messages))
+}
+
+/// Stored records, position for position with the ids they were read for.
+type Records = Vec<Option<Vec<u8>>>;
 
 /// Splits prepared jobs into transactions: each job alone, except consecutive jobs of one
 /// campaign that is not personalised, which share a message up to `max` recipients. An address

@@ -52,6 +52,10 @@ pub const CF_JOBS: &str = "jobs";
 /// that arrive later (DSNs, complaints, unsubscribes) and for lookups, until retention deletes a
 /// finished campaign's range.
 pub const CF_FINALS: &str = "finals";
+/// The record of each transactional message (a campaign record with the message's templates),
+/// keyed like its job in its stream's bucket: written with the job, compacted when the job is
+/// final, deleted with its tombstone.
+pub const CF_MESSAGES: &str = "messages";
 /// One [`Tally`] per campaign, keyed by campaign sequence (u32 big-endian), updated by merge.
 pub const CF_TALLIES: &str = "tallies";
 /// Suppressed addresses.
@@ -63,10 +67,11 @@ pub const CF_META: &str = "meta";
 /// Stored responses to requests that carried an `Idempotency-Key`, so a retry gets the same answer.
 pub const CF_IDEMPOTENCY: &str = "idempotency";
 
-const ALL_CFS: [&str; 8] = [
+const ALL_CFS: [&str; 9] = [
     CF_CAMPAIGNS,
     CF_JOBS,
     CF_FINALS,
+    CF_MESSAGES,
     CF_TALLIES,
     CF_SUPPRESSIONS,
     CF_EVENTS,
@@ -83,6 +88,12 @@ const META_UPLOAD_PREFIX: &[u8] = b"upload/";
 /// that recipient, kept for campaigns that are not personalised, whose messages go to several
 /// recipients at once and so cannot name one job in their VERP address.
 const META_RECIPIENT_PREFIX: &[u8] = b"rcpt/";
+
+/// A column family of the spool; every one is created at open, so a missing one is a bug.
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name)
+        .expect("column families are created at open")
+}
 
 fn recipient_key(campaign: u32, address: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(META_RECIPIENT_PREFIX.len() + 4 + address.len());
@@ -229,19 +240,13 @@ impl SpoolBatch {
     }
 
     pub fn delete_event(&mut self, seq: u64, hook: u32) {
-        let cf = self
-            .db
-            .cf_handle(CF_EVENTS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_EVENTS);
         self.batch.delete_cf(cf, event_key(seq, hook));
     }
 
     /// Records which job of `id.campaign` is `address` (see [`Spool::find_recipient`]).
     pub fn put_recipient(&mut self, id: JobId, address: &str) {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_META);
         self.batch.put_cf(
             cf,
             recipient_key(id.campaign, address),
@@ -250,18 +255,12 @@ impl SpoolBatch {
     }
 
     pub fn put_job(&mut self, id: JobId, value: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(CF_JOBS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_JOBS);
         self.batch.put_cf(cf, id.key(), value);
     }
 
     pub fn delete_job(&mut self, id: JobId) {
-        let cf = self
-            .db
-            .cf_handle(CF_JOBS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_JOBS);
         self.batch.delete_cf(cf, id.key());
     }
 
@@ -274,41 +273,36 @@ impl SpoolBatch {
 
     /// Deletes a final job's tombstone (a final job queued again).
     pub fn delete_final(&mut self, id: JobId) {
-        let cf = self
-            .db
-            .cf_handle(CF_FINALS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_FINALS);
         self.batch.delete_cf(cf, id.key());
     }
 
     /// Writes (or rewrites, when a later report changes it) a final job's tombstone.
     pub fn put_final(&mut self, id: JobId, tombstone: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(CF_FINALS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_FINALS);
         self.batch.put_cf(cf, id.key(), tombstone);
     }
 
-    /// Deletes the tombstones of `campaign`'s recipients below index `below`, and the
-    /// campaign's address index, by key range: a few bytes in the batch whatever their number;
-    /// compaction reclaims the space.
+    /// Stores the record of the message that is job `id` (see [`CF_MESSAGES`]).
+    pub fn put_message(&mut self, id: JobId, record: &[u8]) {
+        let cf = cf(&self.db, CF_MESSAGES);
+        self.batch.put_cf(cf, id.key(), record);
+    }
+
+    /// Deletes the tombstones of `campaign`'s recipients below index `below`, their message
+    /// records (a stream's bucket) and the campaign's address index, by key range: a few bytes
+    /// in the batch whatever their number; compaction reclaims the space.
     pub fn delete_tombstones(&mut self, campaign: u32, below: u32) {
-        let finals = self
-            .db
-            .cf_handle(CF_FINALS)
-            .expect("column families are created at open");
         let from = JobId { campaign, index: 0 }.key();
         let to = u64::from(JobId {
             campaign,
             index: below,
         })
         .to_be_bytes();
-        self.batch.delete_range_cf(finals, from, to);
-        let meta = self
-            .db
-            .cf_handle(CF_META)
-            .expect("column families are created at open");
+        for name in [CF_FINALS, CF_MESSAGES] {
+            self.batch.delete_range_cf(cf(&self.db, name), from, to);
+        }
+        let meta = cf(&self.db, CF_META);
         let from = [META_RECIPIENT_PREFIX, &campaign.to_be_bytes()].concat();
         let to = match campaign.checked_add(1) {
             Some(next) => [META_RECIPIENT_PREFIX, &next.to_be_bytes()].concat(),
@@ -323,68 +317,44 @@ impl SpoolBatch {
         if tally.is_empty() {
             return;
         }
-        let cf = self
-            .db
-            .cf_handle(CF_TALLIES)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_TALLIES);
         self.batch
             .merge_cf(cf, campaign.to_be_bytes(), tally.encode());
     }
 
     pub fn put_campaign(&mut self, seq: u32, value: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(CF_CAMPAIGNS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_CAMPAIGNS);
         self.batch.put_cf(cf, seq.to_be_bytes(), value);
     }
 
     pub fn open_upload(&mut self, upload: u64, campaign: u32) {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_META);
         self.batch
             .put_cf(cf, upload_key(upload), campaign.to_be_bytes());
     }
 
     pub fn close_upload(&mut self, upload: u64) {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_META);
         self.batch.delete_cf(cf, upload_key(upload));
     }
 
     pub fn put_suppression(&mut self, key: &[u8], value: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(CF_SUPPRESSIONS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_SUPPRESSIONS);
         self.batch.put_cf(cf, key, value);
     }
 
     pub fn delete_suppression(&mut self, key: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(CF_SUPPRESSIONS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_SUPPRESSIONS);
         self.batch.delete_cf(cf, key);
     }
 
     pub fn put_idempotency(&mut self, key: &[u8], value: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(CF_IDEMPOTENCY)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_IDEMPOTENCY);
         self.batch.put_cf(cf, key, value);
     }
 
     pub fn delete_idempotency(&mut self, key: &[u8]) {
-        let cf = self
-            .db
-            .cf_handle(CF_IDEMPOTENCY)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_IDEMPOTENCY);
         self.batch.delete_cf(cf, key);
     }
 
@@ -487,9 +457,7 @@ impl Spool {
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         check_schema(&db)?;
         let last_event = {
-            let cf = db
-                .cf_handle(CF_EVENTS)
-                .expect("column families are created at open");
+            let cf = cf(&db, CF_EVENTS);
             let mut it = db.raw_iterator_cf(cf);
             it.seek_to_last();
             it.key().and_then(split_event_key).map_or(0, |(seq, _)| seq)
@@ -588,19 +556,13 @@ impl Spool {
 
     /// Reads one idempotency record. Blocking.
     pub fn get_idempotency(&self, key: &[u8]) -> Result<Option<Vec<u8>>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_IDEMPOTENCY)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_IDEMPOTENCY);
         Ok(self.db.get_cf(cf, key)?)
     }
 
     /// Visits every idempotency record (for expiry). Blocking.
     pub fn scan_idempotency(&self, mut visit: impl FnMut(&[u8], &[u8])) -> Result<(), SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_IDEMPOTENCY)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_IDEMPOTENCY);
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
             visit(&k, &v);
@@ -611,10 +573,7 @@ impl Spool {
     /// Reads a job's record, live or final (its tombstone). Blocking.
     pub fn get_job(&self, id: JobId) -> Result<Option<Vec<u8>>, SpoolError> {
         for name in [CF_JOBS, CF_FINALS] {
-            let cf = self
-                .db
-                .cf_handle(name)
-                .expect("column families are created at open");
+            let cf = cf(&self.db, name);
             if let Some(v) = self.db.get_cf(cf, id.key())? {
                 return Ok(Some(v));
             }
@@ -622,12 +581,20 @@ impl Spool {
         Ok(None)
     }
 
+    /// The records of the messages that are jobs `ids` (see [`CF_MESSAGES`]). Blocking.
+    pub fn get_messages(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
+        let cf = cf(&self.db, CF_MESSAGES);
+        let keys: Vec<[u8; 8]> = ids.iter().map(|id| id.key()).collect();
+        self.db
+            .batched_multi_get_cf(cf, keys.iter(), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(SpoolError::from))
+            .collect()
+    }
+
     /// Every campaign's stored tally, in sequence order. Blocking.
     pub fn load_tallies(&self) -> Result<Vec<(u32, Tally)>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_TALLIES)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_TALLIES);
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
@@ -650,10 +617,7 @@ impl Spool {
         campaign: u32,
         address: &str,
     ) -> Result<Option<JobId>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_META)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_META);
         let found = self.db.get_cf(cf, recipient_key(campaign, address))?;
         Ok(found
             .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
@@ -716,10 +680,7 @@ impl Spool {
         after: u64,
         max: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_EVENTS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_EVENTS);
         let start = event_key(after.saturating_add(1), 0);
         let mut out = Vec::new();
         for item in self
@@ -746,10 +707,7 @@ impl Spool {
         &self,
         keep: &HashSet<u32>,
     ) -> Result<(u64, std::collections::HashMap<u32, u64>), SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_EVENTS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_EVENTS);
         let mut batch = WriteBatch::default();
         let mut dropped = 0;
         let mut counts = std::collections::HashMap::new();
@@ -771,10 +729,7 @@ impl Spool {
 
     /// Reads one suppression record. Blocking.
     pub fn get_suppression(&self, key: &[u8]) -> Result<Option<Vec<u8>>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_SUPPRESSIONS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_SUPPRESSIONS);
         Ok(self.db.get_cf(cf, key)?)
     }
 
@@ -785,10 +740,7 @@ impl Spool {
         after: Option<&[u8]>,
         mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_SUPPRESSIONS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_SUPPRESSIONS);
         let mode = match after {
             Some(k) => IteratorMode::From(k, rocksdb::Direction::Forward),
             None => IteratorMode::Start,
@@ -807,10 +759,7 @@ impl Spool {
 
     /// Reads every campaign record: `(sequence, encoded record)` in sequence order. Blocking.
     pub fn load_campaigns(&self) -> Result<Vec<(u32, Vec<u8>)>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_CAMPAIGNS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_CAMPAIGNS);
         let mut campaigns = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
@@ -829,10 +778,7 @@ impl Spool {
     /// Reads several live job records at once (`None` for a job that is final or gone).
     /// Blocking.
     pub fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
-        let cf = self
-            .db
-            .cf_handle(CF_JOBS)
-            .expect("column families are created at open");
+        let cf = cf(&self.db, CF_JOBS);
         let keys: Vec<[u8; 8]> = ids.iter().map(|id| id.key()).collect();
         self.db
             .batched_multi_get_cf(cf, keys.iter(), false)
@@ -849,10 +795,7 @@ impl Spool {
         &self,
         mut visit: impl FnMut(JobId, &JobRecord<'_>),
     ) -> Result<Recovered, SpoolError> {
-        let meta = self
-            .db
-            .cf_handle(CF_META)
-            .expect("column families are created at open");
+        let meta = cf(&self.db, CF_META);
         let mut open = HashSet::new();
         let mut max_upload = 0;
         for item in self.db.prefix_iterator_cf(meta, META_UPLOAD_PREFIX) {
@@ -874,10 +817,7 @@ impl Spool {
             self.migrate_from_v1(&open)?;
         }
 
-        let jobs = self
-            .db
-            .cf_handle(CF_JOBS)
-            .expect("column families are created at open");
+        let jobs = cf(&self.db, CF_JOBS);
         let mut rollback = WriteBatch::default();
         let mut rolled_back = 0;
         let mut iter = self.db.raw_iterator_cf(jobs);
@@ -922,10 +862,7 @@ impl Spool {
     }
 
     fn schema(&self) -> Result<u32, SpoolError> {
-        let meta = self
-            .db
-            .cf_handle(CF_META)
-            .expect("column families are created at open");
+        let meta = cf(&self.db, CF_META);
         Ok(self
             .db
             .get_cf(meta, META_SCHEMA)?
@@ -939,11 +876,7 @@ impl Spool {
     /// uploads still open are left for the rollback.
     fn migrate_from_v1(&self, open: &HashSet<u64>) -> Result<(), SpoolError> {
         let started = Instant::now();
-        let cf = |name| {
-            self.db
-                .cf_handle(name)
-                .expect("column families are created at open")
-        };
+        let cf = |name| cf(&self.db, name);
         let (jobs, finals, tallies, meta) =
             (cf(CF_JOBS), cf(CF_FINALS), cf(CF_TALLIES), cf(CF_META));
         let mut sync = WriteOptions::default();
@@ -1028,7 +961,7 @@ fn cf_options(name: &str) -> Options {
             // the markers of everything sent.
             o.add_compact_on_deletion_collector_factory(4096, 2048, 0.5);
         }
-        CF_FINALS => {
+        CF_FINALS | CF_MESSAGES => {
             o.set_write_buffer_size(32 << 20);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_level_compaction_dynamic_level_bytes(true);
@@ -1051,9 +984,7 @@ fn cf_options(name: &str) -> Options {
 }
 
 fn check_schema(db: &DB) -> Result<(), SpoolError> {
-    let meta = db
-        .cf_handle(CF_META)
-        .expect("column families are created at open");
+    let meta = cf(db, CF_META);
     match db.get_cf(meta, META_SCHEMA)? {
         None => {
             let mut sync = WriteOptions::default();
@@ -1085,9 +1016,7 @@ struct Outbox {
 impl Outbox {
     /// Numbers the request's events into its batch; returns the events per receiver.
     fn stage(&mut self, db: &DB, batch: &mut WriteBatch, events: Vec<StagedEvent>) -> Vec<u32> {
-        let cf = db
-            .cf_handle(CF_EVENTS)
-            .expect("column families are created at open");
+        let cf = cf(db, CF_EVENTS);
         let mut hooks = Vec::new();
         for e in events {
             let seq = self.next;
