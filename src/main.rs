@@ -52,6 +52,9 @@ enum Command {
     /// List, show, pause, resume or cancel campaigns.
     #[command(subcommand)]
     Campaign(cli::CampaignCommand),
+    /// Look up a message or a campaign recipient by id: state and every attempt and report.
+    #[command(subcommand)]
+    Message(cli::MessageCommand),
     /// List, look up, add, remove, import or export suppressions.
     #[command(subcommand)]
     Suppressions(cli::SuppressionCommand),
@@ -130,6 +133,7 @@ fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
                 cli::set_domain(&api, &domain, false).await.map(|()| true)
             }
             Command::Campaign(c) => cli::campaign(&api, c).await.map(|()| true),
+            Command::Message(c) => cli::message(&api, c).await.map(|()| true),
             Command::Suppressions(c) => cli::suppressions(&api, c).await.map(|()| true),
             Command::Send(a) => cli::send(&api, a).await,
             Command::Serve { .. } | Command::CheckConfig { .. } => Ok(true),

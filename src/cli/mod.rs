@@ -59,6 +59,13 @@ pub enum CampaignCommand {
 }
 
 #[derive(Subcommand)]
+pub enum MessageCommand {
+    /// A message (the id its 202 gave) or a campaign recipient (the `job` of an event or log
+    /// record): recipient, state and history.
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
 pub enum SuppressionCommand {
     /// Entries in key order, a page at a time.
     List {
@@ -344,6 +351,56 @@ pub async fn campaign(api: &Api, cmd: CampaignCommand) -> anyhow::Result<()> {
         }
     } else {
         print_campaign(&v);
+    }
+    Ok(())
+}
+
+pub async fn message(api: &Api, cmd: MessageCommand) -> anyhow::Result<()> {
+    let MessageCommand::Show { id } = cmd;
+    let v = api
+        .call(Method::GET, &format!("/v1/messages/{}", segment(&id)), None)
+        .await?;
+    if api.json {
+        print_json(&v);
+        return Ok(());
+    }
+    for key in [
+        "id",
+        "recipient",
+        "state",
+        "attempts",
+        "accepted_at",
+        "next_attempt_at",
+        "final_at",
+        "last_response",
+        "campaign",
+        "stream",
+        "from",
+        "subject",
+    ] {
+        if !v[key].is_null() {
+            println!("{key:<16} {}", s(&v[key]));
+        }
+    }
+    println!();
+    println!(
+        "{:<25} {:<16} {:>7}  {:<7}  REPLY",
+        "TIME", "EVENT", "ATTEMPT", "STATUS"
+    );
+    for e in v["events"].as_array().into_iter().flatten() {
+        let reply = match (&e["reply_code"], e["dsn_diag"].as_str()) {
+            (_, Some(d)) => d.to_owned(),
+            (Value::Null, None) => String::new(),
+            (c, None) => c.to_string(),
+        };
+        println!(
+            "{:<25} {:<16} {:>7}  {:<7}  {}",
+            s(&e["time"]),
+            s(&e["event"]),
+            s(&e["attempt"]),
+            s(&e["dsn_status"]),
+            reply.chars().take(100).collect::<String>(),
+        );
     }
     Ok(())
 }

@@ -86,6 +86,72 @@ pub struct Unsent<'a> {
 }
 
 impl LogRecord {
+    /// The event type of this record, as webhooks and lookups name it.
+    pub fn event(&self) -> &'static str {
+        match self.kind {
+            "d" => "delivered",
+            "t" => "deferred",
+            "b" | "rb" => "bounced",
+            "x" => "expired",
+            "rs" if self.dsn_action == "delayed" => "delayed",
+            "rs" => "delivery_report",
+            "f" if matches!(self.feedback_type, Some("abuse" | "fraud" | "virus")) => "complained",
+            "f" => "feedback",
+            "u" => "unsubscribed",
+            "s" => "suppressed",
+            "c" => "cancelled",
+            "r" => "rejected",
+            _ => "other",
+        }
+    }
+
+    /// The job-history entry of this record (see `history` in the spool): what happened, when,
+    /// and the reply, without what the job itself says (campaign, recipient, sender).
+    pub fn history_entry(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            event: &'static str,
+            #[serde(rename = "type")]
+            kind: &'static str,
+            time: &'a str,
+            attempt: u32,
+            dsn_action: &'static str,
+            dsn_status: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reply_code: Option<u16>,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            dsn_diag: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            stage: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            mx_host: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            mx_ip: Option<&'a str>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            tls: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            bounce_cat: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            feedback_type: Option<&'static str>,
+        }
+        let e = Entry {
+            event: self.event(),
+            kind: self.kind,
+            time: &self.time_logged,
+            attempt: self.attempt,
+            dsn_action: self.dsn_action,
+            dsn_status: &self.dsn_status,
+            reply_code: self.reply_code,
+            dsn_diag: &self.dsn_diag,
+            stage: &self.stage,
+            mx_host: self.mx_host.as_deref(),
+            mx_ip: self.mx_ip.as_deref(),
+            tls: self.tls,
+            bounce_cat: self.bounce_cat,
+            feedback_type: self.feedback_type,
+        };
+        serde_json::to_vec(&e).expect("a history entry serialises")
+    }
     /// The record of a recipient that ends without a (further) attempt.
     pub fn unsent(u: Unsent<'_>) -> LogRecord {
         LogRecord {

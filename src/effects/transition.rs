@@ -4,7 +4,8 @@
 //! A [`Transition`] names a job and everything its change touches: the job's new record (kept
 //! among the live jobs while queued, as a tombstone once final, and tallied by final state), the
 //! in-memory campaign counter it moves between, the delivery-log record that reports it (which
-//! is also its webhook event), and a suppression it causes. Delivery (an attempt's outcome, a job dropped
+//! is also its webhook event and an entry of the job's stored history), and a suppression it
+//! causes. Delivery (an attempt's outcome, a job dropped
 //! unsent) and feedback (a DSN, a complaint, an unsubscribe) both build one; neither writes a
 //! record, a count or an event any other way, so the stored record, the counts and the events
 //! cannot drift apart. A transactional message's own record is compacted by the transition
@@ -77,6 +78,8 @@ pub struct Writes {
     job: Option<(JobId, JobChange)>,
     /// A message's record, compacted as its job ends.
     message: Option<(JobId, Vec<u8>)>,
+    /// The report's entry in the job's history, with its time (ms).
+    history: Option<(JobId, u64, Vec<u8>)>,
     event: Option<(Vec<u32>, Vec<u8>)>,
     suppression: Option<(Vec<u8>, Vec<u8>)>,
 }
@@ -98,6 +101,9 @@ impl Writes {
         }
         if let Some((id, record)) = self.message {
             batch.put_message(id, &record);
+        }
+        if let Some((id, at, entry)) = self.history {
+            batch.put_history(id, at, &entry);
         }
         if let Some((hooks, json)) = self.event {
             batch.add_event(hooks, json);
@@ -159,9 +165,14 @@ impl<'a> Transition<'a> {
         // A message keeps only what reports and lookups show once it is final.
         let message = (self.ends_job && self.campaign.is_message())
             .then(|| (self.job, self.campaign.record.compacted().encode()));
+        let history = self
+            .report
+            .as_ref()
+            .map(|r| (self.job, crate::now_ms(), r.history_entry()));
         Writes {
             job: self.record.take().map(|r| (self.job, r)),
             message,
+            history,
             event: self.report.as_ref().and_then(|r| node.webhooks.event(r)),
             suppression: self.suppression.as_ref().map(|e| (e.key(), e.encode())),
         }

@@ -55,25 +55,6 @@ static SENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 pub const SIGNATURE_HEADER: &str = "x-sluice-signature";
 
-/// The event type of a delivery-log record.
-pub fn event_name(r: &LogRecord) -> &'static str {
-    match r.kind {
-        "d" => "delivered",
-        "t" => "deferred",
-        "b" | "rb" => "bounced",
-        "x" => "expired",
-        "rs" if r.dsn_action == "delayed" => "delayed",
-        "rs" => "delivery_report",
-        "f" if matches!(r.feedback_type, Some("abuse" | "fraud" | "virus")) => "complained",
-        "f" => "feedback",
-        "u" => "unsubscribed",
-        "s" => "suppressed",
-        "c" => "cancelled",
-        "r" => "rejected",
-        _ => "other",
-    }
-}
-
 #[derive(Serialize)]
 struct Body<'a> {
     event: &'static str,
@@ -128,7 +109,7 @@ impl Webhooks {
         if self.hooks.is_empty() {
             return None;
         }
-        let event = event_name(record);
+        let event = record.event();
         let hooks: Vec<u32> = self
             .hooks
             .iter()

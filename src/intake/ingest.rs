@@ -901,6 +901,9 @@ impl Upload {
             r.tags.clone_from(&self.content().tags);
             self.node.webhooks.stage(&mut batch, r);
         }
+        for ((index, _, _), r) in self.suppressed.iter().zip(&reports) {
+            batch.put_history(self.job(*index), self.accepted_at_ms, &r.history_entry());
+        }
         if let Some(message) = &self.message {
             let full = message.encode();
             for (index, _) in &self.staged {

@@ -1,4 +1,5 @@
-//! Transactional messages: `POST /v1/messages`.
+//! Transactional messages: `POST /v1/messages`, and `GET /v1/messages/{id}`, the lookup of one
+//! message or one campaign recipient by job id.
 //!
 //! A message is one job of its stream's bucket for the day ([`Node::stream_bucket`]), with its
 //! own record (templates, sender, tags) stored beside the job, so a message costs a job and a
@@ -8,9 +9,10 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde_json::json;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
 
 use super::campaigns::{RejectList, SuppressedList, accepted_body};
 use super::idempotency::{self, IdempotencyCheck};
@@ -21,6 +23,7 @@ use super::{
 use crate::intake::ingest::{self, ComposeRequest, FieldError, Upload};
 use crate::node::{BucketError, Node};
 use crate::store::campaign::CampaignKind;
+use crate::store::spool::{JobId, JobRecord};
 
 pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let node = &s.node;
@@ -105,4 +108,74 @@ async fn bucket(
             "no campaign numbers left",
         ),
     })
+}
+
+/// `GET /v1/messages/{id}`: a message (the id its 202 gave) or a campaign recipient (a job id
+/// from an event or the delivery log): recipient, state, and every attempt, fate and later
+/// report with its reply, oldest first. 404 once retention has deleted its tombstone.
+pub(super) async fn show(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let job: JobId = id.parse().map_err(|()| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "message_not_found",
+            format!("{id:?} is not a message id (<campaign>.<index>)"),
+        )
+        .field("id")
+    })?;
+    let node = Arc::clone(&s.node);
+    let found = tokio::task::spawn_blocking(move || {
+        let Some(loaded) = node.load_job(job)? else {
+            return Ok(None);
+        };
+        node.spool.history(job).map(|h| Some((loaded, h)))
+    })
+    .await
+    .map_err(|e| ApiError::internal("message read task", e))?
+    .map_err(ApiError::from)?;
+    let Some(((campaign, bytes), history)) = found else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "message_not_found",
+            format!("no message {id}: never accepted, or its record is past retention"),
+        )
+        .field("id"));
+    };
+    let rec = JobRecord::decode(&bytes).map_err(|e| ApiError::internal("job record", e))?;
+    let time = |ms: u64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string()
+    };
+    let r = &campaign.record;
+    let mut v = json!({
+        "id": job.to_string(),
+        "campaign": r.id,
+        "kind": r.kind,
+        "recipient": rec.address,
+        "state": rec.state.name(rec.attempts),
+        "attempts": rec.attempts,
+        "accepted_at": time(rec.accepted_at_ms),
+        "from": r.from,
+        "subject": r.subject,
+        "tags": r.tags,
+        "events": history
+            .iter()
+            .map(|e| serde_json::from_slice(e).unwrap_or(Value::Null))
+            .collect::<Vec<Value>>(),
+    });
+    if let Some(stream) = &r.stream {
+        v["stream"] = json!(stream);
+    }
+    if !rec.last_response.is_empty() {
+        v["last_response"] = json!(rec.last_response);
+    }
+    // A queued record holds its next attempt; a tombstone the time it became final.
+    let at = if rec.state.is_final() {
+        "final_at"
+    } else {
+        "next_attempt_at"
+    };
+    v[at] = json!(time(rec.next_attempt_ms));
+    Ok(axum::Json(v).into_response())
 }

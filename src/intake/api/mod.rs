@@ -4,7 +4,7 @@
 //! `{"error": {"code", "message", "field"}}`.
 //!
 //! * [`campaigns`]: `POST /v1/campaigns`, the NDJSON recipient upload, `GET`, pause / resume /
-//!   cancel. [`messages`]: `POST /v1/messages`.
+//!   cancel. [`messages`]: `POST /v1/messages` and `GET /v1/messages/{id}` (any job's lookup).
 //! * [`suppressions`]: `/v1/suppressions…`, import and export. [`feedback`]: `POST /v1/feedback`.
 //!   [`unsubscribe`]: `/u/{token}` (no API key).
 //! * [`domains`]: `GET /v1/domains`, `GET /v1/queue`, suspend / resume a domain.
@@ -68,6 +68,7 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
         .route("/campaigns/{id}/resume", post(campaigns::resume))
         .route("/campaigns/{id}/cancel", post(campaigns::cancel))
         .route("/messages", post(messages::send))
+        .route("/messages/{id}", get(messages::show))
         .route("/suppressions", get(suppressions::list))
         .route("/suppressions/import", post(suppressions::import))
         .route("/suppressions/export", get(suppressions::export))

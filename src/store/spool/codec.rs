@@ -65,6 +65,23 @@ impl fmt::Display for JobId {
     }
 }
 
+impl std::str::FromStr for JobId {
+    type Err = ();
+
+    /// Parses the [`fmt::Display`] form, `<campaign>.<index>`.
+    fn from_str(s: &str) -> Result<JobId, ()> {
+        let (campaign, index) = s.split_once('.').ok_or(())?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(campaign) || !digits(index) {
+            return Err(());
+        }
+        Ok(JobId {
+            campaign: campaign.parse().map_err(|_| ())?,
+            index: index.parse().map_err(|_| ())?,
+        })
+    }
+}
+
 /// The life of a job. `Queued` is the only non-final state; a queued job with attempts is
 /// "deferred" in the counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,6 +110,19 @@ impl JobState {
 
     pub fn is_final(self) -> bool {
         self != JobState::Queued
+    }
+
+    /// The name the API shows; a queued job that was attempted is `deferred`, as in the counts.
+    pub fn name(self, attempts: u32) -> &'static str {
+        match self {
+            JobState::Queued if attempts == 0 => "queued",
+            JobState::Queued => "deferred",
+            JobState::Delivered => "delivered",
+            JobState::Bounced => "bounced",
+            JobState::Expired => "expired",
+            JobState::Suppressed => "suppressed",
+            JobState::Cancelled => "cancelled",
+        }
     }
 }
 
@@ -398,6 +428,28 @@ mod tests {
             address: "jörg@example.com",
             vars: r#"{"first_name":"Jörg","n":3}"#,
             last_response: "451 4.7.1 try later",
+        }
+    }
+
+    #[test]
+    fn job_ids_parse_their_display_form_only() {
+        let id = JobId {
+            campaign: 17,
+            index: u32::MAX,
+        };
+        assert_eq!(id.to_string().parse::<JobId>(), Ok(id));
+        for bad in [
+            "",
+            "17",
+            "17.",
+            ".4",
+            "17.4.1",
+            "+17.4",
+            "17.-4",
+            "17.4294967296",
+            "a.b",
+        ] {
+            assert!(bad.parse::<JobId>().is_err(), "{bad:?} parsed");
         }
     }
 

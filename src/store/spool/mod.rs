@@ -56,6 +56,10 @@ pub const CF_FINALS: &str = "finals";
 /// keyed like its job in its stream's bucket: written with the job, compacted when the job is
 /// final, deleted with its tombstone.
 pub const CF_MESSAGES: &str = "messages";
+/// What happened to each job, for lookups: one entry per attempt, fate and later report, keyed
+/// by the job's key, the time (ms, big-endian) and a tie-breaker, so a job's entries are one
+/// ordered range. Deleted with the job's tombstone.
+pub const CF_HISTORY: &str = "history";
 /// One [`Tally`] per campaign, keyed by campaign sequence (u32 big-endian), updated by merge.
 pub const CF_TALLIES: &str = "tallies";
 /// Suppressed addresses.
@@ -67,11 +71,12 @@ pub const CF_META: &str = "meta";
 /// Stored responses to requests that carried an `Idempotency-Key`, so a retry gets the same answer.
 pub const CF_IDEMPOTENCY: &str = "idempotency";
 
-const ALL_CFS: [&str; 9] = [
+const ALL_CFS: [&str; 10] = [
     CF_CAMPAIGNS,
     CF_JOBS,
     CF_FINALS,
     CF_MESSAGES,
+    CF_HISTORY,
     CF_TALLIES,
     CF_SUPPRESSIONS,
     CF_EVENTS,
@@ -289,9 +294,20 @@ impl SpoolBatch {
         self.batch.put_cf(cf, id.key(), record);
     }
 
-    /// Deletes the tombstones of `campaign`'s recipients below index `below`, their message
-    /// records (a stream's bucket) and the campaign's address index, by key range: a few bytes
-    /// in the batch whatever their number; compaction reclaims the space.
+    /// Adds an entry at `at_ms` to job `id`'s history (see [`CF_HISTORY`]).
+    pub fn put_history(&mut self, id: JobId, at_ms: u64, entry: &[u8]) {
+        static TIE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let tie = TIE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut key = [0u8; 20];
+        key[..8].copy_from_slice(&id.key());
+        key[8..16].copy_from_slice(&at_ms.to_be_bytes());
+        key[16..].copy_from_slice(&tie.to_be_bytes());
+        self.batch.put_cf(cf(&self.db, CF_HISTORY), key, entry);
+    }
+
+    /// Deletes the tombstones of `campaign`'s recipients below index `below`, their histories,
+    /// their message records (a stream's bucket) and the campaign's address index, by key
+    /// range: a few bytes in the batch whatever their number; compaction reclaims the space.
     pub fn delete_tombstones(&mut self, campaign: u32, below: u32) {
         let from = JobId { campaign, index: 0 }.key();
         let to = u64::from(JobId {
@@ -299,7 +315,8 @@ impl SpoolBatch {
             index: below,
         })
         .to_be_bytes();
-        for name in [CF_FINALS, CF_MESSAGES] {
+        // A history key starts with its job's key, so the range holds exactly these jobs' entries.
+        for name in [CF_FINALS, CF_MESSAGES, CF_HISTORY] {
             self.batch.delete_range_cf(cf(&self.db, name), from, to);
         }
         let meta = cf(&self.db, CF_META);
@@ -590,6 +607,21 @@ impl Spool {
             .into_iter()
             .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(SpoolError::from))
             .collect()
+    }
+
+    /// Job `id`'s history entries, oldest first (see [`CF_HISTORY`]). Blocking.
+    pub fn history(&self, id: JobId) -> Result<Vec<Vec<u8>>, SpoolError> {
+        let prefix = id.key();
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(cf(&self.db, CF_HISTORY), mode) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(v.to_vec());
+        }
+        Ok(out)
     }
 
     /// Every campaign's stored tally, in sequence order. Blocking.
@@ -961,7 +993,7 @@ fn cf_options(name: &str) -> Options {
             // the markers of everything sent.
             o.add_compact_on_deletion_collector_factory(4096, 2048, 0.5);
         }
-        CF_FINALS | CF_MESSAGES => {
+        CF_FINALS | CF_MESSAGES | CF_HISTORY => {
             o.set_write_buffer_size(32 << 20);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_level_compaction_dynamic_level_bytes(true);
