@@ -175,7 +175,14 @@
 //! * Final counts are stored per campaign as RocksDB merge operands (`tallies`), added in the
 //!   batch of each transition; queued counts come from the live jobs recovery scans anyway.
 //! * Final jobs leave the `jobs` column family for `finals`, so restart time and memory follow
-//!   what is queued; retention deletes a finished campaign's tombstones by key range.
+//!   what is queued; retention deletes a finished campaign's tombstones by key range, then
+//!   compacts the range so the space comes back at once.
+//! * A transactional message is a job of its stream's bucket (one campaign per stream and
+//!   period) with its own record in `messages`, not a campaign of its own: a campaign per
+//!   message would exhaust the 32-bit campaign numbers and keep a record per message in memory.
+//!   Its id is its job id, so a lookup needs no index.
+//! * A `history` column family keeps every report about a job (attempts, fates, later DSNs and
+//!   complaints) for `GET /v1/messages/{id}`, keyed so it is deleted with the tombstones.
 //! * The connection pool is per site rather than per (source IP, MX host): a site *is* a set of
 //!   MX hosts, so the two coincide, and keeping idle connections with the site lets
 //!   `max_connections` count pooled and busy connections together.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{KEY, Process, client, log_records, url, wait_counts};
+use common::{KEY, Process, client, log_records, post_campaign, url, wait_counts};
 use serde_json::{Value, json};
 
 const UPLOADS: u64 = 20;
@@ -285,25 +285,11 @@ async fn sigkill_during_retention_loses_and_resurrects_nothing() {
     );
     let mut sluice = Process::spawn_with(dir.path(), &spool, &more);
     sluice.wait_ready(Duration::from_secs(30)).await;
-    let post = |addr, domain: &'static str, n: usize| async move {
+    let post = |addr, domain: &'static str, n: usize| {
         let list: Vec<Value> = (0..n)
             .map(|i| json!({"email": format!("u{i}@{domain}"), "vars": {"name": "N"}}))
             .collect();
-        let r = client()
-            .post(url(addr, "/v1/campaigns"))
-            .bearer_auth(KEY)
-            .json(
-                &json!({"from": "news@example.com", "subject": "Hi {{ name }}", "text": "Hello",
-                          "recipients": list}),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-        r.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        post_campaign(addr, list)
     };
     let held = post(sluice.addr, "held.test", HELD).await;
     let mut sent = Vec::new();

@@ -3,13 +3,16 @@
 //! A campaign is *finished* when none of its recipients is queued or in flight and no upload to
 //! it is open ([`Campaign::is_idle`]). From then on, each pass (every `retention.interval`)
 //! moves its [`Lifecycle`] on: it is marked finished, after `retention.job_tombstones` its
-//! recipients' tombstones and address index are deleted by key range, and after
+//! recipients' tombstones, histories, message records and address index are deleted by key
+//! range, and after
 //! `retention.campaigns` its record keeps counts and metadata only. A campaign that takes
 //! recipients again before that is simply not finished any more.
 //!
 //! Deleting by range costs a few bytes per campaign in a write batch, whatever the number of
-//! recipients, and nothing on the hot path: RocksDB drops the covered records when it compacts.
-//! Live jobs never need deleting here, since a job leaves the live jobs when it becomes final.
+//! recipients, and nothing on the hot path. The range is then compacted on the blocking pool,
+//! which rewrites only the files it overlaps, so the disk space comes back at once instead of
+//! whenever RocksDB would reach those files. Live jobs never need deleting here, since a job
+//! leaves the live jobs when it becomes final.
 //!
 //! Each step is decided under the campaign's lifecycle lock ([`Campaign::advance_lifecycle`]),
 //! so an upload either opens before it (and the campaign is not finished) or after (and gets
@@ -82,16 +85,25 @@ async fn persist(
     campaign: &Campaign,
     delete_tombstones_below: Option<u32>,
 ) -> Result<(), SpoolError> {
-    let _serial = node.state_changes.lock().await;
-    let mut batch = node.spool.batch();
-    if let Some(below) = delete_tombstones_below {
-        batch.delete_tombstones(campaign.seq, below);
+    {
+        let _serial = node.state_changes.lock().await;
+        let mut batch = node.spool.batch();
+        if let Some(below) = delete_tombstones_below {
+            batch.delete_tombstones(campaign.seq, below);
+        }
+        batch.put_campaign(
+            campaign.seq,
+            &campaign.stored_record(campaign.state()).encode(),
+        );
+        node.spool.write(batch, Durability::Sync).await?;
     }
-    batch.put_campaign(
-        campaign.seq,
-        &campaign.stored_record(campaign.state()).encode(),
-    );
-    node.spool.write(batch, Durability::Sync).await
+    if let Some(below) = delete_tombstones_below {
+        let (spool, seq) = (Arc::clone(&node.spool), campaign.seq);
+        tokio::task::spawn_blocking(move || spool.compact_tombstones(seq, below))
+            .await
+            .map_err(|e| SpoolError::Rocks(format!("compaction task: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Runs a pass every `retention.interval` until `stop`.

@@ -98,22 +98,45 @@ pub(super) fn accepted_body(
     serde_json::to_vec(&body).expect("a JSON value serialises")
 }
 
-/// `POST /v1/campaigns`: a new campaign and its recipients, atomically.
-pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let node = &s.node;
-    let limits = &node.config.limits;
-    require_content_type(&headers, &["application/json"])?;
-    let idem = match idempotency::check(node, &headers, "POST /v1/campaigns".to_owned()).await? {
-        IdempotencyCheck::Replay(resp) => return Ok(resp),
+/// How a `POST /v1/campaigns` or `/v1/messages` begins: a stored answer to replay, or the
+/// request's idempotency record to write and its body.
+pub(super) enum Composed {
+    Replay(axum::response::Response),
+    Fresh(Option<idempotency::Idempotency>, axum::body::Bytes),
+}
+
+/// Checks the content type and the `Idempotency-Key` of a `route` request and reads its body
+/// within the limits.
+pub(super) async fn read_compose(
+    node: &Arc<Node>,
+    headers: &HeaderMap,
+    body: Body,
+    route: &str,
+) -> Result<Composed, ApiError> {
+    require_content_type(headers, &["application/json"])?;
+    let idem = match idempotency::check(node, headers, route.to_owned()).await? {
+        IdempotencyCheck::Replay(resp) => return Ok(Composed::Replay(resp)),
         IdempotencyCheck::Fresh(i) => Some(i),
         IdempotencyCheck::None => None,
     };
+    let limits = &node.config.limits;
     let body = read_body(
         body,
         limits.max_request_bytes,
         node.config.http.body_read_timeout,
     )
     .await?;
+    Ok(Composed::Fresh(idem, body))
+}
+
+/// `POST /v1/campaigns`: a new campaign and its recipients, atomically.
+pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let node = &s.node;
+    let limits = &node.config.limits;
+    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/campaigns").await? {
+        Composed::Replay(resp) => return Ok(resp),
+        Composed::Fresh(idem, body) => (idem, body),
+    };
     let req: ComposeRequest<'_> = parse_json(&body)?;
     let (fields, recipients) = req.into_parts();
     if recipients.to.is_some() || recipients.vars.is_some() {

@@ -14,12 +14,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use super::campaigns::{RejectList, SuppressedList, accepted_body};
-use super::idempotency::{self, IdempotencyCheck};
-use super::{
-    ApiError, ApiResult, AppState, json_response, now_ms, parse_json, read_body,
-    require_content_type,
-};
+use super::campaigns::{Composed, RejectList, SuppressedList, accepted_body, read_compose};
+use super::{ApiError, ApiResult, AppState, json_response, now_ms, parse_json};
 use crate::intake::ingest::{self, ComposeRequest, FieldError, Upload};
 use crate::node::{BucketError, Node};
 use crate::store::campaign::CampaignKind;
@@ -28,18 +24,10 @@ use crate::store::spool::{JobId, JobRecord};
 pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let node = &s.node;
     let limits = &node.config.limits;
-    require_content_type(&headers, &["application/json"])?;
-    let idem = match idempotency::check(node, &headers, "POST /v1/messages".to_owned()).await? {
-        IdempotencyCheck::Replay(resp) => return Ok(resp),
-        IdempotencyCheck::Fresh(i) => Some(i),
-        IdempotencyCheck::None => None,
+    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/messages").await? {
+        Composed::Replay(resp) => return Ok(resp),
+        Composed::Fresh(idem, body) => (idem, body),
     };
-    let body = read_body(
-        body,
-        limits.max_request_bytes,
-        node.config.http.body_read_timeout,
-    )
-    .await?;
     let req: ComposeRequest<'_> = parse_json(&body)?;
     let (fields, recipients) = req.into_parts();
     if recipients.list.is_some() {

@@ -21,8 +21,14 @@
 //! deletes it there and writes its tombstone to `finals`, with a merge operand that adds one to
 //! the campaign's tally of that state. Recovery reads `jobs` and `tallies`, so it costs what is
 //! queued plus one value per campaign; the deletions in `jobs` are compacted away early (a
-//! collector flags files that are mostly deletions). Retention deletes a finished campaign's
-//! tombstones with one range deletion.
+//! collector flags files that are mostly deletions). Everything else kept per job (its
+//! tombstone, its `history` of attempts and reports, a transactional message's record in
+//! `messages`) is keyed by the job's key first, so retention deletes a finished campaign's with
+//! one range deletion per column family, then compacts that range to free the disk.
+//!
+//! **Bounded WAL.** The WAL is kept under `max_total_wal_size` by flushing the column families
+//! that pin its oldest file, and a clean stop flushes every memtable, so a start after a clean
+//! stop replays nothing and one after a crash replays at most that much.
 //!
 //! **Event outbox.** A batch may carry events ([`SpoolBatch::add_event`]) for webhook receivers.
 //! The writer thread numbers them as it writes, so sequence order is write order and a reader
@@ -468,6 +474,12 @@ impl Spool {
         opts.set_bytes_per_sync(1 << 20);
         // Writes are pipelined through one thread; concurrent memtable writes buy nothing here.
         opts.set_allow_concurrent_memtable_write(false);
+        // A WAL file is deleted only once every column family's memtable data in it is flushed,
+        // so one that is rarely written (campaigns, meta) would keep them all (RocksDB's default
+        // bound is four times all memtables, gigabytes). Past this size the column families
+        // holding the oldest WAL are flushed: the WAL, and the replay at the next start, stay
+        // bounded whatever the history.
+        opts.set_max_total_wal_size(64 << 20);
         let cfs = ALL_CFS
             .iter()
             .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
@@ -600,13 +612,37 @@ impl Spool {
 
     /// The records of the messages that are jobs `ids` (see [`CF_MESSAGES`]). Blocking.
     pub fn get_messages(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
-        let cf = cf(&self.db, CF_MESSAGES);
+        self.multi_get(CF_MESSAGES, ids)
+    }
+
+    /// The values of `ids` in column family `name`, position for position. Blocking.
+    fn multi_get(&self, name: &str, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
         let keys: Vec<[u8; 8]> = ids.iter().map(|id| id.key()).collect();
         self.db
-            .batched_multi_get_cf(cf, keys.iter(), false)
+            .batched_multi_get_cf(cf(&self.db, name), keys.iter(), false)
             .into_iter()
             .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(SpoolError::from))
             .collect()
+    }
+
+    /// Compacts the key ranges [`SpoolBatch::delete_tombstones`] deleted for `campaign` below
+    /// `below`, so their disk space is freed now instead of whenever compaction would reach
+    /// those files by itself (a range deletion alone frees nothing). Blocking; rewrites only the
+    /// files that overlap the range.
+    pub fn compact_tombstones(&self, campaign: u32, below: u32) {
+        let from = JobId { campaign, index: 0 }.key();
+        let to = u64::from(JobId {
+            campaign,
+            index: below,
+        })
+        .to_be_bytes();
+        // The range usually sits in the last level, which RocksDB skips by default.
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::ForceOptimized);
+        for name in [CF_FINALS, CF_MESSAGES, CF_HISTORY] {
+            self.db
+                .compact_range_cf_opt(cf(&self.db, name), Some(&from[..]), Some(&to[..]), &opts);
+        }
     }
 
     /// Job `id`'s history entries, oldest first (see [`CF_HISTORY`]). Blocking.
@@ -810,13 +846,7 @@ impl Spool {
     /// Reads several live job records at once (`None` for a job that is final or gone).
     /// Blocking.
     pub fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
-        let cf = cf(&self.db, CF_JOBS);
-        let keys: Vec<[u8; 8]> = ids.iter().map(|id| id.key()).collect();
-        self.db
-            .batched_multi_get_cf(cf, keys.iter(), false)
-            .into_iter()
-            .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(SpoolError::from))
-            .collect()
+        self.multi_get(CF_JOBS, ids)
     }
 
     /// Rebuilds state after a start: rolls back uncommitted uploads, migrates a version 1 spool,
@@ -1136,6 +1166,12 @@ fn writer_loop(db: &DB, mut rx: mpsc::Receiver<WriterMsg>, mut outbox: Outbox) {
     }
     rx.close();
     let _ = db.flush_wal(true);
+    // A clean stop leaves nothing to replay: the next start reads no WAL.
+    for name in ALL_CFS {
+        if let Err(e) = db.flush_cf(cf(db, name)) {
+            tracing::warn!(cf = name, error = %e, "flushing at close failed; the next start replays the WAL");
+        }
+    }
     if let Some(done) = closing {
         let _ = done.send(());
     }
