@@ -114,6 +114,17 @@ fn recipient_key(campaign: u32, address: &str) -> Vec<u8> {
     key
 }
 
+/// The `rcpt/` keys of `campaign`, as a range for deletion.
+fn recipient_range(campaign: u32) -> (Vec<u8>, Vec<u8>) {
+    let from = [META_RECIPIENT_PREFIX, &campaign.to_be_bytes()].concat();
+    let to = match campaign.checked_add(1) {
+        Some(next) => [META_RECIPIENT_PREFIX, &next.to_be_bytes()].concat(),
+        // Past every `rcpt/` key: '0' follows '/'.
+        None => b"rcpt0".to_vec(),
+    };
+    (from, to)
+}
+
 /// Batches queued for the writer thread before senders wait.
 const WRITER_QUEUE: usize = 64;
 /// Most batches the writer folds into one group before syncing.
@@ -325,14 +336,8 @@ impl SpoolBatch {
         for name in [CF_FINALS, CF_MESSAGES, CF_HISTORY] {
             self.batch.delete_range_cf(cf(&self.db, name), from, to);
         }
-        let meta = cf(&self.db, CF_META);
-        let from = [META_RECIPIENT_PREFIX, &campaign.to_be_bytes()].concat();
-        let to = match campaign.checked_add(1) {
-            Some(next) => [META_RECIPIENT_PREFIX, &next.to_be_bytes()].concat(),
-            // Past every `rcpt/` key: '0' follows '/'.
-            None => b"rcpt0".to_vec(),
-        };
-        self.batch.delete_range_cf(meta, from, to);
+        let (from, to) = recipient_range(campaign);
+        self.batch.delete_range_cf(cf(&self.db, CF_META), from, to);
     }
 
     /// Adds `tally` to the campaign's stored tally.
@@ -626,7 +631,7 @@ impl Spool {
     }
 
     /// Compacts the key ranges [`SpoolBatch::delete_tombstones`] deleted for `campaign` below
-    /// `below`, so their disk space is freed now instead of whenever compaction would reach
+    /// `below` (and its address index), so their disk space is freed now instead of whenever compaction would reach
     /// those files by itself (a range deletion alone frees nothing). Blocking; rewrites only the
     /// files that overlap the range.
     pub fn compact_tombstones(&self, campaign: u32, below: u32) {
@@ -643,6 +648,9 @@ impl Spool {
             self.db
                 .compact_range_cf_opt(cf(&self.db, name), Some(&from[..]), Some(&to[..]), &opts);
         }
+        let (from, to) = recipient_range(campaign);
+        self.db
+            .compact_range_cf_opt(cf(&self.db, CF_META), Some(from), Some(to), &opts);
     }
 
     /// Job `id`'s history entries, oldest first (see [`CF_HISTORY`]). Blocking.
