@@ -49,8 +49,8 @@ pub enum CampaignKind {
     /// Many recipients, one template (`POST /v1/campaigns`).
     Bulk,
     /// Transactional messages (`POST /v1/messages`). A record with a `stream` is either a
-    /// stream's bucket (in the registry: one per stream and UTC day, holding the messages as its
-    /// jobs, for counts and state) or one message's own record (stored beside its job, see
+    /// stream's bucket (in the registry: one per stream and `retention.message_buckets` period,
+    /// holding the messages as its jobs, for counts and state) or one message's own record (stored beside its job, see
     /// [`Campaign::message`]). Without one it is a single message stored as a campaign, as
     /// earlier versions did.
     Transactional,
