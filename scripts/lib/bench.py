@@ -89,6 +89,13 @@ def port_free(ip, port):
         s.close()
 
 
+def make_keys(work):
+    """The DKIM keys the bench config names: rsa.pem (2048 bits) and ed25519.pem in `work`."""
+    for algorithm, options in (("RSA", ["-pkeyopt", "rsa_keygen_bits:2048"]), ("ed25519", [])):
+        subprocess.run(["openssl", "genpkey", "-algorithm", algorithm, *options,
+                        "-out", f"{work}/{algorithm.lower()}.pem"], check=True, capture_output=True)
+
+
 def start_nsd(work, domains):
     """NSD serving bench.test on 127.0.0.1:DNS_PORT: one.bench.test and slow.bench.test, plus
     d0..d{domains-1}.bench.test spread over three MX hosts."""
@@ -370,9 +377,7 @@ class Bench:
                 raise SystemExit(f"bench: {ip}:25 is busy")
         if not port_free("127.0.0.1", DNS_PORT):
             raise SystemExit(f"bench: 127.0.0.1:{DNS_PORT} is busy")
-        for algorithm, options in (("RSA", ["-pkeyopt", "rsa_keygen_bits:2048"]), ("ed25519", [])):
-            subprocess.run(["openssl", "genpkey", "-algorithm", algorithm, *options,
-                            "-out", f"{self.work}/{algorithm.lower()}.pem"], check=True, capture_output=True)
+        make_keys(self.work)
         self.nsd = start_nsd(self.work, MANY)
         self.sinks = {name: Sink(ip) for name, ip in MX.items() if name != "slow"}
         self.slow = Sink(MX["slow"], "-w", "5")

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +37,7 @@ from bench import (  # noqa: E402
     Sink,
     Sluice,
     log,
+    make_keys,
     people,
     port_free,
     start_nsd,
@@ -93,9 +93,7 @@ class Lifecycle:
             raise SystemExit(f"bench: {MX['mx1']}:25 is busy")
         if not port_free("127.0.0.1", DNS_PORT):
             raise SystemExit(f"bench: 127.0.0.1:{DNS_PORT} is busy")
-        for algorithm, options in (("RSA", ["-pkeyopt", "rsa_keygen_bits:2048"]), ("ed25519", [])):
-            subprocess.run(["openssl", "genpkey", "-algorithm", algorithm, *options,
-                            "-out", f"{self.work}/{algorithm.lower()}.pem"], check=True, capture_output=True)
+        make_keys(self.work)
         self.nsd = start_nsd(self.work, 10)
         self.sink = Sink(MX["mx1"])
 

@@ -5,7 +5,6 @@
 //! state changes in [`crate::node::Node::set_campaign_state`].
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -229,7 +228,7 @@ fn find_campaign(node: &Node, id: &str) -> Result<Arc<Campaign>, ApiError> {
 }
 
 fn campaign_json(c: &Campaign) -> serde_json::Value {
-    let time = |ms: u64| humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms));
+    let time = crate::effects::delivery_log::rfc3339;
     let mut v = json!({
         "id": c.record.id,
         "kind": c.record.kind,
@@ -238,7 +237,7 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         "subject": c.record.subject,
         "tags": c.record.tags,
         "personalised": c.record.personalised,
-        "created_at": time(c.record.created_at_ms).to_string(),
+        "created_at": time(c.record.created_at_ms),
         "counts": c.counts.snapshot(),
     });
     if let Some(stream) = &c.record.stream {
@@ -252,7 +251,7 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         ("compacted_at", l.compacted_at_ms),
     ] {
         if let Some(ms) = at {
-            v[name] = json!(time(ms).to_string());
+            v[name] = json!(time(ms));
         }
     }
     v

@@ -129,12 +129,7 @@ pub(super) async fn show(State(s): State<AppState>, Path(id): Path<String>) -> A
         .field("id"));
     };
     let rec = JobRecord::decode(&bytes).map_err(|e| ApiError::internal("job record", e))?;
-    let time = |ms: u64| {
-        humantime::format_rfc3339_millis(
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-        )
-        .to_string()
-    };
+    let time = crate::effects::delivery_log::rfc3339;
     let r = &campaign.record;
     let mut v = json!({
         "id": job.to_string(),

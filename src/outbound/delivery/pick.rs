@@ -223,10 +223,21 @@ fn read_jobs(
             .by_seq(id.campaign)
             .is_some_and(|c| c.record.is_bucket())
     };
-    if !ids.iter().any(in_bucket) {
+    let bucket: Vec<bool> = ids.iter().map(in_bucket).collect();
+    if !bucket.contains(&true) {
         return Ok((records, Vec::new()));
     }
-    let messages = node.spool.get_messages(ids)?;
+    // Only the messages' records are read; the other positions stay `None`.
+    let wanted: Vec<JobId> = ids
+        .iter()
+        .zip(&bucket)
+        .filter_map(|(id, &b)| b.then_some(*id))
+        .collect();
+    let mut found = node.spool.get_messages(&wanted)?.into_iter();
+    let messages = bucket
+        .iter()
+        .map(|&b| if b { found.next().flatten() } else { None })
+        .collect();
     Ok((records, messages))
 }
 
