@@ -52,7 +52,10 @@
 //!   job compacts the record.
 //! * [`store::retention`]: a periodic pass that marks idle campaigns finished and, per
 //!   `[retention]`, deletes their tombstones (and a bucket's message records) by key range and
-//!   later drops their templates. A bucket finishes only after its period.
+//!   later drops their templates. A bucket finishes only after its period. A campaign with both
+//!   done can never change again: it moves, with its final counts, from `campaigns` and
+//!   `tallies` to `archive` (indexed by id in `meta`), which recovery never reads, so start-up
+//!   and the registry hold recent campaigns only; `GET /v1/campaigns` reads the archive.
 //!
 //! **[`scheduler`]: which job when.** It owns the pending-job index ([`scheduler::index`], 16 bytes
 //! a job, per destination domain, a sorted run plus a heap for out-of-order jobs), the jobs parked
@@ -176,7 +179,8 @@
 //!   batch of each transition; queued counts come from the live jobs recovery scans anyway.
 //! * Final jobs leave the `jobs` column family for `finals`, so restart time and memory follow
 //!   what is queued; retention deletes a finished campaign's tombstones by key range, then
-//!   compacts the range so the space comes back at once.
+//!   compacts the range so the space comes back at once. Old campaigns move to an `archive`
+//!   column family that start-up does not read.
 //! * A transactional message is a job of its stream's bucket (one campaign per stream and
 //!   period) with its own record in `messages`, not a campaign of its own: a campaign per
 //!   message would exhaust the 32-bit campaign numbers and keep a record per message in memory.

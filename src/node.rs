@@ -94,8 +94,8 @@ impl Node {
     }
 
     /// Rebuilds campaigns, counts and the pending-job index from the spool, rolling back uploads
-    /// that never committed. Reads the campaigns, their tallies and the live jobs, not the final
-    /// ones. Blocking: run it on the blocking pool.
+    /// that never committed. Reads the campaigns not archived, their tallies and the live jobs,
+    /// not the final ones nor the archive. Blocking: run it on the blocking pool.
     pub fn recover(&self) -> Result<RecoveryReport, SpoolError> {
         let started = Instant::now();
         let mut campaigns = HashMap::new();
@@ -196,6 +196,8 @@ impl Node {
         for (_, campaign) in campaigns {
             self.campaigns.insert(Arc::new(campaign));
         }
+        let (archived, highest) = self.spool.archive_summary()?;
+        self.campaigns.set_archived(archived, highest);
         let queued = queue.len();
         self.scheduler.install(queue);
         self.upload_seq.store(found.max_upload, Ordering::Relaxed);
@@ -318,13 +320,21 @@ impl Node {
         Ok(bucket)
     }
 
-    /// Persists a campaign state change (synced), then applies it in memory.
+    /// Persists a campaign state change (synced), then applies it in memory. `Ok(false)`, and
+    /// nothing changes, when retention archived the campaign meanwhile.
     pub async fn set_campaign_state(
         &self,
         campaign: &Campaign,
         state: CampaignState,
-    ) -> Result<(), SpoolError> {
+    ) -> Result<bool, SpoolError> {
         let _serial = self.state_changes.lock().await;
+        if self
+            .campaigns
+            .by_seq(campaign.seq)
+            .is_none_or(|c| !std::ptr::eq(&*c, campaign))
+        {
+            return Ok(false);
+        }
         let mut batch = self.spool.batch();
         batch.put_campaign(campaign.seq, &campaign.stored_record(state).encode());
         self.spool.write(batch, Durability::Sync).await?;
@@ -342,7 +352,7 @@ impl Node {
             // cancelled campaign when it meets them).
             self.scheduler.unpark_campaign(campaign.seq).await;
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -122,11 +122,14 @@ async fn reports_find_final_jobs_until_retention_deletes_their_tombstones() {
     let p = feedback(addr, report("arf-redacted", &msgs[3])).await;
     assert_eq!(p["result"], "unmapped", "{p}");
 
-    // After `campaigns` (90 days) the templates go; the campaign takes no more recipients.
+    let archived_seq = node.node.campaigns.all()[0].seq;
+    // After `campaigns` (90 days) the templates go. With its tombstones gone too, nothing about
+    // the campaign can change any more: it moves to the archive, out of memory.
     let p = retention::pass(&node.node, now + 90 * DAY_MS + 1)
         .await
         .unwrap();
-    assert_eq!(p.compacted, 1);
+    assert_eq!((p.compacted, p.archived), (1, 1));
+    assert!(node.node.campaigns.all().is_empty());
     let r = client()
         .post(url(addr, &format!("/v1/campaigns/{id}/recipients")))
         .bearer_auth(KEY)
@@ -137,16 +140,45 @@ async fn reports_find_final_jobs_until_retention_deletes_their_tombstones() {
         .unwrap();
     assert_eq!(r.status(), 409);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "campaign_compacted", "{body}");
+    assert_eq!(body["error"]["code"], "campaign_archived", "{body}");
+    assert_eq!(body["error"]["field"], "id", "{body}");
+    let (_, c) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(c["counts"], counts, "{c}");
     node.shutdown().await;
 
-    // The counts are stored, not derived from the (deleted) jobs: a restart keeps them.
+    // The counts are stored, not derived from the (deleted) jobs: a restart keeps them. The
+    // archived campaign is not loaded, but found by id and listed.
     let node = start(cfg).await;
+    assert!(node.node.campaigns.all().is_empty());
     let (_, c) = get_json(node.http_addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(c["counts"], counts, "{c}");
     assert!(c["compacted_at"].is_string(), "{c}");
+    assert!(c["archived_at"].is_string(), "{c}");
+    assert_eq!(c["from"], "news@example.com", "{c}");
+    let r = client()
+        .post(url(node.http_addr, &format!("/v1/campaigns/{id}/pause")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+
+    // A new campaign is numbered above the archived one and listed before it.
+    let newer = post_campaign(node.http_addr, recipients(1)).await;
+    let (_, list) = get_json(node.http_addr, "/v1/campaigns").await;
+    assert_eq!(list["total"], 2, "{list}");
+    let ids: Vec<&str> = list["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [newer.as_str(), id.as_str()]);
+    let (_, list) = get_json(node.http_addr, "/v1/campaigns?limit=1").await;
+    assert_eq!(list["campaigns"].as_array().unwrap().len(), 1, "{list}");
     let stored = node.node.campaigns.all();
     assert_eq!(stored.len(), 1);
+    assert!(stored[0].seq > archived_seq, "{}", stored[0].seq);
     node.shutdown().await;
 }
 

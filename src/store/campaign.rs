@@ -107,6 +107,10 @@ pub struct Lifecycle {
     /// finished). It takes no more recipients from then on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compacted_at_ms: Option<u64>,
+    /// When retention moved it to the archive, once compacted with its tombstones gone: it is
+    /// no longer held in memory or read at start-up, only looked up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_at_ms: Option<u64>,
 }
 
 fn personalised() -> bool {
@@ -202,7 +206,7 @@ pub struct Counts {
     pub unsubscribed: AtomicU64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CountsSnapshot {
     pub queued: u64,
     pub deferred: u64,
@@ -233,6 +237,21 @@ impl Counts {
     pub fn shift(&self, from: &AtomicU64, to: &AtomicU64) {
         let _ = from.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
         to.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn from_snapshot(s: &CountsSnapshot) -> Counts {
+        let a = AtomicU64::new;
+        Counts {
+            queued: a(s.queued),
+            deferred: a(s.deferred),
+            delivered: a(s.delivered),
+            bounced: a(s.bounced),
+            expired: a(s.expired),
+            suppressed: a(s.suppressed),
+            cancelled: a(s.cancelled),
+            complained: a(s.complained),
+            unsubscribed: a(s.unsubscribed),
+        }
     }
 
     pub fn snapshot(&self) -> CountsSnapshot {
@@ -439,6 +458,49 @@ impl Campaign {
     }
 }
 
+/// A campaign as the archive keeps it: its compacted record and its final counts, which no
+/// longer change (its tombstones are gone, so no later report maps to it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArchivedCampaign {
+    pub record: CampaignRecord,
+    pub counts: CountsSnapshot,
+}
+
+impl ArchivedCampaign {
+    /// `campaign` as archived at `now` (ms).
+    pub fn of(campaign: &Campaign, now: u64) -> ArchivedCampaign {
+        let mut record = campaign.stored_record(campaign.state()).compacted();
+        record.lifecycle.archived_at_ms = Some(now);
+        ArchivedCampaign {
+            record,
+            counts: campaign.counts.snapshot(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![CAMPAIGN_VERSION];
+        serde_json::to_writer(&mut out, self).expect("an archived campaign always serialises");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<ArchivedCampaign, String> {
+        match bytes.split_first() {
+            Some((&CAMPAIGN_VERSION, json)) => {
+                serde_json::from_slice(json).map_err(|e| e.to_string())
+            }
+            Some((v, _)) => Err(format!("unknown archived campaign version {v}")),
+            None => Err("empty archived campaign".into()),
+        }
+    }
+
+    /// A campaign in memory to show it (`GET /v1/campaigns`); it is not registered.
+    pub fn into_campaign(self, seq: u32) -> Campaign {
+        let mut c = Campaign::new(seq, self.record, 0);
+        c.counts = Arc::new(Counts::from_snapshot(&self.counts));
+        c
+    }
+}
+
 /// What [`Campaign::advance_lifecycle`] decided beyond the new record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LifecycleStep {
@@ -459,6 +521,8 @@ struct RegistryInner {
     /// The newest bucket of each stream.
     streams: HashMap<String, Arc<Campaign>>,
     next_seq: u32,
+    /// Campaigns moved to the archive (not held here).
+    archived: u64,
 }
 
 impl Registry {
@@ -496,6 +560,33 @@ impl Registry {
             }
         }
         g.by_seq.insert(campaign.seq, campaign);
+    }
+
+    /// Takes `campaign` out (it has been archived) and counts it among the archived; `archived`
+    /// is the new number of archived campaigns.
+    pub fn remove_archived(&self, campaign: &Campaign, archived: u64) {
+        let mut g = self.inner.write().expect("registry lock");
+        g.by_id.remove(&campaign.record.id);
+        g.by_seq.remove(&campaign.seq);
+        if let Some(stream) = &campaign.record.stream
+            && g.streams.get(stream).is_some_and(|c| c.seq == campaign.seq)
+        {
+            g.streams.remove(stream);
+        }
+        g.archived = archived;
+    }
+
+    /// Recovery: `archived` campaigns are in the archive, the highest numbered `highest`; new
+    /// campaigns are numbered above it.
+    pub fn set_archived(&self, archived: u64, highest: u32) {
+        let mut g = self.inner.write().expect("registry lock");
+        g.archived = archived;
+        g.next_seq = g.next_seq.max(highest.saturating_add(1));
+    }
+
+    /// How many campaigns are archived.
+    pub fn archived(&self) -> u64 {
+        self.inner.read().expect("registry lock").archived
     }
 
     /// The newest bucket of `stream`, if it has one.

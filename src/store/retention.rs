@@ -6,7 +6,10 @@
 //! recipients' tombstones, histories, message records and address index are deleted by key
 //! range, and after
 //! `retention.campaigns` its record keeps counts and metadata only. A campaign that takes
-//! recipients again before that is simply not finished any more.
+//! recipients again before that is simply not finished any more. Once both have happened
+//! nothing about it can change, so it moves to the archive: out of memory and out of what
+//! recovery reads, still found by id. Start-up and the registry then hold the campaigns of the
+//! last `max(job_tombstones, campaigns)` only, whatever was sent before.
 //!
 //! Deleting by range costs a few bytes per campaign in a write batch, whatever the number of
 //! recipients, and nothing on the hot path. The range is then compacted on the blocking pool,
@@ -22,7 +25,7 @@
 use std::sync::Arc;
 
 use crate::node::Node;
-use crate::store::campaign::{Campaign, Lifecycle};
+use crate::store::campaign::{ArchivedCampaign, Campaign, Lifecycle};
 use crate::store::spool::{Durability, SpoolError};
 
 /// What one pass did.
@@ -34,6 +37,8 @@ pub struct Pass {
     pub tombstones_deleted: usize,
     /// Campaigns whose templates were dropped.
     pub compacted: usize,
+    /// Campaigns moved to the archive.
+    pub archived: usize,
 }
 
 /// Runs one pass over the campaigns in memory at `now` (ms).
@@ -50,16 +55,20 @@ pub async fn pass(node: &Arc<Node>, now: u64) -> Result<Pass, SpoolError> {
             // A stream's bucket takes messages for its whole period; it may finish after it.
             continue;
         }
-        if before.compacted_at_ms.is_some() && campaign.is_idle() {
-            // Nothing left to do for it.
+        let step = campaign.advance_lifecycle(now, tombstones_ms, templates_ms);
+        let after = campaign.lifecycle();
+        // Compacted (so it takes no more recipients) with its tombstones gone (so no report
+        // maps to it any more): nothing about it can change again.
+        let archive = after.compacted_at_ms.is_some()
+            && after.tombstones_deleted_at_ms.is_some()
+            && campaign.is_idle();
+        if step.is_none() && !archive {
             continue;
         }
-        let Some(step) = campaign.advance_lifecycle(now, tombstones_ms, templates_ms) else {
-            continue;
-        };
-        let after = campaign.lifecycle();
-        persist(node, &campaign, step.delete_tombstones_below).await?;
+        let below = step.and_then(|s| s.delete_tombstones_below);
+        persist(node, &campaign, below, archive.then_some(now)).await?;
         count(&mut done, &before, &after);
+        done.archived += usize::from(archive);
     }
     Ok(done)
 }
@@ -80,10 +89,13 @@ fn count(done: &mut Pass, before: &Lifecycle, after: &Lifecycle) {
     }
 }
 
+/// Writes what a step decided: the tombstone deletions and the new record, or, when
+/// `archive_at` is set, the move to the archive, after which the campaign leaves the registry.
 async fn persist(
     node: &Node,
     campaign: &Campaign,
     delete_tombstones_below: Option<u32>,
+    archive_at: Option<u64>,
 ) -> Result<(), SpoolError> {
     {
         let _serial = node.state_changes.lock().await;
@@ -91,11 +103,25 @@ async fn persist(
         if let Some(below) = delete_tombstones_below {
             batch.delete_tombstones(campaign.seq, below);
         }
-        batch.put_campaign(
-            campaign.seq,
-            &campaign.stored_record(campaign.state()).encode(),
-        );
+        let archived = node.campaigns.archived() + 1;
+        match archive_at {
+            Some(now) => batch.archive_campaign(
+                campaign.seq,
+                campaign.record.id.as_bytes(),
+                &ArchivedCampaign::of(campaign, now).encode(),
+                archived,
+            ),
+            None => batch.put_campaign(
+                campaign.seq,
+                &campaign.stored_record(campaign.state()).encode(),
+            ),
+        }
         node.spool.write(batch, Durability::Sync).await?;
+        if archive_at.is_some() {
+            // Under the lock, so a state change either wrote before this or finds the
+            // campaign gone.
+            node.campaigns.remove_archived(campaign, archived);
+        }
     }
     if let Some(below) = delete_tombstones_below {
         let (spool, seq) = (Arc::clone(&node.spool), campaign.seq);
@@ -121,6 +147,7 @@ pub async fn run(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
                 finished = p.finished,
                 tombstones_deleted = p.tombstones_deleted,
                 compacted = p.compacted,
+                archived = p.archived,
                 "retention pass"
             ),
             Err(e) => tracing::warn!(error = %e, "retention pass failed; retried at the next"),

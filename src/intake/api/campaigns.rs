@@ -21,7 +21,7 @@ use super::{
 };
 use crate::intake::ingest::{self, ComposeRequest, FieldError, RecipientRules, Rejected, Upload};
 use crate::node::Node;
-use crate::store::campaign::{Campaign, CampaignKind, CampaignState};
+use crate::store::campaign::{ArchivedCampaign, Campaign, CampaignKind, CampaignState};
 
 /// Collects per-recipient rejections, keeping at most `cap` of them.
 pub(super) struct RejectList {
@@ -222,9 +222,44 @@ fn join_field(prefix: &str, field: &str) -> String {
     }
 }
 
-fn find_campaign(node: &Node, id: &str) -> Result<Arc<Campaign>, ApiError> {
+/// A campaign that can still change (not archived): 404 when there is no such campaign, 409
+/// when it is archived.
+async fn find_campaign(node: &Arc<Node>, id: &str) -> Result<Arc<Campaign>, ApiError> {
+    match find_any(node, id).await? {
+        (c, false) => Ok(c),
+        (_, true) => Err(archived(id)),
+    }
+}
+
+/// The campaign `id`, in memory or, failing that, read from the archive (then `true`: it is
+/// registered nowhere and cannot change).
+async fn find_any(node: &Arc<Node>, id: &str) -> Result<(Arc<Campaign>, bool), ApiError> {
     let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
-    node.campaigns.get(&uuid).ok_or_else(|| not_found(id))
+    if let Some(c) = node.campaigns.get(&uuid) {
+        return Ok((c, false));
+    }
+    let n = Arc::clone(node);
+    let stored = tokio::task::spawn_blocking(move || n.spool.get_archived(uuid.as_bytes()))
+        .await
+        .map_err(|e| ApiError::internal("archive read task", e))??;
+    let Some((seq, bytes)) = stored else {
+        return Err(not_found(id));
+    };
+    let a = ArchivedCampaign::decode(&bytes)
+        .map_err(|e| ApiError::internal("archived campaign record", e))?;
+    Ok((Arc::new(a.into_campaign(seq)), true))
+}
+
+fn archived(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "campaign_archived",
+        format!(
+            "campaign {id} finished and was archived by retention; it can be read but not \
+             changed: create a new campaign"
+        ),
+    )
+    .field("id")
 }
 
 fn campaign_json(c: &Campaign) -> serde_json::Value {
@@ -249,6 +284,7 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         ("finished_at", l.finished_at_ms),
         ("tombstones_deleted_at", l.tombstones_deleted_at_ms),
         ("compacted_at", l.compacted_at_ms),
+        ("archived_at", l.archived_at_ms),
     ] {
         if let Some(ms) = at {
             v[name] = json!(time(ms));
@@ -258,21 +294,37 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
 }
 
 pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let c = find_campaign(&s.node, &id)?;
+    let (c, _) = find_any(&s.node, &id).await?;
     Ok(axum::Json(campaign_json(&c)).into_response())
 }
 
-/// `GET /v1/campaigns?limit=`: the newest campaigns with their counts.
+/// `GET /v1/campaigns?limit=`: the newest campaigns with their counts, archived ones after
+/// those in memory (every archived campaign is older than every campaign in memory but the
+/// ones created since, which come first anyway).
 pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
     let limit = list_limit(&q)?;
     let all = s.node.campaigns.all();
-    let campaigns: Vec<serde_json::Value> =
+    let mut campaigns: Vec<serde_json::Value> =
         all.iter().take(limit).map(|c| campaign_json(c)).collect();
-    Ok(axum::Json(json!({"campaigns": campaigns, "total": all.len()})).into_response())
+    let archived = s.node.campaigns.archived();
+    let wanted = limit - campaigns.len();
+    if wanted > 0 && archived > 0 {
+        let n = Arc::clone(&s.node);
+        let page = tokio::task::spawn_blocking(move || n.spool.archived_page(None, wanted))
+            .await
+            .map_err(|e| ApiError::internal("archive read task", e))??;
+        for (seq, bytes) in page {
+            let a = ArchivedCampaign::decode(&bytes)
+                .map_err(|e| ApiError::internal("archived campaign record", e))?;
+            campaigns.push(campaign_json(&a.into_campaign(seq)));
+        }
+    }
+    let total = all.len() as u64 + archived;
+    Ok(axum::Json(json!({"campaigns": campaigns, "total": total})).into_response())
 }
 
 async fn change_state(s: &AppState, id: &str, to: CampaignState) -> ApiResult {
-    let c = find_campaign(&s.node, id)?;
+    let c = find_campaign(&s.node, id).await?;
     let from = c.state();
     if from == CampaignState::Cancelled && to != CampaignState::Cancelled {
         return Err(ApiError::new(
@@ -281,8 +333,8 @@ async fn change_state(s: &AppState, id: &str, to: CampaignState) -> ApiResult {
             "a cancelled campaign cannot be paused or resumed",
         ));
     }
-    if from != to {
-        s.node.set_campaign_state(&c, to).await?;
+    if from != to && !s.node.set_campaign_state(&c, to).await? {
+        return Err(archived(id));
     }
     Ok(
         axum::Json(json!({"id": c.record.id, "state": c.state(), "counts": c.counts.snapshot()}))
@@ -311,7 +363,7 @@ pub(super) async fn add_recipients(
     body: Body,
 ) -> ApiResult {
     let node = &s.node;
-    let campaign = find_campaign(node, &id)?;
+    let campaign = find_campaign(node, &id).await?;
     if campaign.state() == CampaignState::Cancelled {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

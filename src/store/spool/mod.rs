@@ -68,6 +68,11 @@ pub const CF_MESSAGES: &str = "messages";
 pub const CF_HISTORY: &str = "history";
 /// One [`Tally`] per campaign, keyed by campaign sequence (u32 big-endian), updated by merge.
 pub const CF_TALLIES: &str = "tallies";
+/// Finished campaigns that retention has compacted and whose recipients' tombstones are gone,
+/// keyed by campaign sequence (u32 big-endian): the compacted record with its final counts.
+/// Recovery never reads it, so start-up does not grow with the campaigns ever sent; lookups
+/// reach it by id through the `archived/` index in `meta`.
+pub const CF_ARCHIVE: &str = "archive";
 /// Suppressed addresses.
 pub const CF_SUPPRESSIONS: &str = "suppressions";
 /// Outbox of delivery events (webhooks, delivery log).
@@ -77,8 +82,9 @@ pub const CF_META: &str = "meta";
 /// Stored responses to requests that carried an `Idempotency-Key`, so a retry gets the same answer.
 pub const CF_IDEMPOTENCY: &str = "idempotency";
 
-const ALL_CFS: [&str; 10] = [
+const ALL_CFS: [&str; 11] = [
     CF_CAMPAIGNS,
+    CF_ARCHIVE,
     CF_JOBS,
     CF_FINALS,
     CF_MESSAGES,
@@ -99,6 +105,14 @@ const META_UPLOAD_PREFIX: &[u8] = b"upload/";
 /// that recipient, kept for campaigns that are not personalised, whose messages go to several
 /// recipients at once and so cannot name one job in their VERP address.
 const META_RECIPIENT_PREFIX: &[u8] = b"rcpt/";
+/// `archived/` + campaign id (16 bytes): the sequence (u32 big-endian) of an archived campaign.
+const META_ARCHIVED_PREFIX: &[u8] = b"archived/";
+/// How many campaigns are archived (u64 big-endian), so listing them needs no scan.
+const META_ARCHIVED_COUNT: &[u8] = b"archived_count";
+
+fn archived_key(id: &[u8; 16]) -> Vec<u8> {
+    [META_ARCHIVED_PREFIX, &id[..]].concat()
+}
 
 /// A column family of the spool; every one is created at open, so a missing one is a bug.
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -353,6 +367,20 @@ impl SpoolBatch {
     pub fn put_campaign(&mut self, seq: u32, value: &[u8]) {
         let cf = cf(&self.db, CF_CAMPAIGNS);
         self.batch.put_cf(cf, seq.to_be_bytes(), value);
+    }
+
+    /// Moves campaign `seq` (public id `id`) out of the campaigns recovery loads: deletes its
+    /// record and tally, stores `archived` (its final form) in the archive, indexes it by id and
+    /// sets the number of archived campaigns to `count`.
+    pub fn archive_campaign(&mut self, seq: u32, id: &[u8; 16], archived: &[u8], count: u64) {
+        let key = seq.to_be_bytes();
+        self.batch.delete_cf(cf(&self.db, CF_CAMPAIGNS), key);
+        self.batch.delete_cf(cf(&self.db, CF_TALLIES), key);
+        self.batch.put_cf(cf(&self.db, CF_ARCHIVE), key, archived);
+        let meta = cf(&self.db, CF_META);
+        self.batch.put_cf(meta, archived_key(id), key);
+        self.batch
+            .put_cf(meta, META_ARCHIVED_COUNT, count.to_be_bytes());
     }
 
     pub fn open_upload(&mut self, upload: u64, campaign: u32) {
@@ -851,6 +879,66 @@ impl Spool {
         Ok(campaigns)
     }
 
+    /// The archived campaign with public id `id`: its sequence and stored bytes. Blocking.
+    pub fn get_archived(&self, id: &[u8; 16]) -> Result<Option<(u32, Vec<u8>)>, SpoolError> {
+        let Some(seq) = self.db.get_cf(cf(&self.db, CF_META), archived_key(id))? else {
+            return Ok(None);
+        };
+        let seq = <[u8; 4]>::try_from(&seq[..]).map_err(|_| SpoolError::Corrupt {
+            key: "archived campaign index".into(),
+            reason: "value is not 4 bytes".into(),
+        })?;
+        let found = self.db.get_cf(cf(&self.db, CF_ARCHIVE), seq)?;
+        Ok(found.map(|v| (u32::from_be_bytes(seq), v)))
+    }
+
+    /// Up to `limit` archived campaigns with sequences below `before` (all when `None`), newest
+    /// first. Blocking.
+    pub fn archived_page(
+        &self,
+        before: Option<u32>,
+        limit: usize,
+    ) -> Result<Vec<(u32, Vec<u8>)>, SpoolError> {
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, CF_ARCHIVE));
+        match before {
+            Some(0) => return Ok(Vec::new()),
+            Some(b) => iter.seek_for_prev((b - 1).to_be_bytes()),
+            None => iter.seek_to_last(),
+        }
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let (Some(k), Some(v)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            let seq = <[u8; 4]>::try_from(k).map_err(|_| SpoolError::Corrupt {
+                key: format!("archive {k:?}"),
+                reason: "key is not 4 bytes".into(),
+            })?;
+            out.push((u32::from_be_bytes(seq), v.to_vec()));
+            iter.prev();
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
+    /// How many campaigns are archived, and the highest sequence among them (0 when none), so
+    /// a new campaign never reuses an archived one's number. Two point reads. Blocking.
+    pub fn archive_summary(&self) -> Result<(u64, u32), SpoolError> {
+        let count = self
+            .db
+            .get_cf(cf(&self.db, CF_META), META_ARCHIVED_COUNT)?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map_or(0, u64::from_be_bytes);
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, CF_ARCHIVE));
+        iter.seek_to_last();
+        let highest = iter
+            .key()
+            .and_then(|k| <[u8; 4]>::try_from(k).ok())
+            .map_or(0, u32::from_be_bytes);
+        iter.status()?;
+        Ok((count, highest))
+    }
+
     /// Reads several live job records at once (`None` for a job that is final or gone).
     /// Blocking.
     pub fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
@@ -1038,6 +1126,8 @@ fn cf_options(name: &str) -> Options {
         }
         CF_TALLIES => {
             o.set_write_buffer_size(8 << 20);
+            // Archiving deletes a campaign's tally; recovery reads this column family whole.
+            o.add_compact_on_deletion_collector_factory(1024, 256, 0.5);
             o.set_merge_operator_associative("tally", |_key, existing, operands| {
                 let (merged, skipped) = codec::merge_tallies(existing, operands);
                 if skipped > 0 {
@@ -1045,6 +1135,11 @@ fn cf_options(name: &str) -> Options {
                 }
                 Some(merged)
             });
+        }
+        CF_CAMPAIGNS => {
+            o.set_write_buffer_size(8 << 20);
+            // As for tallies: recovery reads it whole, archiving deletes from it.
+            o.add_compact_on_deletion_collector_factory(1024, 256, 0.5);
         }
         _ => {
             o.set_write_buffer_size(8 << 20);
@@ -1303,6 +1398,49 @@ mod tests {
         let again: std::collections::HashMap<u32, Tally> =
             spool.load_tallies().unwrap().into_iter().collect();
         assert_eq!(again, tallies);
+        spool.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn archived_campaigns_leave_what_recovery_reads_and_page_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut b = spool.batch();
+        for seq in 1..=4u32 {
+            b.put_campaign(seq, format!("record {seq}").as_bytes());
+            b.tally(seq, &Tally::moved(JobState::Queued, JobState::Delivered));
+        }
+        spool.write(b, Durability::Sync).await.unwrap();
+        assert_eq!(spool.archive_summary().unwrap(), (0, 0));
+        for (n, seq) in [1u32, 2, 3].into_iter().enumerate() {
+            let mut b = spool.batch();
+            let id = [seq as u8; 16];
+            b.archive_campaign(seq, &id, format!("archived {seq}").as_bytes(), n as u64 + 1);
+            spool.write(b, Durability::Sync).await.unwrap();
+        }
+        let live: Vec<u32> = spool
+            .load_campaigns()
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(live, [4]);
+        let tallied: Vec<u32> = spool.load_tallies().unwrap().iter().map(|t| t.0).collect();
+        assert_eq!(tallied, [4]);
+        assert_eq!(spool.archive_summary().unwrap(), (3, 3));
+        assert_eq!(
+            spool.get_archived(&[2; 16]).unwrap(),
+            Some((2, b"archived 2".to_vec()))
+        );
+        assert_eq!(spool.get_archived(&[4; 16]).unwrap(), None);
+        let seqs = |page: Vec<(u32, Vec<u8>)>| page.into_iter().map(|p| p.0).collect::<Vec<_>>();
+        assert_eq!(seqs(spool.archived_page(None, 10).unwrap()), [3, 2, 1]);
+        assert_eq!(seqs(spool.archived_page(None, 2).unwrap()), [3, 2]);
+        assert_eq!(seqs(spool.archived_page(Some(3), 10).unwrap()), [2, 1]);
+        assert_eq!(
+            seqs(spool.archived_page(Some(1), 10).unwrap()),
+            Vec::<u32>::new()
+        );
         spool.close().await.unwrap();
     }
 }
