@@ -1,7 +1,7 @@
 //! The operator's view: suspending and resuming a destination domain while others keep
 //! flowing, and the per-site reports behind `GET /v1/domains`, `GET /v1/queue` and `/metrics`.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! End-to-end tests of the ingestion API against an in-process node with a real RocksDB spool.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Bad input, table-driven: each request gets the right status and a JSON error naming the
 //! problem, and the spool is unchanged afterwards.
 
-mod common;
+use crate::common;
 
 use common::{KEY, client, config, spool_counts, start, url};
 use serde_json::{Value, json};

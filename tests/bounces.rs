@@ -1,7 +1,7 @@
 //! Bounces end to end: synchronous 5xx replies classified and suppressed, soft failures retried;
 //! asynchronous DSNs and ARF reports over SMTP to the inbound listener and over HTTP.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

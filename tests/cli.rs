@@ -1,7 +1,7 @@
 //! The operator CLI against a running node: `sluice send` with a 100,000-row CSV (progress, a
 //! summary that adds up, bad rows named by line), and the admin commands.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::Output;

@@ -1,7 +1,7 @@
 //! Crash safety: SIGKILL the server while a client streams recipients, restart, and check that
 //! every acknowledged recipient is in the spool and no upload is visible in part.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

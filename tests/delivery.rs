@@ -1,7 +1,7 @@
 //! End-to-end delivery: campaigns posted over HTTP, delivered by the engine over real sockets to
 //! in-process SMTP sinks on 127.0.0.1 (reached through static routes, so no DNS is involved).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

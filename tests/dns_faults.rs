@@ -6,7 +6,7 @@
 //! The name server is a small one written here on a real UDP socket (hickory-proto encodes the
 //! messages), because its faults must switch on cue; NSD serves the peer acceptance scripts.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};

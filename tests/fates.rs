@@ -3,7 +3,7 @@
 //! exactly one final event per recipient, and the delivery log agrees. Recipients refused at
 //! ingest get a `rejected` event each.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

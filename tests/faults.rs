@@ -4,7 +4,7 @@
 //! receiver's answers call for, deferred ones must go through once the fault clears, and a good
 //! destination must not wait for the bad ones.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! campaign recipient's state and every attempt, fate and later report with its reply, until
 //! retention deletes the tombstone (and the history with it).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! transaction to several recipients of a domain, each recipient's outcome from its own RCPT
 //! reply, and reports about such a message mapped to the recipient they name.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! in-process SMTP sink. DKIM signatures are verified independently by dkimpy in
 //! `scripts/acceptance/dkim-dkimpy.sh`; here we check their presence and coverage.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

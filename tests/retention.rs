@@ -3,7 +3,7 @@
 //! then on), its templates after `retention.campaigns`, and the counts survive all of it and a
 //! restart. Passes are run with a clock moved forward rather than by waiting.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

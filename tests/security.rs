@@ -2,7 +2,7 @@
 //! out of the logs, HTTPS on the API, STARTTLS on the bounce listener (which still relays
 //! nothing), and the listener's connection limits per client and overall.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! is recorded, the process exits well within 30 s, and a restart sends the rest with no message
 //! delivered twice.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

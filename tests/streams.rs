@@ -3,7 +3,7 @@
 //! with their own templates across a restart, keep a compacted record once final, and a
 //! bucket's messages go with its tombstones once its period is over.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! across a restart, the check at ingest (reported in the 202, never queued) and the check just
 //! before delivery (a suppression added after ingest stops queued mail).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

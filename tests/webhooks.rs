@@ -2,7 +2,7 @@
 //! of a 1,000-recipient campaign once per event id, across a 30-second receiver outage and a
 //! Sluice restart (SIGTERM, start again on the same spool).
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
