@@ -249,6 +249,7 @@ class Lifecycle:
         print(f"{'t (s)':>6} {'accepted':>9} {'delivered':>9} {'RSS MiB':>8} {'spool MiB':>9}")
         for t, s_, d, rss, disk in samples:
             print(f"{t:>6.0f} {s_:>9,} {d:>9,} {rss / 2**20:>8.1f} {disk / 2**20:>9.1f}")
+        os.makedirs(os.path.dirname(self.args.csv), exist_ok=True)
         with open(os.path.join(os.path.dirname(self.args.csv), "lifecycle-messages.csv"), "w") as f:
             f.write("seconds,accepted,delivered,rss_bytes,spool_bytes\n")
             for row in samples:
