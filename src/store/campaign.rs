@@ -176,19 +176,26 @@ impl CampaignRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![CAMPAIGN_VERSION];
-        serde_json::to_writer(&mut out, self).expect("a campaign record always serialises");
-        out
+        encode_versioned(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<CampaignRecord, String> {
-        match bytes.split_first() {
-            Some((&CAMPAIGN_VERSION, json)) => {
-                serde_json::from_slice(json).map_err(|e| e.to_string())
-            }
-            Some((v, _)) => Err(format!("unknown campaign record version {v}")),
-            None => Err("empty campaign record".into()),
-        }
+        decode_versioned(bytes, "campaign record")
+    }
+}
+
+/// The version byte, then the JSON of `value`.
+fn encode_versioned(value: &impl Serialize) -> Vec<u8> {
+    let mut out = vec![CAMPAIGN_VERSION];
+    serde_json::to_writer(&mut out, value).expect("campaign types always serialise");
+    out
+}
+
+fn decode_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&CAMPAIGN_VERSION, json)) => serde_json::from_slice(json).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("unknown {what} version {v}")),
+        None => Err(format!("empty {what}")),
     }
 }
 
@@ -478,19 +485,11 @@ impl ArchivedCampaign {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![CAMPAIGN_VERSION];
-        serde_json::to_writer(&mut out, self).expect("an archived campaign always serialises");
-        out
+        encode_versioned(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<ArchivedCampaign, String> {
-        match bytes.split_first() {
-            Some((&CAMPAIGN_VERSION, json)) => {
-                serde_json::from_slice(json).map_err(|e| e.to_string())
-            }
-            Some((v, _)) => Err(format!("unknown archived campaign version {v}")),
-            None => Err("empty archived campaign".into()),
-        }
+        decode_versioned(bytes, "archived campaign")
     }
 
     /// A campaign in memory to show it (`GET /v1/campaigns`); it is not registered.
@@ -668,6 +667,29 @@ mod tests {
                 .contains("version 9")
         );
         assert!(CampaignRecord::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn an_archived_campaign_keeps_counts_and_drops_templates() {
+        let c = Campaign::new(7, record(), 3);
+        c.counts.delivered.store(2, Ordering::Relaxed);
+        c.counts.complained.store(1, Ordering::Relaxed);
+        let a = ArchivedCampaign::of(&c, 1_000);
+        let back = ArchivedCampaign::decode(&a.encode()).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(back.record.lifecycle.archived_at_ms, Some(1_000));
+        assert_eq!(
+            (back.record.text.as_deref(), back.record.html.as_deref()),
+            (None, None)
+        );
+        let shown = back.into_campaign(7);
+        assert_eq!(shown.counts.snapshot(), c.counts.snapshot());
+        assert_eq!(shown.record.id, c.record.id);
+        assert!(
+            ArchivedCampaign::decode(&[])
+                .unwrap_err()
+                .contains("archived campaign")
+        );
     }
 
     #[test]
