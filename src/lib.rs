@@ -157,7 +157,7 @@
 //!
 //! Around the crate: `tests/` (end-to-end, Sluice in-process or as a process, with SMTP sinks and
 //! a programmable DNS server on loopback; one module per area of one binary, `tests/e2e.rs`, so
-//! RocksDB is linked once, and the full-disk test apart), `benches/`, `scripts/` (run, test, setup, the peer
+//! RocksDB is linked once; the full-disk and rate-measuring scheduler tests apart), `benches/`, `scripts/` (run, test, setup, the peer
 //! acceptance scripts with Postfix's smtp-sink, NSD, dkimpy and Prometheus, and `scripts/fuzz`),
 //! and `fuzz/`, the `cargo fuzz` crate: one target per parser that meets outside input (SMTP
 //! replies, inbound commands, DSN/ARF reports, addresses, ingest JSON). It is a crate of its own

@@ -1,7 +1,8 @@
 //! The end-to-end tests, one module per area, in one binary: each starts Sluice in-process (or
-//! as a process) with its own spool, sinks and ports, so they run side by side. The full-disk
-//! test is a binary of its own (`tests/full_disk.rs`): it reads a gauge every node in a process
-//! sets.
+//! as a process) with its own spool, sinks and ports, so they run side by side. Two have a
+//! binary of their own: the full-disk test (`tests/full_disk.rs`) reads a gauge every node in a
+//! process sets, and `tests/scheduler.rs` measures delivery's rate, which tests running beside
+//! it on the same cores would skew.
 
 mod common;
 
@@ -19,7 +20,6 @@ mod lookup;
 mod merged;
 mod message;
 mod retention;
-mod scheduler;
 mod security;
 mod shutdown;
 mod streams;

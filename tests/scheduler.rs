@@ -1,7 +1,7 @@
 //! The scheduler hands a large upload over to the queue in slices: a campaign being delivered
 //! keeps its rate while another upload of 2,000,000 recipients commits.
 
-use crate::common;
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
