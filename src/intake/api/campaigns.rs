@@ -298,9 +298,10 @@ pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Ap
     Ok(axum::Json(campaign_json(&c)).into_response())
 }
 
-/// `GET /v1/campaigns?limit=`: the newest campaigns with their counts, archived ones after
-/// those in memory (every archived campaign is older than every campaign in memory but the
-/// ones created since, which come first anyway).
+/// `GET /v1/campaigns?limit=`: the campaigns in memory, newest first, then the archived ones,
+/// newest first. A campaign still in memory can be older than an archived one (it has not
+/// finished), so the whole list is not strictly by age. A campaign archived while the list is
+/// read may show in both parts.
 pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
     let limit = list_limit(&q)?;
     let all = s.node.campaigns.all();
