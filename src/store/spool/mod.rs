@@ -114,6 +114,17 @@ fn archived_key(id: &[u8; 16]) -> Vec<u8> {
     [META_ARCHIVED_PREFIX, &id[..]].concat()
 }
 
+/// The campaign sequence a key of `campaigns`, `tallies` or `archive` holds (u32 big-endian);
+/// `what` names the column family in the error.
+fn seq_key(k: &[u8], what: &str) -> Result<u32, SpoolError> {
+    <[u8; 4]>::try_from(k)
+        .map(u32::from_be_bytes)
+        .map_err(|_| SpoolError::Corrupt {
+            key: format!("{what} {k:?}"),
+            reason: "key is not 4 bytes".into(),
+        })
+}
+
 /// A column family of the spool; every one is created at open, so a missing one is a bug.
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     db.cf_handle(name)
@@ -706,9 +717,7 @@ impl Spool {
                 key: format!("tally {k:?}"),
                 reason,
             };
-            let seq = <[u8; 4]>::try_from(&k[..])
-                .map(u32::from_be_bytes)
-                .map_err(|_| corrupt("key is not 4 bytes".into()))?;
+            let seq = seq_key(&k, "tally")?;
             out.push((seq, Tally::decode(&v).map_err(|e| corrupt(e.to_string()))?));
         }
         Ok(out)
@@ -867,12 +876,7 @@ impl Spool {
         let mut campaigns = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item?;
-            let seq = <[u8; 4]>::try_from(&k[..])
-                .map(u32::from_be_bytes)
-                .map_err(|_| SpoolError::Corrupt {
-                    key: format!("campaign {k:?}"),
-                    reason: "key is not 4 bytes".into(),
-                })?;
+            let seq = seq_key(&k, "campaign")?;
             campaigns.push((seq, v.into_vec()));
         }
 
@@ -910,11 +914,7 @@ impl Spool {
             let (Some(k), Some(v)) = (iter.key(), iter.value()) else {
                 break;
             };
-            let seq = <[u8; 4]>::try_from(k).map_err(|_| SpoolError::Corrupt {
-                key: format!("archive {k:?}"),
-                reason: "key is not 4 bytes".into(),
-            })?;
-            out.push((u32::from_be_bytes(seq), v.to_vec()));
+            out.push((seq_key(k, "archive")?, v.to_vec()));
             iter.prev();
         }
         iter.status()?;
