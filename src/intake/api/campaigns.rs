@@ -245,9 +245,14 @@ async fn find_any(node: &Arc<Node>, id: &str) -> Result<(Arc<Campaign>, bool), A
     let Some((seq, bytes)) = stored else {
         return Err(not_found(id));
     };
-    let a = ArchivedCampaign::decode(&bytes)
+    Ok((Arc::new(from_archive(seq, &bytes)?), true))
+}
+
+/// An archived campaign as stored, made a campaign to show.
+fn from_archive(seq: u32, bytes: &[u8]) -> Result<Campaign, ApiError> {
+    let a = ArchivedCampaign::decode(bytes)
         .map_err(|e| ApiError::internal("archived campaign record", e))?;
-    Ok((Arc::new(a.into_campaign(seq)), true))
+    Ok(a.into_campaign(seq))
 }
 
 fn archived(id: &str) -> ApiError {
@@ -315,9 +320,7 @@ pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) 
             .await
             .map_err(|e| ApiError::internal("archive read task", e))??;
         for (seq, bytes) in page {
-            let a = ArchivedCampaign::decode(&bytes)
-                .map_err(|e| ApiError::internal("archived campaign record", e))?;
-            campaigns.push(campaign_json(&a.into_campaign(seq)));
+            campaigns.push(campaign_json(&from_archive(seq, &bytes)?));
         }
     }
     let total = all.len() as u64 + archived;
