@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
 use common::{
-    KEY, client, delivery_config, get_json, post_campaign, recipients, start, trace_token, url,
-    wait_counts,
+    KEY, client, delivery_config, get_json, post_body, post_campaign, recipients, start,
+    trace_token, url, wait_counts,
 };
 use serde_json::Value;
 use sluice::store::retention::{self, Pass};
@@ -130,16 +130,14 @@ async fn reports_find_final_jobs_until_retention_deletes_their_tombstones() {
         .unwrap();
     assert_eq!((p.compacted, p.archived), (1, 1));
     assert!(node.node.campaigns.all().is_empty());
-    let r = client()
-        .post(url(addr, &format!("/v1/campaigns/{id}/recipients")))
-        .bearer_auth(KEY)
-        .header("content-type", "application/x-ndjson")
-        .body("{\"email\":\"late@sink.test\",\"vars\":{\"name\":\"Late\"}}\n")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
-    let body: Value = r.json().await.unwrap();
+    let (status, _, body) = post_body(
+        addr,
+        &format!("/v1/campaigns/{id}/recipients"),
+        "application/x-ndjson",
+        "{\"email\":\"late@sink.test\",\"vars\":{\"name\":\"Late\"}}\n",
+    )
+    .await;
+    assert_eq!(status, 409);
     assert_eq!(body["error"]["code"], "campaign_archived", "{body}");
     assert_eq!(body["error"]["field"], "id", "{body}");
     let (_, c) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
@@ -155,13 +153,14 @@ async fn reports_find_final_jobs_until_retention_deletes_their_tombstones() {
     assert!(c["compacted_at"].is_string(), "{c}");
     assert!(c["archived_at"].is_string(), "{c}");
     assert_eq!(c["from"], "news@example.com", "{c}");
-    let r = client()
-        .post(url(node.http_addr, &format!("/v1/campaigns/{id}/pause")))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
+    let (status, _, _) = post_body(
+        node.http_addr,
+        &format!("/v1/campaigns/{id}/pause"),
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, 409);
 
     // A new campaign is numbered above the archived one and listed before it.
     let newer = post_campaign(node.http_addr, recipients(1)).await;
