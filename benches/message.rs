@@ -63,6 +63,7 @@ fn record() -> CampaignRecord {
         state: CampaignState::Active,
         created_at_ms: 1_700_000_000_000,
         lifecycle: Default::default(),
+        schedule: Default::default(),
         stream: None,
     }
 }

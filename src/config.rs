@@ -308,6 +308,10 @@ pub struct DeliveryConfig {
     /// Waiting for the reply to the final dot (RFC 5321: 10 min).
     #[serde(default = "defaults::data_final_timeout", with = "humantime_serde")]
     pub data_final_timeout: Duration,
+    /// The share of a domain's sending that lower priorities get while a higher one has mail
+    /// due (0 to 0.5; 0 serves priorities strictly in order, which can starve the lower ones).
+    #[serde(default = "defaults::lower_priority_share")]
+    pub lower_priority_share: f64,
 }
 
 /// Traffic shaping for one site (a set of MX hosts).
@@ -400,6 +404,26 @@ pub struct Route {
 pub struct Rate {
     pub count: u32,
     pub per: Duration,
+}
+
+impl serde::Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// As it is written: `600/m`. A period that is not one of the units is given in seconds.
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "m",
+            3600 => "h",
+            86400 => "d",
+            _ => return write!(f, "{}/{}s", self.count, self.per.as_secs_f64()),
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
 }
 
 impl<'de> Deserialize<'de> for Rate {
@@ -676,6 +700,9 @@ mod defaults {
     pub fn retry_max() -> Duration {
         Duration::from_secs(4 * 3600)
     }
+    pub fn lower_priority_share() -> f64 {
+        0.1
+    }
     pub fn max_age() -> Duration {
         Duration::from_secs(3 * 86400)
     }
@@ -849,6 +876,13 @@ impl Config {
                 reason,
             });
         };
+        let share = self.delivery.lower_priority_share;
+        if !(0.0..=0.5).contains(&share) {
+            bad(
+                "delivery.lower_priority_share",
+                format!("{share} is not a share from 0 to 0.5"),
+            );
+        }
         if self.auth.api_keys.is_empty() {
             bad(
                 "auth.api_keys",

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use crate::config::Config;
 use crate::scheduler::Scheduler;
-use crate::scheduler::index::{PendingJob, QueueIndex};
-use crate::store::campaign::{Campaign, CampaignRecord, CampaignState, Registry};
+use crate::scheduler::index::{CampaignParams, PendingJob, QueueIndex};
+use crate::store::campaign::{Campaign, CampaignKind, CampaignRecord, CampaignState, Registry};
 use crate::store::spool::{Durability, JobId, JobState, Spool, SpoolError};
 
 pub struct Node {
@@ -148,6 +148,14 @@ impl Node {
             }
         }
         let mut queue = QueueIndex::new();
+        queue.set_lower_share(self.config.delivery.lower_priority_share);
+        for (&seq, campaign) in &campaigns {
+            let mut params = schedule_params(&campaign.record);
+            if campaign.state() == CampaignState::Cancelled {
+                params.max_rate = None;
+            }
+            queue.set_params(seq, params);
+        }
         let mut orphans = 0u64;
         let found = self.spool.recover(|id, rec| {
             let Some(campaign) = campaigns.get(&id.campaign) else {
@@ -210,6 +218,14 @@ impl Node {
         })
     }
 
+    /// Adds a new campaign (or bucket) to the registry, and its priority, weight and rate limit
+    /// to the scheduler, before any of its jobs is queued.
+    pub fn register(&self, campaign: Arc<Campaign>) {
+        self.scheduler
+            .set_params(campaign.seq, schedule_params(&campaign.record));
+        self.campaigns.insert(campaign);
+    }
+
     /// True once recovery is done and until shutdown starts.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
@@ -266,14 +282,16 @@ impl Node {
             .map(|c| (c, bytes)))
     }
 
-    /// The bucket that takes `stream`'s messages now: its newest, unless that one is from an
-    /// earlier period (`retention.message_buckets`, a UTC day by default), cancelled or
+    /// The bucket that takes `stream`'s messages of `priority` (unset: the default for
+    /// messages) now: a stream has a bucket per priority its messages use, each its own flow in
+    /// the scheduler. The newest, unless that one is from an earlier period (`retention.message_buckets`, a UTC day by default), cancelled or
     /// compacted, in which case a new one is created (its record synced before it is used). A
     /// bucket per period keeps a stream's counts by day and lets retention finish and delete a
     /// period's messages as a whole.
     pub async fn stream_bucket(
         &self,
         stream: &str,
+        priority: Option<u8>,
         now_ms: u64,
     ) -> Result<Arc<Campaign>, BucketError> {
         let r = &self.config.retention;
@@ -282,11 +300,19 @@ impl Node {
                 && c.state() != CampaignState::Cancelled
                 && c.lifecycle().compacted_at_ms.is_none()
         };
-        if let Some(c) = self.campaigns.stream(stream).filter(|c| usable(c)) {
+        if let Some(c) = self
+            .campaigns
+            .stream(stream, priority)
+            .filter(|c| usable(c))
+        {
             return Ok(c);
         }
         let _serial = self.state_changes.lock().await;
-        if let Some(c) = self.campaigns.stream(stream).filter(|c| usable(c)) {
+        if let Some(c) = self
+            .campaigns
+            .stream(stream, priority)
+            .filter(|c| usable(c))
+        {
             return Ok(c);
         }
         self.spool.check_space()?;
@@ -310,13 +336,17 @@ impl Node {
             state: CampaignState::Active,
             created_at_ms: now_ms,
             lifecycle: Default::default(),
+            schedule: crate::store::campaign::Schedule {
+                priority,
+                ..Default::default()
+            },
             stream: Some(stream.to_owned()),
         };
         let mut batch = self.spool.batch();
         batch.put_campaign(seq, &record.encode());
         self.spool.write(batch, Durability::Sync).await?;
         let bucket = Arc::new(Campaign::new(seq, record, 0));
-        self.campaigns.insert(Arc::clone(&bucket));
+        self.register(Arc::clone(&bucket));
         Ok(bucket)
     }
 
@@ -347,6 +377,10 @@ impl Node {
             let moved = k.queued.swap(0, Ordering::Relaxed) + k.deferred.swap(0, Ordering::Relaxed);
             k.cancelled.fetch_add(moved, Ordering::Relaxed);
         }
+        if state == CampaignState::Cancelled {
+            // Jobs scheduled for later or held for its rate are ended now.
+            self.scheduler.expedite(campaign.seq);
+        }
         if state != CampaignState::Paused {
             // Resumed or cancelled: parked jobs go back to the queue (the engine drops those of a
             // cancelled campaign when it meets them).
@@ -366,4 +400,19 @@ pub enum BucketError {
     Spool(#[from] SpoolError),
     #[error("no campaign numbers left")]
     Exhausted,
+}
+
+/// The scheduler's parameters for a campaign or bucket record: its priority (else its kind's
+/// default: messages go ahead of campaigns), weight and rate limit.
+pub fn schedule_params(record: &CampaignRecord) -> CampaignParams {
+    use crate::scheduler::fair::{PRIORITY_HIGH, PRIORITY_NORMAL};
+    let s = &record.schedule;
+    CampaignParams {
+        priority: s.priority.unwrap_or(match record.kind {
+            CampaignKind::Bulk => PRIORITY_NORMAL,
+            CampaignKind::Transactional => PRIORITY_HIGH,
+        }),
+        weight: s.weight.unwrap_or(1),
+        max_rate: s.max_rate,
+    }
 }

@@ -19,7 +19,9 @@ use crate::intake::template;
 use crate::node::Node;
 use crate::outbound::render::Compiled;
 use crate::scheduler::index::DomainId;
-use crate::store::campaign::{Attachment, Campaign, CampaignKind, CampaignRecord, CampaignState};
+use crate::store::campaign::{
+    Attachment, Campaign, CampaignKind, CampaignRecord, CampaignState, Schedule,
+};
 use crate::store::spool::{
     Durability, JobId, JobRecord, JobState, PendingWrite, SpoolBatch, SpoolError, Tally,
 };
@@ -89,6 +91,11 @@ pub struct CampaignFields {
     pub personalised: Option<bool>,
     /// The stream of a message (see [`CampaignRecord::stream`]).
     pub stream: Option<String>,
+    /// Scheduling, as given (checked by [`check_schedule`]).
+    pub priority: Option<serde_json::Value>,
+    pub weight: Option<serde_json::Value>,
+    pub send_at: Option<String>,
+    pub max_rate: Option<String>,
 }
 
 /// The body of `POST /v1/campaigns` (with `recipients`) and `POST /v1/messages` (with `to` and
@@ -117,6 +124,14 @@ pub struct ComposeRequest<'a> {
     pub personalised: Option<bool>,
     #[serde(default)]
     pub stream: Option<String>,
+    #[serde(default)]
+    pub priority: Option<serde_json::Value>,
+    #[serde(default)]
+    pub weight: Option<serde_json::Value>,
+    #[serde(default)]
+    pub send_at: Option<String>,
+    #[serde(default)]
+    pub max_rate: Option<String>,
     #[serde(default, borrow)]
     pub recipients: Option<Vec<&'a RawValue>>,
     #[serde(default)]
@@ -140,6 +155,10 @@ impl<'a> ComposeRequest<'a> {
             attachments: self.attachments,
             personalised: self.personalised,
             stream: self.stream,
+            priority: self.priority,
+            weight: self.weight,
+            send_at: self.send_at,
+            max_rate: self.max_rate,
         };
         (
             fields,
@@ -284,6 +303,7 @@ pub fn validate_campaign(
         }
     }
     check_attachments(&fields.attachments, limits)?;
+    let schedule = check_schedule(&fields, kind, now_ms)?;
     let stream = match (kind, fields.stream) {
         (CampaignKind::Bulk, Some(_)) => {
             return Err(FieldError::new(
@@ -310,11 +330,118 @@ pub fn validate_campaign(
         state: CampaignState::Active,
         created_at_ms: now_ms,
         lifecycle: Default::default(),
+        schedule,
         stream,
     };
     let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;
     rules.compiled = Some(Arc::new(compiled));
     Ok((record, rules))
+}
+
+/// How far ahead `send_at` may be.
+const MAX_SEND_AHEAD_MS: u64 = 366 * 86_400_000;
+
+/// The scheduling fields: `priority` (`"low"`, `"normal"`, `"high"` or 0 to 9), `weight` (1 to
+/// 1000, campaigns only), `send_at` (RFC 3339, at most a year ahead; a past time means now) and
+/// `max_rate` (`"10000/h"`, campaigns only). A message's priority equal to its kind's default
+/// is not stored, so messages of one stream share one bucket per priority.
+pub fn check_schedule(
+    fields: &CampaignFields,
+    kind: CampaignKind,
+    now_ms: u64,
+) -> Result<Schedule, FieldError> {
+    use crate::scheduler::fair::{
+        PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_MAX, PRIORITY_NORMAL, WEIGHT_MAX,
+    };
+    let campaigns_only = |field: &str| {
+        FieldError::new(
+            field,
+            "only campaigns take one: a message shares its stream's sending",
+        )
+    };
+    let priority = match &fields.priority {
+        None => None,
+        Some(v) => {
+            let p = match v {
+                serde_json::Value::String(s) if s == "low" => Some(PRIORITY_LOW),
+                serde_json::Value::String(s) if s == "normal" => Some(PRIORITY_NORMAL),
+                serde_json::Value::String(s) if s == "high" => Some(PRIORITY_HIGH),
+                serde_json::Value::Number(n) => n
+                    .as_u64()
+                    .filter(|&n| n <= u64::from(PRIORITY_MAX))
+                    .map(|n| n as u8),
+                _ => None,
+            };
+            let p = p.ok_or_else(|| {
+                FieldError::new(
+                    "priority",
+                    format!(
+                        "{v} is not a priority: \"low\", \"normal\", \"high\" or a number from 0 to {PRIORITY_MAX} (higher goes first)"
+                    ),
+                )
+            })?;
+            let default = match kind {
+                CampaignKind::Bulk => PRIORITY_NORMAL,
+                CampaignKind::Transactional => PRIORITY_HIGH,
+            };
+            (kind == CampaignKind::Bulk || p != default).then_some(p)
+        }
+    };
+    let weight = match &fields.weight {
+        None => None,
+        Some(_) if kind == CampaignKind::Transactional => return Err(campaigns_only("weight")),
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|w| (1..=u64::from(WEIGHT_MAX)).contains(w))
+                .map(|w| w as u32)
+                .ok_or_else(|| {
+                    FieldError::new(
+                        "weight",
+                        format!("{v} is not a weight: a whole number from 1 to {WEIGHT_MAX}"),
+                    )
+                })?,
+        ),
+    };
+    let send_at_ms = match &fields.send_at {
+        None => None,
+        Some(text) => {
+            let ms = parse_rfc3339_ms(text).ok_or_else(|| {
+                FieldError::new(
+                    "send_at",
+                    format!("{text:?} is not an RFC 3339 time like \"2026-12-24T09:00:00Z\""),
+                )
+            })?;
+            if ms > now_ms.saturating_add(MAX_SEND_AHEAD_MS) {
+                return Err(FieldError::new(
+                    "send_at",
+                    format!("{text} is more than a year ahead"),
+                ));
+            }
+            // A time already past means now.
+            (ms > now_ms).then_some(ms)
+        }
+    };
+    let max_rate = match &fields.max_rate {
+        None => None,
+        Some(_) if kind == CampaignKind::Transactional => return Err(campaigns_only("max_rate")),
+        Some(text) => {
+            Some(crate::config::Rate::parse(text).map_err(|e| FieldError::new("max_rate", e))?)
+        }
+    };
+    Ok(Schedule {
+        priority,
+        weight,
+        send_at_ms,
+        max_rate,
+    })
+}
+
+/// An RFC 3339 time (any UTC offset) as Unix milliseconds; `None` if it is not one or is
+/// before 1970.
+fn parse_rfc3339_ms(text: &str) -> Option<u64> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 /// The stream of a message without one.
@@ -672,6 +799,13 @@ impl Upload {
         self.last_index.map(|i| self.job(i))
     }
 
+    /// When the jobs of this upload are first due: at acceptance, or the `send_at` of the
+    /// message or campaign if that is later.
+    fn due_ms(&self) -> u64 {
+        let send_at = self.content().schedule.send_at_ms.unwrap_or(0);
+        self.accepted_at_ms.max(send_at)
+    }
+
     /// The record whose From domain, tags and templates apply: the message's, else the
     /// campaign's.
     fn content(&self) -> &CampaignRecord {
@@ -791,7 +925,7 @@ impl Upload {
             upload: self.id,
             accepted_at_ms: self.accepted_at_ms,
             attempts: 0,
-            next_attempt_ms: self.accepted_at_ms,
+            next_attempt_ms: self.due_ms(),
             address: r.address.as_str(),
             vars: r.vars,
             last_response: "",
@@ -934,7 +1068,7 @@ impl Upload {
         }
         self.committed = true;
         if self.new_campaign {
-            self.node.campaigns.insert(Arc::clone(&self.campaign));
+            self.node.register(Arc::clone(&self.campaign));
         }
         let staged = std::mem::take(&mut self.staged);
         let n = staged.len();
@@ -955,7 +1089,7 @@ impl Upload {
         // Indexed in slices by a task of its own: delivery keeps running meanwhile, and a client
         // that leaves now (dropping this future) cannot keep committed jobs out of the queue.
         let node = Arc::clone(&self.node);
-        let (campaign, due) = (self.campaign.seq, self.accepted_at_ms);
+        let (campaign, due) = (self.campaign.seq, self.due_ms());
         let indexing = tokio::spawn(async move {
             node.scheduler.enqueue_staged(campaign, due, staged).await;
         });
@@ -1064,6 +1198,60 @@ mod tests {
             let err =
                 validate_campaign(fields(json), CampaignKind::Bulk, &limits(), 0).unwrap_err();
             assert_eq!(err.field, field, "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn scheduling_fields_are_checked() {
+        let now = 1_700_000_000_000;
+        let with = |extra: &str| {
+            fields(&format!(
+                r#"{{"from":"a@example.com","subject":"s","text":"x",{extra}}}"#
+            ))
+        };
+        let ok = |extra: &str, kind| {
+            let f = with(extra);
+            check_schedule(&f, kind, now).unwrap_or_else(|e| panic!("{extra}: {e}"))
+        };
+        let bulk = CampaignKind::Bulk;
+        let message = CampaignKind::Transactional;
+        let s = ok(
+            r#""priority":"low","weight":3,"max_rate":"10000/h","send_at":"2023-11-14T23:13:21+01:00""#,
+            bulk,
+        );
+        assert_eq!(s.priority, Some(2));
+        assert_eq!(s.weight, Some(3));
+        assert_eq!(
+            s.max_rate.map(|r| r.to_string()).as_deref(),
+            Some("10000/h")
+        );
+        // 22:13:21 UTC: after `now` (22:13:20).
+        assert_eq!(s.send_at_ms, Some(1_700_000_001_000));
+        // A time already past means now.
+        assert_eq!(
+            ok(r#""send_at":"2020-01-01T00:00:00Z""#, bulk).send_at_ms,
+            None
+        );
+        assert_eq!(ok(r#""priority":9"#, bulk).priority, Some(9));
+        // A message's default priority is not stored: such messages share one bucket.
+        assert_eq!(ok(r#""priority":"high""#, message).priority, None);
+        assert_eq!(ok(r#""priority":"normal""#, message).priority, Some(5));
+        for (extra, kind, field) in [
+            (r#""priority":"urgent""#, bulk, "priority"),
+            (r#""priority":10"#, bulk, "priority"),
+            (r#""priority":-1"#, bulk, "priority"),
+            (r#""weight":0"#, bulk, "weight"),
+            (r#""weight":1001"#, bulk, "weight"),
+            (r#""weight":"3""#, bulk, "weight"),
+            (r#""weight":2"#, message, "weight"),
+            (r#""max_rate":"fast""#, bulk, "max_rate"),
+            (r#""max_rate":"10/s""#, message, "max_rate"),
+            (r#""send_at":"tomorrow""#, bulk, "send_at"),
+            (r#""send_at":"2023-11-14 23:13:21""#, bulk, "send_at"),
+            (r#""send_at":"2030-01-01T00:00:00Z""#, bulk, "send_at"),
+        ] {
+            let err = check_schedule(&with(extra), kind, now).unwrap_err();
+            assert_eq!(err.field, field, "{extra}: {err}");
         }
     }
 

@@ -592,6 +592,7 @@ mod tests {
             state: CampaignState::Active,
             created_at_ms: 0,
             lifecycle: Default::default(),
+            schedule: Default::default(),
             stream: None,
         }
     }

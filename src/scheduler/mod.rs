@@ -28,13 +28,16 @@
 //!
 //! Memory and the cost of each operation are those of [`index::QueueIndex`].
 
+pub mod fair;
 pub mod index;
+mod pending;
+mod rate;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::store::spool::JobId;
-use index::{DomainId, PendingJob, QueueIndex};
+use index::{CampaignParams, CampaignView, DomainId, PendingJob, QueueIndex};
 
 /// Jobs of an upload put into the index per lock hold.
 pub const ENQUEUE_SLICE: usize = 4096;
@@ -68,6 +71,8 @@ pub struct DomainSummary {
     pub next_due_ms: Option<u64>,
     /// The pending job accepted first.
     pub oldest: Option<JobId>,
+    /// Pending jobs per priority, highest first.
+    pub by_priority: Vec<(u8, usize)>,
 }
 
 /// What [`Scheduler::set_suspended`] found.
@@ -92,6 +97,49 @@ impl Scheduler {
     pub fn install(&self, index: QueueIndex) {
         self.lock().index = index;
         self.wake.notify_one();
+    }
+
+    /// Runs `f` on the index and wakes the engine if it made something due sooner than
+    /// anything was before (a domain given back with a short wait, a job requeued), so the
+    /// coordinator never sleeps past it.
+    fn with_index<R>(&self, f: impl FnOnce(&mut QueueIndex) -> R) -> R {
+        let mut g = self.lock();
+        let before = g.index.next_wake();
+        let r = f(&mut g.index);
+        let after = g.index.next_wake();
+        drop(g);
+        if after.is_some_and(|a| before.is_none_or(|b| a < b)) {
+            self.wake();
+        }
+        r
+    }
+
+    // ---- campaigns ----
+
+    /// Registers a campaign's priority, weight and rate limit before its jobs are queued.
+    pub fn set_params(&self, campaign: u32, params: CampaignParams) {
+        self.with_index(|i| i.set_params(campaign, params));
+    }
+
+    /// A cancelled campaign: its jobs become due at once, held ones included, so delivery ends
+    /// them now rather than at their scheduled time.
+    pub fn expedite(&self, campaign: u32) {
+        self.with_index(|i| i.expedite(campaign, crate::now_ms()));
+    }
+
+    /// Forgets a campaign's parameters (it was archived).
+    pub fn forget(&self, campaign: u32) {
+        self.with_index(|i| i.set_params(campaign, CampaignParams::default()));
+    }
+
+    /// What the queue holds of a campaign now. O(domains).
+    pub fn campaign_view(&self, campaign: u32) -> CampaignView {
+        self.lock().index.campaign_view(campaign, crate::now_ms())
+    }
+
+    /// Jobs waiting for their campaign's `max_rate`.
+    pub fn rate_held(&self) -> usize {
+        self.lock().index.rate_held()
     }
 
     /// Wakes the delivery engine's coordinator (new work may be due sooner than it expects).
@@ -175,13 +223,30 @@ impl Scheduler {
         Some(name.to_owned())
     }
 
-    /// Takes up to `max` jobs of `d` due by `now_ms`, earliest first (none when suspended).
+    /// Takes up to `max` jobs of `d` due by `now_ms`, of one campaign chosen by priority and
+    /// fair share, earliest first (none when suspended).
     pub fn pop_due(&self, d: DomainId, now_ms: u64, max: usize) -> Vec<PendingJob> {
         let mut g = self.lock();
         if g.index.is_parked(d) {
             return Vec::new();
         }
         g.index.pop_due(d, now_ms, max)
+    }
+
+    /// Takes up to `max` jobs of `d` and `campaign` due by `now_ms` (more recipients for one
+    /// message; none when suspended).
+    pub fn pop_due_of(
+        &self,
+        d: DomainId,
+        campaign: u32,
+        now_ms: u64,
+        max: usize,
+    ) -> Vec<PendingJob> {
+        let mut g = self.lock();
+        if g.index.is_parked(d) {
+            return Vec::new();
+        }
+        g.index.pop_due_of(d, campaign, now_ms, max)
     }
 
     /// Takes up to `max` due jobs from the first of `domains` (a site's active domains, served
@@ -213,15 +278,16 @@ impl Scheduler {
     /// The engine stops serving `domains`; each is scheduled again at its next due time, not
     /// before `not_before_ms`.
     pub fn deactivate(&self, domains: impl IntoIterator<Item = DomainId>, not_before_ms: u64) {
-        let mut g = self.lock();
-        for d in domains {
-            g.index.deactivate(d, not_before_ms);
-        }
+        self.with_index(|i| {
+            for d in domains {
+                i.deactivate(d, not_before_ms);
+            }
+        });
     }
 
     /// Puts jobs taken out back into the index, each at its `due_ms`.
     pub fn requeue(&self, jobs: impl IntoIterator<Item = PendingJob>) {
-        self.lock().index.push_back_many(jobs);
+        self.with_index(|i| i.push_back_many(jobs));
     }
 
     /// Forgets `n` jobs of `d` taken out that reached a final state (or were dropped).
@@ -345,6 +411,7 @@ impl Scheduler {
                 suspended: s.parked,
                 next_due_ms: s.next_due_ms,
                 oldest: s.oldest,
+                by_priority: s.by_priority,
             })
             .collect()
     }

@@ -86,6 +86,9 @@ pub struct CampaignRecord {
     pub created_at_ms: u64,
     #[serde(flatten)]
     pub lifecycle: Lifecycle,
+    /// Priority, weight, scheduled send and rate limit, as given.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// The stream of a transactional bucket or message (see [`CampaignKind::Transactional`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
@@ -111,6 +114,25 @@ pub struct Lifecycle {
     /// no longer held in memory or read at start-up, only looked up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archived_at_ms: Option<u64>,
+}
+
+/// How a campaign's (or a message's) mail is scheduled against other mail, as the request gave
+/// it; unset fields take the defaults of its kind. A message's bucket holds the priority its
+/// messages share; a message's own record holds its `send_at`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// 0 to 9, higher first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// Its share against campaigns of the same priority (1 to 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Not attempted before this time (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at_ms: Option<u64>,
+    /// At most this many messages per period, on top of every site's limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<crate::config::Rate>,
 }
 
 fn personalised() -> bool {
@@ -517,8 +539,8 @@ pub struct Registry {
 struct RegistryInner {
     by_id: HashMap<Uuid, Arc<Campaign>>,
     by_seq: HashMap<u32, Arc<Campaign>>,
-    /// The newest bucket of each stream.
-    streams: HashMap<String, Arc<Campaign>>,
+    /// The newest bucket of each stream and priority (unset: the default for messages).
+    streams: HashMap<(String, Option<u8>), Arc<Campaign>>,
     next_seq: u32,
     /// Campaigns moved to the archive (not held here).
     archived: u64,
@@ -553,9 +575,10 @@ impl Registry {
             .as_ref()
             .filter(|_| campaign.record.is_bucket())
         {
-            let newer = g.streams.get(stream).is_none_or(|c| c.seq < campaign.seq);
+            let key = (stream.clone(), campaign.record.schedule.priority);
+            let newer = g.streams.get(&key).is_none_or(|c| c.seq < campaign.seq);
             if newer {
-                g.streams.insert(stream.clone(), Arc::clone(&campaign));
+                g.streams.insert(key, Arc::clone(&campaign));
             }
         }
         g.by_seq.insert(campaign.seq, campaign);
@@ -567,10 +590,11 @@ impl Registry {
         let mut g = self.inner.write().expect("registry lock");
         g.by_id.remove(&campaign.record.id);
         g.by_seq.remove(&campaign.seq);
-        if let Some(stream) = &campaign.record.stream
-            && g.streams.get(stream).is_some_and(|c| c.seq == campaign.seq)
-        {
-            g.streams.remove(stream);
+        if let Some(stream) = &campaign.record.stream {
+            let key = (stream.clone(), campaign.record.schedule.priority);
+            if g.streams.get(&key).is_some_and(|c| c.seq == campaign.seq) {
+                g.streams.remove(&key);
+            }
         }
         g.archived = archived;
     }
@@ -588,13 +612,13 @@ impl Registry {
         self.inner.read().expect("registry lock").archived
     }
 
-    /// The newest bucket of `stream`, if it has one.
-    pub fn stream(&self, stream: &str) -> Option<Arc<Campaign>> {
+    /// The newest bucket of `stream` for messages of `priority`, if it has one.
+    pub fn stream(&self, stream: &str, priority: Option<u8>) -> Option<Arc<Campaign>> {
         self.inner
             .read()
             .expect("registry lock")
             .streams
-            .get(stream)
+            .get(&(stream.to_owned(), priority))
             .cloned()
     }
 
@@ -651,6 +675,7 @@ mod tests {
             state: CampaignState::Active,
             created_at_ms: 1,
             lifecycle: Lifecycle::default(),
+            schedule: Schedule::default(),
             stream: None,
         }
     }

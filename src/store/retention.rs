@@ -121,6 +121,7 @@ async fn persist(
             // Under the lock, so a state change either wrote before this or finds the
             // campaign gone.
             node.campaigns.remove_archived(campaign, archived);
+            node.scheduler.forget(campaign.seq);
         }
     }
     if let Some(below) = delete_tombstones_below {

@@ -50,6 +50,8 @@ pub struct Captured {
     pub rcpts: Vec<String>,
     pub data: String,
     pub tls: bool,
+    /// When the final dot was answered.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -229,6 +231,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     rcpts: std::mem::take(&mut rcpts),
                     data,
                     tls,
+                    at: std::time::Instant::now(),
                 });
                 "250 2.0.0 queued".into()
             }

@@ -283,6 +283,21 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
     if let Some(stream) = &c.record.stream {
         v["stream"] = json!(stream);
     }
+    // Scheduling: the effective priority and weight, and what was asked for.
+    let sched = &c.record.schedule;
+    let params = crate::node::schedule_params(&c.record);
+    v["priority"] = json!(params.priority);
+    v["weight"] = json!(params.weight);
+    if let Some(rate) = sched.max_rate {
+        v["max_rate"] = json!(rate.to_string());
+    }
+    if let Some(ms) = sched.send_at_ms {
+        v["send_at"] = json!(time(ms));
+    }
+    v["scheduled"] = json!(
+        sched.send_at_ms.is_some_and(|ms| ms > crate::now_ms())
+            && c.state() != CampaignState::Cancelled
+    );
     // Retention's steps, once taken (see `[retention]`).
     let l = c.lifecycle();
     for (name, at) in [
@@ -298,9 +313,25 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
     v
 }
 
+/// `GET /v1/campaigns/{id}`: the campaign, and while it has recipients queued, its place in
+/// the queue: recipients waiting in domain queues and for its `max_rate`, the share of its
+/// domains' sending it gets now, and when its next recipient may be attempted.
 pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let (c, _) = find_any(&s.node, &id).await?;
-    Ok(axum::Json(campaign_json(&c)).into_response())
+    let (c, archived) = find_any(&s.node, &id).await?;
+    let mut v = campaign_json(&c);
+    if !archived {
+        let q = s.node.scheduler.campaign_view(c.seq);
+        let mut queue = json!({
+            "pending": q.pending,
+            "rate_held": q.rate_held,
+            "share": (q.share * 1000.0).round() / 1000.0,
+        });
+        if let Some(ms) = q.next_due_ms {
+            queue["next_attempt_at"] = json!(crate::effects::delivery_log::rfc3339(ms));
+        }
+        v["queue"] = queue;
+    }
+    Ok(axum::Json(v).into_response())
 }
 
 /// `GET /v1/campaigns?limit=`: the campaigns in memory, newest first, then the archived ones,

@@ -56,7 +56,7 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
             })
         })?;
     let stream = record.stream.clone().unwrap_or_default();
-    let bucket = bucket(node, &stream, now).await?;
+    let bucket = bucket(node, &stream, record.schedule.priority, now).await?;
     // The message is reported under its bucket: its Message-ID and events name the bucket.
     record.id = bucket.record.id;
     let mut upload = Upload::for_message(Arc::clone(node), Arc::clone(&bucket), record)?;
@@ -86,16 +86,19 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
 async fn bucket(
     node: &Arc<Node>,
     stream: &str,
+    priority: Option<u8>,
     now: u64,
 ) -> Result<Arc<crate::store::campaign::Campaign>, ApiError> {
-    node.stream_bucket(stream, now).await.map_err(|e| match e {
-        BucketError::Spool(e) => e.into(),
-        BucketError::Exhausted => ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "campaigns_exhausted",
-            "no campaign numbers left",
-        ),
-    })
+    node.stream_bucket(stream, priority, now)
+        .await
+        .map_err(|e| match e {
+            BucketError::Spool(e) => e.into(),
+            BucketError::Exhausted => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "campaigns_exhausted",
+                "no campaign numbers left",
+            ),
+        })
 }
 
 /// `GET /v1/messages/{id}`: a message (the id its 202 gave) or a campaign recipient (a job id

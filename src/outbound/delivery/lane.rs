@@ -136,8 +136,8 @@ impl Delivery {
     }
 
     /// Reads the leased jobs and groups them into transactions. Jobs of a campaign that is not
-    /// personalised are topped up with more of the domain's due jobs, so one message goes to as
-    /// many of its recipients as the site allows; the guard counts those as in flight.
+    /// personalised are topped up with more of its due jobs for the domain, so one message goes
+    /// to as many of its recipients as the site allows; the guard counts those as in flight.
     async fn take_groups<'s>(
         &self,
         site: &'s Site,
@@ -151,7 +151,11 @@ impl Delivery {
             && !first.campaign.record.personalised
             && prepared.len() < max_rcpt
         {
-            let more = self.pop_domain(first.job.domain, max_rcpt - prepared.len());
+            let more = self.pop_more(
+                first.job.domain,
+                first.job.id.campaign,
+                max_rcpt - prepared.len(),
+            );
             topped_up = Some(site.stats.hold(more.len()));
             prepared.extend(self.prepare(more, Some(site)).await);
         }

@@ -245,7 +245,7 @@ impl Delivery {
     /// queue no longer knows.
     async fn publish_stats(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
-        let mut labels = std::collections::HashSet::new();
+        let mut labels = stats::Published::default();
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => break,

@@ -204,10 +204,12 @@ impl Delivery {
         self.node.scheduler.release(job.domain, 1);
     }
 
-    /// Takes up to `max` more due jobs of `domain` for a merged message (none if the domain
-    /// was suspended meanwhile).
-    pub(super) fn pop_domain(&self, domain: DomainId, max: usize) -> Vec<PendingJob> {
-        self.node.scheduler.pop_due(domain, crate::now_ms(), max)
+    /// Takes up to `max` more due jobs of `domain` and `campaign` for a merged message (none if
+    /// the domain was suspended meanwhile).
+    pub(super) fn pop_more(&self, domain: DomainId, campaign: u32, max: usize) -> Vec<PendingJob> {
+        self.node
+            .scheduler
+            .pop_due_of(domain, campaign, crate::now_ms(), max)
     }
 }
 

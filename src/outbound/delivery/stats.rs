@@ -7,7 +7,7 @@
 //! queue index under its lock (O(queued), so every few seconds at most) and one job record per
 //! site from the spool on the blocking pool.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -48,6 +48,15 @@ static SITE_QUEUED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         "sluice_site_queue_jobs",
         "Recipients waiting per site (queued or deferred, due or not), refreshed every few seconds. site=\"unresolved\": domains not yet looked up.",
         &["site"]
+    )
+    .expect("metric registers once")
+});
+
+static SITE_QUEUED_BY_PRIORITY: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "sluice_site_queue_jobs_by_priority",
+        "Recipients waiting per site and priority (0 to 9, higher is sent first; messages default to 7, campaigns to 5), refreshed every few seconds. A high priority that stays large: lower ones get only their guaranteed share.",
+        &["site", "priority"]
     )
     .expect("metric registers once")
 });
@@ -252,6 +261,8 @@ pub struct SiteReport {
     pub domains: Vec<String>,
     pub domain_count: usize,
     pub queued: u64,
+    /// Queued recipients per priority (higher is sent first).
+    pub queued_by_priority: BTreeMap<u8, u64>,
     pub in_flight: u64,
     pub connections: Connections,
     /// Deliveries per second over the last ten seconds.
@@ -284,7 +295,10 @@ pub struct DomainReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
     pub queued: u64,
-    /// Jobs taken out of the queue: being delivered, or parked for a paused campaign.
+    /// Queued recipients per priority (higher is sent first).
+    pub queued_by_priority: BTreeMap<u8, u64>,
+    /// Jobs taken out of the queue: being delivered, parked for a paused campaign, or waiting
+    /// for their campaign's `max_rate`.
     pub held: u64,
     pub suspended: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,6 +318,7 @@ pub struct Report {
 #[derive(Default)]
 struct Acc {
     queued: u64,
+    by_priority: BTreeMap<u8, u64>,
     domains: Vec<String>,
     domain_count: usize,
     oldest: Option<JobId>,
@@ -339,6 +354,8 @@ pub async fn report(
             s.next_due_ms,
             s.oldest,
         );
+        let by_priority: BTreeMap<u8, u64> =
+            s.by_priority.iter().map(|&(p, n)| (p, n as u64)).collect();
         let site = domain_site(&name);
         queued += pending;
         held += h;
@@ -347,6 +364,9 @@ pub async fn report(
             ..Acc::default()
         });
         a.queued += pending;
+        for (&p, &n) in &by_priority {
+            *a.by_priority.entry(p).or_default() += n;
+        }
         a.domain_count += 1;
         a.all_parked &= parked;
         if a.domains.len() < 20 {
@@ -360,6 +380,7 @@ pub async fn report(
             domain: name,
             site,
             queued: pending,
+            queued_by_priority: by_priority,
             held: h,
             suspended: parked,
             next_attempt: next_due.map(crate::effects::delivery_log::rfc3339),
@@ -407,6 +428,7 @@ pub async fn report(
             domains: a.domains,
             domain_count: a.domain_count,
             queued: a.queued,
+            queued_by_priority: a.by_priority,
             in_flight: v.stats.in_flight(),
             connections: Connections {
                 open: v.stats.open(),
@@ -430,6 +452,9 @@ pub async fn report(
     let mut rest_oldest: Option<f64> = None;
     for (key, a) in acc {
         rest.queued += a.queued;
+        for (p, n) in a.by_priority {
+            *rest.by_priority.entry(p).or_default() += n;
+        }
         rest.domain_count += a.domain_count;
         rest.domains.extend(a.domains);
         if let Some(age) = ages.get(&key) {
@@ -444,6 +469,7 @@ pub async fn report(
             domains: rest.domains,
             domain_count: rest.domain_count,
             queued: rest.queued,
+            queued_by_priority: rest.by_priority,
             in_flight: 0,
             connections: Connections {
                 open: 0,
@@ -468,9 +494,38 @@ pub async fn report(
     }
 }
 
+/// The labels [`publish`] set last time.
+#[derive(Default)]
+pub struct Published {
+    sites: HashSet<String>,
+    priorities: HashSet<(String, u8)>,
+}
+
 /// Sets the per-site gauges from a report; labels that had values before and have none now are
 /// set to zero (summed over sites that share a label).
-pub fn publish(report: &Report, previous: &mut HashSet<String>) {
+pub fn publish(report: &Report, published: &mut Published) {
+    let mut by_priority: HashMap<(String, u8), i64> = HashMap::new();
+    for s in &report.sites {
+        for (&p, &n) in &s.queued_by_priority {
+            *by_priority.entry((s.label.clone(), p)).or_default() += n as i64;
+        }
+    }
+    for gone in published
+        .priorities
+        .iter()
+        .filter(|k| !by_priority.contains_key(*k))
+    {
+        SITE_QUEUED_BY_PRIORITY
+            .with_label_values(&[gone.0.as_str(), &gone.1.to_string()])
+            .set(0);
+    }
+    for ((label, p), n) in &by_priority {
+        SITE_QUEUED_BY_PRIORITY
+            .with_label_values(&[label.as_str(), &p.to_string()])
+            .set(*n);
+    }
+    published.priorities = by_priority.into_keys().collect();
+    let previous = &mut published.sites;
     let mut queued: HashMap<&str, i64> = HashMap::new();
     let mut in_flight: HashMap<&str, i64> = HashMap::new();
     let mut oldest: HashMap<&str, f64> = HashMap::new();
