@@ -145,6 +145,62 @@ async fn bad_requests_are_refused_and_change_nothing() {
             )
         },
         case(
+            "send_at more than a year ahead",
+            "/v1/campaigns",
+            with(good(), "send_at", json!("2099-01-01T00:00:00Z")),
+            422,
+            "invalid_field",
+            Some("send_at"),
+            "more than a year ahead",
+        ),
+        case(
+            "send_at not RFC 3339",
+            "/v1/messages",
+            json!({"from": "a@example.com", "to": "b@example.com", "subject": "s", "text": "t",
+                   "send_at": "next tuesday"}),
+            422,
+            "invalid_field",
+            Some("send_at"),
+            "RFC 3339",
+        ),
+        case(
+            "unknown priority",
+            "/v1/campaigns",
+            with(good(), "priority", json!("urgent")),
+            422,
+            "invalid_field",
+            Some("priority"),
+            "\"low\", \"normal\", \"high\"",
+        ),
+        case(
+            "weight out of range",
+            "/v1/campaigns",
+            with(good(), "weight", json!(0)),
+            422,
+            "invalid_field",
+            Some("weight"),
+            "from 1 to 1000",
+        ),
+        case(
+            "max_rate not a rate",
+            "/v1/campaigns",
+            with(good(), "max_rate", json!("10 per hour")),
+            422,
+            "invalid_field",
+            Some("max_rate"),
+            "not a rate",
+        ),
+        case(
+            "weight on a message",
+            "/v1/messages",
+            json!({"from": "a@example.com", "to": "b@example.com", "subject": "s", "text": "t",
+                   "weight": 2}),
+            422,
+            "invalid_field",
+            Some("weight"),
+            "only campaigns",
+        ),
+        case(
             "missing from",
             "/v1/campaigns",
             without(good(), "from"),
@@ -464,5 +520,19 @@ async fn bad_requests_are_refused_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["counts"]["queued"], 1);
+
+    // A send_at already past is accepted as "now": nothing is scheduled.
+    let (status, got) = common::post_json(
+        addr,
+        "/v1/campaigns",
+        &with(good(), "send_at", json!("2001-02-03T04:05:06+07:00")),
+    )
+    .await;
+    assert_eq!(status, 202, "{got}");
+    let id = got["id"].as_str().unwrap();
+    let (_, c) = common::get_json(addr, &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(c["scheduled"], false, "{c}");
+    assert!(c["send_at"].is_null(), "{c}");
+    assert!(c["queue"]["next_attempt_at"].is_string(), "{c}");
     node.shutdown().await;
 }
