@@ -58,10 +58,18 @@
 //!   and the registry hold recent campaigns only; `GET /v1/campaigns` reads the archive.
 //!
 //! **[`scheduler`]: which job when.** It owns the pending-job index ([`scheduler::index`], 16 bytes
-//! a job, per destination domain, a sorted run plus a heap for out-of-order jobs), the jobs parked
-//! for paused campaigns, the suspended domains and the engine's wake-up, behind one private lock.
-//! Its `//!` states where a job is at every moment and what may be held when. Uploads are indexed
-//! in slices, so a million-recipient commit never stalls delivery.
+//! a job, per destination domain), the jobs parked for paused campaigns, the suspended domains and
+//! the engine's wake-up, behind one private lock. Its `//!` states where a job is at every moment
+//! and what may be held when. Uploads are indexed in slices, so a million-recipient commit never
+//! stalls delivery. Within a domain, [`scheduler::fair`] orders jobs: one flow per campaign (a
+//! sorted run plus a heap for out-of-order jobs, `scheduler::pending`), flows grouped by
+//! priority; the highest priority with due mail goes first while lower ones keep a guaranteed
+//! share, and flows of a priority are served by start-time fair queuing weighted by the
+//! campaign's weight. `send_at` is just the jobs' due time. A campaign's `max_rate` holds its
+//! jobs in a per-campaign queue (`scheduler::rate`, a GCRA) that lets them into the domain
+//! queues at that rate, so a limit across thousands of domains costs one schedule entry, not a
+//! wake-up per domain. Campaigns register their parameters with the scheduler before their jobs
+//! are queued ([`node::Node::register`]).
 //!
 //! **[`outbound`]: due jobs to SMTP transactions.**
 //!
@@ -193,7 +201,12 @@
 //!   `max_connections` count pooled and busy connections together.
 //! * The design's "queue manager" is the [`scheduler`], which also owns parked jobs and suspended
 //!   domains: everything that decides whether a job may be taken sits behind one lock.
-//! * Campaigns share a site in queue order (due time, then job id), not round-robin by campaign.
+//! * Fair share is per destination domain (a site serves its domains in turn), not per site:
+//!   the queue index is per domain, and campaigns of one site mostly share its domains, so the
+//!   two agree; campaigns sending to different domains of one site split it by domain, whatever
+//!   their weights. Tenants will be a level above campaigns in the same structure.
+//! * A stream's messages share one flow per priority (their bucket), rather than a flow each:
+//!   a flow per message would make fair queuing degenerate into FIFO among messages anyway.
 //! * The signed header list adds Reply-To to the design's; absent headers are signed as empty, so
 //!   none of them can be added in transit.
 //! * Ingest renders each recipient's variables against the templates (the rule that a
