@@ -24,7 +24,8 @@ pub struct SendArgs {
     #[arg(long)]
     pub csv: PathBuf,
     /// The campaign as JSON, like the body of `POST /v1/campaigns` without `recipients`:
-    /// {"from", "subject", "text"/"html", "reply_to", "headers", "tags", ...}.
+    /// {"from", "subject", "text"/"html", "reply_to", "headers", "tags", "priority", "weight",
+    /// "send_at", "max_rate", ...}.
     #[arg(long)]
     pub template: PathBuf,
     /// Overrides the template's `from`.

@@ -8,9 +8,9 @@
 //! # Invariants
 //!
 //! * **Where a job is.** A queued job is in exactly one place: pending in the index (scheduled by
-//!   its due time), *held* (taken out by [`Scheduler::pop_due`] for an attempt, or staged by an
-//!   upload that has not committed yet: the index counts these per domain as pins), or parked
-//!   here for its paused campaign (also a pin). It leaves the scheduler only through
+//!   its due time), *held* (taken out by [`Scheduler::pop_due`] for an attempt, staged by an
+//!   upload that has not committed yet, or waiting in its campaign's `max_rate` hold: the index
+//!   counts these per domain as pins), or parked here for its paused campaign (also a pin). It leaves the scheduler only through
 //!   [`Scheduler::release`] (final state), and comes back through [`Scheduler::requeue`].
 //!   A domain with pins is never evicted, so a held job's `DomainId` stays valid.
 //! * **Who serves a domain.** A domain handed out by [`Scheduler::take_due_domains`] is *active*:
@@ -25,6 +25,10 @@
 //!   keep taking jobs while a large upload is indexed.
 //! * **Lock order.** This lock is a leaf: it may be taken while a caller holds its own lock (a
 //!   site's, in delivery), never the other way round.
+//!
+//! * **Order.** Which of a domain's due jobs goes next is [`fair`]'s: priority classes with a
+//!   guaranteed share for lower ones, then weighted fair queuing across campaigns. A campaign's
+//!   parameters are set ([`Scheduler::set_params`]) before its first job is queued.
 //!
 //! Memory and the cost of each operation are those of [`index::QueueIndex`].
 
