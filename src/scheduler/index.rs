@@ -181,14 +181,31 @@ impl QueueIndex {
         if let Some(at) = h.scheduled_at.take() {
             self.releases.remove(&(at, campaign));
         }
+        let jobs: Vec<(u64, u32, u32)> = h.drain().collect();
         let mut touched = Vec::new();
-        for (due, index, domain) in h.drain() {
+        self.let_in(campaign, params, jobs, &mut touched);
+        self.reschedule_all(touched);
+    }
+
+    /// Moves held jobs `(due, index, domain)` of `campaign` into their domains' queues (their
+    /// domains, to reschedule, into `touched`).
+    fn let_in(
+        &mut self,
+        campaign: u32,
+        params: CampaignParams,
+        jobs: Vec<(u64, u32, u32)>,
+        touched: &mut Vec<DomainId>,
+    ) {
+        for (due, index, domain) in jobs {
             let domain = DomainId(domain);
             self.rate_held -= 1;
             self.unpin(domain, 1);
             self.insert_fair(params, JobId { campaign, index }, domain, due);
             touched.push(domain);
         }
+    }
+
+    fn reschedule_all(&mut self, mut touched: Vec<DomainId>) {
         touched.sort_unstable();
         touched.dedup();
         for d in touched {
@@ -273,11 +290,7 @@ impl QueueIndex {
                 touched.push(job.domain);
             }
         }
-        touched.sort_unstable();
-        touched.dedup();
-        for d in touched {
-            self.reschedule(d);
-        }
+        self.reschedule_all(touched);
     }
 
     /// Forgets `n` jobs taken out or pinned that reached a final state (or were dropped).
@@ -422,19 +435,9 @@ impl QueueIndex {
                 held.scheduled_at = Some(at);
                 self.releases.insert((at, campaign));
             }
-            for (due, index, domain) in released {
-                let domain = DomainId(domain);
-                self.rate_held -= 1;
-                self.unpin(domain, 1);
-                self.insert_fair(params, JobId { campaign, index }, domain, due);
-                touched.push(domain);
-            }
+            self.let_in(campaign, params, released, &mut touched);
         }
-        touched.sort_unstable();
-        touched.dedup();
-        for d in touched {
-            self.reschedule(d);
-        }
+        self.reschedule_all(touched);
     }
 
     /// The earliest time anything is scheduled: a domain's next due job or a held job's release.
