@@ -405,14 +405,19 @@ pub enum BucketError {
 /// The scheduler's parameters for a campaign or bucket record: its priority (else its kind's
 /// default: messages go ahead of campaigns), weight and rate limit.
 pub fn schedule_params(record: &CampaignRecord) -> CampaignParams {
-    use crate::scheduler::fair::{PRIORITY_HIGH, PRIORITY_NORMAL};
     let s = &record.schedule;
     CampaignParams {
-        priority: s.priority.unwrap_or(match record.kind {
-            CampaignKind::Bulk => PRIORITY_NORMAL,
-            CampaignKind::Transactional => PRIORITY_HIGH,
-        }),
+        priority: s.priority.unwrap_or(default_priority(record.kind)),
         weight: s.weight.unwrap_or(1),
         max_rate: s.max_rate,
+    }
+}
+
+/// The priority of mail that gives none: transactional messages go ahead of campaigns.
+pub fn default_priority(kind: CampaignKind) -> u8 {
+    use crate::scheduler::fair::{PRIORITY_HIGH, PRIORITY_NORMAL};
+    match kind {
+        CampaignKind::Bulk => PRIORITY_NORMAL,
+        CampaignKind::Transactional => PRIORITY_HIGH,
     }
 }

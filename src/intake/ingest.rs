@@ -380,10 +380,7 @@ pub fn check_schedule(
                     ),
                 )
             })?;
-            let default = match kind {
-                CampaignKind::Bulk => PRIORITY_NORMAL,
-                CampaignKind::Transactional => PRIORITY_HIGH,
-            };
+            let default = crate::node::default_priority(kind);
             (kind == CampaignKind::Bulk || p != default).then_some(p)
         }
     };
