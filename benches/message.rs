@@ -64,6 +64,7 @@ fn record() -> CampaignRecord {
         created_at_ms: 1_700_000_000_000,
         lifecycle: Default::default(),
         schedule: Default::default(),
+        pool: None,
         stream: None,
     }
 }

@@ -71,6 +71,14 @@ pub struct Config {
     /// Static routes: mail for `domain` goes to `relay` instead of its MX hosts.
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    /// Egress sources: local addresses mail is sent from. None: one source, `default`, from
+    /// `delivery.source_ip` (or the address the OS picks) with `delivery.ehlo_name`.
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceConfig>,
+    /// Pools of sources that campaigns and messages pick by name (`pool`). A pool named
+    /// `default` takes mail without one; without it, the default pool is every source, weight 1.
+    #[serde(default, rename = "pool")]
+    pub pools: Vec<PoolConfig>,
     /// Envelope sender (VERP return path).
     #[serde(default)]
     pub bounce: BounceConfig,
@@ -390,6 +398,118 @@ impl Rule {
     }
 }
 
+/// One egress source: a local address to send from, and the EHLO name that goes with it (in
+/// production, the name the address's PTR record gives).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Names it in pools, reports and metrics.
+    pub name: String,
+    /// The local IP address connections are bound to; it must be an address of this host.
+    pub address: std::net::IpAddr,
+    /// EHLO name; default `delivery.ehlo_name`.
+    #[serde(default)]
+    pub ehlo_name: Option<String>,
+}
+
+/// A named set of sources sharing traffic by weight.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    pub sources: Vec<PoolMember>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolMember {
+    pub source: String,
+    /// Its share of the pool's traffic against the other members' weights (default 1).
+    #[serde(default = "defaults::pool_weight")]
+    pub weight: u32,
+}
+
+/// The name of the pool mail without a `pool` goes through, and of the implicit source.
+pub const DEFAULT_POOL: &str = "default";
+
+/// A source as delivery uses it: the config's, or the implicit one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub name: String,
+    pub address: Option<std::net::IpAddr>,
+    pub ehlo_name: String,
+}
+
+/// A pool as delivery uses it: members as indexes into [`Config::egress_sources`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    pub members: Vec<(usize, u32)>,
+}
+
+impl Config {
+    /// The sources delivery sends from, in config order (the implicit `default` one when none
+    /// is configured).
+    pub fn egress_sources(&self) -> Vec<Source> {
+        if self.sources.is_empty() {
+            return vec![Source {
+                name: DEFAULT_POOL.to_owned(),
+                address: self.delivery.source_ip,
+                ehlo_name: self.delivery.ehlo_name.clone(),
+            }];
+        }
+        self.sources
+            .iter()
+            .map(|s| Source {
+                name: s.name.clone(),
+                address: Some(s.address),
+                ehlo_name: s
+                    .ehlo_name
+                    .clone()
+                    .unwrap_or_else(|| self.delivery.ehlo_name.clone()),
+            })
+            .collect()
+    }
+
+    /// The pools, with the default one first (the configured `default`, else every source with
+    /// weight 1). Members naming unknown sources are left out (validation refuses them).
+    pub fn egress_pools(&self) -> Vec<Pool> {
+        let sources = self.egress_sources();
+        let index = |name: &str| sources.iter().position(|s| s.name == name);
+        let mut pools: Vec<Pool> = self
+            .pools
+            .iter()
+            .map(|p| Pool {
+                name: p.name.clone(),
+                members: p
+                    .sources
+                    .iter()
+                    .filter_map(|m| Some((index(&m.source)?, m.weight)))
+                    .collect(),
+            })
+            .collect();
+        match pools.iter().position(|p| p.name == DEFAULT_POOL) {
+            Some(i) => {
+                let d = pools.remove(i);
+                pools.insert(0, d);
+            }
+            None => pools.insert(
+                0,
+                Pool {
+                    name: DEFAULT_POOL.to_owned(),
+                    members: (0..sources.len()).map(|i| (i, 1)).collect(),
+                },
+            ),
+        }
+        pools
+    }
+
+    /// Whether mail may name pool `name`.
+    pub fn has_pool(&self, name: &str) -> bool {
+        name == DEFAULT_POOL || self.pools.iter().any(|p| p.name == name)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
@@ -699,6 +819,9 @@ mod defaults {
     }
     pub fn retry_max() -> Duration {
         Duration::from_secs(4 * 3600)
+    }
+    pub fn pool_weight() -> u32 {
+        1
     }
     pub fn lower_priority_share() -> f64 {
         0.1
@@ -1018,6 +1141,74 @@ impl Config {
                 );
             }
         }
+        let mut source_names = std::collections::HashSet::new();
+        for (i, src) in self.sources.iter().enumerate() {
+            if !valid_name(&src.name) {
+                bad(
+                    &format!("source[{i}].name"),
+                    format!(
+                        "{:?}: a name is 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'",
+                        src.name
+                    ),
+                );
+            } else if !source_names.insert(src.name.as_str()) {
+                bad(
+                    &format!("source[{i}].name"),
+                    format!("{:?} names two sources", src.name),
+                );
+            }
+            // Binding to it is what delivery will do: an address this host does not have fails.
+            if let Err(e) = std::net::TcpListener::bind((src.address, 0)) {
+                bad(
+                    &format!("source[{i}].address"),
+                    format!("{} is not an address of this host: {e}", src.address),
+                );
+            }
+            if let Some(name) = &src.ehlo_name
+                && crate::intake::address::check_host_name(name).is_err()
+            {
+                bad(
+                    &format!("source[{i}].ehlo_name"),
+                    format!("{name:?} is not a host name"),
+                );
+            }
+        }
+        let mut pool_names = std::collections::HashSet::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            if !valid_name(&p.name) {
+                bad(
+                    &format!("pool[{i}].name"),
+                    format!(
+                        "{:?}: a name is 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'",
+                        p.name
+                    ),
+                );
+            } else if !pool_names.insert(p.name.as_str()) {
+                bad(
+                    &format!("pool[{i}].name"),
+                    format!("{:?} names two pools", p.name),
+                );
+            }
+            for (j, m) in p.sources.iter().enumerate() {
+                let known = if self.sources.is_empty() {
+                    m.source == DEFAULT_POOL
+                } else {
+                    source_names.contains(m.source.as_str())
+                };
+                if !known {
+                    bad(
+                        &format!("pool[{i}].sources[{j}].source"),
+                        format!("no [[source]] is named {:?}", m.source),
+                    );
+                }
+            }
+            if p.sources.iter().map(|m| u64::from(m.weight)).sum::<u64>() == 0 {
+                bad(
+                    &format!("pool[{i}].sources"),
+                    "a pool needs at least one source with a weight above 0".into(),
+                );
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
             if r.domain.is_empty() {
                 bad(&format!("route[{i}].domain"), "must not be empty".into());
@@ -1250,6 +1441,14 @@ fn toml_error(file: &str, text: &str, key: &str, e: &toml::de::Error) -> ConfigE
     }
 }
 
+/// A source or pool name: 1 to 64 of `A-Z a-z 0-9 . _ -` (it becomes a metric label).
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1310,6 +1509,59 @@ mod tests {
         );
         let e = errors("[http\n");
         assert!(e[0].starts_with("t.toml: (syntax) (line 1): "), "{e:?}");
+    }
+
+    #[test]
+    fn sources_and_pools() {
+        let head = "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[delivery]\nehlo_name = \"mta.example.com\"\n";
+        let c = Config::from_toml(
+            "t.toml",
+            &format!(
+                "{head}[[source]]\nname = \"a\"\naddress = \"127.0.0.21\"\nehlo_name = \"a.example.com\"\n\
+                 [[source]]\nname = \"b\"\naddress = \"127.0.0.22\"\n\
+                 [[pool]]\nname = \"warm\"\nsources = [{{source = \"a\", weight = 2}}, {{source = \"b\"}}]\n"
+            ),
+            None,
+        )
+        .unwrap();
+        let sources = c.egress_sources();
+        assert_eq!(sources[0].ehlo_name, "a.example.com");
+        assert_eq!(sources[1].ehlo_name, "mta.example.com");
+        let pools = c.egress_pools();
+        assert_eq!(pools[0].name, DEFAULT_POOL);
+        assert_eq!(pools[0].members, vec![(0, 1), (1, 1)]);
+        assert_eq!(pools[1].members, vec![(0, 2), (1, 1)]);
+        assert!(c.has_pool("warm") && c.has_pool(DEFAULT_POOL) && !c.has_pool("cold"));
+        // Without sources: one implicit source and pool.
+        let c = Config::from_toml("t.toml", head, None).unwrap();
+        assert_eq!(c.egress_sources()[0].name, DEFAULT_POOL);
+        assert_eq!(c.egress_pools()[0].members, vec![(0, 1)]);
+
+        let e = errors(&format!(
+            "{head}[[source]]\nname = \"a\"\naddress = \"192.0.2.1\"\n\
+             [[source]]\nname = \"a\"\naddress = \"127.0.0.1\"\nehlo_name = \"not a name\"\n\
+             [[pool]]\nname = \"p\"\nsources = [{{source = \"nope\"}}, {{source = \"a\", weight = 0}}]\n\
+             [[pool]]\nname = \"q\"\nsources = [{{source = \"a\", weight = 0}}]\n"
+        ));
+        let keys: Vec<&str> = e
+            .iter()
+            .map(|l| l.split(": ").nth(1).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                "source[0].address",
+                "source[1].name",
+                "source[1].ehlo_name",
+                "pool[0].sources[0].source",
+                "pool[1].sources",
+            ],
+            "{e:?}"
+        );
+        assert!(
+            e[0].contains("192.0.2.1 is not an address of this host"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -340,6 +340,7 @@ impl Node {
                 priority,
                 ..Default::default()
             },
+            pool: None,
             stream: Some(stream.to_owned()),
         };
         let mut batch = self.spool.batch();

@@ -1,8 +1,8 @@
 //! The end-to-end tests, one module per area, in one binary: each starts Sluice in-process (or
 //! as a process) with its own spool, sinks and ports, so they run side by side. Two have a
 //! binary of their own: the full-disk test (`tests/full_disk.rs`) reads a gauge every node in a
-//! process sets, and `tests/scheduler.rs` measures delivery's rate, which tests running beside
-//! it on the same cores would skew.
+//! process sets, and `tests/scheduler.rs` and `tests/fairness.rs` measure delivery's rates,
+//! which tests running beside them on the same cores would skew.
 
 mod common;
 
@@ -22,6 +22,7 @@ mod message;
 mod retention;
 mod security;
 mod shutdown;
+mod sources;
 mod streams;
 mod suppression;
 mod webhooks;

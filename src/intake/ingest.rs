@@ -96,6 +96,8 @@ pub struct CampaignFields {
     pub weight: Option<serde_json::Value>,
     pub send_at: Option<String>,
     pub max_rate: Option<String>,
+    /// The egress pool (checked against the config by the API).
+    pub pool: Option<String>,
 }
 
 /// The body of `POST /v1/campaigns` (with `recipients`) and `POST /v1/messages` (with `to` and
@@ -132,6 +134,8 @@ pub struct ComposeRequest<'a> {
     pub send_at: Option<String>,
     #[serde(default)]
     pub max_rate: Option<String>,
+    #[serde(default)]
+    pub pool: Option<String>,
     #[serde(default, borrow)]
     pub recipients: Option<Vec<&'a RawValue>>,
     #[serde(default)]
@@ -159,6 +163,7 @@ impl<'a> ComposeRequest<'a> {
             weight: self.weight,
             send_at: self.send_at,
             max_rate: self.max_rate,
+            pool: self.pool,
         };
         (
             fields,
@@ -331,6 +336,7 @@ pub fn validate_campaign(
         created_at_ms: now_ms,
         lifecycle: Default::default(),
         schedule,
+        pool: fields.pool,
         stream,
     };
     let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;

@@ -593,6 +593,7 @@ mod tests {
             created_at_ms: 0,
             lifecycle: Default::default(),
             schedule: Default::default(),
+            pool: None,
             stream: None,
         }
     }

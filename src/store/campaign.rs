@@ -89,6 +89,9 @@ pub struct CampaignRecord {
     /// Priority, weight, scheduled send and rate limit, as given.
     #[serde(flatten)]
     pub schedule: Schedule,
+    /// The pool of egress sources it is sent through; unset: the default pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// The stream of a transactional bucket or message (see [`CampaignKind::Transactional`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
@@ -676,6 +679,7 @@ mod tests {
             created_at_ms: 1,
             lifecycle: Lifecycle::default(),
             schedule: Schedule::default(),
+            pool: None,
             stream: None,
         }
     }

@@ -50,8 +50,12 @@ pub struct Captured {
     pub rcpts: Vec<String>,
     pub data: String,
     pub tls: bool,
-    /// When the final dot was answered.
+    /// When the message was taken (just before the final dot is answered).
     pub at: std::time::Instant,
+    /// The client's address (the sender's egress source).
+    pub peer: std::net::IpAddr,
+    /// The name the client gave in EHLO or HELO.
+    pub ehlo: String,
 }
 
 #[derive(Default)]
@@ -79,7 +83,8 @@ impl Sink {
         let stats = Arc::new(SinkStats::default());
         let s = Arc::clone(&stats);
         tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
+            while let Ok((tcp, peer)) = listener.accept().await {
+                let peer = peer.ip();
                 // Replies to pipelined commands are separate small writes: without this, Nagle
                 // and delayed ACKs add 40 ms to each transaction.
                 let _ = tcp.set_nodelay(true);
@@ -97,12 +102,12 @@ impl Sink {
                         return;
                     }
                     let _ = io.get_mut().write_all(b"220 sink.test ESMTP\r\n").await;
-                    if session(&mut io, &opts, &s, id, false).await == Next::StartTls
+                    if session(&mut io, &opts, &s, id, false, peer).await == Next::StartTls
                         && let Some(acceptor) = &opts.tls
                         && let Ok(tls) = acceptor.accept(io.into_inner()).await
                     {
                         let mut io = BufReader::new(tls);
-                        session(&mut io, &opts, &s, id, true).await;
+                        session(&mut io, &opts, &s, id, true, peer).await;
                     }
                     s.open.fetch_sub(1, Ordering::SeqCst);
                 });
@@ -128,8 +133,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     stats: &SinkStats,
     id: usize,
     tls: bool,
+    peer: std::net::IpAddr,
 ) -> Next {
     let mut line = String::new();
+    let mut ehlo = String::new();
     let mut mail_from = String::new();
     let mut rcpts: Vec<String> = Vec::new();
     loop {
@@ -140,6 +147,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let cmd = line.trim_end().to_owned();
         let upper = cmd.to_ascii_uppercase();
+        if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            ehlo = cmd.get(5..).unwrap_or("").trim().to_owned();
+        }
         let reply: String = if upper.starts_with("EHLO") {
             let mut r = String::from("250-sink.test\r\n");
             if opts.pipelining {
@@ -232,6 +242,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     data,
                     tls,
                     at: std::time::Instant::now(),
+                    peer,
+                    ehlo: ehlo.clone(),
                 });
                 "250 2.0.0 queued".into()
             }

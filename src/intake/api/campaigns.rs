@@ -21,7 +21,9 @@ use super::{
 };
 use crate::intake::ingest::{self, ComposeRequest, FieldError, RecipientRules, Rejected, Upload};
 use crate::node::Node;
-use crate::store::campaign::{ArchivedCampaign, Campaign, CampaignKind, CampaignState};
+use crate::store::campaign::{
+    ArchivedCampaign, Campaign, CampaignKind, CampaignRecord, CampaignState,
+};
 
 /// Collects per-recipient rejections, keeping at most `cap` of them.
 pub(super) struct RejectList {
@@ -165,6 +167,7 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
     }
     let (record, rules) = ingest::validate_campaign(fields, CampaignKind::Bulk, limits, now_ms())
         .map_err(ApiError::invalid)?;
+    check_pool(node, &record)?;
     let seq = node.campaigns.allocate_seq().ok_or_else(|| {
         ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
@@ -212,6 +215,23 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
         })
         .await?;
     Ok(json_response(StatusCode::ACCEPTED, body))
+}
+
+/// 422 naming `pool` when the record names a pool the config does not have.
+pub(super) fn check_pool(node: &Node, record: &CampaignRecord) -> Result<(), ApiError> {
+    match &record.pool {
+        Some(p) if !node.config.has_pool(p) => {
+            let mut known: Vec<&str> = node.config.pools.iter().map(|p| p.name.as_str()).collect();
+            if !known.contains(&crate::config::DEFAULT_POOL) {
+                known.insert(0, crate::config::DEFAULT_POOL);
+            }
+            Err(ApiError::invalid(FieldError::new(
+                "pool",
+                format!("no pool is named {p:?}; the pools are {}", known.join(", ")),
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn join_field(prefix: &str, field: &str) -> String {
@@ -294,6 +314,12 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
     if let Some(ms) = sched.send_at_ms {
         v["send_at"] = json!(time(ms));
     }
+    v["pool"] = json!(
+        c.record
+            .pool
+            .as_deref()
+            .unwrap_or(crate::config::DEFAULT_POOL)
+    );
     v["scheduled"] = json!(
         sched.send_at_ms.is_some_and(|ms| ms > crate::now_ms())
             && c.state() != CampaignState::Cancelled

@@ -43,6 +43,7 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
     let (mut record, rules) =
         ingest::validate_campaign(fields, CampaignKind::Transactional, limits, now)
             .map_err(ApiError::invalid)?;
+    super::campaigns::check_pool(node, &record)?;
     let valid =
         ingest::check_recipient(to, recipients.vars, &rules, limits).map_err(|(_, e)| {
             let field = if e.field == "email" {

@@ -1,18 +1,25 @@
-//! Lanes: a site runs up to `max_connections` of them. A lane owns one connection at a time,
-//! takes due jobs round-robin from the site's domains ([`super::pick`]), and sends them
-//! ([`super::transact`]) until the site has nothing due, a throttle says wait, its connection
-//! fails or delivery stops.
+//! Lanes: a site runs up to `max_connections` of them per egress source. A lane owns one
+//! connection at a time, takes due jobs round-robin from the site's domains ([`super::pick`]),
+//! and sends them ([`super::transact`]) until the site has nothing due, a throttle says wait, its
+//! connection fails or delivery stops.
+//!
+//! Each transaction goes from a source of its campaign's pool, picked by smooth weighted
+//! round-robin per (site, pool) ([`Site::pick_source`]); the lane switches to a connection of
+//! that source (pooling the one it had). Every source has `max_connections` connections to the
+//! site ([`stats::Slot`]); when all of the picked source's are busy, the lane waits for one (up
+//! to [`MAX_LANE_WAIT`]) rather than sending from another source, so shares follow the weights.
 //!
 //! Throttles answer "not before T": a short wait is taken holding only the connection; a long one
-//! ends the lane and the site's domains are rescheduled for T. Nothing waits while holding a job.
-//! Idle connections stay in the site's pool up to `idle_timeout` and are reused up to
-//! `max_messages_per_connection` transactions.
+//! ends the lane and the site's domains are rescheduled for T. Apart from that wait for a busy
+//! source, nothing waits while holding a job. Idle connections stay in the site's pool up to
+//! `idle_timeout` and are reused up to `max_messages_per_connection` transactions.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::pick::{Prepared, group_recipients};
 use super::site::{Site, throttle};
+use super::stats::Slot;
 use super::{Delivery, stats};
 use crate::outbound::outcome::Outcome;
 use crate::scheduler::index::PendingJob;
@@ -21,6 +28,9 @@ use crate::scheduler::index::PendingJob;
 const LANE_BATCH: usize = 8;
 /// Jobs deferred per failed connection round of a site.
 const FAIL_BATCH: usize = 32;
+/// How often a lane looks again for a free connection of a source whose connections are all
+/// busy (for up to [`MAX_LANE_WAIT`]).
+const SOURCE_BUSY_POLL: Duration = Duration::from_millis(2);
 /// A throttle wait up to this long is taken inside the lane; longer ends the lane.
 const MAX_LANE_WAIT: Duration = Duration::from_secs(1);
 
@@ -36,10 +46,12 @@ impl Delivery {
     /// Starts one more lane if the site has work, room and is not backed off.
     pub(super) fn ensure_lanes(self: &Arc<Self>, site: &Arc<Site>) {
         let mut g = site.lock();
-        if g.active.is_empty()
-            || g.lanes >= site.shaping.max_connections
-            || self.stop.is_cancelled()
-        {
+        // Each source has max_connections of its own (see `connection`).
+        let max_lanes = site
+            .shaping
+            .max_connections
+            .saturating_mul(self.sources.len() as u32);
+        if g.active.is_empty() || g.lanes >= max_lanes || self.stop.is_cancelled() {
             return;
         }
         if crate::now_ms() < g.backoff_until_ms {
@@ -118,7 +130,14 @@ impl Delivery {
                     self.requeue(g.into_iter().chain(groups.flatten()));
                     return 0;
                 }
-                match self.connection(site, conn).await {
+                let pool = self.pool_of(&g[0].campaign);
+                let members = &self.pools[pool].members;
+                let Some(source) = site.pick_source(pool, members) else {
+                    tracing::error!(pool = %self.pools[pool].name, "pool without a weighted source");
+                    self.requeue(g.into_iter().chain(groups.flatten()));
+                    return crate::now_ms() + MAX_LANE_WAIT.as_millis() as u64;
+                };
+                match self.connection(site, source, conn).await {
                     Ok(c) => self.attempt(g, site, c).await,
                     Err(NoConnection::Throttled(wait)) => {
                         // Put the jobs back untouched; the site is retried when allowed.
@@ -162,29 +181,58 @@ impl Delivery {
         (group_recipients(prepared, max_rcpt), topped_up)
     }
 
-    /// The lane's connection: the current one if still good, else a pooled one, else a new one
-    /// if the connection rate allows.
+    /// The lane's connection from `source`: the current one if it is of that source and still
+    /// good, else a pooled one of the source, else a new one if the source has a connection
+    /// place free and the connection rate allows. A good connection of another source goes
+    /// back to the pool.
     async fn connection<'c>(
         &self,
         site: &Site,
+        source: usize,
         conn: &'c mut Option<stats::Held>,
     ) -> Result<&'c mut stats::Held, NoConnection> {
-        let fresh = conn.as_ref().is_some_and(|c| {
+        let usable = |c: &stats::Held| {
             c.is_reusable() && c.transactions < site.shaping.max_messages_per_connection
-        });
+        };
+        let fresh = conn
+            .as_ref()
+            .is_some_and(|c| c.source == source && usable(c));
+        let mut waited = Duration::ZERO;
         if !fresh {
             if let Some(old) = conn.take() {
-                // Closed before a new one opens, so max_connections holds at the receiver.
-                old.quit().await;
+                if old.source != source && usable(&old) {
+                    site.lock().idle.push(old.idle());
+                } else {
+                    // Closed before a new one opens, so max_connections holds at the receiver.
+                    old.quit().await;
+                }
             }
-            *conn = site.take_idle();
-            if conn.is_none() {
+            let slot = loop {
+                *conn = site.take_idle(source);
+                if conn.is_some() {
+                    break None;
+                }
+                if let Some(slot) = Slot::take(&site.open, source, site.shaping.max_connections) {
+                    break Some(slot);
+                }
+                // Every connection of this source is busy: its share waits for one, as a
+                // source's queue does in any MTA, rather than going out from another source.
+                if waited >= MAX_LANE_WAIT {
+                    return Err(NoConnection::Throttled(SOURCE_BUSY_POLL));
+                }
+                tokio::time::sleep(SOURCE_BUSY_POLL).await;
+                waited += SOURCE_BUSY_POLL;
+            };
+            if let Some(slot) = slot {
                 if let Some(wait) = throttle(&site.connection_rate) {
                     return Err(NoConnection::Throttled(wait));
                 }
-                let c = self.connect(site).await.map_err(NoConnection::Failed)?;
+                let c = self
+                    .connect(site, source)
+                    .await
+                    .map_err(NoConnection::Failed)?;
                 site.lock().failures = 0;
-                *conn = Some(site.stats.track(c));
+                *conn = Some(site.stats.track(c, slot));
             }
         }
         Ok(conn.as_mut().expect("a connection was just set"))

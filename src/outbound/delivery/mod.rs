@@ -14,7 +14,8 @@
 //! * [`site`]: a site's live state: throttles, lanes, idle connections, backoff. A site whose
 //!   connections fail is backed off (doubling up to `site_backoff_max`), deferring one batch per
 //!   failure so that every recipient's log shows what happened.
-//! * [`lane`]: up to `max_connections` lanes per site, each owning one connection at a time.
+//! * [`lane`]: up to `max_connections` lanes per site and egress source, each owning one
+//!   connection at a time; each transaction goes from a source of its campaign's pool, by weight.
 //! * [`pick`]: pick and lease: jobs taken from the scheduler, read and decoded once, checked
 //!   (paused, cancelled, suppressed, expired) and grouped into transactions.
 //! * [`transact`]: render, sign and send one message.
@@ -83,7 +84,12 @@ pub struct Delivery {
     node: Arc<Node>,
     config: Arc<Config>,
     dns: Dns,
-    client: ClientSettings,
+    /// Per egress source (see [`Config::egress_sources`]): its address and EHLO name.
+    sources: Vec<crate::config::Source>,
+    /// Client settings per source (they differ by EHLO name).
+    clients: Vec<ClientSettings>,
+    /// Pools of sources; the default one first.
+    pools: Vec<crate::config::Pool>,
     sites: Mutex<HashMap<String, Arc<Site>>>,
     /// The site key each domain was last resolved to, for reports.
     domain_sites: Mutex<HashMap<String, String>>,
@@ -112,8 +118,15 @@ impl Delivery {
             data_final: d.data_final_timeout,
         };
         let (tx, rx) = mpsc::channel(16_384);
+        let sources = config.egress_sources();
+        let clients = sources
+            .iter()
+            .map(|s| ClientSettings::new(s.ehlo_name.clone(), timeouts))
+            .collect();
         let delivery = Arc::new(Delivery {
-            client: ClientSettings::new(d.ehlo_name.clone(), timeouts),
+            sources,
+            clients,
+            pools: config.egress_pools(),
             node: Arc::clone(&node),
             config: Arc::clone(&config),
             dns,
@@ -191,6 +204,24 @@ impl Delivery {
                 _ = self.stop.cancelled() => break,
                 _ = self.node.scheduler.woken() => {}
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            }
+        }
+    }
+
+    /// The index of the pool a job of `campaign` goes through: its `pool`, else (or if the
+    /// config no longer has it) the default pool.
+    fn pool_of(&self, campaign: &crate::store::campaign::Campaign) -> usize {
+        let Some(name) = campaign.record.pool.as_deref() else {
+            return 0;
+        };
+        match self.pools.iter().position(|p| p.name == name) {
+            Some(i) => i,
+            None => {
+                tracing::warn!(
+                    pool = name,
+                    "pool no longer configured; sending through the default pool"
+                );
+                0
             }
         }
     }

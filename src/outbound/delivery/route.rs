@@ -103,15 +103,22 @@ impl Delivery {
                 self.labels.label(primary, false)
             }
         };
-        let site = Arc::new(Site::new(key.clone(), label, targets, shaping));
+        let site = Arc::new(Site::new(
+            key.clone(),
+            label,
+            targets,
+            shaping,
+            self.sources.len(),
+        ));
         sites.insert(key, Arc::clone(&site));
         Ok(site)
     }
 
-    /// Opens a connection to the site: MX hosts in preference order (equal ones shuffled), each
-    /// address in turn, moving on only when connecting or the greeting fails. Counted by result.
-    pub(super) async fn connect(&self, site: &Site) -> Result<Connection, Outcome> {
-        let result = self.try_hosts(site).await;
+    /// Opens a connection to the site from egress source `source` (its address, its EHLO name):
+    /// MX hosts in preference order (equal ones shuffled), each address in turn, moving on only
+    /// when connecting or the greeting fails. Counted by result.
+    pub(super) async fn connect(&self, site: &Site, source: usize) -> Result<Connection, Outcome> {
+        let result = self.try_hosts(site, source).await;
         let label = if result.is_ok() { "ok" } else { "failed" };
         CONNECTIONS
             .with_label_values(&[label, &site.stats.label])
@@ -119,7 +126,9 @@ impl Delivery {
         result
     }
 
-    async fn try_hosts(&self, site: &Site) -> Result<Connection, Outcome> {
+    async fn try_hosts(&self, site: &Site, source_index: usize) -> Result<Connection, Outcome> {
+        let source = self.sources.get(source_index).and_then(|s| s.address);
+        let client = &self.clients[source_index.min(self.clients.len() - 1)];
         let mut hosts: Vec<MxHost> = site
             .targets
             .iter()
@@ -144,8 +153,7 @@ impl Delivery {
             for ip in addrs.into_iter().take(4) {
                 let peer = SocketAddr::new(ip, target.port);
                 let tls = site.shaping.tls;
-                let source = self.config.delivery.source_ip;
-                match Connection::open(peer, source, &target.name, tls, &self.client).await {
+                match Connection::open(peer, source, &target.name, tls, client).await {
                     Ok(c) => return Ok(c),
                     Err(SmtpError::Tls(e)) if tls == TlsMode::Opportunistic => {
                         tracing::debug!(host = %target.name, error = %e, "TLS handshake failed; retrying in plain text");
@@ -154,7 +162,7 @@ impl Delivery {
                             source,
                             &target.name,
                             TlsMode::Disabled,
-                            &self.client,
+                            client,
                         )
                         .await
                         {

@@ -26,6 +26,9 @@ pub(super) struct Target {
 
 pub(super) struct Site {
     pub key: String,
+    /// Connections open (or being opened) per egress source: each source has
+    /// `max_connections` of its own, as providers count per sending address.
+    pub open: Arc<[std::sync::atomic::AtomicU32]>,
     pub stats: Arc<stats::SiteStats>,
     pub targets: Vec<Target>,
     pub shaping: Shaping,
@@ -38,7 +41,10 @@ pub(super) struct SiteInner {
     /// Domains attached to this site with jobs to take, served round-robin.
     pub active: VecDeque<DomainId>,
     pub lanes: u32,
+    /// Pooled connections, each of its source.
     pub idle: Vec<stats::Held>,
+    /// Smooth weighted round-robin state per pool (by index): one counter per member.
+    pub pickers: std::collections::HashMap<usize, Vec<i64>>,
     pub failures: u32,
     pub backoff_until_ms: u64,
     pub last_activity: Instant,
@@ -67,9 +73,18 @@ pub(super) fn throttle(l: &Option<DefaultDirectRateLimiter>) -> Option<Duration>
 }
 
 impl Site {
-    pub fn new(key: String, label: String, targets: Vec<Target>, shaping: Shaping) -> Site {
+    pub fn new(
+        key: String,
+        label: String,
+        targets: Vec<Target>,
+        shaping: Shaping,
+        sources: usize,
+    ) -> Site {
         Site {
             key,
+            open: (0..sources.max(1))
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             stats: Arc::new(stats::SiteStats::new(label)),
             message_rate: shaping.message_rate.map(limiter),
             connection_rate: shaping.connection_rate.map(limiter),
@@ -79,6 +94,7 @@ impl Site {
                 active: VecDeque::new(),
                 lanes: 0,
                 idle: Vec::new(),
+                pickers: std::collections::HashMap::new(),
                 failures: 0,
                 backoff_until_ms: 0,
                 last_activity: Instant::now(),
@@ -102,8 +118,37 @@ impl Site {
         !self.lock().active.is_empty()
     }
 
-    pub fn take_idle(&self) -> Option<stats::Held> {
-        self.lock().idle.pop().map(stats::Held::busy)
+    /// A pooled connection of `source`, if there is one.
+    pub fn take_idle(&self, source: usize) -> Option<stats::Held> {
+        let mut g = self.lock();
+        let i = g.idle.iter().rposition(|c| c.source == source)?;
+        Some(g.idle.swap_remove(i).busy())
+    }
+
+    /// The source of pool `pool` (members `(source, weight)`) the next transaction goes from:
+    /// smooth weighted round-robin per (site, pool), so each source gets its weight's share of
+    /// the pool's transactions to this site, spread evenly. `None` if no member has a weight.
+    pub fn pick_source(&self, pool: usize, members: &[(usize, u32)]) -> Option<usize> {
+        let mut g = self.lock();
+        let current = g
+            .pickers
+            .entry(pool)
+            .or_insert_with(|| vec![0; members.len()]);
+        current.resize(members.len(), 0);
+        let total: i64 = members.iter().map(|m| i64::from(m.1)).sum();
+        let mut best: Option<usize> = None;
+        for (i, &(_, w)) in members.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            current[i] += i64::from(w);
+            if best.is_none_or(|b| current[i] > current[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        current[b] -= total;
+        Some(members[b].0)
     }
 
     /// Records a failed connection round and returns the time the site may be tried again:

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
@@ -150,9 +150,12 @@ impl SiteStats {
     }
 
     /// A new connection, counted open and in use while the returned value lives.
-    pub fn track(&self, conn: Connection) -> Held {
+    /// A new connection of the site, from the source whose place `slot` holds.
+    pub fn track(&self, conn: Connection, slot: Slot) -> Held {
         Held {
             conn,
+            source: slot.source,
+            _slot: slot,
             _open: Gauged::new(&self.open),
             busy: Some(Gauged::new(&self.in_use)),
             in_use: self.in_use.clone(),
@@ -208,10 +211,41 @@ impl Drop for Gauged {
     }
 }
 
+/// One of a source's `max_connections` places at a site, held by a connection (or by a lane
+/// opening one) and given back when dropped.
+pub struct Slot {
+    counts: Arc<[AtomicU32]>,
+    pub source: usize,
+}
+
+impl Slot {
+    /// Takes a place of `source` if fewer than `max` are taken.
+    pub fn take(counts: &Arc<[AtomicU32]>, source: usize, max: u32) -> Option<Slot> {
+        counts[source]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot {
+            counts: Arc::clone(counts),
+            source,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counts[self.source].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A connection of a site, counted in its open gauge while it lives and in its in-use gauge
-/// while a lane holds it.
+/// while a lane holds it; it holds a place of its source ([`Slot`]).
 pub struct Held {
     conn: Connection,
+    /// The egress source it was opened from (an index into the configured sources).
+    pub source: usize,
+    _slot: Slot,
     _open: Gauged,
     busy: Option<Gauged>,
     in_use: IntGauge,
