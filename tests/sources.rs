@@ -66,6 +66,17 @@ async fn a_pool_spreads_mail_over_its_sources_by_weight() {
     common::wait_counts(addr, &id, Duration::from_secs(120), |c| c["delivered"] == N).await;
     let (_, c) = common::get_json(addr, &format!("/v1/campaigns/{id}")).await;
     assert_eq!(c["pool"], "spread", "{c}");
+    // Each delivery's log record names its source and pool.
+    let log = common::wait_log_kind(dir.path(), "d", N).await;
+    let delivered: Vec<&Value> = log.iter().filter(|r| r["type"] == "d").collect();
+    assert_eq!(delivered.len(), N);
+    for r in delivered {
+        assert_eq!(r["pool"], "spread", "{r}");
+        assert!(
+            ["one", "two", "three"].contains(&r["source"].as_str().unwrap_or("")),
+            "{r}"
+        );
+    }
 
     let mut by_peer: HashMap<String, usize> = HashMap::new();
     for m in sink.messages() {

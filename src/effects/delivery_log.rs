@@ -56,6 +56,12 @@ pub struct LogRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mx_ip: Option<String>,
     pub tls: bool,
+    /// The egress source the attempt went from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The pool of sources the recipient's campaign or message sends through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     pub size: usize,
     pub attempt: u32,
     /// Bounce category of a failure (`config/bounce-rules.toml`), PowerMTA's `bounceCat`.
@@ -170,6 +176,8 @@ impl LogRecord {
             mx_host: None,
             mx_ip: None,
             tls: false,
+            source: None,
+            pool: None,
             size: 0,
             attempt: u.attempts,
             bounce_cat: None,
@@ -425,6 +433,8 @@ mod tests {
             mx_host: None,
             mx_ip: None,
             tls: false,
+            source: None,
+            pool: None,
             size: 1,
             attempt: 1,
             bounce_cat: None,

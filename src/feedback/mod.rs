@@ -509,6 +509,8 @@ fn report_record(
         mx_host: None,
         mx_ip: None,
         tls: false,
+        source: None,
+        pool: None,
         size: 0,
         attempt: rec.attempts,
         bounce_cat: None,

@@ -20,7 +20,6 @@ use crate::effects::transition::{Transition, Writes};
 use crate::node::Node;
 use crate::outbound::outcome::{self, Outcome, Verdict};
 use crate::outbound::retry::retry_delay;
-use crate::outbound::smtp::client::Connection;
 use crate::scheduler::index::PendingJob;
 use crate::store::campaign::CampaignState;
 use crate::store::spool::{Durability, JobRecord, JobState};
@@ -78,7 +77,7 @@ impl Delivery {
         group: &[Prepared],
         outcome: impl Fn(usize) -> Outcome,
         site: &Site,
-        conn: Option<&Connection>,
+        conn: Option<&stats::Held>,
         size: usize,
     ) {
         for (i, p) in group.iter().enumerate() {
@@ -93,7 +92,7 @@ impl Delivery {
         p: &Prepared,
         o: Outcome,
         site: Option<&Site>,
-        conn: Option<&Connection>,
+        conn: Option<&stats::Held>,
         size: usize,
     ) {
         let rec = &p.record;
@@ -158,6 +157,10 @@ impl Delivery {
             mx_host: conn.map(|c| c.host.clone()),
             mx_ip: conn.map(|c| c.peer.ip().to_string()),
             tls: conn.is_some_and(|c| c.tls),
+            source: conn
+                .and_then(|c| self.sources.get(c.source))
+                .map(|s| s.name.clone()),
+            pool: Some(self.pools[self.pool_of(&p.campaign)].name.clone()),
             size,
             attempt,
             bounce_cat: o.class.map(|c| c.category.as_str()),

@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use prometheus::{Histogram, register_histogram};
 
-use super::Delivery;
 use super::pick::Prepared;
 use super::site::Site;
+use super::{Delivery, stats};
 use crate::outbound::outcome::{self, Outcome};
-use crate::outbound::smtp::client::{Connection, Envelope};
+use crate::outbound::smtp::client::Envelope;
 use crate::outbound::smtp::reply::{Command, EnhancedCode};
 
 pub(crate) static TRANSACTION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
@@ -43,7 +43,7 @@ impl Delivery {
         &self,
         mut group: Vec<Prepared>,
         site: &Site,
-        conn: &mut Connection,
+        conn: &mut stats::Held,
     ) {
         let Some(lead) = group.first() else { return };
         // Every message of a campaign that is not personalised has the shared form, also when
@@ -63,7 +63,7 @@ impl Delivery {
                 Command::Mail,
             );
             return self
-                .finish_all(&group, |_| o.clone(), site, Some(conn), size)
+                .finish_all(&group, |_| o.clone(), site, Some(&*conn), size)
                 .await;
         }
         if let Some(limit) = conn.capabilities.size
@@ -76,7 +76,7 @@ impl Delivery {
                 Command::Mail,
             );
             return self
-                .finish_all(&group, |_| o.clone(), site, Some(conn), size)
+                .finish_all(&group, |_| o.clone(), site, Some(&*conn), size)
                 .await;
         }
         // Every recipient of a merged message is sent with the lead's envelope sender.
@@ -107,7 +107,7 @@ impl Delivery {
                 .collect(),
             Err(e) => vec![outcome::from_error(&e); group.len()],
         };
-        self.finish_all(&group, |i| outcomes[i].clone(), site, Some(conn), size)
+        self.finish_all(&group, |i| outcomes[i].clone(), site, Some(&*conn), size)
             .await;
     }
 
