@@ -82,7 +82,10 @@
 //!   several recipients of a campaign that is not personalised), `finish` classifies the outcome
 //!   and applies it as an [`effects::transition::Transition`] through one batching writer (WAL
 //!   synced every 100 ms). Throttles (governor) answer "not before T" and the domains are
-//!   rescheduled for T. [`outbound::delivery::stats`] gives sites their bounded metric label and
+//!   rescheduled for T. Each transaction goes from an egress source of its campaign's pool
+//!   (`[[source]]`, `[[pool]]`), picked by smooth weighted round-robin per (site, pool); each
+//!   source has its own connections to a site (a per-(site, source) slot count), so limits
+//!   providers count per address hold per address. [`outbound::delivery::stats`] gives sites their bounded metric label and
 //!   builds the reports of `GET /v1/domains` and `GET /v1/queue`; the API reaches them through an
 //!   [`outbound::delivery::EngineHandle`], so nothing below the API knows the engine.
 //! * [`outbound::dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers

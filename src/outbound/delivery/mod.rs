@@ -217,10 +217,15 @@ impl Delivery {
         match self.pools.iter().position(|p| p.name == name) {
             Some(i) => i,
             None => {
-                tracing::warn!(
-                    pool = name,
-                    "pool no longer configured; sending through the default pool"
-                );
+                // Once per process: every job of such a campaign comes here.
+                static WARNED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        pool = name,
+                        "queued mail names a pool the config no longer has; it goes through the default pool"
+                    );
+                }
                 0
             }
         }
