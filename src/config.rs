@@ -1143,19 +1143,8 @@ impl Config {
         }
         let mut source_names = std::collections::HashSet::new();
         for (i, src) in self.sources.iter().enumerate() {
-            if !valid_name(&src.name) {
-                bad(
-                    &format!("source[{i}].name"),
-                    format!(
-                        "{:?}: a name is 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'",
-                        src.name
-                    ),
-                );
-            } else if !source_names.insert(src.name.as_str()) {
-                bad(
-                    &format!("source[{i}].name"),
-                    format!("{:?} names two sources", src.name),
-                );
+            if let Some(reason) = name_problem(&src.name, &mut source_names, "sources") {
+                bad(&format!("source[{i}].name"), reason);
             }
             // Binding to it is what delivery will do: an address this host does not have fails.
             if let Err(e) = std::net::TcpListener::bind((src.address, 0)) {
@@ -1175,19 +1164,8 @@ impl Config {
         }
         let mut pool_names = std::collections::HashSet::new();
         for (i, p) in self.pools.iter().enumerate() {
-            if !valid_name(&p.name) {
-                bad(
-                    &format!("pool[{i}].name"),
-                    format!(
-                        "{:?}: a name is 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'",
-                        p.name
-                    ),
-                );
-            } else if !pool_names.insert(p.name.as_str()) {
-                bad(
-                    &format!("pool[{i}].name"),
-                    format!("{:?} names two pools", p.name),
-                );
+            if let Some(reason) = name_problem(&p.name, &mut pool_names, "pools") {
+                bad(&format!("pool[{i}].name"), reason);
             }
             for (j, m) in p.sources.iter().enumerate() {
                 let known = if self.sources.is_empty() {
@@ -1441,12 +1419,24 @@ fn toml_error(file: &str, text: &str, key: &str, e: &toml::de::Error) -> ConfigE
     }
 }
 
-/// A source or pool name: 1 to 64 of `A-Z a-z 0-9 . _ -` (it becomes a metric label).
-fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
+/// What is wrong with a source or pool name, if anything: it must be 1 to 64 of
+/// `A-Z a-z 0-9 . _ -` (it becomes a metric label) and not already in `seen` (`what` names
+/// them in the message).
+fn name_problem<'a>(
+    name: &'a str,
+    seen: &mut std::collections::HashSet<&'a str>,
+    what: &str,
+) -> Option<String> {
+    let valid = (1..=64).contains(&name.len())
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !valid {
+        return Some(format!(
+            "{name:?}: a name is 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'"
+        ));
+    }
+    (!seen.insert(name)).then(|| format!("{name:?} names two {what}"))
 }
 
 #[cfg(test)]
