@@ -385,17 +385,7 @@ impl QueueIndex {
             return;
         };
         held.push(job.due_ms, job.id.index, job.domain.0);
-        let want = held.next_release();
-        let old = held.scheduled_at;
-        if want != old {
-            held.scheduled_at = want;
-            if let Some(at) = old {
-                self.releases.remove(&(at, campaign));
-            }
-            if let Some(at) = want {
-                self.releases.insert((at, campaign));
-            }
-        }
+        schedule_release(&mut self.releases, campaign, held);
         self.rate_held += 1;
         self.queues[job.domain.0 as usize].pins += 1;
     }
@@ -425,16 +415,13 @@ impl QueueIndex {
             let Some(held) = entry.held.as_mut() else {
                 continue;
             };
+            // Popped from the schedule above.
             held.scheduled_at = None;
             let mut released = Vec::new();
             while let Some(job) = held.release(now) {
                 released.push(job);
             }
-            let next = held.next_release();
-            if let Some(at) = next {
-                held.scheduled_at = Some(at);
-                self.releases.insert((at, campaign));
-            }
+            schedule_release(&mut self.releases, campaign, held);
             self.let_in(campaign, params, released, &mut touched);
         }
         self.reschedule_all(touched);
@@ -659,6 +646,22 @@ impl QueueIndex {
         let names: usize = self.names.iter().map(|n| n.len() * 2 + 48).sum();
         entries + names + self.queues.capacity() * std::mem::size_of::<DomainQueue>()
     }
+}
+
+/// Puts rate-limited `campaign` into the release schedule at its next release time (or takes it
+/// out when nothing is held), as [`QueueIndex::reschedule`] does for a domain.
+fn schedule_release(releases: &mut BTreeSet<(u64, u32)>, campaign: u32, held: &mut Held) {
+    let want = held.next_release();
+    if want == held.scheduled_at {
+        return;
+    }
+    if let Some(at) = held.scheduled_at.take() {
+        releases.remove(&(at, campaign));
+    }
+    if let Some(at) = want {
+        releases.insert((at, campaign));
+    }
+    held.scheduled_at = want;
 }
 
 #[cfg(test)]
