@@ -369,16 +369,7 @@ pub struct Rule {
 
 impl Rule {
     pub fn matches(&self, name: &str) -> bool {
-        let p = self.pattern.to_ascii_lowercase();
-        let name = name.to_ascii_lowercase();
-        match p.strip_prefix("*.") {
-            Some(suffix) => {
-                name.len() > suffix.len()
-                    && name.ends_with(suffix)
-                    && name[..name.len() - suffix.len()].ends_with('.')
-            }
-            None => p == name,
-        }
+        name_matches(&self.pattern, name)
     }
 
     /// `base` with this rule's settings laid over it.
@@ -395,6 +386,21 @@ impl Rule {
             connection_rate: self.connection_rate.or(base.connection_rate),
             tls: self.tls.unwrap_or(base.tls),
         }
+    }
+}
+
+/// Whether host or domain `name` matches `pattern`: `example.com` that name exactly (any case),
+/// `*.example.com` any name below it.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    let p = pattern.to_ascii_lowercase();
+    let name = name.to_ascii_lowercase();
+    match p.strip_prefix("*.") {
+        Some(suffix) => {
+            name.len() > suffix.len()
+                && name.ends_with(suffix)
+                && name[..name.len() - suffix.len()].ends_with('.')
+        }
+        None => p == name,
     }
 }
 

@@ -7,5 +7,6 @@ pub mod dns;
 pub mod outcome;
 pub mod render;
 pub mod retry;
+pub mod shaping;
 pub mod smtp;
 pub mod tokens;

@@ -133,10 +133,10 @@ struct RuleEntry {
 
 /// `5.1.1`, `*.1.1`, `5.7.*`, `*.4.*`: `None` matches anything in that position.
 #[derive(Debug, Clone, Copy)]
-struct StatusPattern(Option<u8>, Option<u16>, Option<u16>);
+pub(crate) struct StatusPattern(Option<u8>, Option<u16>, Option<u16>);
 
 impl StatusPattern {
-    fn parse(s: &str) -> Option<StatusPattern> {
+    pub(crate) fn parse(s: &str) -> Option<StatusPattern> {
         let mut it = s.split('.');
         let (a, b, c) = (it.next()?, it.next()?, it.next()?);
         if it.next().is_some() {
@@ -159,7 +159,7 @@ impl StatusPattern {
         Some(StatusPattern(class, num(b)?, num(c)?))
     }
 
-    fn matches(&self, s: EnhancedCode) -> bool {
+    pub(crate) fn matches(&self, s: EnhancedCode) -> bool {
         self.0.is_none_or(|c| c == s.0)
             && self.1.is_none_or(|v| v == s.1)
             && self.2.is_none_or(|v| v == s.2)
