@@ -79,6 +79,9 @@ pub struct Config {
     /// `default` takes mail without one; without it, the default pool is every source, weight 1.
     #[serde(default, rename = "pool")]
     pub pools: Vec<PoolConfig>,
+    /// Warm-up schedules sources may name (besides the built-in `standard`).
+    #[serde(default, rename = "warmup")]
+    pub warmups: Vec<WarmupConfig>,
     /// Envelope sender (VERP return path).
     #[serde(default)]
     pub bounce: BounceConfig,
@@ -320,6 +323,17 @@ pub struct DeliveryConfig {
     /// due (0 to 0.5; 0 serves priorities strictly in order, which can starve the lower ones).
     #[serde(default = "defaults::lower_priority_share")]
     pub lower_priority_share: f64,
+    /// The shaping rules file (provider replies → suspend / throttle, AIMD); unset: the
+    /// built-in `config/shaping.toml`. Reloaded on SIGHUP.
+    #[serde(default)]
+    pub shaping_rules: Option<PathBuf>,
+    /// After this many failed connection rounds in a row, a site is *dead*: its mail waits
+    /// `dead_site_period` without attempts (none counted, none logged), then one round probes
+    /// it. 0: never.
+    #[serde(default = "defaults::dead_site_after")]
+    pub dead_site_after: u32,
+    #[serde(default = "defaults::dead_site_period", with = "humantime_serde")]
+    pub dead_site_period: Duration,
 }
 
 /// Traffic shaping for one site (a set of MX hosts).
@@ -346,6 +360,19 @@ pub struct Shaping {
     /// STARTTLS policy: opportunistic, required, verify or disabled.
     #[serde(default)]
     pub tls: crate::outbound::smtp::client::TlsMode,
+    /// Whom the limits above count: `source` (the default; each egress source has them, as
+    /// providers count per sending address) or `site` (all sources together).
+    #[serde(default)]
+    pub per: Per,
+}
+
+/// What a site's limits count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    #[default]
+    Source,
+    Site,
 }
 
 /// An override of [`Shaping`] for the sites it matches.
@@ -365,6 +392,7 @@ pub struct Rule {
     pub message_rate: Option<Rate>,
     pub connection_rate: Option<Rate>,
     pub tls: Option<crate::outbound::smtp::client::TlsMode>,
+    pub per: Option<Per>,
 }
 
 impl Rule {
@@ -385,8 +413,34 @@ impl Rule {
             message_rate: self.message_rate.or(base.message_rate),
             connection_rate: self.connection_rate.or(base.connection_rate),
             tls: self.tls.unwrap_or(base.tls),
+            per: self.per.unwrap_or(base.per),
         }
     }
+}
+
+/// Midnight UTC of `YYYY-MM-DD`, in ms since the epoch.
+pub fn parse_day(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a date like \"2026-12-01\"");
+    let mut parts = s.splitn(3, '-');
+    let mut next = |len: usize| {
+        parts
+            .next()
+            .filter(|p| p.len() == len && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<i32>().ok())
+    };
+    let (Some(y), Some(m), Some(d)) = (next(4), next(2), next(2)) else {
+        return Err(bad());
+    };
+    let month = u8::try_from(m)
+        .ok()
+        .and_then(|m| time::Month::try_from(m).ok())
+        .ok_or_else(bad)?;
+    let date = time::Date::from_calendar_date(y, month, u8::try_from(d).map_err(|_| bad())?)
+        .map_err(|e| format!("{s:?} is not a date: {e}"))?;
+    let secs = date.midnight().assume_utc().unix_timestamp();
+    u64::try_from(secs)
+        .map(|s| s * 1000)
+        .map_err(|_| format!("{s:?} is before 1970"))
 }
 
 /// Whether host or domain `name` matches `pattern`: `example.com` that name exactly (any case),
@@ -416,6 +470,114 @@ pub struct SourceConfig {
     /// EHLO name; default `delivery.ehlo_name`.
     #[serde(default)]
     pub ehlo_name: Option<String>,
+    /// A warm-up schedule (`[[warmup]]` name, or the built-in `standard`) capping what the
+    /// source sends per provider group while it is new.
+    #[serde(default)]
+    pub warmup: Option<String>,
+    /// Day 1 of the warm-up, `YYYY-MM-DD` (UTC); required with `warmup`.
+    #[serde(default)]
+    pub warmup_start: Option<String>,
+}
+
+/// A warm-up schedule: per day since a source's start, caps on what it sends to each provider
+/// group (a `[[provider]]` of the shaping rules, else the site) per day and per hour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupConfig {
+    pub name: String,
+    /// Messages per provider group per day, for day 1, 2, ...; after the last day, no cap.
+    #[serde(default)]
+    pub per_day: Vec<u32>,
+    /// Messages per provider group per hour, day by day (as long as `per_day`); unset: the
+    /// day's cap spread over `spread_hours`.
+    #[serde(default)]
+    pub per_hour: Vec<u32>,
+    /// Instead of `per_day`: from `from` a day, times `factor` each day, up to `to`.
+    #[serde(default)]
+    pub ramp: Option<Ramp>,
+    /// With no `per_hour`: the hourly cap is the daily one divided by this (0: no hourly cap).
+    #[serde(default = "defaults::spread_hours")]
+    pub spread_hours: u32,
+    /// The length of an "hour" and a "day" the caps count over (for tests; 1h and 24h).
+    #[serde(default = "defaults::warmup_hour", with = "humantime_serde")]
+    pub hour: Duration,
+    #[serde(default = "defaults::warmup_day", with = "humantime_serde")]
+    pub day: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ramp {
+    pub from: u32,
+    pub to: u32,
+    pub factor: f64,
+}
+
+/// The schedule shipped as `standard`: 50 a day, ×1.4 a day, to 500,000 (about 30 days).
+pub const STANDARD_WARMUP: &str = "standard";
+
+/// A warm-up schedule as delivery uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmupSchedule {
+    pub name: String,
+    /// (per day, per hour) caps for day 1, 2, ...
+    pub days: Vec<(u64, Option<u64>)>,
+    pub hour_ms: u64,
+    pub day_ms: u64,
+}
+
+impl WarmupConfig {
+    fn standard() -> WarmupConfig {
+        WarmupConfig {
+            name: STANDARD_WARMUP.to_owned(),
+            per_day: Vec::new(),
+            per_hour: Vec::new(),
+            ramp: Some(Ramp {
+                from: 50,
+                to: 500_000,
+                factor: 1.4,
+            }),
+            spread_hours: defaults::spread_hours(),
+            hour: defaults::warmup_hour(),
+            day: defaults::warmup_day(),
+        }
+    }
+
+    fn schedule(&self) -> WarmupSchedule {
+        let per_day: Vec<u64> = match self.ramp {
+            Some(r) if r.factor > 1.0 && r.from > 0 => {
+                let mut days = Vec::new();
+                let mut n = f64::from(r.from);
+                while n < f64::from(r.to) && days.len() < 366 {
+                    days.push(n.round() as u64);
+                    n *= r.factor;
+                }
+                days.push(u64::from(r.to));
+                days
+            }
+            _ => self.per_day.iter().map(|&n| u64::from(n)).collect(),
+        };
+        let days = per_day
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let hour = match self.per_hour.get(i) {
+                    Some(&h) => Some(u64::from(h)),
+                    None if self.spread_hours > 0 => {
+                        Some(d.div_ceil(u64::from(self.spread_hours)).max(1))
+                    }
+                    None => None,
+                };
+                (d, hour)
+            })
+            .collect();
+        WarmupSchedule {
+            name: self.name.clone(),
+            days,
+            hour_ms: self.hour.as_millis().max(1) as u64,
+            day_ms: self.day.as_millis().max(1) as u64,
+        }
+    }
 }
 
 /// A named set of sources sharing traffic by weight.
@@ -424,6 +586,9 @@ pub struct SourceConfig {
 pub struct PoolConfig {
     pub name: String,
     pub sources: Vec<PoolMember>,
+    /// Mail over its sources' warm-up caps goes out through this pool instead of waiting.
+    #[serde(default)]
+    pub overflow: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -444,6 +609,8 @@ pub struct Source {
     pub name: String,
     pub address: Option<std::net::IpAddr>,
     pub ehlo_name: String,
+    /// Its warm-up schedule and day 1 (ms since the epoch), while it has one.
+    pub warmup: Option<(std::sync::Arc<WarmupSchedule>, u64)>,
 }
 
 /// A pool as delivery uses it: members as indexes into [`Config::egress_sources`].
@@ -451,6 +618,8 @@ pub struct Source {
 pub struct Pool {
     pub name: String,
     pub members: Vec<(usize, u32)>,
+    /// The pool (index) that takes mail over the members' warm-up caps.
+    pub overflow: Option<usize>,
 }
 
 impl Config {
@@ -462,8 +631,10 @@ impl Config {
                 name: DEFAULT_POOL.to_owned(),
                 address: self.delivery.source_ip,
                 ehlo_name: self.delivery.ehlo_name.clone(),
+                warmup: None,
             }];
         }
+        let schedules = self.warmup_schedules();
         self.sources
             .iter()
             .map(|s| Source {
@@ -473,8 +644,22 @@ impl Config {
                     .ehlo_name
                     .clone()
                     .unwrap_or_else(|| self.delivery.ehlo_name.clone()),
+                warmup: s.warmup.as_ref().and_then(|w| {
+                    let schedule = schedules.iter().find(|x| &x.name == w)?;
+                    let start = parse_day(s.warmup_start.as_deref()?).ok()?;
+                    Some((std::sync::Arc::new(schedule.clone()), start))
+                }),
             })
             .collect()
+    }
+
+    /// The warm-up schedules: the configured ones and `standard` (unless one is so named).
+    pub fn warmup_schedules(&self) -> Vec<WarmupSchedule> {
+        let mut v: Vec<WarmupSchedule> = self.warmups.iter().map(|w| w.schedule()).collect();
+        if !v.iter().any(|w| w.name == STANDARD_WARMUP) {
+            v.push(WarmupConfig::standard().schedule());
+        }
+        v
     }
 
     /// The pools, with the default one first (the configured `default`, else every source with
@@ -492,6 +677,7 @@ impl Config {
                     .iter()
                     .filter_map(|m| Some((index(&m.source)?, m.weight)))
                     .collect(),
+                overflow: None,
             })
             .collect();
         match pools.iter().position(|p| p.name == DEFAULT_POOL) {
@@ -504,8 +690,26 @@ impl Config {
                 Pool {
                     name: DEFAULT_POOL.to_owned(),
                     members: (0..sources.len()).map(|i| (i, 1)).collect(),
+                    overflow: None,
                 },
             ),
+        }
+        let overflow: Vec<Option<usize>> = pools
+            .iter()
+            .map(|p| {
+                let name = self
+                    .pools
+                    .iter()
+                    .find(|c| c.name == p.name)?
+                    .overflow
+                    .as_ref()?;
+                pools
+                    .iter()
+                    .position(|q| &q.name == name && q.name != p.name)
+            })
+            .collect();
+        for (p, o) in pools.iter_mut().zip(overflow) {
+            p.overflow = o;
         }
         pools
     }
@@ -828,6 +1032,21 @@ mod defaults {
     }
     pub fn pool_weight() -> u32 {
         1
+    }
+    pub fn dead_site_after() -> u32 {
+        5
+    }
+    pub fn dead_site_period() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn warmup_hour() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn warmup_day() -> Duration {
+        Duration::from_secs(86_400)
+    }
+    pub fn spread_hours() -> u32 {
+        12
     }
     pub fn lower_priority_share() -> f64 {
         0.1
@@ -1167,6 +1386,85 @@ impl Config {
                     format!("{name:?} is not a host name"),
                 );
             }
+            match (&src.warmup, &src.warmup_start) {
+                (Some(w), start) => {
+                    if w != STANDARD_WARMUP && !self.warmups.iter().any(|x| &x.name == w) {
+                        bad(
+                            &format!("source[{i}].warmup"),
+                            format!("no [[warmup]] is named {w:?} (built in: \"standard\")"),
+                        );
+                    }
+                    match start {
+                        None => bad(
+                            &format!("source[{i}].warmup_start"),
+                            "missing: the warm-up's first day, e.g. \"2026-12-01\"".into(),
+                        ),
+                        Some(d) => {
+                            if let Err(reason) = parse_day(d) {
+                                bad(&format!("source[{i}].warmup_start"), reason);
+                            }
+                        }
+                    }
+                }
+                (None, Some(_)) => bad(
+                    &format!("source[{i}].warmup_start"),
+                    "set without warmup".into(),
+                ),
+                (None, None) => {}
+            }
+        }
+        let mut warmup_names = std::collections::HashSet::new();
+        for (i, w) in self.warmups.iter().enumerate() {
+            if let Some(reason) = name_problem(&w.name, &mut warmup_names, "warm-up schedules") {
+                bad(&format!("warmup[{i}].name"), reason);
+            }
+            match (&w.ramp, w.per_day.is_empty()) {
+                (Some(_), false) => bad(
+                    &format!("warmup[{i}]"),
+                    "give per_day or ramp, not both".into(),
+                ),
+                (None, true) => bad(
+                    &format!("warmup[{i}]"),
+                    "needs per_day (caps day by day) or ramp".into(),
+                ),
+                (Some(r), true) => {
+                    if !(r.factor > 1.0 && r.factor <= 10.0) {
+                        bad(
+                            &format!("warmup[{i}].ramp.factor"),
+                            "must be more than 1 and at most 10".into(),
+                        );
+                    }
+                    if r.from == 0 || r.to < r.from {
+                        bad(&format!("warmup[{i}].ramp"), "needs 0 < from <= to".into());
+                    }
+                }
+                (None, false) => {
+                    if w.per_day.contains(&0) {
+                        bad(
+                            &format!("warmup[{i}].per_day"),
+                            "caps must be at least 1".into(),
+                        );
+                    }
+                }
+            }
+            if !w.per_hour.is_empty() && w.per_hour.len() != w.per_day.len() {
+                bad(
+                    &format!("warmup[{i}].per_hour"),
+                    format!("needs one cap per day of per_day ({})", w.per_day.len()),
+                );
+            }
+            if w.per_hour.contains(&0) {
+                bad(
+                    &format!("warmup[{i}].per_hour"),
+                    "caps must be at least 1".into(),
+                );
+            }
+            if w.hour.is_zero() || w.day < w.hour {
+                bad(
+                    &format!("warmup[{i}].day"),
+                    "hour must be more than 0 and day at least an hour".into(),
+                );
+            }
         }
         let mut pool_names = std::collections::HashSet::new();
         for (i, p) in self.pools.iter().enumerate() {
@@ -1190,6 +1488,14 @@ impl Config {
                 bad(
                     &format!("pool[{i}].sources"),
                     "a pool needs at least one source with a weight above 0".into(),
+                );
+            }
+            if let Some(o) = &p.overflow
+                && (o == &p.name || !self.has_pool(o))
+            {
+                bad(
+                    &format!("pool[{i}].overflow"),
+                    format!("{o:?} is not another pool"),
                 );
             }
         }

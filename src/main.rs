@@ -60,13 +60,21 @@ enum Command {
     Suppressions(cli::SuppressionCommand),
     /// Create a campaign from a template file and send it to the rows of a CSV file.
     Send(cli::SendArgs),
+    /// Shaping actions in force per (source, site): list, or lift one early.
+    #[command(subcommand)]
+    Shaping(cli::ShapingCommand),
+    /// Egress sources: address, EHLO name, pools, actions in force, warm-up standing.
+    Sources,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match Settings::load(&config) {
-            Ok(_) => {
+            Ok(settings) => {
+                for w in ptr_warnings(&settings.config, &config.display().to_string()) {
+                    eprintln!("{w}");
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -136,6 +144,8 @@ fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
             Command::Message(c) => cli::message(&api, c).await.map(|()| true),
             Command::Suppressions(c) => cli::suppressions(&api, c).await.map(|()| true),
             Command::Send(a) => cli::send(&api, a).await,
+            Command::Shaping(c) => cli::shaping(&api, c).await.map(|()| true),
+            Command::Sources => cli::sources(&api).await.map(|()| true),
             Command::Serve { .. } | Command::CheckConfig { .. } => Ok(true),
         }
     });
@@ -147,6 +157,54 @@ fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `check-config`'s warnings about the egress sources: an address whose PTR record does not
+/// give the source's EHLO name (providers check that they match). Looked up through
+/// `dns.nameservers` (or the system's resolver); a lookup that fails is a warning too.
+fn ptr_warnings(config: &Config, file: &str) -> Vec<String> {
+    let sources = config.egress_sources();
+    let wanted: Vec<(usize, std::net::IpAddr, String)> = sources
+        .iter()
+        .enumerate()
+        .filter(|_| !config.sources.is_empty())
+        .filter_map(|(i, s)| Some((i, s.address?, s.ehlo_name.to_ascii_lowercase())))
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return vec![format!("{file}: source: warning: PTR not checked: {e}")],
+    };
+    rt.block_on(async {
+        let dns = match sluice::outbound::dns::Dns::new(&config.dns.nameservers, config.dns.timeout)
+        {
+            Ok(d) => d,
+            Err(e) => return vec![format!("{file}: source: warning: PTR not checked: {e}")],
+        };
+        let mut out = Vec::new();
+        for (i, ip, ehlo) in wanted {
+            let key = format!("{file}: source[{i}].ehlo_name: warning:");
+            match dns.ptr(ip).await {
+                Ok(names) if names.contains(&ehlo) => {}
+                Ok(names) if names.is_empty() => out.push(format!(
+                    "{key} {ip} has no PTR record; providers expect it to give {ehlo:?}"
+                )),
+                Ok(names) => out.push(format!(
+                    "{key} the PTR record of {ip} gives {}, not {ehlo:?}",
+                    names.join(", ")
+                )),
+                Err(e) => out.push(format!(
+                    "{key} the PTR record of {ip} could not be read: {e}"
+                )),
+            }
+        }
+        out
+    })
 }
 
 fn init_logging(config: &Config) {

@@ -40,6 +40,12 @@ pub struct Node {
     pub webhooks: Arc<crate::effects::webhook::Webhooks>,
     /// Bounce classification rules; replaced whole on SIGHUP.
     rules: std::sync::RwLock<Arc<crate::outbound::outcome::rules::Rules>>,
+    /// Shaping rules (provider replies → actions); replaced whole on SIGHUP.
+    shaping_rules: std::sync::RwLock<Arc<crate::outbound::shaping::rules::ShapingRules>>,
+    /// Shaping actions in force per (source, site), loaded at recovery.
+    pub actions: crate::outbound::shaping::actions::Actions,
+    /// Warm-up counts per (source, provider group), loaded at recovery.
+    pub warmup: crate::outbound::shaping::warmup::Counts,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -59,6 +65,7 @@ impl Node {
         config: Arc<Config>,
         dkim: crate::outbound::dkim::DkimKeys,
         rules: crate::outbound::outcome::rules::Rules,
+        shaping: crate::outbound::shaping::rules::ShapingRules,
         log: crate::effects::delivery_log::DeliveryLog,
     ) -> Result<Arc<Node>, SpoolError> {
         let webhooks =
@@ -70,6 +77,9 @@ impl Node {
             log,
             assembler,
             rules: std::sync::RwLock::new(Arc::new(rules)),
+            shaping_rules: std::sync::RwLock::new(Arc::new(shaping)),
+            actions: Default::default(),
+            warmup: Default::default(),
             webhooks,
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
@@ -91,6 +101,15 @@ impl Node {
 
     pub fn replace_rules(&self, rules: crate::outbound::outcome::rules::Rules) {
         *self.rules.write().expect("rules lock") = Arc::new(rules);
+    }
+
+    /// The shaping rules in force.
+    pub fn shaping_rules(&self) -> Arc<crate::outbound::shaping::rules::ShapingRules> {
+        Arc::clone(&self.shaping_rules.read().expect("shaping rules lock"))
+    }
+
+    pub fn replace_shaping_rules(&self, rules: crate::outbound::shaping::rules::ShapingRules) {
+        *self.shaping_rules.write().expect("shaping rules lock") = Arc::new(rules);
     }
 
     /// Rebuilds campaigns, counts and the pending-job index from the spool, rolling back uploads
@@ -209,6 +228,11 @@ impl Node {
         let queued = queue.len();
         self.scheduler.install(queue);
         self.upload_seq.store(found.max_upload, Ordering::Relaxed);
+        let actions = self.actions.load(&self.spool)?;
+        if actions > 0 {
+            tracing::info!(actions, "shaping actions in force restored");
+        }
+        self.warmup.load(&self.spool)?;
         self.ready.store(true, Ordering::Release);
         Ok(RecoveryReport {
             campaigns: n_campaigns,

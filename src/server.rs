@@ -36,6 +36,7 @@ pub struct Settings {
     pub config: Arc<Config>,
     pub dkim: crate::outbound::dkim::DkimKeys,
     pub rules: crate::outbound::outcome::rules::Rules,
+    pub shaping: crate::outbound::shaping::rules::ShapingRules,
 }
 
 impl Settings {
@@ -54,14 +55,23 @@ impl Settings {
     fn with_files(config: Arc<Config>, file: &str) -> Result<Settings, ConfigErrors> {
         let dkim = crate::outbound::dkim::DkimKeys::load(&config.dkim, file);
         let rules = crate::outbound::outcome::rules::Rules::load(config.bounce.rules.as_deref());
-        match (dkim, rules) {
-            (Ok(dkim), Ok(rules)) => Ok(Settings {
+        let shaping = crate::outbound::shaping::rules::ShapingRules::load(
+            config.delivery.shaping_rules.as_deref(),
+        );
+        match (dkim, rules, shaping) {
+            (Ok(dkim), Ok(rules), Ok(shaping)) => Ok(Settings {
                 config,
                 dkim,
                 rules,
+                shaping,
             }),
-            (Err(a), Err(b)) => Err(ConfigErrors(a.0.into_iter().chain(b.0).collect())),
-            (Err(e), _) | (_, Err(e)) => Err(e),
+            (dkim, rules, shaping) => Err(ConfigErrors(
+                [dkim.err(), rules.err(), shaping.err()]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|e| e.0)
+                    .collect(),
+            )),
         }
     }
 }
@@ -82,6 +92,7 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         config,
         dkim,
         rules,
+        shaping,
     } = settings;
     let log = crate::effects::delivery_log::DeliveryLog::open(
         &config.log.delivery_log,
@@ -94,7 +105,7 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         )
     })?;
     let cfg = Arc::clone(&config);
-    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules, log))
+    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules, shaping, log))
         .await?
         .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
     let listener = TcpListener::bind(config.http.listen)
@@ -286,12 +297,13 @@ async fn serve_tls(
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Running {
-    /// Applies what can change without a restart from freshly loaded settings: the DKIM keys and
-    /// the bounce rules. Queued mail is signed at delivery, so it is signed with the new keys from
+    /// Applies what can change without a restart from freshly loaded settings: the DKIM keys,
+    /// the bounce rules and the shaping rules. Queued mail is signed at delivery, so it is signed with the new keys from
     /// now on. Other settings need a restart.
     pub fn apply(&self, settings: Settings) {
         self.node.assembler.replace_dkim(settings.dkim);
         self.node.replace_rules(settings.rules);
+        self.node.replace_shaping_rules(settings.shaping);
     }
 
     /// [`Running::apply`] of `config` with its files loaded (on the blocking pool); if anything

@@ -19,6 +19,7 @@ mod faults;
 mod lookup;
 mod merged;
 mod message;
+mod reputation;
 mod retention;
 mod security;
 mod shutdown;

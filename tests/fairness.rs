@@ -1,6 +1,7 @@
 //! Fair scheduling against an SMTP sink on loopback: transactional mail and small campaigns
 //! overtaking a large one, fair shares between campaigns (equal and weighted), the guaranteed
-//! share of a lower priority, scheduled send across a `kill -9`, and a campaign's `max_rate`.
+//! share of a lower priority, scheduled send across a `kill -9`, a campaign's `max_rate`, and
+//! AIMD against a receiver that answers 421 above a rate.
 //!
 //! These tests measure rates at the sink, so they have a binary of their own and run one at a
 //! time. Each prints its figures (`cargo test --release --test fairness -- --nocapture`).
@@ -388,4 +389,144 @@ async fn a_campaign_max_rate_holds_on_an_unthrottled_site() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     node.shutdown().await;
+}
+
+/// A receiver that refuses MAIL with a 421 whenever `limit` messages have arrived from the
+/// client's address in the last second, while `throttling` is on; counts its refusals.
+fn throttling_sink_options(
+    limit: usize,
+    throttling: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> SinkOptions {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::atomic::Ordering;
+    let recent: std::sync::Mutex<HashMap<std::net::IpAddr, VecDeque<Instant>>> = Default::default();
+    SinkOptions {
+        mail: Some(std::sync::Arc::new(move |peer| {
+            let now = Instant::now();
+            let mut recent = recent.lock().unwrap();
+            let q = recent.entry(peer).or_default();
+            while q
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                q.pop_front();
+            }
+            if throttling.load(Ordering::SeqCst) && q.len() >= limit {
+                refused.fetch_add(1, Ordering::SeqCst);
+                return Some("421 4.7.0 Too many messages from your IP, slow down".into());
+            }
+            q.push_back(now);
+            None
+        })),
+        ..SinkOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aimd_settles_near_a_receivers_limit_and_climbs_back() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let _serial = SERIAL.lock().await;
+    const LIMIT: usize = 100;
+    let throttling = Arc::new(AtomicBool::new(true));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let sink = Sink::start(throttling_sink_options(
+        LIMIT,
+        Arc::clone(&throttling),
+        Arc::clone(&refused),
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("shaping.toml");
+    std::fs::write(
+        &rules,
+        "[aimd]\ndecrease = 0.5\ninterval = \"500ms\"\nstep = 0.1\nmin_rate = \"1/s\"\ncode = [421]\n",
+    )
+    .unwrap();
+    let mut cfg = delivery_config(dir.path(), &sink);
+    cfg.delivery.shaping_rules = Some(rules);
+    let node = common::start(cfg).await;
+    let addr = node.http_addr;
+    let id = post_campaign(addr, &campaign("Aimd", 6000, json!({}))).await;
+
+    // Once a second: messages accepted, refusals, and the AIMD rate in force.
+    let mut rows = Vec::new();
+    let started = Instant::now();
+    let (mut delivered_before, mut refused_before) = (0usize, 0usize);
+    for second in 1..=30u32 {
+        if second == 16 {
+            throttling.store(false, Ordering::SeqCst);
+        }
+        tokio::time::sleep_until((started + Duration::from_secs(u64::from(second))).into()).await;
+        let delivered = sink.messages().len();
+        let refusals = refused.load(Ordering::SeqCst);
+        let (_, shaping) = get_json(addr, "/v1/shaping").await;
+        let aimd = shaping["aimd"]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|a| a["rate_per_second"].as_f64());
+        rows.push((
+            second,
+            delivered - delivered_before,
+            refusals - refused_before,
+            aimd,
+        ));
+        delivered_before = delivered;
+        refused_before = refusals;
+    }
+    cancel(addr, &id).await;
+    node.shutdown().await;
+
+    println!(
+        "\nAIMD against a receiver refusing more than {LIMIT} messages/s (421), off after 15 s"
+    );
+    println!(
+        "{:>6} {:>12} {:>10} {:>14}",
+        "second", "accepted/s", "421s", "AIMD rate/s"
+    );
+    for (s, d, r, a) in &rows {
+        let a = a.map_or_else(|| "(free)".to_owned(), |a| format!("{a:.1}"));
+        println!("{s:>6} {d:>12} {r:>10} {a:>14}");
+    }
+    let settled = &rows[5..15];
+    let accepted: usize = settled.iter().map(|r| r.1).sum();
+    let refusals: usize = settled.iter().map(|r| r.2).sum();
+    let mean = accepted as f64 / settled.len() as f64;
+    // After the receiver stops throttling: the best second (the campaign may run dry once AIMD
+    // lets go).
+    let climbed = rows[16..].iter().map(|r| r.1).max().unwrap_or(0) as f64;
+    common::report(
+        "aimd",
+        &format!("AIMD against a receiver limit of {LIMIT}/s"),
+        &[
+            (
+                "accepted/s, seconds 6-15 (throttling)",
+                format!("{mean:.1}"),
+            ),
+            (
+                "421 replies per accepted, seconds 6-15",
+                format!("{:.3}", refusals as f64 / accepted.max(1) as f64),
+            ),
+            (
+                "best accepted/s after throttling stops",
+                format!("{climbed:.1}"),
+            ),
+        ],
+    );
+    // Near the limit, and the receiver seldom has to say no (without AIMD it refuses most of
+    // what comes: the sender runs at over ten times the limit).
+    assert!(
+        mean >= 0.5 * LIMIT as f64,
+        "{mean:.1}/s while throttled: {rows:?}"
+    );
+    assert!(
+        (refusals as f64) < 0.25 * accepted as f64,
+        "{refusals} refusals for {accepted} accepted: {rows:?}"
+    );
+    // Back above the limit once the receiver stops throttling.
+    assert!(
+        climbed > 1.2 * LIMIT as f64,
+        "{climbed:.1}/s after the receiver stopped throttling: {rows:?}"
+    );
 }

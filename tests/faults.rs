@@ -129,6 +129,17 @@ async fn every_recipient_ends_as_its_receiver_said() {
     cfg.delivery.site_backoff_max = Duration::from_millis(600);
     // Long enough for every fault above to clear, short enough for the permanent ones to expire.
     cfg.delivery.max_age = Duration::from_secs(12);
+    // A dead site's mail waits out the dead period (minutes) before its expiry is noticed, and
+    // a 421 slows the (source, site) down (AIMD); this test is about each reply's verdict and
+    // attempts ending at max_age, so neither applies here.
+    cfg.delivery.dead_site_after = 0;
+    let rules = dir.path().join("shaping.toml");
+    std::fs::write(
+        &rules,
+        "[aimd]\nenabled = false\ndecrease = 0.5\ninterval = \"10s\"\nstep = 0.1\nmin_rate = \"1/s\"\n",
+    )
+    .unwrap();
+    cfg.delivery.shaping_rules = Some(rules);
     for (domain, sink) in &sinks {
         cfg.routes.push(Route {
             domain: (*domain).into(),

@@ -9,15 +9,7 @@ use std::time::Duration;
 use common::sink::{Sink, SinkOptions};
 use common::{delivery_config, post_json};
 use serde_json::{Value, json};
-use sluice::config::{PoolConfig, PoolMember, SourceConfig};
-
-fn source(name: &str, address: &str) -> SourceConfig {
-    SourceConfig {
-        name: name.into(),
-        address: address.parse().unwrap(),
-        ehlo_name: Some(format!("{name}.mta.test")),
-    }
-}
+use sluice::config::{PoolConfig, PoolMember};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_spreads_mail_over_its_sources_by_weight() {
@@ -25,9 +17,9 @@ async fn a_pool_spreads_mail_over_its_sources_by_weight() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = delivery_config(dir.path(), &sink);
     cfg.sources = vec![
-        source("one", "127.0.0.21"),
-        source("two", "127.0.0.22"),
-        source("three", "127.0.0.23"),
+        common::egress_source("one", "127.0.0.21"),
+        common::egress_source("two", "127.0.0.22"),
+        common::egress_source("three", "127.0.0.23"),
     ];
     let member = |s: &str, weight| PoolMember {
         source: s.into(),
@@ -36,6 +28,7 @@ async fn a_pool_spreads_mail_over_its_sources_by_weight() {
     cfg.pools = vec![PoolConfig {
         name: "spread".into(),
         sources: vec![member("one", 2), member("two", 1), member("three", 1)],
+        overflow: None,
     }];
     let node = common::start(cfg).await;
     let addr = node.http_addr;

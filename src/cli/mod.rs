@@ -105,6 +105,14 @@ pub enum SuppressionCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum ShapingCommand {
+    /// The shaping actions in force (suspensions, throttles) and the AIMD limits.
+    List,
+    /// Lift a shaping action before it expires.
+    Lift { id: String },
+}
+
 /// A thin authenticated JSON client of the API.
 pub struct Api {
     base: String,
@@ -294,6 +302,139 @@ pub async fn set_domain(api: &Api, domain: &str, suspend: bool) -> anyhow::Resul
             s(&v["domain"]),
             if suspend { "suspended" } else { "resumed" },
             s(&v["queued"])
+        );
+    }
+    Ok(())
+}
+
+pub async fn shaping(api: &Api, cmd: ShapingCommand) -> anyhow::Result<()> {
+    match cmd {
+        ShapingCommand::Lift { id } => {
+            let v = api
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/shaping/{}", segment(&id)),
+                    None,
+                )
+                .await?;
+            if api.json {
+                print_json(&v);
+            } else {
+                let a = &v["lifted"];
+                println!(
+                    "lifted {} ({} of {} at {})",
+                    s(&a["id"]),
+                    s(&a["kind"]),
+                    s(&a["source"]),
+                    s(&a["site_label"])
+                );
+            }
+        }
+        ShapingCommand::List => {
+            let v = api.call(Method::GET, "/v1/shaping", None).await?;
+            if api.json {
+                print_json(&v);
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<9} {:<10} {:<28} {:<26} {:<21}  REPLY",
+                "ID", "KIND", "SOURCE", "SITE", "RULE", "UNTIL"
+            );
+            for a in v["actions"].as_array().into_iter().flatten() {
+                let kind = match (&a["message_rate"], &a["max_connections"]) {
+                    (Value::Null, Value::Null) => s(&a["kind"]),
+                    (r, c) => format!("{} {}/{}", s(&a["kind"]), s(r), s(c)),
+                };
+                println!(
+                    "{:<32} {:<9} {:<10} {:<28} {:<26} {:<21}  {}",
+                    s(&a["id"]),
+                    kind,
+                    s(&a["source"]),
+                    s(&a["site_label"]),
+                    s(&a["rule"]),
+                    s(&a["expires_at"]),
+                    s(&a["reply"]).chars().take(60).collect::<String>(),
+                );
+            }
+            let aimd = v["aimd"].as_array().map_or(&[][..], Vec::as_slice);
+            if !aimd.is_empty() {
+                println!();
+                println!(
+                    "{:<10} {:<28} {:>10} {:>10} {:>6}  LAST REPLY",
+                    "SOURCE", "SITE", "RATE/S", "CEILING/S", "CONN"
+                );
+                for a in aimd {
+                    println!(
+                        "{:<10} {:<28} {:>10} {:>10} {:>6}  {}",
+                        s(&a["source"]),
+                        s(&a["site_label"]),
+                        s(&a["rate_per_second"]),
+                        s(&a["ceiling_per_second"]),
+                        s(&a["connections"]),
+                        s(&a["reply"]).chars().take(60).collect::<String>(),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn sources(api: &Api) -> anyhow::Result<()> {
+    let v = api.call(Method::GET, "/v1/sources", None).await?;
+    if api.json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<16} {:<28} {:<24} {:>7}  WARM-UP",
+        "SOURCE", "ADDRESS", "EHLO", "POOLS", "ACTIONS"
+    );
+    for src in v["sources"].as_array().into_iter().flatten() {
+        let pools: Vec<String> = src["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}:{}", s(&p["pool"]), s(&p["weight"])))
+            .collect();
+        let w = &src["warmup"];
+        let warmup = if w.is_null() {
+            "-".to_owned()
+        } else if w["warm"] == true {
+            format!("{} done (day {})", s(&w["schedule"]), s(&w["day"]))
+        } else {
+            let groups: Vec<String> = w["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|g| {
+                    format!(
+                        "{} {}/{} today, {}/{} this hour",
+                        s(&g["group"]),
+                        s(&g["sent_today"]),
+                        s(&g["per_day"]),
+                        s(&g["sent_this_hour"]),
+                        s(&g["per_hour"])
+                    )
+                })
+                .collect();
+            format!(
+                "{} day {}/{}{}{}",
+                s(&w["schedule"]),
+                s(&w["day"]),
+                s(&w["days"]),
+                if groups.is_empty() { "" } else { ": " },
+                groups.join("; ")
+            )
+        };
+        println!(
+            "{:<12} {:<16} {:<28} {:<24} {:>7}  {}",
+            s(&src["name"]),
+            s(&src["address"]),
+            s(&src["ehlo_name"]),
+            pools.join(","),
+            s(&src["actions"]),
+            warmup
         );
     }
     Ok(())

@@ -152,6 +152,29 @@ impl Dns {
     }
 }
 
+impl Dns {
+    /// The names the PTR records of `ip` give (lower case, without the trailing dot).
+    pub async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsFailure> {
+        match self.resolver.reverse_lookup(ip).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::PTR(name) => {
+                        Some(name.0.to_ascii().trim_end_matches('.').to_ascii_lowercase())
+                    }
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match classify(&e) {
+                Err(DnsFailure::NxDomain) | Err(DnsFailure::NoAddress(_)) => Ok(Vec::new()),
+                Err(f) => Err(f),
+                Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
+            },
+        }
+    }
+}
+
 /// `Err` for the answers that mean something (no such name, no records), `Ok` for "other".
 fn classify(e: &NetError) -> Result<(), DnsFailure> {
     if e.is_nx_domain() {

@@ -35,7 +35,7 @@
 pub mod fair;
 pub mod index;
 mod pending;
-mod rate;
+pub mod rate;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};

@@ -15,7 +15,7 @@ use crate::config::Rate;
 /// Generic cell rate algorithm over milliseconds, with a burst of about 100 ms of traffic (at
 /// least one job), as the site limiters have.
 #[derive(Debug, Clone)]
-pub(super) struct Gcra {
+pub struct Gcra {
     interval_ms: f64,
     tolerance_ms: f64,
     /// Theoretical arrival time of the next job.
@@ -24,7 +24,12 @@ pub(super) struct Gcra {
 
 impl Gcra {
     pub fn new(rate: Rate) -> Gcra {
-        let interval_ms = rate.per.as_secs_f64() * 1000.0 / f64::from(rate.count.max(1));
+        Gcra::per_second(f64::from(rate.count.max(1)) / rate.per.as_secs_f64())
+    }
+
+    /// A limiter of `rate` events per second (more than 0).
+    pub fn per_second(rate: f64) -> Gcra {
+        let interval_ms = 1000.0 / rate.max(1e-6);
         let burst = (100.0 / interval_ms).floor().max(1.0);
         Gcra {
             interval_ms,

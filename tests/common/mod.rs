@@ -381,3 +381,14 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// An egress source at `address` with EHLO name `<name>.mta.test`.
+pub fn egress_source(name: &str, address: &str) -> sluice::config::SourceConfig {
+    sluice::config::SourceConfig {
+        name: name.into(),
+        address: address.parse().expect("an IP address"),
+        ehlo_name: Some(format!("{name}.mta.test")),
+        warmup: None,
+        warmup_start: None,
+    }
+}

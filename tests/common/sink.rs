@@ -26,7 +26,17 @@ pub struct SinkOptions {
     /// Close without replying after the final dot, for (first recipient, times seen before);
     /// nothing is captured then.
     pub drop_after_dot: Option<RcptDrop>,
+    /// A reply instead of the greeting for this client address; the connection then closes.
+    pub greeting: Option<PeerReply>,
+    /// A reply to MAIL FROM instead of 250 for this client address; after a 421 the
+    /// connection closes.
+    pub mail: Option<PeerReply>,
+    /// Where to listen (default 127.0.0.1:0).
+    pub listen: Option<SocketAddr>,
 }
+
+/// A reply for a client address, or `None` to go on as usual.
+pub type PeerReply = Arc<dyn Fn(std::net::IpAddr) -> Option<String> + Send + Sync>;
 
 pub type RcptDrop = Arc<dyn Fn(&str, usize) -> bool + Send + Sync>;
 
@@ -39,6 +49,9 @@ impl Default for SinkOptions {
             data_delay: Duration::ZERO,
             silent: false,
             drop_after_dot: None,
+            greeting: None,
+            mail: None,
+            listen: None,
         }
     }
 }
@@ -61,6 +74,8 @@ pub struct Captured {
 #[derive(Default)]
 pub struct SinkStats {
     pub connections: AtomicUsize,
+    /// Connections by client address.
+    pub connections_by_peer: Mutex<HashMap<std::net::IpAddr, usize>>,
     pub open: AtomicUsize,
     pub max_open: AtomicUsize,
     /// Transactions where RCPT and DATA had arrived before MAIL was answered.
@@ -78,7 +93,9 @@ pub struct Sink {
 
 impl Sink {
     pub async fn start(opts: SinkOptions) -> Sink {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+        let listener = TcpListener::bind(opts.listen.unwrap_or(([127, 0, 0, 1], 0).into()))
+            .await
+            .expect("bind sink");
         let addr = listener.local_addr().expect("sink address");
         let stats = Arc::new(SinkStats::default());
         let s = Arc::clone(&stats);
@@ -89,6 +106,11 @@ impl Sink {
                 // and delayed ACKs add 40 ms to each transaction.
                 let _ = tcp.set_nodelay(true);
                 let id = s.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                *s.connections_by_peer
+                    .lock()
+                    .unwrap()
+                    .entry(peer)
+                    .or_default() += 1;
                 let open = s.open.fetch_add(1, Ordering::SeqCst) + 1;
                 s.max_open.fetch_max(open, Ordering::SeqCst);
                 let (s, opts) = (Arc::clone(&s), opts.clone());
@@ -98,6 +120,14 @@ impl Sink {
                         // Holds the connection open until the client gives up.
                         let mut sink = Vec::new();
                         let _ = tokio::io::AsyncReadExt::read_to_end(&mut io, &mut sink).await;
+                        s.open.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    }
+                    if let Some(reply) = opts.greeting.as_ref().and_then(|g| g(peer)) {
+                        let _ = io
+                            .get_mut()
+                            .write_all(format!("{reply}\r\n").as_bytes())
+                            .await;
                         s.open.fetch_sub(1, Ordering::SeqCst);
                         return;
                     }
@@ -183,7 +213,17 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             if pending.contains("RCPT TO:") && pending.contains("DATA") {
                 stats.pipelined.fetch_add(1, Ordering::SeqCst);
             }
-            "250 2.1.0 ok".into()
+            match opts.mail.as_ref().and_then(|m| m(peer)) {
+                Some(reply) if reply.starts_with("421") => {
+                    let _ = io
+                        .get_mut()
+                        .write_all(format!("{reply}\r\n").as_bytes())
+                        .await;
+                    return Next::Done;
+                }
+                Some(reply) => reply,
+                None => "250 2.1.0 ok".into(),
+            }
         } else if upper.starts_with("RCPT TO:") {
             let rcpt = cmd[8..]
                 .trim()

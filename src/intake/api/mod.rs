@@ -34,6 +34,7 @@ mod feedback;
 mod idempotency;
 mod lines;
 mod messages;
+mod shaping;
 mod suppressions;
 mod unsubscribe;
 
@@ -80,6 +81,9 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
         )
         .route("/feedback", post(feedback::post))
         .route("/domains", get(domains::list))
+        .route("/shaping", get(shaping::list))
+        .route("/shaping/{id}", axum::routing::delete(shaping::lift))
+        .route("/sources", get(shaping::sources))
         .route("/queue", get(domains::queue))
         .route("/domains/{domain}/suspend", post(domains::suspend))
         .route("/domains/{domain}/resume", post(domains::resume))

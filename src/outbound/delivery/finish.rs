@@ -51,6 +51,24 @@ static REPLIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static SOURCE_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_source_attempts_total",
+        "Delivery attempts by egress source (names from [[source]]) and verdict (delivered, deferred, bounced, expired). A source whose deferred share rises is being pushed back.",
+        &["source", "verdict"]
+    )
+    .expect("metric registers once")
+});
+
+static SHAPING_TRIGGERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_shaping_triggers_total",
+        "Provider replies that set a shaping action (suspend, throttle) or an AIMD decrease, by egress source, kind and rule (aimd for AIMD).",
+        &["source", "kind", "rule"]
+    )
+    .expect("metric registers once")
+});
+
 pub(crate) static LATENCY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_delivery_latency_seconds",
@@ -199,6 +217,11 @@ impl Delivery {
         }
         let label = site.map_or(stats::UNRESOLVED, |s| s.stats.label.as_str());
         ATTEMPTS.with_label_values(&[verdict, label]).inc();
+        if let Some(source) = conn.and_then(|c| self.sources.get(c.source)) {
+            SOURCE_ATTEMPTS
+                .with_label_values(&[source.name.as_str(), verdict])
+                .inc();
+        }
         let class = match o.code.map(|c| c / 100) {
             Some(2) => "2xx",
             Some(3) => "3xx",
@@ -223,6 +246,76 @@ impl Delivery {
             FAILURES
                 .with_label_values(&[verdict, class.category.as_str(), label])
                 .inc();
+        }
+    }
+
+    /// What the shaping rules do about a failure reply `o` that `source` got from `site`: a
+    /// rule's suspension or throttle of the (source, site), recorded in the spool, or an AIMD
+    /// decrease. Returns whether one applies (whether it was new or already in force).
+    pub(super) async fn react(&self, site: &Site, source: usize, o: &Outcome) -> bool {
+        use crate::outbound::shaping::rules::{Action, Reaction};
+        if o.verdict == Verdict::Delivered || o.code.is_none_or(|c| c < 400) {
+            return false;
+        }
+        let rules = self.node.shaping_rules();
+        let name = self.sources.get(source).map_or("", |s| s.name.as_str());
+        let summary = o.summary();
+        let per_recipient = o.stage == crate::outbound::smtp::reply::Command::Rcpt;
+        match rules.reaction(
+            site.provider.as_deref(),
+            o.code,
+            o.status,
+            &o.text,
+            per_recipient,
+        ) {
+            None => false,
+            Some(Reaction::Rule(r)) if r.action == Action::Ignore => false,
+            Some(Reaction::Rule(r)) => {
+                let added = self
+                    .node
+                    .actions
+                    .add(
+                        &self.node.spool,
+                        r,
+                        name,
+                        &site.key,
+                        &site.stats.label,
+                        site.provider.as_deref(),
+                        &summary,
+                    )
+                    .await;
+                match added {
+                    Ok(Some(a)) => {
+                        tracing::warn!(
+                            id = %a.id, rule = %a.rule, action = %a.kind, source = name,
+                            site = %site.stats.label, until = %rfc3339(a.expires_at_ms),
+                            reply = %summary, "shaping action"
+                        );
+                        SHAPING_TRIGGERS
+                            .with_label_values(&[name, a.kind.as_str(), a.rule.as_str()])
+                            .inc();
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, rule = %r.name, "recording a shaping action failed")
+                    }
+                }
+                true
+            }
+            Some(Reaction::Aimd) => {
+                if let Some((rate, connections)) =
+                    site.aimd_decrease(source, &rules.aimd, &summary, crate::now_ms())
+                {
+                    tracing::info!(
+                        source = name, site = %site.stats.label, rate_per_second = rate,
+                        connections, reply = %summary, "throttling reply: AIMD decrease"
+                    );
+                    SHAPING_TRIGGERS
+                        .with_label_values(&[name, "aimd", "aimd"])
+                        .inc();
+                }
+                true
+            }
         }
     }
 

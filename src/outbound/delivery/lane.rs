@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::pick::{Prepared, group_recipients};
-use super::site::{Site, throttle};
+use super::site::{Site, Unavailable};
 use super::stats::Slot;
 use super::{Delivery, stats};
 use crate::outbound::outcome::Outcome;
@@ -40,6 +40,8 @@ enum NoConnection {
     Throttled(Duration),
     /// Every host failed; the outcome of the last try.
     Failed(Outcome),
+    /// The source was suspended while the lane waited for a connection place.
+    Suspended,
 }
 
 impl Delivery {
@@ -50,7 +52,7 @@ impl Delivery {
         let max_lanes = site
             .shaping
             .max_connections
-            .saturating_mul(self.sources.len() as u32);
+            .saturating_mul(site.open.len() as u32);
         if g.active.is_empty() || g.lanes >= max_lanes || self.stop.is_cancelled() {
             return;
         }
@@ -101,19 +103,8 @@ impl Delivery {
     /// connection says wait, or delivery stops. Returns the time before which the site must not
     /// be served again (0: no constraint).
     async fn serve(self: &Arc<Self>, site: &Arc<Site>, conn: &mut Option<stats::Held>) -> u64 {
-        let batch = if site.message_rate.is_some() {
-            1
-        } else {
-            LANE_BATCH
-        };
+        let batch = if site.rate_limited() { 1 } else { LANE_BATCH };
         while !self.stop.is_cancelled() {
-            if let Some(wait) = throttle(&site.message_rate) {
-                if wait <= MAX_LANE_WAIT {
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                return crate::now_ms() + wait.as_millis() as u64;
-            }
             let jobs = site.pop(&self.node, crate::now_ms(), batch);
             if jobs.is_empty() {
                 return 0;
@@ -131,11 +122,15 @@ impl Delivery {
                     return 0;
                 }
                 let pool = self.pool_of(&g[0].campaign);
-                let members = &self.pools[pool].members;
-                let Some(source) = site.pick_source(pool, members) else {
-                    tracing::error!(pool = %self.pools[pool].name, "pool without a weighted source");
-                    self.requeue(g.into_iter().chain(groups.flatten()));
-                    return crate::now_ms() + MAX_LANE_WAIT.as_millis() as u64;
+                let source = match self.choose(site, pool, g.len()).await {
+                    Ok(s) => s,
+                    Err(until) => {
+                        // No source of the pool (or its overflow) may send to the site before
+                        // `until`: this message waits for it, untouched, and the lane goes on
+                        // with the others, which may be of other pools.
+                        self.requeue_at(g.into_iter().map(|p| p.job).collect(), until);
+                        continue;
+                    }
                 };
                 match self.connection(site, source, conn).await {
                     Ok(c) => self.attempt(g, site, c).await,
@@ -144,7 +139,21 @@ impl Delivery {
                         self.requeue(g.into_iter().chain(groups.flatten()));
                         return crate::now_ms() + wait.as_millis() as u64;
                     }
+                    Err(NoConnection::Suspended) => {
+                        // Back untouched, to go from another source.
+                        self.requeue(g.into_iter());
+                        continue;
+                    }
                     Err(NoConnection::Failed(o)) => {
+                        if self.react(site, source, &o).await {
+                            // The provider refused this source, not the site: the shaping
+                            // rules acted on the (source, site); the message is deferred with
+                            // the reply and the others go on from the other sources.
+                            for p in &g {
+                                self.finish(p, o.clone(), Some(site), None, 0).await;
+                            }
+                            continue;
+                        }
                         let rest = g.into_iter().chain(groups.flatten()).collect();
                         return self.fail_round(site, rest, o).await;
                     }
@@ -212,7 +221,8 @@ impl Delivery {
                 if conn.is_some() {
                     break None;
                 }
-                if let Some(slot) = Slot::take(&site.open, source, site.shaping.max_connections) {
+                let cap = site.connection_cap(source);
+                if let Some(slot) = Slot::take(&site.open, site.counted(source), source, cap) {
                     break Some(slot);
                 }
                 // Every connection of this source is busy: its share waits for one, as a
@@ -224,24 +234,153 @@ impl Delivery {
                 waited += SOURCE_BUSY_POLL;
             };
             if let Some(slot) = slot {
-                if let Some(wait) = throttle(&site.connection_rate) {
+                // A lane that waited for the place may find the source suspended meanwhile
+                // (by the reply that freed the place).
+                let now = crate::now_ms();
+                {
+                    let mut g = site.lock();
+                    site.refresh(&mut g, &self.node, source, &self.sources[source].name, now);
+                    if Site::source_blocked(&g, source, now).is_some() {
+                        return Err(NoConnection::Suspended);
+                    }
+                }
+                if let Some(wait) = site.connection_throttle(source) {
                     return Err(NoConnection::Throttled(wait));
                 }
-                let c = self
-                    .connect(site, source)
-                    .await
-                    .map_err(NoConnection::Failed)?;
-                site.lock().failures = 0;
+                let c = match self.connect(site, source).await {
+                    Ok(c) => c,
+                    Err(o) => {
+                        if let Some(s) = site.lock().sources.get_mut(source) {
+                            s.proven = false;
+                        }
+                        return Err(NoConnection::Failed(o));
+                    }
+                };
+                {
+                    let mut g = site.lock();
+                    if let Some(s) = g.sources.get_mut(source) {
+                        s.proven = true;
+                    }
+                    if g.dead {
+                        tracing::info!(site = %site.key, "dead site answers again");
+                    }
+                    g.failures = 0;
+                    g.dead = false;
+                }
                 *conn = Some(site.stats.track(c, slot));
             }
         }
         Ok(conn.as_mut().expect("a connection was just set"))
     }
 
+    /// The source a message of `n` recipients of pool `pool` goes from: picked by weight among
+    /// the pool's sources that are not suspended, rate-limited past a lane's wait or over their
+    /// warm-up cap for this site, and let through by its rate limits (a short wait is taken
+    /// here). When every source is over its warm-up cap, the pool's `overflow` pool is tried.
+    /// `Err(t)`: none may send before `t`.
+    async fn choose(&self, site: &Site, pool: usize, n: usize) -> Result<usize, u64> {
+        loop {
+            let now = crate::now_ms();
+            let wait = match self.try_choose(site, pool, n, now) {
+                Ok(Ok(source)) => return Ok(source),
+                Ok(Err(wait)) => wait,
+                Err(Unavailable::Warmup(t) | Unavailable::Until(t)) => return Err(t),
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One go of [`Delivery::choose`] under the site lock: the source, or a short wait for its
+    /// rate limit, or why none may send.
+    fn try_choose(
+        &self,
+        site: &Site,
+        pool: usize,
+        n: usize,
+        now: u64,
+    ) -> Result<Result<usize, Duration>, Unavailable> {
+        let node = &self.node;
+        let mut g = site.lock();
+        let mut pool = pool;
+        for hop in 0..2 {
+            let members = &self.pools[pool].members;
+            for &(source, _) in members {
+                site.refresh(&mut g, node, source, &self.sources[source].name, now);
+            }
+            // Why each member may not send now, by source: (until, because of warm-up).
+            let mut out: Vec<Option<(u64, bool)>> = vec![None; self.sources.len()];
+            for &(source, _) in members {
+                if let Some(t) = Site::source_blocked(&g, source, now) {
+                    out[source] = Some((t, false));
+                } else if let Some((schedule, start)) = &self.sources[source].warmup
+                    && let Err(t) = node.warmup.room(
+                        &self.sources[source].name,
+                        &site.group,
+                        schedule,
+                        *start,
+                        now,
+                    )
+                {
+                    out[source] = Some((t, true));
+                }
+            }
+            loop {
+                let picked = Site::pick_source(&mut g, pool, members, |s| out[s].is_none());
+                let Some(source) = picked else { break };
+                match site.take_rate(&mut g, source, now) {
+                    None => {}
+                    Some(wait) if wait <= MAX_LANE_WAIT => return Ok(Err(wait)),
+                    Some(wait) => {
+                        let until = now + wait.as_millis() as u64;
+                        Site::block(&mut g, source, until);
+                        out[source] = Some((until, false));
+                        continue;
+                    }
+                }
+                if let Some((schedule, start)) = &self.sources[source].warmup
+                    && let Err(t) = node.warmup.take(
+                        &self.sources[source].name,
+                        &site.group,
+                        schedule,
+                        *start,
+                        now,
+                        n as u64,
+                    )
+                {
+                    out[source] = Some((t, true));
+                    continue;
+                }
+                Site::count_sent(&mut g, source, n as u32, now);
+                return Ok(Ok(source));
+            }
+            let weighted = members.iter().filter(|m| m.1 > 0);
+            let until = weighted
+                .clone()
+                .filter_map(|m| out[m.0].map(|o| o.0))
+                .min()
+                .unwrap_or(now + MAX_LANE_WAIT.as_millis() as u64);
+            let warm_capped = weighted.clone().any(|m| out[m.0].is_some_and(|o| o.1));
+            match self.pools[pool].overflow {
+                Some(o) if hop == 0 && warm_capped => pool = o,
+                _ if warm_capped => return Err(Unavailable::Warmup(until)),
+                _ => return Err(Unavailable::Until(until)),
+            }
+        }
+        Err(Unavailable::Until(now + MAX_LANE_WAIT.as_millis() as u64))
+    }
+
     /// A connection round failed: `rest` and up to [`FAIL_BATCH`] more of the site's due jobs are
     /// deferred with the failure `o` (so every recipient's log shows what happened), and the site
     /// backs off. Returns the end of the backoff.
+    ///
+    /// A round that makes the site dead (`delivery.dead_site_after`) defers nothing: its jobs go
+    /// back untouched and the site's mail waits out the dead period without attempts.
     async fn fail_round(&self, site: &Site, mut rest: Vec<Prepared>, o: Outcome) -> u64 {
+        let until = site.failed(&self.config.delivery);
+        if site.lock().dead {
+            self.requeue(rest.into_iter());
+            return until;
+        }
         let more = site.pop(
             &self.node,
             crate::now_ms(),
@@ -252,6 +391,6 @@ impl Delivery {
         for p in rest {
             self.finish(&p, o.clone(), Some(site), None, 0).await;
         }
-        site.failed(&self.config.delivery)
+        until
     }
 }

@@ -52,6 +52,17 @@ pub(crate) use finish::LATENCY_SECONDS;
 pub(crate) use pick::SUPPRESSED_AT_DELIVERY;
 pub(crate) use transact::{ASSEMBLY_SECONDS, TRANSACTION_SECONDS};
 
+static SHAPING_ACTIONS: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::LazyLock::new(
+    || {
+        prometheus::register_int_gauge_vec!(
+            "sluice_shaping_active",
+            "Sites where a source is held back now, by egress source and kind: suspend and throttle (shaping actions in force, GET /v1/shaping) and aimd (AIMD below the configured limits).",
+            &["source", "kind"]
+        )
+        .expect("metric registers once")
+    },
+);
+
 /// A domain with no queued or in-flight jobs is forgotten after this long.
 const DOMAIN_IDLE_EVICT_MS: u64 = 60_000;
 /// An empty site (no lanes, no domains, no idle connections) is forgotten after this long.
@@ -69,6 +80,15 @@ impl EngineHandle {
 
     pub fn is_running(&self) -> bool {
         self.0.get().is_some()
+    }
+
+    /// The (source, site) pairs AIMD holds below their limits (none without a running engine).
+    pub fn aimd(&self) -> Vec<stats::AimdEntry> {
+        self.0
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|d| d.aimd())
+            .unwrap_or_default()
     }
 
     /// Per-site and per-domain statistics; without a running engine, domains only.
@@ -179,6 +199,9 @@ impl Delivery {
         for c in idle {
             c.quit().await;
         }
+        if let Err(e) = self.node.warmup.flush(&self.node.spool).await {
+            tracing::error!(error = %e, "writing warm-up counts at shutdown failed");
+        }
         let (tx, rx) = oneshot::channel();
         if self.updates.send(Update::Close(tx)).await.is_ok() {
             let _ = rx.await;
@@ -261,11 +284,42 @@ impl Delivery {
         }
     }
 
+    /// The (source, site) pairs AIMD holds below their limits.
+    pub fn aimd(&self) -> Vec<stats::AimdEntry> {
+        let sites: Vec<Arc<Site>> = self
+            .sites
+            .lock()
+            .expect("sites lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for site in sites {
+            for (i, a) in site.aimd_states() {
+                out.push(stats::AimdEntry {
+                    source: self
+                        .sources
+                        .get(i)
+                        .map_or_else(String::new, |s| s.name.clone()),
+                    site: site.key.clone(),
+                    site_label: site.stats.label.clone(),
+                    rate_per_second: (a.rate * 100.0).round() / 100.0,
+                    ceiling_per_second: (a.ceiling * 100.0).round() / 100.0,
+                    connections: a.connections,
+                    changed_at: crate::effects::delivery_log::rfc3339(a.last_change_ms),
+                    reply: a.reply,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.source.cmp(&b.source).then(a.site.cmp(&b.site)));
+        out
+    }
+
     /// Per-site and per-domain statistics (see [`stats::report`]).
     pub async fn report(&self) -> stats::Report {
         let views: Vec<stats::SiteView> = {
             let sites = self.sites.lock().expect("sites lock");
-            sites.values().map(|s| s.view()).collect()
+            sites.values().map(|s| s.view(&self.sources)).collect()
         };
         let site_of = |d: &str| {
             self.domain_sites
@@ -289,12 +343,37 @@ impl Delivery {
             }
             let report = self.report().await;
             stats::publish(&report, &mut labels);
+            self.publish_shaping();
             let mut map = self.domain_sites.lock().expect("domain sites lock");
             self.node.scheduler.retain_known(&mut map);
         }
     }
 
-    /// Closes idle connections past `idle_timeout` and forgets empty sites.
+    /// The shaping gauges: actions in force and AIMD-limited sites, per source (names from the
+    /// config, so the label set is bounded).
+    fn publish_shaping(&self) {
+        let now = crate::now_ms();
+        let actions = self.node.actions.list(now);
+        let aimd = self.aimd();
+        for source in &self.sources {
+            for kind in ["suspend", "throttle"] {
+                let n = actions
+                    .iter()
+                    .filter(|a| a.source == source.name && a.kind == kind)
+                    .count();
+                SHAPING_ACTIONS
+                    .with_label_values(&[source.name.as_str(), kind])
+                    .set(n as i64);
+            }
+            let n = aimd.iter().filter(|a| a.source == source.name).count();
+            SHAPING_ACTIONS
+                .with_label_values(&[source.name.as_str(), "aimd"])
+                .set(n as i64);
+        }
+    }
+
+    /// Closes idle connections past `idle_timeout`, forgets empty sites and writes the warm-up
+    /// counts, once a second.
     async fn sweep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -323,6 +402,9 @@ impl Delivery {
             }
             for c in closing {
                 tokio::spawn(c.quit());
+            }
+            if let Err(e) = self.node.warmup.flush(&self.node.spool).await {
+                tracing::warn!(error = %e, "writing warm-up counts failed; retried in a second");
             }
             let evicted = self
                 .node

@@ -152,7 +152,7 @@ impl Delivery {
         self.node.scheduler.requeue(jobs.map(|p| p.job));
     }
 
-    fn requeue_at(&self, jobs: Vec<PendingJob>, due_ms: u64) {
+    pub(super) fn requeue_at(&self, jobs: Vec<PendingJob>, due_ms: u64) {
         let jobs = jobs.into_iter().map(|j| PendingJob { due_ms, ..j });
         self.node.scheduler.requeue(jobs);
     }

@@ -103,12 +103,18 @@ impl Delivery {
                 self.labels.label(primary, false)
             }
         };
+        let provider = {
+            let rules = self.node.shaping_rules();
+            let names = std::iter::once(domain).chain(targets.iter().map(|t| t.name.as_str()));
+            rules.provider_of(names).map(str::to_owned)
+        };
         let site = Arc::new(Site::new(
             key.clone(),
             label,
             targets,
             shaping,
             self.sources.len(),
+            provider,
         ));
         sites.insert(key, Arc::clone(&site));
         Ok(site)

@@ -1,7 +1,15 @@
-//! A site's live state: its hosts, shaping, throttles, lanes, idle connections and backoff.
+//! A site's live state: its hosts, shaping, throttles, lanes, idle connections and backoff, and
+//! per egress source: its rate limiters, the shaping actions in force, AIMD and how fast it is
+//! sending.
 //!
 //! Owns nothing outside one site. The site lock is held for a few field updates at a time and
-//! may be held while calling the scheduler (whose lock is a leaf), never across an `.await`.
+//! may be held while calling the scheduler (whose lock is a leaf) or reading the node's shaping
+//! actions and warm-up counts (leaves too), never across an `.await`.
+//!
+//! A site's `[[rule]]` limits apply per source (`per = "source"`, the default: providers count
+//! per sending address) or to all sources together (`per = "site"`). On top of them, per
+//! (source, site): a throttle action caps the rate and connections, a suspension stops the
+//! source, and AIMD lowers both after a throttling reply and raises them back step by step.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -12,9 +20,11 @@ use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::stats;
-use crate::config::{DeliveryConfig, Rate, Shaping};
+use crate::config::{DeliveryConfig, Per, Rate, Shaping};
 use crate::node::Node;
+use crate::outbound::shaping::actions::Effect;
 use crate::scheduler::index::{DomainId, PendingJob};
+use crate::scheduler::rate::Gcra;
 
 /// One destination host of a site.
 #[derive(Debug, Clone)]
@@ -26,15 +36,77 @@ pub(super) struct Target {
 
 pub(super) struct Site {
     pub key: String,
-    /// Connections open (or being opened) per egress source: each source has
-    /// `max_connections` of its own, as providers count per sending address.
+    /// Connections open (or being opened) per egress source (one count for all with
+    /// `per = "site"`).
     pub open: Arc<[std::sync::atomic::AtomicU32]>,
     pub stats: Arc<stats::SiteStats>,
     pub targets: Vec<Target>,
     pub shaping: Shaping,
-    pub message_rate: Option<DefaultDirectRateLimiter>,
-    pub connection_rate: Option<DefaultDirectRateLimiter>,
+    /// The configured rate limiters, per source (one for all with `per = "site"`).
+    limits: Vec<Limits>,
+    /// The site's provider group in the shaping rules, if any.
+    pub provider: Option<String>,
+    /// What warm-up caps count against: the provider group, else the site's label.
+    pub group: String,
     pub inner: Mutex<SiteInner>,
+}
+
+struct Limits {
+    message_rate: Option<DefaultDirectRateLimiter>,
+    connection_rate: Option<DefaultDirectRateLimiter>,
+}
+
+/// What one egress source does at this site besides the configured limits.
+#[derive(Default)]
+pub(super) struct SourceLive {
+    /// The shaping actions in force, as of [`Actions::generation`] `generation`.
+    effect: Effect,
+    generation: Option<u64>,
+    /// A throttle action's limiter, with the rate it was built for.
+    throttle: Option<(Rate, Gcra)>,
+    aimd: Option<AimdState>,
+    /// A rate limit said "not before" this, further than a lane waits: the source is passed
+    /// over until then.
+    blocked_until_ms: u64,
+    /// A connection from it was opened and greeted lately. Until one is, and again after one
+    /// fails, it opens one connection at a time (slow start), so a site that refuses the
+    /// source sees one attempt, not `max_connections`.
+    pub proven: bool,
+    /// Messages sent in the current and the previous second, for the measured rate.
+    second: u64,
+    sent_this_second: u32,
+    sent_last_second: u32,
+}
+
+/// AIMD in force for a (source, site).
+#[derive(Debug, Clone)]
+pub(super) struct AimdState {
+    /// Messages per second allowed now.
+    pub rate: f64,
+    /// The rate set by the last decrease: a step adds a fraction of it.
+    pub base: f64,
+    /// Where it stops climbing and lets go: the configured rate, else the rate measured before
+    /// the first decrease.
+    pub ceiling: f64,
+    pub connections: u32,
+    pub last_change_ms: u64,
+    /// The reply that caused the last decrease.
+    pub reply: String,
+    gcra: Gcra,
+}
+
+/// Why no source of a pool can take a transaction now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unavailable {
+    /// Every source is over its warm-up cap until then (or suspended, for some).
+    Warmup(u64),
+    /// Suspended, or rate-limited, until then.
+    Until(u64),
+}
+
+/// Messages per second of a rate.
+fn per_second(r: Rate) -> f64 {
+    f64::from(r.count) / r.per.as_secs_f64()
 }
 
 pub(super) struct SiteInner {
@@ -45,8 +117,12 @@ pub(super) struct SiteInner {
     pub idle: Vec<stats::Held>,
     /// Smooth weighted round-robin state per pool (by index): one counter per member.
     pub pickers: std::collections::HashMap<usize, Vec<i64>>,
+    /// Per egress source (by index).
+    pub sources: Vec<SourceLive>,
     pub failures: u32,
     pub backoff_until_ms: u64,
+    /// Marked dead (`delivery.dead_site_after` failed rounds in a row) until `backoff_until_ms`.
+    pub dead: bool,
     pub last_activity: Instant,
 }
 
@@ -79,15 +155,26 @@ impl Site {
         targets: Vec<Target>,
         shaping: Shaping,
         sources: usize,
+        provider: Option<String>,
     ) -> Site {
+        let counted = match shaping.per {
+            Per::Source => sources.max(1),
+            Per::Site => 1,
+        };
         Site {
             key,
-            open: (0..sources.max(1))
+            open: (0..counted)
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
+            group: provider.clone().unwrap_or_else(|| label.clone()),
+            provider,
             stats: Arc::new(stats::SiteStats::new(label)),
-            message_rate: shaping.message_rate.map(limiter),
-            connection_rate: shaping.connection_rate.map(limiter),
+            limits: (0..counted)
+                .map(|_| Limits {
+                    message_rate: shaping.message_rate.map(limiter),
+                    connection_rate: shaping.connection_rate.map(limiter),
+                })
+                .collect(),
             targets,
             shaping,
             inner: Mutex::new(SiteInner {
@@ -95,11 +182,52 @@ impl Site {
                 lanes: 0,
                 idle: Vec::new(),
                 pickers: std::collections::HashMap::new(),
+                sources: (0..sources.max(1)).map(|_| SourceLive::default()).collect(),
                 failures: 0,
                 backoff_until_ms: 0,
+                dead: false,
                 last_activity: Instant::now(),
             }),
         }
+    }
+
+    /// Where `source`'s connections and limits are counted: its own, or the site's one.
+    pub fn counted(&self, source: usize) -> usize {
+        match self.shaping.per {
+            Per::Source => source,
+            Per::Site => 0,
+        }
+    }
+
+    /// Whether any rate limit may apply to this site's transactions (lanes then take one job
+    /// at a time, so none waits behind a limit another job is under).
+    pub fn rate_limited(&self) -> bool {
+        self.shaping.message_rate.is_some()
+    }
+
+    /// The most connections `source` may have open to the site now: the configured limit,
+    /// lowered by a throttle action or AIMD, and one until a connection of it has worked.
+    pub fn connection_cap(&self, source: usize) -> u32 {
+        let g = self.lock();
+        let Some(s) = g.sources.get(source) else {
+            return self.shaping.max_connections;
+        };
+        if !s.proven {
+            return 1;
+        }
+        let mut cap = self.shaping.max_connections;
+        if let Some(c) = s.effect.max_connections {
+            cap = cap.min(c);
+        }
+        if let Some(a) = &s.aimd {
+            cap = cap.min(a.connections);
+        }
+        cap.max(1)
+    }
+
+    /// A new connection from `source` is allowed by the connection rate now, else the wait.
+    pub fn connection_throttle(&self, source: usize) -> Option<Duration> {
+        throttle(&self.limits[self.counted(source)].connection_rate)
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, SiteInner> {
@@ -128,19 +256,27 @@ impl Site {
     /// The source of pool `pool` (members `(source, weight)`) the next transaction goes from:
     /// smooth weighted round-robin per (site, pool), so each source gets its weight's share of
     /// the pool's transactions to this site, spread evenly. `None` if no member has a weight.
-    pub fn pick_source(&self, pool: usize, members: &[(usize, u32)]) -> Option<usize> {
-        let mut g = self.lock();
+    ///
+    /// Members for which `available` says no are passed over: their weight goes to the others
+    /// for this pick. `None` if no member is available.
+    pub fn pick_source(
+        g: &mut SiteInner,
+        pool: usize,
+        members: &[(usize, u32)],
+        available: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let current = g
             .pickers
             .entry(pool)
             .or_insert_with(|| vec![0; members.len()]);
         current.resize(members.len(), 0);
-        let total: i64 = members.iter().map(|m| i64::from(m.1)).sum();
+        let mut total = 0i64;
         let mut best: Option<usize> = None;
-        for (i, &(_, w)) in members.iter().enumerate() {
-            if w == 0 {
+        for (i, &(source, w)) in members.iter().enumerate() {
+            if w == 0 || !available(source) {
                 continue;
             }
+            total += i64::from(w);
             current[i] += i64::from(w);
             if best.is_none_or(|b| current[i] > current[b]) {
                 best = Some(i);
@@ -151,11 +287,178 @@ impl Site {
         Some(members[b].0)
     }
 
+    /// Brings `source`'s view of the shaping actions up to date, and AIMD up by the steps of
+    /// the clean intervals since its last change.
+    pub fn refresh(&self, g: &mut SiteInner, node: &Node, source: usize, name: &str, now: u64) {
+        let generation = node.actions.generation();
+        let s = &mut g.sources[source];
+        if s.generation != Some(generation) || now >= s.effect.changes_at_ms {
+            s.effect = node.actions.effect(name, &self.key, now);
+            s.generation = Some(generation);
+            s.throttle = match (s.effect.message_rate, s.throttle.take()) {
+                (Some(r), Some((old, gcra))) if old == r => Some((r, gcra)),
+                (Some(r), _) => Some((r, Gcra::new(r))),
+                (None, _) => None,
+            };
+        }
+        let rules = node.shaping_rules();
+        let interval = rules.aimd.interval.as_millis().max(1) as u64;
+        if let Some(a) = &mut s.aimd
+            && now >= a.last_change_ms + interval
+        {
+            let steps = (now - a.last_change_ms) / interval;
+            a.rate = (a.rate + a.base * rules.aimd.step * steps as f64).min(a.ceiling);
+            a.connections = a
+                .connections
+                .saturating_add(u32::try_from(steps).unwrap_or(u32::MAX))
+                .min(self.shaping.max_connections);
+            a.last_change_ms += steps * interval;
+            a.gcra = Gcra::per_second(a.rate);
+            if a.rate >= a.ceiling && a.connections >= self.shaping.max_connections {
+                tracing::info!(site = %self.key, source = name, "AIMD back at the limit; released");
+                s.aimd = None;
+            }
+        }
+    }
+
+    /// Whether `source` may be picked at `now`; else until when it may not.
+    pub fn source_blocked(g: &SiteInner, source: usize, now: u64) -> Option<u64> {
+        let s = &g.sources[source];
+        if s.effect.suspended_until_ms > now {
+            return Some(s.effect.suspended_until_ms);
+        }
+        (s.blocked_until_ms > now).then_some(s.blocked_until_ms)
+    }
+
+    /// Takes one message's place under `source`'s rate limits at `now`, or says how long to
+    /// wait: the throttle action's and AIMD's limiters are asked first, without taking, then
+    /// the configured one, then both take.
+    pub fn take_rate(&self, g: &mut SiteInner, source: usize, now: u64) -> Option<Duration> {
+        let s = &mut g.sources[source];
+        let mut next = 0u64;
+        if let Some((_, gcra)) = &s.throttle {
+            next = next.max(gcra.next_allowed());
+        }
+        if let Some(a) = &s.aimd {
+            next = next.max(a.gcra.next_allowed());
+        }
+        if next > now {
+            return Some(Duration::from_millis(next - now));
+        }
+        if let Some(wait) = throttle(&self.limits[self.counted(source)].message_rate) {
+            return Some(wait);
+        }
+        if let Some((_, gcra)) = &mut s.throttle {
+            gcra.try_take(now);
+        }
+        if let Some(a) = &mut s.aimd {
+            a.gcra.try_take(now);
+        }
+        None
+    }
+
+    /// Passes `source` over until `until` (a rate limit further than a lane waits).
+    pub fn block(g: &mut SiteInner, source: usize, until: u64) {
+        let s = &mut g.sources[source];
+        s.blocked_until_ms = s.blocked_until_ms.max(until);
+    }
+
+    /// Counts `n` messages sent from `source`, for its measured rate.
+    pub fn count_sent(g: &mut SiteInner, source: usize, n: u32, now: u64) {
+        let s = &mut g.sources[source];
+        let second = now / 1000;
+        if second != s.second {
+            s.sent_last_second = if second == s.second + 1 {
+                s.sent_this_second
+            } else {
+                0
+            };
+            s.sent_this_second = 0;
+            s.second = second;
+        }
+        s.sent_this_second = s.sent_this_second.saturating_add(n);
+    }
+
+    /// Messages per second `source` sent lately: the last full second, blended with the
+    /// current one as it fills.
+    fn measured_rate(s: &SourceLive, now: u64) -> f64 {
+        let second = now / 1000;
+        let (this, last) = match second.saturating_sub(s.second) {
+            0 => (s.sent_this_second, s.sent_last_second),
+            1 => (0, s.sent_this_second),
+            _ => (0, 0),
+        };
+        let f = (now % 1000) as f64 / 1000.0;
+        f64::from(last) * (1.0 - f) + f64::from(this)
+    }
+
+    /// A throttling reply to `source`: its rate and connections go down by the AIMD factor, at
+    /// most once per interval. Returns the new (rate, connections) if they changed.
+    pub fn aimd_decrease(
+        &self,
+        source: usize,
+        aimd: &crate::outbound::shaping::rules::Aimd,
+        reply: &str,
+        now: u64,
+    ) -> Option<(f64, u32)> {
+        let mut g = self.lock();
+        let open = self.open[self.counted(source)].load(std::sync::atomic::Ordering::Relaxed);
+        let s = g.sources.get_mut(source)?;
+        let interval = aimd.interval.as_millis() as u64;
+        if s.aimd
+            .as_ref()
+            .is_some_and(|a| now < a.last_change_ms + interval)
+        {
+            return None;
+        }
+        let measured = Site::measured_rate(s, now).max(aimd.min_rate);
+        let configured = self.shaping.message_rate.map(per_second);
+        let (current, ceiling, connections) = match &s.aimd {
+            Some(a) => (a.rate.min(measured), a.ceiling, a.connections),
+            None => (
+                configured.map_or(measured, |c| c.min(measured)),
+                configured.unwrap_or(measured),
+                self.shaping.max_connections.min(open.max(1)),
+            ),
+        };
+        let rate = (current * aimd.decrease).max(aimd.min_rate);
+        let connections = ((f64::from(connections) * aimd.decrease).floor() as u32).max(1);
+        s.aimd = Some(AimdState {
+            rate,
+            base: rate,
+            ceiling: ceiling.max(rate),
+            connections,
+            last_change_ms: now,
+            reply: reply.chars().take(256).collect(),
+            gcra: Gcra::per_second(rate),
+        });
+        Some((rate, connections))
+    }
+
+    /// The sources AIMD holds below their limits here: (source, state).
+    pub fn aimd_states(&self) -> Vec<(usize, AimdState)> {
+        let g = self.lock();
+        g.sources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s.aimd.clone()?)))
+            .collect()
+    }
+
     /// Records a failed connection round and returns the time the site may be tried again:
-    /// `site_backoff` doubling per consecutive failure up to `site_backoff_max`.
+    /// `site_backoff` doubling per consecutive failure up to `site_backoff_max`, or, from the
+    /// `dead_site_after`th failure in a row, `dead_site_period` (the site is dead).
     pub fn failed(&self, d: &DeliveryConfig) -> u64 {
         let mut g = self.lock();
         g.failures = g.failures.saturating_add(1);
+        if d.dead_site_after > 0 && g.failures >= d.dead_site_after {
+            if !g.dead {
+                tracing::warn!(site = %self.key, failures = g.failures, period = ?d.dead_site_period, "site dead: its mail waits without attempts");
+            }
+            g.dead = true;
+            g.backoff_until_ms = crate::now_ms() + d.dead_site_period.as_millis() as u64;
+            return g.backoff_until_ms;
+        }
         let factor = 1u32 << (g.failures - 1).min(16);
         let backoff = d
             .site_backoff
@@ -166,7 +469,7 @@ impl Site {
         g.backoff_until_ms
     }
 
-    pub fn view(&self) -> stats::SiteView {
+    pub fn view(&self, names: &[crate::config::Source]) -> stats::SiteView {
         let g = self.lock();
         stats::SiteView {
             key: self.key.clone(),
@@ -174,6 +477,19 @@ impl Site {
             max_connections: self.shaping.max_connections,
             lanes: g.lanes,
             backoff_until_ms: g.backoff_until_ms,
+            dead: g.dead && g.backoff_until_ms > crate::now_ms(),
+            provider: self.provider.clone(),
+            sources: g
+                .sources
+                .iter()
+                .enumerate()
+                .map(|(i, s)| stats::SourceView {
+                    name: names.get(i).map_or_else(String::new, |n| n.name.clone()),
+                    open: self.open[self.counted(i)].load(std::sync::atomic::Ordering::Relaxed),
+                    aimd: s.aimd.as_ref().map(|a| (a.rate, a.connections)),
+                    rate: Site::measured_rate(s, crate::now_ms()),
+                })
+                .collect(),
         }
     }
 }

@@ -215,19 +215,22 @@ impl Drop for Gauged {
 /// opening one) and given back when dropped.
 pub struct Slot {
     counts: Arc<[AtomicU32]>,
+    /// The count it holds a place in: its source's, or the site's one (`per = "site"`).
+    index: usize,
     pub source: usize,
 }
 
 impl Slot {
-    /// Takes a place of `source` if fewer than `max` are taken.
-    pub fn take(counts: &Arc<[AtomicU32]>, source: usize, max: u32) -> Option<Slot> {
-        counts[source]
+    /// Takes a place of `source` in count `index` if fewer than `max` are taken.
+    pub fn take(counts: &Arc<[AtomicU32]>, index: usize, source: usize, max: u32) -> Option<Slot> {
+        counts[index]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
         Some(Slot {
             counts: Arc::clone(counts),
+            index,
             source,
         })
     }
@@ -235,7 +238,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.counts[self.source].fetch_sub(1, Ordering::AcqRel);
+        self.counts[self.index].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -301,9 +304,16 @@ pub struct SiteReport {
     pub connections: Connections,
     /// Deliveries per second over the last ten seconds.
     pub rate_per_second: f64,
-    /// `active` (sending), `idle`, `backoff` (connections failing; see `backoff_until`) or
-    /// `suspended` (every domain with jobs suspended).
+    /// `active` (sending), `idle`, `backoff` (connections failing; see `backoff_until`),
+    /// `dead` (connections failed `delivery.dead_site_after` times in a row: mail waits until
+    /// `backoff_until` without attempts) or `suspended` (every domain with jobs suspended).
     pub state: &'static str,
+    /// Its provider group in the shaping rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Per egress source that has connections, shaping or AIMD here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff_until: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -312,6 +322,53 @@ pub struct SiteReport {
     pub last_reply_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oldest_queued_seconds: Option<f64>,
+}
+
+/// One egress source at a site in `GET /v1/domains`.
+#[derive(Debug, Serialize)]
+pub struct SourceReport {
+    pub source: String,
+    pub connections: u32,
+    /// Messages per second it sent lately.
+    pub rate_per_second: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspended_until: Option<String>,
+    /// A throttle action's limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<Throttle>,
+    /// AIMD's current limits, while it holds the source below the configured ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aimd: Option<AimdReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Throttle {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_rate: Option<crate::config::Rate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+/// A (source, site) AIMD holds below its limits, in `GET /v1/shaping`.
+#[derive(Debug, Serialize)]
+pub struct AimdEntry {
+    pub source: String,
+    pub site: String,
+    pub site_label: String,
+    pub rate_per_second: f64,
+    /// Where it lets go: the configured rate, else the rate measured before the first decrease.
+    pub ceiling_per_second: f64,
+    pub connections: u32,
+    /// The last decrease or step.
+    pub changed_at: String,
+    /// The reply of the last decrease.
+    pub reply: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AimdReport {
+    pub rate_per_second: f64,
+    pub connections: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -366,6 +423,18 @@ pub struct SiteView {
     pub max_connections: u32,
     pub lanes: u32,
     pub backoff_until_ms: u64,
+    pub dead: bool,
+    pub provider: Option<String>,
+    pub sources: Vec<SourceView>,
+}
+
+/// The live view of one source at a site.
+pub struct SourceView {
+    pub name: String,
+    pub open: u32,
+    /// AIMD's (rate, connections), if in force.
+    pub aimd: Option<(f64, u32)>,
+    pub rate: f64,
 }
 
 /// Builds the report. `sites` are the engine's sites and `domain_site` maps a domain to its
@@ -447,7 +516,9 @@ pub async fn report(
     for v in sites {
         let key = Some(v.key.clone());
         let a = acc.remove(&key).unwrap_or_default();
-        let state = if v.backoff_until_ms > now {
+        let state = if v.dead {
+            "dead"
+        } else if v.backoff_until_ms > now {
             "backoff"
         } else if v.lanes > 0 {
             "active"
@@ -478,6 +549,35 @@ pub async fn report(
                 .map(|(t, _)| crate::effects::delivery_log::rfc3339(*t)),
             last_reply: last.map(|(_, r)| r),
             oldest_queued_seconds: ages.get(&key).copied(),
+            provider: v.provider,
+            sources: v
+                .sources
+                .into_iter()
+                .filter_map(|s| {
+                    let e = node.actions.effect(&s.name, &v.key, now);
+                    let throttled = e.message_rate.is_some() || e.max_connections.is_some();
+                    let suspended = e.suspended_until_ms > now;
+                    if s.open == 0 && s.rate < 0.005 && s.aimd.is_none() && !throttled && !suspended
+                    {
+                        return None;
+                    }
+                    Some(SourceReport {
+                        connections: s.open,
+                        rate_per_second: (s.rate * 100.0).round() / 100.0,
+                        suspended_until: suspended
+                            .then(|| crate::effects::delivery_log::rfc3339(e.suspended_until_ms)),
+                        throttle: throttled.then_some(Throttle {
+                            message_rate: e.message_rate,
+                            max_connections: e.max_connections,
+                        }),
+                        aimd: s.aimd.map(|(r, c)| AimdReport {
+                            rate_per_second: (r * 100.0).round() / 100.0,
+                            connections: c,
+                        }),
+                        source: s.name,
+                    })
+                })
+                .collect(),
             site: v.key,
         });
     }
@@ -512,6 +612,8 @@ pub async fn report(
             },
             rate_per_second: 0.0,
             state: "idle",
+            provider: None,
+            sources: Vec::new(),
             backoff_until: None,
             last_reply: None,
             last_reply_at: None,

@@ -107,6 +107,13 @@ impl Delivery {
                 .collect(),
             Err(e) => vec![outcome::from_error(&e); group.len()],
         };
+        // The shaping rules look at the transaction's first failure reply, once.
+        if let Some(o) = outcomes
+            .iter()
+            .find(|o| o.verdict != outcome::Verdict::Delivered && o.code.is_some())
+        {
+            self.react(site, conn.source, o).await;
+        }
         self.finish_all(&group, |i| outcomes[i].clone(), site, Some(&*conn), size)
             .await;
     }

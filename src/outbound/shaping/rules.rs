@@ -82,13 +82,20 @@ pub struct Aimd {
 
 impl Aimd {
     /// Whether a reply is a throttling one: a temporary failure with one of the configured
-    /// codes, or whose text matches a configured pattern.
-    pub fn is_throttling(&self, code: Option<u16>, status: EnhancedCode, text: &str) -> bool {
+    /// codes, or whose text matches a configured pattern and that is not about one recipient
+    /// (`per_recipient`: a reply to RCPT, which a mailbox's own limits or greylisting give).
+    pub fn is_throttling(
+        &self,
+        code: Option<u16>,
+        status: EnhancedCode,
+        text: &str,
+        per_recipient: bool,
+    ) -> bool {
         let temporary = code.map_or(status.0 == 4, |c| c / 100 == 4);
         self.enabled
             && temporary
             && (code.is_some_and(|c| self.code.contains(&c))
-                || self.text.as_ref().is_some_and(|t| t.is_match(text)))
+                || (!per_recipient && self.text.as_ref().is_some_and(|t| t.is_match(text))))
     }
 }
 
@@ -429,12 +436,14 @@ impl ShapingRules {
 
     /// What a failure reply from a site of `provider` does: the first rule (of the provider, or
     /// of any provider) matching it, else AIMD if it is a throttling reply, else nothing.
+    /// `per_recipient`: the reply answered RCPT.
     pub fn reaction(
         &self,
         provider: Option<&str>,
         code: Option<u16>,
         status: EnhancedCode,
         text: &str,
+        per_recipient: bool,
     ) -> Option<Reaction<'_>> {
         if let Some(rule) = self.rules.iter().find(|r| {
             r.provider.as_deref().is_none_or(|p| Some(p) == provider)
@@ -443,7 +452,7 @@ impl ShapingRules {
             return Some(Reaction::Rule(rule));
         }
         self.aimd
-            .is_throttling(code, status, text)
+            .is_throttling(code, status, text, per_recipient)
             .then_some(Reaction::Aimd)
     }
 
@@ -511,7 +520,7 @@ mod tests {
         let mut wrong = Vec::new();
         for s in &samples.sample {
             let (code, st, text) = split(&s.reply);
-            let got = match rules.reaction(Some(group(&s.provider)), Some(code), st, &text) {
+            let got = match rules.reaction(Some(group(&s.provider)), Some(code), st, &text, false) {
                 Some(Reaction::Rule(r)) if r.action == Action::Ignore => None,
                 Some(Reaction::Rule(r)) => Some(r.action.kind().to_owned()),
                 Some(Reaction::Aimd) => Some("aimd".to_owned()),
@@ -575,16 +584,32 @@ mod tests {
             "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
         );
         assert!(matches!(
-            rules.reaction(Some("yahoo"), Some(code), st, &text),
+            rules.reaction(Some("yahoo"), Some(code), st, &text, false),
             Some(Reaction::Rule(r)) if r.action == Action::Suspend
         ));
         // Elsewhere the same 421 is just a throttling reply.
         assert!(matches!(
-            rules.reaction(None, Some(code), st, &text),
+            rules.reaction(None, Some(code), st, &text, false),
             Some(Reaction::Aimd)
         ));
         let (code, st, text) = split("250 2.0.0 OK");
-        assert!(rules.reaction(None, Some(code), st, &text).is_none());
+        assert!(rules.reaction(None, Some(code), st, &text, false).is_none());
+        // A recipient's own limit is not the sender's: no AIMD for a matching text at RCPT,
+        // while a 421 (the server closing the session) always counts.
+        let (code, st, text) = split("450 4.2.1 Too many messages for this mailbox, slow down");
+        assert!(matches!(
+            rules.reaction(None, Some(code), st, &text, false),
+            Some(Reaction::Aimd)
+        ));
+        assert!(rules.reaction(None, Some(code), st, &text, true).is_none());
+        let (code, st, text) = split("421 4.7.0 Try again later, closing connection.");
+        assert!(matches!(
+            rules.reaction(None, Some(code), st, &text, true),
+            Some(Reaction::Aimd)
+        ));
+        // Greylisting is not a throttle.
+        let (code, st, text) = split("451 4.7.1 Greylisted, try again later");
+        assert!(rules.reaction(None, Some(code), st, &text, false).is_none());
     }
 
     #[test]

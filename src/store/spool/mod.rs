@@ -109,6 +109,12 @@ const META_RECIPIENT_PREFIX: &[u8] = b"rcpt/";
 const META_ARCHIVED_PREFIX: &[u8] = b"archived/";
 /// How many campaigns are archived (u64 big-endian), so listing them needs no scan.
 const META_ARCHIVED_COUNT: &[u8] = b"archived_count";
+/// Shaping actions in force, by id (JSON).
+pub const STATE_SHAPING: &[u8] = b"shaping/";
+/// Warm-up counts per (source, provider group) (JSON).
+pub const STATE_WARMUP: &[u8] = b"warmup/";
+/// The prefixes of small state records in `meta` ([`SpoolBatch::put_state`]).
+pub const STATE_PREFIXES: [&[u8]; 2] = [STATE_SHAPING, STATE_WARMUP];
 
 fn archived_key(id: &[u8; 16]) -> Vec<u8> {
     [META_ARCHIVED_PREFIX, &id[..]].concat()
@@ -415,6 +421,18 @@ impl SpoolBatch {
         self.batch.delete_cf(cf, key);
     }
 
+    /// Puts a small state record in `meta` under `prefix` (one of [`STATE_PREFIXES`]) and `key`.
+    pub fn put_state(&mut self, prefix: &[u8], key: &[u8], value: &[u8]) {
+        debug_assert!(STATE_PREFIXES.contains(&prefix));
+        let cf = cf(&self.db, CF_META);
+        self.batch.put_cf(cf, [prefix, key].concat(), value);
+    }
+
+    pub fn delete_state(&mut self, prefix: &[u8], key: &[u8]) {
+        let cf = cf(&self.db, CF_META);
+        self.batch.delete_cf(cf, [prefix, key].concat());
+    }
+
     pub fn put_idempotency(&mut self, key: &[u8], value: &[u8]) {
         let cf = cf(&self.db, CF_IDEMPOTENCY);
         self.batch.put_cf(cf, key, value);
@@ -631,6 +649,23 @@ impl Spool {
     pub fn get_idempotency(&self, key: &[u8]) -> Result<Option<Vec<u8>>, SpoolError> {
         let cf = cf(&self.db, CF_IDEMPOTENCY);
         Ok(self.db.get_cf(cf, key)?)
+    }
+
+    /// Visits the state records under `prefix` as (key without the prefix, value). Blocking.
+    pub fn scan_state(
+        &self,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), SpoolError> {
+        let meta = cf(&self.db, CF_META);
+        for item in self.db.prefix_iterator_cf(meta, prefix) {
+            let (k, v) = item?;
+            let Some(key) = k.strip_prefix(prefix) else {
+                break;
+            };
+            visit(key, &v);
+        }
+        Ok(())
     }
 
     /// Visits every idempotency record (for expiry). Blocking.
