@@ -1814,6 +1814,70 @@ mod tests {
     }
 
     #[test]
+    fn warm_up_schedules_overflow_and_per() {
+        let head = "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n";
+        let c = Config::from_toml(
+            "t.toml",
+            &format!(
+                "{head}[[rule]]\nmatch = \"*.example.com\"\nper = \"site\"\n\
+                 [[source]]\nname = \"new\"\naddress = \"127.0.0.21\"\nwarmup = \"standard\"\nwarmup_start = \"2026-12-01\"\n\
+                 [[source]]\nname = \"old\"\naddress = \"127.0.0.22\"\nwarmup = \"mine\"\nwarmup_start = \"2026-11-30\"\n\
+                 [[warmup]]\nname = \"mine\"\nper_day = [10, 20]\nper_hour = [2, 4]\n\
+                 [[pool]]\nname = \"cold\"\nsources = [{{source = \"new\"}}]\noverflow = \"warm\"\n\
+                 [[pool]]\nname = \"warm\"\nsources = [{{source = \"old\"}}]\n"
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.rules[0].apply(&c.shaping).per, Per::Site);
+        assert_eq!(c.shaping.per, Per::Source);
+        let sources = c.egress_sources();
+        let (standard, start) = sources[0].warmup.clone().unwrap();
+        // 50 a day, ×1.4 a day, to 500,000: about 30 days, each hour at most a twelfth.
+        assert_eq!(standard.days[0], (50, Some(5)));
+        assert_eq!(standard.days[1], (70, Some(6)));
+        assert_eq!(standard.days.last(), Some(&(500_000, Some(41_667))));
+        assert!(
+            (27..=31).contains(&standard.days.len()),
+            "{}",
+            standard.days.len()
+        );
+        assert_eq!(start, 1_796_083_200_000);
+        let (mine, _) = sources[1].warmup.clone().unwrap();
+        assert_eq!(mine.days, vec![(10, Some(2)), (20, Some(4))]);
+        let pools = c.egress_pools();
+        let cold = pools.iter().position(|p| p.name == "cold").unwrap();
+        let warm = pools.iter().position(|p| p.name == "warm").unwrap();
+        assert_eq!(pools[cold].overflow, Some(warm));
+        assert_eq!(pools[warm].overflow, None);
+
+        let e = errors(&format!(
+            "{head}[[source]]\nname = \"a\"\naddress = \"127.0.0.1\"\nwarmup = \"nope\"\nwarmup_start = \"2026-13-01\"\n\
+             [[source]]\nname = \"b\"\naddress = \"127.0.0.1\"\nwarmup = \"standard\"\n\
+             [[warmup]]\nname = \"w\"\nper_day = [5, 0]\nper_hour = [1]\n\
+             [[pool]]\nname = \"p\"\nsources = [{{source = \"a\"}}]\noverflow = \"p\"\n"
+        ));
+        let keys: Vec<&str> = e
+            .iter()
+            .map(|l| l.split(": ").nth(1).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                "source[0].warmup",
+                "source[0].warmup_start",
+                "source[1].warmup_start",
+                "warmup[0].per_day",
+                "warmup[0].per_hour",
+                "pool[0].overflow",
+            ],
+            "{e:?}"
+        );
+        assert_eq!(parse_day("2026-12-01"), Ok(1_796_083_200_000));
+        assert!(parse_day("2026-2-01").is_err());
+    }
+
+    #[test]
     fn sources_and_pools() {
         let head = "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n[delivery]\nehlo_name = \"mta.example.com\"\n";
         let c = Config::from_toml(

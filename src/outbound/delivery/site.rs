@@ -23,6 +23,7 @@ use super::stats;
 use crate::config::{DeliveryConfig, Per, Rate, Shaping};
 use crate::node::Node;
 use crate::outbound::shaping::actions::Effect;
+use crate::outbound::shaping::rules::Aimd;
 use crate::scheduler::index::{DomainId, PendingJob};
 use crate::scheduler::rate::Gcra;
 
@@ -93,6 +94,26 @@ pub(super) struct AimdState {
     /// The reply that caused the last decrease.
     pub reply: String,
     gcra: Gcra,
+}
+
+impl AimdState {
+    /// Adds a step per clean interval since the last change; true when back at the ceiling
+    /// and the connection limit (AIMD lets go).
+    fn recover(&mut self, aimd: &Aimd, max_connections: u32, now: u64) -> bool {
+        let interval = aimd.interval.as_millis().max(1) as u64;
+        if now < self.last_change_ms + interval {
+            return false;
+        }
+        let steps = (now - self.last_change_ms) / interval;
+        self.rate = (self.rate + self.base * aimd.step * steps as f64).min(self.ceiling);
+        self.connections = self
+            .connections
+            .saturating_add(u32::try_from(steps).unwrap_or(u32::MAX))
+            .min(max_connections);
+        self.last_change_ms += steps * interval;
+        self.gcra = Gcra::per_second(self.rate);
+        self.rate >= self.ceiling && self.connections >= max_connections
+    }
 }
 
 /// Why no source of a pool can take a transaction now.
@@ -302,22 +323,11 @@ impl Site {
             };
         }
         let rules = node.shaping_rules();
-        let interval = rules.aimd.interval.as_millis().max(1) as u64;
         if let Some(a) = &mut s.aimd
-            && now >= a.last_change_ms + interval
+            && a.recover(&rules.aimd, self.shaping.max_connections, now)
         {
-            let steps = (now - a.last_change_ms) / interval;
-            a.rate = (a.rate + a.base * rules.aimd.step * steps as f64).min(a.ceiling);
-            a.connections = a
-                .connections
-                .saturating_add(u32::try_from(steps).unwrap_or(u32::MAX))
-                .min(self.shaping.max_connections);
-            a.last_change_ms += steps * interval;
-            a.gcra = Gcra::per_second(a.rate);
-            if a.rate >= a.ceiling && a.connections >= self.shaping.max_connections {
-                tracing::info!(site = %self.key, source = name, "AIMD back at the limit; released");
-                s.aimd = None;
-            }
+            tracing::info!(site = %self.key, source = name, "AIMD back at the limit; released");
+            s.aimd = None;
         }
     }
 
@@ -397,7 +407,7 @@ impl Site {
     pub fn aimd_decrease(
         &self,
         source: usize,
-        aimd: &crate::outbound::shaping::rules::Aimd,
+        aimd: &Aimd,
         reply: &str,
         now: u64,
     ) -> Option<(f64, u32)> {
@@ -497,6 +507,85 @@ impl Site {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn site(max_connections: u32, message_rate: Option<Rate>) -> Site {
+        let shaping = Shaping {
+            max_connections,
+            max_messages_per_connection: 100,
+            max_recipients_per_message: 1,
+            message_rate,
+            connection_rate: None,
+            tls: Default::default(),
+            per: Per::Source,
+        };
+        Site::new("k".into(), "k".into(), Vec::new(), shaping, 2, None)
+    }
+
+    #[test]
+    fn aimd_halves_once_per_interval_then_climbs_back_and_lets_go() {
+        let rules = crate::outbound::shaping::rules::ShapingRules::parse(
+            "s.toml",
+            "[aimd]\ndecrease = 0.5\ninterval = \"1s\"\nstep = 0.1\nmin_rate = \"1/s\"\ncode = [421]\n",
+        )
+        .unwrap();
+        let aimd = &rules.aimd;
+        let s = site(8, None);
+        let t0 = 1_000_000;
+        // 200 messages sent in the last second.
+        {
+            let mut g = s.lock();
+            Site::count_sent(&mut g, 0, 200, t0 - 1000);
+            Site::count_sent(&mut g, 0, 0, t0);
+        }
+        s.open[0].store(8, std::sync::atomic::Ordering::Relaxed);
+        let (rate, conns) = s.aimd_decrease(0, aimd, "421 4.7.0 slow down", t0).unwrap();
+        assert!((rate - 100.0).abs() < 1e-9, "{rate}");
+        assert_eq!(conns, 4);
+        // One decrease per interval: the burst's other replies change nothing.
+        assert!(s.aimd_decrease(0, aimd, "421", t0 + 500).is_none());
+        // The other source is untouched.
+        assert!(s.lock().sources[1].aimd.is_none());
+        let mut a = s.lock().sources[0].aimd.clone().unwrap();
+        assert!((a.ceiling - 200.0).abs() < 1e-9);
+        // Three clean intervals: three steps of a tenth of 100, one connection each.
+        assert!(!a.recover(aimd, 8, t0 + 3_500));
+        assert!((a.rate - 130.0).abs() < 1e-9, "{}", a.rate);
+        assert_eq!(a.connections, 7);
+        // Back at the ceiling and the connection limit: released.
+        assert!(a.recover(aimd, 8, t0 + 20_000));
+        assert!((a.rate - 200.0).abs() < 1e-9);
+        // A configured rate caps the ceiling.
+        let limited = site(
+            8,
+            Some(Rate {
+                count: 50,
+                per: Duration::from_secs(1),
+            }),
+        );
+        {
+            let mut g = limited.lock();
+            Site::count_sent(&mut g, 0, 40, t0 - 1000);
+        }
+        let (rate, _) = limited.aimd_decrease(0, aimd, "421", t0).unwrap();
+        assert!((rate - 20.0).abs() < 1e-9, "{rate}");
+        assert!((limited.lock().sources[0].aimd.as_ref().unwrap().ceiling - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_passed_over_source_gives_its_share_to_the_others() {
+        let s = site(1, None);
+        let members = [(0, 2), (1, 1)];
+        let mut g = s.lock();
+        let picks: Vec<usize> = (0..6)
+            .map(|_| Site::pick_source(&mut g, 0, &members, |_| true).unwrap())
+            .collect();
+        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 4);
+        let only_one: Vec<usize> = (0..4)
+            .map(|_| Site::pick_source(&mut g, 0, &members, |src| src == 1).unwrap())
+            .collect();
+        assert_eq!(only_one, vec![1, 1, 1, 1]);
+        assert_eq!(Site::pick_source(&mut g, 0, &members, |_| false), None);
+    }
 
     #[test]
     fn limiter_burst_is_a_tenth_of_a_second() {
