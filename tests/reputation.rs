@@ -392,3 +392,50 @@ async fn a_dead_site_waits_without_attempts_and_resumes() {
     assert_eq!(sink.messages().len(), 50);
     node.shutdown().await;
 }
+
+/// The most connections a sink saw open at once while 200 messages went out from three
+/// sources under a rule of two connections, counted `per`.
+async fn max_open_with(per: sluice::config::Per) -> usize {
+    let sink = Sink::start(SinkOptions {
+        data_delay: Duration::from_millis(20),
+        ..SinkOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = delivery_config(dir.path(), &sink);
+    cfg.sources = vec![
+        common::egress_source("one", "127.0.0.51"),
+        common::egress_source("two", "127.0.0.52"),
+        common::egress_source("three", "127.0.0.53"),
+    ];
+    cfg.rules.push(sluice::config::Rule {
+        name: Some("sink".into()),
+        pattern: "sink.test".into(),
+        max_connections: Some(2),
+        max_messages_per_connection: None,
+        max_recipients_per_message: None,
+        message_rate: None,
+        connection_rate: None,
+        tls: None,
+        per: Some(per),
+    });
+    let node = common::start(cfg).await;
+    let id = post(node.http_addr, &campaign("sink.test", 200, None)).await;
+    common::wait_counts(node.http_addr, &id, Duration::from_secs(60), |c| {
+        c["delivered"] == 200
+    })
+    .await;
+    node.shutdown().await;
+    sink.stats.max_open.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_limits_count_per_source_unless_the_rule_says_per_site() {
+    let per_source = max_open_with(sluice::config::Per::Source).await;
+    let per_site = max_open_with(sluice::config::Per::Site).await;
+    println!(
+        "max_connections = 2, three sources: {per_source} open at once per source, {per_site} per site"
+    );
+    assert!(per_source > 2 && per_source <= 6, "{per_source}");
+    assert!(per_site <= 2, "{per_site}");
+}

@@ -225,6 +225,12 @@ impl Delivery {
                 if let Some(slot) = Slot::take(&site.open, site.counted(source), source, cap) {
                     break Some(slot);
                 }
+                // With limits per site, an idle connection of another source holds a place
+                // this one needs: close it.
+                if let Some(other) = site.take_idle_of_another(source) {
+                    other.quit().await;
+                    continue;
+                }
                 // Every connection of this source is busy: its share waits for one, as a
                 // source's queue does in any MTA, rather than going out from another source.
                 if waited >= MAX_LANE_WAIT {

@@ -233,7 +233,8 @@ impl Site {
         let Some(s) = g.sources.get(source) else {
             return self.shaping.max_connections;
         };
-        if !s.proven {
+        // Slow start counts a source's own connections, which only limits per source do.
+        if !s.proven && self.shaping.per == Per::Source {
             return 1;
         }
         let mut cap = self.shaping.max_connections;
@@ -271,6 +272,17 @@ impl Site {
     pub fn take_idle(&self, source: usize) -> Option<stats::Held> {
         let mut g = self.lock();
         let i = g.idle.iter().rposition(|c| c.source == source)?;
+        Some(g.idle.swap_remove(i).busy())
+    }
+
+    /// With limits per site (one connection count for all sources), a pooled connection of
+    /// another source than `source`, taken out to be closed. `None` with limits per source.
+    pub fn take_idle_of_another(&self, source: usize) -> Option<stats::Held> {
+        if self.shaping.per != Per::Site {
+            return None;
+        }
+        let mut g = self.lock();
+        let i = g.idle.iter().position(|c| c.source != source)?;
         Some(g.idle.swap_remove(i).busy())
     }
 
