@@ -42,8 +42,17 @@ tempfail     MX   10 mx4
 reject       MX   10 mx5
 drop         MX   10 mx6
 ZONE
+# PTR records for the egress-source check of `sluice check-config` (end of this script).
+cat >"$work/nsd/0.0.127.in-addr.arpa.zone" <<'ZONE'
+$ORIGIN 0.0.127.in-addr.arpa.
+$TTL 60
+@            SOA  ns.sluice.test. admin.sluice.test. 1 3600 600 86400 60
+@            NS   ns.sluice.test.
+2            PTR  mx1.sluice.test.
+3            PTR  mx2.sluice.test.
+ZONE
 port_free 127.0.0.1 5353 || { echo "delivery-peers: 127.0.0.1:5353 is busy" >&2; exit 1; }
-start_nsd "$work/nsd" sluice.test 5353
+start_nsd "$work/nsd" sluice.test 5353 0.0.127.in-addr.arpa
 for _ in $(seq 1 50); do
   dig +short +time=1 +tries=1 @127.0.0.1 -p 5353 MX pref.sluice.test | grep -q mx1 && break
   sleep 0.1
@@ -185,3 +194,35 @@ if failures:
     print("delivery-peers: FAILED"); print("\n".join(failures)); sys.exit(1)
 print(f"delivery-peers: ok ({delivered} delivered, {bounced} bounced, {deferred} deferred; equal MX split {ips})")
 PY
+
+# --- check-config: each egress source's PTR against its EHLO name, through NSD -----------------
+cat >"$work/sources.toml" <<CONF
+[auth]
+api_keys = ["peer-test-key"]
+[secrets]
+token_keys = ["peer-token-key-0123456789"]
+[spool]
+path = "$work/spool-check"
+[dns]
+nameservers = ["127.0.0.1:5353"]
+timeout = "2s"
+[[source]]
+name = "matching"
+address = "127.0.0.2"
+ehlo_name = "mx1.sluice.test"
+[[source]]
+name = "mismatched"
+address = "127.0.0.3"
+ehlo_name = "mta.sluice.test"
+[[source]]
+name = "unnamed"
+address = "127.0.0.7"
+ehlo_name = "mta7.sluice.test"
+CONF
+"$bin" check-config --config "$work/sources.toml" >"$work/check.out" 2>"$work/check.err" \
+  || { cat "$work/check.err" >&2; echo "delivery-peers: check-config failed" >&2; exit 1; }
+grep -q 'source\[1\].ehlo_name: warning: the PTR record of 127.0.0.3 gives mx2.sluice.test, not "mta.sluice.test"' "$work/check.err" \
+  && grep -q 'source\[2\].ehlo_name: warning: 127.0.0.7 has no PTR record' "$work/check.err" \
+  && ! grep -q 'source\[0\]' "$work/check.err" \
+  || { cat "$work/check.err" >&2; echo "delivery-peers: PTR warnings wrong" >&2; exit 1; }
+echo "delivery-peers: check-config PTR warnings ok"

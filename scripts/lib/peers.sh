@@ -13,10 +13,12 @@ start_work() {
 # port_free HOST PORT: true when nothing accepts TCP connections there.
 port_free() { ! (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-# start_nsd DIR ZONE PORT: serves DIR/ZONE.zone as ZONE on 127.0.0.1:PORT (UDP and TCP), with
-# its state and log under DIR, in the foreground of a background job whose pid joins `pids`.
+# start_nsd DIR ZONE PORT [ZONE...]: serves DIR/ZONE.zone as ZONE (and each further zone from its
+# file alike) on 127.0.0.1:PORT (UDP and TCP), with its state and log under DIR, in the
+# foreground of a background job whose pid joins `pids`.
 start_nsd() {
   local dir=$1 zone=$2 port=$3
+  shift 3
   cat >"$dir/nsd.conf" <<CONF
 server:
   ip-address: 127.0.0.1@$port
@@ -32,10 +34,11 @@ server:
   verbosity: 1
 remote-control:
   control-enable: no
-zone:
-  name: $zone
-  zonefile: $zone.zone
 CONF
+  local z
+  for z in "$zone" "$@"; do
+    printf 'zone:\n  name: %s\n  zonefile: %s.zone\n' "$z" "$z" >>"$dir/nsd.conf"
+  done
   nsd -d -c "$dir/nsd.conf" &
   pids+=($!)
 }

@@ -46,6 +46,9 @@ impl DnsFailure {
 
 pub struct Dns {
     resolver: TokioResolver,
+    /// The configured servers (empty: the system's), asked directly for PTR records.
+    nameservers: Vec<SocketAddr>,
+    timeout: Duration,
 }
 
 impl Dns {
@@ -78,7 +81,11 @@ impl Dns {
         let resolver = builder
             .build()
             .map_err(|e| format!("building the resolver: {e}"))?;
-        Ok(Dns { resolver })
+        Ok(Dns {
+            resolver,
+            nameservers: nameservers.to_vec(),
+            timeout,
+        })
     }
 
     /// The hosts to try for `domain`, best first; equal preferences in random order. A domain
@@ -154,7 +161,21 @@ impl Dns {
 
 impl Dns {
     /// The names the PTR records of `ip` give (lower case, without the trailing dot).
+    ///
+    /// With configured nameservers they are asked directly (one UDP query each, in turn): the
+    /// resolver answers loopback addresses itself ("localhost", as RFC 6761 asks of address
+    /// lookups), which would hide what a test or private server publishes for them.
     pub async fn ptr(&self, ip: IpAddr) -> Result<Vec<String>, DnsFailure> {
+        let mut last = None;
+        for server in &self.nameservers {
+            match ptr_direct(*server, ip, self.timeout).await {
+                Ok(names) => return Ok(names),
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e);
+        }
         match self.resolver.reverse_lookup(ip).await {
             Ok(lookup) => Ok(lookup
                 .answers()
@@ -172,6 +193,63 @@ impl Dns {
                 Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
             },
         }
+    }
+}
+
+/// One PTR query for `ip` to `server` over UDP.
+async fn ptr_direct(
+    server: SocketAddr,
+    ip: IpAddr,
+    timeout: Duration,
+) -> Result<Vec<String>, DnsFailure> {
+    use hickory_resolver::proto::op::{Message, Query, ResponseCode};
+    use hickory_resolver::proto::rr::{Name, RecordType};
+    let temporary = |e: &dyn std::fmt::Display| DnsFailure::Temporary(format!("{server}: {e}"));
+    let mut query = Message::query();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from(ip), RecordType::PTR));
+    let bytes = query.to_vec().map_err(|e| temporary(&e))?;
+    let local: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(local)
+        .await
+        .map_err(|e| temporary(&e))?;
+    socket
+        .send_to(&bytes, server)
+        .await
+        .map_err(|e| temporary(&e))?;
+    let mut buf = vec![0u8; 4096];
+    let answer = loop {
+        let (n, from) = tokio::time::timeout(timeout, socket.recv_from(&mut buf))
+            .await
+            .map_err(|_| temporary(&"timed out"))?
+            .map_err(|e| temporary(&e))?;
+        if from != server {
+            continue;
+        }
+        let Ok(m) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        if m.metadata.id == query.metadata.id {
+            break m;
+        }
+    };
+    match answer.metadata.response_code {
+        ResponseCode::NoError => Ok(answer
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(name) => {
+                    Some(name.0.to_ascii().trim_end_matches('.').to_ascii_lowercase())
+                }
+                _ => None,
+            })
+            .collect()),
+        ResponseCode::NXDomain => Ok(Vec::new()),
+        other => Err(temporary(&other)),
     }
 }
 
