@@ -252,7 +252,8 @@ async fn serve(settings: Settings, path: PathBuf) -> anyhow::Result<()> {
                 break;
             }
             _ = hup.recv() => {
-                // Re-read the file: DKIM keys change in place; anything else waits for a restart.
+                // Re-read the file: DKIM keys and the rules files change in place; anything else waits
+                // for a restart.
                 let loaded = {
                     let path = path.clone();
                     tokio::task::spawn_blocking(move || Settings::load(&path)).await
@@ -260,7 +261,7 @@ async fn serve(settings: Settings, path: PathBuf) -> anyhow::Result<()> {
                 match loaded {
                     Ok(Ok(s)) => {
                         running.apply(s);
-                        tracing::info!(config = %path.display(), "SIGHUP: DKIM keys reloaded");
+                        tracing::info!(config = %path.display(), "SIGHUP: DKIM keys, bounce rules and shaping rules reloaded");
                     }
                     Ok(Err(e)) => tracing::error!("SIGHUP: reload refused, old keys kept: {e}"),
                     Err(e) => tracing::error!("SIGHUP: reload failed: {e}"),

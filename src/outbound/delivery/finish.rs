@@ -69,6 +69,14 @@ static SHAPING_TRIGGERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Shows every source's AIMD trigger count from the start (at 0), so its series exists before
+/// the first throttling reply.
+pub(super) fn register_sources(sources: &[crate::config::Source]) {
+    for s in sources {
+        SHAPING_TRIGGERS.with_label_values(&[s.name.as_str(), "aimd", "aimd"]);
+    }
+}
+
 pub(crate) static LATENCY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "sluice_delivery_latency_seconds",

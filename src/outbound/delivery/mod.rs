@@ -139,6 +139,7 @@ impl Delivery {
         };
         let (tx, rx) = mpsc::channel(16_384);
         let sources = config.egress_sources();
+        finish::register_sources(&sources);
         let clients = sources
             .iter()
             .map(|s| ClientSettings::new(s.ehlo_name.clone(), timeouts))
