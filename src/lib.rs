@@ -83,13 +83,26 @@
 //!   and applies it as an [`effects::transition::Transition`] through one batching writer (WAL
 //!   synced every 100 ms). Throttles (governor) answer "not before T" and the domains are
 //!   rescheduled for T. Each transaction goes from an egress source of its campaign's pool
-//!   (`[[source]]`, `[[pool]]`), picked by smooth weighted round-robin per (site, pool); each
-//!   source has its own connections to a site (a per-(site, source) slot count), so limits
-//!   providers count per address hold per address. [`outbound::delivery::stats`] gives sites their bounded metric label and
+//!   (`[[source]]`, `[[pool]]`), picked by smooth weighted round-robin per (site, pool) among the
+//!   sources that may send there now (not suspended, not over their warm-up cap, not
+//!   rate-limited past a lane's wait; a pool whose sources are all over their caps hands the
+//!   message to its `overflow` pool). The site keeps the per-(source, site) state: its own
+//!   connection count and configured limiters (or one for all, `per = "site"`), the shaping
+//!   actions in force (cached by the actions' generation number), AIMD and the measured rate.
+//!   A site whose connection rounds keep failing is dead for a while: its mail waits untouched.
+//!   [`outbound::delivery::stats`] gives sites their bounded metric label and
 //!   builds the reports of `GET /v1/domains` and `GET /v1/queue`; the API reaches them through an
 //!   [`outbound::delivery::EngineHandle`], so nothing below the API knows the engine.
+//! * [`outbound::shaping`]: sending reputation that outlives a site or a restart:
+//!   [`outbound::shaping::rules`] (the shaping rules file, `config/shaping.toml` compiled in:
+//!   provider groups, replies → suspend / throttle / ignore, AIMD settings), the actions in force
+//!   ([`outbound::shaping::actions`], in `meta` under `shaping/`, listed and lifted through
+//!   `/v1/shaping`) and the warm-up counts ([`outbound::shaping::warmup`], in `meta` under
+//!   `warmup/`, written once a second). [`outbound::delivery`] consults them when it picks a
+//!   source, and reports a transaction's first failure reply to them (`finish::react`).
 //! * [`outbound::dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers
-//!   (NXDOMAIN, null MX) from temporary ones.
+//!   (NXDOMAIN, null MX) from temporary ones. PTR lookups for `check-config` ask the configured
+//!   servers directly, since hickory answers loopback reverse lookups itself.
 //! * [`outbound::render`]: message assembly. [`outbound::render::compile`] once per campaign (the
 //!   compiled templates are cached in the [`outbound::render::Assembler`], not in the campaign
 //!   record); the assembler renders, builds the MIME message (mail-builder) with
@@ -164,7 +177,7 @@
 //! module, or one level down inside a stage folder).
 //!
 //! The binary (`src/main.rs`) adds `src/cli/`: operator commands (`domains`, `queue`, `suspend`,
-//! `campaign`, `suppressions`, `send --csv`) that are plain clients of the HTTP API.
+//! `campaign`, `suppressions`, `sources`, `shaping`, `send --csv`) that are plain clients of the HTTP API.
 //!
 //! Around the crate: `tests/` (end-to-end, Sluice in-process or as a process, with SMTP sinks and
 //! a programmable DNS server on loopback; one module per area of one binary, `tests/e2e.rs`, so
