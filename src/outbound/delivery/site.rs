@@ -334,9 +334,8 @@ impl Site {
                 (None, _) => None,
             };
         }
-        let rules = node.shaping_rules();
         if let Some(a) = &mut s.aimd
-            && a.recover(&rules.aimd, self.shaping.max_connections, now)
+            && a.recover(&node.shaping_rules().aimd, self.shaping.max_connections, now)
         {
             tracing::info!(site = %self.key, source = name, "AIMD back at the limit; released");
             s.aimd = None;
