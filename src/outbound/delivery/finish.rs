@@ -259,7 +259,9 @@ impl Delivery {
 
     /// What the shaping rules do about a failure reply `o` that `source` got from `site`: a
     /// rule's suspension or throttle of the (source, site), recorded in the spool, or an AIMD
-    /// decrease. Returns whether one applies (whether it was new or already in force).
+    /// decrease. Returns whether a rule acted on the (source, site) (whether its action was new
+    /// or already in force); AIMD alone does not count, so a site that refuses every connection
+    /// with a plain 421 still backs off as a whole.
     pub(super) async fn react(&self, site: &Site, source: usize, o: &Outcome) -> bool {
         use crate::outbound::shaping::rules::{Action, Reaction};
         if o.verdict == Verdict::Delivered || o.code.is_none_or(|c| c < 400) {
@@ -322,7 +324,7 @@ impl Delivery {
                         .with_label_values(&[name, "aimd", "aimd"])
                         .inc();
                 }
-                true
+                false
             }
         }
     }

@@ -47,7 +47,8 @@ pub(super) struct Site {
     limits: Vec<Limits>,
     /// The site's provider group in the shaping rules, if any.
     pub provider: Option<String>,
-    /// What warm-up caps count against: the provider group, else the site's label.
+    /// What warm-up caps count against: the provider group, else the site (its key: labels
+    /// beyond the first hundred sites are shared).
     pub group: String,
     pub inner: Mutex<SiteInner>,
 }
@@ -183,11 +184,11 @@ impl Site {
             Per::Site => 1,
         };
         Site {
-            key,
             open: (0..counted)
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
-            group: provider.clone().unwrap_or_else(|| label.clone()),
+            group: provider.clone().unwrap_or_else(|| key.clone()),
+            key,
             provider,
             stats: Arc::new(stats::SiteStats::new(label)),
             limits: (0..counted)
@@ -335,7 +336,11 @@ impl Site {
             };
         }
         if let Some(a) = &mut s.aimd
-            && a.recover(&node.shaping_rules().aimd, self.shaping.max_connections, now)
+            && a.recover(
+                &node.shaping_rules().aimd,
+                self.shaping.max_connections,
+                now,
+            )
         {
             tracing::info!(site = %self.key, source = name, "AIMD back at the limit; released");
             s.aimd = None;
