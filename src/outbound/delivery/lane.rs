@@ -1,17 +1,23 @@
-//! Lanes: a site runs up to `max_connections` of them per egress source. A lane owns one
-//! connection at a time, takes due jobs round-robin from the site's domains ([`super::pick`]),
-//! and sends them ([`super::transact`]) until the site has nothing due, a throttle says wait, its
-//! connection fails or delivery stops.
+//! Lanes: a site runs up to `max_connections` of them per egress source (or `max_connections`
+//! in all with `per = "site"`). A lane owns one connection at a time, takes due jobs round-robin
+//! from the site's domains ([`super::pick`]), and sends them ([`super::transact`]) until the site
+//! has nothing due, a throttle says wait, its connection fails or delivery stops.
 //!
-//! Each transaction goes from a source of its campaign's pool, picked by smooth weighted
-//! round-robin per (site, pool) ([`Site::pick_source`]); the lane switches to a connection of
-//! that source (pooling the one it had). Every source has `max_connections` connections to the
-//! site ([`stats::Slot`]); when all of the picked source's are busy, the lane waits for one (up
-//! to [`MAX_LANE_WAIT`]) rather than sending from another source, so shares follow the weights.
+//! Each transaction goes from a source of its campaign's pool ([`Delivery::choose`]): smooth
+//! weighted round-robin per (site, pool) ([`Site::pick_source`]) over the sources that may send
+//! to the site now (not suspended, not over their warm-up cap, not rate-limited past a lane's
+//! wait); a pool whose sources are all over their caps hands the message to its `overflow`
+//! pool; when none may send, the message is requeued for the time one may, untouched, and the
+//! lane goes on with the rest. The lane switches to a connection of the chosen source (pooling
+//! the one it had). Every source has its connection places at the site ([`stats::Slot`]): one
+//! until a connection of it has worked, then `max_connections`, lowered by a throttle action or
+//! AIMD; when all are busy, the lane waits for one (up to [`MAX_LANE_WAIT`]) rather than sending
+//! from another source, so shares follow the weights.
 //!
-//! Throttles answer "not before T": a short wait is taken holding only the connection; a long one
-//! ends the lane and the site's domains are rescheduled for T. Apart from that wait for a busy
-//! source, nothing waits while holding a job. Idle connections stay in the site's pool up to
+//! Rate limits answer "not before T": a wait up to [`MAX_LANE_WAIT`] is taken in the lane (with
+//! the message), a longer one passes the source over until T. A connection that fails with a
+//! reply a shaping rule acts on defers only its message (the other sources go on); other failed
+//! rounds back the whole site off. Idle connections stay in the site's pool up to
 //! `idle_timeout` and are reused up to `max_messages_per_connection` transactions.
 
 use std::sync::Arc;
