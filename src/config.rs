@@ -723,7 +723,8 @@ impl Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    /// Recipient domain (exact, or `*.example.com`).
+    /// Recipient domain (exact, `*.example.com`, or `*` for every domain: a development
+    /// setting the production profile refuses).
     pub domain: String,
     /// `host:port` to deliver to instead of the domain's MX hosts.
     pub relay: String,
@@ -1258,6 +1259,17 @@ impl Config {
                         &format!("auth.api_keys[{i}]"),
                         format!(
                             "{EXAMPLE_API_KEY:?} is the example key: set your own here or in {API_KEYS_ENV}, or profile = \"development\" on a laptop"
+                        ),
+                    );
+                }
+            }
+            for (i, r) in self.routes.iter().enumerate() {
+                if r.domain == "*" {
+                    bad(
+                        &format!("route[{i}].domain"),
+                        format!(
+                            "\"*\" sends every domain's mail to {}, a development sink setting: remove this route for production, or profile = \"development\" on a laptop",
+                            r.relay
                         ),
                     );
                 }
@@ -2070,5 +2082,16 @@ mod tests {
         );
         let e = errors("profile = \"staging\"\n[auth]\napi_keys = [\"0123456789\"]\n");
         assert!(e[0].starts_with("t.toml: profile"), "{e:?}");
+        // Every domain to one sink: development only.
+        let sink = "[[route]]\ndomain = \"*\"\nrelay = \"127.0.0.1:2525\"\n";
+        let e = errors(&format!("{own}{sink}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "t.toml: route[0].domain: \"*\" sends every domain's mail to 127.0.0.1:2525"
+            ),
+            "{e:?}"
+        );
+        assert!(errors(&format!("profile = \"development\"\n{own}{sink}")).is_empty());
     }
 }

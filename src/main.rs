@@ -1,5 +1,6 @@
 //! The `sluice` binary: `serve`, `check-config`, and operator commands that use the HTTP API of
-//! a running node (`domains`, `queue`, `suspend`, `resume`, `campaign`, `suppressions`, `send`).
+//! a running node (`domains`, `queue`, `suspend`, `resume`, `campaign`, `suppressions`, `send`,
+//! `sources`, `shaping`), and `sink`, a capture SMTP server for development.
 
 mod cli;
 
@@ -65,6 +66,9 @@ enum Command {
     Shaping(cli::ShapingCommand),
     /// Egress sources: address, EHLO name, pools, actions in force, warm-up standing.
     Sources,
+    /// A capture SMTP server for development (`--list`: the latest captured messages with their
+    /// DKIM result). Needs no running node.
+    Sink(cli::SinkArgs),
 }
 
 fn main() -> ExitCode {
@@ -112,6 +116,25 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Sink(args) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("sluice: starting the runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match rt.block_on(cli::sink(args, cli.api.json)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         command => operate(&cli.api, command),
     }
 }
@@ -146,7 +169,7 @@ fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
             Command::Send(a) => cli::send(&api, a).await,
             Command::Shaping(c) => cli::shaping(&api, c).await.map(|()| true),
             Command::Sources => cli::sources(&api).await.map(|()| true),
-            Command::Serve { .. } | Command::CheckConfig { .. } => Ok(true),
+            Command::Serve { .. } | Command::CheckConfig { .. } | Command::Sink(_) => Ok(true),
         }
     });
     match result {

@@ -1,5 +1,6 @@
 //! The operator CLI against a running node: `sluice send` with a 100,000-row CSV (progress, a
-//! summary that adds up, bad rows named by line), and the admin commands.
+//! summary that adds up, bad rows named by line), the admin commands, and `sluice sink`
+//! capturing a development node's mail and checking its DKIM signatures.
 
 use crate::common;
 
@@ -212,5 +213,136 @@ async fn admin_commands_use_the_api() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no API key"));
+    node.shutdown().await;
+}
+
+/// Waits until something accepts connections on `addr`.
+async fn wait_listening(addr: std::net::SocketAddr) {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_captures_a_campaign_signed_and_lists_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mail = dir.path().join("sink");
+    let mut sink = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["sink", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
+        .arg(&mail)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the sink");
+    wait_listening(([127, 0, 0, 1], port).into()).await;
+
+    // A development config: every domain to the sink, signed with a test key pair.
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/dkim");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "profile = \"development\"\n[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n\
+             [spool]\npath = \"{}\"\n[log]\nlevel = \"warn\"\ndelivery_log = \"{}\"\n\
+             [[route]]\ndomain = \"*\"\nrelay = \"127.0.0.1:{port}\"\n\
+             [[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nalgorithm = \"rsa-sha256\"\nkey_file = \"{}\"\n\
+             [[dkim]]\ndomain = \"example.com\"\nselector = \"s2\"\nalgorithm = \"ed25519-sha256\"\nkey_file = \"{}\"\n",
+            dir.path().join("spool").display(),
+            dir.path().join("delivery.jsonl").display(),
+            keys.join("rsa2048.pem").display(),
+            keys.join("ed25519.pem").display(),
+        ),
+    )
+    .unwrap();
+    let node = start(sluice::config::Config::load(&config).unwrap()).await;
+    let addr = node.http_addr;
+    let (status, got) = post_json(
+        addr,
+        "/v1/campaigns",
+        &serde_json::json!({"from": "news@example.com", "subject": "Hello {{ name }}",
+            "text": "Hi {{ name }}.\n", "recipients": [
+                {"email": "alice@example.org", "vars": {"name": "Alice"}},
+                {"email": "bob@example.net", "vars": {"name": "Bob"}}]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{got}");
+    let id = got["id"].as_str().unwrap().to_owned();
+    let counts = wait_counts(addr, &id, std::time::Duration::from_secs(30), |c| {
+        c["delivered"] == 2
+    })
+    .await;
+    assert_eq!(counts["bounced"], 0, "{counts}");
+    // Nothing bounced, so nothing was suppressed.
+    let (_, s) = get_json(addr, "/v1/suppressions").await;
+    assert_eq!(s["items"].as_array().map(Vec::len), Some(0), "{s}");
+
+    let out = sluice(
+        addr,
+        &[
+            "--json",
+            "sink",
+            "--list",
+            "--dir",
+            mail.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let messages = listed["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{listed}");
+    let mut to: Vec<&str> = messages
+        .iter()
+        .map(|m| m["rcpt_to"][0].as_str().unwrap())
+        .collect();
+    to.sort();
+    assert_eq!(to, ["alice@example.org", "bob@example.net"]);
+    for m in messages {
+        assert_eq!(
+            m["dkim"], "pass (d=example.com s=s2); pass (d=example.com s=s1)",
+            "{m}"
+        );
+        assert!(m["unsubscribe"].as_str().unwrap().contains("/u/"), "{m}");
+        assert!(m["subject"].as_str().unwrap().starts_with("Hello "), "{m}");
+    }
+    // A changed body fails the check.
+    let file = mail.join(messages[0]["file"].as_str().unwrap());
+    let raw = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, raw.replace("Hi ", "Bye ")).unwrap();
+    let out = sluice(
+        addr,
+        &[
+            "sink",
+            "--list",
+            "--dir",
+            mail.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let listing = text(&out.stdout);
+    assert!(listing.contains("DKIM: fail: "), "{listing}");
+    assert!(listing.contains("2 of 2 messages"), "{listing}");
+
+    // The sink keeps to loopback unless told otherwise.
+    let out = sluice(addr, &["sink", "--listen", "0.0.0.0:0"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--allow-remote"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = sink.kill();
+    let _ = sink.wait();
     node.shutdown().await;
 }

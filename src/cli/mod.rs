@@ -4,6 +4,7 @@
 //! Part of the binary, not the library: it only speaks HTTP, like any other API client.
 
 mod send;
+mod sink;
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 pub use send::{SendArgs, send};
+pub use sink::{SinkArgs, sink};
 
 /// Where the API is and how to get in.
 #[derive(Args, Clone)]

@@ -160,6 +160,50 @@ impl DkimKeys {
     }
 }
 
+/// The DNS TXT record that publishes `entry`'s public key (`v=DKIM1; k=rsa; p=...`): the
+/// PKCS#1 RSAPublicKey, or the 32 raw bytes of an Ed25519 key, in base64. Reads the key file.
+pub fn public_record(entry: &DkimEntry) -> Result<String, String> {
+    use base64::Engine;
+    use ring::signature::KeyPair;
+    let path = &entry.key_file;
+    let pem =
+        std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+    let der = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: no PEM private key in it: {e}", path.display()))?;
+    let bad = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let (k, public) = match (entry.algorithm, der) {
+        (DkimAlgorithm::RsaSha256, PrivateKeyDer::Pkcs8(der)) => (
+            "rsa",
+            ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+                .map_err(|e| bad(&e))?
+                .public()
+                .as_ref()
+                .to_vec(),
+        ),
+        (DkimAlgorithm::RsaSha256, PrivateKeyDer::Pkcs1(der)) => (
+            "rsa",
+            ring::signature::RsaKeyPair::from_der(der.secret_pkcs1_der())
+                .map_err(|e| bad(&e))?
+                .public()
+                .as_ref()
+                .to_vec(),
+        ),
+        (DkimAlgorithm::Ed25519Sha256, PrivateKeyDer::Pkcs8(der)) => (
+            "ed25519",
+            ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der())
+                .map_err(|e| bad(&e))?
+                .public_key()
+                .as_ref()
+                .to_vec(),
+        ),
+        _ => return Err(bad(&"not a key of the configured algorithm")),
+    };
+    Ok(format!(
+        "v=DKIM1; k={k}; p={}",
+        base64::engine::general_purpose::STANDARD.encode(public)
+    ))
+}
+
 fn load_key(path: &Path, algorithm: DkimAlgorithm) -> Result<DkimKey, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {

@@ -32,6 +32,7 @@ impl Delivery {
         let route = self.config.routes.iter().find(|r| {
             let p = r.domain.to_ascii_lowercase();
             match p.strip_prefix("*.") {
+                _ if p == "*" => true,
                 Some(s) => domain.ends_with(&format!(".{s}")),
                 None => p == domain,
             }
