@@ -177,7 +177,10 @@
 //! module, or one level down inside a stage folder).
 //!
 //! The binary (`src/main.rs`) adds `src/cli/`: operator commands (`domains`, `queue`, `suspend`,
-//! `campaign`, `suppressions`, `sources`, `shaping`, `send --csv`) that are plain clients of the HTTP API.
+//! `campaign`, `suppressions`, `sources`, `shaping`, `send --csv`) that are plain clients of the HTTP API,
+//! and `sink`, the development capture server `scripts/run` starts beside the node (`--list`
+//! checks captured signatures against the config's own keys, through a resolver with no
+//! servers, so nothing is looked up outside).
 //!
 //! Around the crate: `tests/` (end-to-end, Sluice in-process or as a process, with SMTP sinks and
 //! a programmable DNS server on loopback; one module per area of one binary, `tests/e2e.rs`, so
