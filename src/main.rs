@@ -117,15 +117,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Sink(args) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("sluice: starting the runtime: {e}");
-                    return ExitCode::from(2);
-                }
+            let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+                return ExitCode::from(2);
             };
             match rt.block_on(cli::sink(args, cli.api.json)) {
                 Ok(_) => ExitCode::SUCCESS,
@@ -139,18 +132,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// A runtime from `builder` with I/O and timers, or `None` after saying why not.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("sluice: starting the runtime: {e}");
+            None
+        }
+    }
+}
+
 /// Runs an operator command against the API: exit 0 when all went well, 1 when it finished
 /// with rows refused or malformed (`send`), 2 when it failed.
 fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("sluice: starting the runtime: {e}");
-            return ExitCode::from(2);
-        }
+    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::from(2);
     };
     let result = rt.block_on(async {
         let api = cli::Api::new(args)?;

@@ -177,16 +177,7 @@ impl Dns {
             return Err(e);
         }
         match self.resolver.reverse_lookup(ip).await {
-            Ok(lookup) => Ok(lookup
-                .answers()
-                .iter()
-                .filter_map(|r| match &r.data {
-                    RData::PTR(name) => {
-                        Some(name.0.to_ascii().trim_end_matches('.').to_ascii_lowercase())
-                    }
-                    _ => None,
-                })
-                .collect()),
+            Ok(lookup) => Ok(ptr_names(lookup.answers())),
             Err(e) => match classify(&e) {
                 Err(DnsFailure::NxDomain) | Err(DnsFailure::NoAddress(_)) => Ok(Vec::new()),
                 Err(f) => Err(f),
@@ -194,6 +185,17 @@ impl Dns {
             },
         }
     }
+}
+
+/// The names of the PTR records among `records` (lower case, without the trailing dot).
+fn ptr_names(records: &[hickory_resolver::proto::rr::Record]) -> Vec<String> {
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::PTR(name) => Some(name.0.to_ascii().trim_end_matches('.').to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// One PTR query for `ip` to `server` over UDP.
@@ -238,16 +240,7 @@ async fn ptr_direct(
         }
     };
     match answer.metadata.response_code {
-        ResponseCode::NoError => Ok(answer
-            .answers
-            .iter()
-            .filter_map(|r| match &r.data {
-                RData::PTR(name) => {
-                    Some(name.0.to_ascii().trim_end_matches('.').to_ascii_lowercase())
-                }
-                _ => None,
-            })
-            .collect()),
+        ResponseCode::NoError => Ok(ptr_names(&answer.answers)),
         ResponseCode::NXDomain => Ok(Vec::new()),
         other => Err(temporary(&other)),
     }

@@ -203,12 +203,7 @@ impl Rules {
             key,
             reason,
         };
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigErrors(vec![err("(syntax)".into(), e.to_string())]))?;
-        let parsed: RulesFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            ConfigErrors(vec![err(key, e.into_inner().to_string())])
-        })?;
+        let parsed: RulesFile = parse_toml(file, text)?;
         let mut errors = Vec::new();
         let mut policy = [Policy {
             kind: Kind::Hard,
@@ -244,18 +239,8 @@ impl Rules {
                 ));
                 continue;
             };
-            let mut status = Vec::new();
-            for (j, s) in r.status.iter().enumerate() {
-                match StatusPattern::parse(s) {
-                    Some(p) => status.push(p),
-                    None => errors.push(err(
-                        format!("rule[{i}].status[{j}]"),
-                        format!(
-                            "{s:?} is not a status pattern like \"5.1.1\", \"*.1.1\" or \"5.7.*\""
-                        ),
-                    )),
-                }
-            }
+            let key = format!("rule[{i}]");
+            let status = status_patterns(&r.status, file, &key, &mut errors);
             for (j, c) in r.code.iter().enumerate() {
                 if !(200..600).contains(c) {
                     errors.push(err(
@@ -264,31 +249,13 @@ impl Rules {
                     ));
                 }
             }
-            for (j, t) in r.text.iter().enumerate() {
-                if let Err(e) = Regex::new(t) {
-                    errors.push(err(format!("rule[{i}].text[{j}]"), e.to_string()));
-                }
-            }
+            let text = text_patterns(&r.text, file, &key, &mut errors);
             if r.status.is_empty() && r.code.is_empty() && r.text.is_empty() {
                 errors.push(err(
-                    format!("rule[{i}]"),
+                    key,
                     "a rule needs at least one of status, code or text".into(),
                 ));
             }
-            let text = if r.text.is_empty() {
-                None
-            } else {
-                let joined = r
-                    .text
-                    .iter()
-                    .map(|t| format!("(?:{t})"))
-                    .collect::<Vec<_>>()
-                    .join("|");
-                RegexBuilder::new(&joined)
-                    .case_insensitive(true)
-                    .build()
-                    .ok()
-            };
             rules.push(Rule {
                 category,
                 status,
@@ -326,6 +293,77 @@ impl Rules {
             suppress: p.suppress,
         }
     }
+}
+
+/// Reads a rules file's TOML into `T`; an error names `file` and the key at fault.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+) -> Result<T, ConfigErrors> {
+    let err = |key: String, reason: String| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            key,
+            reason,
+        }])
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| err("(syntax)".into(), e.to_string()))?;
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| err(e.path().to_string(), e.into_inner().to_string()))
+}
+
+/// A rule's `status` patterns; one that does not parse is an error at `{key}.status[j]`.
+pub(crate) fn status_patterns(
+    list: &[String],
+    file: &str,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<StatusPattern> {
+    let mut out = Vec::with_capacity(list.len());
+    for (j, s) in list.iter().enumerate() {
+        match StatusPattern::parse(s) {
+            Some(p) => out.push(p),
+            None => errors.push(ConfigError {
+                file: file.to_owned(),
+                key: format!("{key}.status[{j}]"),
+                reason: format!(
+                    "{s:?} is not a status pattern like \"5.1.1\", \"*.1.1\" or \"4.7.*\""
+                ),
+            }),
+        }
+    }
+    out
+}
+
+/// A rule's `text` patterns as one case-insensitive alternation (`None` without any); one that
+/// does not compile is an error at `{key}.text[j]`.
+pub(crate) fn text_patterns(
+    texts: &[String],
+    file: &str,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Regex> {
+    for (j, t) in texts.iter().enumerate() {
+        if let Err(e) = Regex::new(t) {
+            errors.push(ConfigError {
+                file: file.to_owned(),
+                key: format!("{key}.text[{j}]"),
+                reason: e.to_string(),
+            });
+        }
+    }
+    if texts.is_empty() {
+        return None;
+    }
+    let joined = texts
+        .iter()
+        .map(|t| format!("(?:{t})"))
+        .collect::<Vec<_>>()
+        .join("|");
+    RegexBuilder::new(&joined)
+        .case_insensitive(true)
+        .build()
+        .ok()
 }
 
 fn known_categories() -> String {

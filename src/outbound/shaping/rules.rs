@@ -6,11 +6,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use regex::{Regex, RegexBuilder};
+use regex::Regex;
 use serde::Deserialize;
 
 use crate::config::{ConfigError, ConfigErrors, Rate};
-use crate::outbound::outcome::rules::StatusPattern;
+use crate::outbound::outcome::rules::{StatusPattern, parse_toml, status_patterns, text_patterns};
 use crate::outbound::smtp::reply::EnhancedCode;
 
 /// The rules shipped with Sluice, used when `delivery.shaping_rules` is not set.
@@ -207,12 +207,7 @@ impl ShapingRules {
             key,
             reason,
         };
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigErrors(vec![err("(syntax)".into(), e.to_string())]))?;
-        let parsed: File = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            ConfigErrors(vec![err(key, e.into_inner().to_string())])
-        })?;
+        let parsed: File = parse_toml(file, text)?;
         let mut errors = Vec::new();
         let mut providers = Vec::new();
         for (i, p) in parsed.providers.iter().enumerate() {
@@ -236,25 +231,6 @@ impl ShapingRules {
                 patterns: p.patterns.clone(),
             });
         }
-        let compile = |texts: &[String], key: &str, errors: &mut Vec<ConfigError>| {
-            for (j, t) in texts.iter().enumerate() {
-                if let Err(e) = Regex::new(t) {
-                    errors.push(err(format!("{key}.text[{j}]"), e.to_string()));
-                }
-            }
-            if texts.is_empty() {
-                return None;
-            }
-            let joined = texts
-                .iter()
-                .map(|t| format!("(?:{t})"))
-                .collect::<Vec<_>>()
-                .join("|");
-            RegexBuilder::new(&joined)
-                .case_insensitive(true)
-                .build()
-                .ok()
-        };
         let mut rules = Vec::new();
         for (i, r) in parsed.rules.iter().enumerate() {
             let key = format!("rule[{i}]");
@@ -266,18 +242,7 @@ impl ShapingRules {
                     format!("no [[provider]] is named {p:?}"),
                 ));
             }
-            let mut status = Vec::new();
-            for (j, s) in r.status.iter().enumerate() {
-                match StatusPattern::parse(s) {
-                    Some(p) => status.push(p),
-                    None => errors.push(err(
-                        format!("{key}.status[{j}]"),
-                        format!(
-                            "{s:?} is not a status pattern like \"4.7.0\", \"*.7.28\" or \"4.7.*\""
-                        ),
-                    )),
-                }
-            }
+            let status = status_patterns(&r.status, file, &key, &mut errors);
             for (j, c) in r.code.iter().enumerate() {
                 if !(400..600).contains(c) {
                     errors.push(err(
@@ -286,7 +251,7 @@ impl ShapingRules {
                     ));
                 }
             }
-            let text = compile(&r.text, &key, &mut errors);
+            let text = text_patterns(&r.text, file, &key, &mut errors);
             if r.status.is_empty() && r.code.is_empty() && r.text.is_empty() {
                 errors.push(err(
                     key.clone(),
@@ -404,7 +369,7 @@ impl ShapingRules {
                     step: a.step,
                     min_rate: f64::from(a.min_rate.count) / a.min_rate.per.as_secs_f64(),
                     code: a.code.clone(),
-                    text: compile(&a.text, "aimd", &mut errors),
+                    text: text_patterns(&a.text, file, "aimd", &mut errors),
                 }
             }
         };
