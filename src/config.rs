@@ -444,8 +444,11 @@ pub fn parse_day(s: &str) -> Result<u64, String> {
 }
 
 /// Whether host or domain `name` matches `pattern`: `example.com` that name exactly (any case),
-/// `*.example.com` any name below it.
+/// `*.example.com` any name below it, `*` any name (routes only: rules and providers refuse it).
 pub fn name_matches(pattern: &str, name: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
     let p = pattern.to_ascii_lowercase();
     let name = name.to_ascii_lowercase();
     match p.strip_prefix("*.") {
@@ -765,6 +768,11 @@ impl<'de> Deserialize<'de> for Rate {
 }
 
 impl Rate {
+    /// Events per second.
+    pub fn per_second(self) -> f64 {
+        f64::from(self.count) / self.per.as_secs_f64()
+    }
+
     pub fn parse(s: &str) -> Result<Rate, String> {
         let err = || format!("{s:?} is not a rate like \"200/s\", \"5000/m\" or \"100000/h\"");
         let (n, unit) = s.trim().split_once('/').ok_or_else(err)?;

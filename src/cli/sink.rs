@@ -414,21 +414,14 @@ async fn list(args: &SinkArgs, json: bool) -> anyhow::Result<()> {
         shown.push(v);
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"messages": shown, "total": files.len()}))?
-        );
+        super::print_json(&json!({"messages": shown, "total": files.len()}));
         return Ok(());
     }
     if shown.is_empty() {
         println!("no messages in {}", args.dir.display());
         return Ok(());
     }
-    let s = |v: &Value| match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
+    let s = super::s;
     for m in &shown {
         let to: Vec<String> = m["rcpt_to"]
             .as_array()

@@ -24,7 +24,13 @@ pub struct Gcra {
 
 impl Gcra {
     pub fn new(rate: Rate) -> Gcra {
-        Gcra::per_second(f64::from(rate.count.max(1)) / rate.per.as_secs_f64())
+        Gcra::per_second(
+            Rate {
+                count: rate.count.max(1),
+                ..rate
+            }
+            .per_second(),
+        )
     }
 
     /// A limiter of `rate` events per second (more than 0).

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::pick::{Prepared, group_recipients};
-use super::site::{Site, Unavailable};
+use super::site::Site;
 use super::stats::Slot;
 use super::{Delivery, stats};
 use crate::outbound::outcome::Outcome;
@@ -296,21 +296,21 @@ impl Delivery {
             let wait = match self.try_choose(site, pool, n, now) {
                 Ok(Ok(source)) => return Ok(source),
                 Ok(Err(wait)) => wait,
-                Err(Unavailable::Warmup(t) | Unavailable::Until(t)) => return Err(t),
+                Err(until) => return Err(until),
             };
             tokio::time::sleep(wait).await;
         }
     }
 
     /// One go of [`Delivery::choose`] under the site lock: the source, or a short wait for its
-    /// rate limit, or why none may send.
+    /// rate limit, or (`Err`) the time before which none may send.
     fn try_choose(
         &self,
         site: &Site,
         pool: usize,
         n: usize,
         now: u64,
-    ) -> Result<Result<usize, Duration>, Unavailable> {
+    ) -> Result<Result<usize, Duration>, u64> {
         let node = &self.node;
         let mut g = site.lock();
         let mut pool = pool;
@@ -374,11 +374,10 @@ impl Delivery {
             let warm_capped = weighted.clone().any(|m| out[m.0].is_some_and(|o| o.1));
             match self.pools[pool].overflow {
                 Some(o) if hop == 0 && warm_capped => pool = o,
-                _ if warm_capped => return Err(Unavailable::Warmup(until)),
-                _ => return Err(Unavailable::Until(until)),
+                _ => return Err(until),
             }
         }
-        Err(Unavailable::Until(now + MAX_LANE_WAIT.as_millis() as u64))
+        Err(now + MAX_LANE_WAIT.as_millis() as u64)
     }
 
     /// A connection round failed: `rest` and up to [`FAIL_BATCH`] more of the site's due jobs are

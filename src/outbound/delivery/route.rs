@@ -29,14 +29,11 @@ static CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 impl Delivery {
     /// The site serving `domain`, created on first use. A DNS failure is the domain's.
     pub(super) async fn site_for(&self, domain: &str) -> Result<Arc<Site>, DnsFailure> {
-        let route = self.config.routes.iter().find(|r| {
-            let p = r.domain.to_ascii_lowercase();
-            match p.strip_prefix("*.") {
-                _ if p == "*" => true,
-                Some(s) => domain.ends_with(&format!(".{s}")),
-                None => p == domain,
-            }
-        });
+        let route = self
+            .config
+            .routes
+            .iter()
+            .find(|r| crate::config::name_matches(&r.domain, domain));
         let (key, targets, relay_label) = match route {
             Some(r) => {
                 let (host, port) = r.relay.rsplit_once(':').unwrap_or((r.relay.as_str(), "25"));

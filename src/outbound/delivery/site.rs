@@ -117,20 +117,6 @@ impl AimdState {
     }
 }
 
-/// Why no source of a pool can take a transaction now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Unavailable {
-    /// Every source is over its warm-up cap until then (or suspended, for some).
-    Warmup(u64),
-    /// Suspended, or rate-limited, until then.
-    Until(u64),
-}
-
-/// Messages per second of a rate.
-fn per_second(r: Rate) -> f64 {
-    f64::from(r.count) / r.per.as_secs_f64()
-}
-
 pub(super) struct SiteInner {
     /// Domains attached to this site with jobs to take, served round-robin.
     pub active: VecDeque<DomainId>,
@@ -151,9 +137,7 @@ pub(super) struct SiteInner {
 fn limiter(rate: Rate) -> DefaultDirectRateLimiter {
     let period = (rate.per / rate.count).max(Duration::from_nanos(1));
     // A burst of about 100 ms of traffic: smooth at the receiver, without stalls on jitter.
-    let burst = ((f64::from(rate.count) / rate.per.as_secs_f64()) * 0.1)
-        .floor()
-        .max(1.0) as u32;
+    let burst = (rate.per_second() * 0.1).floor().max(1.0) as u32;
     let quota = Quota::with_period(period)
         .expect("period is non-zero")
         .allow_burst(NonZeroU32::new(burst).expect("burst ≥ 1"));
@@ -438,7 +422,7 @@ impl Site {
             return None;
         }
         let measured = Site::measured_rate(s, now).max(aimd.min_rate);
-        let configured = self.shaping.message_rate.map(per_second);
+        let configured = self.shaping.message_rate.map(Rate::per_second);
         let (current, ceiling, connections) = match &s.aimd {
             Some(a) => (a.rate.min(measured), a.ceiling, a.connections),
             None => (

@@ -112,11 +112,11 @@ impl Actions {
             match a.kind.as_str() {
                 "suspend" => e.suspended_until_ms = e.suspended_until_ms.max(a.expires_at_ms),
                 _ => {
-                    if let Some(r) = a.message_rate {
-                        let per_s = |r: Rate| f64::from(r.count) / r.per.as_secs_f64();
-                        if e.message_rate.is_none_or(|m| per_s(r) < per_s(m)) {
-                            e.message_rate = Some(r);
-                        }
+                    if let Some(r) = a.message_rate
+                        && e.message_rate
+                            .is_none_or(|m| r.per_second() < m.per_second())
+                    {
+                        e.message_rate = Some(r);
                     }
                     if let Some(c) = a.max_connections {
                         e.max_connections = Some(e.max_connections.map_or(c, |m| m.min(c)));

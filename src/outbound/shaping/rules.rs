@@ -367,7 +367,7 @@ impl ShapingRules {
                     decrease: a.decrease,
                     interval: a.interval,
                     step: a.step,
-                    min_rate: f64::from(a.min_rate.count) / a.min_rate.per.as_secs_f64(),
+                    min_rate: a.min_rate.per_second(),
                     code: a.code.clone(),
                     text: text_patterns(&a.text, file, "aimd", &mut errors),
                 }
