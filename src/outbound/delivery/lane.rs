@@ -15,7 +15,9 @@
 //! from another source, so shares follow the weights.
 //!
 //! Rate limits answer "not before T": a wait up to [`MAX_LANE_WAIT`] is taken in the lane (with
-//! the message), a longer one passes the source over until T. A connection that fails with a
+//! the message), in line behind the lanes already waiting for that source, so messages leave in
+//! the order the scheduler gave them out (its fair order) rather than by a race for each token;
+//! a longer wait passes the source over until T. A connection that fails with a
 //! reply a shaping rule acts on defers only its message (the other sources go on); other failed
 //! rounds back the whole site off. Idle connections stay in the site's pool up to
 //! `idle_timeout` and are reused up to `max_messages_per_connection` transactions.
@@ -40,12 +42,32 @@ const SOURCE_BUSY_POLL: Duration = Duration::from_millis(2);
 /// A throttle wait up to this long is taken inside the lane; longer ends the lane.
 const MAX_LANE_WAIT: Duration = Duration::from_secs(1);
 
+/// What [`Delivery::try_choose`] picked.
+enum Choice {
+    /// Let through: the message goes from this source now.
+    Taken(usize),
+    /// The message waits its turn for this source's rate.
+    WaitFor(usize),
+}
+
+/// One source's answer to a message ([`Delivery::take_source`]).
+enum Step {
+    /// Let through now (and counted).
+    Go,
+    /// Its rate allows the message after this wait (at most [`MAX_LANE_WAIT`]).
+    Wait(Duration),
+    /// Not before this time; `true` when because of its warm-up cap.
+    Out(u64, bool),
+}
+
 /// Why a lane could not get a connection.
 enum NoConnection {
     /// The connection rate allows a new one only after this wait.
     Throttled(Duration),
-    /// Every host failed; the outcome of the last try.
-    Failed(Outcome),
+    /// Every host failed; the outcome of the last try, and the connection place it held: kept
+    /// until the reply has been acted on, so a lane waiting for the place cannot open another
+    /// connection from a source the reply is about to suspend.
+    Failed(Outcome, Slot),
     /// The source was suspended while the lane waited for a connection place.
     Suspended,
 }
@@ -150,8 +172,9 @@ impl Delivery {
                         self.requeue(g.into_iter());
                         continue;
                     }
-                    Err(NoConnection::Failed(o)) => {
+                    Err(NoConnection::Failed(o, slot)) => {
                         if self.react(site, source, &o).await {
+                            drop(slot);
                             // The provider refused this source, not the site: the shaping
                             // rules acted on the (source, site); the message is deferred with
                             // the reply and the others go on from the other sources.
@@ -161,7 +184,9 @@ impl Delivery {
                             continue;
                         }
                         let rest = g.into_iter().chain(groups.flatten()).collect();
-                        return self.fail_round(site, rest, o).await;
+                        let until = self.fail_round(site, rest, o).await;
+                        drop(slot);
+                        return until;
                     }
                 }
             }
@@ -255,6 +280,11 @@ impl Delivery {
                     if Site::source_blocked(&g, source, now).is_some() {
                         return Err(NoConnection::Suspended);
                     }
+                    // Or the site backed off (or died) while it waited: no attempt until then.
+                    if g.backoff_until_ms > now {
+                        let wait = Duration::from_millis(g.backoff_until_ms - now);
+                        return Err(NoConnection::Throttled(wait));
+                    }
                 }
                 if let Some(wait) = site.connection_throttle(source) {
                     return Err(NoConnection::Throttled(wait));
@@ -265,7 +295,7 @@ impl Delivery {
                         if let Some(s) = site.lock().sources.get_mut(source) {
                             s.proven = false;
                         }
-                        return Err(NoConnection::Failed(o));
+                        return Err(NoConnection::Failed(o, slot));
                     }
                 };
                 {
@@ -287,30 +317,42 @@ impl Delivery {
 
     /// The source a message of `n` recipients of pool `pool` goes from: picked by weight among
     /// the pool's sources that are not suspended, rate-limited past a lane's wait or over their
-    /// warm-up cap for this site, and let through by its rate limits (a short wait is taken
-    /// here). When every source is over its warm-up cap, the pool's `overflow` pool is tried.
-    /// `Err(t)`: none may send before `t`.
+    /// warm-up cap for this site, and let through by its rate limits. A short wait for the
+    /// rate is taken here, in line behind the lanes already waiting for that source's turn
+    /// ([`Site::turns`]). When every source is over its warm-up cap, the pool's `overflow`
+    /// pool is tried. `Err(t)`: none may send before `t`.
     async fn choose(&self, site: &Site, pool: usize, n: usize) -> Result<usize, u64> {
         loop {
-            let now = crate::now_ms();
-            let wait = match self.try_choose(site, pool, n, now) {
-                Ok(Ok(source)) => return Ok(source),
-                Ok(Err(wait)) => wait,
+            let source = match self.try_choose(site, pool, n, crate::now_ms()) {
+                Ok(Choice::Taken(source)) => return Ok(source),
+                Ok(Choice::WaitFor(source)) => source,
                 Err(until) => return Err(until),
             };
-            tokio::time::sleep(wait).await;
+            let _turn = site.turns[source].lock().await;
+            loop {
+                let now = crate::now_ms();
+                let step = {
+                    let mut g = site.lock();
+                    site.refresh(&mut g, &self.node, source, &self.sources[source].name, now);
+                    if Site::source_blocked(&g, source, now).is_some() {
+                        break;
+                    }
+                    self.take_source(site, &mut g, source, n, now)
+                };
+                match step {
+                    Step::Go => return Ok(source),
+                    Step::Wait(wait) => tokio::time::sleep(wait).await,
+                    // Passed over meanwhile: choose again.
+                    Step::Out(..) => break,
+                }
+            }
         }
     }
 
-    /// One go of [`Delivery::choose`] under the site lock: the source, or a short wait for its
-    /// rate limit, or (`Err`) the time before which none may send.
-    fn try_choose(
-        &self,
-        site: &Site,
-        pool: usize,
-        n: usize,
-        now: u64,
-    ) -> Result<Result<usize, Duration>, u64> {
+    /// One go of [`Delivery::choose`] under the site lock: the source picked, either taken
+    /// (its limits let the message through) or to wait for (its rate says wait a little, or
+    /// other lanes wait for it already); `Err(t)`: none may send before `t`.
+    fn try_choose(&self, site: &Site, pool: usize, n: usize, now: u64) -> Result<Choice, u64> {
         let node = &self.node;
         let mut g = site.lock();
         let mut pool = pool;
@@ -339,31 +381,15 @@ impl Delivery {
             loop {
                 let picked = Site::pick_source(&mut g, pool, members, |s| out[s].is_none());
                 let Some(source) = picked else { break };
-                match site.take_rate(&mut g, source, now) {
-                    None => {}
-                    Some(wait) if wait <= MAX_LANE_WAIT => return Ok(Err(wait)),
-                    Some(wait) => {
-                        let until = now + wait.as_millis() as u64;
-                        Site::block(&mut g, source, until);
-                        out[source] = Some((until, false));
-                        continue;
-                    }
+                // Lanes already wait for this source's rate: this one queues behind them.
+                if site.turns[source].try_lock().is_err() {
+                    return Ok(Choice::WaitFor(source));
                 }
-                if let Some((schedule, start)) = &self.sources[source].warmup
-                    && let Err(t) = node.warmup.take(
-                        &self.sources[source].name,
-                        &site.group,
-                        schedule,
-                        *start,
-                        now,
-                        n as u64,
-                    )
-                {
-                    out[source] = Some((t, true));
-                    continue;
+                match self.take_source(site, &mut g, source, n, now) {
+                    Step::Go => return Ok(Choice::Taken(source)),
+                    Step::Wait(_) => return Ok(Choice::WaitFor(source)),
+                    Step::Out(until, warm) => out[source] = Some((until, warm)),
                 }
-                Site::count_sent(&mut g, source, n as u32, now);
-                return Ok(Ok(source));
             }
             let weighted = members.iter().filter(|m| m.1 > 0);
             let until = weighted
@@ -378,6 +404,40 @@ impl Delivery {
             }
         }
         Err(now + MAX_LANE_WAIT.as_millis() as u64)
+    }
+    /// Lets a message of `n` recipients through `source`'s rate limits and warm-up cap at
+    /// `now`, counting it as sent, or says why not.
+    fn take_source(
+        &self,
+        site: &Site,
+        g: &mut super::site::SiteInner,
+        source: usize,
+        n: usize,
+        now: u64,
+    ) -> Step {
+        match site.take_rate(g, source, now) {
+            None => {}
+            Some(wait) if wait <= MAX_LANE_WAIT => return Step::Wait(wait),
+            Some(wait) => {
+                let until = now + wait.as_millis() as u64;
+                Site::block(g, source, until);
+                return Step::Out(until, false);
+            }
+        }
+        if let Some((schedule, start)) = &self.sources[source].warmup
+            && let Err(t) = self.node.warmup.take(
+                &self.sources[source].name,
+                &site.group,
+                schedule,
+                *start,
+                now,
+                n as u64,
+            )
+        {
+            return Step::Out(t, true);
+        }
+        Site::count_sent(g, source, n as u32, now);
+        Step::Go
     }
 
     /// A connection round failed: `rest` and up to [`FAIL_BATCH`] more of the site's due jobs are

@@ -50,6 +50,12 @@ pub(super) struct Site {
     /// What warm-up caps count against: the provider group, else the site (its key: labels
     /// beyond the first hundred sites are shared).
     pub group: String,
+    /// Per egress source: held by the lane whose message waits for the source's rate limits,
+    /// queued for by the lanes behind it. Tokio's mutex is fair, so messages held for a rate
+    /// go in the order they were taken from the schedule (which is the fair order), and a
+    /// lane that finds the source's turn taken waits in line rather than racing for the next
+    /// token.
+    pub turns: Vec<tokio::sync::Mutex<()>>,
     pub inner: Mutex<SiteInner>,
 }
 
@@ -183,6 +189,9 @@ impl Site {
                 .collect(),
             targets,
             shaping,
+            turns: (0..sources.max(1))
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             inner: Mutex::new(SiteInner {
                 active: VecDeque::new(),
                 lanes: 0,
