@@ -96,6 +96,51 @@ pub struct Config {
     /// Event receivers: batched, signed JSON POSTs from a durable outbox.
     #[serde(default, rename = "webhook")]
     pub webhooks: Vec<WebhookConfig>,
+    /// Cluster mode: limits shared with other nodes through Redis Cluster. Unset: a single node
+    /// that needs nothing but its disk.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's place in a fleet sharing one set of limits through Redis Cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster (letters, digits, `-`, `_`; up to 64).
+    pub node_id: String,
+    /// Seed nodes of the Redis Cluster, `redis://host:port`.
+    pub redis: Vec<String>,
+    /// Deadline of every Redis call; a call that misses it counts as a failure.
+    #[serde(default = "defaults::cluster_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Failed calls in a row that open the circuit breaker (the node is then degraded).
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one call tries again.
+    #[serde(default = "defaults::breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Lifetime of a connection lease; renewed every third of it. A node that dies frees its
+    /// leases after this.
+    #[serde(default = "defaults::lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often a node publishes its heartbeat; one not seen for three is gone.
+    #[serde(default = "defaults::heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl ClusterConfig {
+    /// The settings with their defaults for `node_id` and seed nodes `redis`.
+    pub fn new(node_id: &str, redis: Vec<String>) -> ClusterConfig {
+        ClusterConfig {
+            node_id: node_id.to_owned(),
+            redis,
+            timeout: defaults::cluster_timeout(),
+            breaker_failures: defaults::breaker_failures(),
+            breaker_cooldown: defaults::breaker_cooldown(),
+            lease_ttl: defaults::lease_ttl(),
+            heartbeat: defaults::heartbeat(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -364,6 +409,19 @@ pub struct Shaping {
     /// providers count per sending address) or `site` (all sources together).
     #[serde(default)]
     pub per: Per,
+    /// In cluster mode, whether the limits above hold for the whole cluster (`cluster`, the
+    /// default) or for each node (`node`). Without `[cluster]` they are the node's anyway.
+    #[serde(default)]
+    pub scope: Scope,
+}
+
+/// Where a site's limits hold in cluster mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Cluster,
+    Node,
 }
 
 /// What a site's limits count.
@@ -393,6 +451,7 @@ pub struct Rule {
     pub connection_rate: Option<Rate>,
     pub tls: Option<crate::outbound::smtp::client::TlsMode>,
     pub per: Option<Per>,
+    pub scope: Option<Scope>,
 }
 
 impl Rule {
@@ -414,6 +473,7 @@ impl Rule {
             connection_rate: self.connection_rate.or(base.connection_rate),
             tls: self.tls.unwrap_or(base.tls),
             per: self.per.unwrap_or(base.per),
+            scope: self.scope.unwrap_or(base.scope),
         }
     }
 }
@@ -1042,6 +1102,21 @@ mod defaults {
     pub fn pool_weight() -> u32 {
         1
     }
+    pub fn cluster_timeout() -> Duration {
+        Duration::from_millis(250)
+    }
+    pub fn breaker_failures() -> u32 {
+        3
+    }
+    pub fn breaker_cooldown() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn lease_ttl() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn heartbeat() -> Duration {
+        Duration::from_secs(1)
+    }
     pub fn dead_site_after() -> u32 {
         5
     }
@@ -1233,6 +1308,46 @@ impl Config {
                 reason,
             });
         };
+        if let Some(c) = &self.cluster {
+            let id_ok = !c.node_id.is_empty()
+                && c.node_id.len() <= 64
+                && c.node_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !id_ok {
+                bad(
+                    "cluster.node_id",
+                    format!("{:?}: use 1 to 64 letters, digits, '-' or '_'", c.node_id),
+                );
+            }
+            if c.redis.is_empty() {
+                bad(
+                    "cluster.redis",
+                    "name at least one node of the Redis Cluster (redis://host:port)".into(),
+                );
+            }
+            for (i, url) in c.redis.iter().enumerate() {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    bad(
+                        &format!("cluster.redis[{i}]"),
+                        format!("{url:?} is not a redis:// URL"),
+                    );
+                }
+            }
+            for (key, d) in [
+                ("cluster.timeout", c.timeout),
+                ("cluster.breaker_cooldown", c.breaker_cooldown),
+                ("cluster.lease_ttl", c.lease_ttl),
+                ("cluster.heartbeat", c.heartbeat),
+            ] {
+                if d.is_zero() {
+                    bad(key, "must be more than 0".into());
+                }
+            }
+            if c.breaker_failures == 0 {
+                bad("cluster.breaker_failures", "must be at least 1".into());
+            }
+        }
         let share = self.delivery.lower_priority_share;
         if !(0.0..=0.5).contains(&share) {
             bad(

@@ -245,6 +245,7 @@
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 
+pub mod cluster;
 pub mod config;
 pub mod effects;
 pub mod feedback;

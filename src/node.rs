@@ -46,6 +46,8 @@ pub struct Node {
     pub actions: crate::outbound::shaping::actions::Actions,
     /// Warm-up counts per (source, provider group), loaded at recovery.
     pub warmup: crate::outbound::shaping::warmup::Counts,
+    /// Cluster mode's link to Redis, set at start when `[cluster]` is configured.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -89,6 +91,7 @@ impl Node {
             scheduler: Scheduler::new(),
             upload_seq: AtomicU64::new(0),
             idempotency_in_flight: Mutex::new(Default::default()),
+            cluster: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }))
@@ -248,6 +251,43 @@ impl Node {
         self.scheduler
             .set_params(campaign.seq, schedule_params(&campaign.record));
         self.campaigns.insert(campaign);
+    }
+
+    /// The cluster link, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Joins the cluster named by `[cluster]`: the spool's instance id (made on first start)
+    /// identifies this node to the others. Errors when another live node holds the `node_id`.
+    pub async fn join_cluster(self: &Arc<Self>) -> Result<(), crate::cluster::StartError> {
+        let Some(config) = self.config.cluster.clone() else {
+            return Ok(());
+        };
+        let spool = Arc::clone(&self.spool);
+        let stored = tokio::task::spawn_blocking(move || instance_id(&spool))
+            .await
+            .ok()
+            .flatten();
+        let instance = match stored {
+            Some(id) => id,
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                let mut batch = self.spool.batch();
+                batch.put_state(
+                    crate::store::spool::STATE_CLUSTER,
+                    b"instance",
+                    id.as_bytes(),
+                );
+                if let Err(e) = self.spool.write(batch, Durability::Sync).await {
+                    tracing::warn!(error = %e, "storing the cluster instance id failed");
+                }
+                id
+            }
+        };
+        let cluster = crate::cluster::Cluster::start(config, instance).await?;
+        let _ = self.cluster.set(cluster);
+        Ok(())
     }
 
     /// True once recovery is done and until shutdown starts.
@@ -445,4 +485,17 @@ pub fn default_priority(kind: CampaignKind) -> u8 {
         CampaignKind::Bulk => PRIORITY_NORMAL,
         CampaignKind::Transactional => PRIORITY_HIGH,
     }
+}
+
+/// This spool's cluster instance id, if one was stored. Blocking.
+fn instance_id(spool: &Spool) -> Option<String> {
+    let mut found = None;
+    spool
+        .scan_state(crate::store::spool::STATE_CLUSTER, |k, v| {
+            if k == b"instance" {
+                found = Some(String::from_utf8_lossy(v).into_owned());
+            }
+        })
+        .ok()?;
+    found
 }

@@ -108,6 +108,7 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
     let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules, shaping, log))
         .await?
         .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
+    node.join_cluster().await?;
     let listener = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("binding the HTTP API to {}", config.http.listen))?;
@@ -235,6 +236,16 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
             crate::metrics::QUEUED_JOBS.set(len as i64);
         }
     });
+    if let Some(cluster) = node.cluster() {
+        let report_node = Arc::clone(&node);
+        let http = http_addr.to_string();
+        let report = move || crate::cluster::nodes::Report {
+            queued: report_node.scheduler.len() as u64,
+            http: http.clone(),
+            ..Default::default()
+        };
+        tasks.spawn(Arc::clone(cluster).run(report, stop.clone()));
+    }
     tasks.close();
     tracing::info!(%http_addr, "HTTP API listening");
     if let Some(addr) = bounce_addr {

@@ -418,6 +418,7 @@ async fn max_open_with(per: sluice::config::Per) -> usize {
         connection_rate: None,
         tls: None,
         per: Some(per),
+        scope: None,
     });
     let node = common::start(cfg).await;
     let id = post(node.http_addr, &campaign("sink.test", 200, None)).await;

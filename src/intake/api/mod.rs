@@ -28,6 +28,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
 mod campaigns;
+mod cluster;
 mod domains;
 mod error;
 mod feedback;
@@ -84,6 +85,7 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
         .route("/shaping", get(shaping::list))
         .route("/shaping/{id}", axum::routing::delete(shaping::lift))
         .route("/sources", get(shaping::sources))
+        .route("/cluster", get(cluster::show))
         .route("/queue", get(domains::queue))
         .route("/domains/{domain}/suspend", post(domains::suspend))
         .route("/domains/{domain}/resume", post(domains::resume))
@@ -111,7 +113,12 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
 
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.node.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
+        // In cluster mode the body says which mode: a degraded node is ready (it sends on
+        // local shares), and says so.
+        match s.node.cluster() {
+            Some(c) => (StatusCode::OK, format!("ready\ncluster: {}\n", c.mode())).into_response(),
+            None => (StatusCode::OK, "ready\n").into_response(),
+        }
     } else if s.node.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {

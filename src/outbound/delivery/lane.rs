@@ -39,6 +39,8 @@ const FAIL_BATCH: usize = 32;
 /// How often a lane looks again for a free connection of a source whose connections are all
 /// busy (for up to [`MAX_LANE_WAIT`]).
 const SOURCE_BUSY_POLL: Duration = Duration::from_millis(2);
+/// How often a lane asks again for a cluster-wide connection lease when all are held.
+const LEASE_POLL: Duration = Duration::from_millis(25);
 /// A throttle wait up to this long is taken inside the lane; longer ends the lane.
 const MAX_LANE_WAIT: Duration = Duration::from_secs(1);
 
@@ -253,8 +255,31 @@ impl Delivery {
                     break None;
                 }
                 let cap = site.connection_cap(source);
-                if let Some(slot) = Slot::take(&site.open, site.counted(source), source, cap) {
-                    break Some(slot);
+                if let Some(mut slot) = Slot::take(&site.open, site.counted(source), source, cap) {
+                    let Some((cluster, key)) = site.lease_key(source) else {
+                        break Some(slot);
+                    };
+                    // Cluster mode: the place must be free cluster-wide too. Without an answer
+                    // from Redis the node is degraded and its cap above is its local share.
+                    match cluster
+                        .acquire_lease(key, site.shaping.max_connections)
+                        .await
+                    {
+                        Ok(Some(lease)) => {
+                            slot.lease = Some(lease);
+                            break Some(slot);
+                        }
+                        Err(_) => break Some(slot),
+                        Ok(None) => {
+                            drop(slot);
+                            if waited >= MAX_LANE_WAIT {
+                                return Err(NoConnection::Throttled(LEASE_POLL));
+                            }
+                            tokio::time::sleep(LEASE_POLL).await;
+                            waited += LEASE_POLL;
+                            continue;
+                        }
+                    }
                 }
                 // With limits per site, an idle connection of another source holds a place
                 // this one needs: close it.

@@ -67,6 +67,8 @@ static SHAPING_ACTIONS: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync
 const DOMAIN_IDLE_EVICT_MS: u64 = 60_000;
 /// An empty site (no lanes, no domains, no idle connections) is forgotten after this long.
 const SITE_IDLE_EVICT: Duration = Duration::from_secs(600);
+/// A pooled connection holding a cluster-wide lease is closed after this long idle.
+const LEASED_IDLE: Duration = Duration::from_secs(1);
 
 /// What the API sees of the engine: its reports, once it runs (never with `delivery.enabled`
 /// off). Set by whoever starts the engine; holds it weakly, so it does not keep it alive.
@@ -373,7 +375,8 @@ impl Delivery {
         }
     }
 
-    /// Closes idle connections past `idle_timeout`, forgets empty sites and writes the warm-up
+    /// Closes idle connections past `idle_timeout` (or [`LEASED_IDLE`] for those holding a
+    /// cluster-wide lease), forgets empty sites and writes the warm-up
     /// counts, once a second.
     async fn sweep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -390,9 +393,16 @@ impl Delivery {
                     site.stats.sample();
                     let mut g = site.lock();
                     let (old, keep): (Vec<stats::Held>, Vec<stats::Held>) =
-                        std::mem::take(&mut g.idle)
-                            .into_iter()
-                            .partition(|c| c.last_used.elapsed() >= idle_timeout);
+                        std::mem::take(&mut g.idle).into_iter().partition(|c| {
+                            // A pooled connection holding a cluster-wide lease keeps a
+                            // place other nodes may need: closed after a second idle.
+                            let limit = if c.leased() {
+                                idle_timeout.min(LEASED_IDLE)
+                            } else {
+                                idle_timeout
+                            };
+                            c.last_used.elapsed() >= limit
+                        });
                     g.idle = keep;
                     closing.extend(old);
                     !(g.lanes == 0

@@ -106,14 +106,19 @@ impl Delivery {
             let names = std::iter::once(domain).chain(targets.iter().map(|t| t.name.as_str()));
             rules.provider_of(names).map(str::to_owned)
         };
-        let site = Arc::new(Site::new(
+        let mut site = Site::new(
             key.clone(),
             label,
             targets,
             shaping,
             self.sources.len(),
             provider,
-        ));
+        );
+        if let Some(cluster) = self.node.cluster() {
+            let names: Vec<String> = self.sources.iter().map(|s| s.name.clone()).collect();
+            site = site.shared(cluster, &names);
+        }
+        let site = Arc::new(site);
         sites.insert(key, Arc::clone(&site));
         Ok(site)
     }

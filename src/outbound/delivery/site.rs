@@ -20,7 +20,9 @@ use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::stats;
-use crate::config::{DeliveryConfig, Per, Rate, Shaping};
+use crate::cluster::Cluster;
+use crate::cluster::budget::{self, SharedRate};
+use crate::config::{DeliveryConfig, Per, Rate, Scope, Shaping};
 use crate::node::Node;
 use crate::outbound::shaping::actions::Effect;
 use crate::outbound::shaping::rules::Aimd;
@@ -62,6 +64,18 @@ pub(super) struct Site {
 struct Limits {
     message_rate: Option<DefaultDirectRateLimiter>,
     connection_rate: Option<DefaultDirectRateLimiter>,
+    /// In cluster mode (and `scope = "cluster"`): the same limits, cluster-wide; they stand in
+    /// for the local limiters above.
+    shared: Option<Shared>,
+}
+
+/// The cluster-wide form of a (source, site)'s limits.
+struct Shared {
+    cluster: Arc<Cluster>,
+    message_rate: Option<Arc<SharedRate>>,
+    connection_rate: Option<Arc<SharedRate>>,
+    /// The Redis key of its connection leases.
+    leases: String,
 }
 
 /// What one egress source does at this site besides the configured limits.
@@ -185,6 +199,7 @@ impl Site {
                 .map(|_| Limits {
                     message_rate: shaping.message_rate.map(limiter),
                     connection_rate: shaping.connection_rate.map(limiter),
+                    shared: None,
                 })
                 .collect(),
             targets,
@@ -204,6 +219,40 @@ impl Site {
                 last_activity: Instant::now(),
             }),
         }
+    }
+
+    /// Makes the site's limits cluster-wide (cluster mode, `scope = "cluster"`): `sources` are
+    /// the egress sources' names, which name the limits in Redis with the site's key.
+    pub fn shared(mut self, cluster: &Arc<Cluster>, sources: &[String]) -> Site {
+        if self.shaping.scope != Scope::Cluster {
+            return self;
+        }
+        for (i, l) in self.limits.iter_mut().enumerate() {
+            let source = match self.shaping.per {
+                Per::Source => sources.get(i).map_or("default", String::as_str),
+                Per::Site => "*",
+            };
+            let (rate_key, leases) = budget::keys(&self.key, source);
+            let rate = |r: Rate, what: &str| {
+                Arc::new(SharedRate::new(
+                    format!("{rate_key}:{what}"),
+                    r.per_second(),
+                ))
+            };
+            l.shared = Some(Shared {
+                cluster: Arc::clone(cluster),
+                message_rate: self.shaping.message_rate.map(|r| rate(r, "messages")),
+                connection_rate: self.shaping.connection_rate.map(|r| rate(r, "connections")),
+                leases,
+            });
+        }
+        self
+    }
+
+    /// The cluster and lease key `source`'s connections need a lease under, in cluster mode.
+    pub fn lease_key(&self, source: usize) -> Option<(&Arc<Cluster>, &str)> {
+        let sh = self.limits[self.counted(source)].shared.as_ref()?;
+        Some((&sh.cluster, sh.leases.as_str()))
     }
 
     /// Where `source`'s connections and limits are counted: its own, or the site's one.
@@ -238,12 +287,29 @@ impl Site {
         if let Some(a) = &s.aimd {
             cap = cap.min(a.connections);
         }
+        // Cluster mode without Redis: this node's share of the cluster-wide limit.
+        if let Some(sh) = &self.limits[self.counted(source)].shared
+            && sh.cluster.degraded()
+        {
+            let share = sh
+                .cluster
+                .local_share(f64::from(self.shaping.max_connections));
+            cap = cap.min(share.floor() as u32);
+        }
         cap.max(1)
     }
 
     /// A new connection from `source` is allowed by the connection rate now, else the wait.
     pub fn connection_throttle(&self, source: usize) -> Option<Duration> {
-        throttle(&self.limits[self.counted(source)].connection_rate)
+        let l = &self.limits[self.counted(source)];
+        match &l.shared {
+            Some(Shared {
+                cluster,
+                connection_rate: Some(r),
+                ..
+            }) => r.try_take(cluster, crate::now_ms()),
+            _ => throttle(&l.connection_rate),
+        }
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, SiteInner> {
@@ -364,8 +430,17 @@ impl Site {
         if next > now {
             return Some(Duration::from_millis(next - now));
         }
-        if let Some(wait) = throttle(&self.limits[self.counted(source)].message_rate) {
-            return Some(wait);
+        let l = &self.limits[self.counted(source)];
+        let wait = match &l.shared {
+            Some(Shared {
+                cluster,
+                message_rate: Some(r),
+                ..
+            }) => r.try_take(cluster, now),
+            _ => throttle(&l.message_rate),
+        };
+        if wait.is_some() {
+            return wait;
         }
         if let Some((_, gcra)) = &mut s.throttle {
             gcra.try_take(now);
@@ -526,6 +601,7 @@ mod tests {
             connection_rate: None,
             tls: Default::default(),
             per: Per::Source,
+            scope: Default::default(),
         };
         Site::new("k".into(), "k".into(), Vec::new(), shaping, 2, None)
     }

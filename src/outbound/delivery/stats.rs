@@ -218,6 +218,8 @@ pub struct Slot {
     /// The count it holds a place in: its source's, or the site's one (`per = "site"`).
     index: usize,
     pub source: usize,
+    /// In cluster mode: the lease that counts this place cluster-wide.
+    pub lease: Option<crate::cluster::budget::Lease>,
 }
 
 impl Slot {
@@ -232,6 +234,7 @@ impl Slot {
             counts: Arc::clone(counts),
             index,
             source,
+            lease: None,
         })
     }
 }
@@ -255,6 +258,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// Whether it holds a cluster-wide connection lease.
+    pub fn leased(&self) -> bool {
+        self._slot.lease.is_some()
+    }
+
     /// Into the idle pool.
     pub fn idle(mut self) -> Held {
         self.busy = None;

@@ -113,8 +113,11 @@ const META_ARCHIVED_COUNT: &[u8] = b"archived_count";
 pub const STATE_SHAPING: &[u8] = b"shaping/";
 /// Warm-up counts per (source, provider group) (JSON).
 pub const STATE_WARMUP: &[u8] = b"warmup/";
+/// Cluster mode: this spool's instance id (`instance`), which tells a restarted node from
+/// another process using the same `node_id`.
+pub const STATE_CLUSTER: &[u8] = b"cluster/";
 /// The prefixes of small state records in `meta` ([`SpoolBatch::put_state`]).
-pub const STATE_PREFIXES: [&[u8]; 2] = [STATE_SHAPING, STATE_WARMUP];
+pub const STATE_PREFIXES: [&[u8]; 3] = [STATE_SHAPING, STATE_WARMUP, STATE_CLUSTER];
 
 fn archived_key(id: &[u8; 16]) -> Vec<u8> {
     [META_ARCHIVED_PREFIX, &id[..]].concat()

@@ -1,0 +1,419 @@
+//! Cluster-wide limits of a (source, site): message rates as reservations on a GCRA kept in
+//! Redis, and connection counts as leases with an expiry.
+//!
+//! **Rates.** A node reserves a run of the budget's next slots in one script call (`RESERVE`):
+//! twice what it spent of the last run (so it ramps up in a few calls and one that cannot send
+//! reserves little), at most a third of a short horizon (at least 300 ms, at least two slots),
+//! no further ahead of the cluster's schedule than the horizon. It then spends those slots locally, one message per
+//! slot at the slot's time ([`SharedRate::try_take`]), so the receiver sees the configured rate
+//! however the nodes interleave, and Redis sees one call per run of slots. Slots a node lets
+//! pass unused are lost (the limit is an upper bound). While the node is degraded, a local
+//! limiter at its share of the rate ([`super::Cluster::local_share`]) stands in.
+//!
+//! **Connections.** A connection holds a lease: a member of a sorted set per (source, site),
+//! scored by its expiry. Taking one (`ACQUIRE`) drops expired members and adds one if fewer than
+//! the limit remain and, while other nodes wait for a lease, the node holds less than its fair
+//! share (so one node that got there first cannot keep a site's connections from the others);
+//! the node renews all of its leases every third of their lifetime and drops each lease when its
+//! connection closes (pooled connections with a lease close after a second idle). A node that
+//! dies frees its leases when they expire. A refused node does not ask again for a quarter of a
+//! second unless it frees a lease of its own meanwhile.
+//!
+//! Keys hash-tag the (source, site), so each script touches one slot.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use super::{Cluster, Unavailable};
+use crate::scheduler::rate::Gcra;
+
+/// Reserves up to `want` slots of `interval` ms no further than `horizon` ms ahead of the
+/// server's clock. Returns `{count, server now, first slot (ms, as text)}`; with count 0 the
+/// first slot is when the schedule is next free.
+/// The server's clock in ms as `now`, first in every script: slots and expiries are on one
+/// clock whichever node asks.
+const NOW: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
+
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{NOW}{body}"))
+}
+
+static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    script(
+        r"
+local interval = tonumber(ARGV[1])
+local horizon = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local k = math.floor((now + horizon - tat) / interval)
+if k > want then k = want end
+if k < 1 then return {0, now, string.format('%.3f', tat - horizon + interval)} end
+local after = tat + k * interval
+redis.call('SET', KEYS[1], string.format('%.3f', after), 'PX', math.ceil(after - now) + 1000)
+return {k, now, string.format('%.3f', tat)}
+",
+    )
+});
+
+/// Takes lease `ARGV[3]` for node `ARGV[4]`, for `ARGV[2]` ms, if fewer than `ARGV[1]` live
+/// ones are held and, while other nodes wait for one (`KEYS[2]`, their wish kept `ARGV[5]` ms),
+/// the node holds fewer than its fair share. A refused node records its wish.
+static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
+    script(
+        r"
+local limit = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local node = ARGV[4]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held = redis.call('ZRANGE', KEYS[1], 0, -1)
+local prefix = node .. ':'
+local mine = 0
+for _, m in ipairs(held) do
+  if string.sub(m, 1, #prefix) == prefix then mine = mine + 1 end
+end
+local others = 0
+for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if w ~= node then others = others + 1 end
+end
+if #held >= limit or (others > 0 and mine >= math.ceil(limit / (others + 1))) then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), node)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  return 0
+end
+redis.call('ZREM', KEYS[2], node)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return 1
+",
+    )
+});
+
+/// Extends the leases `ARGV[2..]` by `ARGV[1]` ms.
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    script(
+        r"
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return 1
+",
+    )
+});
+
+/// How late a reserved slot may still be spent: a tenth of a second, the burst every local
+/// limiter allows too.
+const LATENESS_MS: f64 = 100.0;
+
+/// The Redis keys of a (source, site): `source` is `*` when the limits count per site.
+pub fn keys(site: &str, source: &str) -> (String, String) {
+    let tag = format!("{{{site}|{source}}}");
+    (format!("sluice:rate:{tag}"), format!("sluice:conns:{tag}"))
+}
+
+/// A message rate shared by the cluster, as this node spends it.
+pub struct SharedRate {
+    key: String,
+    /// Messages per second, cluster-wide.
+    rate: f64,
+    state: Mutex<RateState>,
+}
+
+struct RateState {
+    /// Runs of slots reserved and not yet spent, in order: (next slot's time on the local
+    /// clock in ms, slots left), one slot every `interval_ms`.
+    runs: VecDeque<(f64, u32)>,
+    /// A reservation call is under way.
+    asking: bool,
+    /// Not before this (the schedule was full, or Redis failed).
+    retry_at_ms: u64,
+    /// Slots spent since the last reservation: the next asks for twice that (up to a third of
+    /// the horizon), so a node that cannot spend what it reserves (no connection) reserves
+    /// little, and a busy one ramps up in a few calls.
+    spent: u32,
+    /// Stands in while degraded: the local share, for the number of nodes it was built for.
+    local: Option<(usize, Gcra)>,
+}
+
+impl RateState {
+    fn left(&self) -> u32 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
+}
+
+impl SharedRate {
+    pub fn new(key: String, rate: f64) -> SharedRate {
+        SharedRate {
+            key,
+            rate: rate.max(1e-6),
+            state: Mutex::new(RateState {
+                runs: VecDeque::new(),
+                asking: false,
+                retry_at_ms: 0,
+                spent: 0,
+                local: None,
+            }),
+        }
+    }
+
+    fn interval_ms(&self) -> f64 {
+        1000.0 / self.rate
+    }
+
+    fn horizon_ms(&self) -> f64 {
+        (self.interval_ms() * 2.0).max(300.0)
+    }
+
+    /// Takes one message's slot at `now` (ms), or says how long to wait. Never waits for Redis:
+    /// when the reserved slots run low it asks for more in the background.
+    pub fn try_take(self: &Arc<Self>, cluster: &Arc<Cluster>, now: u64) -> Option<Duration> {
+        let mut s = self.state.lock().expect("shared rate");
+        if cluster.degraded() {
+            let nodes = cluster.alive_nodes();
+            if s.local.as_ref().is_none_or(|(n, _)| *n != nodes) {
+                s.local = Some((nodes, Gcra::per_second(cluster.local_share(self.rate))));
+            }
+            s.runs.clear();
+            let (_, gcra) = s.local.as_mut().expect("just set");
+            if gcra.try_take(now) {
+                return None;
+            }
+            return Some(Duration::from_millis(
+                gcra.next_allowed().saturating_sub(now).max(1),
+            ));
+        }
+        s.local = None;
+        let interval = self.interval_ms();
+        let nowf = now as f64;
+        // Slots that passed unused are gone; a slot is still spent up to LATENESS_MS (or two
+        // slots) after its time, so a node's run need not keep the cluster's full pace. Over
+        // any window the cluster sends at most LATENESS_MS more of its rate.
+        let lateness = (2.0 * interval).max(LATENESS_MS);
+        while let Some((next, left)) = s.runs.front_mut() {
+            let late = ((nowf - *next - lateness) / interval).ceil();
+            if late >= 1.0 {
+                let missed = (late as u64).min(u64::from(*left)) as u32;
+                *left -= missed;
+                *next += f64::from(missed) * interval;
+            }
+            if *left == 0 {
+                s.runs.pop_front();
+            } else {
+                break;
+            }
+        }
+        let answer = match s.runs.front_mut() {
+            Some((next, left)) if *next <= nowf => {
+                *left -= 1;
+                *next += interval;
+                if *left == 0 {
+                    s.runs.pop_front();
+                }
+                s.spent += 1;
+                None
+            }
+            Some((next, _)) => Some(Duration::from_millis((*next - nowf).ceil() as u64)),
+            // Nothing reserved: wait for the reservation under way (or the retry time).
+            None => Some(Duration::from_millis(
+                s.retry_at_ms.saturating_sub(now).max(2),
+            )),
+        };
+        // Ask ahead, when what is left covers less than half a reservation.
+        let want = (s.spent.saturating_mul(2)).clamp(1, self.max_want());
+        if !s.asking && now >= s.retry_at_ms && f64::from(s.left()) < f64::from(want) / 2.0 {
+            s.asking = true;
+            s.spent = 0;
+            let me = Arc::clone(self);
+            let cluster = Arc::clone(cluster);
+            tokio::spawn(async move { me.reserve(&cluster, want).await });
+        }
+        answer
+    }
+
+    /// The most slots asked for per call: a third of the horizon.
+    fn max_want(&self) -> u32 {
+        (self.horizon_ms() / self.interval_ms() / 3.0)
+            .ceil()
+            .max(1.0) as u32
+    }
+
+    async fn reserve(&self, cluster: &Cluster, want: u32) {
+        let key = self.key.clone();
+        let (interval, horizon) = (self.interval_ms(), self.horizon_ms());
+        let got: Result<(u32, u64, String), Unavailable> = cluster
+            .call(|mut c| async move {
+                RESERVE
+                    .key(key)
+                    .arg(interval)
+                    .arg(horizon)
+                    .arg(want)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        let now = crate::now_ms();
+        let mut s = self.state.lock().expect("shared rate");
+        s.asking = false;
+        match got {
+            Ok((count, server_now, first)) => {
+                // Server times to local ones: the answer came back at about the server's now.
+                let first: f64 = first.parse().unwrap_or(server_now as f64);
+                let local_first = now as f64 + (first - server_now as f64);
+                if count == 0 {
+                    s.retry_at_ms = local_first.max(now as f64 + 1.0) as u64;
+                } else {
+                    s.runs.push_back((local_first, count));
+                    s.retry_at_ms = 0;
+                }
+            }
+            Err(_) => s.retry_at_ms = now + 10,
+        }
+    }
+}
+
+/// How long after Redis refused a lease (all held) this node asks again for that key, unless
+/// it frees one of its own meanwhile: waiting lanes must not poll Redis.
+const REFUSED_BACKOFF_MS: u64 = 250;
+
+/// The leases this node holds: key → members; and until when each refused key is not asked.
+#[derive(Default)]
+pub struct Leases {
+    held: Mutex<HashMap<String, HashSet<String>>>,
+    refused: Mutex<HashMap<String, u64>>,
+    seq: AtomicU64,
+}
+
+/// A connection's lease; given back when dropped.
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    key: String,
+    member: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        {
+            let mut held = self.cluster.leases.held.lock().expect("leases");
+            if let Some(set) = held.get_mut(&self.key) {
+                set.remove(&self.member);
+                if set.is_empty() {
+                    held.remove(&self.key);
+                }
+            }
+        }
+        // A place this node frees may be taken by its own waiting lanes at once.
+        self.cluster
+            .leases
+            .refused
+            .lock()
+            .expect("leases")
+            .remove(&self.key);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let cluster = Arc::clone(&self.cluster);
+        let (key, member) = (self.key.clone(), std::mem::take(&mut self.member));
+        rt.spawn(async move {
+            let _: Result<i64, _> = cluster
+                .call(|mut c| async move {
+                    redis::cmd("ZREM")
+                        .arg(&key)
+                        .arg(&member)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await;
+        });
+    }
+}
+
+impl Cluster {
+    /// A lease on one of `limit` connections counted under `key`: `Ok(None)` when all are
+    /// held; `Err` when Redis cannot say (the caller falls back to its local share).
+    pub async fn acquire_lease(
+        self: &Arc<Self>,
+        key: &str,
+        limit: u32,
+    ) -> Result<Option<Lease>, Unavailable> {
+        let now = crate::now_ms();
+        if self
+            .leases
+            .refused
+            .lock()
+            .expect("leases")
+            .get(key)
+            .is_some_and(|&until| until > now)
+        {
+            return Ok(None);
+        }
+        let member = format!(
+            "{}:{}",
+            self.config.node_id,
+            self.leases.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let ttl = self.config.lease_ttl.as_millis() as u64;
+        let (k, m, node) = (key.to_owned(), member.clone(), self.config.node_id.clone());
+        let got: i64 = self
+            .call(|mut c| async move {
+                ACQUIRE
+                    .key(&k)
+                    .key(format!("{k}:wanted"))
+                    .arg(limit)
+                    .arg(ttl)
+                    .arg(m)
+                    .arg(node)
+                    .arg(REFUSED_BACKOFF_MS * 3)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if got == 0 {
+            self.leases
+                .refused
+                .lock()
+                .expect("leases")
+                .insert(key.to_owned(), crate::now_ms() + REFUSED_BACKOFF_MS);
+            return Ok(None);
+        }
+        self.leases
+            .held
+            .lock()
+            .expect("leases")
+            .entry(key.to_owned())
+            .or_default()
+            .insert(member.clone());
+        Ok(Some(Lease {
+            cluster: Arc::clone(self),
+            key: key.to_owned(),
+            member,
+        }))
+    }
+
+    /// Extends every lease this node holds (one call per key).
+    pub(super) async fn renew_leases(&self) {
+        let held: Vec<(String, Vec<String>)> = self
+            .leases
+            .held
+            .lock()
+            .expect("leases")
+            .iter()
+            .map(|(k, set)| (k.clone(), set.iter().cloned().collect()))
+            .collect();
+        let ttl = self.config.lease_ttl.as_millis() as u64;
+        for (key, members) in held {
+            let _: Result<i64, _> = self
+                .call(|mut c| async move {
+                    let mut inv = RENEW.key(key);
+                    inv.arg(ttl);
+                    for m in &members {
+                        inv.arg(m);
+                    }
+                    inv.invoke_async(&mut c).await
+                })
+                .await;
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Node heartbeats and the claim on a `node_id`: one Redis script call per heartbeat renews
+//! this node's claim, publishes its report and reads every node's, so the cluster knows who is
+//! alive (for `GET /v1/cluster` and the degraded-mode share) at one command per node and
+//! heartbeat.
+//!
+//! Keys share the `{nodes}` hash tag, so the script's keys live in one slot: the hash
+//! `sluice:{nodes}` (node id → report JSON) and `sluice:{nodes}:owner:<node_id>` (the instance
+//! id of the spool that holds the name, with an expiry of five heartbeats).
+
+use std::sync::LazyLock;
+
+use serde::{Deserialize, Serialize};
+
+use super::Cluster;
+
+const NODES_KEY: &str = "sluice:{nodes}";
+
+fn owner_key(node_id: &str) -> String {
+    format!("sluice:{{nodes}}:owner:{node_id}")
+}
+
+/// Claims the node id (unless another instance holds it), publishes the report, returns every
+/// report: `[conflicting instance or "", id1, report1, id2, report2, ...]`.
+static HEARTBEAT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local cur = redis.call('GET', KEYS[2])
+if cur and cur ~= ARGV[1] then return {cur} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
+local out = {''}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all do out[#out + 1] = all[i] end
+return out
+",
+    )
+});
+
+/// Gives the node id up (graceful stop): only if this instance holds it.
+static LEAVE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('HDEL', KEYS[1], ARGV[2])
+return 1
+",
+    )
+});
+
+/// What a node publishes about itself at each heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// When it was written (the node's clock, ms since the epoch).
+    #[serde(default)]
+    pub at_ms: u64,
+    /// Recipients queued on the node.
+    #[serde(default)]
+    pub queued: u64,
+    /// Messages per second it delivered lately.
+    #[serde(default)]
+    pub rate: f64,
+    /// Whether it ran on local shares (could not reach Redis) when it last could write.
+    #[serde(default)]
+    pub degraded: bool,
+    /// Its HTTP API address, for operators.
+    #[serde(default)]
+    pub http: String,
+}
+
+/// One node as `GET /v1/cluster` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub node_id: String,
+    pub alive: bool,
+    pub last_seen_ms: u64,
+    pub queued: u64,
+    pub rate: f64,
+    pub degraded: bool,
+    pub http: String,
+}
+
+pub(super) enum Claim {
+    /// Another live instance holds the id.
+    Taken(String),
+}
+
+impl Cluster {
+    /// How long a node's report counts as alive: three heartbeats, at least three seconds.
+    fn alive_window_ms(&self) -> u64 {
+        (self.config.heartbeat.as_millis() as u64 * 3).max(3000)
+    }
+
+    /// Claims the node id without publishing a report (at start).
+    pub(super) async fn claim(&self) -> Result<(), Claim> {
+        match self.run_heartbeat("").await {
+            Some(Err(other)) => Err(Claim::Taken(other)),
+            _ => Ok(()),
+        }
+    }
+
+    /// One heartbeat: claim renewed, report published, the nodes' reports read.
+    pub(super) async fn heartbeat(&self, report: &Report) {
+        let report = Report {
+            at_ms: crate::now_ms(),
+            degraded: self.degraded(),
+            ..report.clone()
+        };
+        let json = serde_json::to_string(&report).unwrap_or_default();
+        match self.run_heartbeat(&json).await {
+            Some(Err(other)) => {
+                tracing::error!(
+                    node_id = %self.config.node_id,
+                    other_instance = %other,
+                    "cluster.node_id is in use by another running node: give each node its own"
+                );
+                *self.conflict.lock().expect("conflict") = Some(other);
+            }
+            Some(Ok(views)) => {
+                *self.conflict.lock().expect("conflict") = None;
+                let alive = views.iter().filter(|v| v.alive).count();
+                self.alive
+                    .store(alive.max(1), std::sync::atomic::Ordering::Release);
+                *self.views.lock().expect("views") = views;
+            }
+            None => {}
+        }
+    }
+
+    /// `None`: Redis did not answer; `Some(Err(instance))`: the id is taken.
+    async fn run_heartbeat(&self, json: &str) -> Option<Result<Vec<NodeView>, String>> {
+        let ttl_ms = (self.config.heartbeat.as_millis() as u64 * 5).max(5000);
+        let instance = self.instance.clone();
+        let node_id = self.config.node_id.clone();
+        let json = json.to_owned();
+        let out: Vec<String> = self
+            .call(|mut c| async move {
+                HEARTBEAT
+                    .key(NODES_KEY)
+                    .key(owner_key(&node_id))
+                    .arg(&instance)
+                    .arg(ttl_ms)
+                    .arg(&node_id)
+                    .arg(&json)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await
+            .ok()?;
+        let (first, rest) = out.split_first()?;
+        if !first.is_empty() {
+            return Some(Err(first.clone()));
+        }
+        let now = crate::now_ms();
+        let window = self.alive_window_ms();
+        let mut views: Vec<NodeView> = rest
+            .chunks_exact(2)
+            .map(|kv| {
+                let r: Report = serde_json::from_str(&kv[1]).unwrap_or_default();
+                NodeView {
+                    node_id: kv[0].clone(),
+                    alive: r.at_ms + window >= now,
+                    last_seen_ms: r.at_ms,
+                    queued: r.queued,
+                    rate: r.rate,
+                    degraded: r.degraded,
+                    http: r.http,
+                }
+            })
+            .collect();
+        views.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Some(Ok(views))
+    }
+
+    /// The nodes as of the last heartbeat.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        self.views.lock().expect("views").clone()
+    }
+
+    /// Gives the node id up and removes this node's report (graceful stop).
+    pub(super) async fn leave(&self) {
+        let instance = self.instance.clone();
+        let node_id = self.config.node_id.clone();
+        let _: Result<i64, _> = self
+            .call(|mut c| async move {
+                LEAVE
+                    .key(NODES_KEY)
+                    .key(owner_key(&node_id))
+                    .arg(&instance)
+                    .arg(&node_id)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+}
