@@ -253,6 +253,7 @@ pub mod intake;
 pub mod metrics;
 pub mod node;
 pub mod outbound;
+pub mod replication;
 pub mod scheduler;
 pub mod server;
 pub mod store;

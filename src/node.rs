@@ -286,6 +286,7 @@ impl Node {
             }
         };
         let cluster = crate::cluster::Cluster::start(config, instance).await?;
+        self.suppressions.set_replicating();
         let _ = self.cluster.set(cluster);
         Ok(())
     }

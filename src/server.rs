@@ -245,6 +245,11 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
             ..Default::default()
         };
         tasks.spawn(Arc::clone(cluster).run(report, stop.clone()));
+        tasks.spawn(crate::replication::run(
+            Arc::clone(&node),
+            Arc::clone(cluster),
+            stop.clone(),
+        ));
     }
     tasks.close();
     tracing::info!(%http_addr, "HTTP API listening");

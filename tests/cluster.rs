@@ -247,3 +247,163 @@ async fn a_node_id_in_use_by_another_node_is_refused() {
     let again = common::start(cluster_config(a.path(), &sink, &redis, "twin")).await;
     again.shutdown().await;
 }
+
+/// An authenticated request with an optional body: status and JSON answer.
+async fn call(
+    addr: std::net::SocketAddr,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<(&str, String)>,
+) -> (u16, Value) {
+    let mut req = common::client()
+        .request(method, common::url(addr, path))
+        .bearer_auth(common::KEY);
+    if let Some((content_type, b)) = body {
+        req = req.header("content-type", content_type).body(b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until `address` is suppressed on the node at `addr`; returns how long it took.
+async fn until_suppressed(addr: std::net::SocketAddr, address: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, _) = call(
+            addr,
+            reqwest::Method::GET,
+            &format!("/v1/suppressions/{address}"),
+            None,
+        )
+        .await;
+        if status == 200 {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{address} not suppressed on {addr} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suppression_taken_by_one_node_stops_the_others_and_imports_reach_every_node() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisCluster::start(2000);
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = three_nodes(&dirs, &sink, &redis).await;
+    let (a, b, c) = (nodes[0].http_addr, nodes[1].http_addr, nodes[2].http_addr);
+    // On B and C: 20 campaigns each of 30 recipients, every one with the target among them,
+    // to a site at 300/s: four seconds of mail.
+    const TARGET: &str = "target@sink.test";
+    let mut ids = Vec::new();
+    for (node, addr) in [("b", b), ("c", c)] {
+        for k in 0..20 {
+            let mut recipients: Vec<Value> = (0..29)
+                .map(|i| json!({"email": format!("{node}{k}-{i}@sink.test")}))
+                .collect();
+            recipients.insert(15, json!({"email": TARGET}));
+            let (status, got) = post_json(
+                addr,
+                "/v1/campaigns",
+                &json!({"from": "news@example.com", "subject": "s", "text": "Hello.\n",
+                        "recipients": recipients}),
+            )
+            .await;
+            assert_eq!(status, 202, "{got}");
+            ids.push((addr, got["id"].as_str().unwrap().to_owned()));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let to_target = |sink: &Sink| {
+        sink.messages()
+            .iter()
+            .filter(|m| m.rcpts.iter().any(|r| r == TARGET))
+            .count()
+    };
+    let (status, got) = call(
+        a,
+        reqwest::Method::PUT,
+        &format!("/v1/suppressions/{TARGET}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let suppressed_at = Instant::now();
+    let on_b = until_suppressed(b, TARGET, Duration::from_secs(5)).await;
+    let on_c = until_suppressed(c, TARGET, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(suppressed_at.elapsed())).await;
+    let sent_by_then = to_target(&sink);
+    for (addr, id) in &ids {
+        common::wait_counts(*addr, id, Duration::from_secs(60), |c| {
+            c["queued"] == 0 && c["deferred"] == 0
+        })
+        .await;
+    }
+    let sent_in_all = to_target(&sink);
+
+    // An import through A reaches B and C.
+    const IMPORTED: usize = 100_000;
+    let csv: String = (0..IMPORTED)
+        .map(|i| format!("imported{i}@example.net,manual\n"))
+        .collect();
+    let posted = Instant::now();
+    let (status, got) = call(
+        a,
+        reqwest::Method::POST,
+        "/v1/suppressions/import",
+        Some(("text/csv", csv)),
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["imported"], IMPORTED, "{got}");
+    let imported_on_a = posted.elapsed();
+    let last = format!("imported{}@example.net", IMPORTED - 1);
+    until_suppressed(b, &last, Duration::from_secs(120)).await;
+    until_suppressed(c, &last, Duration::from_secs(120)).await;
+    let everywhere = posted.elapsed();
+    let calls = redis.calls();
+    common::report(
+        "cluster_suppressions",
+        "A suppression through node A while B and C send to the address; an import through A",
+        &[
+            ("suppressed on B after", format!("{} ms", on_b.as_millis())),
+            ("suppressed on C after", format!("{} ms", on_c.as_millis())),
+            (
+                "messages to it in the first second / in all",
+                format!("{sent_by_then} / {sent_in_all}"),
+            ),
+            (
+                "100,000 imported on A after",
+                format!("{:.1} s", imported_on_a.as_secs_f64()),
+            ),
+            (
+                "... and on B and C after",
+                format!("{:.1} s", everywhere.as_secs_f64()),
+            ),
+            ("Redis calls in all", calls.to_string()),
+        ],
+    );
+    assert!(on_b < Duration::from_secs(1) && on_c < Duration::from_secs(1));
+    assert_eq!(
+        sent_in_all, sent_by_then,
+        "a node sent to the address more than a second after it was suppressed"
+    );
+    assert!(
+        sent_in_all < 40,
+        "nothing was queued to the address when it was suppressed"
+    );
+    // Every node counts the suppressed recipients as such.
+    let mut suppressed = 0;
+    for (addr, id) in &ids {
+        let (_, got) = get_json(*addr, &format!("/v1/campaigns/{id}")).await;
+        suppressed += got["counts"]["suppressed"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(suppressed as usize + sent_in_all, 40);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -1,6 +1,7 @@
 //! Cluster mode: what must be one across a fleet of nodes, kept in Redis Cluster. Each node
 //! keeps its own spool; Redis holds the state the nodes share: per-(source, site) rate budgets
-//! and connection leases ([`budget`]) and the nodes' heartbeats ([`nodes`]).
+//! and connection leases ([`budget`]), the nodes' heartbeats ([`nodes`]) and the change stream
+//! that carries suppressions to every node ([`sync`]).
 //!
 //! Owns the Redis connection, the deadline every call has and the circuit breaker in front of
 //! it, and so the node's *mode*: `connected` while calls succeed, `degraded` while the breaker is
@@ -11,6 +12,7 @@
 
 pub mod budget;
 pub mod nodes;
+pub mod sync;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -116,8 +118,8 @@ pub struct Cluster {
     /// Leases this node holds, renewed by [`Cluster::run`]'s renewal task.
     pub(crate) leases: budget::Leases,
     /// Stable id of this node's spool, so a restarted node keeps its `node_id` and another
-    /// process using the same `node_id` is told apart.
-    instance: String,
+    /// process using the same `node_id` is told apart; the origin of its stream entries.
+    pub instance: String,
     /// Another live process claims this node_id (seen at the last heartbeat).
     pub conflict: Mutex<Option<String>>,
     /// Every node's report as of the last heartbeat.

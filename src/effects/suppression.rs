@@ -141,10 +141,31 @@ pub fn normalise_scope(scope: &str) -> Result<String, String> {
 /// The scopes one address is suppressed in, with the reason in each.
 type Scopes = Vec<(Box<str>, Reason)>;
 
+/// A suppression change as the cluster's change stream carries it (cluster mode): every new
+/// entry and every deletion is staged with the write that makes it, and applied by the other
+/// nodes.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Change {
+    #[serde(rename = "suppression.add")]
+    Add { entry: Entry },
+    #[serde(rename = "suppression.delete")]
+    Delete { address: String, scope: String },
+}
+
+impl Change {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 /// The in-memory index: address → the scopes it is suppressed in.
 #[derive(Default)]
 pub struct Suppressions {
     index: RwLock<HashMap<Box<str>, Scopes>>,
+    /// Cluster mode: changes written through [`Suppressions::add`] are staged for the other
+    /// nodes.
+    replicate: std::sync::atomic::AtomicBool,
 }
 
 impl Suppressions {
@@ -212,11 +233,26 @@ impl Suppressions {
         durability: Durability,
     ) -> Result<usize, SpoolError> {
         let mut batch = spool.batch();
+        let replicate = self.replicating();
         for e in entries {
             batch.put_suppression(&e.key(), &e.encode());
+            if replicate {
+                let change = Change::Add { entry: e.clone() };
+                crate::cluster::sync::stage(&mut batch, &change.to_json());
+            }
         }
         spool.write(batch, durability).await?;
         Ok(entries.iter().filter(|e| self.added(e)).count())
+    }
+
+    /// Cluster mode: stage every change for the other nodes from now on.
+    pub fn set_replicating(&self) {
+        self.replicate
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn replicating(&self) -> bool {
+        self.replicate.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Removes the suppression of `address` in `scope` (after it is deleted from the spool).

@@ -81,8 +81,13 @@ pub struct Writes {
     /// The report's entry in the job's history, with its time (ms).
     history: Option<(JobId, u64, Vec<u8>)>,
     event: Option<(Vec<u32>, Vec<u8>)>,
-    suppression: Option<(Vec<u8>, Vec<u8>)>,
+    /// The suppression's key and record, and in cluster mode the change for the other nodes
+    /// (boxed: few transitions suppress, and every one travels to the writer).
+    suppression: Option<Box<SuppressionWrite>>,
 }
+
+/// A suppression's spool key and record, and in cluster mode its change for the other nodes.
+type SuppressionWrite = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
 
 impl Writes {
     /// Adds these writes to `batch`.
@@ -108,8 +113,12 @@ impl Writes {
         if let Some((hooks, json)) = self.event {
             batch.add_event(hooks, json);
         }
-        if let Some((key, value)) = self.suppression {
+        if let Some(s) = self.suppression {
+            let (key, value, change) = *s;
             batch.put_suppression(&key, &value);
+            if let Some(change) = change {
+                crate::cluster::sync::stage(batch, &change);
+            }
         }
     }
 }
@@ -174,7 +183,12 @@ impl<'a> Transition<'a> {
             message,
             history,
             event: self.report.as_ref().and_then(|r| node.webhooks.event(r)),
-            suppression: self.suppression.as_ref().map(|e| (e.key(), e.encode())),
+            suppression: self.suppression.as_ref().map(|e| {
+                let change = node.suppressions.replicating().then(|| {
+                    crate::effects::suppression::Change::Add { entry: e.clone() }.to_json()
+                });
+                Box::new((e.key(), e.encode(), change))
+            }),
         }
     }
 

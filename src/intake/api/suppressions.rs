@@ -173,6 +173,13 @@ pub(super) async fn delete(
     let mut batch = node.spool.batch();
     for sc in &scopes {
         batch.delete_suppression(&crate::effects::suppression::key(sc, &address));
+        if node.suppressions.replicating() {
+            let change = crate::effects::suppression::Change::Delete {
+                address: address.clone(),
+                scope: sc.clone(),
+            };
+            crate::cluster::sync::stage(&mut batch, &change.to_json());
+        }
     }
     node.spool
         .write(batch, crate::store::spool::Durability::Sync)

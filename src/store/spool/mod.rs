@@ -114,10 +114,18 @@ pub const STATE_SHAPING: &[u8] = b"shaping/";
 /// Warm-up counts per (source, provider group) (JSON).
 pub const STATE_WARMUP: &[u8] = b"warmup/";
 /// Cluster mode: this spool's instance id (`instance`), which tells a restarted node from
-/// another process using the same `node_id`.
+/// another process using the same `node_id`,
+/// and the id of the last change-stream entry it applied (`stream`).
 pub const STATE_CLUSTER: &[u8] = b"cluster/";
+/// Cluster mode: changes staged for the change stream, by a time-ordered u64 (big-endian).
+pub const STATE_CLUSTER_OUT: &[u8] = b"cluster-out/";
 /// The prefixes of small state records in `meta` ([`SpoolBatch::put_state`]).
-pub const STATE_PREFIXES: [&[u8]; 3] = [STATE_SHAPING, STATE_WARMUP, STATE_CLUSTER];
+pub const STATE_PREFIXES: [&[u8]; 4] = [
+    STATE_SHAPING,
+    STATE_WARMUP,
+    STATE_CLUSTER,
+    STATE_CLUSTER_OUT,
+];
 
 fn archived_key(id: &[u8; 16]) -> Vec<u8> {
     [META_ARCHIVED_PREFIX, &id[..]].concat()

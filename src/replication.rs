@@ -1,0 +1,161 @@
+//! Cluster mode's replication task: publishes the changes this node staged in its spool to the
+//! cluster's change stream, and applies the other nodes' changes to this node's spool and
+//! memory ([`crate::cluster::sync`] is the transport).
+//!
+//! Changes, as JSON objects by `kind`:
+//! * `suppression.add` (`entry`: a suppression entry) and `suppression.delete` (`address`,
+//!   `scope`): every node's list is the same within a poll interval, so an unsubscribe taken by
+//!   any node stops every node.
+//!
+//! Owns the stream cursor (`cluster/stream` in `meta`) and nothing else; it applies changes
+//! through the same spool writes and index updates as the API, minus the staging (a change
+//! received is never published again).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::cluster::sync::MAX_PER_ENTRY;
+use crate::effects::suppression::Change;
+use crate::node::Node;
+use crate::store::spool::{Durability, STATE_CLUSTER, STATE_CLUSTER_OUT};
+
+/// How often the spool's staged changes are published and the stream is read.
+const POLL: Duration = Duration::from_millis(200);
+/// Staged changes read from the spool per round.
+const PUSH_BATCH: usize = 20 * MAX_PER_ENTRY;
+/// Stream entries read per call.
+const PULL_BATCH: usize = 100;
+
+/// Publishes staged changes and applies the stream's until `stop`.
+pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken) {
+    // Recovery loads the suppression index first; changes apply on top of it.
+    while !node.is_ready() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    let mut cursor = {
+        let spool = Arc::clone(&node.spool);
+        tokio::task::spawn_blocking(move || {
+            let mut found = None;
+            let _ = spool.scan_state(STATE_CLUSTER, |k, v| {
+                if k == b"stream" {
+                    found = Some(String::from_utf8_lossy(v).into_owned());
+                }
+            });
+            found
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "0-0".to_owned())
+    };
+    loop {
+        let pushed = push(&node, &cluster).await;
+        let pulled = pull(&node, &cluster, &mut cursor).await;
+        // A backlog (an import, a return from an outage) goes on at once.
+        if pushed < PUSH_BATCH && pulled < PULL_BATCH {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        } else if stop.is_cancelled() {
+            break;
+        }
+    }
+    // What was staged before the stop goes out now if Redis is there (else at next start).
+    push(&node, &cluster).await;
+}
+
+/// Publishes up to [`PUSH_BATCH`] staged changes in order; returns how many.
+async fn push(node: &Arc<Node>, cluster: &Cluster) -> usize {
+    let spool = Arc::clone(&node.spool);
+    let staged = tokio::task::spawn_blocking(move || {
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let _ = spool.scan_state(STATE_CLUSTER_OUT, |k, v| {
+            if out.len() < PUSH_BATCH {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        });
+        out
+    })
+    .await
+    .unwrap_or_default();
+    let mut done = 0;
+    for chunk in staged.chunks(MAX_PER_ENTRY) {
+        let changes: Vec<&[u8]> = chunk.iter().map(|(_, v)| v.as_slice()).collect();
+        if cluster.publish(&changes).await.is_err() {
+            break;
+        }
+        let mut batch = node.spool.batch();
+        for (k, _) in chunk {
+            batch.delete_state(STATE_CLUSTER_OUT, k);
+        }
+        // Published twice after a crash at worst, which applying allows.
+        if node.spool.write(batch, Durability::Buffered).await.is_err() {
+            break;
+        }
+        done += chunk.len();
+    }
+    done
+}
+
+/// Applies up to [`PULL_BATCH`] stream entries after `cursor`; returns how many were read.
+async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize {
+    let Ok(entries) = cluster.read(cursor, PULL_BATCH).await else {
+        return 0;
+    };
+    let Some(last) = entries.last().map(|e| e.id.clone()) else {
+        return 0;
+    };
+    let mut batch = node.spool.batch();
+    let mut apply: Vec<Change> = Vec::new();
+    for e in &entries {
+        if e.origin == cluster.instance {
+            continue;
+        }
+        match serde_json::from_str::<Vec<serde_json::Value>>(&e.changes) {
+            Ok(changes) => {
+                for c in changes {
+                    match serde_json::from_value::<Change>(c) {
+                        Ok(change) => apply.push(change),
+                        // A kind a newer node wrote: skipped, not fatal.
+                        Err(err) => tracing::debug!(error = %err, "cluster: change skipped"),
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(id = %e.id, error = %err, "cluster: bad stream entry"),
+        }
+    }
+    for change in &apply {
+        match change {
+            Change::Add { entry } => {
+                batch.put_suppression(&entry.key(), &entry.encode());
+            }
+            Change::Delete { address, scope } => {
+                batch.delete_suppression(&crate::effects::suppression::key(scope, address));
+            }
+        }
+    }
+    batch.put_state(STATE_CLUSTER, b"stream", last.as_bytes());
+    if let Err(e) = node.spool.write(batch, Durability::Buffered).await {
+        tracing::warn!(error = %e, "cluster: applying changes failed; read again");
+        return 0;
+    }
+    for change in apply {
+        match change {
+            Change::Add { entry } => {
+                node.suppressions.added(&entry);
+            }
+            Change::Delete { address, scope } => {
+                node.suppressions.remove(&address, &scope);
+            }
+        }
+    }
+    *cursor = last;
+    entries.len()
+}
