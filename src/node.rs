@@ -287,6 +287,7 @@ impl Node {
         };
         let cluster = crate::cluster::Cluster::start(config, instance).await?;
         self.suppressions.set_replicating();
+        self.actions.set_replicating();
         let _ = self.cluster.set(cluster);
         Ok(())
     }

@@ -6,6 +6,8 @@
 //! * `suppression.add` (`entry`: a suppression entry) and `suppression.delete` (`address`,
 //!   `scope`): every node's list is the same within a poll interval, so an unsubscribe taken by
 //!   any node stops every node.
+//! * `shaping.add` (`action`) and `shaping.lift` (`id`): a provider that pushes back on a source
+//!   at a site, or an operator lifting that, acts on every node.
 //!
 //! Owns the stream cursor (`cluster/stream` in `meta`) and nothing else; it applies changes
 //! through the same spool writes and index updates as the API, minus the staging (a change
@@ -18,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::cluster::sync::MAX_PER_ENTRY;
-use crate::effects::suppression::Change;
+use crate::effects::suppression;
 use crate::node::Node;
+use crate::outbound::shaping::actions::{self, Actions};
 use crate::store::spool::{Durability, STATE_CLUSTER, STATE_CLUSTER_OUT};
 
 /// How often the spool's staged changes are published and the stream is read.
@@ -119,26 +122,19 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
             continue;
         }
         match serde_json::from_str::<Vec<serde_json::Value>>(&e.changes) {
-            Ok(changes) => {
-                for c in changes {
-                    match serde_json::from_value::<Change>(c) {
-                        Ok(change) => apply.push(change),
-                        // A kind a newer node wrote: skipped, not fatal.
-                        Err(err) => tracing::debug!(error = %err, "cluster: change skipped"),
-                    }
-                }
-            }
+            Ok(changes) => apply.extend(changes.into_iter().filter_map(Change::read)),
             Err(err) => tracing::warn!(id = %e.id, error = %err, "cluster: bad stream entry"),
         }
     }
     for change in &apply {
         match change {
-            Change::Add { entry } => {
+            Change::Suppression(suppression::Change::Add { entry }) => {
                 batch.put_suppression(&entry.key(), &entry.encode());
             }
-            Change::Delete { address, scope } => {
-                batch.delete_suppression(&crate::effects::suppression::key(scope, address));
+            Change::Suppression(suppression::Change::Delete { address, scope }) => {
+                batch.delete_suppression(&suppression::key(scope, address));
             }
+            Change::Shaping(c) => Actions::stage_received(&mut batch, c),
         }
     }
     batch.put_state(STATE_CLUSTER, b"stream", last.as_bytes());
@@ -148,14 +144,39 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
     }
     for change in apply {
         match change {
-            Change::Add { entry } => {
+            Change::Suppression(suppression::Change::Add { entry }) => {
                 node.suppressions.added(&entry);
             }
-            Change::Delete { address, scope } => {
+            Change::Suppression(suppression::Change::Delete { address, scope }) => {
                 node.suppressions.remove(&address, &scope);
             }
+            Change::Shaping(c) => node.actions.apply_received(c),
         }
     }
     *cursor = last;
     entries.len()
+}
+
+/// A change read from the stream, by the module it belongs to.
+enum Change {
+    Suppression(suppression::Change),
+    Shaping(actions::Change),
+}
+
+impl Change {
+    /// The change, if its kind is one this node knows (a newer node may write others).
+    fn read(v: serde_json::Value) -> Option<Change> {
+        let kind = v.get("kind")?.as_str()?.to_owned();
+        let parsed = if kind.starts_with("suppression.") {
+            serde_json::from_value(v).map(Change::Suppression)
+        } else if kind.starts_with("shaping.") {
+            serde_json::from_value(v).map(Change::Shaping)
+        } else {
+            tracing::debug!(%kind, "cluster: change of an unknown kind skipped");
+            return None;
+        };
+        parsed
+            .map_err(|e| tracing::warn!(%kind, error = %e, "cluster: unreadable change skipped"))
+            .ok()
+    }
 }

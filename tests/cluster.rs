@@ -189,7 +189,30 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
         .filter(|&t| t > stopped + Duration::from_secs(1) && t <= stopped + Duration::from_secs(5))
         .collect();
     let metrics = common::metrics(nodes[0].http_addr).await;
+    // A suppression taken while Redis hangs is kept and reaches the others after.
+    let (status, got) = call(
+        nodes[0].http_addr,
+        reqwest::Method::PUT,
+        "/v1/suppressions/during-outage@example.org",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
     redis.signal_all("-CONT");
+    let back = Instant::now();
+    until_suppressed(
+        nodes[1].http_addr,
+        "during-outage@example.org",
+        Duration::from_secs(15),
+    )
+    .await;
+    until_suppressed(
+        nodes[2].http_addr,
+        "during-outage@example.org",
+        Duration::from_secs(15),
+    )
+    .await;
+    let replicated_after = back.elapsed();
     let rate_during = during.len() as f64 / 4.0;
     for (n, id) in nodes.iter().zip(&ids) {
         common::wait_counts(n.http_addr, id, Duration::from_secs(60), |c| {
@@ -210,6 +233,10 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
                 format!("{rate_during:.0}"),
             ),
             ("delivered in all", sink.messages().len().to_string()),
+            (
+                "suppression taken meanwhile, on the others after Redis returned",
+                format!("{} ms", replicated_after.as_millis()),
+            ),
         ],
     );
     assert_eq!(
@@ -403,6 +430,75 @@ async fn a_suppression_taken_by_one_node_stops_the_others_and_imports_reach_ever
         suppressed += got["counts"]["suppressed"].as_u64().unwrap_or(0);
     }
     assert_eq!(suppressed as usize + sent_in_all, 40);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shaping_action_taken_by_one_node_holds_on_every_node() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisCluster::start(2000);
+    const TSS04: &str = "421 4.7.0 [TSS04] Messages from 127.0.0.1 temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes";
+    let sink = Sink::start(SinkOptions {
+        greeting: Some(Arc::new(|_| Some(TSS04.into()))),
+        ..SinkOptions::default()
+    })
+    .await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let mut cfg = cluster_config(dir.path(), &sink, &redis, &format!("node-{i}"));
+        cfg.routes.push(sluice::config::Route {
+            domain: "yahoo.com".into(),
+            relay: sink.addr.to_string(),
+        });
+        nodes.push(common::start(cfg).await);
+    }
+    let (a, b) = (nodes[0].http_addr, nodes[1].http_addr);
+    let (status, got) = post_json(
+        a,
+        "/v1/messages",
+        &json!({"from": "news@example.com", "to": "someone@yahoo.com", "subject": "s", "text": "x\n"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{got}");
+    let actions_on = |addr| async move {
+        let (_, got) = get_json(addr, "/v1/shaping").await;
+        got["actions"].as_array().cloned().unwrap_or_default()
+    };
+    let started = Instant::now();
+    let on_b = loop {
+        let list = actions_on(b).await;
+        if let Some(first) = list.first() {
+            break first.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no action reached node B"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(on_b["rule"], "yahoo-tss04", "{on_b}");
+    assert_eq!(actions_on(a).await.len(), 1);
+    // Lifted on B: lifted on A.
+    let id = on_b["id"].as_str().unwrap();
+    let (status, got) = call(
+        b,
+        reqwest::Method::DELETE,
+        &format!("/v1/shaping/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let lifted = Instant::now();
+    while !actions_on(a).await.is_empty() {
+        assert!(
+            lifted.elapsed() < Duration::from_secs(2),
+            "the lift did not reach node A"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for n in nodes {
         n.shutdown().await;
     }

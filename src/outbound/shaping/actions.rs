@@ -55,6 +55,23 @@ pub struct Effect {
     pub changes_at_ms: u64,
 }
 
+/// An action added or lifted, as the cluster's change stream carries it (cluster mode): a
+/// provider that pushes back on a source pushes back on it for every node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Change {
+    #[serde(rename = "shaping.add")]
+    Add { action: Box<ActionRecord> },
+    #[serde(rename = "shaping.lift")]
+    Lift { id: String },
+}
+
+impl Change {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 /// The actions in force, by id.
 #[derive(Default)]
 pub struct Actions {
@@ -62,6 +79,8 @@ pub struct Actions {
     /// Ids of expired actions still in the spool, deleted with the next write.
     stale: Mutex<Vec<String>>,
     generation: AtomicU64,
+    /// Cluster mode: actions added and lifted here are staged for the other nodes.
+    replicate: std::sync::atomic::AtomicBool,
 }
 
 impl Actions {
@@ -194,6 +213,12 @@ impl Actions {
             record.id.as_bytes(),
             &serde_json::to_vec(&record).expect("an action serialises"),
         );
+        if self.replicate.load(Ordering::Acquire) {
+            let change = Change::Add {
+                action: Box::new(record.clone()),
+            };
+            crate::cluster::sync::stage(&mut batch, &change.to_json());
+        }
         for id in &expired {
             batch.delete_state(STATE_SHAPING, id.as_bytes());
         }
@@ -221,10 +246,57 @@ impl Actions {
         };
         let mut batch = spool.batch();
         batch.delete_state(STATE_SHAPING, id.as_bytes());
+        if self.replicate.load(Ordering::Acquire) {
+            let change = Change::Lift { id: id.to_owned() };
+            crate::cluster::sync::stage(&mut batch, &change.to_json());
+        }
         spool.write(batch, Durability::Sync).await?;
         self.by_id.lock().expect("shaping actions lock").remove(id);
         self.generation.fetch_add(1, Ordering::Release);
         Ok(Some(found))
+    }
+
+    /// Cluster mode: stage every action added or lifted here for the other nodes from now on.
+    pub fn set_replicating(&self) {
+        self.replicate.store(true, Ordering::Release);
+    }
+
+    /// Stages another node's change in `batch` (nothing is staged for the stream again).
+    pub fn stage_received(batch: &mut crate::store::spool::SpoolBatch, change: &Change) {
+        match change {
+            Change::Add { action } => batch.put_state(
+                STATE_SHAPING,
+                action.id.as_bytes(),
+                &serde_json::to_vec(action).expect("an action serialises"),
+            ),
+            Change::Lift { id } => batch.delete_state(STATE_SHAPING, id.as_bytes()),
+        }
+    }
+
+    /// Puts another node's change in force, once [`Actions::stage_received`]'s batch is written.
+    pub fn apply_received(&self, change: Change) {
+        let now = crate::now_ms();
+        {
+            let mut map = self.by_id.lock().expect("shaping actions lock");
+            match change {
+                Change::Add { action } if action.expires_at_ms > now => {
+                    tracing::info!(
+                        rule = %action.rule,
+                        source = %action.source,
+                        site = %action.site_label,
+                        "shaping action from another node"
+                    );
+                    map.insert(action.id.clone(), *action);
+                }
+                Change::Add { .. } => return,
+                Change::Lift { id } => {
+                    if map.remove(&id).is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The actions in force at `now`, oldest first.
