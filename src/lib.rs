@@ -8,8 +8,8 @@
 //! # Layout
 //!
 //! The folders of `src/` are the stages a recipient passes through, in this order: `intake/`,
-//! `store/`, `scheduler/`, `outbound/`, `effects/`, `feedback/`; the few files beside them are
-//! the process around the stages. Below, each module with the state it owns. Locks are private to
+//! `store/`, `scheduler/`, `outbound/`, `effects/`, `feedback/`, then `cluster/`, what a fleet
+//! of nodes shares; the few files beside them are the process around the stages. Below, each module with the state it owns. Locks are private to
 //! their module; where two are held at once the order is written in the module that allows it (a
 //! delivery site's lock, then the scheduler's, which is a leaf).
 //!
@@ -158,11 +158,27 @@
 //! feedback addresses, with limits on connections, lines, size and errors, and answers the final
 //! dot after the effect is synced. `POST /v1/feedback` is the same over HTTP.
 //!
+//! **[`cluster`]: what a fleet shares (cluster mode, `[cluster]`).** The link to Redis Cluster:
+//! every call under a deadline behind a circuit breaker, and the node's mode (`connected`, or
+//! `degraded` while Redis is away, when every shared limit falls back to a local share: limit ×
+//! 0.8 ÷ live nodes). [`cluster::budget`] makes a (source, site)'s limits fleet-wide: rates as runs
+//! of slots reserved on a GCRA schedule in our own Lua and spent locally at their times,
+//! connections as expiring leases with a fair share while other nodes wait; a site asks it through
+//! [`outbound::delivery`] when its rule's `scope` is `cluster`. [`cluster::nodes`]: heartbeats,
+//! the claim on a `node_id`, the limit fingerprints compared across nodes. [`cluster::sync`]: the
+//! change stream (a Redis stream) and the spool records (`cluster-out/` in `meta`) that stage a
+//! change in the batch of the write that makes it, so nothing taken while Redis is away is lost.
+//! It knows nothing of what changes mean: [`replication`] (beside `node`) publishes the staged
+//! changes and applies the other nodes' (suppressions, shaping actions) through the same spool
+//! writes and index updates the API uses, minus the staging.
+//!
 //! **Around the stages** (the files beside the folders).
 //!
 //! * [`node`]: one process's state (config, spool, registry, scheduler, suppressions, assembler,
-//!   delivery log, webhook receivers, rules) and start-up recovery, which rebuilds the registry,
-//!   the counts, the suppression index and the scheduler from the spool.
+//!   delivery log, webhook receivers, rules, the cluster link) and start-up recovery, which
+//!   rebuilds the registry, the counts, the suppression index and the scheduler from the spool.
+//! * [`replication`]: cluster mode's task that publishes staged changes and applies the
+//!   other nodes' (see [`cluster`]).
 //! * [`server`]: [`server::Settings`] (the config and the files it names, DKIM keys and bounce
 //!   rules, each loaded once), start and graceful stop (delivery first, bounded by
 //!   `delivery.shutdown_timeout`, then the API, listener and webhook senders, then the delivery
@@ -184,7 +200,9 @@
 //!
 //! Around the crate: `tests/` (end-to-end, Sluice in-process or as a process, with SMTP sinks and
 //! a programmable DNS server on loopback; one module per area of one binary, `tests/e2e.rs`, so
-//! RocksDB is linked once; the full-disk and rate-measuring scheduler tests apart), `benches/`, `scripts/` (run, test, setup, the peer
+//! RocksDB is linked once; the full-disk test and the rate-measuring scheduler, fairness and
+//! cluster tests apart, the cluster tests against a six-process Redis Cluster they start),
+//! `benches/`, `scripts/` (run, test, setup, `cluster` for a local fleet, the peer
 //! acceptance scripts with Postfix's smtp-sink, NSD, dkimpy and Prometheus, and `scripts/fuzz`),
 //! and `fuzz/`, the `cargo fuzz` crate: one target per parser that meets outside input (SMTP
 //! replies, inbound commands, DSN/ARF reports, addresses, ingest JSON). It is a crate of its own

@@ -239,9 +239,11 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
     if let Some(cluster) = node.cluster() {
         let report_node = Arc::clone(&node);
         let http = http_addr.to_string();
+        let limits = crate::cluster::nodes::limit_fingerprints(&config);
         let report = move || crate::cluster::nodes::Report {
             queued: report_node.scheduler.len() as u64,
             http: http.clone(),
+            limits: limits.clone(),
             ..Default::default()
         };
         tasks.spawn(Arc::clone(cluster).run(report, stop.clone()));

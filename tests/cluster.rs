@@ -269,6 +269,26 @@ async fn a_node_id_in_use_by_another_node_is_refused() {
     };
     let text = format!("{e:#}");
     assert!(text.contains("cluster.node_id"), "{text}");
+    // A node whose rule differs is named, with the key.
+    let mut cfg = cluster_config(b.path(), &sink, &redis, "other");
+    limited(&mut cfg, "10/s", 2);
+    let other = common::start(cfg).await;
+    let started = Instant::now();
+    loop {
+        let (_, got) = get_json(first.http_addr, "/v1/cluster").await;
+        if got["limit_mismatches"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["node_id"] == "other" && m["key"] == "rule[0]")
+        }) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no mismatch reported: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    other.shutdown().await;
     // The same spool restarted keeps its id.
     first.shutdown().await;
     let again = common::start(cluster_config(a.path(), &sink, &redis, "twin")).await;
@@ -415,6 +435,13 @@ async fn a_suppression_taken_by_one_node_stops_the_others_and_imports_reach_ever
         ],
     );
     assert!(on_b < Duration::from_secs(1) && on_c < Duration::from_secs(1));
+    // Every change was on a replica before the node let its copy go.
+    let metrics = common::metrics(a).await;
+    assert_eq!(
+        common::metric_value(&metrics, "sluice_cluster_unreplicated_changes_total", "")
+            .unwrap_or(0.0),
+        0.0
+    );
     assert_eq!(
         sent_in_all, sent_by_then,
         "a node sent to the address more than a second after it was suppressed"

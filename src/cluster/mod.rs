@@ -124,6 +124,12 @@ pub struct Cluster {
     pub conflict: Mutex<Option<String>>,
     /// Every node's report as of the last heartbeat.
     views: Mutex<Vec<nodes::NodeView>>,
+    /// The mode last logged (true: degraded).
+    logged_degraded: AtomicBool,
+    /// (node, limit key) pairs already warned about as different from this node's.
+    limits_warned: Mutex<std::collections::HashSet<(String, String)>>,
+    /// The limit settings that differ from another live node's now.
+    mismatches: Mutex<Vec<(String, String)>>,
 }
 
 /// Why cluster mode could not start.
@@ -161,8 +167,10 @@ impl Cluster {
             instance,
             conflict: Mutex::new(None),
             views: Mutex::new(Vec::new()),
+            logged_degraded: AtomicBool::new(false),
+            limits_warned: Mutex::new(Default::default()),
+            mismatches: Mutex::new(Vec::new()),
         });
-        DEGRADED.set(1);
         if cluster.connect().await {
             if let Err(nodes::Claim::Taken(other)) = cluster.claim().await {
                 return Err(StartError::NodeIdInUse(
@@ -172,6 +180,8 @@ impl Cluster {
             }
             cluster.heartbeat(&nodes::Report::default()).await;
         } else {
+            cluster.logged_degraded.store(true, Ordering::Release);
+            DEGRADED.set(1);
             tracing::warn!(
                 redis = ?cluster.config.redis,
                 "cluster: Redis is unreachable; starting degraded (local shares of every limit) and retrying"
@@ -229,7 +239,7 @@ impl Cluster {
 
     fn set_mode(&self) {
         let degraded = self.degraded();
-        let was = DEGRADED.get() == 1;
+        let was = self.logged_degraded.swap(degraded, Ordering::AcqRel);
         if degraded != was {
             if degraded {
                 tracing::warn!(

@@ -65,6 +65,26 @@ pub struct Report {
     /// Its HTTP API address, for operators.
     #[serde(default)]
     pub http: String,
+    /// A fingerprint of each limit setting (`shaping`, `rule[i]`), so nodes whose limits
+    /// differ are told (a cluster-wide limit is only one limit if every node has it).
+    #[serde(default)]
+    pub limits: std::collections::BTreeMap<String, String>,
+}
+
+/// The fingerprints of `config`'s limit settings, for [`Report::limits`].
+pub fn limit_fingerprints(
+    config: &crate::config::Config,
+) -> std::collections::BTreeMap<String, String> {
+    let print = |text: String| {
+        let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let mut out = std::collections::BTreeMap::new();
+    out.insert("shaping".to_owned(), print(format!("{:?}", config.shaping)));
+    for (i, r) in config.rules.iter().enumerate() {
+        out.insert(format!("rule[{i}]"), print(format!("{r:?}")));
+    }
+    out
 }
 
 /// One node as `GET /v1/cluster` shows it.
@@ -77,6 +97,8 @@ pub struct NodeView {
     pub rate: f64,
     pub degraded: bool,
     pub http: String,
+    #[serde(skip)]
+    pub limits: std::collections::BTreeMap<String, String>,
 }
 
 pub(super) enum Claim {
@@ -117,6 +139,7 @@ impl Cluster {
             }
             Some(Ok(views)) => {
                 *self.conflict.lock().expect("conflict") = None;
+                self.compare_limits(&report, &views);
                 let alive = views.iter().filter(|v| v.alive).count();
                 self.alive
                     .store(alive.max(1), std::sync::atomic::Ordering::Release);
@@ -164,11 +187,45 @@ impl Cluster {
                     rate: r.rate,
                     degraded: r.degraded,
                     http: r.http,
+                    limits: r.limits,
                 }
             })
             .collect();
         views.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         Some(Ok(views))
+    }
+
+    /// Warns, once per node and key, about limit settings that differ from another live node's.
+    fn compare_limits(&self, mine: &Report, views: &[NodeView]) {
+        let mut warned = self.limits_warned.lock().expect("limits warned");
+        let mut now_differ = Vec::new();
+        let others = views
+            .iter()
+            .filter(|v| v.alive && v.node_id != self.config.node_id);
+        for v in others {
+            let keys: std::collections::BTreeSet<&String> =
+                mine.limits.keys().chain(v.limits.keys()).collect();
+            for key in keys {
+                if mine.limits.get(key) == v.limits.get(key) {
+                    continue;
+                }
+                now_differ.push((v.node_id.clone(), key.clone()));
+                if warned.insert((v.node_id.clone(), key.clone())) {
+                    tracing::warn!(
+                        key = %key,
+                        other = %v.node_id,
+                        "cluster: this limit setting differs from another node's; cluster-wide limits need the same settings on every node"
+                    );
+                }
+            }
+        }
+        *self.mismatches.lock().expect("mismatches") = now_differ;
+    }
+
+    /// (node, key) of the limit settings that differed from another live node's at the last
+    /// heartbeat.
+    pub fn limit_mismatches(&self) -> Vec<(String, String)> {
+        self.mismatches.lock().expect("mismatches").clone()
     }
 
     /// The nodes as of the last heartbeat.

@@ -78,6 +78,24 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         cluster.wait_ok(Duration::from_secs(20));
+        // Each master has its replica in sync (the first writes are then replicated too).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let online: usize = ports
+                .iter()
+                .map(|p| {
+                    redis_cli(&["-p", &p.to_string(), "info", "replication"])
+                        .lines()
+                        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                        .count()
+                })
+                .sum();
+            if online >= 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas not in sync");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         cluster
     }
 

@@ -9,7 +9,8 @@ use crate::effects::delivery_log::rfc3339;
 
 /// Without `[cluster]`: `{"mode": "single"}`. Otherwise the node's id, its mode (`connected`,
 /// or `degraded` while Redis is unreachable and limits are local shares), a `conflict` when
-/// another live node claims the same id, and the nodes with when each was last seen.
+/// another live node claims the same id, the limit settings (`shaping`, `rule[i]`) that differ
+/// from another live node's, and the nodes with when each was last seen.
 pub(super) async fn show(State(s): State<AppState>) -> ApiResult {
     let Some(c) = s.node.cluster() else {
         return Ok(axum::Json(json!({ "mode": "single", "nodes": [] })).into_response());
@@ -30,11 +31,17 @@ pub(super) async fn show(State(s): State<AppState>) -> ApiResult {
         })
         .collect();
     let conflict = c.conflict.lock().expect("conflict").clone();
+    let mismatches: Vec<_> = c
+        .limit_mismatches()
+        .into_iter()
+        .map(|(node, key)| json!({ "node_id": node, "key": key }))
+        .collect();
     Ok(axum::Json(json!({
         "node_id": c.node_id(),
         "mode": c.mode(),
         "alive_nodes": c.alive_nodes(),
         "conflict": conflict,
+        "limit_mismatches": mismatches,
         "nodes": nodes,
     }))
     .into_response())
