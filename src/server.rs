@@ -240,11 +240,23 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         let report_node = Arc::clone(&node);
         let http = http_addr.to_string();
         let limits = crate::cluster::nodes::limit_fingerprints(&config);
-        let report = move || crate::cluster::nodes::Report {
-            queued: report_node.scheduler.len() as u64,
-            http: http.clone(),
-            limits: limits.clone(),
-            ..Default::default()
+        // Delivered per second since the last heartbeat.
+        let last = std::sync::Mutex::new((0u64, std::time::Instant::now()));
+        let report = move || {
+            let delivered = report_node
+                .delivered
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let mut last = last.lock().expect("heartbeat rate");
+            let secs = last.1.elapsed().as_secs_f64().max(1e-3);
+            let rate = delivered.saturating_sub(last.0) as f64 / secs;
+            *last = (delivered, std::time::Instant::now());
+            crate::cluster::nodes::Report {
+                queued: report_node.scheduler.len() as u64,
+                rate: (rate * 10.0).round() / 10.0,
+                http: http.clone(),
+                limits: limits.clone(),
+                ..Default::default()
+            }
         };
         tasks.spawn(Arc::clone(cluster).run(report, stop.clone()));
         tasks.spawn(crate::replication::run(

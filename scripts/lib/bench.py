@@ -550,6 +550,54 @@ class Bench:
         self.done(single)
         self.done(pooled)
 
+    def cluster(self):
+        """Cluster mode's overhead: the same campaign through one node without `[cluster]` and
+        split over three nodes sharing a six-process Redis Cluster, alternated and averaged;
+        and Redis commands per delivered message, from Redis's own INFO commandstats."""
+        log("cluster ...")
+        redis = RedisCluster(self.work, REDIS_PORTS)
+        try:
+            solo = Sluice(self.work, "solo", 18036)
+            urls = ", ".join(f'"redis://127.0.0.1:{p}"' for p in REDIS_PORTS)
+            nodes = [Sluice(self.work, f"node{i}", 18037 + i,
+                            f'[cluster]\nnode_id = "node-{i}"\nredis = [{urls}]\n') for i in range(3)]
+            self.procs += [solo, *nodes]
+            count = self.n(30_000) // 3 * 3
+            for s in (solo, *nodes):
+                # Warm-up: connections, DNS cache, allocator.
+                deliveries(self.one, 1000, lambda s=s: s.campaign(PLAIN, 1024, people(SITE, 1000, offset=4 * 10**7)))
+            rate = {"solo": 0.0, "three": 0.0}
+            commands = delivered = 0
+            for run in range(4):
+                offset = 5 * 10**7 + run * count
+                if run % 2 == 0:
+                    r, _ = deliveries(self.one, count, lambda: solo.campaign(
+                        PLAIN, 10_240, people(SITE, count, offset=offset)))
+                    rate["solo"] += r / 2
+                    continue
+                redis.reset_stats()
+
+                def start_all():
+                    threads = [threading.Thread(target=node.campaign, args=(
+                        PLAIN, 10_240, people(SITE, count // 3, offset=offset + k * count)))
+                        for k, node in enumerate(nodes)]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                r, _ = deliveries(self.one, count, start_all)
+                rate["three"] += r / 2
+                commands += redis.commands()
+                delivered += count
+            self.row("10 KB, no DKIM, one site, split over 3 cluster nodes", rate["three"], rate["solo"],
+                     "the same through one node without [cluster] (two runs each, alternated)", ">= 0.85")
+            self.row("Redis commands per delivered message (3 cluster nodes)", commands / delivered, 0.05,
+                     "the target", "<= 0.05", unit="cmd")
+            for s in (solo, *nodes):
+                self.done(s)
+        finally:
+            redis.stop()
+
     def report(self):
         print()
         print(f"{'scenario':<62} {'result':>14} {'reference':>16} {'ratio':>6}  {'target':<12} {'CPU µs/msg':>10}")
@@ -568,6 +616,55 @@ class Bench:
         log(f"written to {csv_path}")
 
 
+class RedisCluster:
+    """Six redis-server processes (three masters, three replicas) made a cluster on loopback."""
+
+    # What Sluice sends itself; Redis also counts the commands its scripts run, and its own
+    # replication and cluster housekeeping.
+    CLIENT_COMMANDS = {"evalsha", "eval", "script|load", "zrem", "xadd", "xrange", "wait"}
+
+    def __init__(self, work, ports):
+        self.ports = ports
+        self.procs = []
+        for p in ports:
+            d = f"{work}/redis-{p}"
+            os.makedirs(d)
+            self.procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--dir", d, "--save", "", "--appendonly", "no",
+                 "--logfile", f"{d}/redis.log"]))
+        for p in ports:
+            while self.cli(p, "ping").strip() != "PONG":
+                time.sleep(0.05)
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True)
+        while not all("cluster_state:ok" in self.cli(p, "cluster", "info") for p in ports):
+            time.sleep(0.1)
+
+    @staticmethod
+    def cli(port, *args):
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True).stdout
+
+    def reset_stats(self):
+        for p in self.ports:
+            self.cli(p, "config", "resetstat")
+
+    def commands(self):
+        n = 0
+        for p in self.ports:
+            for m in re.finditer(r"^cmdstat_([^:]+):calls=(\d+)", self.cli(p, "info", "commandstats"), re.M):
+                if m.group(1) in self.CLIENT_COMMANDS:
+                    n += int(m.group(2))
+        return n
+
+    def stop(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+REDIS_PORTS = [17000, 17001, 17002, 17003, 17004, 17005]
+
 PLAIN, RSA, DUAL = "news@plain.bench.test", "news@rsa.bench.test", "news@dual.bench.test"
 MANY = 10_000
 
@@ -581,13 +678,13 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
     ap.add_argument("--queue", type=int, default=1_000_000, help="recipients of the queue-at-scale run")
-    ap.add_argument("--only", choices=["rates", "domains", "queue", "sources"], action="append",
+    ap.add_argument("--only", choices=["rates", "domains", "queue", "sources", "cluster"], action="append",
                     help="run only this part (repeatable)")
     ap.add_argument("--csv", default=os.path.join(ROOT, "target", "bench", "bench.csv"))
     args = ap.parse_args()
     bench = Bench(args)
     try:
-        for part in ("rates", "domains", "queue", "sources"):
+        for part in ("rates", "domains", "queue", "sources", "cluster"):
             if not args.only or part in args.only:
                 getattr(bench, part)()
     finally:

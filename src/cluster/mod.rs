@@ -113,8 +113,10 @@ pub struct Cluster {
     client: ClusterClient,
     conn: Mutex<Option<ClusterConnection>>,
     breaker: Breaker,
-    /// Nodes seen alive at the last heartbeat read (this one included; at least 1).
+    /// Nodes seen alive, the most over the last minute of heartbeats (this one included; at
+    /// least 1), with the counts it is the most of.
     alive: AtomicUsize,
+    alive_seen: Mutex<std::collections::VecDeque<(u64, usize)>>,
     /// Leases this node holds, renewed by [`Cluster::run`]'s renewal task.
     pub(crate) leases: budget::Leases,
     /// Stable id of this node's spool, so a restarted node keeps its `node_id` and another
@@ -163,6 +165,7 @@ impl Cluster {
             client,
             conn: Mutex::new(None),
             alive: AtomicUsize::new(1),
+            alive_seen: Mutex::new(Default::default()),
             leases: budget::Leases::default(),
             instance,
             conflict: Mutex::new(None),
@@ -208,7 +211,7 @@ impl Cluster {
         }
     }
 
-    /// Nodes seen alive lately, this one included.
+    /// Nodes seen alive lately (the most over the last minute), this one included.
     pub fn alive_nodes(&self) -> usize {
         self.alive.load(Ordering::Acquire).max(1)
     }

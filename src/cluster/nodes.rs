@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::Cluster;
 
 const NODES_KEY: &str = "sluice:{nodes}";
+/// How long a node counted alive still counts for the degraded-mode share.
+const ALIVE_MEMORY_MS: u64 = 60_000;
 
 fn owner_key(node_id: &str) -> String {
     format!("sluice:{{nodes}}:owner:{node_id}")
@@ -140,9 +142,22 @@ impl Cluster {
             Some(Ok(views)) => {
                 *self.conflict.lock().expect("conflict") = None;
                 self.compare_limits(&report, &views);
-                let alive = views.iter().filter(|v| v.alive).count();
-                self.alive
-                    .store(alive.max(1), std::sync::atomic::Ordering::Release);
+                let alive = views.iter().filter(|v| v.alive).count().max(1);
+                // The count a degraded node splits limits by is the most seen alive over the
+                // last minute: right after an outage or a failover the others' reports are
+                // stale (they could not write either), and counting them gone would give this
+                // node the whole limit.
+                let now = crate::now_ms();
+                let mut seen = self.alive_seen.lock().expect("alive seen");
+                seen.push_back((now, alive));
+                while seen
+                    .front()
+                    .is_some_and(|&(t, _)| t + ALIVE_MEMORY_MS < now)
+                {
+                    seen.pop_front();
+                }
+                let most = seen.iter().map(|&(_, n)| n).max().unwrap_or(alive);
+                self.alive.store(most, std::sync::atomic::Ordering::Release);
                 *self.views.lock().expect("views") = views;
             }
             None => {}

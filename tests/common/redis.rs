@@ -165,8 +165,23 @@ impl RedisCluster {
         }
     }
 
+    /// Kills (SIGKILL) server `i` for good, as a crashed master.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether server `i` is a master now (from its own `ROLE`).
+    pub fn is_master(&self, i: usize) -> bool {
+        self.children[i].is_some()
+            && redis_cli(&["-p", &self.ports[i].to_string(), "role"]).starts_with("master")
+    }
+
     /// Commands clients sent, summed over every server, from INFO commandstats: script calls
-    /// (`evalsha`, `eval`), script loads and the plain commands Sluice sends (`zrem`). Redis
+    /// (`evalsha`, `eval`), script loads and the plain commands Sluice sends (`zrem`, and
+    /// `xadd`, `xrange`, `wait` for the change stream). Redis
     /// also counts the commands a script runs inside it (`get`, `zadd`...), which are not round
     /// trips, and replication and cluster housekeeping, which are not Sluice's: both left out.
     pub fn calls(&self) -> u64 {
@@ -181,7 +196,10 @@ impl RedisCluster {
                     continue;
                 };
                 let name = rest.split(':').next().unwrap_or("");
-                if !matches!(name, "evalsha" | "eval" | "script|load" | "zrem") {
+                if !matches!(
+                    name,
+                    "evalsha" | "eval" | "script|load" | "zrem" | "xadd" | "xrange" | "wait"
+                ) {
                     continue;
                 }
                 if let Some(n) = rest

@@ -225,6 +225,11 @@ impl Delivery {
         }
         let label = site.map_or(stats::UNRESOLVED, |s| s.stats.label.as_str());
         ATTEMPTS.with_label_values(&[verdict, label]).inc();
+        if verdict == "delivered" {
+            self.node
+                .delivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(source) = conn.and_then(|c| self.sources.get(c.source)) {
             SOURCE_ATTEMPTS
                 .with_label_values(&[source.name.as_str(), verdict])
