@@ -17,7 +17,8 @@
 //! the node renews all of its leases every third of their lifetime and drops each lease when its
 //! connection closes (pooled connections with a lease close after a second idle). A node that
 //! dies frees its leases when they expire. A refused node does not ask again for a quarter of a
-//! second unless it frees a lease of its own meanwhile.
+//! second unless it frees a lease of its own meanwhile; a connection that replaces another of
+//! the same (source, site) takes over its lease.
 //!
 //! Keys hash-tag the (source, site), so each script touches one slot.
 

@@ -240,11 +240,17 @@ impl Delivery {
             .as_ref()
             .is_some_and(|c| c.source == source && usable(c));
         let mut waited = Duration::ZERO;
+        // Cluster mode: the lease of a connection this one replaces (same source and site)
+        // goes to the new one, rather than back to Redis and maybe to another node.
+        let mut carried = None;
         if !fresh {
-            if let Some(old) = conn.take() {
+            if let Some(mut old) = conn.take() {
                 if old.source != source && usable(&old) {
                     site.lock().idle.push(old.idle());
                 } else {
+                    if old.source == source {
+                        carried = old.take_lease();
+                    }
                     // Closed before a new one opens, so max_connections holds at the receiver.
                     old.quit().await;
                 }
@@ -259,6 +265,10 @@ impl Delivery {
                     let Some((cluster, key)) = site.lease_key(source) else {
                         break Some(slot);
                     };
+                    if let Some(lease) = carried.take() {
+                        slot.lease = Some(lease);
+                        break Some(slot);
+                    }
                     // Cluster mode: the place must be free cluster-wide too. Without an answer
                     // from Redis the node is degraded and its cap above is its local share.
                     match cluster

@@ -263,6 +263,11 @@ impl Held {
         self._slot.lease.is_some()
     }
 
+    /// Takes its cluster-wide lease, for the connection that replaces it.
+    pub fn take_lease(&mut self) -> Option<crate::cluster::budget::Lease> {
+        self._slot.lease.take()
+    }
+
     /// Into the idle pool.
     pub fn idle(mut self) -> Held {
         self.busy = None;
