@@ -119,8 +119,8 @@ pub struct ClusterConfig {
     /// How long the breaker stays open before one call tries again.
     #[serde(default = "defaults::breaker_cooldown", with = "humantime_serde")]
     pub breaker_cooldown: Duration,
-    /// Lifetime of a connection lease; renewed every third of it. A node that dies frees its
-    /// leases after this.
+    /// Lifetime of a connection lease; renewed every third of it (at least every second). A node
+    /// that dies frees its leases after this.
     #[serde(default = "defaults::lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
     /// How often a node publishes its heartbeat; one not seen for three is gone.

@@ -156,21 +156,27 @@
 //! that feeds it; a pure [`feedback::listener::Command::parse`] reads each command line, the
 //! dialogue applies it; it accepts only addresses whose tokens authenticate and configured
 //! feedback addresses, with limits on connections, lines, size and errors, and answers the final
-//! dot after the effect is synced. `POST /v1/feedback` is the same over HTTP.
+//! dot after the effect is synced. `POST /v1/feedback` is the same over HTTP. In cluster mode a
+//! token also names the node that sent its job ([`outbound::tokens`]): a report or an
+//! unsubscribe about another node's job is stored and handed to that node through the change
+//! stream ([`feedback::Change`], applied by [`replication`]).
 //!
 //! **[`cluster`]: what a fleet shares (cluster mode, `[cluster]`).** The link to Redis Cluster:
 //! every call under a deadline behind a circuit breaker, and the node's mode (`connected`, or
 //! `degraded` while Redis is away, when every shared limit falls back to a local share: limit ×
 //! 0.8 ÷ live nodes). [`cluster::budget`] makes a (source, site)'s limits fleet-wide: rates as runs
 //! of slots reserved on a GCRA schedule in our own Lua and spent locally at their times,
-//! connections as expiring leases with a fair share while other nodes wait; a site asks it through
+//! connections as expiring leases with a fair share while other nodes wait (a site runs as many
+//! lanes as it holds leases, plus one asking); a site asks it through
 //! [`outbound::delivery`] when its rule's `scope` is `cluster`. [`cluster::nodes`]: heartbeats,
 //! the claim on a `node_id`, the limit fingerprints compared across nodes. [`cluster::sync`]: the
 //! change stream (a Redis stream) and the spool records (`cluster-out/` in `meta`) that stage a
 //! change in the batch of the write that makes it, so nothing taken while Redis is away is lost.
 //! It knows nothing of what changes mean: [`replication`] (beside `node`) publishes the staged
-//! changes and applies the other nodes' (suppressions, shaping actions) through the same spool
-//! writes and index updates the API uses, minus the staging.
+//! changes and applies the other nodes' (suppressions, shaping actions, campaigns created and
+//! their state changes) through the same spool writes and index updates the API uses, minus the
+//! staging, and publishes this node's campaign counts ([`cluster::counts`]), which
+//! `GET /v1/campaigns/{id}` adds up on any node.
 //!
 //! **Around the stages** (the files beside the folders).
 //!

@@ -422,10 +422,31 @@ impl Node {
 
     /// Persists a campaign state change (synced), then applies it in memory. `Ok(false)`, and
     /// nothing changes, when retention archived the campaign meanwhile.
+    /// In cluster mode the change is staged for the other nodes with the write.
     pub async fn set_campaign_state(
         &self,
         campaign: &Campaign,
         state: CampaignState,
+    ) -> Result<bool, SpoolError> {
+        self.change_campaign_state(campaign, state, self.cluster().is_some())
+            .await
+    }
+
+    /// Applies a state change another node made (cluster mode): as
+    /// [`Node::set_campaign_state`], without publishing it again.
+    pub async fn apply_campaign_state(
+        &self,
+        campaign: &Campaign,
+        state: CampaignState,
+    ) -> Result<bool, SpoolError> {
+        self.change_campaign_state(campaign, state, false).await
+    }
+
+    async fn change_campaign_state(
+        &self,
+        campaign: &Campaign,
+        state: CampaignState,
+        stage: bool,
     ) -> Result<bool, SpoolError> {
         let _serial = self.state_changes.lock().await;
         if self
@@ -437,6 +458,13 @@ impl Node {
         }
         let mut batch = self.spool.batch();
         batch.put_campaign(campaign.seq, &campaign.stored_record(state).encode());
+        if stage {
+            let change = crate::store::campaign::Change::State {
+                id: campaign.record.id,
+                state,
+            };
+            crate::cluster::sync::stage(&mut batch, &change.to_json());
+        }
         self.spool.write(batch, Durability::Sync).await?;
         let previous = campaign.state();
         campaign.set_state(state);

@@ -8,11 +8,20 @@
 //!   any node stops every node.
 //! * `shaping.add` (`action`) and `shaping.lift` (`id`): a provider that pushes back on a source
 //!   at a site, or an operator lifting that, acts on every node.
+//! * `campaign.create` (`record`) and `campaign.state` (`id`, `state`): a campaign created on
+//!   one node exists on every node (under a number of each node's own), so any node takes
+//!   recipient uploads for it; pausing, resuming or cancelling it on one node does so on all.
+//! * `feedback.report` and `feedback.unsubscribe` (`node`: a node's token tag): a bounce,
+//!   complaint or unsubscribe about another node's mail, which only the node named applies.
+//!
+//! Every second it also publishes this node's counts of each campaign that changed
+//! ([`crate::cluster::counts`]), which `GET /v1/campaigns/{id}` adds up on any node.
 //!
 //! Owns the stream cursor (`cluster/stream` in `meta`) and nothing else; it applies changes
 //! through the same spool writes and index updates as the API, minus the staging (a change
 //! received is never published again).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +30,11 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Cluster;
 use crate::cluster::sync::MAX_PER_ENTRY;
 use crate::effects::suppression;
+use crate::feedback;
+use crate::intake::ingest::Upload;
 use crate::node::Node;
 use crate::outbound::shaping::actions::{self, Actions};
+use crate::store::campaign::{self, Campaign, CampaignKind, CountsSnapshot};
 use crate::store::spool::{Durability, STATE_CLUSTER, STATE_CLUSTER_OUT};
 
 /// How often the spool's staged changes are published and the stream is read.
@@ -31,6 +43,8 @@ const POLL: Duration = Duration::from_millis(200);
 const PUSH_BATCH: usize = 20 * MAX_PER_ENTRY;
 /// Stream entries read per call.
 const PULL_BATCH: usize = 100;
+/// How often the counts of campaigns that changed are published.
+const COUNTS_EVERY: Duration = Duration::from_secs(1);
 
 /// Publishes staged changes and applies the stream's until `stop`.
 pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken) {
@@ -57,9 +71,15 @@ pub async fn run(node: Arc<Node>, cluster: Arc<Cluster>, stop: CancellationToken
         .flatten()
         .unwrap_or_else(|| "0-0".to_owned())
     };
+    let mut published = HashMap::new();
+    let mut counts_due = 0;
     loop {
         let pushed = push(&node, &cluster).await;
         let pulled = pull(&node, &cluster, &mut cursor).await;
+        if crate::now_ms() >= counts_due {
+            publish_counts(&node, &cluster, &mut published).await;
+            counts_due = crate::now_ms() + COUNTS_EVERY.as_millis() as u64;
+        }
         // A backlog (an import, a return from an outage) goes on at once.
         if pushed < PUSH_BATCH && pulled < PULL_BATCH {
             tokio::select! {
@@ -107,6 +127,42 @@ async fn push(node: &Arc<Node>, cluster: &Cluster) -> usize {
     done
 }
 
+/// Publishes this node's counts of every campaign (not messages) whose counts changed since
+/// they were last published; `published` remembers what was.
+async fn publish_counts(
+    node: &Node,
+    cluster: &Cluster,
+    published: &mut HashMap<uuid::Uuid, CountsSnapshot>,
+) {
+    let campaigns = node.campaigns.all();
+    for c in &campaigns {
+        if c.record.kind != CampaignKind::Bulk {
+            continue;
+        }
+        let now = c.counts.snapshot();
+        // Nothing to add (a campaign created here by another node, with no uploads here).
+        let last = published.get(&c.record.id).copied().unwrap_or_default();
+        if last == now {
+            continue;
+        }
+        let json = serde_json::to_string(&now).unwrap_or_default();
+        if cluster
+            .publish_counts(&c.record.id.to_string(), &json)
+            .await
+            .is_err()
+        {
+            // Again next round, from where it stopped.
+            return;
+        }
+        published.insert(c.record.id, now);
+    }
+    // Campaigns archived meanwhile: their counts in Redis expire on their own.
+    if published.len() > campaigns.len() {
+        let live: std::collections::HashSet<_> = campaigns.iter().map(|c| c.record.id).collect();
+        published.retain(|id, _| live.contains(id));
+    }
+}
+
 /// Applies up to [`PULL_BATCH`] stream entries after `cursor`; returns how many were read.
 async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize {
     let Ok(entries) = cluster.read(cursor, PULL_BATCH).await else {
@@ -115,7 +171,6 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
     let Some(last) = entries.last().map(|e| e.id.clone()) else {
         return 0;
     };
-    let mut batch = node.spool.batch();
     let mut apply: Vec<Change> = Vec::new();
     for e in &entries {
         if e.origin == cluster.instance {
@@ -126,8 +181,26 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
             Err(err) => tracing::warn!(id = %e.id, error = %err, "cluster: bad stream entry"),
         }
     }
+    // Campaign changes and reports handed to this node first, in order, each with its own
+    // writes: a state change finds the campaign its stream entry follows.
+    let tag = crate::outbound::tokens::node_tag(cluster.node_id());
+    for change in &apply {
+        let applied = match change {
+            Change::Campaign(c) => apply_campaign(node, c).await,
+            Change::Feedback(f) if f.is_for(&tag) => feedback::apply_handed(node, f)
+                .await
+                .map_err(|e| e.to_string()),
+            _ => Ok(()),
+        };
+        if let Err(e) = applied {
+            tracing::warn!(error = %e, "cluster: applying a change failed; read again");
+            return 0;
+        }
+    }
+    let mut batch = node.spool.batch();
     for change in &apply {
         match change {
+            Change::Campaign(_) | Change::Feedback(_) => {}
             Change::Suppression(suppression::Change::Add { entry }) => {
                 batch.put_suppression(&entry.key(), &entry.encode());
             }
@@ -144,6 +217,7 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
     }
     for change in apply {
         match change {
+            Change::Campaign(_) | Change::Feedback(_) => {}
             Change::Suppression(suppression::Change::Add { entry }) => {
                 node.suppressions.added(&entry);
             }
@@ -157,10 +231,46 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
     entries.len()
 }
 
+/// Creates a campaign another node created, or changes the state of one as it did. Applying
+/// either twice does what applying it once does.
+async fn apply_campaign(node: &Arc<Node>, change: &campaign::Change) -> Result<(), String> {
+    match change {
+        campaign::Change::Create { record } => {
+            if node.campaigns.get(&record.id).is_some() {
+                return Ok(());
+            }
+            let Some(seq) = node.campaigns.allocate_seq() else {
+                return Err("no campaign numbers left".to_owned());
+            };
+            let bytes = record.encode();
+            let created = Arc::new(Campaign::new(seq, (**record).clone(), 0));
+            Upload::for_new_campaign(Arc::clone(node), created)
+                .commit(|batch| batch.put_campaign(seq, &bytes))
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(campaign = %record.id, "cluster: campaign created by another node");
+        }
+        campaign::Change::State { id, state } => {
+            // Unknown here (archived, or created before this node joined): nothing to change.
+            if let Some(c) = node.campaigns.get(id)
+                && c.state() != *state
+                && c.state() != campaign::CampaignState::Cancelled
+            {
+                node.apply_campaign_state(&c, *state)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A change read from the stream, by the module it belongs to.
 enum Change {
     Suppression(suppression::Change),
     Shaping(actions::Change),
+    Campaign(campaign::Change),
+    Feedback(feedback::Change),
 }
 
 impl Change {
@@ -171,6 +281,10 @@ impl Change {
             serde_json::from_value(v).map(Change::Suppression)
         } else if kind.starts_with("shaping.") {
             serde_json::from_value(v).map(Change::Shaping)
+        } else if kind.starts_with("campaign.") {
+            serde_json::from_value(v).map(Change::Campaign)
+        } else if kind.starts_with("feedback.") {
+            serde_json::from_value(v).map(Change::Feedback)
         } else {
             tracing::debug!(%kind, "cluster: change of an unknown kind skipped");
             return None;

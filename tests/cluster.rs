@@ -66,6 +66,20 @@ async fn three_nodes(
     nodes
 }
 
+/// Nodes `node-0`, `node-1`, … (one per dir) with no limit rule.
+async fn unlimited_nodes(
+    dirs: &[tempfile::TempDir],
+    sink: &Sink,
+    redis: &RedisCluster,
+) -> Vec<sluice::server::Running> {
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let cfg = cluster_config(dir.path(), sink, redis, &format!("node-{i}"));
+        nodes.push(common::start(cfg).await);
+    }
+    nodes
+}
+
 /// Messages the sink took in each whole second from the first message: over the whole run
 /// (`all`), and over the seconds while every node still had mail to send (`together`: up to the
 /// last message of the node that finished first, ramp-up second left out).
@@ -157,6 +171,11 @@ async fn three_nodes_share_one_rate_and_one_connection_limit() {
     let listed = c["nodes"].as_array().unwrap();
     assert_eq!(listed.len(), 3, "{c}");
     assert!(listed.iter().all(|n| n["alive"] == true), "{c}");
+    assert_eq!(
+        c["limit_mismatches"],
+        json!([]),
+        "the same limits everywhere: {c}"
+    );
     for n in nodes {
         n.shutdown().await;
     }
@@ -171,7 +190,9 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     let nodes = three_nodes(&dirs, &sink, &redis).await;
     // Heartbeats have counted the three nodes.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    const EACH: usize = 1200;
+    // Enough for the whole outage at the local shares (240/s in all).
+    const EACH: usize = 3000;
+    const OUTAGE: Duration = Duration::from_secs(30);
     let mut ids = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
         ids.push(post_campaign(n.http_addr, &format!("n{i}"), EACH).await);
@@ -182,12 +203,6 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     // Nodes keep accepting while Redis hangs.
     let late = post_campaign(nodes[1].http_addr, "late", 100).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let during: Vec<Instant> = sink
-        .messages()
-        .iter()
-        .map(|m| m.at)
-        .filter(|&t| t > stopped + Duration::from_secs(1) && t <= stopped + Duration::from_secs(5))
-        .collect();
     let metrics = common::metrics(nodes[0].http_addr).await;
     // A suppression taken while Redis hangs is kept and reaches the others after.
     let (status, got) = call(
@@ -198,6 +213,17 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     )
     .await;
     assert_eq!(status, 200, "{got}");
+    tokio::time::sleep(OUTAGE.saturating_sub(stopped.elapsed())).await;
+    // Whole seconds of the outage, the first (calls timing out, breakers opening) left out.
+    let mut during = vec![0usize; OUTAGE.as_secs() as usize - 1];
+    for m in sink.messages() {
+        if m.at > stopped + Duration::from_secs(1) && m.at <= stopped + OUTAGE {
+            let s = (m.at - stopped - Duration::from_secs(1)).as_secs() as usize;
+            if let Some(n) = during.get_mut(s) {
+                *n += 1;
+            }
+        }
+    }
     redis.signal_all("-CONT");
     let back = Instant::now();
     until_suppressed(
@@ -213,7 +239,7 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     )
     .await;
     let replicated_after = back.elapsed();
-    let rate_during = during.len() as f64 / 4.0;
+    let rate_during = during.iter().sum::<usize>() as f64 / during.len() as f64;
     for (n, id) in nodes.iter().zip(&ids) {
         common::wait_counts(n.http_addr, id, Duration::from_secs(60), |c| {
             c["delivered"] == EACH
@@ -226,12 +252,13 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     .await;
     common::report(
         "cluster_degraded",
-        "Redis hung (SIGSTOP) for 5 s while 3 nodes send to a site limited to 300/s",
+        "Redis hung (SIGSTOP) for 30 s while 3 nodes send to a site limited to 300/s",
         &[
             (
-                "messages per second while hung",
+                "messages per second while hung (mean)",
                 format!("{rate_during:.0}"),
             ),
+            ("each second while hung", format!("{during:?}")),
             ("delivered in all", sink.messages().len().to_string()),
             (
                 "suppression taken meanwhile, on the others after Redis returned",
@@ -244,10 +271,13 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
         1.0,
         "the node said it was degraded"
     );
-    assert!(rate_during > 0.0, "nothing was delivered while Redis hung");
     assert!(
-        rate_during <= 300.0,
-        "{rate_during}/s while degraded: over the cluster-wide limit"
+        during.iter().all(|&n| n > 0),
+        "a second without deliveries while Redis hung: {during:?}"
+    );
+    assert!(
+        during.iter().all(|&n| n <= 300),
+        "over the cluster-wide limit of 300/s while degraded: {during:?}"
     );
     assert_eq!(sink.messages().len(), 3 * EACH + 100, "nothing is lost");
     for n in nodes {
@@ -533,6 +563,324 @@ async fn a_shaping_action_taken_by_one_node_holds_on_every_node() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Waits until the node at `addr` knows campaign `id`; returns how long it took.
+async fn until_known(addr: std::net::SocketAddr, id: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, _) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
+        if status == 200 {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "campaign {id} unknown on {addr} after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn state_on(addr: std::net::SocketAddr, id: &str) -> Value {
+    get_json(addr, &format!("/v1/campaigns/{id}")).await.1["state"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_takes_uploads_on_every_node_and_a_pause_on_one_stops_all() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisCluster::start(2000);
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = three_nodes(&dirs, &sink, &redis).await;
+    let addrs: Vec<_> = nodes.iter().map(|n| n.http_addr).collect();
+    const EACH: usize = 1000;
+    // Created on A with its first thousand; the next thousands are uploaded to B and C.
+    let id = post_campaign(addrs[0], "c", EACH).await;
+    let mut known = Vec::new();
+    for (k, &addr) in addrs.iter().enumerate().skip(1) {
+        known.push(until_known(addr, &id).await);
+        let lines: String = (0..EACH)
+            .map(|i| format!("{{\"email\": \"c{k}-{i}@sink.test\"}}\n"))
+            .collect();
+        let (status, got) = call(
+            addr,
+            reqwest::Method::POST,
+            &format!("/v1/campaigns/{id}/recipients"),
+            Some(("application/x-ndjson", lines)),
+        )
+        .await;
+        assert_eq!(status, 202, "{got}");
+        assert_eq!(got["accepted"], EACH, "{got}");
+    }
+    // Sending at 300/s across the three nodes: pause on B once every node is sending (the
+    // first to hold the connections gives its share back within a lease renewal).
+    let sent_by = |msgs: &[common::sink::Captured]| -> Vec<usize> {
+        ["c-", "c1-", "c2-"]
+            .iter()
+            .map(|prefix| {
+                msgs.iter()
+                    .filter(|m| m.rcpts.iter().any(|r| r.starts_with(prefix)))
+                    .count()
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    loop {
+        let by = sent_by(&sink.messages());
+        if by.iter().all(|&n| n >= 20) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not every node sends: {by:?} from A, B, C"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sending_after = started.elapsed();
+    let (status, got) = call(
+        addrs[1],
+        reqwest::Method::POST,
+        &format!("/v1/campaigns/{id}/pause"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let paused = Instant::now();
+    let at_pause = sink.messages().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let msgs = sink.messages();
+    // A transaction that started within the second may still end a little after it.
+    let late: Vec<_> = msgs
+        .iter()
+        .filter(|m| m.at > paused + Duration::from_millis(1300))
+        .collect();
+    let mut states = Vec::new();
+    for &addr in &addrs {
+        states.push(state_on(addr, &id).await);
+    }
+    let by_node = sent_by(&msgs);
+    assert!(
+        late.is_empty(),
+        "{} messages ended more than 1.3 s after the pause; sent by node (A, B, C) {by_node:?}",
+        late.len()
+    );
+    assert!(states.iter().all(|s| s == "paused"), "{states:?}");
+    assert!(
+        msgs.len() < 3 * EACH,
+        "all sent before the pause took effect"
+    );
+    // Resumed on C: every node sends the rest; counts from any node add up to the sink's.
+    let (status, got) = call(
+        addrs[2],
+        reqwest::Method::POST,
+        &format!("/v1/campaigns/{id}/resume"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let counts = common::wait_counts(addrs[1], &id, Duration::from_secs(60), |c| {
+        c["delivered"] == 3 * EACH
+    })
+    .await;
+    assert_eq!(sink.messages().len(), 3 * EACH);
+    for &addr in &addrs {
+        let got = common::wait_counts(addr, &id, Duration::from_secs(5), |c| {
+            c["delivered"] == 3 * EACH && c["queued"] == 0
+        })
+        .await;
+        assert_eq!(got, counts);
+    }
+    let (_, view) = get_json(addrs[0], &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(view["counts_scope"], "cluster", "{view}");
+    let per_node = view["counts_by_node"].as_object().unwrap();
+    assert_eq!(per_node.len(), 3, "{view}");
+    for node in ["node-0", "node-1", "node-2"] {
+        assert_eq!(per_node[node]["delivered"], EACH, "{view}");
+    }
+    common::report(
+        "cluster_campaign_state",
+        "a campaign created on A, 1,000 recipients each uploaded to A, B and C; paused on B",
+        &[
+            ("known on B, C after", format!("{known:?}")),
+            ("all three sending after", format!("{sending_after:?}")),
+            ("sent when paused", at_pause.to_string()),
+            (
+                "sent by A, B, C up to 3 s after the pause",
+                format!("{by_node:?}"),
+            ),
+            ("last message after the pause", {
+                let last = msgs.iter().map(|m| m.at).max().unwrap_or(paused);
+                format!(
+                    "{:.0} ms",
+                    last.saturating_duration_since(paused).as_secs_f64() * 1000.0
+                )
+            }),
+            ("counts at the end, any node", counts.to_string()),
+        ],
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_send_spreads_its_chunks_over_the_nodes() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisCluster::start(2000);
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = unlimited_nodes(&dirs, &sink, &redis).await;
+    let csv = dirs[0].path().join("list.csv");
+    let rows: String = (0..3000)
+        .map(|i| format!("s{i}@sink.test,N{i}\n"))
+        .collect();
+    std::fs::write(&csv, format!("email,name\n{rows}")).unwrap();
+    let template = dirs[0].path().join("campaign.json");
+    std::fs::write(
+        &template,
+        r#"{"from": "news@example.com", "subject": "Hi {{ name }}", "text": "Hello"}"#,
+    )
+    .unwrap();
+    let urls = format!(
+        "http://{},http://{}",
+        nodes[0].http_addr, nodes[1].http_addr
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["--url", &urls, "--api-key", common::KEY, "send"])
+        .args(["--csv", csv.to_str().unwrap()])
+        .args(["--template", template.to_str().unwrap(), "--chunk", "1000"])
+        .env_remove("SLUICE_URL")
+        .env_remove("SLUICE_API_KEY");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rows 3000: accepted 3000"), "{stdout}");
+    let id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("campaign "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    // Chunks went to A, B, A; the counts of either node are the fleet's.
+    common::wait_counts(nodes[1].http_addr, &id, Duration::from_secs(60), |c| {
+        c["delivered"] == 3000
+    })
+    .await;
+    let (_, view) = get_json(nodes[1].http_addr, &format!("/v1/campaigns/{id}")).await;
+    assert_eq!(
+        view["counts_by_node"]["node-0"]["delivered"], 2000,
+        "{view}"
+    );
+    assert_eq!(
+        view["counts_by_node"]["node-1"]["delivered"], 1000,
+        "{view}"
+    );
+    assert_eq!(sink.messages().len(), 3000);
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+/// The one-click unsubscribe token in a captured message's `List-Unsubscribe`.
+fn unsubscribe_token(data: &str) -> String {
+    let at = data.find("/u/").expect("an unsubscribe link") + 3;
+    data[at..]
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribes_and_bounces_reaching_another_node_are_handed_to_the_sender() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisCluster::start(2000);
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = unlimited_nodes(&dirs, &sink, &redis).await;
+    let (a, b) = (nodes[0].http_addr, nodes[1].http_addr);
+    // Node B sends a campaign of its own first, so its job ids are the ones A's tokens name.
+    let theirs = post_campaign(b, "b", 2).await;
+    let ours = post_campaign(a, "a", 2).await;
+    for (addr, id) in [(a, &ours), (b, &theirs)] {
+        common::wait_counts(addr, id, Duration::from_secs(20), |c| c["delivered"] == 2).await;
+    }
+    let sent = |rcpt: &str| {
+        sink.messages()
+            .into_iter()
+            .find(|m| m.rcpts.iter().any(|r| r == rcpt))
+            .unwrap()
+    };
+    // A's first recipient clicks unsubscribe; the click reaches B.
+    let token = unsubscribe_token(&sent("a-0@sink.test").data);
+    assert_eq!(token.len(), 40, "a node-qualified token: {token}");
+    let clicked = Instant::now();
+    let r = common::client()
+        .post(common::url(b, &format!("/u/{token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answered = clicked.elapsed();
+    let on_a = until_suppressed(a, "a-0@sink.test", Duration::from_secs(5)).await;
+    let on_b = until_suppressed(b, "a-0@sink.test", Duration::from_secs(5)).await;
+    // B's recipient with the same job id is untouched.
+    let (status, _) = get_json(b, "/v1/suppressions/b-0@sink.test").await;
+    assert_eq!(status, 404);
+    // A's second recipient bounces after delivery; the DSN reaches B.
+    let m = sent("a-1@sink.test");
+    let dsn = std::fs::read_to_string(format!(
+        "{}/tests/data/reports/postfix.eml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let dsn = dsn
+        .split_once('\n')
+        .unwrap()
+        .1
+        .replace("{{VERP}}", &m.mail_from)
+        .replace("{{RCPT}}", &m.rcpts[0])
+        .replace("{{REF}}", &common::trace_token(&m.data));
+    let (status, p) = call(
+        b,
+        reqwest::Method::POST,
+        "/v1/feedback",
+        Some(("message/rfc822", dsn)),
+    )
+    .await;
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(
+        (p["kind"].as_str(), p["result"].as_str()),
+        (Some("bounce"), Some("forwarded")),
+        "{p}"
+    );
+    let counts = common::wait_counts(a, &ours, Duration::from_secs(5), |c| {
+        c["bounced"] == 1 && c["unsubscribed"] == 1
+    })
+    .await;
+    let (_, theirs_now) = get_json(b, &format!("/v1/campaigns/{theirs}")).await;
+    assert_eq!(theirs_now["counts"]["bounced"], 0, "{theirs_now}");
+    assert_eq!(theirs_now["counts"]["unsubscribed"], 0, "{theirs_now}");
+    common::report(
+        "cluster_feedback_elsewhere",
+        "an unsubscribe click and a DSN about node A's mail, sent to node B",
+        &[
+            ("click on B answered after", format!("{answered:?}")),
+            (
+                "suppressed on A, then on B, after",
+                format!("{on_a:?}, {on_b:?}"),
+            ),
+            ("A's counts", counts.to_string()),
+        ],
+    );
     for n in nodes {
         n.shutdown().await;
     }

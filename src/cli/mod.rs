@@ -20,14 +20,16 @@ pub use sink::{SinkArgs, sink};
 /// Where the API is and how to get in.
 #[derive(Args, Clone)]
 pub struct ApiArgs {
-    /// Base URL of the node's HTTP API.
+    /// Base URL of the node's HTTP API. `send` takes several (repeated, or comma-separated)
+    /// to spread its uploads over the nodes of a cluster; other commands use the first.
     #[arg(
         long,
         env = "SLUICE_URL",
         default_value = "http://127.0.0.1:8025",
-        global = true
+        global = true,
+        value_delimiter = ','
     )]
-    pub url: String,
+    pub url: Vec<String>,
     /// An API key from the node's `auth.api_keys`.
     #[arg(long, env = "SLUICE_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
@@ -118,6 +120,8 @@ pub enum ShapingCommand {
 /// A thin authenticated JSON client of the API.
 pub struct Api {
     base: String,
+    /// Every `--url` given, the first being `base`.
+    pub urls: Vec<String>,
     key: String,
     pub client: reqwest::Client,
     pub json: bool,
@@ -134,12 +138,33 @@ impl Api {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
+        let urls: Vec<String> = args
+            .url
+            .iter()
+            .map(|u| u.trim().trim_end_matches('/').to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let Some(base) = urls.first().cloned() else {
+            bail!("--url is empty");
+        };
         Ok(Api {
-            base: args.url.trim_end_matches('/').to_owned(),
+            base,
+            urls,
             key,
             client,
             json: args.json,
         })
+    }
+
+    /// The same client and key, for the node at `base`.
+    pub fn at(&self, base: &str) -> Api {
+        Api {
+            base: base.to_owned(),
+            urls: vec![base.to_owned()],
+            key: self.key.clone(),
+            client: self.client.clone(),
+            json: self.json,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

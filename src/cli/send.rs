@@ -6,6 +6,10 @@
 //! invalid UTF-8) or without an address is reported by its line number and skipped; the API
 //! reports rows it refuses or finds suppressed, which are mapped back to line numbers too.
 //! Each chunk of `--chunk` rows is one upload: accepted whole or not at all.
+//!
+//! With several `--url`s (the nodes of a cluster), the campaign is created on the first and
+//! the chunks go to the nodes in turn, once each node knows the campaign; each node delivers
+//! the recipients it accepted.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -205,11 +209,16 @@ pub async fn send(api: &Api, args: SendArgs) -> anyhow::Result<bool> {
         "campaign {id}: sending {total} rows from {}",
         args.csv.display()
     );
+    let nodes: Vec<Api> = api.urls.iter().map(|u| api.at(u)).collect();
+    for node in nodes.iter().skip(1) {
+        await_campaign(node, &id).await?;
+    }
 
     let mut totals = Totals::default();
     let mut progress = Progress::new(total);
     let mut records = csv.into_records();
     let mut finished = false;
+    let mut chunks = 0usize;
     while !finished {
         // One chunk: NDJSON lines and, per line, the CSV line it came from.
         let mut body = Vec::with_capacity(args.chunk.min(100_000) * 64);
@@ -253,12 +262,16 @@ pub async fn send(api: &Api, args: SendArgs) -> anyhow::Result<bool> {
             progress.add(read);
             continue;
         }
-        let answer = upload(api, &id, body, read, &mut progress)
+        let node = &nodes[chunks % nodes.len()];
+        chunks += 1;
+        let answer = upload(node, &id, body, read, &mut progress)
             .await
             .with_context(|| {
                 format!(
-                    "uploading rows up to line {}; campaign {id} holds {} rows accepted before",
+                    "uploading rows up to line {} to {}; campaign {id} holds {} rows accepted \
+                     before",
                     lines.last().copied().unwrap_or(0),
+                    node.base,
                     totals.accepted
                 )
             })?;
@@ -302,6 +315,32 @@ pub async fn send(api: &Api, args: SendArgs) -> anyhow::Result<bool> {
     progress.finish();
     summary(&id, &totals);
     Ok(totals.malformed.is_empty() && totals.rejected == 0)
+}
+
+/// How long another node of the cluster may take to learn of a campaign created on the first.
+const CAMPAIGN_SPREAD: Duration = Duration::from_secs(10);
+
+/// Waits until `node` knows campaign `id` (created on another node of its cluster).
+async fn await_campaign(node: &Api, id: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let r = node
+            .request(Method::GET, &format!("/v1/campaigns/{id}"))
+            .send()
+            .await
+            .with_context(|| format!("reaching the Sluice API at {}", node.base))?;
+        if r.status().is_success() {
+            return Ok(());
+        }
+        if r.status() != reqwest::StatusCode::NOT_FOUND || started.elapsed() > CAMPAIGN_SPREAD {
+            bail!(
+                "{} does not know campaign {id} ({}): is it a node of the same cluster?",
+                node.base,
+                r.status()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Streams one chunk as an NDJSON upload, advancing the progress as pieces go out.

@@ -4,8 +4,8 @@
 //! **Rates.** A node reserves a run of the budget's next slots in one script call (`RESERVE`):
 //! twice what it spent of the last run (so it ramps up in a few calls and one that cannot send
 //! reserves little), at most a third of a short horizon (at least 300 ms, at least two slots),
-//! no further ahead of the cluster's schedule than the horizon. It then spends those slots locally, one message per
-//! slot at the slot's time ([`SharedRate::try_take`]), so the receiver sees the configured rate
+//! no further ahead of the cluster's schedule than the horizon. It then spends those slots
+//! locally, one message per slot at the slot's time ([`SharedRate::try_take`]), so the receiver sees the configured rate
 //! however the nodes interleave, and Redis sees one call per run of slots. Slots a node lets
 //! pass unused are lost (the limit is an upper bound). While the node is degraded, a local
 //! limiter at its share of the rate ([`super::Cluster::local_share`]) stands in.
@@ -13,12 +13,19 @@
 //! **Connections.** A connection holds a lease: a member of a sorted set per (source, site),
 //! scored by its expiry. Taking one (`ACQUIRE`) drops expired members and adds one if fewer than
 //! the limit remain and, while other nodes wait for a lease, the node holds less than its fair
-//! share (so one node that got there first cannot keep a site's connections from the others);
-//! the node renews all of its leases every third of their lifetime and drops each lease when its
-//! connection closes (pooled connections with a lease close after a second idle). A node that
-//! dies frees its leases when they expire. A refused node does not ask again for a quarter of a
-//! second unless it frees a lease of its own meanwhile; a connection that replaces another of
-//! the same (source, site) takes over its lease.
+//! share. The node renews all of its leases every third of their lifetime (at least every
+//! second, which also tells it whether other nodes wait) and drops each lease
+//! when its connection closes (pooled connections with a lease close after a second idle). A
+//! node that dies frees its leases when they expire. A refused node does not ask again for a
+//! tenth of a second unless it frees a lease of its own meanwhile. A connection that replaces
+//! another of the same (source, site) takes over its lease, and a connection that runs out of
+//! work keeps its lease in the pool, unless other nodes wait for a place (`KEEP`, asked only
+//! while this node has lately seen others waiting: refused itself, or told by `ACQUIRE` or the
+//! renewal): then the one with nothing to do, or the one of a node over its fair share, gives
+//! its place back, so a node that got there first does not keep the site's connections from the
+//! others. The node runs as many lanes for a site as it holds leases, plus one to ask for the
+//! next (see `outbound::delivery`'s lanes), so a lane waiting for a place holds no more than one
+//! batch of jobs.
 //!
 //! Keys hash-tag the (source, site), so each script touches one slot.
 
@@ -61,7 +68,8 @@ return {k, now, string.format('%.3f', tat)}
 
 /// Takes lease `ARGV[3]` for node `ARGV[4]`, for `ARGV[2]` ms, if fewer than `ARGV[1]` live
 /// ones are held and, while other nodes wait for one (`KEYS[2]`, their wish kept `ARGV[5]` ms),
-/// the node holds fewer than its fair share. A refused node records its wish.
+/// the node holds fewer than its fair share. A refused node records its wish. Answers
+/// `{taken (0 or 1), other nodes waiting}`.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     script(
         r"
@@ -83,24 +91,69 @@ end
 if #held >= limit or (others > 0 and mine >= math.ceil(limit / (others + 1))) then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), node)
   redis.call('PEXPIRE', KEYS[2], ttl)
-  return 0
+  return {0, others}
 end
 redis.call('ZREM', KEYS[2], node)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return 1
+return {1, others}
 ",
     )
 });
 
-/// Extends the leases `ARGV[2..]` by `ARGV[1]` ms.
+/// Keeps lease `ARGV[3]` of node `ARGV[4]` (renewed for `ARGV[2]` ms) unless other nodes wait
+/// for one and either the connection has nothing to do (`ARGV[5]` = 1) or the node holds more
+/// than its fair share of the `ARGV[1]` places: then the lease is given back. Answers `{kept (0
+/// or 1), other nodes waiting}`.
+static KEEP: LazyLock<redis::Script> = LazyLock::new(|| {
+    script(
+        r"
+local limit = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local member = ARGV[3]
+local node = ARGV[4]
+if not redis.call('ZSCORE', KEYS[1], member) then return {0, 0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local others = 0
+for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if w ~= node then others = others + 1 end
+end
+local give = false
+if others > 0 then
+  if ARGV[5] == '1' then
+    give = true
+  else
+    local prefix = node .. ':'
+    local mine = 0
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+      if string.sub(m, 1, #prefix) == prefix then mine = mine + 1 end
+    end
+    give = mine > math.ceil(limit / (others + 1))
+  end
+end
+if give then
+  redis.call('ZREM', KEYS[1], member)
+  return {0, others}
+end
+redis.call('ZADD', KEYS[1], now + ttl, member)
+return {1, others}
+",
+    )
+});
+
+/// Extends the leases `ARGV[3..]` of node `ARGV[2]` by `ARGV[1]` ms; answers how many other
+/// nodes wait for one.
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
     script(
         r"
 local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
+for i = 3, #ARGV do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return 1
+local others = 0
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
+  if w ~= ARGV[2] then others = others + 1 end
+end
+return others
 ",
     )
 });
@@ -277,13 +330,16 @@ impl SharedRate {
 
 /// How long after Redis refused a lease (all held) this node asks again for that key, unless
 /// it frees one of its own meanwhile: waiting lanes must not poll Redis.
-const REFUSED_BACKOFF_MS: u64 = 250;
+const REFUSED_BACKOFF_MS: u64 = 100;
 
-/// The leases this node holds: key → members; and until when each refused key is not asked.
+/// The leases this node holds: key → members; until when each refused key is not asked; and
+/// until when each key counts as contended, and how many other nodes were last seen waiting
+/// for a place under it.
 #[derive(Default)]
 pub struct Leases {
     held: Mutex<HashMap<String, HashSet<String>>>,
     refused: Mutex<HashMap<String, u64>>,
+    contended: Mutex<HashMap<String, (u64, u32)>>,
     seq: AtomicU64,
 }
 
@@ -357,7 +413,7 @@ impl Cluster {
         );
         let ttl = self.config.lease_ttl.as_millis() as u64;
         let (k, m, node) = (key.to_owned(), member.clone(), self.config.node_id.clone());
-        let got: i64 = self
+        let (got, others): (i64, i64) = self
             .call(|mut c| async move {
                 ACQUIRE
                     .key(&k)
@@ -371,6 +427,7 @@ impl Cluster {
                     .await
             })
             .await?;
+        self.contended(key, others);
         if got == 0 {
             self.leases
                 .refused
@@ -393,6 +450,91 @@ impl Cluster {
         }))
     }
 
+    /// Whether `lease` (one of `limit` places) stays with this node: for a connection that
+    /// replaces its holder (`idle` false) unless other nodes wait for a place and this node
+    /// holds more than its fair share; for a connection with nothing to do (`idle`) unless
+    /// other nodes wait at all. A lease given back is gone from Redis already (drop it). Kept
+    /// when Redis cannot say.
+    pub async fn keep_lease(&self, lease: &Lease, limit: u32, idle: bool) -> bool {
+        // No other node was seen waiting lately: nothing to ask Redis.
+        if self.waiting(&lease.key) == 0 {
+            return true;
+        }
+        let ttl = self.config.lease_ttl.as_millis() as u64;
+        let (key, member, node) = (
+            lease.key.clone(),
+            lease.member.clone(),
+            self.config.node_id.clone(),
+        );
+        let k = key.clone();
+        let kept: Result<(i64, i64), _> = self
+            .call(|mut c| async move {
+                KEEP.key(&k)
+                    .key(format!("{k}:wanted"))
+                    .arg(limit)
+                    .arg(ttl)
+                    .arg(member)
+                    .arg(node)
+                    .arg(u8::from(idle))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        match kept {
+            Ok((kept, others)) => {
+                self.contended(&key, others);
+                kept != 0
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// Whether this node holds more than its fair share of the `limit` places under `key` while
+    /// other nodes wait for one, as last seen (no Redis call): then one of its connections
+    /// should ask [`Cluster::keep_lease`] whether to give its place back.
+    pub fn over_share(&self, key: &str, limit: u32) -> bool {
+        let others = self.waiting(key);
+        others > 0
+            && self.leases_held(key) as u64 > u64::from(limit).div_ceil(u64::from(others) + 1)
+    }
+
+    /// How many other nodes were lately seen waiting for a place under `key`.
+    fn waiting(&self, key: &str) -> u32 {
+        let now = crate::now_ms();
+        self.leases
+            .contended
+            .lock()
+            .expect("leases")
+            .get(key)
+            .filter(|(until, _)| *until > now)
+            .map_or(0, |(_, others)| *others)
+    }
+
+    /// Notes how many other nodes wait for a place under `key` (kept until the next renewal
+    /// says again).
+    fn contended(&self, key: &str, others: i64) {
+        let now = crate::now_ms();
+        let mut contended = self.leases.contended.lock().expect("leases");
+        contended.retain(|_, (until, _)| *until > now);
+        if others > 0 {
+            let until = now + 2 * self.renew_every().as_millis() as u64;
+            let others = u32::try_from(others).unwrap_or(u32::MAX);
+            contended.insert(key.to_owned(), (until, others));
+        } else {
+            contended.remove(key);
+        }
+    }
+
+    /// How many leases this node holds under `key`.
+    pub fn leases_held(&self, key: &str) -> usize {
+        self.leases
+            .held
+            .lock()
+            .expect("leases")
+            .get(key)
+            .map_or(0, HashSet::len)
+    }
+
     /// Extends every lease this node holds (one call per key).
     pub(super) async fn renew_leases(&self) {
         let held: Vec<(String, Vec<String>)> = self
@@ -405,16 +547,21 @@ impl Cluster {
             .collect();
         let ttl = self.config.lease_ttl.as_millis() as u64;
         for (key, members) in held {
-            let _: Result<i64, _> = self
+            let (k, node) = (key.clone(), self.config.node_id.clone());
+            let others: Result<i64, _> = self
                 .call(|mut c| async move {
-                    let mut inv = RENEW.key(key);
-                    inv.arg(ttl);
+                    let mut inv = RENEW.key(&k);
+                    inv.key(format!("{k}:wanted"));
+                    inv.arg(ttl).arg(node);
                     for m in &members {
                         inv.arg(m);
                     }
                     inv.invoke_async(&mut c).await
                 })
                 .await;
+            if let Ok(n) = others {
+                self.contended(&key, n);
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Cluster mode: what must be one across a fleet of nodes, kept in Redis Cluster. Each node
 //! keeps its own spool; Redis holds the state the nodes share: per-(source, site) rate budgets
-//! and connection leases ([`budget`]), the nodes' heartbeats ([`nodes`]) and the change stream
-//! that carries suppressions to every node ([`sync`]).
+//! and connection leases ([`budget`]), the nodes' heartbeats ([`nodes`]), each node's campaign
+//! counts ([`counts`]) and the change stream that carries suppressions, shaping actions and
+//! campaigns to every node ([`sync`]).
 //!
 //! Owns the Redis connection, the deadline every call has and the circuit breaker in front of
 //! it, and so the node's *mode*: `connected` while calls succeed, `degraded` while the breaker is
@@ -11,6 +12,7 @@
 //! nothing of delivery: the delivery engine asks it for grants and leases.
 
 pub mod budget;
+pub mod counts;
 pub mod nodes;
 pub mod sync;
 
@@ -291,6 +293,12 @@ impl Cluster {
         result
     }
 
+    /// How often leases are renewed: every third of their lifetime, and at least every second,
+    /// since the renewal also says whether other nodes wait for a place.
+    pub(crate) fn renew_every(&self) -> Duration {
+        (self.config.lease_ttl / 3).min(Duration::from_secs(1))
+    }
+
     /// The background work of cluster mode until `stop`: reconnecting, heartbeats (with the
     /// node's report from `report`) and lease renewal.
     pub async fn run(
@@ -300,7 +308,7 @@ impl Cluster {
     ) {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut renew = tokio::time::interval(self.config.lease_ttl / 3);
+        let mut renew = tokio::time::interval(self.renew_every());
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

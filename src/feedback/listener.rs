@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::node::Node;
-use crate::outbound::tokens::Purpose;
+use crate::outbound::tokens::{NodeTag, Owner, Purpose};
 use crate::store::spool::JobId;
 
 /// RFC 5321 §4.5.3.1.4 allows 512 octets for a command line; a little more is tolerated.
@@ -56,12 +56,15 @@ static REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 /// What an accepted recipient is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Mailbox {
-    /// A VERP return path: DSNs (and complaints some providers send to the return path).
-    Verp(JobId),
+    /// A VERP return path: DSNs (and complaints some providers send to the return path), of
+    /// this node's mail or (cluster mode) another node's.
+    Verp,
     /// `unsubscribe_mailto` with the job's token: the message itself is the request.
     Unsubscribe(JobId),
+    /// The same for another node's job (cluster mode): handed to that node.
+    UnsubscribeElsewhere(NodeTag, String),
     /// A configured feedback-loop address.
     Feedback,
 }
@@ -590,8 +593,8 @@ fn mailbox(node: &Node, address: &str) -> Option<Mailbox> {
         return node
             .assembler
             .tokens()
-            .verify(Purpose::Verp, token)
-            .map(Mailbox::Verp);
+            .owner(Purpose::Verp, token)
+            .map(|_| Mailbox::Verp);
     }
     let (u_local, u_domain) = cfg
         .message
@@ -599,11 +602,10 @@ fn mailbox(node: &Node, address: &str) -> Option<Mailbox> {
         .as_deref()?
         .rsplit_once('@')?;
     if prefix.eq_ignore_ascii_case(u_local) && domain.eq_ignore_ascii_case(u_domain) {
-        return node
-            .assembler
-            .tokens()
-            .verify(Purpose::Unsubscribe, token)
-            .map(Mailbox::Unsubscribe);
+        return match node.assembler.tokens().owner(Purpose::Unsubscribe, token)? {
+            Owner::Here(job) => Some(Mailbox::Unsubscribe(job)),
+            Owner::Node(tag) => Some(Mailbox::UnsubscribeElsewhere(tag, token.to_owned())),
+        };
     }
     None
 }
@@ -624,13 +626,28 @@ async fn deliver(node: &Arc<Node>, tx: &Transaction, message: &[u8]) -> String {
             return "451 4.3.0 could not record the request; try again later".into();
         }
     }
-    if unsubscribes.len() == tx.rcpts.len() {
+    let mut elsewhere = 0;
+    for (_, m) in &tx.rcpts {
+        if let Mailbox::UnsubscribeElsewhere(tag, token) = m {
+            elsewhere += 1;
+            if let Err(e) = crate::feedback::forward_unsubscribe(node, tag, token, "mailto").await {
+                tracing::error!(error = %e, "handing an unsubscribe to its node failed");
+                return "451 4.3.0 could not record the request; try again later".into();
+            }
+        }
+    }
+    if unsubscribes.len() + elsewhere == tx.rcpts.len() {
         return "250 2.0.0 unsubscribed".into();
     }
     let rcpts: Vec<String> = tx
         .rcpts
         .iter()
-        .filter(|(_, m)| !matches!(m, Mailbox::Unsubscribe(_)))
+        .filter(|(_, m)| {
+            !matches!(
+                m,
+                Mailbox::Unsubscribe(_) | Mailbox::UnsubscribeElsewhere(..)
+            )
+        })
         .map(|(a, _)| a.clone())
         .collect();
     match crate::feedback::process(node, message, &rcpts, "smtp").await {

@@ -6,7 +6,9 @@
 //! delivery-status fields here). [`process`] maps a report to its job — through the VERP token of
 //! the envelope recipient, or the `X-Sluice-Ref` trace token or VERP return path in the returned
 //! headers — and applies it: job state and counts, suppression, a delivery-log record. Its spool
-//! reads and writes go through the spool's blocking pool.
+//! reads and writes go through the spool's blocking pool. In cluster mode a report or an
+//! unsubscribe whose token names another node's job is handed to that node ([`Change`]) through
+//! the cluster's change stream, since job ids are per node.
 //!
 //! [`listener`] is the SMTP listener on `[bounce] listen` that feeds it.
 
@@ -15,7 +17,7 @@ pub mod listener;
 use std::sync::Arc;
 
 use mail_parser::{MessageParser, MimeHeaders, PartType};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::effects::delivery_log::LogRecord;
 use crate::effects::suppression::{Entry, Reason};
@@ -23,8 +25,8 @@ use crate::effects::transition::Transition;
 use crate::node::Node;
 use crate::outbound::outcome::rules::{Category, Kind};
 use crate::outbound::smtp::reply::EnhancedCode;
-use crate::outbound::tokens::Purpose;
-use crate::store::spool::{JobId, JobRecord, JobState, SpoolError};
+use crate::outbound::tokens::{NodeTag, Owner, Purpose};
+use crate::store::spool::{Durability, JobId, JobRecord, JobState, SpoolError};
 
 /// Per-recipient groups read from one DSN; more are ignored (a DSN for one of our messages names
 /// one recipient).
@@ -319,8 +321,8 @@ pub fn parse_delivery_status(bytes: &[u8]) -> Result<Dsn, ParseError> {
     Ok(dsn)
 }
 
-/// The job a VERP address (`<local>+<token>@…`) names, if its token authenticates.
-pub fn verp_job(node: &Node, address: &str) -> Option<JobId> {
+/// Whose job a VERP address (`<local>+<token>@…`) names, if its token authenticates.
+pub fn verp_owner(node: &Node, address: &str) -> Option<Owner> {
     let local = address
         .trim_start_matches('<')
         .rsplit_once('@')
@@ -329,11 +331,19 @@ pub fn verp_job(node: &Node, address: &str) -> Option<JobId> {
     if !prefix.eq_ignore_ascii_case(&node.config.bounce.local_part) {
         return None;
     }
-    node.assembler.tokens().verify(Purpose::Verp, token)
+    node.assembler.tokens().owner(Purpose::Verp, token)
 }
 
-/// The job named in returned headers: the trace header first, then a VERP Return-Path.
-fn job_in_headers(node: &Node, headers: &str) -> Option<JobId> {
+/// The job of this node a VERP address (`<local>+<token>@…`) names, if its token authenticates.
+pub fn verp_job(node: &Node, address: &str) -> Option<JobId> {
+    match verp_owner(node, address)? {
+        Owner::Here(job) => Some(job),
+        Owner::Node(_) => None,
+    }
+}
+
+/// Whose job returned headers name: the trace header first, then a VERP Return-Path.
+fn owner_in_headers(node: &Node, headers: &str) -> Option<Owner> {
     let trace = crate::outbound::render::TRACE_HEADER;
     let mut verp = None;
     for line in headers.lines() {
@@ -342,14 +352,119 @@ fn job_in_headers(node: &Node, headers: &str) -> Option<JobId> {
         };
         let name = name.trim();
         if name.eq_ignore_ascii_case(trace) {
-            if let Some(job) = node.assembler.tokens().verify(Purpose::Trace, value.trim()) {
-                return Some(job);
+            if let Some(owner) = node.assembler.tokens().owner(Purpose::Trace, value.trim()) {
+                return Some(owner);
             }
         } else if name.eq_ignore_ascii_case("Return-Path") && verp.is_none() {
-            verp = verp_job(node, value.trim().trim_end_matches('>'));
+            verp = verp_owner(node, value.trim().trim_end_matches('>'));
         }
     }
     verp
+}
+
+/// A report or an unsubscribe about another node's job (cluster mode), handed to that node
+/// through the cluster's change stream: job ids are per node, so only the node that sent the
+/// job can apply it. The node whose tag is `node` applies it as if it had received it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Change {
+    /// A DSN or ARF report as received: the message (base64) and its SMTP recipients.
+    #[serde(rename = "feedback.report")]
+    Report {
+        node: String,
+        message: String,
+        rcpts: Vec<String>,
+        source: String,
+    },
+    /// An unsubscribe (one-click or mailto) with its token.
+    #[serde(rename = "feedback.unsubscribe")]
+    Unsubscribe {
+        node: String,
+        token: String,
+        source: String,
+    },
+}
+
+impl Change {
+    /// Whether the node with tag `tag` is the one to apply it.
+    pub fn is_for(&self, tag: &NodeTag) -> bool {
+        let node = match self {
+            Change::Report { node, .. } | Change::Unsubscribe { node, .. } => node,
+        };
+        *node == hex_tag(tag)
+    }
+}
+
+fn hex_tag(tag: &NodeTag) -> String {
+    tag.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hands `change` to the node it is for: staged in this node's spool (synced, so the sender's
+/// answer promises it) and published with the other cluster changes.
+async fn hand_over(node: &Node, change: &Change) -> Result<(), SpoolError> {
+    let mut batch = node.spool.batch();
+    crate::cluster::sync::stage(&mut batch, &serde_json::to_vec(change).unwrap_or_default());
+    node.spool.write(batch, Durability::Sync).await?;
+    FORWARDED.inc();
+    Ok(())
+}
+
+static FORWARDED: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "sluice_feedback_forwarded_total",
+        "Reports and unsubscribes about another node's mail (cluster mode), handed to that node through the cluster's change stream."
+    )
+    .expect("metric registers once")
+});
+
+/// Hands an unsubscribe with `token` (of another node's job, tag `owner`) to that node.
+pub async fn forward_unsubscribe(
+    node: &Node,
+    owner: &NodeTag,
+    token: &str,
+    source: &str,
+) -> Result<(), SpoolError> {
+    let change = Change::Unsubscribe {
+        node: hex_tag(owner),
+        token: token.to_owned(),
+        source: source.to_owned(),
+    };
+    hand_over(node, &change).await
+}
+
+/// Applies a change another node handed to this one ([`Change::is_for`]).
+pub async fn apply_handed(node: &Arc<Node>, change: &Change) -> Result<(), SpoolError> {
+    match change {
+        Change::Report {
+            message,
+            rcpts,
+            source,
+            ..
+        } => {
+            use base64::Engine as _;
+            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(message.as_bytes())
+            else {
+                tracing::warn!("cluster: a handed-over report is not base64; dropped");
+                return Ok(());
+            };
+            let source = if source == "http" { "http" } else { "smtp" };
+            match process(node, &raw, rcpts, source).await {
+                Ok(_) | Err(FeedbackError::Parse(_)) => Ok(()),
+                Err(FeedbackError::Spool(e)) => Err(e),
+            }
+        }
+        Change::Unsubscribe { token, source, .. } => {
+            let Some(job) = node.assembler.tokens().verify(Purpose::Unsubscribe, token) else {
+                return Ok(());
+            };
+            let source = if source == "mailto" {
+                "mailto"
+            } else {
+                "unsubscribe"
+            };
+            unsubscribe_job(node, job, source).await.map(|_| ())
+        }
+    }
 }
 
 /// What [`process`] did, as the API reports it.
@@ -358,7 +473,8 @@ pub struct Processed {
     /// `bounce`, `delay`, `delivery`, `complaint`, `feedback` (other ARF types) or `ignored`.
     pub kind: &'static str,
     /// `applied` (state or suppression changed), `recorded` (logged only), `duplicate` (already
-    /// applied), `unmapped` (no job found) or `ignored`.
+    /// applied), `unmapped` (no job found), `forwarded` (another node's mail, handed to it in
+    /// cluster mode; its kind is then `bounce` for any DSN) or `ignored`.
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub campaign: Option<uuid::Uuid>,
@@ -427,10 +543,32 @@ pub async fn process(
             return Ok(p);
         }
     };
-    let job = envelope_rcpts
+    let owner = envelope_rcpts
         .iter()
-        .find_map(|r| verp_job(node, r))
-        .or_else(|| headers.and_then(|h| job_in_headers(node, h)));
+        .find_map(|r| verp_owner(node, r))
+        .or_else(|| headers.and_then(|h| owner_in_headers(node, h)));
+    let job = match owner {
+        Some(Owner::Here(job)) => Some(job),
+        // Another node's mail (cluster mode): that node applies it.
+        Some(Owner::Node(tag)) => {
+            use base64::Engine as _;
+            let change = Change::Report {
+                node: hex_tag(&tag),
+                message: base64::engine::general_purpose::STANDARD.encode(raw),
+                rcpts: envelope_rcpts.to_vec(),
+                source: source.to_owned(),
+            };
+            hand_over(node, &change).await?;
+            let kind = match report {
+                Report::Complaint(_) => "complaint",
+                _ => "bounce",
+            };
+            let p = Processed::new(kind, "forwarded");
+            INBOUND.with_label_values(&[p.kind, p.result]).inc();
+            return Ok(p);
+        }
+        None => None,
+    };
     let result = match report {
         Report::Dsn(dsn) => apply_dsn(node, job, dsn, source).await?,
         Report::Complaint(c) => apply_complaint(node, job, c, source).await?,

@@ -267,7 +267,13 @@ impl Assembler {
     pub fn new(config: &Config, dkim: DkimKeys) -> Assembler {
         let m = &config.message;
         Assembler {
-            tokens: Tokens::new(&config.secrets.token_keys),
+            tokens: Tokens::new(
+                &config.secrets.token_keys,
+                config
+                    .cluster
+                    .as_ref()
+                    .map(|c| crate::outbound::tokens::node_tag(&c.node_id)),
+            ),
             dkim: RwLock::new(Arc::new(dkim)),
             unsubscribe_url: m.unsubscribe_url.clone(),
             unsubscribe_mailto: m.unsubscribe_mailto.as_ref().and_then(|a| {

@@ -251,6 +251,21 @@ pub struct CountsSnapshot {
     pub unsubscribed: u64,
 }
 
+impl CountsSnapshot {
+    /// Adds `other`'s counts to these (another node's, in cluster mode).
+    pub fn add(&mut self, other: &CountsSnapshot) {
+        self.queued += other.queued;
+        self.deferred += other.deferred;
+        self.delivered += other.delivered;
+        self.bounced += other.bounced;
+        self.expired += other.expired;
+        self.suppressed += other.suppressed;
+        self.cancelled += other.cancelled;
+        self.complained += other.complained;
+        self.unsubscribed += other.unsubscribed;
+    }
+}
+
 impl Counts {
     /// The counter a job in `state` with `attempts` attempts belongs to.
     pub fn slot(&self, state: JobState, attempts: u32) -> &AtomicU64 {
@@ -487,6 +502,25 @@ impl Campaign {
         } else {
             r
         }
+    }
+}
+
+/// A campaign change as the cluster's change stream carries it (cluster mode): a campaign
+/// created on one node is created on every node, which then take recipient uploads for it
+/// (each delivers the recipients it accepted), and a state change made on one node is made on
+/// every node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Change {
+    #[serde(rename = "campaign.create")]
+    Create { record: Box<CampaignRecord> },
+    #[serde(rename = "campaign.state")]
+    State { id: Uuid, state: CampaignState },
+}
+
+impl Change {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
     }
 }
 

@@ -22,7 +22,7 @@ use super::{
 use crate::intake::ingest::{self, ComposeRequest, FieldError, RecipientRules, Rejected, Upload};
 use crate::node::Node;
 use crate::store::campaign::{
-    ArchivedCampaign, Campaign, CampaignKind, CampaignRecord, CampaignState,
+    ArchivedCampaign, Campaign, CampaignKind, CampaignRecord, CampaignState, Change, CountsSnapshot,
 };
 
 /// Collects per-recipient rejections, keeping at most `cap` of them.
@@ -177,6 +177,9 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
     })?;
     let id = record.id;
     let record_bytes = record.encode();
+    let created = node.cluster().map(|_| Change::Create {
+        record: Box::new(record.clone()),
+    });
     let campaign = Arc::new(Campaign::new(seq, record, 0));
     if let Some(c) = &rules.compiled {
         node.assembler.install_compiled(seq, Arc::clone(c));
@@ -211,6 +214,10 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
             batch.put_campaign(seq, &record_bytes);
             if let Some(i) = &idem {
                 i.put(batch, StatusCode::ACCEPTED, &body);
+            }
+            // Cluster mode: every node creates it too, and takes uploads for it.
+            if let Some(created) = created {
+                crate::cluster::sync::stage(batch, &created.to_json());
             }
         })
         .await?;
@@ -345,6 +352,11 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
 pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let (c, archived) = find_any(&s.node, &id).await?;
     let mut v = campaign_json(&c);
+    if let Some(cluster) = s.node.cluster()
+        && c.record.kind == CampaignKind::Bulk
+    {
+        add_cluster_counts(cluster, &c, &mut v).await;
+    }
     if !archived {
         let q = s.node.scheduler.campaign_view(c.seq);
         let mut queue = json!({
@@ -358,6 +370,37 @@ pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Ap
         v["queue"] = queue;
     }
     Ok(axum::Json(v).into_response())
+}
+
+/// Cluster mode: `counts` become the sum of every node's counts (as each published them, at
+/// most a second old; this node's are current) with `counts_scope: "cluster"`, and
+/// `counts_by_node` shows each node's. Without an answer from Redis they stay this node's
+/// (`counts_scope: "node"`).
+async fn add_cluster_counts(cluster: &crate::cluster::Cluster, c: &Campaign, v: &mut Value) {
+    let own = c.counts.snapshot();
+    let mut by_node = serde_json::Map::new();
+    by_node.insert(cluster.node_id().to_owned(), json!(own));
+    match cluster.counts(&c.record.id.to_string()).await {
+        Ok(all) => {
+            let mut total = own;
+            for (node, counts) in all {
+                if node == cluster.node_id() {
+                    continue;
+                }
+                match serde_json::from_str::<CountsSnapshot>(&counts) {
+                    Ok(n) => {
+                        total.add(&n);
+                        by_node.insert(node, json!(n));
+                    }
+                    Err(e) => tracing::warn!(%node, error = %e, "cluster: unreadable counts"),
+                }
+            }
+            v["counts"] = json!(total);
+            v["counts_scope"] = json!("cluster");
+        }
+        Err(_) => v["counts_scope"] = json!("node"),
+    }
+    v["counts_by_node"] = Value::Object(by_node);
 }
 
 /// `GET /v1/campaigns?limit=`: the campaigns in memory, newest first, then the archived ones,

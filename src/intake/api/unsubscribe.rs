@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, AppState};
 use crate::node::Node;
+use crate::outbound::tokens::{Owner, Purpose};
 use crate::store::campaign::Campaign;
 
 /// Why an unsubscribe link gets no page or no unsubscribe.
@@ -39,24 +40,26 @@ impl IntoResponse for LinkRefused {
     }
 }
 
-/// The job an unsubscribe token names, once the node is ready and the token verifies.
-fn unsubscribe_token(node: &Node, token: &str) -> Result<crate::store::spool::JobId, LinkRefused> {
+/// Whose job an unsubscribe token names, once the node is ready and the token verifies.
+fn unsubscribe_token(node: &Node, token: &str) -> Result<Owner, LinkRefused> {
     if !node.is_ready() {
         return Err(LinkRefused::Starting);
     }
     node.assembler
         .tokens()
-        .verify(crate::outbound::tokens::Purpose::Unsubscribe, token)
+        .owner(Purpose::Unsubscribe, token)
         .ok_or(LinkRefused::NotFound)
 }
 
 /// The recipient and campaign an unsubscribe token names, if it authenticates and its job
-/// still exists.
+/// still exists; `None` for another node's job (cluster mode), which this node cannot read.
 async fn unsubscribe_target(
     node: &Arc<Node>,
     token: &str,
-) -> Result<(String, Arc<Campaign>), LinkRefused> {
-    let job = unsubscribe_token(node, token)?;
+) -> Result<Option<(String, Arc<Campaign>)>, LinkRefused> {
+    let Owner::Here(job) = unsubscribe_token(node, token)? else {
+        return Ok(None);
+    };
     let read = Arc::clone(node);
     let found = tokio::task::spawn_blocking(move || read.load_job(job))
         .await
@@ -67,7 +70,7 @@ async fn unsubscribe_target(
         return Err(LinkRefused::NotFound);
     };
     match crate::store::spool::JobRecord::decode(&bytes) {
-        Ok(r) => Ok((r.address.to_lowercase(), campaign)),
+        Ok(r) => Ok(Some((r.address.to_lowercase(), campaign))),
         Err(_) => Err(LinkRefused::NotFound),
     }
 }
@@ -75,23 +78,29 @@ async fn unsubscribe_target(
 /// `GET /u/{token}`: a plain page with a button that POSTs, so link scanners that follow GETs
 /// unsubscribe no one.
 pub(super) async fn page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
-    let (address, campaign) = match unsubscribe_target(&s.node, &token).await {
+    let target = match unsubscribe_target(&s.node, &token).await {
         Ok(t) => t,
         Err(r) => return r.into_response(),
     };
-    let domain = crate::intake::address::domain_of(&campaign.record.from);
     let esc = |t: &str| {
         t.replace('&', "&amp;")
             .replace('<', "&lt;")
             .replace('>', "&gt;")
             .replace('"', "&quot;")
     };
+    // Another node's mail (cluster mode): its address is on that node.
+    let question = match target {
+        Some((address, campaign)) => format!(
+            "Stop mail from {domain} to {address}?",
+            domain = esc(crate::intake::address::domain_of(&campaign.record.from)),
+            address = esc(&address),
+        ),
+        None => "Stop mail from this sender to you?".to_owned(),
+    };
     let html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Unsubscribe</title></head>\
-         <body><p>Stop mail from {domain} to {address}?</p>\
+         <body><p>{question}</p>\
          <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form></body></html>\n",
-        domain = esc(domain),
-        address = esc(&address),
     );
     (
         StatusCode::OK,
@@ -107,7 +116,21 @@ pub(super) async fn page(State(s): State<AppState>, Path(token): Path<String>) -
 pub(super) async fn post(State(s): State<AppState>, Path(token): Path<String>) -> Response {
     let node = &s.node;
     let job = match unsubscribe_token(node, &token) {
-        Ok(j) => j,
+        Ok(Owner::Here(j)) => j,
+        Ok(Owner::Node(tag)) => {
+            // Another node's mail (cluster mode): handed to that node, durably, before the answer.
+            return match crate::feedback::forward_unsubscribe(node, &tag, &token, "unsubscribe")
+                .await
+            {
+                Ok(()) => (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    "You are unsubscribed.\n",
+                )
+                    .into_response(),
+                Err(e) => ApiError::from(e).into_response(),
+            };
+        }
         Err(r) => return r.into_response(),
     };
     match crate::feedback::unsubscribe_job(node, job, "unsubscribe").await {

@@ -1,5 +1,6 @@
 //! Lanes: a site runs up to `max_connections` of them per egress source (or `max_connections`
-//! in all with `per = "site"`). A lane owns one connection at a time, takes due jobs round-robin
+//! in all with `per = "site"`); in cluster mode, as many as the node holds connection leases
+//! for the site plus one that asks for the next, so lanes without a place hold no jobs. A lane owns one connection at a time, takes due jobs round-robin
 //! from the site's domains ([`super::pick`]), and sends them ([`super::transact`]) until the site
 //! has nothing due, a throttle says wait, its connection fails or delivery stops.
 //!
@@ -31,6 +32,7 @@ use super::stats::Slot;
 use super::{Delivery, stats};
 use crate::outbound::outcome::Outcome;
 use crate::scheduler::index::PendingJob;
+use crate::store::campaign::CampaignState;
 
 /// Jobs a lane takes at once when no message rate applies.
 const LANE_BATCH: usize = 8;
@@ -77,12 +79,16 @@ enum NoConnection {
 impl Delivery {
     /// Starts one more lane if the site has work, room and is not backed off.
     pub(super) fn ensure_lanes(self: &Arc<Self>, site: &Arc<Site>) {
-        let mut g = site.lock();
-        // Each source has max_connections of its own (see `connection`).
-        let max_lanes = site
+        // Each source has max_connections of its own (see `connection`); in cluster mode, the
+        // lanes that hold a lease and one more to ask for the next.
+        let mut max_lanes = site
             .shaping
             .max_connections
             .saturating_mul(site.open.len() as u32);
+        if let Some(leased) = site.leased_lanes() {
+            max_lanes = max_lanes.min(leased);
+        }
+        let mut g = site.lock();
         if g.active.is_empty() || g.lanes >= max_lanes || self.stop.is_cancelled() {
             return;
         }
@@ -103,6 +109,7 @@ impl Delivery {
             if c.is_reusable()
                 && c.transactions < site.shaping.max_messages_per_connection
                 && !self.stop.is_cancelled()
+                && self.keep_lease(&site, &c, true).await
             {
                 site.lock().idle.push(c.idle());
             } else {
@@ -163,7 +170,23 @@ impl Delivery {
                     }
                 };
                 match self.connection(site, source, conn).await {
-                    Ok(c) => self.attempt(g, site, c).await,
+                    // Paused or cancelled while the lane waited for its turn or a connection
+                    // (on any node, in cluster mode): back untouched, to be parked or dropped.
+                    Ok(_)
+                        if g.iter()
+                            .any(|p| p.campaign.state() != CampaignState::Active) =>
+                    {
+                        self.requeue(g.into_iter());
+                    }
+                    Ok(c) => {
+                        self.attempt(g, site, c).await;
+                        // Cluster mode: over its fair share while other nodes wait for a
+                        // place, the node gives one back; the lane ends with it.
+                        if self.yield_lease(site, conn).await {
+                            self.requeue(groups.flatten());
+                            return 0;
+                        }
+                    }
                     Err(NoConnection::Throttled(wait)) => {
                         // Put the jobs back untouched; the site is retried when allowed.
                         self.requeue(g.into_iter().chain(groups.flatten()));
@@ -228,8 +251,8 @@ impl Delivery {
     /// place free and the connection rate allows. A good connection of another source goes
     /// back to the pool.
     async fn connection<'c>(
-        &self,
-        site: &Site,
+        self: &Arc<Self>,
+        site: &Arc<Site>,
         source: usize,
         conn: &'c mut Option<stats::Held>,
     ) -> Result<&'c mut stats::Held, NoConnection> {
@@ -248,7 +271,7 @@ impl Delivery {
                 if old.source != source && usable(&old) {
                     site.lock().idle.push(old.idle());
                 } else {
-                    if old.source == source {
+                    if old.source == source && self.keep_lease(site, &old, false).await {
                         carried = old.take_lease();
                     }
                     // Closed before a new one opens, so max_connections holds at the receiver.
@@ -277,6 +300,8 @@ impl Delivery {
                     {
                         Ok(Some(lease)) => {
                             slot.lease = Some(lease);
+                            // Room for one more lane, to ask for the next lease.
+                            self.ensure_lanes(site);
                             break Some(slot);
                         }
                         Err(_) => break Some(slot),
@@ -348,6 +373,39 @@ impl Delivery {
             }
         }
         Ok(conn.as_mut().expect("a connection was just set"))
+    }
+
+    /// Cluster mode: closes the lane's connection, giving back its lease, when the node holds
+    /// more than its fair share of the site's places while other nodes wait and Redis agrees
+    /// ([`crate::cluster::Cluster::over_share`]). True when it did.
+    async fn yield_lease(&self, site: &Site, conn: &mut Option<stats::Held>) -> bool {
+        let Some(c) = conn.as_ref() else {
+            return false;
+        };
+        let (Some(_), Some((cluster, key))) = (c.lease(), site.lease_key(c.source)) else {
+            return false;
+        };
+        if !cluster.over_share(key, site.shaping.max_connections)
+            || self.keep_lease(site, c, false).await
+        {
+            return false;
+        }
+        if let Some(c) = conn.take() {
+            c.quit().await;
+        }
+        true
+    }
+
+    /// Cluster mode: whether connection `c` keeps its lease, for a replacement (`idle` false)
+    /// or in the pool (`idle`), see [`crate::cluster::Cluster::keep_lease`]. True without a
+    /// lease.
+    async fn keep_lease(&self, site: &Site, c: &stats::Held, idle: bool) -> bool {
+        let (Some(lease), Some((cluster, _))) = (c.lease(), site.lease_key(c.source)) else {
+            return true;
+        };
+        cluster
+            .keep_lease(lease, site.shaping.max_connections, idle)
+            .await
     }
 
     /// The source a message of `n` recipients of pool `pool` goes from: picked by weight among

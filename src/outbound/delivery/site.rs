@@ -263,6 +263,21 @@ impl Site {
         }
     }
 
+    /// In cluster mode, while Redis answers: the most lanes worth running for the site, the
+    /// leases this node holds under its keys plus one per key to ask for another. A lane
+    /// without a connection place would only hold jobs that the lanes with one could send.
+    pub fn leased_lanes(&self) -> Option<u32> {
+        let mut lanes = None;
+        for sh in self.limits.iter().filter_map(|l| l.shared.as_ref()) {
+            if sh.cluster.degraded() {
+                return None;
+            }
+            let held = u32::try_from(sh.cluster.leases_held(&sh.leases)).unwrap_or(u32::MAX);
+            lanes = Some(lanes.unwrap_or(0u32).saturating_add(held.saturating_add(1)));
+        }
+        lanes
+    }
+
     /// Whether any rate limit may apply to this site's transactions (lanes then take one job
     /// at a time, so none waits behind a limit another job is under).
     pub fn rate_limited(&self) -> bool {

@@ -263,6 +263,11 @@ impl Held {
         self._slot.lease.is_some()
     }
 
+    /// Its cluster-wide connection lease, if it holds one.
+    pub fn lease(&self) -> Option<&crate::cluster::budget::Lease> {
+        self._slot.lease.as_ref()
+    }
+
     /// Takes its cluster-wide lease, for the connection that replaces it.
     pub fn take_lease(&mut self) -> Option<crate::cluster::budget::Lease> {
         self._slot.lease.take()
