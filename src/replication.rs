@@ -43,6 +43,8 @@ const POLL: Duration = Duration::from_millis(200);
 const PUSH_BATCH: usize = 20 * MAX_PER_ENTRY;
 /// Stream entries read per call.
 const PULL_BATCH: usize = 100;
+/// Bytes of changes per stream entry, about (reports handed to another node can be large).
+const MAX_ENTRY_BYTES: usize = 1 << 20;
 /// How often the counts of campaigns that changed are published.
 const COUNTS_EVERY: Duration = Duration::from_secs(1);
 
@@ -109,7 +111,7 @@ async fn push(node: &Arc<Node>, cluster: &Cluster) -> usize {
     .await
     .unwrap_or_default();
     let mut done = 0;
-    for chunk in staged.chunks(MAX_PER_ENTRY) {
+    for chunk in entries(&staged) {
         let changes: Vec<&[u8]> = chunk.iter().map(|(_, v)| v.as_slice()).collect();
         if cluster.publish(&changes).await.is_err() {
             break;
@@ -125,6 +127,24 @@ async fn push(node: &Arc<Node>, cluster: &Cluster) -> usize {
         done += chunk.len();
     }
     done
+}
+
+/// Staged changes cut into stream entries of at most [`MAX_PER_ENTRY`] changes and about
+/// [`MAX_ENTRY_BYTES`] (a change larger than that is an entry of its own).
+fn entries(staged: &[(Vec<u8>, Vec<u8>)]) -> Vec<&[(Vec<u8>, Vec<u8>)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, v)) in staged.iter().enumerate() {
+        if i > start && (i - start == MAX_PER_ENTRY || bytes + v.len() > MAX_ENTRY_BYTES) {
+            out.push(&staged[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += v.len();
+    }
+    if start < staged.len() {
+        out.push(&staged[start..]);
+    }
+    out
 }
 
 /// Publishes this node's counts of every campaign (not messages) whose counts changed since
@@ -292,5 +312,28 @@ impl Change {
         parsed
             .map_err(|e| tracing::warn!(%kind, error = %e, "cluster: unreadable change skipped"))
             .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(sizes: &[usize]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        sizes.iter().map(|&n| (Vec::new(), vec![b'x'; n])).collect()
+    }
+
+    #[test]
+    fn entries_hold_at_most_a_count_and_about_a_size() {
+        let lens =
+            |s: &[(Vec<u8>, Vec<u8>)]| entries(s).iter().map(|e| e.len()).collect::<Vec<_>>();
+        assert!(entries(&[]).is_empty());
+        assert_eq!(lens(&staged(&[10; 1201])), vec![500, 500, 201]);
+        let mb = MAX_ENTRY_BYTES;
+        // A change larger than an entry goes alone; small ones around it are grouped.
+        assert_eq!(
+            lens(&staged(&[10, 10, 2 * mb, 10, mb / 2, mb / 2])),
+            vec![2, 1, 2, 1]
+        );
     }
 }

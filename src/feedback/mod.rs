@@ -399,6 +399,10 @@ fn hex_tag(tag: &NodeTag) -> String {
     tag.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The largest report handed to another node (DSNs and ARF reports are a few KB; the
+/// returned message they may carry is the bulk).
+const MAX_HANDED_BYTES: usize = 512 * 1024;
+
 /// Hands `change` to the node it is for: staged in this node's spool (synced, so the sender's
 /// answer promises it) and published with the other cluster changes.
 async fn hand_over(node: &Node, change: &Change) -> Result<(), SpoolError> {
@@ -549,7 +553,16 @@ pub async fn process(
         .or_else(|| headers.and_then(|h| owner_in_headers(node, h)));
     let job = match owner {
         Some(Owner::Here(job)) => Some(job),
-        // Another node's mail (cluster mode): that node applies it.
+        // Another node's mail (cluster mode): that node applies it; a report too large to
+        // carry through the change stream is only counted here.
+        Some(Owner::Node(_)) if raw.len() > MAX_HANDED_BYTES => {
+            let mut p = Processed::new("ignored", "unmapped");
+            p.detail = Some(format!(
+                "about another node's mail, and larger than the {MAX_HANDED_BYTES} bytes handed to it"
+            ));
+            INBOUND.with_label_values(&[p.kind, p.result]).inc();
+            return Ok(p);
+        }
         Some(Owner::Node(tag)) => {
             use base64::Engine as _;
             let change = Change::Report {
