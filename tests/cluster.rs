@@ -299,8 +299,10 @@ async fn a_node_id_in_use_by_another_node_is_refused() {
     };
     let text = format!("{e:#}");
     assert!(text.contains("cluster.node_id"), "{text}");
-    // A node whose rule differs is named, with the key.
-    let mut cfg = cluster_config(b.path(), &sink, &redis, "other");
+    // A node whose rule differs is named, with the key (on a spool of its own: the refused
+    // node's may still be closing).
+    let c = tempfile::tempdir().unwrap();
+    let mut cfg = cluster_config(c.path(), &sink, &redis, "other");
     limited(&mut cfg, "10/s", 2);
     let other = common::start(cfg).await;
     let started = Instant::now();
