@@ -5,8 +5,9 @@
 //! twice what it spent of the last run (so it ramps up in a few calls and one that cannot send
 //! reserves little), at most a third of a short horizon (at least 300 ms, at least two slots),
 //! no further ahead of the cluster's schedule than the horizon. It then spends those slots
-//! locally, one message per slot at the slot's time ([`SharedRate::try_take`]), so the receiver sees the configured rate
-//! however the nodes interleave, and Redis sees one call per run of slots. Slots a node lets
+//! locally, one message per slot at the slot's time ([`SharedRate::try_take`]), so the receiver
+//! sees the configured rate however the nodes interleave, and Redis sees one call per run of
+//! slots. Slots a node lets
 //! pass unused are lost (the limit is an upper bound). While the node is degraded, a local
 //! limiter at its share of the rate ([`super::Cluster::local_share`]) stands in.
 //!
@@ -14,16 +15,16 @@
 //! scored by its expiry. Taking one (`ACQUIRE`) drops expired members and adds one if fewer than
 //! the limit remain and, while other nodes wait for a lease, the node holds less than its fair
 //! share. The node renews all of its leases every third of their lifetime (at least every
-//! second, which also tells it whether other nodes wait) and drops each lease
-//! when its connection closes (pooled connections with a lease close after a second idle). A
-//! node that dies frees its leases when they expire. A refused node does not ask again for a
-//! tenth of a second unless it frees a lease of its own meanwhile. A connection that replaces
-//! another of the same (source, site) takes over its lease, and a connection that runs out of
-//! work keeps its lease in the pool, unless other nodes wait for a place (`KEEP`, asked only
-//! while this node has lately seen others waiting: refused itself, or told by `ACQUIRE` or the
-//! renewal): then the one with nothing to do, or the one of a node over its fair share, gives
-//! its place back, so a node that got there first does not keep the site's connections from the
-//! others. The node runs as many lanes for a site as it holds leases, plus one to ask for the
+//! second, which also tells it whether other nodes wait) and drops each lease when its
+//! connection closes (pooled connections with a lease close after a second idle). A node that
+//! dies frees its leases when they expire. A refused node does not ask again for a tenth of a
+//! second unless it frees a lease of its own meanwhile. A connection that replaces another of
+//! the same (source, site) takes over its lease, and a connection that runs out of work keeps
+//! its lease in the pool, unless other nodes wait for a place (`KEEP`, asked only while this
+//! node has lately seen others waiting: refused itself, or told by `ACQUIRE` or the renewal):
+//! then a connection with nothing to do gives its place back, and so does a connection of a
+//! node over its fair share, when it is replaced or after a transaction, so a node that got
+//! there first does not keep the site's connections from the others. The node runs as many lanes for a site as it holds leases, plus one to ask for the
 //! next (see `outbound::delivery`'s lanes), so a lane waiting for a place holds no more than one
 //! batch of jobs.
 //!
@@ -37,9 +38,6 @@ use std::time::Duration;
 use super::{Cluster, Unavailable};
 use crate::scheduler::rate::Gcra;
 
-/// Reserves up to `want` slots of `interval` ms no further than `horizon` ms ahead of the
-/// server's clock. Returns `{count, server now, first slot (ms, as text)}`; with count 0 the
-/// first slot is when the schedule is next free.
 /// The server's clock in ms as `now`, first in every script: slots and expiries are on one
 /// clock whichever node asks.
 const NOW: &str = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
@@ -48,6 +46,34 @@ fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{NOW}{body}"))
 }
 
+/// What the lease scripts ask of a (source, site)'s keys: how many nodes other than `node`
+/// wait for a place (wishes in `wanted` not yet expired), and how many of the leases in
+/// `leases` are `node`'s (members are `<node>:<n>`).
+const LEASE_COUNTS: &str = r"
+local function others_waiting(wanted, node)
+  local n = 0
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', wanted, '(' .. now, '+inf')) do
+    if w ~= node then n = n + 1 end
+  end
+  return n
+end
+local function held_by(leases, node)
+  local prefix = node .. ':'
+  local n = 0
+  for _, m in ipairs(redis.call('ZRANGE', leases, 0, -1)) do
+    if string.sub(m, 1, #prefix) == prefix then n = n + 1 end
+  end
+  return n
+end
+";
+
+fn lease_script(body: &str) -> redis::Script {
+    script(&format!("{LEASE_COUNTS}{body}"))
+}
+
+/// Reserves up to `want` slots of `interval` ms no further than `horizon` ms ahead of the
+/// server's clock. Returns `{count, server now, first slot (ms, as text)}`; with count 0 the
+/// first slot is when the schedule is next free.
 static RESERVE: LazyLock<redis::Script> = LazyLock::new(|| {
     script(
         r"
@@ -71,24 +97,17 @@ return {k, now, string.format('%.3f', tat)}
 /// the node holds fewer than its fair share. A refused node records its wish. Answers
 /// `{taken (0 or 1), other nodes waiting}`.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
-    script(
+    lease_script(
         r"
 local limit = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local node = ARGV[4]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local held = redis.call('ZRANGE', KEYS[1], 0, -1)
-local prefix = node .. ':'
-local mine = 0
-for _, m in ipairs(held) do
-  if string.sub(m, 1, #prefix) == prefix then mine = mine + 1 end
-end
-local others = 0
-for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if w ~= node then others = others + 1 end
-end
-if #held >= limit or (others > 0 and mine >= math.ceil(limit / (others + 1))) then
+local held = redis.call('ZCARD', KEYS[1])
+local mine = held_by(KEYS[1], node)
+local others = others_waiting(KEYS[2], node)
+if held >= limit or (others > 0 and mine >= math.ceil(limit / (others + 1))) then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), node)
   redis.call('PEXPIRE', KEYS[2], ttl)
   return {0, others}
@@ -106,7 +125,7 @@ return {1, others}
 /// than its fair share of the `ARGV[1]` places: then the lease is given back. Answers `{kept (0
 /// or 1), other nodes waiting}`.
 static KEEP: LazyLock<redis::Script> = LazyLock::new(|| {
-    script(
+    lease_script(
         r"
 local limit = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -114,22 +133,10 @@ local member = ARGV[3]
 local node = ARGV[4]
 if not redis.call('ZSCORE', KEYS[1], member) then return {0, 0} end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local others = 0
-for _, w in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if w ~= node then others = others + 1 end
-end
+local others = others_waiting(KEYS[2], node)
 local give = false
 if others > 0 then
-  if ARGV[5] == '1' then
-    give = true
-  else
-    local prefix = node .. ':'
-    local mine = 0
-    for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-      if string.sub(m, 1, #prefix) == prefix then mine = mine + 1 end
-    end
-    give = mine > math.ceil(limit / (others + 1))
-  end
+  give = ARGV[5] == '1' or held_by(KEYS[1], node) > math.ceil(limit / (others + 1))
 end
 if give then
   redis.call('ZREM', KEYS[1], member)
@@ -144,16 +151,12 @@ return {1, others}
 /// Extends the leases `ARGV[3..]` of node `ARGV[2]` by `ARGV[1]` ms; answers how many other
 /// nodes wait for one.
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    script(
+    lease_script(
         r"
 local ttl = tonumber(ARGV[1])
 for i = 3, #ARGV do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-local others = 0
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
-  if w ~= ARGV[2] then others = others + 1 end
-end
-return others
+return others_waiting(KEYS[2], ARGV[2])
 ",
     )
 });

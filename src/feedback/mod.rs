@@ -25,7 +25,7 @@ use crate::effects::transition::Transition;
 use crate::node::Node;
 use crate::outbound::outcome::rules::{Category, Kind};
 use crate::outbound::smtp::reply::EnhancedCode;
-use crate::outbound::tokens::{NodeTag, Owner, Purpose};
+use crate::outbound::tokens::{NodeTag, Owner, Purpose, tag_hex};
 use crate::store::spool::{Durability, JobId, JobRecord, JobState, SpoolError};
 
 /// Per-recipient groups read from one DSN; more are ignored (a DSN for one of our messages names
@@ -391,12 +391,8 @@ impl Change {
         let node = match self {
             Change::Report { node, .. } | Change::Unsubscribe { node, .. } => node,
         };
-        *node == hex_tag(tag)
+        *node == tag_hex(tag)
     }
-}
-
-fn hex_tag(tag: &NodeTag) -> String {
-    tag.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The largest report handed to another node (DSNs and ARF reports are a few KB; the
@@ -429,7 +425,7 @@ pub async fn forward_unsubscribe(
     source: &str,
 ) -> Result<(), SpoolError> {
     let change = Change::Unsubscribe {
-        node: hex_tag(owner),
+        node: tag_hex(owner),
         token: token.to_owned(),
         source: source.to_owned(),
     };
@@ -566,7 +562,7 @@ pub async fn process(
         Some(Owner::Node(tag)) => {
             use base64::Engine as _;
             let change = Change::Report {
-                node: hex_tag(&tag),
+                node: tag_hex(&tag),
                 message: base64::engine::general_purpose::STANDARD.encode(raw),
                 rcpts: envelope_rcpts.to_vec(),
                 source: source.to_owned(),

@@ -111,10 +111,7 @@ impl Tokens {
         let key = self.keys.first().expect("at least one token key");
         let mac = Self::mac(key, purpose, &id, tag);
         let mut out = String::with_capacity(TOKEN_LEN + 2 * tag.len());
-        for b in id.iter().chain(tag).chain(mac.iter()) {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
-        }
+        push_hex(&mut out, id.iter().chain(tag).chain(mac.iter()));
         out
     }
 
@@ -153,6 +150,21 @@ impl Tokens {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Appends `bytes` to `out` as lowercase hex, as tokens write them.
+fn push_hex<'a>(out: &mut String, bytes: impl Iterator<Item = &'a u8>) {
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+}
+
+/// A node tag as text (lowercase hex, as in the node's tokens).
+pub fn tag_hex(tag: &NodeTag) -> String {
+    let mut out = String::with_capacity(2 * TAG_LEN);
+    push_hex(&mut out, tag.iter());
+    out
+}
 
 /// Decodes a token of either length into `out`; returns the bytes written.
 fn decode_hex(s: &str, out: &mut [u8; 8 + TAG_LEN + MAC_LEN]) -> Option<usize> {
@@ -241,7 +253,7 @@ mod tests {
         assert_eq!(on_b.verify(Purpose::Unsubscribe, &tok), None);
         assert_eq!(on_b.owner(Purpose::Unsubscribe, &tok), Some(Owner::Node(a)));
         // The tag is under the MAC: moving a token to another node does not verify.
-        let moved = format!("{}{}{}", &tok[..16], hex(&b), &tok[24..]);
+        let moved = format!("{}{}{}", &tok[..16], tag_hex(&b), &tok[24..]);
         assert_eq!(on_b.owner(Purpose::Unsubscribe, &moved), None);
         assert_eq!(on_a.owner(Purpose::Unsubscribe, &moved), None);
         // A single node takes no tagged token as its own; a tagless one is anyone's own.
@@ -252,9 +264,5 @@ mod tests {
             on_b.owner(Purpose::Unsubscribe, &old),
             Some(Owner::Here(JOB))
         );
-    }
-
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 }

@@ -1,8 +1,9 @@
 //! Lanes: a site runs up to `max_connections` of them per egress source (or `max_connections`
 //! in all with `per = "site"`); in cluster mode, as many as the node holds connection leases
-//! for the site plus one that asks for the next, so lanes without a place hold no jobs. A lane owns one connection at a time, takes due jobs round-robin
-//! from the site's domains ([`super::pick`]), and sends them ([`super::transact`]) until the site
-//! has nothing due, a throttle says wait, its connection fails or delivery stops.
+//! for the site plus one that asks for the next, so lanes without a place hold no jobs. A lane
+//! owns one connection at a time, takes due jobs round-robin from the site's domains
+//! ([`super::pick`]), and sends them ([`super::transact`]) until the site has nothing due, a
+//! throttle says wait, its connection fails or delivery stops.
 //!
 //! Each transaction goes from a source of its campaign's pool ([`Delivery::choose`]): smooth
 //! weighted round-robin per (site, pool) ([`Site::pick_source`]) over the sources that may send
