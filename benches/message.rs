@@ -66,6 +66,7 @@ fn record() -> CampaignRecord {
         schedule: Default::default(),
         pool: None,
         stream: None,
+        raw: None,
     }
 }
 

@@ -85,6 +85,9 @@ pub struct Config {
     /// Envelope sender (VERP return path).
     #[serde(default)]
     pub bounce: BounceConfig,
+    /// The SMTP submission listener: raw messages from applications and relays.
+    #[serde(default)]
+    pub submission: SubmissionConfig,
     /// Headers Sluice adds to every message (unsubscribe, feedback).
     #[serde(default)]
     pub message: MessageConfig,
@@ -247,6 +250,88 @@ pub struct BounceConfig {
     /// Inbound connections at once from one client address.
     #[serde(default = "defaults::bounce_max_connections_per_ip")]
     pub max_connections_per_ip: usize,
+}
+
+/// The most recipients one raw message may have: its job numbers are reserved in one block.
+pub const MAX_MESSAGE_RECIPIENTS: usize = 10_000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmissionConfig {
+    /// Address of the submission listener, with STARTTLS when `tls_cert` is set (port 587 in
+    /// production). Unset: no listener.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Address of a listener that speaks TLS from the first byte (RFC 8314, port 465). Needs
+    /// `tls_cert`.
+    #[serde(default)]
+    pub listen_tls: Option<SocketAddr>,
+    /// PEM certificate chain and key for STARTTLS and `listen_tls`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Offer AUTH before TLS. For tests on loopback only: credentials would cross in the clear.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+    /// Client networks (CIDR, `10.0.0.0/8` or `127.0.0.1/32`) that may submit without AUTH:
+    /// relays and load generators on a private network. Default none.
+    #[serde(default)]
+    pub trusted_networks: Vec<String>,
+    /// Largest message (announced as SIZE and counted).
+    #[serde(default = "defaults::submission_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Recipients per message.
+    #[serde(default = "defaults::submission_max_recipients")]
+    pub max_recipients: usize,
+    /// Connections at once; more get 421.
+    #[serde(default = "defaults::submission_max_connections")]
+    pub max_connections: usize,
+    /// Connections at once from one client address.
+    #[serde(default = "defaults::submission_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Failed AUTH attempts a client address may make per `auth_failure_window`; past it, AUTH
+    /// is refused (454) until the window has passed.
+    #[serde(default = "defaults::submission_max_auth_failures")]
+    pub max_auth_failures: u32,
+    #[serde(
+        default = "defaults::submission_auth_failure_window",
+        with = "humantime_serde"
+    )]
+    pub auth_failure_window: Duration,
+}
+
+impl Default for SubmissionConfig {
+    fn default() -> Self {
+        SubmissionConfig {
+            listen: None,
+            listen_tls: None,
+            tls_cert: None,
+            tls_key: None,
+            allow_plaintext_auth: false,
+            trusted_networks: Vec::new(),
+            max_message_bytes: defaults::submission_max_message_bytes(),
+            max_recipients: defaults::submission_max_recipients(),
+            max_connections: defaults::submission_max_connections(),
+            max_connections_per_ip: defaults::submission_max_connections_per_ip(),
+            max_auth_failures: defaults::submission_max_auth_failures(),
+            auth_failure_window: defaults::submission_auth_failure_window(),
+        }
+    }
+}
+
+impl SubmissionConfig {
+    /// `trusted_networks` parsed; the errors name the entry.
+    pub fn networks(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.trusted_networks
+            .iter()
+            .map(|n| {
+                n.parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("{n:?} is not a network like 10.0.0.0/8 or an address"))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1186,6 +1271,24 @@ mod defaults {
     pub fn bounce_max_connections_per_ip() -> usize {
         10
     }
+    pub fn submission_max_message_bytes() -> usize {
+        25 << 20
+    }
+    pub fn submission_max_recipients() -> usize {
+        1000
+    }
+    pub fn submission_max_connections() -> usize {
+        500
+    }
+    pub fn submission_max_connections_per_ip() -> usize {
+        100
+    }
+    pub fn submission_max_auth_failures() -> u32 {
+        5
+    }
+    pub fn submission_auth_failure_window() -> Duration {
+        Duration::from_secs(300)
+    }
     pub fn unsubscribe_url() -> String {
         "http://127.0.0.1:8025/u/".into()
     }
@@ -1416,6 +1519,34 @@ impl Config {
             bad(
                 "bounce.tls_cert",
                 "tls_cert and tls_key go together: set both or neither".into(),
+            );
+        }
+        let sub = &self.submission;
+        if sub.tls_cert.is_some() != sub.tls_key.is_some() {
+            bad(
+                "submission.tls_cert",
+                "tls_cert and tls_key go together: set both or neither".into(),
+            );
+        }
+        if sub.listen_tls.is_some() && sub.tls_cert.is_none() {
+            bad(
+                "submission.listen_tls",
+                "a TLS listener needs submission.tls_cert and tls_key".into(),
+            );
+        }
+        if let Err(e) = sub.networks() {
+            bad("submission.trusted_networks", e);
+        }
+        if sub.max_recipients == 0 || sub.max_recipients > MAX_MESSAGE_RECIPIENTS {
+            bad(
+                "submission.max_recipients",
+                format!("must be between 1 and {MAX_MESSAGE_RECIPIENTS}"),
+            );
+        }
+        if sub.max_connections == 0 || sub.max_connections_per_ip == 0 {
+            bad(
+                "submission.max_connections",
+                "max_connections and max_connections_per_ip must be at least 1".into(),
             );
         }
         if self.http.max_concurrent_requests == 0 {

@@ -309,12 +309,13 @@ impl Node {
     }
 
     /// The campaign of job `id` as delivery and reports see it: the registered campaign, or for
-    /// a job of a stream's bucket the message built from `message`, its record as read from the
-    /// spool. `Ok(None)` when there is no such campaign, or the message record is missing.
+    /// a job of a stream's bucket the message built from `message`, as
+    /// [`Node::read_messages`] read it. `Ok(None)` when there is no such campaign, or the message
+    /// record is missing.
     pub fn campaign_of(
         &self,
         id: JobId,
-        message: Option<&[u8]>,
+        message: Option<MessageRead>,
     ) -> Result<Option<Arc<Campaign>>, SpoolError> {
         let Some(campaign) = self.campaigns.by_seq(id.campaign) else {
             return Ok(None);
@@ -322,18 +323,73 @@ impl Node {
         if !campaign.record.is_bucket() {
             return Ok(Some(campaign));
         }
-        let Some(bytes) = message else {
+        let Some(message) = message else {
             return Ok(None);
         };
-        let record = CampaignRecord::decode(bytes).map_err(|reason| SpoolError::Corrupt {
-            key: format!("message {id}"),
-            reason,
-        })?;
-        Ok(Some(Arc::new(Campaign::message(&campaign, record))))
+        let (record, body) = message?;
+        Ok(Some(Arc::new(Campaign::message(&campaign, record, body))))
+    }
+
+    /// The message records of bucket jobs `ids`, position for position (`None`: no record), and
+    /// with `bodies` the bytes of the raw ones, each read once however many of its jobs are
+    /// asked for, so they share one copy. Blocking.
+    pub fn read_messages(
+        &self,
+        ids: &[JobId],
+        bodies: bool,
+    ) -> Result<Vec<Option<MessageRead>>, SpoolError> {
+        let found = self.spool.get_messages(ids)?;
+        let mut out: Vec<Option<MessageRead>> = ids
+            .iter()
+            .zip(found)
+            .map(|(id, bytes)| {
+                bytes.map(|b| {
+                    CampaignRecord::decode(&b)
+                        .map(|r| (r, None))
+                        .map_err(|reason| SpoolError::Corrupt {
+                            key: format!("message {id}"),
+                            reason,
+                        })
+                })
+            })
+            .collect();
+        let body_of = |id: &JobId, m: &Option<MessageRead>| match m {
+            Some(Ok((r, _))) => r.raw.as_ref().map(|raw| JobId {
+                campaign: id.campaign,
+                index: raw.body,
+            }),
+            _ => None,
+        };
+        let mut wanted: Vec<JobId> = match bodies {
+            true => ids
+                .iter()
+                .zip(&out)
+                .filter_map(|(id, m)| body_of(id, m))
+                .collect(),
+            false => Vec::new(),
+        };
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let read = self.spool.get_message_bodies(&wanted)?;
+        let by_id: HashMap<JobId, Arc<[u8]>> = wanted
+            .into_iter()
+            .zip(read)
+            .filter_map(|(id, b)| b.map(|b| (id, Arc::from(b))))
+            .collect();
+        for (id, m) in ids.iter().zip(out.iter_mut()) {
+            let key = body_of(id, m);
+            if let (Some(key), Some(Ok((_, body)))) = (key, m) {
+                *body = by_id.get(&key).cloned();
+            }
+        }
+        Ok(out)
     }
 
     /// Job `id`'s record (queued, or its tombstone) and its campaign as [`Node::campaign_of`]
-    /// gives it; `None` when either is gone. Blocking.
+    /// gives it (without a raw message's bytes); `None` when either is gone. Blocking.
     pub fn load_job(&self, id: JobId) -> Result<Option<LoadedJob>, SpoolError> {
         let Some(bytes) = self.spool.get_job(id)? else {
             return Ok(None);
@@ -343,12 +399,10 @@ impl Node {
             .by_seq(id.campaign)
             .is_some_and(|c| c.record.is_bucket());
         let message = match bucket {
-            true => self.spool.get_messages(&[id])?.pop().flatten(),
+            true => self.read_messages(&[id], false)?.pop().flatten(),
             false => None,
         };
-        Ok(self
-            .campaign_of(id, message.as_deref())?
-            .map(|c| (c, bytes)))
+        Ok(self.campaign_of(id, message)?.map(|c| (c, bytes)))
     }
 
     /// The bucket that takes `stream`'s messages of `priority` (unset: the default for
@@ -411,6 +465,7 @@ impl Node {
             },
             pool: None,
             stream: Some(stream.to_owned()),
+            raw: None,
         };
         let mut batch = self.spool.batch();
         batch.put_campaign(seq, &record.encode());
@@ -487,6 +542,10 @@ impl Node {
         Ok(true)
     }
 }
+
+/// A bucket job's message as [`Node::read_messages`] read it: its record and, for a raw message
+/// whose bytes were asked for, the bytes.
+pub type MessageRead = Result<(CampaignRecord, Option<Arc<[u8]>>), SpoolError>;
 
 /// A job's campaign (see [`Node::campaign_of`]) and its stored record.
 pub type LoadedJob = (Arc<Campaign>, Vec<u8>);

@@ -26,6 +26,8 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// Where the bounce listener listens, when `[bounce] listen` is set.
     pub bounce_addr: Option<SocketAddr>,
+    /// Where the submission listeners listen (`[submission]`).
+    pub submission: crate::intake::submission::Bound,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -149,6 +151,11 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         ),
     };
 
+    let submission =
+        crate::intake::submission::serve(Arc::clone(&node), stop.clone(), tasks.clone())
+            .await
+            .context("binding the submission listener")?;
+
     let rec_node = Arc::clone(&node);
     let rec_stop = stop.clone();
     let delivery: Arc<std::sync::Mutex<Option<Arc<crate::outbound::delivery::Delivery>>>> =
@@ -270,11 +277,18 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
     if let Some(addr) = bounce_addr {
         tracing::info!(%addr, "bounce listener listening");
     }
+    if let Some(addr) = submission.starttls {
+        tracing::info!(%addr, "submission listener listening (STARTTLS)");
+    }
+    if let Some(addr) = submission.tls {
+        tracing::info!(%addr, "submission listener listening (TLS)");
+    }
     Ok(Running {
         node,
         delivery,
         http_addr,
         bounce_addr,
+        submission,
         stop,
         tasks,
     })

@@ -25,5 +25,6 @@ mod security;
 mod shutdown;
 mod sources;
 mod streams;
+mod submission;
 mod suppression;
 mod webhooks;

@@ -1,8 +1,8 @@
-//! The bounce listener's command parser: any line a client sends parses to a command.
+//! The SMTP listeners' command parser (submission and bounces): any line a client sends parses to a command.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::feedback::listener::Command;
+use sluice::intake::smtp::Command;
 
 fuzz_target!(|data: &[u8]| {
     for line in data.split(|&b| b == b'\n') {

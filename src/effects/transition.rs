@@ -9,7 +9,7 @@
 //! unsent) and feedback (a DSN, a complaint, an unsubscribe) both build one; neither writes a
 //! record, a count or an event any other way, so the stored record, the counts and the events
 //! cannot drift apart. A transactional message's own record is compacted by the transition
-//! that makes its job final.
+//! that makes its job final (and a raw message's bytes deleted, when it had one recipient).
 //!
 //! Two steps, because the two callers write differently: [`Transition::writes`] is what goes to
 //! the spool, staged into whatever batch the caller writes (delivery batches many outcomes and
@@ -78,6 +78,9 @@ pub struct Writes {
     job: Option<(JobId, JobChange)>,
     /// A message's record, compacted as its job ends.
     message: Option<(JobId, Vec<u8>)>,
+    /// A raw message's bytes, deleted as its only job ends (those of a message to several
+    /// recipients go with the tombstones).
+    message_body: Option<JobId>,
     /// The report's entry in the job's history, with its time (ms).
     history: Option<(JobId, u64, Vec<u8>)>,
     event: Option<(Vec<u32>, Vec<u8>)>,
@@ -106,6 +109,9 @@ impl Writes {
         }
         if let Some((id, record)) = self.message {
             batch.put_message(id, &record);
+        }
+        if let Some(id) = self.message_body {
+            batch.delete_message_body(id);
         }
         if let Some((id, at, entry)) = self.history {
             batch.put_history(id, at, &entry);
@@ -174,6 +180,13 @@ impl<'a> Transition<'a> {
         // A message keeps only what reports and lookups show once it is final.
         let message = (self.ends_job && self.campaign.is_message())
             .then(|| (self.job, self.campaign.record.compacted().encode()));
+        let message_body = match &self.campaign.record.raw {
+            Some(raw) if self.ends_job && raw.recipients == 1 => Some(JobId {
+                campaign: self.job.campaign,
+                index: raw.body,
+            }),
+            _ => None,
+        };
         let history = self
             .report
             .as_ref()
@@ -181,6 +194,7 @@ impl<'a> Transition<'a> {
         Writes {
             job: self.record.take().map(|r| (self.job, r)),
             message,
+            message_body,
             history,
             event: self.report.as_ref().and_then(|r| node.webhooks.event(r)),
             suppression: self.suppression.as_ref().map(|e| {

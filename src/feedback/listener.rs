@@ -10,32 +10,29 @@
 //! be read gets 554 5.6.0 with the reason. Plain socket I/O on tokio; spool work goes through the
 //! feedback module.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, register_int_counter_vec};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::intake::smtp::{
+    COMMAND_TIMEOUT, Command, DATA_TIMEOUT, Data, Limits, Line, MAX_COMMAND_LINE, MailFrom, RcptTo,
+    read_data, read_line, reply, trim_crlf,
+};
 use crate::node::Node;
 use crate::outbound::tokens::{NodeTag, Owner, Purpose};
 use crate::store::spool::JobId;
 
-/// RFC 5321 §4.5.3.1.4 allows 512 octets for a command line; a little more is tolerated.
-const MAX_COMMAND_LINE: usize = 2048;
 /// RFC 5322 limits text lines to 998 octets; real DSNs keep to it, generous slack for the rest.
 const MAX_TEXT_LINE: usize = 16 * 1024;
 const MAX_RECIPIENTS: usize = 100;
 const MAX_BAD_COMMANDS: usize = 20;
-/// RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
-/// Whole DATA phase.
-const DATA_TIMEOUT: Duration = Duration::from_secs(600);
 
 static SESSIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -89,10 +86,10 @@ pub async fn serve(
     };
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let limits = Arc::new(Limits {
-        total: tokio::sync::Semaphore::new(node.config.bounce.max_connections),
-        per_ip: Mutex::new(HashMap::new()),
-    });
+    let limits = Arc::new(Limits::new(
+        node.config.bounce.max_connections,
+        node.config.bounce.max_connections_per_ip,
+    ));
     let t = tasks.clone();
     tasks.spawn(async move {
         loop {
@@ -112,9 +109,7 @@ pub async fn serve(
             let stop = stop.clone();
             let tls = tls.clone();
             t.spawn(async move {
-                let Some(_slot) =
-                    limits.enter(peer.ip(), node.config.bounce.max_connections_per_ip)
-                else {
+                let Some(_slot) = limits.enter(peer.ip()) else {
                     SESSIONS.with_label_values(&["over_limit"]).inc();
                     let mut stream = stream;
                     let _ = stream
@@ -135,172 +130,6 @@ pub async fn serve(
         }
     });
     Ok(local)
-}
-
-struct Limits {
-    total: tokio::sync::Semaphore,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// Held for a connection's life; gives its places back on drop.
-struct Slot<'a> {
-    limits: &'a Limits,
-    ip: IpAddr,
-    _permit: tokio::sync::SemaphorePermit<'a>,
-}
-
-impl Limits {
-    fn enter(&self, ip: IpAddr, per_ip: usize) -> Option<Slot<'_>> {
-        let permit = self.total.try_acquire().ok()?;
-        let mut map = self.per_ip.lock().expect("per-ip lock");
-        let n = map.entry(ip).or_insert(0);
-        if *n >= per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(Slot {
-            limits: self,
-            ip,
-            _permit: permit,
-        })
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let mut map = self.limits.per_ip.lock().expect("per-ip lock");
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// One line, or the news that it was longer than allowed (the rest of it was consumed).
-enum Line {
-    Data(Vec<u8>),
-    TooLong,
-    Eof,
-}
-
-/// Reads up to and including LF, keeping at most `max` bytes; never buffers more than that.
-async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
-    let mut out = Vec::new();
-    let mut too_long = false;
-    loop {
-        let buf = r.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(if out.is_empty() && !too_long {
-                Line::Eof
-            } else if too_long {
-                Line::TooLong
-            } else {
-                Line::Data(out)
-            });
-        }
-        let (chunk, done) = match memchr::memchr(b'\n', buf) {
-            Some(i) => (&buf[..=i], true),
-            None => (buf, false),
-        };
-        let n = chunk.len();
-        if !too_long {
-            if out.len() + n > max {
-                too_long = true;
-                out = Vec::new();
-            } else {
-                out.extend_from_slice(chunk);
-            }
-        }
-        r.consume(n);
-        if done {
-            return Ok(if too_long {
-                Line::TooLong
-            } else {
-                Line::Data(out)
-            });
-        }
-    }
-}
-
-fn trim_crlf(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// `<addr> PARAM=…` after `MAIL FROM:` / `RCPT TO:` → the address and the parameters.
-fn path_and_params(arg: &str) -> Option<(&str, &str)> {
-    let arg = arg.trim_start();
-    let rest = arg.strip_prefix('<')?;
-    let end = rest.find('>')?;
-    Some((&rest[..end], rest[end + 1..].trim()))
-}
-
-/// One command line of the inbound dialogue (without its CRLF), parsed. What it means depends on
-/// the session's state, which the dialogue keeps; this part is pure, so it is fuzzed on its own.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command<'a> {
-    Ehlo,
-    Helo,
-    /// `MAIL FROM:<path> [SIZE=n …]`; `None` when the path is malformed.
-    Mail(Option<MailFrom<'a>>),
-    /// `RCPT TO:<path> […]`; `None` when the path is malformed.
-    Rcpt(Option<&'a str>),
-    Data,
-    Rset,
-    Noop,
-    Vrfy,
-    Quit,
-    /// `STARTTLS`; `params` when anything followed it (which is a syntax error).
-    StartTls {
-        params: bool,
-    },
-    /// Anything else, including `MAIL` without `FROM:` and `RCPT` without `TO:`.
-    Unknown,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MailFrom<'a> {
-    pub path: &'a str,
-    /// The `SIZE=` parameter, when present and a number.
-    pub size: Option<u64>,
-}
-
-impl<'a> Command<'a> {
-    pub fn parse(text: &'a str) -> Command<'a> {
-        let verb = text.split_whitespace().next().unwrap_or("");
-        let has_prefix = |p: &str| {
-            text.get(..p.len())
-                .is_some_and(|head| head.eq_ignore_ascii_case(p))
-        };
-        match verb.to_ascii_uppercase().as_str() {
-            "EHLO" => Command::Ehlo,
-            "HELO" => Command::Helo,
-            "MAIL" if has_prefix("MAIL FROM:") => {
-                Command::Mail(path_and_params(&text[10..]).map(|(path, params)| MailFrom {
-                    path,
-                    size: params.split_whitespace().find_map(|p| {
-                        p.get(..5)
-                            .filter(|k| k.eq_ignore_ascii_case("SIZE="))
-                            .and_then(|_| p[5..].parse().ok())
-                    }),
-                }))
-            }
-            "RCPT" if has_prefix("RCPT TO:") => {
-                Command::Rcpt(path_and_params(&text[8..]).map(|(path, _)| path))
-            }
-            "DATA" => Command::Data,
-            "RSET" => Command::Rset,
-            "NOOP" => Command::Noop,
-            "VRFY" => Command::Vrfy,
-            "QUIT" => Command::Quit,
-            "STARTTLS" => Command::StartTls {
-                params: !text.trim().eq_ignore_ascii_case("STARTTLS"),
-            },
-            _ => Command::Unknown,
-        }
-    }
 }
 
 struct Transaction {
@@ -408,7 +237,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 } else {
                     match mail {
                         None => "501 5.5.4 syntax: MAIL FROM:<address>".into(),
-                        Some(MailFrom { path, size }) => {
+                        Some(MailFrom { path, size, .. }) => {
                             if size.is_some_and(|s| s > max_size as u64) {
                                 REFUSED.with_label_values(&["size"]).inc();
                                 format!("552 5.3.4 message size exceeds {max_size} octets")
@@ -428,7 +257,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 } else {
                     match rcpt {
                         None => "501 5.5.4 syntax: RCPT TO:<address>".into(),
-                        Some(to) => match mailbox(node, to) {
+                        Some(RcptTo { path: to, .. }) => match mailbox(node, to) {
                             Some(m) => {
                                 tx.rcpts.push((to.to_owned(), m));
                                 "250 2.1.5 ok".into()
@@ -448,8 +277,11 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     "503 5.5.1 RCPT first".into()
                 } else {
                     reply(&mut wr, "354 end data with <CR><LF>.<CR><LF>").await?;
-                    let r = match tokio::time::timeout(DATA_TIMEOUT, read_data(&mut rd, max_size))
-                        .await
+                    let r = match tokio::time::timeout(
+                        DATA_TIMEOUT,
+                        read_data(&mut rd, max_size, MAX_TEXT_LINE, false),
+                    )
+                    .await
                     {
                         Err(_) => {
                             wr.write_all(b"421 4.4.2 data timeout, closing\r\n").await?;
@@ -463,7 +295,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                             REFUSED.with_label_values(&["size"]).inc();
                             format!("552 5.3.4 message size exceeds {max_size} octets")
                         }
-                        Data::LineTooLong => {
+                        Data::LineTooLong | Data::BareLineEnding => {
                             REFUSED.with_label_values(&["line"]).inc();
                             format!(
                                 "554 5.6.0 message has a line longer than {MAX_TEXT_LINE} octets"
@@ -518,56 +350,6 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     }
     reply(&mut wr, "421 4.7.0 too many errors, closing").await?;
     Ok(None)
-}
-
-async fn reply<W: AsyncWriteExt + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {
-    w.write_all(text.as_bytes()).await?;
-    w.write_all(b"\r\n").await?;
-    w.flush().await
-}
-
-enum Data {
-    Message(Vec<u8>),
-    TooBig,
-    LineTooLong,
-    Eof,
-}
-
-/// Reads the message up to the lone dot, undoing dot-stuffing. Past a limit the rest is read and
-/// dropped so the session stays in step.
-async fn read_data<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Data> {
-    let mut msg = Vec::new();
-    let mut too_big = false;
-    let mut too_long = false;
-    loop {
-        match read_line(r, MAX_TEXT_LINE).await? {
-            Line::Eof => return Ok(Data::Eof),
-            Line::TooLong => too_long = true,
-            Line::Data(line) => {
-                let body = trim_crlf(&line);
-                if body == b"." {
-                    break;
-                }
-                let body = body.strip_prefix(b".").unwrap_or(body);
-                if !too_big && !too_long {
-                    if msg.len() + body.len() + 2 > max {
-                        too_big = true;
-                        msg = Vec::new();
-                    } else {
-                        msg.extend_from_slice(body);
-                        msg.extend_from_slice(b"\r\n");
-                    }
-                }
-            }
-        }
-    }
-    Ok(if too_big {
-        Data::TooBig
-    } else if too_long {
-        Data::LineTooLong
-    } else {
-        Data::Message(msg)
-    })
 }
 
 /// Whether the listener takes mail for `address`, and what for.
@@ -661,85 +443,5 @@ async fn deliver(node: &Arc<Node>, tx: &Transaction, message: &[u8]) -> String {
             tracing::error!(error = %e, "applying a report failed");
             "451 4.3.0 could not record the report; try again later".into()
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_parse_case_insensitively_with_their_paths() {
-        assert_eq!(Command::parse("ehlo client.test"), Command::Ehlo);
-        assert_eq!(
-            Command::parse("mail from:<a@b.test> SIZE=1200 BODY=8BITMIME"),
-            Command::Mail(Some(MailFrom {
-                path: "a@b.test",
-                size: Some(1200)
-            }))
-        );
-        assert_eq!(
-            Command::parse("MAIL FROM: <> size=x"),
-            Command::Mail(Some(MailFrom {
-                path: "",
-                size: None
-            }))
-        );
-        assert_eq!(Command::parse("MAIL FROM:a@b.test"), Command::Mail(None));
-        assert_eq!(Command::parse("MAIL a@b.test"), Command::Unknown);
-        assert_eq!(
-            Command::parse("RCPT TO:<x@y.test> NOTIFY=NEVER"),
-            Command::Rcpt(Some("x@y.test"))
-        );
-        assert_eq!(Command::parse("RCPT TO:<x@y.test"), Command::Rcpt(None));
-        assert_eq!(
-            Command::parse("starttls"),
-            Command::StartTls { params: false }
-        );
-        assert_eq!(
-            Command::parse("STARTTLS now"),
-            Command::StartTls { params: true }
-        );
-        // Multi-byte text where the verb's prefix would end mid-character.
-        assert_eq!(Command::parse("MAIL\u{e9}FROM:<a>"), Command::Unknown);
-        assert_eq!(Command::parse("RCPT TO\u{e9}"), Command::Unknown);
-        assert_eq!(Command::parse(""), Command::Unknown);
-    }
-
-    #[tokio::test]
-    async fn lines_are_bounded() {
-        let input = format!("short\r\n{}\r\nnext\r\n", "x".repeat(100_000));
-        let mut r = BufReader::with_capacity(64, input.as_bytes());
-        assert!(
-            matches!(read_line(&mut r, 100).await.unwrap(), Line::Data(l) if l == b"short\r\n")
-        );
-        assert!(matches!(
-            read_line(&mut r, 100).await.unwrap(),
-            Line::TooLong
-        ));
-        assert!(matches!(read_line(&mut r, 100).await.unwrap(), Line::Data(l) if l == b"next\r\n"));
-        assert!(matches!(read_line(&mut r, 100).await.unwrap(), Line::Eof));
-    }
-
-    #[tokio::test]
-    async fn data_is_unstuffed_and_limited() {
-        let mut r = BufReader::new(&b"a\r\n..b\r\n.\r\nQUIT\r\n"[..]);
-        assert!(
-            matches!(read_data(&mut r, 100).await.unwrap(), Data::Message(m) if m == b"a\r\n.b\r\n")
-        );
-        let big = format!("{}\r\n.\r\nNOOP\r\n", "y".repeat(200));
-        let mut r = BufReader::new(big.as_bytes());
-        assert!(matches!(
-            read_data(&mut r, 100).await.unwrap(),
-            Data::TooBig
-        ));
-        let mut line = String::new();
-        r.read_line(&mut line).await.unwrap();
-        assert_eq!(line, "NOOP\r\n", "the session stays in step");
-        assert_eq!(
-            path_and_params(" <a+b@c.d> SIZE=10"),
-            Some(("a+b@c.d", "SIZE=10"))
-        );
-        assert_eq!(path_and_params("a@b"), None);
     }
 }

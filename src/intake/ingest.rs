@@ -296,17 +296,7 @@ pub fn validate_campaign(
         }
         check_header_text(&field, value)?;
     }
-    if fields.tags.len() > MAX_TAGS {
-        return Err(FieldError::new("tags", format!("at most {MAX_TAGS} tags")));
-    }
-    for (i, tag) in fields.tags.iter().enumerate() {
-        if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(char::is_control) {
-            return Err(FieldError::new(
-                format!("tags[{i}]"),
-                format!("a tag is 1 to {MAX_TAG_LEN} bytes without control characters"),
-            ));
-        }
-    }
+    check_tags(&fields.tags)?;
     check_attachments(&fields.attachments, limits)?;
     let schedule = check_schedule(&fields, kind, now_ms)?;
     let stream = match (kind, fields.stream) {
@@ -338,6 +328,7 @@ pub fn validate_campaign(
         schedule,
         pool: fields.pool,
         stream,
+        raw: None,
     };
     let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;
     rules.compiled = Some(Arc::new(compiled));
@@ -452,7 +443,7 @@ pub const DEFAULT_STREAM: &str = "default";
 const MAX_STREAM_LEN: usize = 64;
 
 /// A message's stream name: 1 to 64 of `A-Z a-z 0-9 . _ -`, [`DEFAULT_STREAM`] when absent.
-fn check_stream(stream: Option<String>) -> Result<String, FieldError> {
+pub fn check_stream(stream: Option<String>) -> Result<String, FieldError> {
     let Some(s) = stream else {
         return Ok(DEFAULT_STREAM.to_owned());
     };
@@ -546,6 +537,22 @@ pub fn rules_for(
         compiled: assembler.compiled(campaign).ok(),
         no_vars: !campaign.record.personalised,
     }
+}
+
+/// At most [`MAX_TAGS`] tags of 1 to [`MAX_TAG_LEN`] bytes without control characters.
+pub fn check_tags(tags: &[String]) -> Result<(), FieldError> {
+    if tags.len() > MAX_TAGS {
+        return Err(FieldError::new("tags", format!("at most {MAX_TAGS} tags")));
+    }
+    for (i, tag) in tags.iter().enumerate() {
+        if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                format!("tags[{i}]"),
+                format!("a tag is 1 to {MAX_TAG_LEN} bytes without control characters"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_header_text(field: &str, value: &str) -> Result<(), FieldError> {
@@ -739,8 +746,12 @@ pub struct Upload {
     reopened: bool,
     /// The record of the message this upload adds to a stream's bucket, stored beside its job.
     message: Option<CampaignRecord>,
+    /// The bytes of the raw message this upload adds, stored once under its first job's key.
+    raw_body: Option<Vec<u8>>,
     /// Indexes reserved from the campaign at a time.
     index_block: u32,
+    /// The first index handed out.
+    first_index: Option<u32>,
     /// The index handed out last.
     last_index: Option<u32>,
 }
@@ -797,6 +808,23 @@ impl Upload {
         Ok(upload)
     }
 
+    /// The upload of a raw message ([`crate::intake::raw`]) with `recipients` recipients to a
+    /// stream's bucket: `record` is each job's record, `body` the message's bytes.
+    pub fn for_raw(
+        node: Arc<Node>,
+        bucket: Arc<Campaign>,
+        record: CampaignRecord,
+        body: Vec<u8>,
+        recipients: u32,
+    ) -> Result<Upload, UploadError> {
+        let mut upload = Upload::new(node, bucket)?;
+        upload.message = Some(record);
+        upload.raw_body = Some(body);
+        // One block, so the jobs are numbered in a row from the one that holds the bytes.
+        upload.index_block = recipients.max(1);
+        Ok(upload)
+    }
+
     /// The job of the recipient added last, if any.
     pub fn last_job(&self) -> Option<JobId> {
         self.last_index.map(|i| self.job(i))
@@ -839,7 +867,9 @@ impl Upload {
             new_campaign: false,
             reopened: false,
             message: None,
+            raw_body: None,
             index_block: INDEX_BLOCK,
+            first_index: None,
             last_index: None,
         }
     }
@@ -909,6 +939,7 @@ impl Upload {
         }
         let index = self.next_index;
         self.next_index += 1;
+        self.first_index.get_or_insert(index);
         self.last_index = Some(index);
         Ok(index)
     }
@@ -1041,14 +1072,27 @@ impl Upload {
         for ((index, _, _), r) in self.suppressed.iter().zip(&reports) {
             batch.put_history(self.job(*index), self.accepted_at_ms, &r.history_entry());
         }
-        if let Some(message) = &self.message {
+        let seq = self.campaign.seq;
+        let job = |index: u32| JobId {
+            campaign: seq,
+            index,
+        };
+        if let Some(message) = &mut self.message {
+            if let (Some(raw), Some(first)) = (&mut message.raw, self.first_index) {
+                raw.body = first;
+                if let Some(body) = &self.raw_body
+                    && !self.staged.is_empty()
+                {
+                    batch.put_message_body(job(first), body);
+                }
+            }
             let full = message.encode();
             for (index, _) in &self.staged {
-                batch.put_message(self.job(*index), &full);
+                batch.put_message(job(*index), &full);
             }
             let compacted = message.compacted().encode();
             for (index, _, _) in &self.suppressed {
-                batch.put_message(self.job(*index), &compacted);
+                batch.put_message(job(*index), &compacted);
             }
         }
         let mut tally = Tally {

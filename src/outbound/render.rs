@@ -422,6 +422,24 @@ impl Assembler {
         )
     }
 
+    /// A raw message ([`crate::intake::raw`]) for job `job` (the lead of its transaction): the
+    /// trace field naming the job, then the stored bytes, signed for its From domain.
+    pub fn assemble_raw(
+        &self,
+        record: &CampaignRecord,
+        body: &[u8],
+        job: JobId,
+    ) -> Result<Rendered, AssembleError> {
+        let token = self.tokens.issue(Purpose::Trace, job);
+        let mut message = Vec::with_capacity(TRACE_HEADER.len() + token.len() + 4 + body.len());
+        message.extend_from_slice(TRACE_HEADER.as_bytes());
+        message.extend_from_slice(b": ");
+        message.extend_from_slice(token.as_bytes());
+        message.extend_from_slice(b"\r\n");
+        message.extend_from_slice(body);
+        self.sign(record, message)
+    }
+
     /// Whether mail from `from_domain` is signed with an RSA key (the costly kind).
     pub fn signs_with_rsa(&self, from_domain: &str) -> bool {
         self.dkim()
@@ -601,6 +619,7 @@ mod tests {
             schedule: Default::default(),
             pool: None,
             stream: None,
+            raw: None,
         }
     }
 

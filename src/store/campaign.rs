@@ -95,6 +95,38 @@ pub struct CampaignRecord {
     /// The stream of a transactional bucket or message (see [`CampaignKind::Transactional`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
+    /// A raw message's envelope and where its bytes are (it has no templates then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawMeta>,
+}
+
+/// What a raw message (MIME given whole, over SMTP or HTTP) keeps beside its bytes. The bytes
+/// are stored once, under the key of its first job ([`crate::store::spool::SpoolBatch::put_message_body`]);
+/// each recipient's job has this record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawMeta {
+    /// The index (in its bucket) of the job whose key holds the bytes: its first recipient's.
+    pub body: u32,
+    /// How many recipients it was accepted for.
+    pub recipients: u32,
+    /// How it came: `smtp` or `http`.
+    pub via: String,
+    /// The submitter's envelope sender, where DSNs about it go; empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mail_from: String,
+    /// RFC 3461 `RET` and `ENVID` of the submission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<Ret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
+}
+
+/// RFC 3461 RET: what a failure DSN returns of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Ret {
+    Full,
+    Hdrs,
 }
 
 /// Where a campaign is in its life after sending: when it finished and what retention has
@@ -337,6 +369,8 @@ pub struct Campaign {
     live: AtomicU64,
     uploads_open: AtomicU32,
     lifecycle: std::sync::Mutex<Lifecycle>,
+    /// A raw message's bytes, when they were read with its record ([`Campaign::message`]).
+    pub body: Option<Arc<[u8]>>,
 }
 
 impl Campaign {
@@ -353,6 +387,7 @@ impl Campaign {
             live: AtomicU64::new(0),
             uploads_open: AtomicU32::new(0),
             lifecycle,
+            body: None,
         }
     }
 
@@ -360,7 +395,11 @@ impl Campaign {
     /// job). It lives only while a job of it is handled: its counts, liveness and state are the
     /// bucket's, so it can go wherever a campaign goes (delivery, transitions, reports) and the
     /// registry never holds one per message.
-    pub fn message(bucket: &Arc<Campaign>, record: CampaignRecord) -> Campaign {
+    pub fn message(
+        bucket: &Arc<Campaign>,
+        record: CampaignRecord,
+        body: Option<Arc<[u8]>>,
+    ) -> Campaign {
         Campaign {
             seq: bucket.seq,
             state: AtomicU8::new(bucket.state().as_u8()),
@@ -371,6 +410,7 @@ impl Campaign {
             uploads_open: AtomicU32::new(0),
             lifecycle: std::sync::Mutex::new(record.lifecycle),
             record,
+            body,
         }
     }
 
@@ -715,6 +755,7 @@ mod tests {
             schedule: Schedule::default(),
             pool: None,
             stream: None,
+            raw: None,
         }
     }
 

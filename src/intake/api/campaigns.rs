@@ -106,15 +106,18 @@ pub(super) enum Composed {
     Fresh(Option<idempotency::Idempotency>, axum::body::Bytes),
 }
 
-/// Checks the content type and the `Idempotency-Key` of a `route` request and reads its body
+pub(super) const JSON: &[&str] = &["application/json"];
+
+/// Checks the content type (one of `types`) and the `Idempotency-Key` of a `route` request and reads its body
 /// within the limits.
 pub(super) async fn read_compose(
     node: &Arc<Node>,
     headers: &HeaderMap,
     body: Body,
     route: &str,
+    types: &[&str],
 ) -> Result<Composed, ApiError> {
-    require_content_type(headers, &["application/json"])?;
+    require_content_type(headers, types)?;
     let idem = match idempotency::check(node, headers, route.to_owned()).await? {
         IdempotencyCheck::Replay(resp) => return Ok(Composed::Replay(resp)),
         IdempotencyCheck::Fresh(i) => Some(i),
@@ -134,7 +137,7 @@ pub(super) async fn read_compose(
 pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let node = &s.node;
     let limits = &node.config.limits;
-    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/campaigns").await? {
+    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/campaigns", JSON).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };

@@ -9,14 +9,17 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
-use super::campaigns::{Composed, RejectList, SuppressedList, accepted_body, read_compose};
+use super::campaigns::{Composed, JSON, RejectList, SuppressedList, accepted_body, read_compose};
 use super::{ApiError, ApiResult, AppState, json_response, now_ms, parse_json};
+use crate::intake::address::Address;
 use crate::intake::ingest::{self, ComposeRequest, FieldError, Upload};
+use crate::intake::raw;
 use crate::node::{BucketError, Node};
 use crate::store::campaign::CampaignKind;
 use crate::store::spool::{JobId, JobRecord};
@@ -24,7 +27,7 @@ use crate::store::spool::{JobId, JobRecord};
 pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let node = &s.node;
     let limits = &node.config.limits;
-    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/messages").await? {
+    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/messages", JSON).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };
@@ -84,6 +87,120 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
     Ok(json_response(StatusCode::ACCEPTED, body))
 }
 
+/// `POST /v1/messages/raw?to=…[&to=…][&mail_from=…]`: a message given whole
+/// (`message/rfc822`), checked and queued once for its recipients ([`crate::intake::raw`]). A
+/// file with LF line endings is taken as CRLF. `mail_from` is where DSNs about it would go
+/// (kept with it; none is sent for mail taken over HTTP).
+pub(super) async fn send_raw(
+    State(s): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let node = &s.node;
+    let Query(pairs) = query.map_err(|e| ApiError::invalid_field("query", e.body_text()))?;
+    let route = "POST /v1/messages/raw";
+    let (idem, body) = match read_compose(node, &headers, body, route, RFC822).await? {
+        Composed::Replay(resp) => return Ok(resp),
+        Composed::Fresh(idem, body) => (idem, body),
+    };
+    let mut recipients = Vec::new();
+    let mut mail_from = String::new();
+    for (key, value) in pairs {
+        match key.as_str() {
+            "to" => {
+                for a in value.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                    let address = Address::parse(a)
+                        .map_err(|e| ApiError::invalid_field("to", format!("{a:?}: {e}")))?;
+                    recipients.push(raw::Recipient {
+                        address,
+                        notify: None,
+                        orcpt: None,
+                    });
+                }
+            }
+            "mail_from" => {
+                if !value.is_empty() {
+                    Address::parse(&value).map_err(|e| {
+                        ApiError::invalid_field("mail_from", format!("{value:?}: {e}"))
+                    })?;
+                }
+                mail_from = value;
+            }
+            other => {
+                return Err(ApiError::invalid_field(
+                    other,
+                    "unknown parameter: the envelope is `to` (repeatable, or comma-separated) and `mail_from`",
+                ));
+            }
+        }
+    }
+    if recipients.is_empty() {
+        return Err(ApiError::invalid_field(
+            "to",
+            "give the envelope recipients as ?to=someone@example.com (repeatable)",
+        ));
+    }
+    let bytes = raw::normalise_line_endings(body.to_vec());
+    let checked = raw::check(&bytes).map_err(ApiError::invalid)?;
+    let submission = raw::Submission {
+        checked,
+        recipients,
+        mail_from,
+        ret: None,
+        envid: None,
+        via: "http",
+        received: format!(
+            "Received: by {} (Sluice) with HTTP; {}",
+            node.config.delivery.ehlo_name,
+            raw::rfc2822_date(now_ms())
+        ),
+    };
+    let cap = node.config.limits.max_rejected_reported;
+    let queued = raw::ingest(node, submission, |q, batch| {
+        if let Some(i) = &idem {
+            i.put(batch, StatusCode::ACCEPTED, &raw_accepted(q, cap));
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        raw::IngestError::Invalid(f) => ApiError::invalid(f),
+        raw::IngestError::Upload(u) => u.into(),
+        raw::IngestError::Bucket(b) => bucket_error(b),
+    })?;
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        raw_accepted(&queued, cap),
+    ))
+}
+
+const RFC822: &[&str] = &["message/rfc822"];
+
+/// The 202 of a raw message: its id, bucket and stream, and what became of its recipients.
+fn raw_accepted(q: &raw::Queued, cap: usize) -> Vec<u8> {
+    let mut suppressed = SuppressedList::new(cap);
+    for (i, email, reason) in &q.suppressed {
+        suppressed.note(*i as u64, email, Some(*reason));
+    }
+    let ids = json!({
+        "id": q.id.map(|j| j.to_string()),
+        "campaign": q.campaign,
+        "stream": q.stream,
+    });
+    accepted_body(ids, q.queued, suppressed, RejectList::new(cap))
+}
+
+fn bucket_error(e: BucketError) -> ApiError {
+    match e {
+        BucketError::Spool(e) => e.into(),
+        BucketError::Exhausted => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "campaigns_exhausted",
+            "no campaign numbers left",
+        ),
+    }
+}
+
 async fn bucket(
     node: &Arc<Node>,
     stream: &str,
@@ -92,14 +209,7 @@ async fn bucket(
 ) -> Result<Arc<crate::store::campaign::Campaign>, ApiError> {
     node.stream_bucket(stream, priority, now)
         .await
-        .map_err(|e| match e {
-            BucketError::Spool(e) => e.into(),
-            BucketError::Exhausted => ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "campaigns_exhausted",
-                "no campaign numbers left",
-            ),
-        })
+        .map_err(bucket_error)
 }
 
 /// `GET /v1/messages/{id}`: a message (the id its 202 gave) or a campaign recipient (a job id

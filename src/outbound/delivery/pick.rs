@@ -71,7 +71,7 @@ impl Delivery {
                 continue;
             };
             let message = messages.get_mut(i).and_then(Option::take);
-            let campaign = match self.node.campaign_of(job.id, message.as_deref()) {
+            let campaign = match self.node.campaign_of(job.id, message) {
                 Ok(Some(c)) => c,
                 Ok(None) => {
                     tracing::warn!(job = %job.id, "job without a campaign or message record; skipped");
@@ -218,7 +218,7 @@ impl Delivery {
 fn read_jobs(
     node: &crate::node::Node,
     ids: &[JobId],
-) -> Result<(Records, Records), crate::store::spool::SpoolError> {
+) -> Result<(Records, Vec<Option<crate::node::MessageRead>>), crate::store::spool::SpoolError> {
     let records = node.spool.get_jobs(ids)?;
     let in_bucket = |id: &JobId| {
         node.campaigns
@@ -235,7 +235,7 @@ fn read_jobs(
         .zip(&bucket)
         .filter_map(|(id, &b)| b.then_some(*id))
         .collect();
-    let mut found = node.spool.get_messages(&wanted)?.into_iter();
+    let mut found = node.read_messages(&wanted, true)?.into_iter();
     let messages = bucket
         .iter()
         .map(|&b| if b { found.next().flatten() } else { None })
@@ -247,7 +247,8 @@ fn read_jobs(
 type Records = Vec<Option<Vec<u8>>>;
 
 /// Splits prepared jobs into transactions: each job alone, except consecutive jobs of one
-/// campaign that is not personalised, which share a message up to `max` recipients. An address
+/// campaign that is not personalised (or of one raw message), which share a message up to `max`
+/// recipients. An address
 /// that needs SMTPUTF8 always goes alone, so a server without it refuses only that one.
 pub(super) fn group_recipients(prepared: Vec<Prepared>, max: usize) -> Vec<Vec<Prepared>> {
     let mergeable = |p: &Prepared| !p.campaign.record.personalised && p.record.address.is_ascii();
@@ -257,7 +258,7 @@ pub(super) fn group_recipients(prepared: Vec<Prepared>, max: usize) -> Vec<Vec<P
             && last.len() < max
             && mergeable(&p)
             && mergeable(&last[0])
-            && Arc::ptr_eq(&last[0].campaign, &p.campaign)
+            && same_message(&last[0].campaign, &p.campaign)
         {
             last.push(p);
             continue;
@@ -265,6 +266,12 @@ pub(super) fn group_recipients(prepared: Vec<Prepared>, max: usize) -> Vec<Vec<P
         groups.push(vec![p]);
     }
     groups
+}
+
+/// Whether two jobs send the same message: one campaign's, or one raw message's (its jobs each
+/// have their record, and share the bytes read for them).
+fn same_message(a: &Arc<Campaign>, b: &Arc<Campaign>) -> bool {
+    Arc::ptr_eq(a, b) || matches!((&a.body, &b.body), (Some(x), Some(y)) if Arc::ptr_eq(x, y))
 }
 
 #[cfg(test)]

@@ -130,6 +130,9 @@ impl Delivery {
         p: &Prepared,
         merged: bool,
     ) -> Result<crate::outbound::render::Rendered, Outcome> {
+        if p.campaign.record.raw.is_some() {
+            return self.assemble_raw(p).await;
+        }
         let compiled = self.node.assembler.compiled(&p.campaign).map_err(|e| {
             outcome::local_failure(
                 EnhancedCode(5, 6, 0),
@@ -166,28 +169,75 @@ impl Delivery {
             .await
         };
         ASSEMBLY_SECONDS.observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(crate::outbound::render::AssembleError::Render(e))) => {
-                Err(outcome::local_failure(
-                    EnhancedCode(5, 6, 0),
-                    format!("message could not be rendered: {e}"),
-                    Command::Data,
-                ))
-            }
-            Ok(Err(crate::outbound::render::AssembleError::Sign(e))) => {
-                tracing::error!(error = %e, "DKIM signing failed; the message waits");
-                Err(outcome::local_failure(
-                    EnhancedCode(4, 7, 0),
-                    e.to_string(),
-                    Command::Data,
-                ))
-            }
-            Err(e) => Err(outcome::local_failure(
-                EnhancedCode(4, 3, 0),
-                format!("message assembly did not finish: {e}"),
+        assembled(result)
+    }
+
+    /// [`Delivery::assemble`] of a raw message: its stored bytes with our trace field, signed,
+    /// on the blocking pool under the same conditions as a campaign's message.
+    async fn assemble_raw(
+        &self,
+        p: &Prepared,
+    ) -> Result<crate::outbound::render::Rendered, Outcome> {
+        let Some(body) = p.campaign.body.clone() else {
+            // Its bytes go only when its last job is final, so this is a damaged spool.
+            return Err(outcome::local_failure(
+                EnhancedCode(5, 3, 0),
+                "the message's stored bytes are missing",
                 Command::Data,
-            )),
+            ));
+        };
+        let job = p.job.id;
+        let assembler = &self.node.assembler;
+        let started = Instant::now();
+        let record = &p.campaign.record;
+        let inline = body.len() <= INLINE_ASSEMBLY_BYTES
+            && !assembler.signs_with_rsa(crate::intake::address::domain_of(&record.from));
+        let result = if inline {
+            Ok(assembler.assemble_raw(record, &body, job))
+        } else {
+            let _permit = self
+                .assembly_slots
+                .acquire()
+                .await
+                .expect("the assembly semaphore is never closed");
+            let node = Arc::clone(&self.node);
+            let campaign = Arc::clone(&p.campaign);
+            tokio::task::spawn_blocking(move || {
+                node.assembler.assemble_raw(&campaign.record, &body, job)
+            })
+            .await
+        };
+        ASSEMBLY_SECONDS.observe(started.elapsed().as_secs_f64());
+        assembled(result)
+    }
+}
+
+/// The outcome of an assembly that failed, or its message.
+fn assembled(
+    result: Result<
+        Result<crate::outbound::render::Rendered, crate::outbound::render::AssembleError>,
+        tokio::task::JoinError,
+    >,
+) -> Result<crate::outbound::render::Rendered, Outcome> {
+    match result {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(crate::outbound::render::AssembleError::Render(e))) => Err(outcome::local_failure(
+            EnhancedCode(5, 6, 0),
+            format!("message could not be rendered: {e}"),
+            Command::Data,
+        )),
+        Ok(Err(crate::outbound::render::AssembleError::Sign(e))) => {
+            tracing::error!(error = %e, "DKIM signing failed; the message waits");
+            Err(outcome::local_failure(
+                EnhancedCode(4, 7, 0),
+                e.to_string(),
+                Command::Data,
+            ))
         }
+        Err(e) => Err(outcome::local_failure(
+            EnhancedCode(4, 3, 0),
+            format!("message assembly did not finish: {e}"),
+            Command::Data,
+        )),
     }
 }

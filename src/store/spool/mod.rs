@@ -60,12 +60,21 @@ pub const CF_JOBS: &str = "jobs";
 pub const CF_FINALS: &str = "finals";
 /// The record of each transactional message (a campaign record with the message's templates),
 /// keyed like its job in its stream's bucket: written with the job, compacted when the job is
-/// final, deleted with its tombstone.
+/// final, deleted with its tombstone. A raw message's bytes are here too, once, under its first
+/// job's key followed by `b`: deleted when its only job is final, else with the tombstones.
 pub const CF_MESSAGES: &str = "messages";
 /// What happened to each job, for lookups: one entry per attempt, fate and later report, keyed
 /// by the job's key, the time (ms, big-endian) and a tie-breaker, so a job's entries are one
 /// ordered range. Deleted with the job's tombstone.
 pub const CF_HISTORY: &str = "history";
+/// The key of a raw message's bytes: its first job's key and `b`, which sorts between that job
+/// and the next, so the campaign's key ranges take it along.
+fn body_key(id: JobId) -> [u8; 9] {
+    let mut key = [b'b'; 9];
+    key[..8].copy_from_slice(&id.key());
+    key
+}
+
 /// One [`Tally`] per campaign, keyed by campaign sequence (u32 big-endian), updated by merge.
 pub const CF_TALLIES: &str = "tallies";
 /// Finished campaigns that retention has compacted and whose recipients' tombstones are gone,
@@ -351,6 +360,18 @@ impl SpoolBatch {
     pub fn put_message(&mut self, id: JobId, record: &[u8]) {
         let cf = cf(&self.db, CF_MESSAGES);
         self.batch.put_cf(cf, id.key(), record);
+    }
+
+    /// Stores the bytes of the raw message whose first job is `id` (see [`CF_MESSAGES`]).
+    pub fn put_message_body(&mut self, id: JobId, bytes: &[u8]) {
+        let cf = cf(&self.db, CF_MESSAGES);
+        self.batch.put_cf(cf, body_key(id), bytes);
+    }
+
+    /// Deletes the bytes [`SpoolBatch::put_message_body`] stored.
+    pub fn delete_message_body(&mut self, id: JobId) {
+        let cf = cf(&self.db, CF_MESSAGES);
+        self.batch.delete_cf(cf, body_key(id));
     }
 
     /// Adds an entry at `at_ms` to job `id`'s history (see [`CF_HISTORY`]).
@@ -703,6 +724,16 @@ impl Spool {
     /// The records of the messages that are jobs `ids` (see [`CF_MESSAGES`]). Blocking.
     pub fn get_messages(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
         self.multi_get(CF_MESSAGES, ids)
+    }
+
+    /// The bytes of the raw messages whose first jobs are `ids`, position for position. Blocking.
+    pub fn get_message_bodies(&self, ids: &[JobId]) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
+        let keys: Vec<[u8; 9]> = ids.iter().map(|id| body_key(*id)).collect();
+        self.db
+            .batched_multi_get_cf(cf(&self.db, CF_MESSAGES), keys.iter(), false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|s| s.to_vec())).map_err(SpoolError::from))
+            .collect()
     }
 
     /// The values of `ids` in column family `name`, position for position. Blocking.
