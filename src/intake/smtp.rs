@@ -126,11 +126,20 @@ pub fn trim_crlf(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Writes one reply (which may hold several lines joined by CRLF) and flushes.
+/// Writes one reply (which may hold several lines joined by CRLF) and flushes: one write, so
+/// one segment on the wire.
 pub async fn reply<W: AsyncWriteExt + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {
-    w.write_all(text.as_bytes()).await?;
-    w.write_all(b"\r\n").await?;
+    queue_reply(w, text).await?;
     w.flush().await
+}
+
+/// Writes one reply without flushing: behind a buffered writer, the replies to pipelined
+/// commands then leave together (RFC 2920 §3.2), flushed once the client's input is used up.
+pub async fn queue_reply<W: AsyncWriteExt + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {
+    let mut line = Vec::with_capacity(text.len() + 2);
+    line.extend_from_slice(text.as_bytes());
+    line.extend_from_slice(b"\r\n");
+    w.write_all(&line).await
 }
 
 /// What the DATA phase read.
@@ -154,47 +163,115 @@ pub async fn read_data<R: AsyncBufRead + Unpin>(
     max_line: usize,
     strict: bool,
 ) -> std::io::Result<Data> {
-    let mut msg = Vec::new();
-    let mut too_big = false;
-    let mut too_long = false;
-    let mut bare = false;
+    let mut st = DataState {
+        msg: Vec::with_capacity(16 * 1024),
+        max,
+        max_line,
+        strict,
+        too_big: false,
+        too_long: false,
+        bare: false,
+    };
+    // A line that a read cut in two: its first part (bounded), or `None` past the line limit.
+    let mut partial: Option<Vec<u8>> = Some(Vec::new());
     loop {
-        match read_line(r, max_line + 2).await? {
-            Line::Eof => return Ok(Data::Eof),
-            Line::TooLong => too_long = true,
-            Line::Data(line) => {
-                let body = trim_crlf(&line);
-                if body == b"." {
-                    break;
-                }
-                if strict && (!line.ends_with(b"\r\n") || memchr::memchr(b'\r', body).is_some()) {
-                    bare = true;
-                }
-                if body.len() > max_line {
-                    too_long = true;
-                }
-                let body = body.strip_prefix(b".").unwrap_or(body);
-                if !too_big && !too_long && !bare {
-                    if msg.len() + body.len() + 2 > max {
-                        too_big = true;
-                        msg = Vec::new();
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(Data::Eof);
+        }
+        // Whole lines are taken straight from the reader's buffer.
+        let mut at = 0;
+        let mut ended = false;
+        while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
+            let end = at + i + 1;
+            let last = match &mut partial {
+                Some(p) if p.is_empty() => st.line(&buf[at..end]),
+                Some(p) => {
+                    p.extend_from_slice(&buf[at..end]);
+                    let last = if p.len() > max_line + 2 {
+                        st.too_long = true;
+                        false
                     } else {
-                        msg.extend_from_slice(body);
-                        msg.extend_from_slice(b"\r\n");
-                    }
+                        st.line(p)
+                    };
+                    p.clear();
+                    last
                 }
+                None => {
+                    st.too_long = true;
+                    partial = Some(Vec::new());
+                    false
+                }
+            };
+            at = end;
+            if last {
+                ended = true;
+                break;
             }
         }
+        if !ended {
+            let rest = &buf[at..];
+            if let Some(p) = &mut partial {
+                if p.len() + rest.len() > max_line + 2 {
+                    partial = None;
+                } else {
+                    p.extend_from_slice(rest);
+                }
+            }
+            at = buf.len();
+        }
+        r.consume(at);
+        if ended {
+            break;
+        }
     }
-    Ok(if too_big {
+    Ok(if st.too_big {
         Data::TooBig
-    } else if too_long {
+    } else if st.too_long {
         Data::LineTooLong
-    } else if bare {
+    } else if st.bare {
         Data::BareLineEnding
     } else {
-        Data::Message(msg)
+        Data::Message(st.msg)
     })
+}
+
+/// What [`read_data`] has read so far.
+struct DataState {
+    msg: Vec<u8>,
+    max: usize,
+    max_line: usize,
+    strict: bool,
+    too_big: bool,
+    too_long: bool,
+    bare: bool,
+}
+
+impl DataState {
+    /// Takes one line, LF included; true when it is the lone dot that ends the message.
+    fn line(&mut self, line: &[u8]) -> bool {
+        let body = trim_crlf(line);
+        if body == b"." {
+            return true;
+        }
+        if self.strict && (!line.ends_with(b"\r\n") || memchr::memchr(b'\r', body).is_some()) {
+            self.bare = true;
+        }
+        if body.len() > self.max_line {
+            self.too_long = true;
+        }
+        let body = body.strip_prefix(b".").unwrap_or(body);
+        if !self.too_big && !self.too_long && !self.bare {
+            if self.msg.len() + body.len() + 2 > self.max {
+                self.too_big = true;
+                self.msg = Vec::new();
+            } else {
+                self.msg.extend_from_slice(body);
+                self.msg.extend_from_slice(b"\r\n");
+            }
+        }
+        false
+    }
 }
 
 /// Reads a BDAT chunk of exactly `size` octets, appending it to `into` unless that would pass
@@ -522,6 +599,38 @@ mod tests {
             Some(("a+b@c.d", "SIZE=10"))
         );
         assert_eq!(path_and_params("a@b"), None);
+    }
+
+    #[tokio::test]
+    async fn data_lines_cut_by_small_reads_are_joined() {
+        let text = format!(
+            "From: a@b.test\r\n\r\n..x\r\n{}\r\nend\r\n.\r\nNOOP\r\n",
+            "w".repeat(50)
+        );
+        for capacity in [1, 3, 7, 64] {
+            let mut r = BufReader::with_capacity(capacity, text.as_bytes());
+            let Data::Message(m) = read_data(&mut r, 1000, 60, true).await.unwrap() else {
+                panic!("capacity {capacity}");
+            };
+            assert_eq!(
+                m,
+                format!("From: a@b.test\r\n\r\n.x\r\n{}\r\nend\r\n", "w".repeat(50)).as_bytes()
+            );
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "NOOP\r\n", "capacity {capacity}");
+            let mut r = BufReader::with_capacity(capacity, text.as_bytes());
+            assert!(
+                matches!(
+                    read_data(&mut r, 1000, 40, true).await.unwrap(),
+                    Data::LineTooLong
+                ),
+                "capacity {capacity}"
+            );
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            assert_eq!(line, "NOOP\r\n", "capacity {capacity}");
+        }
     }
 
     #[tokio::test]

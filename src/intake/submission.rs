@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use prometheus::{IntCounter, IntCounterVec, register_int_counter, register_int_counter_vec};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ use crate::intake::address::Address;
 use crate::intake::raw::{self, Recipient, Ret};
 use crate::intake::smtp::{
     COMMAND_TIMEOUT, Command, DATA_TIMEOUT, Data, Limits, Line, MAX_COMMAND_LINE, MailFrom, RcptTo,
-    params, read_chunk, read_data, read_line, reply, trim_crlf, xtext_decode,
+    params, queue_reply, read_chunk, read_data, read_line, reply, trim_crlf, xtext_decode,
 };
 use crate::node::Node;
 
@@ -334,8 +334,10 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<Option<S>> {
     let node = &shared.node;
     let cfg = &node.config.submission;
-    let (rd, mut wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    // Replies wait here while pipelined commands are still to be read (see the loop's end).
+    let mut wr = BufWriter::with_capacity(4096, wr);
     let host = &node.config.delivery.ehlo_name;
     let max_size = cfg.max_message_bytes;
     let mut tx = Transaction::default();
@@ -345,8 +347,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
             .await
         {
             Err(_) => {
-                wr.write_all(b"421 4.4.2 idle too long, closing\r\n")
-                    .await?;
+                reply(&mut wr, "421 4.4.2 idle too long, closing").await?;
                 return Ok(None);
             }
             Ok(r) => r?,
@@ -526,7 +527,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     .await;
                     let r = match read {
                         Err(_) => {
-                            wr.write_all(b"421 4.4.2 data timeout, closing\r\n").await?;
+                            reply(&mut wr, "421 4.4.2 data timeout, closing").await?;
                             return Ok(None);
                         }
                         Ok(r) => r?,
@@ -576,7 +577,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 .await;
                 let fits = match read {
                     Err(_) => {
-                        wr.write_all(b"421 4.4.2 data timeout, closing\r\n").await?;
+                        reply(&mut wr, "421 4.4.2 data timeout, closing").await?;
                         return Ok(None);
                     }
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -631,7 +632,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                         REFUSED.with_label_values(&["tls"]).inc();
                         return Ok(None);
                     }
-                    return Ok(Some(rd.into_inner().unsplit(wr)));
+                    return Ok(Some(rd.into_inner().unsplit(wr.into_inner())));
                 }
             }
             Command::StartTls { .. } if client.tls => "503 5.5.1 TLS is already active".into(),
@@ -641,7 +642,11 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 "502 5.5.2 command not recognised".into()
             }
         };
-        reply(&mut wr, &answer).await?;
+        queue_reply(&mut wr, &answer).await?;
+        // Flushed unless a whole command is already waiting: the next read cannot block then.
+        if memchr::memchr(b'\n', rd.buffer()).is_none() {
+            wr.flush().await?;
+        }
         if bad >= MAX_BAD_COMMANDS {
             break;
         }
