@@ -283,6 +283,7 @@ fn smtp_transaction(c: &mut Criterion) {
         recipients: &recipients,
         smtputf8: false,
         eight_bit: false,
+        dsn: None,
     };
     g.bench_function("client_10k", |b| {
         b.iter(|| {

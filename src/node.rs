@@ -46,6 +46,8 @@ pub struct Node {
     pub actions: crate::outbound::shaping::actions::Actions,
     /// Warm-up counts per (source, provider group), loaded at recovery.
     pub warmup: crate::outbound::shaping::warmup::Counts,
+    /// Failures of submitted messages to report to their submitters.
+    pub dsns: crate::effects::dsn::Notices,
     /// Messages this node delivered since it started (for its heartbeat's rate).
     pub delivered: AtomicU64,
     /// Cluster mode's link to Redis, set at start when `[cluster]` is configured.
@@ -94,6 +96,7 @@ impl Node {
             upload_seq: AtomicU64::new(0),
             idempotency_in_flight: Mutex::new(Default::default()),
             delivered: AtomicU64::new(0),
+            dsns: Default::default(),
             cluster: std::sync::OnceLock::new(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),

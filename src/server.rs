@@ -151,6 +151,10 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         ),
     };
 
+    tasks.spawn(crate::intake::raw::send_dsns(
+        Arc::clone(&node),
+        stop.clone(),
+    ));
     let submission =
         crate::intake::submission::serve(Arc::clone(&node), stop.clone(), tasks.clone())
             .await

@@ -496,3 +496,97 @@ async fn a_trusted_network_submits_without_auth() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounced_submission_sends_a_dsn_to_its_return_path_unless_notify_never() {
+    let sink = Sink::start(SinkOptions {
+        rcpt: Arc::new(|rcpt, _| {
+            if rcpt.starts_with("nobody") {
+                "550 5.1.1 no such user here".to_owned()
+            } else {
+                "250 2.1.5 ok".to_owned()
+            }
+        }),
+        ..SinkOptions::default()
+    })
+    .await;
+    let submitter = Sink::start(SinkOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = delivery_config(dir.path(), &sink);
+    cfg.routes.push(sluice::config::Route {
+        domain: "back.test".into(),
+        relay: submitter.addr.to_string(),
+    });
+    cfg.submission.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.submission.trusted_networks = vec!["127.0.0.1/32".into()];
+    let node = start(cfg).await;
+    let mut io = connect(node.submission.starttls.unwrap()).await;
+    cmd(&mut io, "EHLO app.test").await;
+    for (rcpt, params) in [
+        (
+            "nobody@sink.test",
+            " NOTIFY=FAILURE ORCPT=rfc822;nobody+40sink.test",
+        ),
+        ("nobody2@sink.test", " NOTIFY=NEVER"),
+        ("someone@sink.test", ""),
+    ] {
+        assert!(
+            cmd(&mut io, "MAIL FROM:<app@back.test> RET=HDRS ENVID=order-7")
+                .await
+                .starts_with("250")
+        );
+        assert!(
+            cmd(&mut io, &format!("RCPT TO:<{rcpt}>{params}"))
+                .await
+                .starts_with("250")
+        );
+        assert!(cmd(&mut io, "DATA").await.starts_with("354"));
+        let r = cmd(
+            &mut io,
+            &format!("From: app@back.test\r\nSubject: to {rcpt}\r\n\r\nsecret body\r\n."),
+        )
+        .await;
+        assert!(r.starts_with("250"), "{r}");
+    }
+    cmd(&mut io, "QUIT").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while submitter.messages().is_empty() || sink.messages().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no DSN");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Time for a second DSN (that must not come) to arrive.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dsns = submitter.messages();
+    assert_eq!(
+        dsns.len(),
+        1,
+        "one DSN: NOTIFY=NEVER has none, the delivered one none"
+    );
+    let dsn = &dsns[0];
+    assert_eq!(dsn.mail_from, "", "a DSN has a null return path");
+    assert_eq!(dsn.rcpts, ["app@back.test"]);
+    use mail_parser::MimeHeaders;
+    let parsed = mail_parser::MessageParser::default()
+        .parse(dsn.data.as_bytes())
+        .unwrap();
+    let ct = parsed.content_type().unwrap();
+    assert_eq!(
+        (ct.ctype(), ct.attribute("report-type")),
+        ("multipart", Some("delivery-status"))
+    );
+    let text = &dsn.data;
+    for field in [
+        "Final-Recipient: rfc822; nobody@sink.test",
+        "Original-Recipient: rfc822;nobody@sink.test",
+        "Original-Envelope-Id: order-7",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user here",
+        "Content-Type: text/rfc822-headers",
+        "Subject: to nobody@sink.test",
+    ] {
+        assert!(text.contains(field), "{field}: {text}");
+    }
+    assert!(!text.contains("secret body"), "RET=HDRS: {text}");
+    node.shutdown().await;
+}

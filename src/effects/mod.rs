@@ -2,6 +2,7 @@
 //! suppression list, delivery log, webhook outbox), written through one path.
 
 pub mod delivery_log;
+pub mod dsn;
 pub mod suppression;
 pub mod transition;
 pub mod webhook;

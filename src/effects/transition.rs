@@ -62,6 +62,9 @@ pub struct Transition<'a> {
     pub suppression: Option<Entry>,
     /// The record change takes the job from queued to final (set by [`Transition::writes`]).
     ends_job: bool,
+    /// A failure its submitter is told of ([`crate::effects::dsn`]): the recipient's DSN
+    /// request and when the message arrived (set by [`Transition::set_record`]).
+    dsn: Option<(crate::effects::dsn::Request, u64)>,
 }
 
 /// A job's new record and the states it moves between, which say where it is stored and how
@@ -147,17 +150,33 @@ impl<'a> Transition<'a> {
             report: None,
             suppression: None,
             ends_job: false,
+            dsn: None,
         }
     }
 
     /// Sets the job's new record, `rec`, which replaces one in state `from`. A final record is
     /// stored as its tombstone (its `next_attempt_ms` is when it became final).
     pub fn set_record(&mut self, from: JobState, rec: &JobRecord<'_>) {
-        let bytes = if rec.state.is_final() {
+        let raw = self.campaign.record.raw.as_ref();
+        // A submitted message's recipient keeps its DSN request (NOTIFY, ORCPT) when final: a
+        // remote bounce after delivery is reported to the submitter too.
+        let bytes = if rec.state.is_final() && raw.is_none() {
             rec.tombstone().encode()
         } else {
             rec.encode()
         };
+        let failed = |s: JobState| matches!(s, JobState::Bounced | JobState::Expired);
+        if let Some(raw) = raw
+            && raw.via == "smtp"
+            && !raw.mail_from.is_empty()
+            && failed(rec.state)
+            && !failed(from)
+        {
+            let request = crate::effects::dsn::Request::parse(rec.vars);
+            self.dsn = request
+                .wants_failure()
+                .then_some((request, rec.accepted_at_ms));
+        }
         self.record = Some(JobChange {
             from,
             to: rec.state,
@@ -231,6 +250,29 @@ impl<'a> Transition<'a> {
                     Reason::HardBounce | Reason::Manual => {}
                 }
             }
+        }
+        if let (Some((request, arrival_ms)), Some(report), Some(raw)) =
+            (self.dsn, &self.report, &self.campaign.record.raw)
+        {
+            node.dsns.send(crate::effects::dsn::Notice {
+                to: raw.mail_from.clone(),
+                envid: raw.envid.clone(),
+                ret: raw.ret,
+                recipient: report.recipient.clone(),
+                orcpt: request.orcpt,
+                action: "failed",
+                status: report.dsn_status.clone(),
+                // The server's reply as it was: code, enhanced code, text.
+                diagnostic: match report.reply_code {
+                    Some(code) => format!("{code} {} {}", report.dsn_status, report.dsn_diag),
+                    None => report.dsn_diag.clone(),
+                },
+                smtp_reply: report.reply_code.is_some(),
+                remote_mta: report.mx_host.clone(),
+                arrival_ms,
+                original: self.campaign.body.clone(),
+                job: report.job.clone(),
+            });
         }
         if let Some(report) = self.report {
             node.log.record(report);

@@ -24,6 +24,8 @@ pub const MAX_LINE: usize = 998;
 /// The stream raw messages belong to when they name none (`X-Sluice-Campaign`).
 pub const DEFAULT_STREAM_SMTP: &str = "smtp";
 pub const DEFAULT_STREAM_HTTP: &str = "raw";
+/// The stream of the DSNs Sluice sends to submitters.
+pub const DEFAULT_STREAM_DSN: &str = "dsn";
 
 /// Fields RFC 5322 §3.6 allows at most once (From exactly once).
 const SINGLE: [&str; 9] = [
@@ -268,8 +270,9 @@ pub struct Submission {
     pub envid: Option<String>,
     /// `smtp` or `http`.
     pub via: &'static str,
-    /// The Received field to put on top (without its CRLF), naming the client.
-    pub received: String,
+    /// The Received field to put on top (without its CRLF), naming the client; none for a DSN
+    /// of ours.
+    pub received: Option<String>,
 }
 
 /// What [`ingest`] queued: the message's id (its first job) and the recipients queued and found
@@ -358,6 +361,7 @@ fn record(node: &Node, s: &Submission, now: u64) -> Result<CampaignRecord, RawEr
             .map_err(|e| bad("X-Sluice-Campaign", e.message))?,
         None => match s.via {
             "smtp" => DEFAULT_STREAM_SMTP.to_owned(),
+            "dsn" => DEFAULT_STREAM_DSN.to_owned(),
             _ => DEFAULT_STREAM_HTTP.to_owned(),
         },
     };
@@ -412,8 +416,10 @@ fn record(node: &Node, s: &Submission, now: u64) -> Result<CampaignRecord, RawEr
 fn assemble_stored(s: &Submission, record: &CampaignRecord, bucket: u32, now: u64) -> Vec<u8> {
     let c = &s.checked;
     let mut out = Vec::with_capacity(c.bytes.len() + 256);
-    out.extend_from_slice(s.received.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    if let Some(received) = &s.received {
+        out.extend_from_slice(received.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     if !c.has_message_id {
         let domain = crate::intake::address::domain_of(&c.from);
         // Unique without the job number, which is not known yet: the bucket, the time and a
@@ -438,6 +444,56 @@ fn assemble_stored(s: &Submission, record: &CampaignRecord, bucket: u32, now: u6
 /// `Thu, 03 Dec 2026 11:41:25 +0000`.
 pub fn rfc2822_date(ms: u64) -> String {
     mail_builder::headers::date::Date::new((ms / 1000) as i64).to_rfc822()
+}
+
+/// Sends the DSNs the node's transitions ask for ([`crate::effects::dsn`]) until `stop`: each
+/// is built, checked like any raw message and queued to the submitter with a null return path.
+pub async fn send_dsns(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
+    use crate::effects::dsn::{DSNS, build};
+    let Some(mut rx) = node.dsns.receiver() else {
+        return;
+    };
+    loop {
+        let notice = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = rx.recv() => match n {
+                Some(n) => n,
+                None => return,
+            },
+        };
+        let host = &node.config.delivery.ehlo_name;
+        let bytes = build(&notice, host, crate::now_ms());
+        let queued = match (check(&bytes), Address::parse(&notice.to)) {
+            (Ok(checked), Ok(to)) => {
+                let s = Submission {
+                    checked,
+                    recipients: vec![Recipient {
+                        address: to,
+                        notify: None,
+                        orcpt: None,
+                    }],
+                    mail_from: String::new(),
+                    ret: None,
+                    envid: None,
+                    via: "dsn",
+                    received: None,
+                };
+                ingest(&node, s, |_, _| {}).await.map_err(|e| e.to_string())
+            }
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(format!("the return path: {e}")),
+        };
+        match queued {
+            Ok(q) => {
+                DSNS.with_label_values(&["queued"]).inc();
+                tracing::info!(job = %notice.job, to = %notice.to, dsn = ?q.id.map(|j| j.to_string()), "DSN queued to the submitter");
+            }
+            Err(e) => {
+                DSNS.with_label_values(&["failed"]).inc();
+                tracing::warn!(job = %notice.job, to = %notice.to, error = %e, "a DSN could not be queued");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

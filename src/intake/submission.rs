@@ -868,7 +868,7 @@ async fn submit(shared: &Shared, client: &Client, tx: Transaction, message: Vec<
         ret: tx.ret,
         envid: tx.envid,
         via: "smtp",
-        received,
+        received: Some(received),
     };
     match raw::ingest(node, submission, |_, _| {}).await {
         Ok(q) => {

@@ -339,8 +339,12 @@ impl Assembler {
         *self.dkim.write().expect("dkim lock") = Arc::new(keys);
     }
 
-    /// The VERP return path of a job: `<local>+<token>@<bounce domain>`.
+    /// The VERP return path of a job: `<local>+<token>@<bounce domain>`; empty (the null
+    /// reverse-path) for a DSN we send, from which nothing may bounce (RFC 5321 §4.5.5).
     pub fn envelope_sender(&self, record: &CampaignRecord, job: JobId) -> String {
+        if record.raw.as_ref().is_some_and(|r| r.via == "dsn") {
+            return String::new();
+        }
         let domain = self
             .bounce_domain
             .as_deref()

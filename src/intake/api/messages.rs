@@ -150,11 +150,11 @@ pub(super) async fn send_raw(
         ret: None,
         envid: None,
         via: "http",
-        received: format!(
+        received: Some(format!(
             "Received: by {} (Sluice) with HTTP; {}",
             node.config.delivery.ehlo_name,
             raw::rfc2822_date(now_ms())
-        ),
+        )),
     };
     let cap = node.config.limits.max_rejected_reported;
     let queued = raw::ingest(node, submission, |q, batch| {

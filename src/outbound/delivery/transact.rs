@@ -85,11 +85,19 @@ impl Delivery {
             p.sender.clone_from(&sender);
         }
         let recipients: Vec<&str> = group.iter().map(|p| p.record.address.as_str()).collect();
+        let dsn = group[0].campaign.record.raw.as_ref().map(|raw| {
+            let rcpts: Vec<String> = group
+                .iter()
+                .map(|p| crate::effects::dsn::Request::parse(&p.record.vars).rcpt_params())
+                .collect();
+            (crate::effects::dsn::mail_params(raw), rcpts)
+        });
         let env = Envelope {
             sender: &sender,
             recipients: &recipients,
             smtputf8,
             eight_bit: rendered.eight_bit,
+            dsn: dsn.as_ref().map(|(m, r)| (m.as_str(), r.as_slice())),
         };
         let started = Instant::now();
         let result = conn.send(&env, &rendered.bytes).await;

@@ -219,6 +219,7 @@ pub struct Capabilities {
     pub smtputf8: bool,
     pub enhanced_status_codes: bool,
     pub chunking: bool,
+    pub dsn: bool,
 }
 
 impl Capabilities {
@@ -241,6 +242,7 @@ impl Capabilities {
                 "SMTPUTF8" => c.smtputf8 = true,
                 "ENHANCEDSTATUSCODES" => c.enhanced_status_codes = true,
                 "CHUNKING" => c.chunking = true,
+                "DSN" => c.dsn = true,
                 _ => {}
             }
         }
@@ -324,6 +326,10 @@ pub struct Envelope<'a> {
     pub smtputf8: bool,
     /// The message has 8-bit content.
     pub eight_bit: bool,
+    /// RFC 3461 parameters for the MAIL command (`RET=… ENVID=…`), and for each recipient's
+    /// RCPT (`NOTIFY=… ORCPT=…`, position for position; missing or empty: none). Sent only to a
+    /// server that offers DSN.
+    pub dsn: Option<(&'a str, &'a [String])>,
 }
 
 /// An open, greeted connection, over TCP unless made [`Connection::with_stream`].
@@ -541,12 +547,22 @@ impl<S: Transport> Connection<S> {
         if env.smtputf8 && self.capabilities.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
+        let dsn = env.dsn.filter(|_| self.capabilities.dsn);
+        if let Some((params, _)) = dsn
+            && !params.is_empty()
+        {
+            mail.push(' ');
+            mail.push_str(params);
+        }
+        let rcpt_line = |i: usize, rcpt: &str| match dsn.and_then(|(_, r)| r.get(i)) {
+            Some(p) if !p.is_empty() => format!("RCPT TO:<{rcpt}> {p}"),
+            _ => format!("RCPT TO:<{rcpt}>"),
+        };
         let pipelined = self.capabilities.pipelining;
         self.write_line(&mail, Command::Mail).await?;
         let mail_reply = if pipelined {
-            for rcpt in env.recipients {
-                self.write_line(&format!("RCPT TO:<{rcpt}>"), Command::Rcpt)
-                    .await?;
+            for (i, rcpt) in env.recipients.iter().enumerate() {
+                self.write_line(&rcpt_line(i, rcpt), Command::Rcpt).await?;
             }
             self.write_line("DATA", Command::Data).await?;
             self.read_reply(Command::Mail, t.command).await?
@@ -569,9 +585,8 @@ impl<S: Transport> Connection<S> {
                 rcpt_replies.push(r);
             }
         } else if mail_reply.is_positive() {
-            for rcpt in env.recipients {
-                self.write_line(&format!("RCPT TO:<{rcpt}>"), Command::Rcpt)
-                    .await?;
+            for (i, rcpt) in env.recipients.iter().enumerate() {
+                self.write_line(&rcpt_line(i, rcpt), Command::Rcpt).await?;
                 let r = self.read_reply(Command::Rcpt, t.command).await?;
                 if let Some(all) = closing(&r) {
                     return Ok(all);
@@ -893,6 +908,7 @@ mod tests {
             recipients,
             smtputf8: false,
             eight_bit: false,
+            dsn: None,
         }
     }
 
@@ -975,6 +991,50 @@ mod tests {
         assert_eq!((replies[1].code, replies[1].command), (550, Command::Rcpt));
         assert_eq!(replies[1].enhanced, Some(EnhancedCode(5, 1, 1)));
         assert!(conn.is_reusable());
+    }
+
+    #[tokio::test]
+    async fn dsn_parameters_go_only_to_a_server_that_offers_dsn() {
+        let rcpt_params = ["NOTIFY=NEVER".to_owned(), String::new()];
+        let send = |offer: &'static str, mail: &'static str, rcpt: &'static str| {
+            let params = rcpt_params.clone();
+            async move {
+                let (conn, task) = connect(vec![
+                    Say("220 mx.example\r\n"),
+                    Expect("EHLO"),
+                    Say(offer),
+                    Expect(mail),
+                    Expect(rcpt),
+                    Expect("RCPT TO:<b@example.org>\r\n"),
+                    Expect("DATA"),
+                    Say("250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
+                    Data,
+                    Say("250 queued\r\n"),
+                ])
+                .await;
+                let mut conn = conn.expect("connected");
+                let recipients = ["a@example.org", "b@example.org"];
+                let env = Envelope {
+                    dsn: Some(("RET=HDRS ENVID=x", &params)),
+                    ..envelope(&recipients)
+                };
+                let replies = conn.send(&env, b"Subject: x\r\n\r\nhi\r\n").await;
+                task.await.unwrap();
+                assert!(replies.expect("sent").iter().all(|r| r.code == 250));
+            }
+        };
+        send(
+            "250-mx.example\r\n250-DSN\r\n250 PIPELINING\r\n",
+            "MAIL FROM:<bounces@example.com> RET=HDRS ENVID=x\r\n",
+            "RCPT TO:<a@example.org> NOTIFY=NEVER\r\n",
+        )
+        .await;
+        send(
+            "250-mx.example\r\n250 PIPELINING\r\n",
+            "MAIL FROM:<bounces@example.com>\r\n",
+            "RCPT TO:<a@example.org>\r\n",
+        )
+        .await;
     }
 
     #[tokio::test]
