@@ -13,7 +13,7 @@
 //! their module; where two are held at once the order is written in the module that allows it (a
 //! delivery site's lock, then the scheduler's, which is a leaf).
 //!
-//! **[`intake`]: HTTP to durable jobs.**
+//! **[`intake`]: HTTP and SMTP to durable jobs.**
 //!
 //! * [`intake::api`]: the axum router, one file per resource (`campaigns`, `messages`,
 //!   `suppressions`, `feedback`, `unsubscribe`, `domains`), plus `idempotency` and `lines`, the
@@ -26,6 +26,16 @@
 //!   makes them visible in one synced commit (or deletes them if the request fails or the client
 //!   leaves). [`intake::address`] is the one definition of a valid address (RFC 5321/6531; IDN to
 //!   punycode); [`intake::template`] the minijinja settings shared by ingest and rendering.
+//! * [`intake::raw`]: messages given whole (MIME), from `POST /v1/messages/raw` and the
+//!   submission listener: the header and line checks, the `X-Sluice-*` choices, and the upload
+//!   of one message of a stream's bucket whose bytes are stored once (under its first job's key,
+//!   in `messages`) with a job per recipient pointing at them ([`store::campaign::RawMeta`]).
+//!   Delivery puts the trace field in front and signs; the recipients of one message share a
+//!   transaction. Also the task that queues DSNs to submitters ([`effects::dsn`]).
+//! * [`intake::submission`]: the SMTP submission listener (STARTTLS and implicit TLS, AUTH PLAIN
+//!   and LOGIN with an API key, trusted networks, PIPELINING with replies batched, BDAT, DSN
+//!   parameters). [`intake::smtp`] is the server side of SMTP it shares with the bounce listener:
+//!   bounded line reads, DATA and BDAT, the pure command parser (fuzzed), connection limits.
 //!
 //! **[`store`]: what is kept.**
 //!
@@ -141,6 +151,9 @@
 //!   and imports. Entries that name a campaign are counted back into its
 //!   `unsubscribed`/`complained` at recovery (those counts are not stored).
 //! * [`effects::delivery_log`]: the JSON delivery log, written on its own thread and rotated.
+//! * [`effects::dsn`]: the RFC 3464 reports to the submitters of SMTP mail that bounces or
+//!   expires: a transition that fails such a job hands a notice over once applied (after the
+//!   failure is written), [`intake::raw`] builds and queues it with a null return path.
 //! * [`effects::webhook`]: events for HTTP receivers. An event (a delivery-log record plus id and
 //!   type) is staged into the same spool batch as the change it reports; the spool's writer
 //!   numbers it in write order into the `events` column family (the outbox); one sender per
@@ -153,7 +166,7 @@
 //! returned headers, and applies it as a transition. A report about a shared message names its
 //! first recipient's job; the recipient the report names is found through the spool's
 //! per-campaign address index. [`feedback::listener`] is the SMTP listener on `[bounce] listen`
-//! that feeds it; a pure [`feedback::listener::Command::parse`] reads each command line, the
+//! that feeds it; the pure [`intake::smtp::Command::parse`] reads each command line, the
 //! dialogue applies it; it accepts only addresses whose tokens authenticate and configured
 //! feedback addresses, with limits on connections, lines, size and errors, and answers the final
 //! dot after the effect is synced. `POST /v1/feedback` is the same over HTTP. In cluster mode a
