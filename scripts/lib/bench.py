@@ -555,6 +555,40 @@ class Bench:
         self.done(single)
         self.done(pooled)
 
+    def submission(self):
+        """SMTP submission: smtp-source (20 sessions, a new connection per message, as the issue
+        of the listener asks) into the submission listener, each 250 after a synced commit, and
+        delivered to smtp-sink, against the same smtp-source straight to smtp-sink; alternated,
+        two runs each. The rate is the sink's, first message to last."""
+        log("submission ...")
+        port = 12589
+        if not port_free("127.0.0.1", port):
+            raise SystemExit(f"bench: 127.0.0.1:{port} is busy")
+        s = self.sluice("submission", 18044,
+                        f'[submission]\nlisten = "127.0.0.1:{port}"\ntrusted_networks = ["127.0.0.1/32"]\n')
+        n = self.n(20_000)
+
+        def source(target):
+            return lambda: subprocess.Popen(
+                ["smtp-source", "-s", "20", "-m", str(n), "-l", "10240", "-f", PLAIN,
+                 "-t", f"someone@{SITE(0)}", target],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        deliveries(self.one, 1000, deadline=60, start=lambda: subprocess.Popen(
+            ["smtp-source", "-s", "20", "-m", "1000", "-l", "10240", "-f", PLAIN, "-t", f"someone@{SITE(0)}",
+             f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        rate = {"direct": 0.0, "listener": 0.0}
+        for run in range(4):
+            time.sleep(1.5)
+            which = ("direct", "listener")[run % 2]
+            target = f"{MX['mx1']}:25" if which == "direct" else f"127.0.0.1:{port}"
+            r, _ = deliveries(self.one, n, source(target))
+            log(f"  run {run + 1}: {which}: {r:,.0f} msg/s")
+            rate[which] += r / 2
+        self.row("10 KB submitted over SMTP, delivered (smtp-source -s 20, no -d)", rate["listener"],
+                 rate["direct"], "smtp-source straight to smtp-sink, same options", ">= 0.50")
+        self.done(s)
+
     def cluster(self):
         """Cluster mode's overhead: the same campaign through one node without `[cluster]`, split
         over three nodes sharing a six-process Redis Cluster, and split over three nodes without
@@ -726,13 +760,14 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
     ap.add_argument("--queue", type=int, default=1_000_000, help="recipients of the queue-at-scale run")
-    ap.add_argument("--only", choices=["rates", "domains", "queue", "sources", "cluster"], action="append",
+    ap.add_argument("--only", choices=["rates", "domains", "queue", "sources", "submission", "cluster"],
+                    action="append",
                     help="run only this part (repeatable)")
     ap.add_argument("--csv", default=os.path.join(ROOT, "target", "bench", "bench.csv"))
     args = ap.parse_args()
     bench = Bench(args)
     try:
-        for part in ("rates", "domains", "queue", "sources", "cluster"):
+        for part in ("rates", "domains", "queue", "sources", "submission", "cluster"):
             if not args.only or part in args.only:
                 getattr(bench, part)()
     finally:
