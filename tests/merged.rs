@@ -9,26 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
-use common::{delivery_config, get_json, post_body, post_json, trace_token, wait_counts, wait_log};
+use common::{
+    delivery_config, get_json, post_body, post_json, report_eml, trace_token, wait_counts, wait_log,
+};
 use serde_json::{Value, json};
 use sluice::config::{DkimAlgorithm, DkimEntry};
 use sluice::outbound::tokens::Purpose;
 
 const MAX_RCPT: usize = 20;
-
-fn report(name: &str, verp: &str, rcpt: &str, reference: &str) -> Vec<u8> {
-    let text = std::fs::read_to_string(format!(
-        "{}/tests/data/reports/{name}.eml",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let (_, rest) = text.split_once('\n').unwrap();
-    rest.replace("{{VERP}}", verp)
-        .replace("{{RCPT}}", rcpt)
-        .replace("{{REF}}", reference)
-        .replace("{{FEEDBACK}}", "fbl@example.com")
-        .into_bytes()
-}
 
 async fn feedback(addr: std::net::SocketAddr, body: Vec<u8>) -> Value {
     let (status, _, p) = post_body(addr, "/v1/feedback", "message/rfc822", body).await;
@@ -137,7 +125,7 @@ async fn one_signed_message_goes_to_several_recipients() {
     let lead = tokens.verify(Purpose::Trace, &reference).unwrap();
     let p = feedback(
         addr,
-        report("postfix", &m.mail_from, &m.rcpts[1], &reference),
+        report_eml("postfix", &m.mail_from, &m.rcpts[1], &reference),
     )
     .await;
     assert_eq!(
@@ -155,7 +143,7 @@ async fn one_signed_message_goes_to_several_recipients() {
 
     // A complaint naming the third recipient suppresses that one; one that redacts the
     // recipient cannot say who of the message's recipients it was, and changes nothing.
-    let redacted = report("arf-redacted", &m.mail_from, "", &reference);
+    let redacted = report_eml("arf-redacted", &m.mail_from, "", &reference);
     let p = feedback(addr, redacted.clone()).await;
     assert_eq!(
         (p["kind"].as_str(), p["result"].as_str()),

@@ -123,6 +123,26 @@ async fn a_raw_message_over_http_is_stored_once_and_sent_signed_to_each_recipien
         data.ends_with("From: Shop <shop@example.com>\r\nTo: buyer@sink.test\r\nSubject: Your receipt\r\n\r\nThank you.\r\n.leading dot\r\n"),
         "{data}"
     );
+    // A DSN about the second recipient reaches that recipient's job, though the VERP address
+    // and the trace field name the first one's (the message was shared).
+    let second = &m.rcpts[1];
+    let p = {
+        let (status, _, p) = post_body(
+            addr,
+            "/v1/feedback",
+            "message/rfc822",
+            report_eml("postfix", &m.mail_from, second, &trace_token(data)),
+        )
+        .await;
+        assert_eq!(status, 200, "{p}");
+        p
+    };
+    assert_eq!(
+        (p["result"].as_str(), p["recipient"].as_str()),
+        (Some("applied"), Some(second.as_str())),
+        "{p}"
+    );
+    assert_ne!(p["job"], id.as_str(), "{p}");
     // The lookup shows it with its tags.
     let (status, shown) = get_json(addr, &format!("/v1/messages/{id}")).await;
     assert_eq!(status, 200, "{shown}");

@@ -914,7 +914,7 @@ impl Upload {
                 let index = self.next_index()?;
                 self.suppressed
                     .push((index, r.address.as_str().into(), reason));
-                if !self.campaign.record.personalised {
+                if !self.content().personalised {
                     self.batch
                         .put_recipient(self.job(index), &r.address.as_str().to_lowercase());
                 }
@@ -967,7 +967,7 @@ impl Upload {
         self.record_buf.clear();
         rec.encode_into(&mut self.record_buf);
         self.batch.put_job(id, &self.record_buf);
-        if !self.campaign.record.personalised {
+        if !self.content().personalised {
             self.batch
                 .put_recipient(id, &r.address.as_str().to_lowercase());
         }

@@ -8,7 +8,9 @@
 //! message is sent and never leave. [`ingest`] then adds what the message lacks (Message-ID,
 //! Date) and a Received trace field, and queues it as one message of its stream's bucket: the
 //! bytes are stored once, under the key of its first recipient's job, and every recipient is a
-//! job whose record ([`CampaignRecord::raw`]) points at them.
+//! job whose record ([`CampaignRecord::raw`]) points at them. The message is not personalised,
+//! so its recipients are in the bucket's address index: a report about a shared copy finds the
+//! recipient it names.
 
 use std::sync::Arc;
 

@@ -203,6 +203,22 @@ pub fn trace_token(data: &str) -> String {
         .to_owned()
 }
 
+/// A report from `tests/data/reports/<name>.eml` (its first line is a comment) about a message
+/// sent from `verp` to `rcpt` whose trace token was `reference`.
+pub fn report_eml(name: &str, verp: &str, rcpt: &str, reference: &str) -> Vec<u8> {
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/data/reports/{name}.eml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let (_, rest) = text.split_once('\n').unwrap();
+    rest.replace("{{VERP}}", verp)
+        .replace("{{RCPT}}", rcpt)
+        .replace("{{REF}}", reference)
+        .replace("{{FEEDBACK}}", "fbl@example.com")
+        .into_bytes()
+}
+
 /// `user{i}@sink.test` with a `name` variable.
 pub fn recipients(n: usize) -> Vec<Value> {
     (0..n).map(|i| json!({"email": format!("user{i}@sink.test"), "vars": {"name": format!("User {i}")}})).collect()
