@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::intake::smtp::{
-    COMMAND_TIMEOUT, Command, DATA_TIMEOUT, Data, Limits, Line, MAX_COMMAND_LINE, MailFrom, RcptTo,
-    read_data, read_line, reply, trim_crlf,
+    COMMAND_TIMEOUT, Command, DATA_TIMEOUT, Data, Limits, MailFrom, Next, RcptTo, next_command,
+    read_data, reply,
 };
 use crate::node::Node;
 use crate::outbound::tokens::{NodeTag, Owner, Purpose};
@@ -186,34 +186,18 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut bad = 0usize;
     loop {
-        let line = match tokio::time::timeout(COMMAND_TIMEOUT, read_line(&mut rd, MAX_COMMAND_LINE))
-            .await
-        {
-            Err(_) => {
-                wr.write_all(b"421 4.4.2 idle too long, closing\r\n")
-                    .await?;
-                return Ok(None);
-            }
-            Ok(r) => r?,
-        };
-        let line = match line {
-            Line::Eof => return Ok(None),
-            Line::TooLong => {
+        let text = match next_command(&mut rd, &mut wr).await? {
+            Next::Closed => return Ok(None),
+            Next::TooLong => {
                 REFUSED.with_label_values(&["line"]).inc();
                 bad += 1;
-                reply(
-                    &mut wr,
-                    &format!("500 5.5.2 line longer than {MAX_COMMAND_LINE} octets"),
-                )
-                .await?;
                 if bad >= MAX_BAD_COMMANDS {
                     break;
                 }
                 continue;
             }
-            Line::Data(l) => l,
+            Next::Command(text) => text,
         };
-        let text = String::from_utf8_lossy(trim_crlf(&line)).into_owned();
         let answer: String = match Command::parse(&text) {
             Command::Ehlo => {
                 tx = Transaction {

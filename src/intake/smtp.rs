@@ -126,6 +126,42 @@ pub fn trim_crlf(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// What [`next_command`] read.
+pub enum Next {
+    /// A command line, without its CRLF (invalid UTF-8 replaced).
+    Command(String),
+    /// A line over [`MAX_COMMAND_LINE`], answered with 500 and dropped.
+    TooLong,
+    /// The client left, or was idle past [`COMMAND_TIMEOUT`] (and was told so with 421).
+    Closed,
+}
+
+/// Reads the next command line of a dialogue, answering what needs an answer here.
+pub async fn next_command<R: AsyncBufRead + Unpin, W: AsyncWriteExt + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
+) -> std::io::Result<Next> {
+    let line = match tokio::time::timeout(COMMAND_TIMEOUT, read_line(rd, MAX_COMMAND_LINE)).await {
+        Err(_) => {
+            reply(wr, "421 4.4.2 idle too long, closing").await?;
+            return Ok(Next::Closed);
+        }
+        Ok(r) => r?,
+    };
+    Ok(match line {
+        Line::Eof => Next::Closed,
+        Line::TooLong => {
+            reply(
+                wr,
+                &format!("500 5.5.2 line longer than {MAX_COMMAND_LINE} octets"),
+            )
+            .await?;
+            Next::TooLong
+        }
+        Line::Data(l) => Next::Command(String::from_utf8_lossy(trim_crlf(&l)).into_owned()),
+    })
+}
+
 /// Writes one reply (which may hold several lines joined by CRLF) and flushes: one write, so
 /// one segment on the wire.
 pub async fn reply<W: AsyncWriteExt + Unpin>(w: &mut W, text: &str) -> std::io::Result<()> {

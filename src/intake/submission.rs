@@ -29,8 +29,9 @@ use tokio_util::task::TaskTracker;
 use crate::intake::address::Address;
 use crate::intake::raw::{self, Recipient, Ret};
 use crate::intake::smtp::{
-    COMMAND_TIMEOUT, Command, DATA_TIMEOUT, Data, Limits, Line, MAX_COMMAND_LINE, MailFrom, RcptTo,
-    params, queue_reply, read_chunk, read_data, read_line, reply, trim_crlf, xtext_decode,
+    COMMAND_TIMEOUT, Command, DATA_TIMEOUT, Data, Limits, Line, MAX_COMMAND_LINE, MailFrom, Next,
+    RcptTo, next_command, params, queue_reply, read_chunk, read_data, read_line, reply, trim_crlf,
+    xtext_decode,
 };
 use crate::node::Node;
 
@@ -343,33 +344,18 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     let mut tx = Transaction::default();
     let mut bad = 0usize;
     loop {
-        let line = match tokio::time::timeout(COMMAND_TIMEOUT, read_line(&mut rd, MAX_COMMAND_LINE))
-            .await
-        {
-            Err(_) => {
-                reply(&mut wr, "421 4.4.2 idle too long, closing").await?;
-                return Ok(None);
-            }
-            Ok(r) => r?,
-        };
-        let line = match line {
-            Line::Eof => return Ok(None),
-            Line::TooLong => {
+        let text = match next_command(&mut rd, &mut wr).await? {
+            Next::Closed => return Ok(None),
+            Next::TooLong => {
                 REFUSED.with_label_values(&["line"]).inc();
                 bad += 1;
-                reply(
-                    &mut wr,
-                    &format!("500 5.5.2 line longer than {MAX_COMMAND_LINE} octets"),
-                )
-                .await?;
                 if bad >= MAX_BAD_COMMANDS {
                     break;
                 }
                 continue;
             }
-            Line::Data(l) => l,
+            Next::Command(text) => text,
         };
-        let text = String::from_utf8_lossy(trim_crlf(&line)).into_owned();
         let may_auth = client.tls || cfg.allow_plaintext_auth;
         let answer: String = match Command::parse(&text) {
             Command::Ehlo | Command::Helo => {
