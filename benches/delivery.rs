@@ -284,6 +284,7 @@ fn smtp_transaction(c: &mut Criterion) {
         smtputf8: false,
         eight_bit: false,
         dsn: None,
+        chunking: false,
     };
     g.bench_function("client_10k", |b| {
         b.iter(|| {

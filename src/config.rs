@@ -449,6 +449,12 @@ pub struct DeliveryConfig {
     /// Waiting for the reply to the final dot (RFC 5321: 10 min).
     #[serde(default = "defaults::data_final_timeout", with = "humantime_serde")]
     pub data_final_timeout: Duration,
+    /// Send the content with BDAT (RFC 3030 CHUNKING) instead of DATA when the server offers it
+    /// and the message is 8-bit or at least `bdat_min_bytes` long.
+    #[serde(default = "defaults::yes")]
+    pub bdat: bool,
+    #[serde(default = "defaults::bdat_min_bytes")]
+    pub bdat_min_bytes: usize,
     /// The share of a domain's sending that lower priorities get while a higher one has mail
     /// due (0 to 0.5; 0 serves priorities strictly in order, which can starve the lower ones).
     #[serde(default = "defaults::lower_priority_share")]
@@ -1249,6 +1255,9 @@ mod defaults {
     }
     pub fn data_final_timeout() -> Duration {
         Duration::from_secs(600)
+    }
+    pub fn bdat_min_bytes() -> usize {
+        64 * 1024
     }
     pub fn max_connections() -> u32 {
         10

@@ -129,8 +129,9 @@
 //!   all verify).
 //! * [`outbound::smtp`]: our SMTP client: [`outbound::smtp::reply`] parses replies into typed
 //!   data, and [`outbound::smtp::client`] runs a connection over any byte stream (EHLO/HELO,
-//!   STARTTLS with rustls, PIPELINING, SIZE, 8BITMIME, SMTPUTF8, dot-stuffing, RFC 5321
-//!   timeouts), unit-tested against scripted servers on an in-memory pipe.
+//!   STARTTLS with rustls, PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN parameters, dot-stuffing or
+//!   one `BDAT … LAST` chunk once a recipient is accepted, RFC 5321 timeouts), unit-tested
+//!   against scripted servers on an in-memory pipe.
 //! * [`outbound::outcome`]: the one classifier from replies, transport errors and DNS answers to
 //!   delivered, deferred, bounced or expired; [`outbound::outcome::rules`] then names the bounce
 //!   category from the rules file (`config/bounce-rules.toml`, compiled in, replaceable and

@@ -57,6 +57,23 @@ async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(io: &mut BufReader<S>, text: &st
     reply(io).await
 }
 
+/// `MAIL FROM:<from>…` and `RCPT TO:<to>…` (both must get 250), then DATA (354) when `data`.
+async fn begin<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut BufReader<S>,
+    mail: &str,
+    rcpt: &str,
+    data: bool,
+) {
+    let r = cmd(io, &format!("MAIL FROM:{mail}")).await;
+    assert!(r.starts_with("250"), "MAIL FROM:{mail}: {r}");
+    let r = cmd(io, &format!("RCPT TO:{rcpt}")).await;
+    assert!(r.starts_with("250"), "RCPT TO:{rcpt}: {r}");
+    if data {
+        let r = cmd(io, "DATA").await;
+        assert!(r.starts_with("354"), "DATA: {r}");
+    }
+}
+
 async fn connect(addr: std::net::SocketAddr) -> BufReader<tokio::net::TcpStream> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut io = BufReader::new(tcp);
@@ -362,17 +379,7 @@ async fn smtp_submissions_are_queued_synced_and_delivered_and_bad_ones_are_refus
             "552 5.3.4",
         ),
     ] {
-        assert!(
-            cmd(&mut io, "MAIL FROM:<app@example.com>")
-                .await
-                .starts_with("250")
-        );
-        assert!(
-            cmd(&mut io, "RCPT TO:<x@sink.test>")
-                .await
-                .starts_with("250")
-        );
-        assert!(cmd(&mut io, "DATA").await.starts_with("354"));
+        begin(&mut io, "<app@example.com>", "<x@sink.test>", true).await;
         io.get_mut().write_all(data.as_bytes()).await.unwrap();
         let r = reply(&mut io).await;
         assert!(r.starts_with(code), "{code}: {r}");
@@ -383,16 +390,7 @@ async fn smtp_submissions_are_queued_synced_and_delivered_and_bad_ones_are_refus
     assert!(r.starts_with("500 5.5.2"), "{r}");
     // BDAT whose announced size is larger than what follows LAST: the rest of the stream is
     // taken as chunk data, so the message ends early and is refused.
-    assert!(
-        cmd(&mut io, "MAIL FROM:<app@example.com>")
-            .await
-            .starts_with("250")
-    );
-    assert!(
-        cmd(&mut io, "RCPT TO:<x@sink.test>")
-            .await
-            .starts_with("250")
-    );
+    begin(&mut io, "<app@example.com>", "<x@sink.test>", false).await;
     let r = cmd(&mut io, "BDAT 10 LAST\r\nFrom: a@example").await;
     assert!(r.starts_with("554 5.6.0"), "a cut message: {r}");
     let r = reply(&mut io).await;
@@ -404,19 +402,13 @@ async fn smtp_submissions_are_queued_synced_and_delivered_and_bad_ones_are_refus
 
     // A good one over DATA with DSN parameters, and one over BDAT in two chunks.
     assert!(cmd(&mut io, "RSET").await.starts_with("250"));
-    let r = cmd(
+    begin(
         &mut io,
-        "MAIL FROM:<app@example.com> RET=HDRS ENVID=order+2B42",
+        "<app@example.com> RET=HDRS ENVID=order+2B42",
+        "<one@sink.test> NOTIFY=FAILURE ORCPT=rfc822;one+40sink.test",
+        true,
     )
     .await;
-    assert!(r.starts_with("250"), "{r}");
-    let r = cmd(
-        &mut io,
-        "RCPT TO:<one@sink.test> NOTIFY=FAILURE ORCPT=rfc822;one+40sink.test",
-    )
-    .await;
-    assert!(r.starts_with("250"), "{r}");
-    assert!(cmd(&mut io, "DATA").await.starts_with("354"));
     io.get_mut()
         .write_all(b"From: shop@example.com\r\nSubject: over DATA\r\n\r\n..stuffed\r\nend\r\n.\r\n")
         .await
@@ -550,17 +542,13 @@ async fn a_bounced_submission_sends_a_dsn_to_its_return_path_unless_notify_never
         ("nobody2@sink.test", " NOTIFY=NEVER"),
         ("someone@sink.test", ""),
     ] {
-        assert!(
-            cmd(&mut io, "MAIL FROM:<app@back.test> RET=HDRS ENVID=order-7")
-                .await
-                .starts_with("250")
-        );
-        assert!(
-            cmd(&mut io, &format!("RCPT TO:<{rcpt}>{params}"))
-                .await
-                .starts_with("250")
-        );
-        assert!(cmd(&mut io, "DATA").await.starts_with("354"));
+        begin(
+            &mut io,
+            "<app@back.test> RET=HDRS ENVID=order-7",
+            &format!("<{rcpt}>{params}"),
+            true,
+        )
+        .await;
         let r = cmd(
             &mut io,
             &format!("From: app@back.test\r\nSubject: to {rcpt}\r\n\r\nsecret body\r\n."),
@@ -609,4 +597,72 @@ async fn a_bounced_submission_sends_a_dsn_to_its_return_path_unless_notify_never
     }
     assert!(!text.contains("secret body"), "RET=HDRS: {text}");
     node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_eight_bit_messages_go_over_bdat_to_a_server_that_offers_chunking() {
+    let sink = Sink::start(SinkOptions {
+        chunking: true,
+        ..SinkOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = delivery_config(dir.path(), &sink);
+    cfg.dkim.push(dkim());
+    let node = start(cfg).await;
+    let head = |to: &str, extra: &str| {
+        format!("From: shop@example.com\r\nTo: {to}\r\nSubject: sizes\r\n{extra}\r\n")
+    };
+    let small = head("small@sink.test", "") + "short\r\n.dot\r\n";
+    let eight_bit = head(
+        "utf8@sink.test",
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n",
+    ) + "Grüße aus Köln\r\n";
+    // 100 KB, with lines that start with a dot and one that is only a dot: nothing is stuffed.
+    let mut large = head("large@sink.test", "");
+    for i in 0..1_400 {
+        large.push_str(&format!(".{i:05} {}\r\n", "x".repeat(64)));
+    }
+    large.push_str(".\r\nend\r\n");
+    for (to, body) in [
+        ("small@sink.test", &small),
+        ("utf8@sink.test", &eight_bit),
+        ("large@sink.test", &large),
+    ] {
+        let (status, _, b) = post_body(
+            node.http_addr,
+            &format!("/v1/messages/raw?to={to}&mail_from=app@example.com"),
+            "message/rfc822",
+            body.clone().into_bytes(),
+        )
+        .await;
+        assert_eq!(status, 202, "{b}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sink.messages().len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "not delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = sink.messages();
+    let by_rcpt = |rcpt: &str| {
+        got.iter()
+            .find(|m| m.rcpts == [rcpt])
+            .unwrap_or_else(|| panic!("{rcpt} not delivered: {got:?}"))
+    };
+    for (rcpt, body, bdat) in [
+        ("small@sink.test", &small, false),
+        ("utf8@sink.test", &eight_bit, true),
+        ("large@sink.test", &large, true),
+    ] {
+        let m = by_rcpt(rcpt);
+        assert_eq!(m.bdat, bdat, "{rcpt}: over BDAT");
+        assert!(m.data.starts_with("DKIM-Signature: "), "{rcpt}: {}", m.data);
+        // The client's bytes follow the fields we add, exactly as they were submitted.
+        assert!(m.data.ends_with(body.as_str()), "{rcpt}: {}", m.data);
+    }
+    let text = metrics(node.http_addr).await;
+    assert!(
+        metric_value(&text, "sluice_smtp_content_total", "command=\"bdat\"").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
 }

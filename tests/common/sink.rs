@@ -33,6 +33,8 @@ pub struct SinkOptions {
     pub mail: Option<PeerReply>,
     /// Where to listen (default 127.0.0.1:0).
     pub listen: Option<SocketAddr>,
+    /// Offer CHUNKING and take BDAT (RFC 3030).
+    pub chunking: bool,
 }
 
 /// A reply for a client address, or `None` to go on as usual.
@@ -52,6 +54,7 @@ impl Default for SinkOptions {
             greeting: None,
             mail: None,
             listen: None,
+            chunking: false,
         }
     }
 }
@@ -69,6 +72,8 @@ pub struct Captured {
     pub peer: std::net::IpAddr,
     /// The name the client gave in EHLO or HELO.
     pub ehlo: String,
+    /// The content came in BDAT chunks rather than after DATA.
+    pub bdat: bool,
 }
 
 #[derive(Default)]
@@ -169,6 +174,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut ehlo = String::new();
     let mut mail_from = String::new();
     let mut rcpts: Vec<String> = Vec::new();
+    let mut bdat_content: Vec<u8> = Vec::new();
     loop {
         line.clear();
         match io.read_line(&mut line).await {
@@ -187,6 +193,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             if opts.tls.is_some() && !tls {
                 r.push_str("250-STARTTLS\r\n");
+            }
+            if opts.chunking {
+                r.push_str("250-CHUNKING\r\n");
             }
             r.push_str("250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE 10485760");
             r
@@ -284,11 +293,47 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     at: std::time::Instant::now(),
                     peer,
                     ehlo: ehlo.clone(),
+                    bdat: false,
+                });
+                "250 2.0.0 queued".into()
+            }
+        } else if opts.chunking && upper.starts_with("BDAT ") {
+            let mut words = upper[5..].split_ascii_whitespace();
+            let size: Option<usize> = words.next().and_then(|n| n.parse().ok());
+            let last = words.next() == Some("LAST");
+            let Some(size) = size else {
+                return Next::Done;
+            };
+            let mut chunk = vec![0; size];
+            if tokio::io::AsyncReadExt::read_exact(io, &mut chunk)
+                .await
+                .is_err()
+            {
+                return Next::Done;
+            }
+            bdat_content.extend_from_slice(&chunk);
+            if !last {
+                "250 2.0.0 chunk taken".into()
+            } else if rcpts.is_empty() {
+                bdat_content.clear();
+                "554 5.5.1 no valid recipients".into()
+            } else {
+                stats.messages.lock().unwrap().push(Captured {
+                    connection: id,
+                    mail_from: mail_from.clone(),
+                    rcpts: std::mem::take(&mut rcpts),
+                    data: String::from_utf8_lossy(&std::mem::take(&mut bdat_content)).into_owned(),
+                    tls,
+                    at: std::time::Instant::now(),
+                    peer,
+                    ehlo: ehlo.clone(),
+                    bdat: true,
                 });
                 "250 2.0.0 queued".into()
             }
         } else if upper == "RSET" || upper == "NOOP" {
             rcpts.clear();
+            bdat_content.clear();
             "250 2.0.0 ok".into()
         } else if upper == "QUIT" {
             let _ = io.get_mut().write_all(b"221 2.0.0 bye\r\n").await;

@@ -5,7 +5,7 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
-use prometheus::{Histogram, register_histogram};
+use prometheus::{Histogram, IntCounterVec, register_histogram, register_int_counter_vec};
 
 use super::pick::Prepared;
 use super::site::Site;
@@ -19,6 +19,15 @@ pub(crate) static TRANSACTION_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
         "sluice_smtp_transaction_seconds",
         "Duration of one SMTP transaction (MAIL to the reply to the final dot) on an open connection.",
         prometheus::exponential_buckets(0.0005, 2.0, 18).expect("static buckets")
+    )
+    .expect("metric registers once")
+});
+
+static CONTENT_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_smtp_content_total",
+        "Transactions by the command that carried the message: data, or bdat (RFC 3030 CHUNKING, for 8-bit or large messages to servers that offer it).",
+        &["command"]
     )
     .expect("metric registers once")
 });
@@ -98,7 +107,15 @@ impl Delivery {
             smtputf8,
             eight_bit: rendered.eight_bit,
             dsn: dsn.as_ref().map(|(m, r)| (m.as_str(), r.as_slice())),
+            chunking: self.config.delivery.bdat
+                && (rendered.eight_bit || size >= self.config.delivery.bdat_min_bytes),
         };
+        let command = if env.chunking && conn.capabilities.chunking {
+            "bdat"
+        } else {
+            "data"
+        };
+        CONTENT_COMMANDS.with_label_values(&[command]).inc();
         let started = Instant::now();
         let result = conn.send(&env, &rendered.bytes).await;
         TRANSACTION_SECONDS.observe(started.elapsed().as_secs_f64());

@@ -330,6 +330,9 @@ pub struct Envelope<'a> {
     /// RCPT (`NOTIFY=… ORCPT=…`, position for position; missing or empty: none). Sent only to a
     /// server that offers DSN.
     pub dsn: Option<(&'a str, &'a [String])>,
+    /// Send the content as one `BDAT … LAST` chunk (RFC 3030) when the server offers CHUNKING:
+    /// no dot-stuffing on either side, and 8-bit content passes as it is.
+    pub chunking: bool,
 }
 
 /// An open, greeted connection, over TCP unless made [`Connection::with_stream`].
@@ -559,12 +562,17 @@ impl<S: Transport> Connection<S> {
             _ => format!("RCPT TO:<{rcpt}>"),
         };
         let pipelined = self.capabilities.pipelining;
+        let bdat = env.chunking && self.capabilities.chunking;
         self.write_line(&mail, Command::Mail).await?;
         let mail_reply = if pipelined {
             for (i, rcpt) in env.recipients.iter().enumerate() {
                 self.write_line(&rcpt_line(i, rcpt), Command::Rcpt).await?;
             }
-            self.write_line("DATA", Command::Data).await?;
+            // With BDAT the content waits for a recipient to be accepted (a pipelined chunk would
+            // go out in full even when every RCPT is refused); DATA costs the same round trip.
+            if !bdat {
+                self.write_line("DATA", Command::Data).await?;
+            }
             self.read_reply(Command::Mail, t.command).await?
         } else {
             self.read_reply(Command::Mail, t.command).await?
@@ -595,6 +603,21 @@ impl<S: Transport> Connection<S> {
             }
         }
         let any_rcpt = mail_reply.is_positive() && rcpt_replies.iter().any(Reply::is_positive);
+        if bdat {
+            if !mail_reply.is_positive() {
+                self.needs_rset = mail_reply.code != 421;
+                return Ok(vec![mail_reply; env.recipients.len()]);
+            }
+            if !any_rcpt {
+                self.needs_rset = true;
+                return Ok(rcpt_replies);
+            }
+            self.write_bdat(message).await?;
+            let r = self.read_reply(Command::Bdat, t.data_final).await?;
+            // RFC 3030 §2: after a refused chunk the transaction is reset before the next.
+            self.needs_rset = !r.is_positive() && r.code != 421;
+            return Ok(Self::with_content_reply(rcpt_replies, &r));
+        }
         let data_reply = if pipelined {
             Some(self.read_reply(Command::Data, t.data_init).await?)
         } else if any_rcpt {
@@ -634,21 +657,44 @@ impl<S: Transport> Connection<S> {
                 return Ok(rcpt_replies);
             }
         };
-        Ok(rcpt_replies
+        Ok(Self::with_content_reply(rcpt_replies, &data_reply))
+    }
+
+    /// Each accepted recipient's fate is the content's reply; a refused one keeps its refusal.
+    fn with_content_reply(rcpt_replies: Vec<Reply>, content: &Reply) -> Vec<Reply> {
+        rcpt_replies
             .into_iter()
-            .map(|r| {
-                if r.is_positive() {
-                    data_reply.clone()
-                } else {
-                    r
-                }
-            })
-            .collect())
+            .map(|r| if r.is_positive() { content.clone() } else { r })
+            .collect()
+    }
+
+    /// Writes the message as one `BDAT <size> LAST` chunk, exactly as it is (plus a final line
+    /// break if it lacks one), then flushes.
+    async fn write_bdat(&mut self, message: &[u8]) -> Result<(), SmtpError> {
+        let tail: &[u8] = if message.ends_with(b"\r\n") {
+            b""
+        } else {
+            b"\r\n"
+        };
+        let io = &mut self.io;
+        let block = async {
+            let command = format!("BDAT {} LAST\r\n", message.len() + tail.len());
+            io.write_all(command.as_bytes()).await?;
+            io.write_all(message).await?;
+            io.write_all(tail).await?;
+            io.flush().await
+        };
+        Self::timed_content(
+            self.timeouts.data_block,
+            message.len(),
+            Command::Bdat,
+            block,
+        )
+        .await
     }
 
     /// Writes the message with dot-stuffing and the terminating `.`, then flushes.
     async fn write_data(&mut self, message: &[u8]) -> Result<(), SmtpError> {
-        let t = self.timeouts.data_block;
         let io = &mut self.io;
         let block = async {
             let mut start = 0;
@@ -667,17 +713,24 @@ impl<S: Transport> Connection<S> {
             io.write_all(b".\r\n").await?;
             io.flush().await
         };
-        // The whole message gets one data-block timeout per 64 KiB, at least one.
-        let budget = t * (1 + (message.len() / 65_536) as u32);
+        Self::timed_content(self.timeouts.data_block, message.len(), Command::Dot, block).await
+    }
+
+    /// Runs the writing of `len` bytes of content: one data-block timeout per 64 KiB, at least
+    /// one.
+    async fn timed_content(
+        block_timeout: Duration,
+        len: usize,
+        stage: Command,
+        block: impl std::future::Future<Output = std::io::Result<()>>,
+    ) -> Result<(), SmtpError> {
+        let budget = block_timeout * (1 + (len / 65_536) as u32);
         match tokio::time::timeout(budget, block).await {
             Err(_) => Err(SmtpError::Timeout {
-                stage: Command::Dot,
+                stage,
                 after: budget,
             }),
-            Ok(Err(error)) => Err(SmtpError::Io {
-                stage: Command::Dot,
-                error,
-            }),
+            Ok(Err(error)) => Err(SmtpError::Io { stage, error }),
             Ok(Ok(())) => Ok(()),
         }
     }
@@ -817,6 +870,8 @@ mod tests {
         Trickle(&'static str),
         /// Read the message up to the final dot.
         Data,
+        /// Read exactly these bytes.
+        Bytes(&'static str),
         /// Close the connection.
         Close,
         /// Stop answering (keep the connection open).
@@ -876,6 +931,11 @@ mod tests {
                             break;
                         }
                     },
+                    Bytes(expected) => {
+                        let mut got = vec![0; expected.len()];
+                        io.read_exact(&mut got).await.expect("server read");
+                        assert_eq!(String::from_utf8_lossy(&got), expected);
+                    }
                     Close => return,
                     Hang => {
                         let mut rest = Vec::new();
@@ -909,6 +969,7 @@ mod tests {
             smtputf8: false,
             eight_bit: false,
             dsn: None,
+            chunking: false,
         }
     }
 
@@ -991,6 +1052,66 @@ mod tests {
         assert_eq!((replies[1].code, replies[1].command), (550, Command::Rcpt));
         assert_eq!(replies[1].enhanced, Some(EnhancedCode(5, 1, 1)));
         assert!(conn.is_reusable());
+    }
+
+    #[tokio::test]
+    async fn bdat_sends_the_content_unstuffed_only_after_a_recipient_is_accepted() {
+        let (conn, task) = connect(vec![
+            Say("220 mx.example\r\n"),
+            Expect("EHLO"),
+            Say("250-mx.example\r\n250-PIPELINING\r\n250 CHUNKING\r\n"),
+            // One recipient refused: the chunk goes out once the replies are in.
+            Expect("MAIL FROM:<bounces@example.com>\r\n"),
+            Expect("RCPT TO:<a@example.org>"),
+            Expect("RCPT TO:<b@example.org>"),
+            Say("250 ok\r\n250 ok\r\n550 5.1.1 no such user\r\n"),
+            Bytes("BDAT 19 LAST\r\nSubject: x\r\n\r\n.hi\r\n"),
+            Say("250 2.0.0 queued\r\n"),
+            // Every recipient refused: no chunk at all, and RSET before the next transaction.
+            Expect("MAIL FROM:"),
+            Expect("RCPT TO:<a@example.org>"),
+            Say("250 ok\r\n550 no\r\n"),
+            Expect("RSET"),
+            Say("250 ok\r\n"),
+            // A refused chunk resets the transaction too.
+            Expect("MAIL FROM:"),
+            Expect("RCPT TO:<a@example.org>"),
+            Say("250 ok\r\n250 ok\r\n"),
+            Bytes("BDAT 8 LAST\r\nbig\r\n.\r\n"),
+            Say("552 5.3.4 too big\r\n"),
+            Expect("RSET"),
+            Say("250 ok\r\n"),
+            Expect("MAIL FROM:"),
+            Expect("RCPT TO:<a@example.org>"),
+            Say("250 ok\r\n550 no\r\n"),
+            Expect("QUIT"),
+            Say("221 bye\r\n"),
+            Close,
+        ])
+        .await;
+        let mut conn = conn.expect("connected");
+        assert!(conn.capabilities.chunking);
+        let both = ["a@example.org", "b@example.org"];
+        let one = ["a@example.org"];
+        let bdat = |recipients| Envelope {
+            chunking: true,
+            ..envelope(recipients)
+        };
+        let replies = conn
+            .send(&bdat(&both), b"Subject: x\r\n\r\n.hi")
+            .await
+            .expect("sent");
+        assert_eq!((replies[0].code, replies[0].command), (250, Command::Bdat));
+        assert_eq!((replies[1].code, replies[1].command), (550, Command::Rcpt));
+        let replies = conn.send(&bdat(&one), b"unsent\r\n").await.expect("sent");
+        assert_eq!((replies[0].code, replies[0].command), (550, Command::Rcpt));
+        let replies = conn.send(&bdat(&one), b"big\r\n.\r\n").await.expect("sent");
+        assert_eq!((replies[0].code, replies[0].command), (552, Command::Bdat));
+        let replies = conn.send(&bdat(&one), b"unsent\r\n").await.expect("sent");
+        assert_eq!(replies[0].code, 550);
+        assert!(conn.is_reusable());
+        conn.quit().await;
+        task.await.unwrap();
     }
 
     #[tokio::test]

@@ -28,6 +28,8 @@ pub enum Command {
     Dot,
     Rset,
     Quit,
+    /// The reply to `BDAT … LAST` and its chunk (RFC 3030), in place of DATA and the dot.
+    Bdat,
 }
 
 impl fmt::Display for Command {
@@ -43,6 +45,7 @@ impl fmt::Display for Command {
             Command::Dot => "DATA-END",
             Command::Rset => "RSET",
             Command::Quit => "QUIT",
+            Command::Bdat => "BDAT",
         };
         f.write_str(s)
     }
