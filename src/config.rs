@@ -241,6 +241,11 @@ pub struct BounceConfig {
     /// `unsubscribe_mailto`: the Yahoo CFL or Microsoft JMRP address you registered, for example.
     #[serde(default)]
     pub feedback_addresses: Vec<String>,
+    /// Where mail to `postmaster@` and `abuse@` of the bounce domain goes (RFC 5321 §4.5.1, RFC
+    /// 2142), forwarded through Sluice's own delivery as an attachment. Unset: kept in the spool
+    /// for `GET /v1/inbound` (the latest 1,000).
+    #[serde(default)]
+    pub operator_address: Option<String>,
     /// Largest inbound message; larger ones are refused with 552 (a DSN rarely needs 100 KB).
     #[serde(default = "defaults::bounce_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -1866,6 +1871,21 @@ impl Config {
                 bad(
                     &format!("bounce.feedback_addresses[{i}]"),
                     format!("{a:?} is not an email address"),
+                );
+            }
+        }
+        if let Some(a) = &self.bounce.operator_address {
+            if crate::intake::address::Address::parse(a).is_err() {
+                bad(
+                    "bounce.operator_address",
+                    format!("{a:?} is not an email address"),
+                );
+            } else if crate::feedback::postmaster::is_role(self, a) {
+                bad(
+                    "bounce.operator_address",
+                    format!(
+                        "{a:?} is a role address the bounce listener takes: forwarding would loop"
+                    ),
                 );
             }
         }

@@ -16,7 +16,7 @@
 //! **[`intake`]: HTTP and SMTP to durable jobs.**
 //!
 //! * [`intake::api`]: the axum router, one file per resource (`campaigns`, `messages`,
-//!   `suppressions`, `feedback`, `unsubscribe`, `domains`), plus `idempotency` and `lines`, the
+//!   `suppressions`, `feedback`, `inbound`, `unsubscribe`, `domains`), plus `idempotency` and `lines`, the
 //!   line-by-line reader shared by NDJSON uploads and suppression imports. Authentication (Bearer
 //!   keys, constant-time), readiness, load shedding (503 + `Retry-After` past
 //!   `http.max_concurrent_requests`), [`intake::api::ApiError`] with the field at fault. Owns the
@@ -168,9 +168,11 @@
 //! first recipient's job; the recipient the report names is found through the spool's
 //! per-campaign address index. [`feedback::listener`] is the SMTP listener on `[bounce] listen`
 //! that feeds it; the pure [`intake::smtp::Command::parse`] reads each command line, the
-//! dialogue applies it; it accepts only addresses whose tokens authenticate and configured
-//! feedback addresses, with limits on connections, lines, size and errors, and answers the final
-//! dot after the effect is synced. `POST /v1/feedback` is the same over HTTP. In cluster mode a
+//! dialogue applies it; it accepts only addresses whose tokens authenticate, configured
+//! feedback addresses and the bounce domain's postmaster and abuse addresses (whose mail
+//! [`feedback::postmaster`] forwards to the operator, wrapped, through our own delivery, or keeps
+//! in the spool's `inbound` column family), with limits on connections, lines, size and errors,
+//! and answers the final dot after the effect is synced. `POST /v1/feedback` is the same over HTTP. In cluster mode a
 //! token also names the node that sent its job ([`outbound::tokens`]): a report or an
 //! unsubscribe about another node's job is stored and handed to that node through the change
 //! stream ([`feedback::Change`], applied by [`replication`]).

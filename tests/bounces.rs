@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
 use common::{
-    KEY, client, delivery_config, get_json, post_campaign, recipients, start, trace_token, url,
-    wait_counts, wait_log_kind,
+    KEY, client, config, delivery_config, get_json, post_campaign, recipients, start, trace_token,
+    url, wait_counts, wait_log_kind,
 };
 use serde_json::{Value, json};
 
@@ -509,5 +509,129 @@ async fn the_listener_refuses_relays_forgeries_and_garbage_and_keeps_serving() {
     assert_eq!(r.status(), 422);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["field"], "body", "{e}");
+    node.shutdown().await;
+}
+
+/// Mail to postmaster (bare or at the bounce domain) and abuse@ is taken: kept for
+/// `GET /v1/inbound` without an operator address, forwarded to it through delivery with one.
+/// Other role-like addresses are still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postmaster_and_abuse_mail_is_kept_or_forwarded_to_the_operator() {
+    let report = b"From: Reporter <reporter@isp.test>\r\nTo: abuse@bounces.example.com\r\nSubject: Spam from your network\r\n\r\nSee the headers below.\r\n.\r\n";
+    let take = |addr: std::net::SocketAddr, rcpts: &'static [&'static str]| async move {
+        let (mut c, _) = Smtp::connect(addr).await;
+        assert!(c.cmd("EHLO isp.test").await.starts_with("250"));
+        assert!(
+            c.cmd("MAIL FROM:<reporter@isp.test>")
+                .await
+                .starts_with("250")
+        );
+        for r in rcpts {
+            let reply = c.cmd(&format!("RCPT TO:<{r}>")).await;
+            assert!(reply.starts_with("250"), "{r}: {reply}");
+        }
+        for refused in ["hostmaster@bounces.example.com", "abuse@example.org"] {
+            let reply = c.cmd(&format!("RCPT TO:<{refused}>")).await;
+            assert!(reply.starts_with("550 5.7.1"), "{refused}: {reply}");
+        }
+        let r = c.data(report).await;
+        c.cmd("QUIT").await;
+        r
+    };
+
+    // No operator address: kept.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.bounce.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bounce.domain = Some("bounces.example.com".into());
+    let node = start(cfg).await;
+    let listener = node.bounce_addr.expect("listener runs");
+    let r = take(listener, &["postmaster", "Abuse@Bounces.Example.com"]).await;
+    assert!(r.starts_with("250 2.0.0 kept as "), "{r}");
+    let id = r.rsplit(' ').next().unwrap().to_owned();
+    let (status, list) = get_json(node.http_addr, "/v1/inbound").await;
+    assert_eq!(status, 200, "{list}");
+    let item = &list["items"][0];
+    assert_eq!(item["id"], id.as_str(), "{list}");
+    assert_eq!(item["subject"], "Spam from your network");
+    assert_eq!(item["from"], "Reporter <reporter@isp.test>");
+    assert_eq!(item["mail_from"], "reporter@isp.test");
+    assert_eq!(item["client"], "127.0.0.1");
+    assert_eq!(
+        item["rcpt_to"],
+        json!(["postmaster", "Abuse@Bounces.Example.com"])
+    );
+    let raw = client()
+        .get(url(node.http_addr, &format!("/v1/inbound/{id}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 200);
+    assert_eq!(raw.headers()["content-type"], "message/rfc822");
+    // As it arrived (the test client ends the data with one more empty line).
+    let body = raw.bytes().await.unwrap();
+    assert!(body.starts_with(report), "{body:?}");
+    let gone = client()
+        .delete(url(node.http_addr, &format!("/v1/inbound/{id}")))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 200);
+    let (status, body) = get_json(node.http_addr, &format!("/v1/inbound/{id}")).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["field"], "id");
+    let (_, list) = get_json(node.http_addr, "/v1/inbound").await;
+    assert_eq!(list["items"], json!([]), "{list}");
+    let (status, body) = get_json(node.http_addr, "/v1/inbound?limit=0").await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (422, Some("limit"))
+    );
+    node.shutdown().await;
+
+    // An operator address: forwarded through delivery, the original attached unchanged, from
+    // the null return path.
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = delivery_config(dir.path(), &sink);
+    cfg.bounce.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.bounce.domain = Some("bounces.example.com".into());
+    cfg.bounce.operator_address = Some("ops@sink.test".into());
+    let node = start(cfg).await;
+    let listener = node.bounce_addr.expect("listener runs");
+    let r = take(listener, &["abuse@bounces.example.com"]).await;
+    assert_eq!(r, "250 2.0.0 forwarded to the operator");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sink.messages().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "not forwarded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = &sink.messages()[0];
+    assert_eq!(m.rcpts, ["ops@sink.test"]);
+    assert_eq!(m.mail_from, "", "null return path");
+    assert!(
+        m.data
+            .contains("\r\nSubject: [abuse] Spam from your network\r\n"),
+        "{}",
+        m.data
+    );
+    assert!(
+        m.data
+            .contains("From: Sluice <postmaster@bounces.example.com>"),
+        "{}",
+        m.data
+    );
+    assert!(
+        m.data.contains(&format!(
+            "Content-Type: message/rfc822\r\nContent-Disposition: attachment; filename=\"original.eml\"\r\n\r\n{}",
+            std::str::from_utf8(report).unwrap()
+        )),
+        "{}",
+        m.data
+    );
+    let (_, list) = get_json(node.http_addr, "/v1/inbound").await;
+    assert_eq!(list["items"], json!([]), "nothing kept: {list}");
     node.shutdown().await;
 }

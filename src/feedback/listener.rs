@@ -2,15 +2,16 @@
 //! `unsubscribe_mailto` mail for the bounce domain, and nothing else.
 //!
 //! It accepts a recipient only when it is a VERP address whose token authenticates, an
-//! unsubscribe address whose token authenticates, or one of `bounce.feedback_addresses`; anything
-//! else gets 550 5.7.1 and nothing is ever relayed. Limits: connections overall and per client
+//! unsubscribe address whose token authenticates, one of `bounce.feedback_addresses`, or the
+//! postmaster or abuse address of the bounce domain ([`super::postmaster`], forwarded to the
+//! operator or kept); anything else gets 550 5.7.1 and nothing is ever relayed. Limits: connections overall and per client
 //! address, command and text line length, message size (SIZE and counted), recipients per
 //! transaction, bad commands per session, idle time. A message is processed ([`crate::feedback`])
 //! before the reply to its final dot, so a 250 means the effect is on disk; a report that cannot
 //! be read gets 554 5.6.0 with the reason. Plain socket I/O on tokio; spool work goes through the
 //! feedback module.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -64,6 +65,8 @@ enum Mailbox {
     UnsubscribeElsewhere(NodeTag, String),
     /// A configured feedback-loop address.
     Feedback,
+    /// `postmaster` or `abuse` of the bounce domain.
+    Role,
 }
 
 /// Binds `addr` and serves until `stop`.
@@ -120,7 +123,7 @@ pub async fn serve(
                 SESSIONS.with_label_values(&["served"]).inc();
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    r = session(&node, stream, tls.as_ref()) => {
+                    r = session(&node, stream, peer.ip(), tls.as_ref()) => {
                         if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "bounce listener session ended");
                         }
@@ -141,6 +144,7 @@ struct Transaction {
 async fn session(
     node: &Arc<Node>,
     mut stream: TcpStream,
+    client: IpAddr,
     tls: Option<&TlsAcceptor>,
 ) -> std::io::Result<()> {
     let host = &node.config.delivery.ehlo_name;
@@ -151,14 +155,14 @@ async fn session(
         .write_all(format!("220 {host} ESMTP Sluice bounce and feedback receiver\r\n").as_bytes())
         .await?;
     let Some(acceptor) = tls else {
-        return dialogue(node, stream, false).await.map(drop);
+        return dialogue(node, stream, client, false).await.map(drop);
     };
-    let Some(plain) = dialogue(node, stream, true).await? else {
+    let Some(plain) = dialogue(node, stream, client, true).await? else {
         return Ok(());
     };
     match tokio::time::timeout(COMMAND_TIMEOUT, acceptor.accept(plain)).await {
         // RFC 3207 §4.2: the client starts again with EHLO; nothing from before counts.
-        Ok(Ok(secure)) => dialogue(node, secure, false).await.map(drop),
+        Ok(Ok(secure)) => dialogue(node, secure, client, false).await.map(drop),
         Ok(Err(e)) => {
             REFUSED.with_label_values(&["tls"]).inc();
             tracing::debug!(error = %e, "STARTTLS handshake on the bounce listener failed");
@@ -173,6 +177,7 @@ async fn session(
 async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     node: &Arc<Node>,
     stream: S,
+    client: IpAddr,
     offer_tls: bool,
 ) -> std::io::Result<Option<S>> {
     let (rd, mut wr) = tokio::io::split(stream);
@@ -285,7 +290,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                                 "554 5.6.0 message has a line longer than {MAX_TEXT_LINE} octets"
                             )
                         }
-                        Data::Message(m) => deliver(node, &tx, &m).await,
+                        Data::Message(m) => deliver(node, &tx, client, &m).await,
                     };
                     tx = Transaction {
                         mail_from: None,
@@ -338,8 +343,11 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Whether the listener takes mail for `address`, and what for.
 fn mailbox(node: &Node, address: &str) -> Option<Mailbox> {
-    let (local, domain) = address.rsplit_once('@')?;
     let cfg = &node.config;
+    if super::postmaster::is_role(cfg, address) {
+        return Some(Mailbox::Role);
+    }
+    let (local, domain) = address.rsplit_once('@')?;
     if cfg
         .bounce
         .feedback_addresses
@@ -377,7 +385,28 @@ fn mailbox(node: &Node, address: &str) -> Option<Mailbox> {
 }
 
 /// Applies one received message; the reply to its final dot.
-async fn deliver(node: &Arc<Node>, tx: &Transaction, message: &[u8]) -> String {
+async fn deliver(node: &Arc<Node>, tx: &Transaction, client: IpAddr, message: &[u8]) -> String {
+    let roles: Vec<String> = tx
+        .rcpts
+        .iter()
+        .filter(|(_, m)| *m == Mailbox::Role)
+        .map(|(a, _)| a.clone())
+        .collect();
+    if !roles.is_empty() {
+        let arrival = super::postmaster::Arrival {
+            client,
+            mail_from: tx.mail_from.as_deref().unwrap_or(""),
+            rcpts: &roles,
+        };
+        match super::postmaster::take(node, &arrival, message).await {
+            Err(e) => {
+                tracing::error!(error = %e, "taking mail for a role address failed");
+                return "451 4.3.0 could not take the message; try again later".into();
+            }
+            Ok(text) if roles.len() == tx.rcpts.len() => return format!("250 2.0.0 {text}"),
+            Ok(_) => {}
+        }
+    }
     let unsubscribes: Vec<JobId> = tx
         .rcpts
         .iter()
@@ -402,7 +431,7 @@ async fn deliver(node: &Arc<Node>, tx: &Transaction, message: &[u8]) -> String {
             }
         }
     }
-    if unsubscribes.len() + elsewhere == tx.rcpts.len() {
+    if unsubscribes.len() + elsewhere + roles.len() == tx.rcpts.len() {
         return "250 2.0.0 unsubscribed".into();
     }
     let rcpts: Vec<String> = tx
@@ -411,7 +440,7 @@ async fn deliver(node: &Arc<Node>, tx: &Transaction, message: &[u8]) -> String {
         .filter(|(_, m)| {
             !matches!(
                 m,
-                Mailbox::Unsubscribe(_) | Mailbox::UnsubscribeElsewhere(..)
+                Mailbox::Unsubscribe(_) | Mailbox::UnsubscribeElsewhere(..) | Mailbox::Role
             )
         })
         .map(|(a, _)| a.clone())

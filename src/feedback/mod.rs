@@ -10,9 +10,11 @@
 //! unsubscribe whose token names another node's job is handed to that node ([`Change`]) through
 //! the cluster's change stream, since job ids are per node.
 //!
-//! [`listener`] is the SMTP listener on `[bounce] listen` that feeds it.
+//! [`listener`] is the SMTP listener on `[bounce] listen` that feeds it; [`postmaster`] takes
+//! the mail it accepts for the bounce domain's postmaster and abuse addresses.
 
 pub mod listener;
+pub mod postmaster;
 
 use std::sync::Arc;
 

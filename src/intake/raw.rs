@@ -28,6 +28,8 @@ pub const DEFAULT_STREAM_SMTP: &str = "smtp";
 pub const DEFAULT_STREAM_HTTP: &str = "raw";
 /// The stream of the DSNs Sluice sends to submitters.
 pub const DEFAULT_STREAM_DSN: &str = "dsn";
+/// The stream of mail to postmaster@ and abuse@ forwarded to the operator.
+pub const DEFAULT_STREAM_FORWARD: &str = "operator";
 
 /// Fields RFC 5322 §3.6 allows at most once (From exactly once).
 const SINGLE: [&str; 9] = [
@@ -270,7 +272,8 @@ pub struct Submission {
     pub mail_from: String,
     pub ret: Option<Ret>,
     pub envid: Option<String>,
-    /// `smtp` or `http`.
+    /// `smtp` or `http`; `dsn` for a DSN of ours, `forward` for role-address mail forwarded
+    /// to the operator (both sent with the null return path).
     pub via: &'static str,
     /// The Received field to put on top (without its CRLF), naming the client; none for a DSN
     /// of ours.
@@ -364,6 +367,7 @@ fn record(node: &Node, s: &Submission, now: u64) -> Result<CampaignRecord, RawEr
         None => match s.via {
             "smtp" => DEFAULT_STREAM_SMTP.to_owned(),
             "dsn" => DEFAULT_STREAM_DSN.to_owned(),
+            "forward" => DEFAULT_STREAM_FORWARD.to_owned(),
             _ => DEFAULT_STREAM_HTTP.to_owned(),
         },
     };

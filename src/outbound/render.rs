@@ -340,9 +340,14 @@ impl Assembler {
     }
 
     /// The VERP return path of a job: `<local>+<token>@<bounce domain>`; empty (the null
-    /// reverse-path) for a DSN we send, from which nothing may bounce (RFC 5321 §4.5.5).
+    /// reverse-path) for a DSN we send, from which nothing may bounce (RFC 5321 §4.5.5), and for
+    /// role-address mail forwarded to the operator (a bounce of it could only loop).
     pub fn envelope_sender(&self, record: &CampaignRecord, job: JobId) -> String {
-        if record.raw.as_ref().is_some_and(|r| r.via == "dsn") {
+        if record
+            .raw
+            .as_ref()
+            .is_some_and(|r| r.via == "dsn" || r.via == "forward")
+        {
             return String::new();
         }
         let domain = self

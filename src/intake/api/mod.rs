@@ -6,6 +6,7 @@
 //! * [`campaigns`]: `POST /v1/campaigns`, the NDJSON recipient upload, `GET`, pause / resume /
 //!   cancel. [`messages`]: `POST /v1/messages` and `GET /v1/messages/{id}` (any job's lookup).
 //! * [`suppressions`]: `/v1/suppressions…`, import and export. [`feedback`]: `POST /v1/feedback`.
+//!   [`inbound`]: `/v1/inbound…`, postmaster and abuse mail kept for the operator.
 //!   [`unsubscribe`]: `/u/{token}` (no API key).
 //! * [`domains`]: `GET /v1/domains`, `GET /v1/queue`, suspend / resume a domain.
 //! * [`idempotency`]: `Idempotency-Key`. [`lines`]: the line-by-line reader of both uploads.
@@ -33,6 +34,7 @@ mod domains;
 mod error;
 mod feedback;
 mod idempotency;
+mod inbound;
 mod lines;
 mod messages;
 mod shaping;
@@ -82,6 +84,8 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
                 .delete(suppressions::delete),
         )
         .route("/feedback", post(feedback::post))
+        .route("/inbound", get(inbound::list))
+        .route("/inbound/{id}", get(inbound::get).delete(inbound::delete))
         .route("/domains", get(domains::list))
         .route("/shaping", get(shaping::list))
         .route("/shaping/{id}", axum::routing::delete(shaping::lift))

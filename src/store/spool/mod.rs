@@ -90,8 +90,15 @@ pub const CF_EVENTS: &str = "events";
 pub const CF_META: &str = "meta";
 /// Stored responses to requests that carried an `Idempotency-Key`, so a retry gets the same answer.
 pub const CF_IDEMPOTENCY: &str = "idempotency";
+/// Mail to the bounce domain's postmaster and abuse addresses, kept when no operator address
+/// is configured to forward it to: time-ordered key (ms and a sequence, big-endian), a JSON
+/// summary and the raw message.
+pub const CF_INBOUND: &str = "inbound";
 
-const ALL_CFS: [&str; 11] = [
+/// A record read back whole: key and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+const ALL_CFS: [&str; 12] = [
     CF_CAMPAIGNS,
     CF_ARCHIVE,
     CF_JOBS,
@@ -103,6 +110,7 @@ const ALL_CFS: [&str; 11] = [
     CF_EVENTS,
     CF_META,
     CF_IDEMPOTENCY,
+    CF_INBOUND,
 ];
 
 /// The schema this build reads and writes. Version 1 kept final jobs in `jobs` and had no
@@ -463,6 +471,16 @@ impl SpoolBatch {
     pub fn delete_state(&mut self, prefix: &[u8], key: &[u8]) {
         let cf = cf(&self.db, CF_META);
         self.batch.delete_cf(cf, [prefix, key].concat());
+    }
+
+    pub fn put_inbound(&mut self, key: &[u8], value: &[u8]) {
+        let cf = cf(&self.db, CF_INBOUND);
+        self.batch.put_cf(cf, key, value);
+    }
+
+    pub fn delete_inbound(&mut self, key: &[u8]) {
+        let cf = cf(&self.db, CF_INBOUND);
+        self.batch.delete_cf(cf, key);
     }
 
     pub fn put_idempotency(&mut self, key: &[u8], value: &[u8]) {
@@ -996,6 +1014,52 @@ impl Spool {
         }
         iter.status()?;
         Ok(out)
+    }
+
+    /// Up to `limit` kept inbound messages with keys below `before` (all when `None`), newest
+    /// first, as (key, value). Blocking.
+    pub fn inbound_page(
+        &self,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, SpoolError> {
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, CF_INBOUND));
+        match before {
+            Some(b) => {
+                iter.seek_for_prev(b);
+                if iter.key() == Some(b) {
+                    iter.prev();
+                }
+            }
+            None => iter.seek_to_last(),
+        }
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let (Some(k), Some(v)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            out.push((k.to_vec(), v.to_vec()));
+            iter.prev();
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
+    /// The keys of kept inbound messages, oldest first. Blocking.
+    pub fn inbound_keys(&self) -> Result<Vec<Vec<u8>>, SpoolError> {
+        let mut iter = self.db.raw_iterator_cf(cf(&self.db, CF_INBOUND));
+        iter.seek_to_first();
+        let mut out = Vec::new();
+        while let Some(k) = iter.key() {
+            out.push(k.to_vec());
+            iter.next();
+        }
+        iter.status()?;
+        Ok(out)
+    }
+
+    pub fn get_inbound(&self, key: &[u8]) -> Result<Option<Vec<u8>>, SpoolError> {
+        Ok(self.db.get_cf(cf(&self.db, CF_INBOUND), key)?)
     }
 
     /// How many campaigns are archived, and the highest sequence among them (0 when none), so

@@ -1,0 +1,100 @@
+//! `/v1/inbound`: mail the bounce listener took for the postmaster and abuse addresses of the
+//! bounce domain and kept because no `bounce.operator_address` is set
+//! ([`crate::feedback::postmaster`]): list, read one as `message/rfc822`, delete.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::{ApiError, ApiResult, AppState};
+use crate::feedback::postmaster::{MAX_KEPT, decode, key_of};
+use crate::store::spool::Durability;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// `GET /v1/inbound?cursor=&limit=`: kept messages, newest first, `limit` per page (default 100,
+/// at most 1000); `next_cursor` continues after the last one.
+pub(super) async fn list(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> ApiResult {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_KEPT).contains(&limit) {
+        return Err(ApiError::invalid_field(
+            "limit",
+            format!("between 1 and {MAX_KEPT}"),
+        ));
+    }
+    let before =
+        match &q.cursor {
+            None => None,
+            Some(c) => Some(key_of(c).ok_or_else(|| {
+                ApiError::invalid_field("cursor", "not a cursor this API returned")
+            })?),
+        };
+    let node = Arc::clone(&s.node);
+    let page = tokio::task::spawn_blocking(move || {
+        node.spool
+            .inbound_page(before.as_ref().map(|k| &k[..]), limit)
+    })
+    .await
+    .map_err(|e| ApiError::internal("listing inbound mail", e))??;
+    let items: Vec<_> = page
+        .iter()
+        .filter_map(|(_, v)| decode(v).map(|(summary, _)| summary))
+        .collect();
+    let next = if page.len() == limit {
+        items.last().map(|s| s.id.clone())
+    } else {
+        None
+    };
+    Ok(axum::Json(json!({"items": items, "next_cursor": next})).into_response())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "inbound_not_found",
+        format!("no kept inbound message {id:?}"),
+    )
+    .field("id")
+}
+
+/// `GET /v1/inbound/{id}`: the message as it arrived (`message/rfc822`).
+pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let key = key_of(&id).ok_or_else(|| not_found(&id))?;
+    let node = Arc::clone(&s.node);
+    let value = tokio::task::spawn_blocking(move || node.spool.get_inbound(&key))
+        .await
+        .map_err(|e| ApiError::internal("reading inbound mail", e))??;
+    let Some((_, message)) = value.as_deref().and_then(decode) else {
+        return Err(not_found(&id));
+    };
+    Ok(([(header::CONTENT_TYPE, "message/rfc822")], message.to_vec()).into_response())
+}
+
+/// `DELETE /v1/inbound/{id}`: forgets a kept message.
+pub(super) async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let key = key_of(&id).ok_or_else(|| not_found(&id))?;
+    let node = Arc::clone(&s.node);
+    let found = tokio::task::spawn_blocking(move || node.spool.get_inbound(&key))
+        .await
+        .map_err(|e| ApiError::internal("reading inbound mail", e))??;
+    if found.is_none() {
+        return Err(not_found(&id));
+    }
+    let mut batch = s.node.spool.batch();
+    batch.delete_inbound(&key);
+    s.node.spool.write(batch, Durability::Sync).await?;
+    Ok(axum::Json(json!({"id": id, "deleted": true})).into_response())
+}
