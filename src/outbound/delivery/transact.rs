@@ -167,34 +167,26 @@ impl Delivery {
         })?;
         let job = p.job.id;
         let campaign = &p.campaign.record;
-        let assembler = &self.node.assembler;
-        let started = Instant::now();
         let inline = campaign.template_bytes() <= INLINE_ASSEMBLY_BYTES
-            && !assembler.signs_with_rsa(crate::intake::address::domain_of(&campaign.from));
-        let result = if inline {
-            Ok(assembler.assemble_job(campaign, &compiled, job, &p.record.as_record(), merged))
-        } else {
-            let _permit = self
-                .assembly_slots
-                .acquire()
-                .await
-                .expect("the assembly semaphore is never closed");
-            let node = Arc::clone(&self.node);
-            let campaign = Arc::clone(&p.campaign);
-            let record = p.record.clone();
-            tokio::task::spawn_blocking(move || {
-                node.assembler.assemble_job(
-                    &campaign.record,
-                    &compiled,
-                    job,
-                    &record.as_record(),
-                    merged,
-                )
-            })
-            .await
-        };
-        ASSEMBLY_SECONDS.observe(started.elapsed().as_secs_f64());
-        assembled(result)
+            && !self
+                .node
+                .assembler
+                .signs_with_rsa(crate::intake::address::domain_of(&campaign.from));
+        let (node, campaign, record) = (
+            Arc::clone(&self.node),
+            Arc::clone(&p.campaign),
+            p.record.clone(),
+        );
+        self.run_assembly(inline, move || {
+            node.assembler.assemble_job(
+                &campaign.record,
+                &compiled,
+                job,
+                &record.as_record(),
+                merged,
+            )
+        })
+        .await
     }
 
     /// [`Delivery::assemble`] of a raw message: its stored bytes with our trace field, signed,
@@ -212,25 +204,40 @@ impl Delivery {
             ));
         };
         let job = p.job.id;
-        let assembler = &self.node.assembler;
-        let started = Instant::now();
-        let record = &p.campaign.record;
         let inline = body.len() <= INLINE_ASSEMBLY_BYTES
-            && !assembler.signs_with_rsa(crate::intake::address::domain_of(&record.from));
+            && !self
+                .node
+                .assembler
+                .signs_with_rsa(crate::intake::address::domain_of(&p.campaign.record.from));
+        let (node, campaign) = (Arc::clone(&self.node), Arc::clone(&p.campaign));
+        self.run_assembly(inline, move || {
+            node.assembler.assemble_raw(&campaign.record, &body, job)
+        })
+        .await
+    }
+
+    /// Runs an assembly on this task when `inline` (small, no RSA), else on the blocking pool
+    /// once one of the assembly slots is free; its time, wait included, goes to
+    /// `sluice_message_assembly_seconds`.
+    async fn run_assembly(
+        &self,
+        inline: bool,
+        work: impl FnOnce() -> Result<
+            crate::outbound::render::Rendered,
+            crate::outbound::render::AssembleError,
+        > + Send
+        + 'static,
+    ) -> Result<crate::outbound::render::Rendered, Outcome> {
+        let started = Instant::now();
         let result = if inline {
-            Ok(assembler.assemble_raw(record, &body, job))
+            Ok(work())
         } else {
             let _permit = self
                 .assembly_slots
                 .acquire()
                 .await
                 .expect("the assembly semaphore is never closed");
-            let node = Arc::clone(&self.node);
-            let campaign = Arc::clone(&p.campaign);
-            tokio::task::spawn_blocking(move || {
-                node.assembler.assemble_raw(&campaign.record, &body, job)
-            })
-            .await
+            tokio::task::spawn_blocking(work).await
         };
         ASSEMBLY_SECONDS.observe(started.elapsed().as_secs_f64());
         assembled(result)
