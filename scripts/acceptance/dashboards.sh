@@ -81,8 +81,7 @@ url = "http://$hook/events"
 secret = "dashboards-webhook-secret"
 CONF
 "$bin" check-config --config "$work/sluice.toml" >/dev/null
-"$bin" serve --config "$work/sluice.toml" 2>"$work/sluice.log" &
-pids+=($!)
+start_sluice "$bin" "$work/sluice.toml" "$work/sluice.log" "$api"
 
 # --- Prometheus --------------------------------------------------------------------------------
 cat >"$work/prometheus.yml" <<CONF
@@ -98,10 +97,6 @@ prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/prome
   --web.listen-address="$prom" >"$work/prometheus.log" 2>&1 &
 pids+=($!)
 
-for _ in $(seq 1 100); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$api/readyz")" = 200 ] && break
-  sleep 0.1
-done
 for _ in $(seq 1 100); do
   curl -sf "http://$prom/-/ready" >/dev/null && break
   sleep 0.2

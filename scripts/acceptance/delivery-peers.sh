@@ -106,12 +106,7 @@ tls = "opportunistic"
 match = "equal.sluice.test"
 max_messages_per_connection = 1
 CONF
-"$bin" serve --config "$work/sluice.toml" 2>"$work/sluice.log" &
-pids+=($!)
-for _ in $(seq 1 100); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$api/readyz")" = 200 ] && break
-  sleep 0.1
-done
+start_sluice "$bin" "$work/sluice.toml" "$work/sluice.log" "$api"
 
 python3 - "$api" "$work" <<'PY'
 import json, os, sys, time, urllib.request

@@ -32,10 +32,6 @@ openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/keys/rs
 openssl rsa -in "$work/keys/rsa8.pem" -traditional -out "$work/keys/rsa.pem" 2>/dev/null  # PKCS#1
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/keys/rsa2.pem" 2>/dev/null
 openssl genpkey -algorithm ed25519 -out "$work/keys/ed.pem"
-rsa_pub() { openssl pkey -in "$1" -pubout -outform DER 2>/dev/null | base64 -w0; }
-ed_pub() { openssl pkey -in "$1" -pubout -outform DER 2>/dev/null | tail -c 32 | base64 -w0; }
-# TXT strings are at most 255 octets: split the record into quoted pieces.
-txt() { echo "$1" | fold -w 200 | sed 's/.*/"&"/' | tr '\n' ' '; }
 
 mkdir -p "$work/nsd"
 cat >"$work/nsd/dkim.test.zone" <<ZONE
@@ -106,12 +102,7 @@ algorithm = "ed25519-sha256"
 key_file = "$work/keys/ed.pem"
 CONF
 "$bin" check-config --config "$work/sluice.toml" >/dev/null
-"$bin" serve --config "$work/sluice.toml" 2>"$work/sluice.log" &
-pids+=($!)
-for _ in $(seq 1 100); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$api/readyz")" = 200 ] && break
-  sleep 0.1
-done
+start_sluice "$bin" "$work/sluice.toml" "$work/sluice.log" "$api"
 
 "$py" - "$api" "$work" "$dns_port" <<'PY'
 import base64, collections, functools, glob, json, os, random, sys, time, urllib.request

@@ -33,9 +33,6 @@ openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/keys/rs
 openssl genpkey -algorithm ed25519 -out "$work/keys/ed.pem"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
   -subj "/CN=submit.sub.test" -keyout "$work/keys/tls.key" -out "$work/keys/tls.crt" 2>/dev/null
-rsa_pub() { openssl pkey -in "$1" -pubout -outform DER 2>/dev/null | base64 -w0; }
-ed_pub() { openssl pkey -in "$1" -pubout -outform DER 2>/dev/null | tail -c 32 | base64 -w0; }
-txt() { echo "$1" | fold -w 200 | sed 's/.*/"&"/' | tr '\n' ' '; }
 
 mkdir -p "$work/nsd"
 cat >"$work/nsd/sub.test.zone" <<ZONE
@@ -105,12 +102,7 @@ algorithm = "ed25519-sha256"
 key_file = "$work/keys/ed.pem"
 CONF
 "$bin" check-config --config "$work/sluice.toml" >/dev/null
-"$bin" serve --config "$work/sluice.toml" 2>"$work/sluice.log" &
-pids+=($!)
-for _ in $(seq 1 100); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$api/readyz")" = 200 ] && break
-  sleep 0.1
-done
+start_sluice "$bin" "$work/sluice.toml" "$work/sluice.log" "$api"
 
 fail() { echo "submission: $*" >&2; tail -20 "$work/sluice.log" >&2; exit 1; }
 

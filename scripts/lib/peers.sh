@@ -1,5 +1,5 @@
 # Shared by the acceptance scripts and benchmarks (sourced, not run): a work directory with
-# cleanup, port checks and a local NSD.
+# cleanup, port checks, a local NSD, DKIM key records and starting Sluice.
 
 # start_work: makes $work (a temporary directory others may read: smtp-sink runs as nobody and
 # writes below it) and an EXIT trap that kills every pid in `pids` and removes $work.
@@ -41,4 +41,24 @@ CONF
   done
   nsd -d -c "$dir/nsd.conf" &
   pids+=($!)
+}
+
+# DKIM key records: rsa_pub and ed_pub print a PEM key's public half as the p= value; txt splits a
+# record into quoted strings of at most 200 octets (a TXT string holds 255).
+rsa_pub() { openssl pkey -in "$1" -pubout -outform DER 2>/dev/null | base64 -w0; }
+ed_pub() { openssl pkey -in "$1" -pubout -outform DER 2>/dev/null | tail -c 32 | base64 -w0; }
+txt() { echo "$1" | fold -w 200 | sed 's/.*/"&"/' | tr '\n' ' '; }
+
+# start_sluice BIN CONFIG LOG API: `BIN serve --config CONFIG` in the background (stderr to LOG,
+# pid into `pids`), then waits up to 10 s for http://API/readyz to answer 200.
+start_sluice() {
+  "$1" serve --config "$2" 2>"$3" &
+  pids+=($!)
+  local _
+  for _ in $(seq 1 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$4/readyz")" = 200 ] && return 0
+    sleep 0.1
+  done
+  echo "sluice did not become ready at $4; see $3" >&2
+  return 1
 }
