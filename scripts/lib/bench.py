@@ -35,6 +35,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 # MX hosts of the bench zone: smtp-sink on 127.0.0.x:25.
 MX = {"mx1": "127.0.0.2", "mx2": "127.0.0.3", "mx3": "127.0.0.5", "slow": "127.0.0.4"}
+# The MX host of chunking.bench.test: Postfix's smtpd, started by the part that needs it.
+POSTFIX = "127.0.0.7"
 
 
 def log(msg):
@@ -110,7 +112,7 @@ def start_nsd(work, domains):
         "ns A 127.0.0.1",
     ]
     lines += [f"{name} A {ip}" for name, ip in MX.items()]
-    lines += ["one MX 10 mx1", "slow MX 10 slow"]
+    lines += ["one MX 10 mx1", "slow MX 10 slow", f"postfix A {POSTFIX}", "chunking MX 10 postfix"]
     lines += [f"d{i} MX 10 mx{i % 3 + 1}" for i in range(domains)]
     with open(f"{work}/nsd/bench.test.zone", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -146,6 +148,76 @@ zone:
             return proc
         time.sleep(0.1)
     raise SystemExit(f"bench: NSD did not answer; see {work}/nsd/nsd.log")
+
+
+class Postfix:
+    """Postfix's smtpd on `ip`:25 (it offers CHUNKING), passing each message on in real time to
+    the SMTP server at `proxy` (smtpd_proxy_filter) before it answers: no queue, no fsync, so a
+    comparison of the ways in is not drowned by the disk. Its own instance: configuration, queue
+    and log in `work`/postfix."""
+
+    def __init__(self, work, ip, proxy):
+        if not port_free(ip, 25):
+            raise SystemExit(f"bench: {ip}:25 is busy")
+        self.dir = d = f"{work}/postfix"
+        os.makedirs(f"{d}/queue")
+        os.makedirs(f"{d}/data")
+        subprocess.run(["chown", "postfix", f"{d}/data"], check=True)
+        with open(f"{d}/main.cf", "w") as f:
+            f.write(f"""compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+maillog_file = {d}/maillog
+maillog_file_prefixes = {work}
+inet_interfaces = all
+inet_protocols = ipv4
+myhostname = receiver.bench.test
+mydestination =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_proxy_filter = {proxy}
+smtpd_client_connection_count_limit = 0
+default_process_limit = 200
+default_transport = discard
+""")
+        services = [
+            f"{ip}:25 inet n - n - - smtpd",
+            "pickup unix n - n 60 1 pickup",
+            "cleanup unix n - n - 0 cleanup",
+            "qmgr unix n - n 300 1 qmgr",
+            "rewrite unix - - n - - trivial-rewrite",
+            "bounce unix - - n - 0 bounce",
+            "defer unix - - n - 0 bounce",
+            "trace unix - - n - 0 bounce",
+            "verify unix - - n - 1 verify",
+            "proxymap unix - - n - - proxymap",
+            "showq unix n - n - - showq",
+            "error unix - - n - - error",
+            "retry unix - - n - - error",
+            "discard unix - - n - - discard",
+            "anvil unix - - n - 1 anvil",
+            "scache unix - - n - 1 scache",
+            "postlog unix-dgram n - n - 1 postlogd",
+        ]
+        with open(f"{d}/master.cf", "w") as f:
+            f.write("\n".join(services) + "\n")
+        subprocess.run(["postfix", "-c", d, "start"], check=True, capture_output=True)
+        for _ in range(100):
+            if not port_free(ip, 25):
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"bench: Postfix did not listen on {ip}:25; see {d}/maillog")
+
+    def commands(self, name):
+        """How many times smtpd logged command `name` (its `disconnect` lines count them)."""
+        n = 0
+        with open(f"{self.dir}/maillog", errors="replace") as f:
+            for m in re.finditer(rf" {name}=(\d+)", f.read()):
+                n += int(m.group(1))
+        return n
+
+    def stop(self):
+        subprocess.run(["postfix", "-c", self.dir, "stop"], capture_output=True)
 
 
 # --- Sluice ---------------------------------------------------------------------------------------
@@ -589,6 +661,49 @@ class Bench:
                  rate["direct"], "smtp-source straight to smtp-sink, same options", ">= 0.50")
         self.done(s)
 
+    def chunking(self):
+        """BDAT against DATA (RFC 3030): the same campaign from a node that sends every message
+        with BDAT when the receiver offers CHUNKING (`bdat_min_bytes = 0`) and from one that never
+        does (`bdat = false`), alternated, two runs each, at 10 KB and 100 KB. The receiver is
+        Postfix's smtpd, which offers CHUNKING, passing each message to smtp-sink (mx1, where it is
+        counted) before answering. smtp-sink itself offers no CHUNKING, so against it every
+        message goes over DATA either way."""
+        log("chunking ...")
+        postfix = Postfix(self.work, POSTFIX, f"{MX['mx1']}:25")
+        try:
+            bdat = self.sluice("bdat", 18046, delivery="bdat_min_bytes = 0")
+            data = self.sluice("data", 18047, delivery="bdat = false")
+            site = lambda i: "chunking.bench.test"  # noqa: E731
+            for s in (bdat, data):
+                deliveries(self.one, 500, lambda: s.campaign(PLAIN, 1024, people(site, 500)), deadline=60)
+            before = postfix.commands("bdat")
+            offset = 0
+            for size, count in ((10_240, self.n(10_000)), (102_400, self.n(3_000))):
+                rate = {"bdat": 0.0, "data": 0.0}
+                cpu = {"bdat": 0.0, "data": 0.0}
+                for run in range(4):
+                    which, s = (("bdat", bdat), ("data", data))[run % 2]
+                    offset += count
+                    cpu0 = s.cpu_seconds()
+                    r, _ = deliveries(self.one, count,
+                                      lambda: s.campaign(PLAIN, size, people(site, count, offset=offset)))
+                    cpu[which] += (s.cpu_seconds() - cpu0) / count / 2
+                    log(f"  {size // 1024} KB, run {run + 1}: {which}: {r:,.0f} msg/s")
+                    rate[which] += r / 2
+                self.row(f"{size // 1024} KB, no DKIM, BDAT to Postfix smtpd", rate["bdat"], rate["data"],
+                         f"the same over DATA (two runs each, alternated; CPU over DATA "
+                         f"{cpu['data'] * 1e6:,.0f} µs/msg)", cpu=cpu["bdat"])
+            # smtpd logs its command counts when a connection ends.
+            self.done(bdat)
+            self.done(data)
+            time.sleep(1)
+            used = postfix.commands("bdat") - before
+            log(f"  Postfix counted {used:,} BDAT commands")
+            if used == 0:
+                raise SystemExit("bench: no message went over BDAT")
+        finally:
+            postfix.stop()
+
     def cluster(self):
         """Cluster mode's overhead: the same campaign through one node without `[cluster]`, split
         over three nodes sharing a six-process Redis Cluster, and split over three nodes without
@@ -760,14 +875,14 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
     ap.add_argument("--queue", type=int, default=1_000_000, help="recipients of the queue-at-scale run")
-    ap.add_argument("--only", choices=["rates", "domains", "queue", "sources", "submission", "cluster"],
+    ap.add_argument("--only", choices=["rates", "domains", "queue", "sources", "submission", "chunking", "cluster"],
                     action="append",
                     help="run only this part (repeatable)")
     ap.add_argument("--csv", default=os.path.join(ROOT, "target", "bench", "bench.csv"))
     args = ap.parse_args()
     bench = Bench(args)
     try:
-        for part in ("rates", "domains", "queue", "sources", "submission", "cluster"):
+        for part in ("rates", "domains", "queue", "sources", "submission", "chunking", "cluster"):
             if not args.only or part in args.only:
                 getattr(bench, part)()
     finally:
