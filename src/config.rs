@@ -1416,6 +1416,37 @@ impl Config {
         }
     }
 
+    /// Whether `address` is one of the role addresses the bounce listener takes: `postmaster`
+    /// alone (RFC 5321 §4.5.1), or `postmaster@` or `abuse@` (RFC 2142) one of the bounce
+    /// domains: `bounce.domain` when set, else the domains Sluice signs for (their From domain
+    /// is then the VERP domain); and always `delivery.ehlo_name` and the `unsubscribe_mailto`
+    /// domain, which point their MX at the listener too.
+    pub fn is_role_address(&self, address: &str) -> bool {
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            return address.eq_ignore_ascii_case("postmaster");
+        };
+        if !(local.eq_ignore_ascii_case("postmaster") || local.eq_ignore_ascii_case("abuse")) {
+            return false;
+        }
+        let bounce = self.bounce.domain.as_deref();
+        let signed = self
+            .dkim
+            .iter()
+            .filter(|_| bounce.is_none())
+            .map(|d| d.domain.as_str());
+        bounce
+            .into_iter()
+            .chain(std::iter::once(self.delivery.ehlo_name.as_str()))
+            .chain(
+                self.message
+                    .unsubscribe_mailto
+                    .as_deref()
+                    .and_then(|m| m.rsplit_once('@').map(|(_, d)| d)),
+            )
+            .chain(signed)
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
     fn validate(&self, file: &str) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         let mut bad = |key: &str, reason: String| {
@@ -1880,7 +1911,7 @@ impl Config {
                     "bounce.operator_address",
                     format!("{a:?} is not an email address"),
                 );
-            } else if crate::feedback::postmaster::is_role(self, a) {
+            } else if self.is_role_address(a) {
                 bad(
                     "bounce.operator_address",
                     format!(

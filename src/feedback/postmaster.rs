@@ -14,7 +14,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::intake::address::{Address, domain_of};
+use crate::intake::address::Address;
 use crate::intake::raw::{Recipient, Submission, check, ingest, rfc2822_date};
 use crate::node::Node;
 use crate::store::spool::{Durability, SpoolError};
@@ -42,31 +42,9 @@ pub struct Summary {
     pub size: usize,
 }
 
-/// Whether `address` is a role address the listener takes: `postmaster` alone, or `postmaster@`
-/// or `abuse@` one of the bounce domains.
+/// Whether `address` is a role address the listener takes ([`Config::is_role_address`]).
 pub fn is_role(cfg: &Config, address: &str) -> bool {
-    let Some((local, domain)) = address.rsplit_once('@') else {
-        return address.eq_ignore_ascii_case("postmaster");
-    };
-    (local.eq_ignore_ascii_case("postmaster") || local.eq_ignore_ascii_case("abuse"))
-        && role_domains(cfg).any(|d| d.eq_ignore_ascii_case(domain))
-}
-
-/// The bounce domain when one is set, else the domains Sluice signs for (their From domain is
-/// then the VERP domain); and always the listener's own host name and the `unsubscribe_mailto`
-/// domain, which point their MX here too.
-fn role_domains(cfg: &Config) -> impl Iterator<Item = &str> {
-    let bounce = cfg.bounce.domain.as_deref();
-    let signed = cfg
-        .dkim
-        .iter()
-        .filter(move |_| bounce.is_none())
-        .map(|d| d.domain.as_str());
-    bounce
-        .into_iter()
-        .chain(std::iter::once(cfg.delivery.ehlo_name.as_str()))
-        .chain(cfg.message.unsubscribe_mailto.as_deref().map(domain_of))
-        .chain(signed)
+    cfg.is_role_address(address)
 }
 
 /// Forwards or keeps one message; the text of the 250 reply, or why it failed (a 451 then).
