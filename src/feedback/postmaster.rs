@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::intake::address::Address;
-use crate::intake::raw::{Recipient, Submission, check, ingest, rfc2822_date};
+use crate::intake::raw::{Submission, check, ingest, rfc2822_date};
 use crate::node::Node;
 use crate::store::spool::{Durability, SpoolError};
 
@@ -61,19 +61,7 @@ pub async fn take(node: &Arc<Node>, a: &Arrival<'_>, message: &[u8]) -> Result<S
             let wrapped = wrap(host, operator, a, message, now);
             let checked = check(&wrapped).map_err(|e| format!("{}: {}", e.field, e.message))?;
             let to = Address::parse(operator).map_err(|e| e.to_string())?;
-            let s = Submission {
-                checked,
-                recipients: vec![Recipient {
-                    address: to,
-                    notify: None,
-                    orcpt: None,
-                }],
-                mail_from: String::new(),
-                ret: None,
-                envid: None,
-                via: "forward",
-                received: None,
-            };
+            let s = Submission::ours(checked, to, "forward");
             let q = ingest(node, s, |_, _| {})
                 .await
                 .map_err(|e| e.to_string())?;

@@ -280,6 +280,26 @@ pub struct Submission {
     pub received: Option<String>,
 }
 
+impl Submission {
+    /// A message of ours (a DSN, forwarded role-address mail) to one address, with the null
+    /// return path and no DSN request of its own.
+    pub fn ours(checked: Checked, to: Address, via: &'static str) -> Submission {
+        Submission {
+            checked,
+            recipients: vec![Recipient {
+                address: to,
+                notify: None,
+                orcpt: None,
+            }],
+            mail_from: String::new(),
+            ret: None,
+            envid: None,
+            via,
+            received: None,
+        }
+    }
+}
+
 /// What [`ingest`] queued: the message's id (its first job) and the recipients queued and found
 /// suppressed.
 #[derive(Debug, Clone)]
@@ -470,22 +490,9 @@ pub async fn send_dsns(node: Arc<Node>, stop: tokio_util::sync::CancellationToke
         let host = &node.config.delivery.ehlo_name;
         let bytes = build(&notice, host, crate::now_ms());
         let queued = match (check(&bytes), Address::parse(&notice.to)) {
-            (Ok(checked), Ok(to)) => {
-                let s = Submission {
-                    checked,
-                    recipients: vec![Recipient {
-                        address: to,
-                        notify: None,
-                        orcpt: None,
-                    }],
-                    mail_from: String::new(),
-                    ret: None,
-                    envid: None,
-                    via: "dsn",
-                    received: None,
-                };
-                ingest(&node, s, |_, _| {}).await.map_err(|e| e.to_string())
-            }
+            (Ok(checked), Ok(to)) => ingest(&node, Submission::ours(checked, to, "dsn"), |_, _| {})
+                .await
+                .map_err(|e| e.to_string()),
             (Err(e), _) => Err(e.to_string()),
             (_, Err(e)) => Err(format!("the return path: {e}")),
         };

@@ -28,13 +28,7 @@ pub(super) async fn list(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> ApiResult {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=MAX_KEPT).contains(&limit) {
-        return Err(ApiError::invalid_field(
-            "limit",
-            format!("between 1 and {MAX_KEPT}"),
-        ));
-    }
+    let limit = super::page_limit(q.limit, MAX_KEPT)?;
     let before =
         match &q.cursor {
             None => None,

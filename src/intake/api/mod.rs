@@ -55,6 +55,19 @@ struct AppState {
 }
 
 /// Builds the router. `/healthz`, `/readyz` and `/metrics` need no key; `/v1` does.
+/// The `limit` of a page of a cursor-paged list: 100 unless given, 1 to `max`.
+fn page_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::invalid_field(
+            "limit",
+            format!("between 1 and {max}"),
+        ))
+    }
+}
+
 pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) -> Router {
     let state = AppState {
         engine,

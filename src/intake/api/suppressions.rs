@@ -209,13 +209,7 @@ pub(super) async fn list(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> ApiResult {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=MAX_SUPPRESSION_PAGE).contains(&limit) {
-        return Err(ApiError::invalid_field(
-            "limit",
-            format!("between 1 and {MAX_SUPPRESSION_PAGE}"),
-        ));
-    }
+    let limit = super::page_limit(q.limit, MAX_SUPPRESSION_PAGE)?;
     let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
     let after =
         match &q.cursor {
