@@ -132,6 +132,11 @@
 //!   STARTTLS with rustls, PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN parameters, dot-stuffing or
 //!   one `BDAT … LAST` chunk once a recipient is accepted, RFC 5321 timeouts), unit-tested
 //!   against scripted servers on an in-memory pipe.
+//! * [`outbound::sts`] and [`outbound::dane`]: the pure parts of outbound transport security:
+//!   the MTA-STS TXT record, policy file and MX matching (RFC 8461), and which TLSA records are
+//!   usable for SMTP with a rustls certificate verifier that checks a server against them
+//!   (DANE-EE and DANE-TA, RFC 7672, on rustls-webpki). Delivery does not use them yet: policy
+//!   fetching and caching, DNSSEC-validated TLSA lookups and TLS reporting are still to come.
 //! * [`outbound::outcome`]: the one classifier from replies, transport errors and DNS answers to
 //!   delivered, deferred, bounced or expired; [`outbound::outcome::rules`] then names the bounce
 //!   category from the rules file (`config/bounce-rules.toml`, compiled in, replaceable and

@@ -1,6 +1,7 @@
 //! Out: due jobs to SMTP transactions. The delivery engine and what it uses to reach a site,
 //! build and sign a message, speak SMTP and classify the answer.
 
+pub mod dane;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
@@ -9,4 +10,5 @@ pub mod render;
 pub mod retry;
 pub mod shaping;
 pub mod smtp;
+pub mod sts;
 pub mod tokens;
