@@ -4,9 +4,9 @@
 //! It accepts a recipient only when it is a VERP address whose token authenticates, an
 //! unsubscribe address whose token authenticates, one of `bounce.feedback_addresses`, or the
 //! postmaster or abuse address of the bounce domain ([`super::postmaster`], forwarded to the
-//! operator or kept); anything else gets 550 5.7.1 and nothing is ever relayed. Limits: connections overall and per client
-//! address, command and text line length, message size (SIZE and counted), recipients per
-//! transaction, bad commands per session, idle time. A message is processed ([`crate::feedback`])
+//! operator or kept); anything else gets 550 5.7.1 and nothing is ever relayed. Limits:
+//! connections overall and per client address, command and text line length, message size (SIZE
+//! and counted), recipients per transaction, bad commands per session, idle time. A message is processed ([`crate::feedback`])
 //! before the reply to its final dot, so a 250 means the effect is on disk; a report that cannot
 //! be read gets 554 5.6.0 with the reason. Plain socket I/O on tokio; spool work goes through the
 //! feedback module.

@@ -59,23 +59,30 @@ pub async fn take(node: &Arc<Node>, a: &Arrival<'_>, message: &[u8]) -> Result<S
                 .as_deref()
                 .unwrap_or(&node.config.delivery.ehlo_name);
             let wrapped = wrap(host, operator, a, message, now);
-            let checked = check(&wrapped).map_err(|e| format!("{}: {}", e.field, e.message))?;
-            let to = Address::parse(operator).map_err(|e| e.to_string())?;
-            let s = Submission::ours(checked, to, "forward");
-            let q = ingest(node, s, |_, _| {})
+            let why_kept = match (check(&wrapped), Address::parse(operator)) {
+                (Ok(checked), Ok(to)) => {
+                    let s = Submission::ours(checked, to, "forward");
+                    let q = ingest(node, s, |_, _| {})
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if q.queued > 0 {
+                        tracing::info!(client = %a.client, mail_from = a.mail_from, rcpt = ?a.rcpts, forwarded = ?q.id.map(|j| j.to_string()), "role address mail forwarded to the operator");
+                        return Ok("forwarded to the operator".into());
+                    }
+                    "the operator address is suppressed".to_owned()
+                }
+                (Err(e), _) => format!(
+                    "the forward is not a valid message: {}: {}",
+                    e.field, e.message
+                ),
+                (_, Err(e)) => format!("the operator address: {e}"),
+            };
+            // Kept rather than lost, and rather than refused to a sender who did nothing wrong.
+            let id = keep(node, a, message, now)
                 .await
                 .map_err(|e| e.to_string())?;
-            if q.queued == 0 {
-                // The operator address is on a suppression list: keep the message rather than
-                // lose it.
-                let id = keep(node, a, message, now)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tracing::warn!(operator = %operator, %id, "the operator address is suppressed; role address mail kept for GET /v1/inbound");
-                return Ok(format!("kept as {id}"));
-            }
-            tracing::info!(client = %a.client, mail_from = a.mail_from, rcpt = ?a.rcpts, forwarded = ?q.id.map(|j| j.to_string()), "role address mail forwarded to the operator");
-            Ok("forwarded to the operator".into())
+            tracing::warn!(operator = %operator, %id, reason = %why_kept, "role address mail could not be forwarded; kept for GET /v1/inbound");
+            Ok(format!("kept as {id}"))
         }
         None => {
             let id = keep(node, a, message, now)
@@ -103,7 +110,7 @@ fn wrap(host: &str, operator: &str, a: &Arrival<'_>, message: &[u8], now: u64) -
         if subject.is_empty() { "(no subject)" } else { &subject },
         rfc2822_date(now),
         a.client,
-        a.mail_from,
+        a.mail_from.chars().take(256).collect::<String>(),
         message.len(),
     )
     .into_bytes();
