@@ -344,7 +344,7 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
 /// Whether the listener takes mail for `address`, and what for.
 fn mailbox(node: &Node, address: &str) -> Option<Mailbox> {
     let cfg = &node.config;
-    if super::postmaster::is_role(cfg, address) {
+    if cfg.is_role_address(address) {
         return Some(Mailbox::Role);
     }
     let (local, domain) = address.rsplit_once('@')?;

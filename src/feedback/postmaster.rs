@@ -13,7 +13,6 @@ use std::sync::Arc;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
 use crate::intake::address::Address;
 use crate::intake::raw::{Submission, check, ingest, rfc2822_date};
 use crate::node::Node;
@@ -40,11 +39,6 @@ pub struct Summary {
     pub from: String,
     pub subject: String,
     pub size: usize,
-}
-
-/// Whether `address` is a role address the listener takes ([`Config::is_role_address`]).
-pub fn is_role(cfg: &Config, address: &str) -> bool {
-    cfg.is_role_address(address)
 }
 
 /// Forwards or keeps one message; the text of the 250 reply, or why it failed (a 451 then).
@@ -167,25 +161,15 @@ fn fits_a_message_part(message: &[u8]) -> bool {
     prev != b'\r'
 }
 
-/// The From and Subject field values of `message` as one line each (unfolded, control
-/// characters dropped, at most 200 characters), empty when absent.
+/// The From and Subject field values of `message` as one line each (unfolded by the report
+/// parser's field reader, control characters dropped, at most 200 characters), empty when
+/// absent.
 fn from_and_subject(message: &[u8]) -> (String, String) {
     let end = memchr::memmem::find(message, b"\r\n\r\n")
         .or_else(|| memchr::memmem::find(message, b"\n\n"))
         .unwrap_or(message.len());
     let head = String::from_utf8_lossy(&message[..end]);
-    let mut fields: Vec<(String, String)> = Vec::new();
-    for line in head.split('\n') {
-        let line = line.trim_end_matches('\r');
-        if line.starts_with([' ', '\t']) {
-            if let Some((_, v)) = fields.last_mut() {
-                v.push(' ');
-                v.push_str(line.trim());
-            }
-        } else if let Some((name, value)) = line.split_once(':') {
-            fields.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-        }
-    }
+    let fields: Vec<(String, String)> = super::field_groups(&head).into_iter().flatten().collect();
     let get = |name: &str| {
         fields
             .iter()
@@ -263,6 +247,7 @@ pub fn key_of(id: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn config(extra: &str) -> Config {
         let text = format!(
@@ -284,7 +269,7 @@ mod tests {
             "postmaster@mta.example.com",
             "abuse@unsub.example.com",
         ] {
-            assert!(is_role(&c, yes), "{yes}");
+            assert!(c.is_role_address(yes), "{yes}");
         }
         for no in [
             "postmaster@example.org",
@@ -293,7 +278,7 @@ mod tests {
             "postmaster+x@bounces.example.com",
             "abuse",
         ] {
-            assert!(!is_role(&c, no), "{no}");
+            assert!(!c.is_role_address(no), "{no}");
         }
     }
 
@@ -302,8 +287,8 @@ mod tests {
         let c = config(
             "[[dkim]]\ndomain = \"shop.example\"\nselector = \"s1\"\nalgorithm = \"ed25519-sha256\"\nkey_file = \"k.pem\"\n",
         );
-        assert!(is_role(&c, "abuse@shop.example"));
-        assert!(!is_role(&c, "abuse@other.example"));
+        assert!(c.is_role_address("abuse@shop.example"));
+        assert!(!c.is_role_address("abuse@other.example"));
     }
 
     fn arrival() -> (IpAddr, Vec<String>) {
