@@ -29,13 +29,7 @@ pub(super) async fn list(
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> ApiResult {
     let limit = super::page_limit(q.limit, MAX_KEPT)?;
-    let before =
-        match &q.cursor {
-            None => None,
-            Some(c) => Some(key_of(c).ok_or_else(|| {
-                ApiError::invalid_field("cursor", "not a cursor this API returned")
-            })?),
-        };
+    let before = super::page_cursor(q.cursor.as_deref(), key_of)?;
     let node = Arc::clone(&s.node);
     let page = tokio::task::spawn_blocking(move || {
         node.spool
@@ -64,14 +58,20 @@ fn not_found(id: &str) -> ApiError {
     .field("id")
 }
 
-/// `GET /v1/inbound/{id}`: the message as it arrived (`message/rfc822`).
-pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let key = key_of(&id).ok_or_else(|| not_found(&id))?;
+/// The stored value of kept message `id`, or a 404 naming `id`.
+async fn kept(s: &AppState, id: &str) -> Result<([u8; 16], Vec<u8>), ApiError> {
+    let key = key_of(id).ok_or_else(|| not_found(id))?;
     let node = Arc::clone(&s.node);
     let value = tokio::task::spawn_blocking(move || node.spool.get_inbound(&key))
         .await
         .map_err(|e| ApiError::internal("reading inbound mail", e))??;
-    let Some((_, message)) = value.as_deref().and_then(decode) else {
+    value.map(|v| (key, v)).ok_or_else(|| not_found(id))
+}
+
+/// `GET /v1/inbound/{id}`: the message as it arrived (`message/rfc822`).
+pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let (_, value) = kept(&s, &id).await?;
+    let Some((_, message)) = decode(&value) else {
         return Err(not_found(&id));
     };
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], message.to_vec()).into_response())
@@ -79,14 +79,7 @@ pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Ap
 
 /// `DELETE /v1/inbound/{id}`: forgets a kept message.
 pub(super) async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let key = key_of(&id).ok_or_else(|| not_found(&id))?;
-    let node = Arc::clone(&s.node);
-    let found = tokio::task::spawn_blocking(move || node.spool.get_inbound(&key))
-        .await
-        .map_err(|e| ApiError::internal("reading inbound mail", e))??;
-    if found.is_none() {
-        return Err(not_found(&id));
-    }
+    let (key, _) = kept(&s, &id).await?;
     let mut batch = s.node.spool.batch();
     batch.delete_inbound(&key);
     s.node.spool.write(batch, Durability::Sync).await?;

@@ -55,17 +55,18 @@ struct AppState {
 }
 
 /// Builds the router. `/healthz`, `/readyz` and `/metrics` need no key; `/v1` does.
-/// The `limit` of a page of a cursor-paged list: 100 unless given, 1 to `max`.
-fn page_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiError> {
-    let limit = limit.unwrap_or(100);
-    if (1..=max).contains(&limit) {
-        Ok(limit)
-    } else {
-        Err(ApiError::invalid_field(
-            "limit",
-            format!("between 1 and {max}"),
-        ))
-    }
+/// The position a cursor-paged list continues from: `None` without a cursor, an error naming
+/// `cursor` when `decode` does not take it.
+fn page_cursor<T>(
+    cursor: Option<&str>,
+    decode: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    cursor
+        .map(|c| {
+            decode(c)
+                .ok_or_else(|| ApiError::invalid_field("cursor", "not a cursor this API returned"))
+        })
+        .transpose()
 }
 
 pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) -> Router {
@@ -362,12 +363,17 @@ struct ListQuery {
 const MAX_LIST_LIMIT: usize = 10_000;
 
 fn list_limit(q: &ListQuery) -> Result<usize, ApiError> {
-    match q.limit {
+    page_limit(q.limit, MAX_LIST_LIMIT)
+}
+
+/// The `limit` of a list: 100 unless given, 1 to `max`.
+fn page_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    match limit {
         None => Ok(100),
-        Some(n) if (1..=MAX_LIST_LIMIT).contains(&n) => Ok(n),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
         Some(_) => Err(ApiError::invalid_field(
             "limit",
-            format!("must be between 1 and {MAX_LIST_LIMIT}"),
+            format!("must be between 1 and {max}"),
         )),
     }
 }

@@ -211,13 +211,7 @@ pub(super) async fn list(
 ) -> ApiResult {
     let limit = super::page_limit(q.limit, MAX_SUPPRESSION_PAGE)?;
     let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
-    let after =
-        match &q.cursor {
-            None => None,
-            Some(c) => Some(decode_cursor(c).ok_or_else(|| {
-                ApiError::invalid_field("cursor", "not a cursor this API returned")
-            })?),
-        };
+    let after = super::page_cursor(q.cursor.as_deref(), decode_cursor)?;
     let node = Arc::clone(&s.node);
     let (items, last) = tokio::task::spawn_blocking(move || {
         let mut items = Vec::new();
