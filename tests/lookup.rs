@@ -32,6 +32,19 @@ fn events(v: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The lookup of message `id` once `done` holds for it (within 10 s).
+async fn wait_lookup(addr: std::net::SocketAddr, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = get_json(addr, &format!("/v1/messages/{id}")).await;
+        if s == 200 && done(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn history_keys(node: &sluice::server::Running) -> usize {
     let n = Arc::clone(&node.node);
     tokio::task::spawn_blocking(move || n.spool.count_keys(CF_HISTORY).unwrap())
@@ -79,7 +92,8 @@ async fn a_message_shows_every_attempt_and_later_report_until_retention() {
     })
     .await;
 
-    let (_, v) = get_json(addr, &format!("/v1/messages/{id}")).await;
+    // The lookup reads the spool, which the outcome's write reaches a moment after the count.
+    let v = wait_lookup(addr, &id, |v| v["state"] == "delivered").await;
     assert_eq!(
         (
             v["recipient"].as_str(),
@@ -155,8 +169,7 @@ async fn a_message_shows_every_attempt_and_later_report_until_retention() {
         .as_str()
         .unwrap()
         .to_owned();
-    let (s, v) = get_json(addr, &format!("/v1/messages/{job}")).await;
-    assert_eq!(s, 200, "{v}");
+    let v = wait_lookup(addr, &job, |v| v["state"] == "delivered").await;
     assert_eq!(
         (
             v["kind"].as_str(),

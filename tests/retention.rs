@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::sink::{Sink, SinkOptions};
 use common::{
     KEY, client, delivery_config, get_json, post_body, post_campaign, recipients, start,
-    trace_token, url, wait_counts,
+    trace_token, url, wait_counts, wait_keys,
 };
 use serde_json::Value;
 use sluice::store::retention::{self, Pass};
@@ -74,7 +74,7 @@ async fn reports_find_final_jobs_until_retention_deletes_their_tombstones() {
     let mut msgs = sink.messages();
     msgs.sort_by_key(|m| m.rcpts[0].clone());
     // Every job is final: none is left among the live jobs.
-    assert_eq!(keys(&node).await, (0, 4));
+    wait_keys(&node, &[CF_JOBS, CF_FINALS], &[0, 4]).await;
 
     // Inside the window: a bounce DSN turns a delivery into a bounce and suppresses, a complaint
     // suppresses and counts.
@@ -193,6 +193,7 @@ async fn a_campaign_that_takes_recipients_again_is_not_finished() {
     let addr = node.http_addr;
     let id = post_campaign(addr, recipients(2)).await;
     wait_counts(addr, &id, Duration::from_secs(20), |c| c["delivered"] == 2).await;
+    wait_keys(&node, &[CF_JOBS, CF_FINALS], &[0, 2]).await;
     let now = sluice::now_ms();
     assert_eq!(retention::pass(&node.node, now).await.unwrap().finished, 1);
 
@@ -206,6 +207,7 @@ async fn a_campaign_that_takes_recipients_again_is_not_finished() {
         .unwrap();
     assert_eq!(r.status(), 202);
     wait_counts(addr, &id, Duration::from_secs(20), |c| c["delivered"] == 3).await;
+    wait_keys(&node, &[CF_JOBS, CF_FINALS], &[0, 3]).await;
     let (_, c) = get_json(addr, &format!("/v1/campaigns/{id}")).await;
     assert!(c.get("finished_at").is_none(), "{c}");
     // Finished again from the next pass on: the first finish time no longer counts.

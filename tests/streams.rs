@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::sink::{Sink, SinkOptions};
-use common::{delivery_config, get_json, post_json, start, wait_counts, wait_log_kind};
+use common::{delivery_config, get_json, post_json, start, wait_counts, wait_keys, wait_log_kind};
 use serde_json::{Value, json};
 use sluice::store::campaign::CampaignRecord;
 use sluice::store::retention;
@@ -248,7 +248,7 @@ async fn a_buckets_messages_go_with_its_tombstones_after_its_period() {
         c["delivered"] == 3
     })
     .await;
-    assert_eq!(keys(&node).await, (3, 3));
+    wait_keys(&node, &[CF_FINALS, CF_MESSAGES], &[3, 3]).await;
 
     // Within its period the bucket takes messages, so it does not finish however idle it is.
     let now = sluice::now_ms();

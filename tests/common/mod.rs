@@ -409,3 +409,24 @@ pub fn egress_source(name: &str, address: &str) -> sluice::config::SourceConfig 
         warmup_start: None,
     }
 }
+
+/// Waits until the spool's column families `cfs` hold `want` keys between them, in order, and
+/// returns. Counts in memory lead the delivery's outcome writes by up to one batch, so a test
+/// that saw a count reach its value waits here before it looks at the spool.
+pub async fn wait_keys(node: &Running, cfs: &'static [&'static str], want: &[usize]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = Arc::clone(&node.node);
+        let got = tokio::task::spawn_blocking(move || n.spool.count_keys_together(cfs).unwrap())
+            .await
+            .unwrap();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool holds {got:?} keys in {cfs:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
