@@ -267,7 +267,7 @@ fn smtp_transaction(c: &mut Criterion) {
         data_block: Duration::from_secs(5),
         data_final: Duration::from_secs(5),
     };
-    let settings = ClientSettings::new("bench.example".into(), timeouts);
+    let settings = ClientSettings::new("bench.example".into(), timeouts, &[]);
     let mut conn = rt
         .block_on(Connection::open(
             addr,

@@ -103,6 +103,84 @@ pub struct Config {
     /// that needs nothing but its disk.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// MTA-STS (RFC 8461): recipient domains' published TLS policies, fetched and enforced.
+    #[serde(default)]
+    pub mta_sts: MtaStsConfig,
+    /// DANE (RFC 7672): TLSA records of MX hosts, found through DNSSEC-validated lookups.
+    #[serde(default)]
+    pub dane: DaneConfig,
+    /// TLS reporting (RFC 8460): daily reports of DANE and MTA-STS results to the domains that
+    /// ask for them.
+    #[serde(default)]
+    pub tls_reports: TlsReportsConfig,
+}
+
+/// `[tls_reports]`: who the reports come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsReportsConfig {
+    /// Send each day's reports to the `rua` of the domains' `_smtp._tls` TXT records.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// `organization-name` of the reports; unset: `delivery.ehlo_name`.
+    #[serde(default)]
+    pub organization: Option<String>,
+    /// `contact-info`; unset: `postmaster@` the EHLO name.
+    #[serde(default)]
+    pub contact: Option<String>,
+    /// The From address of mailed reports; unset: `noreply-tlsrpt@` the EHLO name. Sign its
+    /// domain with a `[[dkim]]` key (RFC 8460 §5.3 asks for it).
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+impl TlsReportsConfig {
+    /// The organisation, contact and From address, defaults filled from `ehlo_name`.
+    pub fn identity(&self, ehlo_name: &str) -> (String, String, String) {
+        (
+            self.organization
+                .clone()
+                .unwrap_or_else(|| ehlo_name.to_owned()),
+            self.contact
+                .clone()
+                .unwrap_or_else(|| format!("postmaster@{ehlo_name}")),
+            self.from
+                .clone()
+                .unwrap_or_else(|| format!("noreply-tlsrpt@{ehlo_name}")),
+        )
+    }
+}
+
+/// `[mta_sts]`: policy discovery, fetching and caching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtaStsConfig {
+    /// Look policies up and apply them (`enforce`: only matching MX hosts with a valid
+    /// certificate; `testing`: send anyway and report).
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// The most one policy fetch (connect, TLS, response) may take. A domain seen for the
+    /// first time waits for it; later fetches run in the background.
+    #[serde(default = "defaults::sts_fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// After a failed fetch, how long before the next try (the domain is treated as having no
+    /// policy meanwhile, unless an earlier policy is still cached).
+    #[serde(default = "defaults::sts_retry", with = "humantime_serde")]
+    pub retry: Duration,
+}
+
+/// `[dane]`: DNSSEC validation for DANE.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaneConfig {
+    /// Validate MX, address and TLSA lookups and require TLS checked against usable TLSA
+    /// records. Off by default: it needs name servers that pass DNSSEC records through.
+    #[serde(default)]
+    pub enabled: bool,
+    /// DNSKEY records (zone-file lines) trusted as anchors; unset: the IANA root keys. For a zone
+    /// other than the root, all its DNSKEYs (with only some trusted, its parent's DS is asked).
+    #[serde(default)]
+    pub trust_anchor: Option<PathBuf>,
 }
 
 /// `[cluster]`: this node's place in a fleet sharing one set of limits through Redis Cluster.
@@ -475,6 +553,11 @@ pub struct DeliveryConfig {
     pub dead_site_after: u32,
     #[serde(default = "defaults::dead_site_period", with = "humantime_serde")]
     pub dead_site_period: Duration,
+    /// CA certificates (PEM) trusted besides Mozilla's roots wherever a certificate is
+    /// verified: MTA-STS policy hosts, MX hosts under an enforced policy or `tls = "verify"`.
+    /// For a private PKI or tests.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// Traffic shaping for one site (a set of MX hosts).
@@ -509,6 +592,13 @@ pub struct Shaping {
     /// default) or for each node (`node`). Without `[cluster]` they are the node's anyway.
     #[serde(default)]
     pub scope: Scope,
+    /// Apply recipient domains' MTA-STS policies (where `[mta_sts]` is on); a rule may turn it
+    /// off for the sites it matches.
+    #[serde(default = "defaults::yes")]
+    pub mta_sts: bool,
+    /// Apply MX hosts' DANE TLSA records (where `[dane]` is on); a rule may turn it off.
+    #[serde(default = "defaults::yes")]
+    pub dane: bool,
 }
 
 /// Where a site's limits hold in cluster mode.
@@ -548,6 +638,8 @@ pub struct Rule {
     pub tls: Option<crate::outbound::smtp::client::TlsMode>,
     pub per: Option<Per>,
     pub scope: Option<Scope>,
+    pub mta_sts: Option<bool>,
+    pub dane: Option<bool>,
 }
 
 impl Rule {
@@ -570,6 +662,8 @@ impl Rule {
             tls: self.tls.unwrap_or(base.tls),
             per: self.per.unwrap_or(base.per),
             scope: self.scope.unwrap_or(base.scope),
+            mta_sts: self.mta_sts.unwrap_or(base.mta_sts),
+            dane: self.dane.unwrap_or(base.dane),
         }
     }
 }
@@ -1315,6 +1409,12 @@ mod defaults {
     pub fn max_messages_per_connection() -> u32 {
         100
     }
+    pub fn sts_fetch_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn sts_retry() -> Duration {
+        Duration::from_secs(300)
+    }
     /// RFC 5321 §4.5.3.1.8: a server must accept at least 100 recipients; half of that keeps
     /// one refused transaction cheap.
     pub fn max_recipients_per_message() -> u32 {
@@ -1344,7 +1444,10 @@ default_from_serde!(
     Shaping,
     BounceConfig,
     MessageConfig,
-    SecretsConfig
+    SecretsConfig,
+    MtaStsConfig,
+    DaneConfig,
+    TlsReportsConfig
 );
 
 impl Default for Config {
@@ -1376,6 +1479,28 @@ impl Config {
         let env_keys = std::env::var(API_KEYS_ENV).ok();
         let env_tokens = std::env::var(TOKEN_KEYS_ENV).ok();
         Self::parse(&file, &text, env_keys.as_deref(), env_tokens.as_deref())
+    }
+
+    /// `check-config`'s warnings about rules that turn a receiver's transport security policy
+    /// off (`mta_sts = false`, `dane = false`): mail to the sites they match may go in plain text
+    /// or to hosts the policy would refuse.
+    pub fn transport_warnings(&self, file: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.mta_sts == Some(false) && self.mta_sts.enabled {
+                out.push(format!(
+                    "{file}: rule[{i}].mta_sts: warning: MTA-STS policies are not applied to the sites {:?} matches",
+                    r.pattern
+                ));
+            }
+            if r.dane == Some(false) && self.dane.enabled {
+                out.push(format!(
+                    "{file}: rule[{i}].dane: warning: DANE records are not applied to the sites {:?} matches",
+                    r.pattern
+                ));
+            }
+        }
+        out
     }
 
     /// Parses and validates TOML text; `file` only labels errors.
@@ -2099,6 +2224,29 @@ mod tests {
         assert_eq!(c.http.listen, "127.0.0.1:8025".parse().unwrap());
         assert_eq!(c.spool.path, PathBuf::from("var/spool"));
         assert_eq!(c.spool.idempotency_ttl, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn transport_security_defaults_and_the_warnings_of_rules_that_turn_it_off() {
+        let base = "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n";
+        let c = Config::from_toml("t.toml", base, None).unwrap();
+        assert!(c.mta_sts.enabled && !c.dane.enabled && c.tls_reports.enabled);
+        assert!(c.shaping.mta_sts && c.shaping.dane);
+        assert_eq!(c.mta_sts.fetch_timeout, Duration::from_secs(10));
+        assert!(c.transport_warnings("t.toml").is_empty());
+        let text = format!(
+            "{base}[dane]\nenabled = true\n[[rule]]\nmatch = \"*.example.net\"\nmta_sts = false\ndane = false\n"
+        );
+        let c = Config::from_toml("t.toml", &text, None).unwrap();
+        let shaping = c.rules[0].apply(&c.shaping);
+        assert!(!shaping.mta_sts && !shaping.dane);
+        let w = c.transport_warnings("t.toml");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("t.toml: rule[0].mta_sts: warning:"),
+            "{w:?}"
+        );
+        assert!(w[1].starts_with("t.toml: rule[0].dane: warning:"), "{w:?}");
     }
 
     #[test]

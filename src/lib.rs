@@ -110,8 +110,9 @@
 //!   `/v1/shaping`) and the warm-up counts ([`outbound::shaping::warmup`], in `meta` under
 //!   `warmup/`, written once a second). [`outbound::delivery`] consults them when it picks a
 //!   source, and reports a transaction's first failure reply to them (`finish::react`).
-//! * [`outbound::dns`]: MX and address lookups (hickory, TTL-cached); tells permanent answers
-//!   (NXDOMAIN, null MX) from temporary ones. PTR lookups for `check-config` ask the configured
+//! * [`outbound::dns`]: MX, address, TXT and TLSA lookups (hickory, TTL-cached); tells permanent
+//!   answers (NXDOMAIN, null MX) from temporary ones, and with DANE on, secure from insecure
+//!   and bogus ones. PTR lookups for `check-config` ask the configured
 //!   servers directly, since hickory answers loopback reverse lookups itself.
 //! * [`outbound::render`]: message assembly. [`outbound::render::compile`] once per campaign (the
 //!   compiled templates are cached in the [`outbound::render::Assembler`], not in the campaign
@@ -132,11 +133,20 @@
 //!   STARTTLS with rustls, PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN parameters, dot-stuffing or
 //!   one `BDAT … LAST` chunk once a recipient is accepted, RFC 5321 timeouts), unit-tested
 //!   against scripted servers on an in-memory pipe.
-//! * [`outbound::sts`] and [`outbound::dane`]: the pure parts of outbound transport security:
-//!   the MTA-STS TXT record, policy file and MX matching (RFC 8461), and which TLSA records are
-//!   usable for SMTP with a rustls certificate verifier that checks a server against them
-//!   (DANE-EE and DANE-TA, RFC 7672, on rustls-webpki). Delivery does not use them yet: policy
-//!   fetching and caching, DNSSEC-validated TLSA lookups and TLS reporting are still to come.
+//! * Transport security: [`outbound::sts`] parses the MTA-STS TXT record and policy file and
+//!   matches MX hosts (RFC 8461); [`outbound::sts_cache`] keeps fetched policies (in memory and
+//!   in `meta` under `mta-sts/`, for their `max_age`) and fetches them over HTTPS (no
+//!   redirects, 64 KiB, a deadline). [`outbound::dane`] says which TLSA records are usable for
+//!   SMTP and checks a server's certificate against them in a rustls verifier of our own
+//!   (DANE-EE and DANE-TA, RFC 7672, on rustls-webpki); [`outbound::dns`] validates MX, address
+//!   and TLSA answers with hickory's own DNSSEC code when `[dane]` is on. `delivery::secure`
+//!   decides each connection's TLS: DANE for a host with secure TLSA records, else the domain's
+//!   MTA-STS policy (a domain with one in `enforce` or `testing` gets a site of its own, keyed
+//!   by the policy id, made of the matching MX hosts under `enforce`), else the rule's `tls`.
+//!   [`outbound::trust`] reads the extra CA certificates and the DNSSEC trust anchors.
+//!   [`effects::tls_reports`] counts sessions per policy domain and day (in `meta` under
+//!   `tls-rpt/`), and `delivery::tlsrpt` sends each day's reports to the `rua` of
+//!   `_smtp._tls.<domain>` (mail through our own queue, or HTTPS POST).
 //! * [`outbound::outcome`]: the one classifier from replies, transport errors and DNS answers to
 //!   delivered, deferred, bounced or expired; [`outbound::outcome::rules`] then names the bounce
 //!   category from the rules file (`config/bounce-rules.toml`, compiled in, replaceable and
@@ -262,7 +272,15 @@
 //!   complaints) for `GET /v1/messages/{id}`, keyed so it is deleted with the tombstones.
 //! * The connection pool is per site rather than per (source IP, MX host): a site *is* a set of
 //!   MX hosts, so the two coincide, and keeping idle connections with the site lets
-//!   `max_connections` count pooled and busy connections together.
+//!   `max_connections` count pooled and busy connections together. A domain with an MTA-STS
+//!   policy is the exception: its connections are checked for its policy, so it has a site of
+//!   its own. DANE needs no such split: TLSA records belong to the MX host, whatever domain's
+//!   mail goes to it.
+//! * DNSSEC validation is hickory's own, from configured trust anchors, rather than the AD bit
+//!   of a validating resolver: a node needs nothing besides its name servers, and a test can
+//!   trust a signed test zone. With it on, every MX and address answer is validated, so an MX
+//!   set that fails validation is deferred instead of sent to unauthenticated hosts; TLSA is
+//!   only asked for hosts whose addresses are secure (RFC 7672 §2.2.2).
 //! * The design's "queue manager" is the [`scheduler`], which also owns parked jobs and suspended
 //!   domains: everything that decides whether a job may be taken sits behind one lock.
 //! * Fair share is per destination domain (a site serves its domains in turn), not per site:

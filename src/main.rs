@@ -76,7 +76,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Settings::load(&config) {
             Ok(settings) => {
-                for w in ptr_warnings(&settings.config, &config.display().to_string()) {
+                let file = config.display().to_string();
+                for w in ptr_warnings(&settings.config, &file) {
+                    eprintln!("{w}");
+                }
+                for w in settings.config.transport_warnings(&file) {
                     eprintln!("{w}");
                 }
                 println!("{}: ok", config.display());

@@ -46,6 +46,12 @@ pub struct Node {
     pub actions: crate::outbound::shaping::actions::Actions,
     /// Warm-up counts per (source, provider group), loaded at recovery.
     pub warmup: crate::outbound::shaping::warmup::Counts,
+    /// MTA-STS policies fetched (kept in the spool for their `max_age`).
+    pub sts: crate::outbound::sts_cache::StsCache,
+    /// Extra CA certificates and DNSSEC trust anchors for outbound TLS and DANE.
+    pub trust: crate::outbound::trust::Trust,
+    /// TLS reporting's aggregates (RFC 8460).
+    pub tls_reports: crate::effects::tls_reports::TlsReports,
     /// Failures of submitted messages to report to their submitters.
     pub dsns: crate::effects::dsn::Notices,
     /// Messages this node delivered since it started (for its heartbeat's rate).
@@ -72,6 +78,7 @@ impl Node {
         dkim: crate::outbound::dkim::DkimKeys,
         rules: crate::outbound::outcome::rules::Rules,
         shaping: crate::outbound::shaping::rules::ShapingRules,
+        trust: crate::outbound::trust::Trust,
         log: crate::effects::delivery_log::DeliveryLog,
     ) -> Result<Arc<Node>, SpoolError> {
         let webhooks =
@@ -86,6 +93,9 @@ impl Node {
             shaping_rules: std::sync::RwLock::new(Arc::new(shaping)),
             actions: Default::default(),
             warmup: Default::default(),
+            sts: Default::default(),
+            trust,
+            tls_reports: Default::default(),
             webhooks,
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
@@ -242,6 +252,11 @@ impl Node {
             tracing::info!(actions, "shaping actions in force restored");
         }
         self.warmup.load(&self.spool)?;
+        let policies = self.sts.load(&self.spool, crate::now_ms())?;
+        if policies > 0 {
+            tracing::info!(policies, "MTA-STS policies restored");
+        }
+        self.tls_reports.load(&self.spool)?;
         self.ready.store(true, Ordering::Release);
         Ok(RecoveryReport {
             campaigns: n_campaigns,

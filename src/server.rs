@@ -39,6 +39,7 @@ pub struct Settings {
     pub dkim: crate::outbound::dkim::DkimKeys,
     pub rules: crate::outbound::outcome::rules::Rules,
     pub shaping: crate::outbound::shaping::rules::ShapingRules,
+    pub trust: crate::outbound::trust::Trust,
 }
 
 impl Settings {
@@ -60,15 +61,17 @@ impl Settings {
         let shaping = crate::outbound::shaping::rules::ShapingRules::load(
             config.delivery.shaping_rules.as_deref(),
         );
-        match (dkim, rules, shaping) {
-            (Ok(dkim), Ok(rules), Ok(shaping)) => Ok(Settings {
+        let trust = crate::outbound::trust::Trust::load(&config, file);
+        match (dkim, rules, shaping, trust) {
+            (Ok(dkim), Ok(rules), Ok(shaping), Ok(trust)) => Ok(Settings {
                 config,
                 dkim,
                 rules,
                 shaping,
+                trust,
             }),
-            (dkim, rules, shaping) => Err(ConfigErrors(
-                [dkim.err(), rules.err(), shaping.err()]
+            (dkim, rules, shaping, trust) => Err(ConfigErrors(
+                [dkim.err(), rules.err(), shaping.err(), trust.err()]
                     .into_iter()
                     .flatten()
                     .flat_map(|e| e.0)
@@ -95,6 +98,7 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         dkim,
         rules,
         shaping,
+        trust,
     } = settings;
     let log = crate::effects::delivery_log::DeliveryLog::open(
         &config.log.delivery_log,
@@ -107,9 +111,10 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         )
     })?;
     let cfg = Arc::clone(&config);
-    let node = tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules, shaping, log))
-        .await?
-        .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
+    let node =
+        tokio::task::spawn_blocking(move || Node::open(cfg, dkim, rules, shaping, trust, log))
+            .await?
+            .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
     node.join_cluster().await?;
     let listener = TcpListener::bind(config.http.listen)
         .await
@@ -152,6 +157,10 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
     };
 
     tasks.spawn(crate::intake::raw::send_dsns(
+        Arc::clone(&node),
+        stop.clone(),
+    ));
+    tasks.spawn(crate::intake::raw::send_report_mail(
         Arc::clone(&node),
         stop.clone(),
     ));
@@ -345,6 +354,11 @@ async fn serve_tls(
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Running {
+    /// The delivery engine, once recovery has started it (never with `delivery.enabled` off).
+    pub fn delivery(&self) -> Option<Arc<crate::outbound::delivery::Delivery>> {
+        self.delivery.lock().expect("delivery slot").clone()
+    }
+
     /// Applies what can change without a restart from freshly loaded settings: the DKIM keys,
     /// the bounce rules and the shaping rules. Queued mail is signed at delivery, so it is signed with the new keys from
     /// now on. Other settings need a restart.

@@ -270,7 +270,15 @@ async fn starttls_opportunistic_succeeds_and_verify_defers() {
     .await;
     let log = wait_log(dir.path(), 1).await;
     assert_eq!(log[0]["type"], "t");
-    assert_eq!(log[0]["dsn_status"], "4.7.10", "{:?}", log[0]);
+    // A certificate refused is a cryptographic failure (4.7.5); no TLS at all would be 4.7.10.
+    assert_eq!(log[0]["dsn_status"], "4.7.5", "{:?}", log[0]);
+    assert!(
+        log[0]["dsn_diag"]
+            .as_str()
+            .is_some_and(|d| d.contains("certificate was refused")),
+        "{:?}",
+        log[0]
+    );
     assert!(
         sink.messages().is_empty(),
         "nothing was sent without a verified certificate"

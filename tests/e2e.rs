@@ -27,4 +27,5 @@ mod sources;
 mod streams;
 mod submission;
 mod suppression;
+mod transport;
 mod webhooks;

@@ -419,6 +419,8 @@ async fn max_open_with(per: sluice::config::Per) -> usize {
         tls: None,
         per: Some(per),
         scope: None,
+        mta_sts: None,
+        dane: None,
     });
     let node = common::start(cfg).await;
     let id = post(node.http_addr, &campaign("sink.test", 200, None)).await;

@@ -546,6 +546,24 @@ class Bench:
         self.row("10 KB, one site beside a slow site (5 s per message)", beside, alone, "the same campaign alone")
         self.done(a)
 
+    def transport(self):
+        """Delivery to 1,000 domains with MTA-STS on (a TXT lookup beside each domain's MX
+        lookup; none publishes a policy, as most do not) against the same with it off, two runs
+        each, alternated, each node's first run with cold DNS caches."""
+        log("transport ...")
+        on = self.sluice("sts-on", 18048)
+        off = self.sluice("sts-off", 18049, "[mta_sts]\nenabled = false\n")
+        count = self.n(20_000)
+        spread = lambda i: f"d{i % 1000}.bench.test"  # noqa: E731
+        rate = {"on": 0.0, "off": 0.0}
+        for which, s in (("off", off), ("on", on), ("off", off), ("on", on)):
+            r, _ = deliveries(self.three, count, lambda: s.campaign(PLAIN, 10_240, people(spread, count)))
+            rate[which] += r / 2
+        self.row("10 KB, no DKIM, 1,000 domains over 3 MX hosts, MTA-STS on", rate["on"], rate["off"],
+                 "the same with MTA-STS off (two runs each, alternated)", ">= 0.95")
+        self.done(on)
+        self.done(off)
+
     def domains(self):
         """CPU per message to 10 and to 10,000 domains over the same 3 MX hosts."""
         log("domains ...")
@@ -875,14 +893,15 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
     ap.add_argument("--queue", type=int, default=1_000_000, help="recipients of the queue-at-scale run")
-    ap.add_argument("--only", choices=["rates", "domains", "queue", "sources", "submission", "chunking", "cluster"],
+    ap.add_argument("--only", choices=["rates", "transport", "domains", "queue", "sources", "submission", "chunking",
+                                       "cluster"],
                     action="append",
                     help="run only this part (repeatable)")
     ap.add_argument("--csv", default=os.path.join(ROOT, "target", "bench", "bench.csv"))
     args = ap.parse_args()
     bench = Bench(args)
     try:
-        for part in ("rates", "domains", "queue", "sources", "submission", "chunking", "cluster"):
+        for part in ("rates", "transport", "domains", "queue", "sources", "submission", "chunking", "cluster"):
             if not args.only or part in args.only:
                 getattr(bench, part)()
     finally:

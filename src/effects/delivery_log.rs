@@ -56,6 +56,10 @@ pub struct LogRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mx_ip: Option<String>,
     pub tls: bool,
+    /// The TLS policy the connection was made under: `dane`, `sts-enforce`, `sts-testing`, or
+    /// the site's `tls` setting (`opportunistic`, `required`, `verify`, `none`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_policy: Option<&'static str>,
     /// The egress source the attempt went from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -176,6 +180,7 @@ impl LogRecord {
             mx_host: None,
             mx_ip: None,
             tls: false,
+            tls_policy: None,
             source: None,
             pool: None,
             size: 0,
@@ -433,6 +438,7 @@ mod tests {
             mx_host: None,
             mx_ip: None,
             tls: false,
+            tls_policy: None,
             source: None,
             pool: None,
             size: 1,

@@ -4,5 +4,6 @@
 pub mod delivery_log;
 pub mod dsn;
 pub mod suppression;
+pub mod tls_reports;
 pub mod transition;
 pub mod webhook;

@@ -658,6 +658,7 @@ fn report_record(
         mx_host: None,
         mx_ip: None,
         tls: false,
+        tls_policy: None,
         source: None,
         pool: None,
         size: 0,

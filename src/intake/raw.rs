@@ -509,6 +509,38 @@ pub async fn send_dsns(node: Arc<Node>, stop: tokio_util::sync::CancellationToke
     }
 }
 
+/// Queues the TLS report mail the delivery engine builds ([`crate::effects::tls_reports`])
+/// until `stop`: each is checked like any raw message and queued with a null return path.
+pub async fn send_report_mail(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
+    let Some(mut rx) = node.tls_reports.mail_receiver() else {
+        return;
+    };
+    loop {
+        let out = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let queued = match (check(&out.bytes), Address::parse(&out.to)) {
+            (Ok(checked), Ok(to)) => {
+                ingest(&node, Submission::ours(checked, to, "tlsrpt"), |_, _| {})
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(format!("the rua address: {e}")),
+        };
+        match queued {
+            Ok(q) => {
+                tracing::info!(to = %out.to, message = ?q.id.map(|j| j.to_string()), "TLS report queued")
+            }
+            Err(e) => tracing::warn!(to = %out.to, error = %e, "a TLS report could not be queued"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

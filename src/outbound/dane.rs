@@ -28,6 +28,14 @@ pub struct Tlsa {
     pub data: Vec<u8>,
 }
 
+/// Presentation form: `3 1 1 <hex>`.
+impl std::fmt::Display for Tlsa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {} ", self.usage, self.selector, self.matching)?;
+        self.data.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
 impl Tlsa {
     /// DANE-TA or DANE-EE, full certificate or SubjectPublicKeyInfo, exact or SHA-256/512, with
     /// association data of the right length for its matching type.
@@ -144,6 +152,26 @@ impl DaneVerifier {
     }
 }
 
+/// Why DANE refused a certificate.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// A certificate error (not a general one), so the handshake's failure says the certificate was
+/// refused.
+fn refused(reason: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(Refused(reason)),
+    )))
+}
+
 impl ServerCertVerifier for DaneVerifier {
     fn verify_server_cert(
         &self,
@@ -161,13 +189,13 @@ impl ServerCertVerifier for DaneVerifier {
             return Ok(ServerCertVerified::assertion());
         }
         if !self.records.iter().any(|r| r.usage == 2) {
-            return Err(rustls::Error::General(
+            return Err(refused(
                 "DANE: no TLSA record matches the server's certificate".into(),
             ));
         }
         self.trust_anchor_matches(end_entity, intermediates, now)
             .map(|()| ServerCertVerified::assertion())
-            .map_err(|e| rustls::Error::General(format!("DANE: {e}")))
+            .map_err(|e| refused(format!("DANE: {e}")))
     }
 
     fn verify_tls12_signature(

@@ -3,15 +3,26 @@
 //! Owns the mapping from a recipient domain to the ordered list of hosts to try, and the
 //! distinction the delivery engine acts on: a permanent answer (NXDOMAIN, null MX) fails the
 //! recipients at once, a temporary one (SERVFAIL, timeout) defers them. Async network I/O only.
+//!
+//! With DANE on ([`Dns::validating`]), MX, address and TLSA lookups go through hickory's own
+//! DNSSEC validation, from the configured trust anchors (the IANA root keys by default) over
+//! the same name servers, rather than trusting the AD bit of an upstream resolver: a node then
+//! needs no validating resolver of its own, and tests can name a signed test zone's key. Each
+//! answer comes back secure, insecure (a provably unsigned zone: everything works as without
+//! DANE) or, for a bogus answer, as a temporary failure: a domain whose MX records fail
+//! validation is deferred, never sent to unauthenticated hosts.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
 use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::RecordType;
 
 /// One host to try for a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +47,32 @@ pub enum DnsFailure {
     /// SERVFAIL, timeout, refused: worth retrying later.
     #[error("DNS lookup failed temporarily: {0}")]
     Temporary(String),
+    /// The answer failed DNSSEC validation (bad or missing signatures where the chain of trust
+    /// says there must be some): retried later, like a temporary failure.
+    #[error("DNSSEC validation failed for {0}")]
+    Bogus(String),
+}
+
+/// What a validating lookup proved about an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Signed, and the signatures chain to a trust anchor.
+    Secure,
+    /// Provably unsigned, or looked up without validation.
+    Insecure,
+}
+
+/// The TLSA records of an MX host (`_25._tcp.<host>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsaAnswer {
+    /// Validated records (possibly through a CNAME), with the name they were found at.
+    Secure {
+        records: Vec<crate::outbound::dane::Tlsa>,
+        owner: String,
+    },
+    /// No validated records: none exist (provably), or the zone is unsigned. DANE does not
+    /// apply to the host.
+    None,
 }
 
 impl DnsFailure {
@@ -46,6 +83,8 @@ impl DnsFailure {
 
 pub struct Dns {
     resolver: TokioResolver,
+    /// With DANE on: the resolver that validates MX, address and TLSA answers.
+    validating: Option<TokioResolver>,
     /// The configured servers (empty: the system's), asked directly for PTR records.
     nameservers: Vec<SocketAddr>,
     timeout: Duration,
@@ -54,6 +93,35 @@ pub struct Dns {
 impl Dns {
     /// A resolver using `nameservers` (`ip:port`), or the system configuration when empty.
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<Dns, String> {
+        Ok(Dns {
+            resolver: resolver(nameservers, timeout, None)?,
+            validating: None,
+            nameservers: nameservers.to_vec(),
+            timeout,
+        })
+    }
+
+    /// Validates MX, address and TLSA answers from now on, from `anchors` (none: the IANA root
+    /// keys).
+    pub fn validating(mut self, anchors: Option<Arc<TrustAnchors>>) -> Result<Dns, String> {
+        let anchors = anchors.unwrap_or_else(|| Arc::new(TrustAnchors::default()));
+        self.validating = Some(resolver(&self.nameservers, self.timeout, Some(anchors))?);
+        Ok(self)
+    }
+
+    /// Whether answers are validated (DANE is on).
+    pub fn is_validating(&self) -> bool {
+        self.validating.is_some()
+    }
+}
+
+/// A resolver over `nameservers` (the system's when empty); validating from `anchors` if given.
+fn resolver(
+    nameservers: &[SocketAddr],
+    timeout: Duration,
+    anchors: Option<Arc<TrustAnchors>>,
+) -> Result<TokioResolver, String> {
+    {
         let mut builder = if nameservers.is_empty() {
             TokioResolver::builder_tokio()
                 .map_err(|e| format!("reading the system resolver configuration: {e}"))?
@@ -73,27 +141,35 @@ impl Dns {
                 TokioRuntimeProvider::default(),
             )
         };
+        if let Some(anchors) = anchors {
+            builder = builder.with_trust_anchor(anchors);
+        }
         let opts = builder.options_mut();
         opts.timeout = timeout;
         opts.attempts = 2;
         opts.ndots = 0;
         opts.cache_size = 32_768;
-        let resolver = builder
+        builder
             .build()
-            .map_err(|e| format!("building the resolver: {e}"))?;
-        Ok(Dns {
-            resolver,
-            nameservers: nameservers.to_vec(),
-            timeout,
-        })
+            .map_err(|e| format!("building the resolver: {e}"))
+    }
+}
+
+impl Dns {
+    /// The resolver for MX and address lookups: the validating one when DANE is on.
+    fn routing(&self) -> &TokioResolver {
+        self.validating.as_ref().unwrap_or(&self.resolver)
     }
 
     /// The hosts to try for `domain`, best first; equal preferences in random order. A domain
     /// without MX records is its own mail host (RFC 5321 §5.1).
     pub async fn mx(&self, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
         let fqdn = format!("{domain}.");
-        match self.resolver.mx_lookup(fqdn.as_str()).await {
+        match self.routing().mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
+                if proof_of(lookup.answers(), RecordType::MX) == Some(Proof::Bogus) {
+                    return Err(DnsFailure::Bogus(format!("the MX records of {domain}")));
+                }
                 let mut hosts: Vec<MxHost> = lookup
                     .answers()
                     .iter()
@@ -122,7 +198,7 @@ impl Dns {
                 }
                 Ok(hosts)
             }
-            Err(e) => match classify(&e) {
+            Err(e) => match classify(&e, || format!("the MX records of {domain}")) {
                 Err(DnsFailure::NoAddress(_)) => Ok(vec![MxHost {
                     name: domain.to_owned(),
                     preference: 0,
@@ -135,20 +211,41 @@ impl Dns {
 
     /// The addresses of `host` (IPv4 and IPv6).
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsFailure> {
+        self.addresses_secured(host).await.map(|(ips, _)| ips)
+    }
+
+    /// The addresses of `host`, and whether the answer was validated as secure (always
+    /// [`Security::Insecure`] without DANE). A bogus answer is a [`DnsFailure::Bogus`].
+    pub async fn addresses_secured(
+        &self,
+        host: &str,
+    ) -> Result<(Vec<IpAddr>, Security), DnsFailure> {
         if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(vec![ip]);
+            return Ok((vec![ip], Security::Insecure));
         }
         let fqdn = format!("{host}.");
-        match self.resolver.lookup_ip(fqdn.as_str()).await {
+        match self.routing().lookup_ip(fqdn.as_str()).await {
             Ok(lookup) => {
+                let answers = lookup.as_lookup().answers();
+                let proof = [RecordType::A, RecordType::AAAA]
+                    .into_iter()
+                    .filter_map(|t| proof_of(answers, t))
+                    .min();
+                if proof == Some(Proof::Bogus) {
+                    return Err(DnsFailure::Bogus(format!("the addresses of {host}")));
+                }
                 let ips: Vec<IpAddr> = lookup.iter().collect();
                 if ips.is_empty() {
-                    Err(DnsFailure::NoAddress(host.to_owned()))
-                } else {
-                    Ok(ips)
+                    return Err(DnsFailure::NoAddress(host.to_owned()));
                 }
+                let security = if self.validating.is_some() && proof == Some(Proof::Secure) {
+                    Security::Secure
+                } else {
+                    Security::Insecure
+                };
+                Ok((ips, security))
             }
-            Err(e) => match classify(&e) {
+            Err(e) => match classify(&e, || format!("the addresses of {host}")) {
                 Err(DnsFailure::NxDomain) | Err(DnsFailure::NoAddress(_)) => {
                     Err(DnsFailure::NoAddress(host.to_owned()))
                 }
@@ -157,6 +254,67 @@ impl Dns {
             },
         }
     }
+
+    /// The TLSA records for SMTP on `host` (`_25._tcp.<host>`, RFC 7672 §2.2.3), validated.
+    /// Without DANE, or when the zone is unsigned or has none, [`TlsaAnswer::None`]. A bogus
+    /// answer, or one that cannot be had, is an error: the host must not be used then.
+    pub async fn tlsa(&self, host: &str, port: u16) -> Result<TlsaAnswer, DnsFailure> {
+        let Some(resolver) = &self.validating else {
+            return Ok(TlsaAnswer::None);
+        };
+        let name = format!("_{port}._tcp.{host}.");
+        match resolver.tlsa_lookup(name.as_str()).await {
+            Ok(lookup) => {
+                let answers = lookup.answers();
+                // The whole chain (CNAMEs and the records they lead to) must be secure.
+                let proof = answers.iter().map(|r| r.proof).min();
+                match proof {
+                    Some(Proof::Secure) => {}
+                    Some(Proof::Insecure) | None => return Ok(TlsaAnswer::None),
+                    Some(_) => return Err(DnsFailure::Bogus(format!("the TLSA records {name}"))),
+                }
+                let mut owner = host.to_owned();
+                let records = answers
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::TLSA(t) => {
+                            owner = r.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+                            Some(crate::outbound::dane::Tlsa {
+                                usage: t.cert_usage.into(),
+                                selector: t.selector.into(),
+                                matching: t.matching.into(),
+                                data: t.cert_data.clone(),
+                            })
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>();
+                if records.is_empty() {
+                    return Ok(TlsaAnswer::None);
+                }
+                // The base domain is the host the records belong to: `_25._tcp.` taken off.
+                let owner = owner
+                    .splitn(3, '.')
+                    .nth(2)
+                    .map_or_else(|| host.to_owned(), str::to_owned);
+                Ok(TlsaAnswer::Secure { records, owner })
+            }
+            Err(e) => match classify(&e, || format!("the TLSA records {name}")) {
+                Err(DnsFailure::NxDomain) | Err(DnsFailure::NoAddress(_)) => Ok(TlsaAnswer::None),
+                Err(f) => Err(f),
+                Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
+            },
+        }
+    }
+}
+
+/// The weakest proof among the records of type `t` in `answers` (`None`: there are none).
+fn proof_of(answers: &[hickory_resolver::proto::rr::Record], t: RecordType) -> Option<Proof> {
+    answers
+        .iter()
+        .filter(|r| r.record_type() == t)
+        .map(|r| r.proof)
+        .min()
 }
 
 impl Dns {
@@ -178,12 +336,59 @@ impl Dns {
         }
         match self.resolver.reverse_lookup(ip).await {
             Ok(lookup) => Ok(ptr_names(lookup.answers())),
-            Err(e) => match classify(&e) {
+            Err(e) => match classify(&e, || format!("the PTR records of {ip}")) {
                 Err(DnsFailure::NxDomain) | Err(DnsFailure::NoAddress(_)) => Ok(Vec::new()),
                 Err(f) => Err(f),
                 Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
             },
         }
+    }
+}
+
+impl Dns {
+    /// The TXT records at `name`, each record's strings joined; none when the name or the
+    /// records do not exist.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, DnsFailure> {
+        let fqdn = format!("{name}.");
+        match self.resolver.txt_lookup(fqdn.as_str()).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|part| String::from_utf8_lossy(part))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) => match classify(&e, || format!("the TXT records of {name}")) {
+                Err(DnsFailure::NxDomain) | Err(DnsFailure::NoAddress(_)) => Ok(Vec::new()),
+                Err(f) => Err(f),
+                Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
+            },
+        }
+    }
+}
+
+/// Resolves host names for HTTP clients (the MTA-STS policy fetch) through the same name
+/// servers as mail, so a policy host is found where its MX hosts are.
+pub struct HttpResolver(pub Arc<Dns>);
+
+impl reqwest::dns::Resolve for HttpResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let dns = Arc::clone(&self.0);
+        Box::pin(async move {
+            let ips = dns
+                .addresses(name.as_str())
+                .await
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })?;
+            let addrs: reqwest::dns::Addrs =
+                Box::new(ips.into_iter().map(|ip| SocketAddr::new(ip, 0)));
+            Ok(addrs)
+        })
     }
 }
 
@@ -246,14 +451,30 @@ async fn ptr_direct(
     }
 }
 
-/// `Err` for the answers that mean something (no such name, no records), `Ok` for "other".
-fn classify(e: &NetError) -> Result<(), DnsFailure> {
+/// `Err` for the answers that mean something (no such name, no records, a bogus answer about
+/// `what`), `Ok` for "other".
+fn classify(e: &NetError, what: impl FnOnce() -> String) -> Result<(), DnsFailure> {
+    use hickory_resolver::net::DnsError;
+    use hickory_resolver::proto::op::ResponseCode;
     if e.is_nx_domain() {
-        Err(DnsFailure::NxDomain)
-    } else if e.is_no_records_found() {
-        Err(DnsFailure::NoAddress(String::new()))
-    } else {
-        Ok(())
+        return Err(DnsFailure::NxDomain);
+    }
+    if e.is_no_records_found() {
+        return Err(DnsFailure::NoAddress(String::new()));
+    }
+    match e {
+        // A validated denial: NXDOMAIN or no records of the type, proven or provably unsigned.
+        NetError::Dns(DnsError::Nsec {
+            response, proof, ..
+        }) => match proof {
+            Proof::Secure | Proof::Insecure if response.response_code == ResponseCode::NXDomain => {
+                Err(DnsFailure::NxDomain)
+            }
+            Proof::Secure | Proof::Insecure => Err(DnsFailure::NoAddress(String::new())),
+            _ => Err(DnsFailure::Bogus(what())),
+        },
+        NetError::Dns(DnsError::DnssecBogus) => Err(DnsFailure::Bogus(what())),
+        _ => Ok(()),
     }
 }
 

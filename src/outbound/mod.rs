@@ -11,4 +11,6 @@ pub mod retry;
 pub mod shaping;
 pub mod smtp;
 pub mod sts;
+pub mod sts_cache;
 pub mod tokens;
+pub mod trust;

@@ -195,6 +195,19 @@ impl Policy {
             None => *p == host,
         })
     }
+
+    /// The policy as lines of its file (TLS reports quote it).
+    pub fn lines(&self) -> Vec<String> {
+        let mode = match self.mode {
+            Mode::Enforce => "enforce",
+            Mode::Testing => "testing",
+            Mode::None => "none",
+        };
+        let mut lines = vec!["version: STSv1".to_owned(), format!("mode: {mode}")];
+        lines.extend(self.mx.iter().map(|m| format!("mx: {m}")));
+        lines.push(format!("max_age: {}", self.max_age));
+        lines
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //!   [`inbound`]: `/v1/inbound…`, postmaster and abuse mail kept for the operator.
 //!   [`unsubscribe`]: `/u/{token}` (no API key).
 //! * [`domains`]: `GET /v1/domains`, `GET /v1/queue`, suspend / resume a domain.
+//!   [`tls_reports`]: `GET /v1/tls-reports`, today's TLS reporting counts and MTA-STS policies.
 //! * [`idempotency`]: `Idempotency-Key`. [`lines`]: the line-by-line reader of both uploads.
 //!
 //! Handlers validate through [`crate::intake::ingest`] and persist through the spool; they never speak
@@ -39,6 +40,7 @@ mod lines;
 mod messages;
 mod shaping;
 mod suppressions;
+mod tls_reports;
 mod unsubscribe;
 
 pub use error::ApiError;
@@ -106,6 +108,7 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
         .route("/sources", get(shaping::sources))
         .route("/cluster", get(cluster::show))
         .route("/queue", get(domains::queue))
+        .route("/tls-reports", get(tls_reports::today))
         .route("/domains/{domain}/suspend", post(domains::suspend))
         .route("/domains/{domain}/resume", post(domains::resume))
         .fallback(|| async {

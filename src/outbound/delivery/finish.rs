@@ -183,6 +183,7 @@ impl Delivery {
             mx_host: conn.map(|c| c.host.clone()),
             mx_ip: conn.map(|c| c.peer.ip().to_string()),
             tls: conn.is_some_and(|c| c.tls),
+            tls_policy: conn.map(|c| c.tls_policy),
             source: conn
                 .and_then(|c| self.sources.get(c.source))
                 .map(|s| s.name.clone()),

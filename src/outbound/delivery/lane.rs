@@ -170,7 +170,9 @@ impl Delivery {
                         continue;
                     }
                 };
-                match self.connection(site, source, conn).await {
+                // A new connection's TLS policy results are reported for this domain.
+                let domain = g[0].record.address.rsplit('@').next().unwrap_or("");
+                match self.connection(site, source, conn, domain).await {
                     // Paused or cancelled while the lane waited for its turn or a connection
                     // (on any node, in cluster mode): back untouched, to be parked or dropped.
                     Ok(_)
@@ -256,6 +258,7 @@ impl Delivery {
         site: &Arc<Site>,
         source: usize,
         conn: &'c mut Option<stats::Held>,
+        domain: &str,
     ) -> Result<&'c mut stats::Held, NoConnection> {
         let usable = |c: &stats::Held| {
             c.is_reusable() && c.transactions < site.shaping.max_messages_per_connection
@@ -350,7 +353,7 @@ impl Delivery {
                 if let Some(wait) = site.connection_throttle(source) {
                     return Err(NoConnection::Throttled(wait));
                 }
-                let c = match self.connect(site, source).await {
+                let c = match self.connect(site, source, domain).await {
                     Ok(c) => c,
                     Err(o) => {
                         if let Some(s) = site.lock().sources.get_mut(source) {

@@ -27,8 +27,10 @@ mod finish;
 mod lane;
 mod pick;
 mod route;
+mod secure;
 mod site;
 pub mod stats;
+mod tlsrpt;
 mod transact;
 
 use std::collections::HashMap;
@@ -42,7 +44,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::node::Node;
 use crate::outbound::dns::Dns;
-use crate::outbound::outcome;
 use crate::outbound::smtp::client::{ClientSettings, Timeouts};
 use crate::scheduler::index::DomainId;
 use finish::Update;
@@ -105,7 +106,11 @@ impl EngineHandle {
 pub struct Delivery {
     node: Arc<Node>,
     config: Arc<Config>,
-    dns: Dns,
+    dns: Arc<Dns>,
+    /// The HTTPS client of MTA-STS policy fetches and TLS reports posted.
+    https: reqwest::Client,
+    /// Domains whose MTA-STS policy is being fetched in the background.
+    refreshing: Mutex<std::collections::HashSet<String>>,
     /// Per egress source (see [`Config::egress_sources`]): its address and EHLO name.
     sources: Vec<crate::config::Source>,
     /// Client settings per source (they differ by EHLO name).
@@ -130,7 +135,16 @@ impl Delivery {
     pub fn start(node: Arc<Node>) -> Result<Arc<Delivery>, String> {
         let config = Arc::clone(&node.config);
         let d = &config.delivery;
-        let dns = Dns::new(&config.dns.nameservers, config.dns.timeout)?;
+        let mut dns = Dns::new(&config.dns.nameservers, config.dns.timeout)?;
+        if config.dane.enabled {
+            dns = dns.validating(node.trust.anchors.clone())?;
+        }
+        let dns = Arc::new(dns);
+        let extra_roots = &node.trust.extra_roots;
+        let https = crate::outbound::sts_cache::client(
+            crate::outbound::smtp::client::root_store(extra_roots),
+            Arc::new(crate::outbound::dns::HttpResolver(Arc::clone(&dns))),
+        )?;
         let timeouts = Timeouts {
             connect: d.connect_timeout,
             greeting: d.greeting_timeout,
@@ -144,7 +158,7 @@ impl Delivery {
         finish::register_sources(&sources);
         let clients = sources
             .iter()
-            .map(|s| ClientSettings::new(s.ehlo_name.clone(), timeouts))
+            .map(|s| ClientSettings::new(s.ehlo_name.clone(), timeouts, extra_roots))
             .collect();
         let delivery = Arc::new(Delivery {
             sources,
@@ -153,6 +167,8 @@ impl Delivery {
             node: Arc::clone(&node),
             config: Arc::clone(&config),
             dns,
+            https,
+            refreshing: Mutex::new(Default::default()),
             sites: Mutex::new(HashMap::new()),
             domain_sites: Mutex::new(HashMap::new()),
             labels: stats::Labels::default(),
@@ -174,6 +190,9 @@ impl Delivery {
         delivery
             .background
             .spawn(Arc::clone(&delivery).publish_stats());
+        delivery
+            .background
+            .spawn(Arc::clone(&delivery).tls_report_loop());
         Ok(delivery)
     }
 
@@ -204,6 +223,9 @@ impl Delivery {
         }
         if let Err(e) = self.node.warmup.flush(&self.node.spool).await {
             tracing::error!(error = %e, "writing warm-up counts at shutdown failed");
+        }
+        if let Err(e) = self.node.tls_reports.flush(&self.node.spool).await {
+            tracing::error!(error = %e, "writing TLS report counts at shutdown failed");
         }
         let (tx, rx) = oneshot::channel();
         if self.updates.send(Update::Close(tx)).await.is_ok() {
@@ -271,8 +293,7 @@ impl Delivery {
                 site.lock().active.push_back(d);
                 self.ensure_lanes(&site);
             }
-            Err(failure) => {
-                let outcome = outcome::from_dns(&failure);
+            Err(outcome) => {
                 loop {
                     let jobs = self.node.scheduler.pop_due(d, crate::now_ms(), 256);
                     if jobs.is_empty() || self.stop.is_cancelled() {

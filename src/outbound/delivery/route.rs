@@ -10,12 +10,13 @@ use std::sync::{Arc, LazyLock};
 
 use prometheus::{IntCounterVec, register_int_counter_vec};
 
-use super::Delivery;
 use super::site::{Site, Target};
-use crate::outbound::dns::{DnsFailure, MxHost};
+use super::{Delivery, secure};
+use crate::outbound::dns::MxHost;
 use crate::outbound::outcome::{self, Outcome};
-use crate::outbound::smtp::client::{Connection, SmtpError, TlsMode};
+use crate::outbound::smtp::client::{Connection, SmtpError, TlsMode, TlsPolicy};
 use crate::outbound::smtp::reply::{Command, EnhancedCode};
+use crate::outbound::sts;
 
 static CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -27,14 +28,15 @@ static CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 impl Delivery {
-    /// The site serving `domain`, created on first use. A DNS failure is the domain's.
-    pub(super) async fn site_for(&self, domain: &str) -> Result<Arc<Site>, DnsFailure> {
+    /// The site serving `domain`, created on first use. A DNS failure is the domain's, and so
+    /// is an enforced MTA-STS policy that none of its MX hosts matches.
+    pub(super) async fn site_for(self: &Arc<Self>, domain: &str) -> Result<Arc<Site>, Outcome> {
         let route = self
             .config
             .routes
             .iter()
             .find(|r| crate::config::name_matches(&r.domain, domain));
-        let (key, targets, relay_label) = match route {
+        let (key, targets, relay_label, sts) = match route {
             Some(r) => {
                 let (host, port) = r.relay.rsplit_once(':').unwrap_or((r.relay.as_str(), "25"));
                 let port = port.parse().unwrap_or(25);
@@ -51,10 +53,20 @@ impl Delivery {
                         preference: 0,
                     }],
                     Some(key),
+                    None,
                 )
             }
             None => {
-                let hosts = self.dns.mx(domain).await?;
+                // The policy lookup (usually a cached answer) runs beside the MX lookup.
+                let (hosts, sts) = tokio::join!(self.dns.mx(domain), self.sts_policy(domain));
+                let mut hosts = hosts.map_err(|f| outcome::from_dns(&f))?;
+                let sts = sts.filter(|_| self.shaping_for(domain, &hosts).mta_sts);
+                if let Some(c) = sts.as_ref().filter(|c| c.policy.mode == sts::Mode::Enforce) {
+                    hosts.retain(|h| c.policy.matches(&h.name));
+                    if hosts.is_empty() {
+                        return Err(secure::no_matching_mx(domain, &c.policy));
+                    }
+                }
                 // The rollup key is the MX set *with* preferences: two domains share a site
                 // (its pool and throttles) only when they would pick hosts the same way.
                 let mut names: Vec<String> = hosts
@@ -71,18 +83,18 @@ impl Delivery {
                         preference: h.preference,
                     })
                     .collect();
-                (names.join(","), targets, None)
+                let key = match &sts {
+                    Some(c) => format!("sts:{domain}:{}|{}", c.id, names.join(",")),
+                    None => names.join(","),
+                };
+                (key, targets, None, sts)
             }
         };
         let mut sites = self.sites.lock().expect("sites lock");
         if let Some(site) = sites.get(&key) {
             return Ok(Arc::clone(site));
         }
-        let rule = self
-            .config
-            .rules
-            .iter()
-            .find(|r| r.matches(domain) || targets.iter().any(|t: &Target| r.matches(&t.name)));
+        let rule = self.rule_for(domain, &targets);
         let shaping = rule.map_or_else(
             || self.config.shaping.clone(),
             |r| r.apply(&self.config.shaping),
@@ -114,6 +126,7 @@ impl Delivery {
             self.sources.len(),
             provider,
         );
+        site.sts = sts;
         if let Some(cluster) = self.node.cluster() {
             let names: Vec<String> = self.sources.iter().map(|s| s.name.clone()).collect();
             site = site.shared(cluster, &names);
@@ -123,11 +136,37 @@ impl Delivery {
         Ok(site)
     }
 
+    /// The first `[[rule]]` matching `domain` or one of its hosts.
+    fn rule_for(&self, domain: &str, targets: &[Target]) -> Option<&crate::config::Rule> {
+        self.config
+            .rules
+            .iter()
+            .find(|r| r.matches(domain) || targets.iter().any(|t| r.matches(&t.name)))
+    }
+
+    /// The shaping a site of `domain` with MX `hosts` would have.
+    fn shaping_for(&self, domain: &str, hosts: &[MxHost]) -> crate::config::Shaping {
+        let rule = self
+            .config
+            .rules
+            .iter()
+            .find(|r| r.matches(domain) || hosts.iter().any(|h| r.matches(&h.name)));
+        rule.map_or_else(
+            || self.config.shaping.clone(),
+            |r| r.apply(&self.config.shaping),
+        )
+    }
+
     /// Opens a connection to the site from egress source `source` (its address, its EHLO name):
     /// MX hosts in preference order (equal ones shuffled), each address in turn, moving on only
     /// when connecting or the greeting fails. Counted by result.
-    pub(super) async fn connect(&self, site: &Site, source: usize) -> Result<Connection, Outcome> {
-        let result = self.try_hosts(site, source).await;
+    pub(super) async fn connect(
+        &self,
+        site: &Site,
+        source: usize,
+        domain: &str,
+    ) -> Result<Connection, Outcome> {
+        let result = self.try_hosts(site, source, domain).await;
         let label = if result.is_ok() { "ok" } else { "failed" };
         CONNECTIONS
             .with_label_values(&[label, &site.stats.label])
@@ -135,7 +174,14 @@ impl Delivery {
         result
     }
 
-    async fn try_hosts(&self, site: &Site, source_index: usize) -> Result<Connection, Outcome> {
+    /// Tries the site's hosts in order; TLS policy results are counted for `domain`, whose mail
+    /// the connection is opened for.
+    async fn try_hosts(
+        &self,
+        site: &Site,
+        source_index: usize,
+        domain: &str,
+    ) -> Result<Connection, Outcome> {
         let source = self.sources.get(source_index).and_then(|s| s.address);
         let client = &self.clients[source_index.min(self.clients.len() - 1)];
         let mut hosts: Vec<MxHost> = site
@@ -152,34 +198,67 @@ impl Delivery {
             let Some(target) = site.targets.iter().find(|t| t.name == host.name) else {
                 continue;
             };
-            let addrs = match self.dns.addresses(&target.name).await {
+            let (addrs, security) = match self.dns.addresses_secured(&target.name).await {
                 Ok(a) => a,
                 Err(f) => {
                     last = Some(outcome::from_dns(&f));
                     continue;
                 }
             };
+            // DANE, else the domain's MTA-STS policy, else the site's `tls`.
+            let tls = match self.host_tls(site, target, security, domain).await {
+                Ok(t) => t,
+                Err(o) => {
+                    last = Some(o);
+                    continue;
+                }
+            };
             for ip in addrs.into_iter().take(4) {
                 let peer = SocketAddr::new(ip, target.port);
-                let tls = site.shaping.tls;
-                match Connection::open(peer, source, &target.name, tls, client).await {
-                    Ok(c) => return Ok(c),
-                    Err(SmtpError::Tls(e)) if tls == TlsMode::Opportunistic => {
-                        tracing::debug!(host = %target.name, error = %e, "TLS handshake failed; retrying in plain text");
-                        match Connection::open(
-                            peer,
-                            source,
-                            &target.name,
-                            TlsMode::Disabled,
-                            client,
-                        )
-                        .await
-                        {
-                            Ok(c) => return Ok(c),
-                            Err(e) => last = Some(outcome::from_error(&e)),
-                        }
+                let mut attempt = tls.policy.clone();
+                // The attempt under the host's own policy: its result is what TLS reports count.
+                let mut first = true;
+                loop {
+                    let (mode, label) = (attempt.mode, attempt.label);
+                    let e =
+                        match Connection::open(peer, source, &target.name, attempt, client).await {
+                            Ok(c) => {
+                                if first {
+                                    self.tls_result(domain, &tls, &target.name, ip, None);
+                                }
+                                return Ok(c);
+                            }
+                            Err(e) => e,
+                        };
+                    if first {
+                        self.tls_result(domain, &tls, &target.name, ip, Some(&e));
                     }
-                    Err(e) => last = Some(outcome::from_error(&e)),
+                    // A policy in testing mode reports what enforcing it would have refused,
+                    // and the connection is made as without it.
+                    if first
+                        && let Some(fallback) = tls.fallback
+                        && secure::is_tls_failure(&e)
+                    {
+                        attempt = TlsPolicy {
+                            label,
+                            ..fallback.into()
+                        };
+                        first = false;
+                        continue;
+                    }
+                    if mode == TlsMode::Opportunistic
+                        && matches!(e, SmtpError::Tls(_) | SmtpError::Certificate { .. })
+                    {
+                        tracing::debug!(host = %target.name, error = %e, "TLS handshake failed; retrying in plain text");
+                        attempt = TlsPolicy {
+                            label,
+                            ..TlsMode::Disabled.into()
+                        };
+                        first = false;
+                        continue;
+                    }
+                    last = Some(outcome::from_error(&e));
+                    break;
                 }
             }
         }

@@ -58,6 +58,9 @@ pub(super) struct Site {
     /// lane that finds the source's turn taken waits in line rather than racing for the next
     /// token.
     pub turns: Vec<tokio::sync::Mutex<()>>,
+    /// The MTA-STS policy its domain's mail follows (`enforce` or `testing`): such a domain has
+    /// a site of its own, keyed by the policy's id, since its connections are checked for it.
+    pub sts: Option<Arc<crate::outbound::sts_cache::Cached>>,
     pub inner: Mutex<SiteInner>,
 }
 
@@ -207,6 +210,7 @@ impl Site {
             turns: (0..sources.max(1))
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            sts: None,
             inner: Mutex::new(SiteInner {
                 active: VecDeque::new(),
                 lanes: 0,
@@ -617,6 +621,8 @@ mod tests {
             tls: Default::default(),
             per: Per::Source,
             scope: Default::default(),
+            mta_sts: true,
+            dane: true,
         };
         Site::new("k".into(), "k".into(), Vec::new(), shaping, 2, None)
     }

@@ -143,6 +143,7 @@ pub fn from_error(e: &SmtpError) -> Outcome {
         SmtpError::Timeout { .. } => (EnhancedCode(4, 4, 2), None),
         SmtpError::Protocol { .. } => (EnhancedCode(4, 5, 0), None),
         SmtpError::Tls(_) | SmtpError::TlsNotOffered => (EnhancedCode(4, 7, 10), None),
+        SmtpError::Certificate { .. } => (EnhancedCode(4, 7, 5), None),
     };
     Outcome {
         verdict: Verdict::Deferred,
@@ -161,6 +162,7 @@ pub fn from_dns(f: &DnsFailure) -> Outcome {
         DnsFailure::NullMx => (Verdict::Bounced, EnhancedCode(5, 1, 10)),
         DnsFailure::NoAddress(_) => (Verdict::Deferred, EnhancedCode(4, 4, 4)),
         DnsFailure::Temporary(_) => (Verdict::Deferred, EnhancedCode(4, 4, 3)),
+        DnsFailure::Bogus(_) => (Verdict::Deferred, EnhancedCode(4, 7, 5)),
     };
     Outcome {
         verdict,

@@ -63,6 +63,78 @@ pub enum TlsMode {
     Disabled,
 }
 
+/// The TLS a connection must have: a mode, and for a connection whose certificate is checked
+/// by something other than the settings' own verifiers (DANE's TLSA records), the connector
+/// that does it.
+#[derive(Clone)]
+pub struct TlsPolicy {
+    pub mode: TlsMode,
+    pub connector: Option<TlsConnector>,
+    /// Names the policy in the delivery log (`dane`, `sts-enforce`, `opportunistic`...).
+    pub label: &'static str,
+}
+
+impl From<TlsMode> for TlsPolicy {
+    fn from(mode: TlsMode) -> TlsPolicy {
+        TlsPolicy {
+            mode,
+            connector: None,
+            label: mode.label(),
+        }
+    }
+}
+
+impl TlsMode {
+    /// The delivery log's name of the policy a rule's mode stands for.
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsMode::Opportunistic => "opportunistic",
+            TlsMode::Required => "required",
+            TlsMode::Verify => "verify",
+            TlsMode::Disabled => "none",
+        }
+    }
+}
+
+/// Why a certificate was refused, in the result types of TLS reporting (RFC 8460 §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertFailure {
+    /// Not valid for the MX host name.
+    HostMismatch,
+    Expired,
+    /// No chain to a trusted root (self-signed, unknown issuer, bad signature).
+    NotTrusted,
+    /// Anything else the verifier refused: a DANE mismatch, a malformed certificate.
+    ValidationFailure,
+}
+
+impl CertFailure {
+    /// The RFC 8460 result type.
+    pub fn result_type(self) -> &'static str {
+        match self {
+            CertFailure::HostMismatch => "certificate-host-mismatch",
+            CertFailure::Expired => "certificate-expired",
+            CertFailure::NotTrusted => "certificate-not-trusted",
+            CertFailure::ValidationFailure => "validation-failure",
+        }
+    }
+
+    fn of(e: &rustls::Error) -> Option<CertFailure> {
+        use rustls::CertificateError as C;
+        let rustls::Error::InvalidCertificate(c) = e else {
+            return None;
+        };
+        Some(match c {
+            C::NotValidForName | C::NotValidForNameContext { .. } => CertFailure::HostMismatch,
+            C::Expired | C::ExpiredContext { .. } => CertFailure::Expired,
+            C::UnknownIssuer | C::BadSignature | C::UnknownRevocationStatus => {
+                CertFailure::NotTrusted
+            }
+            _ => CertFailure::ValidationFailure,
+        })
+    }
+}
+
 /// Per-stage timeouts (RFC 5321 §4.5.3.2 defaults).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -96,11 +168,14 @@ pub struct ClientSettings {
 }
 
 impl ClientSettings {
-    pub fn new(ehlo_name: String, timeouts: Timeouts) -> ClientSettings {
+    /// Settings whose verifying connector trusts Mozilla's roots and `extra_roots`.
+    pub fn new(
+        ehlo_name: String,
+        timeouts: Timeouts,
+        extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> ClientSettings {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        let roots = root_store(extra_roots);
         let verifying = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
@@ -119,6 +194,16 @@ impl ClientSettings {
             trusting: TlsConnector::from(Arc::new(trusting)),
         }
     }
+}
+
+/// Mozilla's roots and `extra` (certificates that do not parse as roots are skipped: the
+/// config check reads them first and names the file).
+pub fn root_store(extra: &[rustls::pki_types::CertificateDer<'static>]) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    roots.add_parsable_certificates(extra.iter().cloned());
+    roots
 }
 
 /// Opportunistic TLS encrypts without authenticating (RFC 7435): any certificate will do, but
@@ -190,6 +275,13 @@ pub enum SmtpError {
     Rejected { reply: Reply },
     #[error("STARTTLS: {0}")]
     Tls(String),
+    /// The handshake failed because the certificate was refused by a policy that checks it.
+    #[error("STARTTLS: {host}'s certificate was refused: {reason}")]
+    Certificate {
+        host: String,
+        failure: CertFailure,
+        reason: String,
+    },
     #[error("the server does not offer STARTTLS and the TLS policy requires it")]
     TlsNotOffered,
 }
@@ -202,7 +294,9 @@ impl SmtpError {
             | SmtpError::Protocol { stage, .. }
             | SmtpError::Closed { stage } => *stage,
             SmtpError::Rejected { reply } => reply.command,
-            SmtpError::Tls(_) | SmtpError::TlsNotOffered => Command::StartTls,
+            SmtpError::Tls(_) | SmtpError::Certificate { .. } | SmtpError::TlsNotOffered => {
+                Command::StartTls
+            }
         }
     }
 }
@@ -343,6 +437,8 @@ pub struct Connection<S = TcpStream> {
     pub host: String,
     pub capabilities: Capabilities,
     pub tls: bool,
+    /// The label of the TLS policy it was opened under ([`TlsPolicy::label`]).
+    pub tls_policy: &'static str,
     /// Transactions attempted on this connection.
     pub transactions: u32,
     pub last_used: Instant,
@@ -360,7 +456,7 @@ impl Connection {
         peer: SocketAddr,
         source: Option<IpAddr>,
         host: &str,
-        tls: TlsMode,
+        tls: impl Into<TlsPolicy>,
         settings: &ClientSettings,
     ) -> Result<Connection, SmtpError> {
         let t = settings.timeouts;
@@ -398,9 +494,11 @@ impl<S: Transport> Connection<S> {
         stream: S,
         peer: SocketAddr,
         host: &str,
-        tls: TlsMode,
+        tls: impl Into<TlsPolicy>,
         settings: &ClientSettings,
     ) -> Result<Connection<S>, SmtpError> {
+        let policy: TlsPolicy = tls.into();
+        let tls = policy.mode;
         let t = settings.timeouts;
         let mut conn = Connection {
             io: buffered(Stream::Plain(stream)),
@@ -408,6 +506,7 @@ impl<S: Transport> Connection<S> {
             host: host.to_owned(),
             capabilities: Capabilities::default(),
             tls: false,
+            tls_policy: policy.label,
             transactions: 0,
             last_used: Instant::now(),
             reusable: true,
@@ -454,10 +553,10 @@ impl<S: Transport> Connection<S> {
                 "STARTTLS on a connection that already uses TLS".into(),
             ));
         };
-        let connector = if tls == TlsMode::Verify {
-            &settings.verifying
-        } else {
-            &settings.trusting
+        let connector = match (&policy.connector, tls) {
+            (Some(c), _) => c,
+            (None, TlsMode::Verify) => &settings.verifying,
+            (None, _) => &settings.trusting,
         };
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| SmtpError::Tls(format!("{host:?} is not a valid TLS server name: {e}")))?;
@@ -468,7 +567,20 @@ impl<S: Transport> Connection<S> {
                 stage: Command::StartTls,
                 after: t.command,
             })?
-            .map_err(|e| SmtpError::Tls(e.to_string()))?;
+            .map_err(|e| {
+                let refused = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .and_then(CertFailure::of);
+                match refused {
+                    Some(failure) => SmtpError::Certificate {
+                        host: host.to_owned(),
+                        failure,
+                        reason: e.to_string(),
+                    },
+                    None => SmtpError::Tls(e.to_string()),
+                }
+            })?;
         TLS_SECONDS.observe(started.elapsed().as_secs_f64());
         conn.io = buffered(Stream::Tls(Box::new(stream)));
         conn.tls = true;
@@ -890,6 +1002,7 @@ mod tests {
                 data_block: command,
                 data_final: command,
             },
+            &[],
         )
     }
 

@@ -136,12 +136,18 @@ pub const STATE_WARMUP: &[u8] = b"warmup/";
 pub const STATE_CLUSTER: &[u8] = b"cluster/";
 /// Cluster mode: changes staged for the change stream, by a time-ordered u64 (big-endian).
 pub const STATE_CLUSTER_OUT: &[u8] = b"cluster-out/";
+/// MTA-STS policies fetched, by domain (JSON).
+pub const STATE_STS: &[u8] = b"mta-sts/";
+/// TLS reporting aggregates, by `<day>/<domain>/<policy type>` (JSON).
+pub const STATE_TLSRPT: &[u8] = b"tls-rpt/";
 /// The prefixes of small state records in `meta` ([`SpoolBatch::put_state`]).
-pub const STATE_PREFIXES: [&[u8]; 4] = [
+pub const STATE_PREFIXES: [&[u8]; 6] = [
     STATE_SHAPING,
     STATE_WARMUP,
     STATE_CLUSTER,
     STATE_CLUSTER_OUT,
+    STATE_STS,
+    STATE_TLSRPT,
 ];
 
 fn archived_key(id: &[u8; 16]) -> Vec<u8> {
