@@ -36,12 +36,20 @@ impl Cached {
     }
 }
 
-/// Fetched policies by domain, and the domains whose last fetch failed (until when they are
-/// left alone).
+/// How long after a look at a domain's `_mta-sts` TXT record it is not looked at again: a
+/// domain's mail is activated many times a minute, and most domains publish no policy.
+pub const RECHECK_MS: u64 = 300_000;
+
+/// Fetched policies by domain, the domains whose last fetch failed (until when they are left
+/// alone), and when each domain's TXT record was last looked at.
 #[derive(Default)]
 pub struct StsCache {
     policies: Mutex<HashMap<String, Arc<Cached>>>,
     failed: Mutex<HashMap<String, (u64, String)>>,
+    /// By a hash of the domain (16 bytes an entry, for millions of domains); a collision only
+    /// delays a look by [`RECHECK_MS`].
+    looked: Mutex<HashMap<u64, u64>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl StsCache {
@@ -115,6 +123,25 @@ impl StsCache {
             }
             None => None,
         }
+    }
+
+    /// Whether `domain`'s TXT record is due for a look at `now`; if so, it counts as looked at
+    /// now. Entries older than [`RECHECK_MS`] are dropped as the map grows.
+    pub fn look_due(&self, domain: &str, now: u64) -> bool {
+        use std::hash::BuildHasher;
+        let key = self.hasher.hash_one(domain);
+        let mut looked = self.looked.lock().expect("mta-sts cache lock");
+        if looked
+            .get(&key)
+            .is_some_and(|at| now < at.saturating_add(RECHECK_MS))
+        {
+            return false;
+        }
+        if looked.len() >= 65_536 && looked.len().is_power_of_two() {
+            looked.retain(|_, at| now < at.saturating_add(RECHECK_MS));
+        }
+        looked.insert(key, now);
+        true
     }
 
     /// The cached policies, for reports.
@@ -295,6 +322,18 @@ mod tests {
         );
         assert!(reopened.get("short.example", 121_000).is_none());
         spool.close().await.unwrap();
+    }
+
+    #[test]
+    fn a_domains_record_is_looked_at_once_per_recheck_period() {
+        let cache = StsCache::default();
+        assert!(cache.look_due("a.example", 1_000));
+        assert!(!cache.look_due("a.example", 1_000 + RECHECK_MS - 1));
+        assert!(
+            cache.look_due("b.example", 1_001),
+            "each domain has its own time"
+        );
+        assert!(cache.look_due("a.example", 1_000 + RECHECK_MS));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //!   checked by [`DaneVerifier`]; a secure set with none usable still makes TLS mandatory,
 //!   unauthenticated; a TLSA answer that fails validation or cannot be had keeps the host
 //!   unused. Insecure hosts are not asked (RFC 7672 §2.2.2): unsigned domains go as before.
-//! * **MTA-STS** (RFC 8461) next, per recipient domain: the policy is read from the cache;
-//!   a domain seen for the first time waits for its fetch (up to `mta_sts.fetch_timeout`);
+//! * **MTA-STS** (RFC 8461) next, per recipient domain: the policy is read from the cache, and
+//!   the `_mta-sts` TXT record looked at once per [`sts_cache::RECHECK_MS`] at most (beside
+//!   the MX lookup); a domain seen for the first time waits for its fetch (up to
+//!   `mta_sts.fetch_timeout`);
 //!   a changed id or a policy past half its life is fetched again in the background, while
 //!   the cached one keeps applying. `enforce` keeps only matching MX hosts (the site is made of
 //!   them) and verifies their certificates for the MX name; `testing` verifies, reports a
@@ -127,6 +129,11 @@ impl Delivery {
         }
         let now = crate::now_ms();
         let cached = self.node.sts.get(domain, now);
+        // The TXT record (a new policy, a changed id) is looked at once per recheck period; in
+        // between, what is cached applies.
+        if !self.node.sts.look_due(domain, now) {
+            return cached.filter(|c| c.policy.mode != Mode::None);
+        }
         let record = match self.dns.txt(&format!("_mta-sts.{domain}")).await {
             Ok(txt) => sts::parse_record(&txt).ok(),
             // The TXT lookup failing leaves what is cached in force (RFC 8461 §5.1).
