@@ -33,6 +33,16 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl ConfigError {
+    pub fn new(file: &str, key: &str, reason: String) -> ConfigError {
+        ConfigError {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            reason,
+        }
+    }
+}
+
 /// All problems found in one file, reported together.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]

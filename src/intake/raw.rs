@@ -472,6 +472,33 @@ pub fn rfc2822_date(ms: u64) -> String {
     mail_builder::headers::date::Date::new((ms / 1000) as i64).to_rfc822()
 }
 
+/// The next item of `rx`, or `None` once `stop` is cancelled or the channel is closed.
+async fn next<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<T> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        m = rx.recv() => m,
+    }
+}
+
+/// Checks a message of ours (`bytes`) like any raw message and queues it to `to` with the null
+/// return path; `whom` names the address in an error.
+async fn queue_ours(
+    node: &Arc<Node>,
+    bytes: &[u8],
+    to: &str,
+    via: &'static str,
+    whom: &str,
+) -> Result<Queued, String> {
+    let checked = check(bytes).map_err(|e| e.to_string())?;
+    let to = Address::parse(to).map_err(|e| format!("{whom}: {e}"))?;
+    ingest(node, Submission::ours(checked, to, via), |_, _| {})
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Sends the DSNs the node's transitions ask for ([`crate::effects::dsn`]) until `stop`: each
 /// is built, checked like any raw message and queued to the submitter with a null return path.
 pub async fn send_dsns(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
@@ -479,24 +506,10 @@ pub async fn send_dsns(node: Arc<Node>, stop: tokio_util::sync::CancellationToke
     let Some(mut rx) = node.dsns.receiver() else {
         return;
     };
-    loop {
-        let notice = tokio::select! {
-            _ = stop.cancelled() => return,
-            n = rx.recv() => match n {
-                Some(n) => n,
-                None => return,
-            },
-        };
+    while let Some(notice) = next(&mut rx, &stop).await {
         let host = &node.config.delivery.ehlo_name;
         let bytes = build(&notice, host, crate::now_ms());
-        let queued = match (check(&bytes), Address::parse(&notice.to)) {
-            (Ok(checked), Ok(to)) => ingest(&node, Submission::ours(checked, to, "dsn"), |_, _| {})
-                .await
-                .map_err(|e| e.to_string()),
-            (Err(e), _) => Err(e.to_string()),
-            (_, Err(e)) => Err(format!("the return path: {e}")),
-        };
-        match queued {
+        match queue_ours(&node, &bytes, &notice.to, "dsn", "the return path").await {
             Ok(q) => {
                 DSNS.with_label_values(&["queued"]).inc();
                 tracing::info!(job = %notice.job, to = %notice.to, dsn = ?q.id.map(|j| j.to_string()), "DSN queued to the submitter");
@@ -515,24 +528,8 @@ pub async fn send_report_mail(node: Arc<Node>, stop: tokio_util::sync::Cancellat
     let Some(mut rx) = node.tls_reports.mail_receiver() else {
         return;
     };
-    loop {
-        let out = tokio::select! {
-            _ = stop.cancelled() => return,
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        let queued = match (check(&out.bytes), Address::parse(&out.to)) {
-            (Ok(checked), Ok(to)) => {
-                ingest(&node, Submission::ours(checked, to, "tlsrpt"), |_, _| {})
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            (Err(e), _) => Err(e.to_string()),
-            (_, Err(e)) => Err(format!("the rua address: {e}")),
-        };
-        match queued {
+    while let Some(out) = next(&mut rx, &stop).await {
+        match queue_ours(&node, &out.bytes, &out.to, "tlsrpt", "the rua address").await {
             Ok(q) => {
                 tracing::info!(to = %out.to, message = ?q.id.map(|j| j.to_string()), "TLS report queued")
             }

@@ -22,13 +22,7 @@ impl Trust {
     /// Reads the files `config` names. Blocking.
     pub fn load(config: &Config, file: &str) -> Result<Trust, ConfigErrors> {
         let mut errors = Vec::new();
-        let mut bad = |key: &str, reason: String| {
-            errors.push(ConfigError {
-                file: file.to_owned(),
-                key: key.to_owned(),
-                reason,
-            })
-        };
+        let mut bad = |key: &str, reason: String| errors.push(ConfigError::new(file, key, reason));
         let mut trust = Trust::default();
         if let Some(path) = &config.delivery.tls_ca_file {
             match CertificateDer::pem_file_iter(path).and_then(|certs| certs.collect()) {

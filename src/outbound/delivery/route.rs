@@ -60,7 +60,8 @@ impl Delivery {
                 // The policy lookup (usually a cached answer) runs beside the MX lookup.
                 let (hosts, sts) = tokio::join!(self.dns.mx(domain), self.sts_policy(domain));
                 let mut hosts = hosts.map_err(|f| outcome::from_dns(&f))?;
-                let sts = sts.filter(|_| self.shaping_for(domain, &hosts).mta_sts);
+                let names = hosts.iter().map(|h| h.name.as_str());
+                let sts = sts.filter(|_| self.shaping_for(domain, names).mta_sts);
                 if let Some(c) = sts.as_ref().filter(|c| c.policy.mode == sts::Mode::Enforce) {
                     hosts.retain(|h| c.policy.matches(&h.name));
                     if hosts.is_empty() {
@@ -94,11 +95,8 @@ impl Delivery {
         if let Some(site) = sites.get(&key) {
             return Ok(Arc::clone(site));
         }
-        let rule = self.rule_for(domain, &targets);
-        let shaping = rule.map_or_else(
-            || self.config.shaping.clone(),
-            |r| r.apply(&self.config.shaping),
-        );
+        let rule = self.rule_for(domain, targets.iter().map(|t| t.name.as_str()));
+        let shaping = self.shaping_for(domain, targets.iter().map(|t| t.name.as_str()));
         let label = match (relay_label, rule) {
             (Some(relay), _) => self.labels.label(relay, true),
             (None, Some(r)) => self
@@ -136,22 +134,25 @@ impl Delivery {
         Ok(site)
     }
 
-    /// The first `[[rule]]` matching `domain` or one of its hosts.
-    fn rule_for(&self, domain: &str, targets: &[Target]) -> Option<&crate::config::Rule> {
+    /// The first `[[rule]]` matching `domain` or one of its `hosts`.
+    fn rule_for<'h>(
+        &self,
+        domain: &str,
+        hosts: impl Iterator<Item = &'h str> + Clone,
+    ) -> Option<&crate::config::Rule> {
         self.config
             .rules
             .iter()
-            .find(|r| r.matches(domain) || targets.iter().any(|t| r.matches(&t.name)))
+            .find(|r| r.matches(domain) || hosts.clone().any(|h| r.matches(h)))
     }
 
-    /// The shaping a site of `domain` with MX `hosts` would have.
-    fn shaping_for(&self, domain: &str, hosts: &[MxHost]) -> crate::config::Shaping {
-        let rule = self
-            .config
-            .rules
-            .iter()
-            .find(|r| r.matches(domain) || hosts.iter().any(|h| r.matches(&h.name)));
-        rule.map_or_else(
+    /// The shaping of a site of `domain` with MX `hosts`: `[shaping]` with its rule laid over.
+    fn shaping_for<'h>(
+        &self,
+        domain: &str,
+        hosts: impl Iterator<Item = &'h str> + Clone,
+    ) -> crate::config::Shaping {
+        self.rule_for(domain, hosts).map_or_else(
             || self.config.shaping.clone(),
             |r| r.apply(&self.config.shaping),
         )
