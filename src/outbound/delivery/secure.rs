@@ -68,6 +68,14 @@ struct Described {
 }
 
 impl Described {
+    fn as_ref(&self) -> PolicyRef<'_> {
+        PolicyRef {
+            policy_type: self.policy_type,
+            policy_string: &self.policy_string,
+            mx_host: &self.mx_host,
+        }
+    }
+
     fn sts(policy: &Policy) -> Described {
         Described {
             policy_type: "sts",
@@ -190,10 +198,7 @@ impl Delivery {
                     policy_string: &[],
                     mx_host: &[],
                 };
-                let (now, result) = (crate::now_ms(), e.result_type());
-                self.node
-                    .tls_reports
-                    .session(now, domain, &none, result, "", None);
+                self.count_session(domain, &none, e.result_type(), "", None);
                 None
             }
         }
@@ -282,14 +287,7 @@ impl Delivery {
                         policy_string: &[],
                         mx_host: &[],
                     };
-                    self.node.tls_reports.session(
-                        crate::now_ms(),
-                        domain,
-                        &policy,
-                        result,
-                        &target.name,
-                        None,
-                    );
+                    self.count_session(domain, &policy, result, &target.name, None);
                     return Err(outcome::local_failure(
                         EnhancedCode(4, 7, 5),
                         format!(
@@ -329,15 +327,9 @@ impl Delivery {
                     .with_label_values(&["sts-testing", "validation-failure"])
                     .inc();
                 let d = Described::sts(policy);
-                let described = PolicyRef {
-                    policy_type: d.policy_type,
-                    policy_string: &d.policy_string,
-                    mx_host: &d.mx_host,
-                };
-                self.node.tls_reports.session(
-                    crate::now_ms(),
+                self.count_session(
                     domain,
-                    &described,
+                    &d.as_ref(),
                     "validation-failure",
                     &target.name,
                     None,
@@ -372,14 +364,21 @@ impl Delivery {
         SESSIONS
             .with_label_values(&[tls.policy.label, result])
             .inc();
-        let policy = PolicyRef {
-            policy_type: d.policy_type,
-            policy_string: &d.policy_string,
-            mx_host: &d.mx_host,
-        };
+        self.count_session(domain, &d.as_ref(), result, host, Some(ip));
+    }
+
+    /// Counts one session to `domain` under `policy` in today's TLS report.
+    fn count_session(
+        &self,
+        domain: &str,
+        policy: &PolicyRef<'_>,
+        result: &str,
+        host: &str,
+        ip: Option<IpAddr>,
+    ) {
         self.node
             .tls_reports
-            .session(crate::now_ms(), domain, &policy, result, host, Some(ip));
+            .session(crate::now_ms(), domain, policy, result, host, ip);
     }
 }
 
