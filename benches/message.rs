@@ -67,6 +67,8 @@ fn record() -> CampaignRecord {
         pool: None,
         stream: None,
         raw: None,
+        guard: None,
+        breaker: Default::default(),
     }
 }
 

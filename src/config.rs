@@ -123,6 +123,98 @@ pub struct Config {
     /// ask for them.
     #[serde(default)]
     pub tls_reports: TlsReportsConfig,
+    /// Deliverability guards: breakers that pause campaigns whose complaint or hard-bounce
+    /// rate burns the sender's reputation.
+    #[serde(default)]
+    pub guard: GuardConfig,
+}
+
+/// `[guard]`: the complaint and hard-bounce breakers, per campaign and per sending domain.
+/// Rates are percentages: complaints ÷ delivered, hard bounces (`bad-mailbox`, `bad-domain`) ÷
+/// attempted (delivered + bounced). A rate is judged once its denominator reaches the minimum
+/// sample; over the threshold the breaker trips.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardConfig {
+    /// Evaluate the breakers (rates are counted and shown either way).
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// How often rates are evaluated: a breaker trips at most this long after its threshold is
+    /// crossed.
+    #[serde(default = "defaults::guard_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Defaults of every campaign (a campaign's `guard` object may override each).
+    #[serde(default = "defaults::max_complaint_percent")]
+    pub max_complaint_percent: f64,
+    #[serde(default = "defaults::min_delivered")]
+    pub min_delivered: u64,
+    #[serde(default = "defaults::max_hard_bounce_percent")]
+    pub max_hard_bounce_percent: f64,
+    #[serde(default = "defaults::min_attempted")]
+    pub min_attempted: u64,
+    /// A rate at or above this share of its threshold shows as `warning`.
+    #[serde(default = "defaults::guard_warning")]
+    pub warning_ratio: f64,
+    /// The sending-domain breaker: the same thresholds over this sliding window (a multiple of
+    /// 10 minutes, at most 7 days); when it trips, every campaign from the domain pauses.
+    #[serde(default = "defaults::yes")]
+    pub domain_breaker: bool,
+    #[serde(default = "defaults::guard_window", with = "humantime_serde")]
+    pub domain_window: Duration,
+}
+
+/// A campaign's own thresholds (`guard` in `POST /v1/campaigns`); unset fields take
+/// `[guard]`'s.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardThresholds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_complaint_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_delivered: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hard_bounce_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_attempted: Option<u64>,
+}
+
+impl GuardThresholds {
+    /// What is wrong with these thresholds, as (field, reason): percentages from 0 to 100,
+    /// minimum samples of at least 1.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (key, v) in [
+            ("max_complaint_percent", self.max_complaint_percent),
+            ("max_hard_bounce_percent", self.max_hard_bounce_percent),
+        ] {
+            if let Some(v) = v
+                && !(0.0..=100.0).contains(&v)
+            {
+                out.push((key, format!("{v} is not a percentage from 0 to 100")));
+            }
+        }
+        for (key, v) in [
+            ("min_delivered", self.min_delivered),
+            ("min_attempted", self.min_attempted),
+        ] {
+            if v == Some(0) {
+                out.push((key, "a minimum sample must be at least 1".into()));
+            }
+        }
+        out
+    }
+}
+
+impl GuardConfig {
+    /// The global thresholds, as a campaign's would be given.
+    pub fn thresholds(&self) -> GuardThresholds {
+        GuardThresholds {
+            max_complaint_percent: Some(self.max_complaint_percent),
+            min_delivered: Some(self.min_delivered),
+            max_hard_bounce_percent: Some(self.max_hard_bounce_percent),
+            min_attempted: Some(self.min_attempted),
+        }
+    }
 }
 
 /// `[tls_reports]`: who the reports come from.
@@ -255,7 +347,7 @@ pub struct WebhookConfig {
     pub url: String,
     /// Event types to send (`delivered`, `deferred`, `bounced`, `expired`, `delayed`,
     /// `delivery_report`, `complained`, `feedback`, `unsubscribed`, `suppressed`, `cancelled`,
-    /// `rejected`). Default: all.
+    /// `rejected`, and `campaign_paused` when a breaker pauses a campaign). Default: all.
     #[serde(default)]
     pub events: Option<Vec<String>>,
     /// HMAC-SHA256 key for the `X-Sluice-Signature` header. At least 16 characters.
@@ -287,6 +379,7 @@ pub const WEBHOOK_EVENTS: &[&str] = &[
     "suppressed",
     "cancelled",
     "rejected",
+    "campaign_paused",
 ];
 
 impl WebhookConfig {
@@ -483,6 +576,22 @@ pub struct DnsConfig {
     /// Per-query timeout; a timeout defers the recipients, it never bounces them.
     #[serde(default = "defaults::dns_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// An NXDOMAIN answer bounces a domain's recipients only when a second lookup this long
+    /// after the first (bypassing the cache) says the same; meanwhile they are deferred.
+    #[serde(default = "defaults::nxdomain_confirm", with = "humantime_serde")]
+    pub confirm_nxdomain_after: Duration,
+    /// Domains that always exist (e.g. `gmail.com`), looked up every `canary_interval`: while
+    /// one gets NXDOMAIN or no answer, the resolver is taken to be at fault and no NXDOMAIN
+    /// bounces anyone. Empty: no canary (the other checks still apply).
+    #[serde(default)]
+    pub canary: Vec<String>,
+    #[serde(default = "defaults::canary_interval", with = "humantime_serde")]
+    pub canary_interval: Duration,
+    /// The window over which NXDOMAIN answers are counted for the resolver-fault check: when
+    /// at least 10 distinct domains got NXDOMAIN in it and they are half or more of the distinct
+    /// domains looked up, the resolver is at fault.
+    #[serde(default = "defaults::canary_interval", with = "humantime_serde")]
+    pub fault_window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -1284,6 +1393,33 @@ mod defaults {
     pub fn dns_timeout() -> Duration {
         Duration::from_secs(5)
     }
+    pub fn nxdomain_confirm() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn canary_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn guard_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn max_complaint_percent() -> f64 {
+        0.3
+    }
+    pub fn min_delivered() -> u64 {
+        1000
+    }
+    pub fn max_hard_bounce_percent() -> f64 {
+        5.0
+    }
+    pub fn min_attempted() -> u64 {
+        500
+    }
+    pub fn guard_warning() -> f64 {
+        0.5
+    }
+    pub fn guard_window() -> Duration {
+        Duration::from_secs(86_400)
+    }
     pub fn yes() -> bool {
         true
     }
@@ -1457,7 +1593,8 @@ default_from_serde!(
     SecretsConfig,
     MtaStsConfig,
     DaneConfig,
-    TlsReportsConfig
+    TlsReportsConfig,
+    GuardConfig
 );
 
 impl Default for Config {
@@ -1629,6 +1766,47 @@ impl Config {
             }
             if c.breaker_failures == 0 {
                 bad("cluster.breaker_failures", "must be at least 1".into());
+            }
+        }
+        let g = &self.guard;
+        for (key, reason) in g.thresholds().problems() {
+            bad(&format!("guard.{key}"), reason);
+        }
+        if !(g.warning_ratio > 0.0 && g.warning_ratio <= 1.0) {
+            bad(
+                "guard.warning_ratio",
+                format!("{} is not a share above 0 and at most 1", g.warning_ratio),
+            );
+        }
+        if g.interval.is_zero() {
+            bad("guard.interval", "must be more than 0".into());
+        }
+        let window = g.domain_window.as_secs();
+        if window < 600 || !window.is_multiple_of(600) || window > 7 * 86_400 {
+            bad(
+                "guard.domain_window",
+                format!(
+                    "{}: use a multiple of 10 minutes, from 10m to 7d",
+                    humantime::format_duration(g.domain_window)
+                ),
+            );
+        }
+        let d = &self.dns;
+        for (key, v) in [
+            ("dns.confirm_nxdomain_after", d.confirm_nxdomain_after),
+            ("dns.canary_interval", d.canary_interval),
+            ("dns.fault_window", d.fault_window),
+        ] {
+            if v.is_zero() {
+                bad(key, "must be more than 0".into());
+            }
+        }
+        for (i, c) in d.canary.iter().enumerate() {
+            if crate::intake::address::check_host_name(c).is_err() {
+                bad(
+                    &format!("dns.canary[{i}]"),
+                    format!("{c:?} is not a domain name"),
+                );
             }
         }
         let share = self.delivery.lower_priority_share;
@@ -2257,6 +2435,49 @@ mod tests {
             "{w:?}"
         );
         assert!(w[1].starts_with("t.toml: rule[0].dane: warning:"), "{w:?}");
+    }
+
+    #[test]
+    fn guard_thresholds_and_windows_out_of_range_name_their_key() {
+        let base = "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n";
+        let c = Config::from_toml("t.toml", base, None).unwrap();
+        assert_eq!(
+            (c.guard.max_complaint_percent, c.guard.min_delivered),
+            (0.3, 1000)
+        );
+        assert_eq!(
+            (c.guard.max_hard_bounce_percent, c.guard.min_attempted),
+            (5.0, 500)
+        );
+        assert_eq!(c.guard.domain_window, Duration::from_secs(86_400));
+        for (table, key) in [
+            (
+                "[guard]\nmax_complaint_percent = 120.0",
+                "guard.max_complaint_percent",
+            ),
+            (
+                "[guard]\nmax_hard_bounce_percent = -1.0",
+                "guard.max_hard_bounce_percent",
+            ),
+            ("[guard]\nmin_delivered = 0", "guard.min_delivered"),
+            ("[guard]\nmin_attempted = 0", "guard.min_attempted"),
+            ("[guard]\nwarning_ratio = 0.0", "guard.warning_ratio"),
+            ("[guard]\ndomain_window = \"-5m\"", "guard.domain_window"),
+            ("[guard]\ndomain_window = \"15m\"", "guard.domain_window"),
+            ("[guard]\ninterval = \"0s\"", "guard.interval"),
+            (
+                "[dns]\nconfirm_nxdomain_after = \"0s\"",
+                "dns.confirm_nxdomain_after",
+            ),
+            ("[dns]\ncanary = [\"not a domain\"]", "dns.canary[0]"),
+        ] {
+            let e = errors(&format!("{base}{table}\n"));
+            assert_eq!(e.len(), 1, "{table}: {e:?}");
+            assert!(
+                e[0].starts_with(&format!("t.toml: {key}")),
+                "{table}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Node {
     pub trust: crate::outbound::trust::Trust,
     /// TLS reporting's aggregates (RFC 8460).
     pub tls_reports: crate::effects::tls_reports::TlsReports,
+    /// The breakers' counts and sending-domain states, loaded at recovery.
+    pub guard: crate::effects::guard::Guard,
     /// Failures of submitted messages to report to their submitters.
     pub dsns: crate::effects::dsn::Notices,
     /// Messages this node delivered since it started (for its heartbeat's rate).
@@ -96,6 +98,7 @@ impl Node {
             sts: Default::default(),
             trust,
             tls_reports: Default::default(),
+            guard: Default::default(),
             webhooks,
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
@@ -257,6 +260,7 @@ impl Node {
             tracing::info!(policies, "MTA-STS policies restored");
         }
         self.tls_reports.load(&self.spool)?;
+        self.guard.load(&self.spool)?;
         self.ready.store(true, Ordering::Release);
         Ok(RecoveryReport {
             campaigns: n_campaigns,
@@ -484,6 +488,8 @@ impl Node {
             pool: None,
             stream: Some(stream.to_owned()),
             raw: None,
+            guard: None,
+            breaker: Default::default(),
         };
         let mut batch = self.spool.batch();
         batch.put_campaign(seq, &record.encode());
@@ -501,7 +507,19 @@ impl Node {
         campaign: &Campaign,
         state: CampaignState,
     ) -> Result<bool, SpoolError> {
-        self.change_campaign_state(campaign, state, self.cluster().is_some())
+        self.change_campaign_state(campaign, state, None, self.cluster().is_some())
+            .await
+    }
+
+    /// As [`Node::set_campaign_state`], with the campaign's breaker state replaced by `mark`
+    /// in the same write (a breaker's pause, a forced resume).
+    pub async fn set_campaign_state_marked(
+        &self,
+        campaign: &Campaign,
+        state: CampaignState,
+        mark: Option<crate::store::campaign::BreakerMark>,
+    ) -> Result<bool, SpoolError> {
+        self.change_campaign_state(campaign, state, mark, self.cluster().is_some())
             .await
     }
 
@@ -511,14 +529,17 @@ impl Node {
         &self,
         campaign: &Campaign,
         state: CampaignState,
+        mark: Option<crate::store::campaign::BreakerMark>,
     ) -> Result<bool, SpoolError> {
-        self.change_campaign_state(campaign, state, false).await
+        self.change_campaign_state(campaign, state, mark, false)
+            .await
     }
 
     async fn change_campaign_state(
         &self,
         campaign: &Campaign,
         state: CampaignState,
+        mark: Option<crate::store::campaign::BreakerMark>,
         stage: bool,
     ) -> Result<bool, SpoolError> {
         let _serial = self.state_changes.lock().await;
@@ -530,15 +551,29 @@ impl Node {
             return Ok(false);
         }
         let mut batch = self.spool.batch();
-        batch.put_campaign(campaign.seq, &campaign.stored_record(state).encode());
+        let mut record = campaign.stored_record(state);
+        if let Some(m) = &mark {
+            record.breaker = m.clone();
+        }
+        batch.put_campaign(campaign.seq, &record.encode());
         if stage {
             let change = crate::store::campaign::Change::State {
                 id: campaign.record.id,
                 state,
+                breaker: mark.clone(),
             };
             crate::cluster::sync::stage(&mut batch, &change.to_json());
         }
+        if let Some(reason) = mark.as_ref().and_then(|m| m.paused_reason.as_ref())
+            && state == CampaignState::Paused
+        {
+            self.webhooks
+                .stage_campaign(&mut batch, "campaign_paused", campaign, reason);
+        }
         self.spool.write(batch, Durability::Sync).await?;
+        if let Some(m) = mark {
+            campaign.set_breaker(m);
+        }
         let previous = campaign.state();
         campaign.set_state(state);
         if state == CampaignState::Cancelled && previous != CampaignState::Cancelled {

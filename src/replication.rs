@@ -270,13 +270,13 @@ async fn apply_campaign(node: &Arc<Node>, change: &campaign::Change) -> Result<(
                 .map_err(|e| e.to_string())?;
             tracing::info!(campaign = %record.id, "cluster: campaign created by another node");
         }
-        campaign::Change::State { id, state } => {
+        campaign::Change::State { id, state, breaker } => {
             // Unknown here (archived, or created before this node joined): nothing to change.
             if let Some(c) = node.campaigns.get(id)
                 && c.state() != *state
                 && c.state() != campaign::CampaignState::Cancelled
             {
-                node.apply_campaign_state(&c, *state)
+                node.apply_campaign_state(&c, *state, breaker.clone())
                     .await
                     .map_err(|e| e.to_string())?;
             }

@@ -3,6 +3,7 @@
 
 pub mod delivery_log;
 pub mod dsn;
+pub mod guard;
 pub mod suppression;
 pub mod tls_reports;
 pub mod transition;

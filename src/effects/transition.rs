@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus::{IntCounter, register_int_counter};
 
 use crate::effects::delivery_log::LogRecord;
+use crate::effects::guard::Observation;
 use crate::effects::suppression::{Entry, Reason};
 use crate::node::Node;
 use crate::store::campaign::Campaign;
@@ -44,6 +45,19 @@ pub(crate) static UNSUBSCRIBED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+/// What a report counts for the breakers: a delivery or a bounce (complaints and unsubscribes
+/// are counted with the suppression they cause, once per recipient).
+fn observation(r: &LogRecord) -> Option<Observation<'static>> {
+    match r.kind {
+        "d" => Some(Observation::Delivered),
+        "b" | "rb" => Some(Observation::Bounced {
+            category: r.bounce_cat.unwrap_or("other"),
+            remote: r.kind == "rb",
+        }),
+        _ => None,
+    }
+}
 
 /// One change to one job. Every part is optional: a repeated complaint is only a report, an
 /// unsent cancelled job only a record.
@@ -234,6 +248,9 @@ impl<'a> Transition<'a> {
         if let Some((from, to)) = self.counts {
             self.campaign.counts.shift(from, to);
         }
+        if let Some(o) = self.report.as_ref().and_then(observation) {
+            node.guard.observe(self.campaign, o);
+        }
         if let Some(entry) = &self.suppression {
             applied.suppressed = node.suppressions.added(entry);
             if applied.suppressed && entry.campaign == Some(self.campaign.record.id) {
@@ -242,10 +259,12 @@ impl<'a> Transition<'a> {
                     Reason::Complaint => {
                         COMPLAINED.inc();
                         c.complained.fetch_add(1, Ordering::Relaxed);
+                        node.guard.observe(self.campaign, Observation::Complained);
                     }
                     Reason::Unsubscribe => {
                         UNSUBSCRIBED.inc();
                         c.unsubscribed.fetch_add(1, Ordering::Relaxed);
+                        node.guard.observe(self.campaign, Observation::Unsubscribed);
                     }
                     Reason::HardBounce | Reason::Manual => {}
                 }

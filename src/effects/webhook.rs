@@ -123,6 +123,36 @@ impl Webhooks {
         Some((hooks, json))
     }
 
+    /// Adds a campaign's event (`campaign_paused`: a breaker paused it, and why) to `batch` for
+    /// every receiver that wants it.
+    pub fn stage_campaign(
+        &self,
+        batch: &mut SpoolBatch,
+        event: &'static str,
+        campaign: &crate::store::campaign::Campaign,
+        reason: &crate::store::campaign::PausedReason,
+    ) {
+        let hooks: Vec<u32> = self
+            .hooks
+            .iter()
+            .filter(|h| h.config.wants(event))
+            .map(|h| h.id)
+            .collect();
+        if hooks.is_empty() {
+            return;
+        }
+        let json = serde_json::json!({
+            "event": event,
+            "time_logged": crate::effects::delivery_log::rfc3339(reason.at_ms),
+            "campaign": campaign.record.id.to_string(),
+            "tags": campaign.record.tags,
+            "reason": reason,
+        });
+        if let Ok(bytes) = serde_json::to_vec(&json) {
+            batch.add_event(hooks, bytes);
+        }
+    }
+
     /// Adds `record`'s event to `batch` for every receiver that wants it.
     pub fn stage(&self, batch: &mut SpoolBatch, record: &LogRecord) {
         if let Some((hooks, json)) = self.event(record) {

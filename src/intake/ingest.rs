@@ -98,6 +98,8 @@ pub struct CampaignFields {
     pub max_rate: Option<String>,
     /// The egress pool (checked against the config by the API).
     pub pool: Option<String>,
+    /// The campaign's own breaker thresholds.
+    pub guard: Option<crate::config::GuardThresholds>,
 }
 
 /// The body of `POST /v1/campaigns` (with `recipients`) and `POST /v1/messages` (with `to` and
@@ -136,6 +138,8 @@ pub struct ComposeRequest<'a> {
     pub max_rate: Option<String>,
     #[serde(default)]
     pub pool: Option<String>,
+    #[serde(default)]
+    pub guard: Option<crate::config::GuardThresholds>,
     #[serde(default, borrow)]
     pub recipients: Option<Vec<&'a RawValue>>,
     #[serde(default)]
@@ -164,6 +168,7 @@ impl<'a> ComposeRequest<'a> {
             send_at: self.send_at,
             max_rate: self.max_rate,
             pool: self.pool,
+            guard: self.guard,
         };
         (
             fields,
@@ -309,6 +314,17 @@ pub fn validate_campaign(
         (CampaignKind::Bulk, None) => None,
         (CampaignKind::Transactional, s) => Some(check_stream(s)?),
     };
+    if let Some(g) = &fields.guard {
+        if kind == CampaignKind::Transactional {
+            return Err(FieldError::new(
+                "guard",
+                "only campaigns take breaker thresholds: messages count into their sending domain's",
+            ));
+        }
+        if let Some((key, reason)) = g.problems().into_iter().next() {
+            return Err(FieldError::new(format!("guard.{key}"), reason));
+        }
+    }
     let record = CampaignRecord {
         id: uuid::Uuid::now_v7(),
         kind,
@@ -329,6 +345,8 @@ pub fn validate_campaign(
         pool: fields.pool,
         stream,
         raw: None,
+        guard: fields.guard,
+        breaker: Default::default(),
     };
     let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;
     rules.compiled = Some(Arc::new(compiled));

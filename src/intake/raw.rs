@@ -434,6 +434,8 @@ fn record(node: &Node, s: &Submission, now: u64) -> Result<CampaignRecord, RawEr
             ret: s.ret,
             envid: s.envid.clone(),
         }),
+        guard: None,
+        breaker: Default::default(),
     })
 }
 

@@ -85,6 +85,9 @@ pub struct Dns {
     resolver: TokioResolver,
     /// With DANE on: the resolver that validates MX, address and TLSA answers.
     validating: Option<TokioResolver>,
+    /// A resolver without a cache, for lookups that must ask again (confirming an NXDOMAIN,
+    /// the canary check); validating when `validating` is.
+    fresh: TokioResolver,
     /// The configured servers (empty: the system's), asked directly for PTR records.
     nameservers: Vec<SocketAddr>,
     timeout: Duration,
@@ -94,7 +97,8 @@ impl Dns {
     /// A resolver using `nameservers` (`ip:port`), or the system configuration when empty.
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<Dns, String> {
         Ok(Dns {
-            resolver: resolver(nameservers, timeout, None)?,
+            resolver: resolver(nameservers, timeout, None, true)?,
+            fresh: resolver(nameservers, timeout, None, false)?,
             validating: None,
             nameservers: nameservers.to_vec(),
             timeout,
@@ -105,7 +109,13 @@ impl Dns {
     /// keys).
     pub fn validating(mut self, anchors: Option<Arc<TrustAnchors>>) -> Result<Dns, String> {
         let anchors = anchors.unwrap_or_else(|| Arc::new(TrustAnchors::default()));
-        self.validating = Some(resolver(&self.nameservers, self.timeout, Some(anchors))?);
+        self.validating = Some(resolver(
+            &self.nameservers,
+            self.timeout,
+            Some(Arc::clone(&anchors)),
+            true,
+        )?);
+        self.fresh = resolver(&self.nameservers, self.timeout, Some(anchors), false)?;
         Ok(self)
     }
 
@@ -115,11 +125,13 @@ impl Dns {
     }
 }
 
-/// A resolver over `nameservers` (the system's when empty); validating from `anchors` if given.
+/// A resolver over `nameservers` (the system's when empty); validating from `anchors` if given;
+/// with a cache if `cached`.
 fn resolver(
     nameservers: &[SocketAddr],
     timeout: Duration,
     anchors: Option<Arc<TrustAnchors>>,
+    cached: bool,
 ) -> Result<TokioResolver, String> {
     {
         let mut builder = if nameservers.is_empty() {
@@ -148,7 +160,7 @@ fn resolver(
         opts.timeout = timeout;
         opts.attempts = 2;
         opts.ndots = 0;
-        opts.cache_size = 32_768;
+        opts.cache_size = if cached { 32_768 } else { 0 };
         builder
             .build()
             .map_err(|e| format!("building the resolver: {e}"))
@@ -164,49 +176,12 @@ impl Dns {
     /// The hosts to try for `domain`, best first; equal preferences in random order. A domain
     /// without MX records is its own mail host (RFC 5321 §5.1).
     pub async fn mx(&self, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
-        let fqdn = format!("{domain}.");
-        match self.routing().mx_lookup(fqdn.as_str()).await {
-            Ok(lookup) => {
-                if proof_of(lookup.answers(), RecordType::MX) == Some(Proof::Bogus) {
-                    return Err(DnsFailure::Bogus(format!("the MX records of {domain}")));
-                }
-                let mut hosts: Vec<MxHost> = lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        RData::MX(mx) => Some(MxHost {
-                            name: mx
-                                .exchange
-                                .to_ascii()
-                                .trim_end_matches('.')
-                                .to_ascii_lowercase(),
-                            preference: mx.preference,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
-                order_mx(&mut hosts);
-                if hosts.len() == 1 && hosts[0].name.is_empty() {
-                    return Err(DnsFailure::NullMx);
-                }
-                hosts.retain(|h| !h.name.is_empty());
-                if hosts.is_empty() {
-                    hosts.push(MxHost {
-                        name: domain.to_owned(),
-                        preference: 0,
-                    });
-                }
-                Ok(hosts)
-            }
-            Err(e) => match classify(&e, || format!("the MX records of {domain}")) {
-                Err(DnsFailure::NoAddress(_)) => Ok(vec![MxHost {
-                    name: domain.to_owned(),
-                    preference: 0,
-                }]),
-                Err(f) => Err(f),
-                Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
-            },
-        }
+        mx_with(self.routing(), domain).await
+    }
+
+    /// As [`Dns::mx`], asking the name servers again whatever is cached.
+    pub async fn mx_fresh(&self, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
+        mx_with(&self.fresh, domain).await
     }
 
     /// The addresses of `host` (IPv4 and IPv6).
@@ -475,6 +450,53 @@ fn classify(e: &NetError, what: impl FnOnce() -> String) -> Result<(), DnsFailur
         },
         NetError::Dns(DnsError::DnssecBogus) => Err(DnsFailure::Bogus(what())),
         _ => Ok(()),
+    }
+}
+
+/// The MX hosts of `domain` through `resolver` (see [`Dns::mx`]).
+async fn mx_with(resolver: &TokioResolver, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
+    let fqdn = format!("{domain}.");
+    match resolver.mx_lookup(fqdn.as_str()).await {
+        Ok(lookup) => {
+            if proof_of(lookup.answers(), RecordType::MX) == Some(Proof::Bogus) {
+                return Err(DnsFailure::Bogus(format!("the MX records of {domain}")));
+            }
+            let mut hosts: Vec<MxHost> = lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::MX(mx) => Some(MxHost {
+                        name: mx
+                            .exchange
+                            .to_ascii()
+                            .trim_end_matches('.')
+                            .to_ascii_lowercase(),
+                        preference: mx.preference,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            order_mx(&mut hosts);
+            if hosts.len() == 1 && hosts[0].name.is_empty() {
+                return Err(DnsFailure::NullMx);
+            }
+            hosts.retain(|h| !h.name.is_empty());
+            if hosts.is_empty() {
+                hosts.push(MxHost {
+                    name: domain.to_owned(),
+                    preference: 0,
+                });
+            }
+            Ok(hosts)
+        }
+        Err(e) => match classify(&e, || format!("the MX records of {domain}")) {
+            Err(DnsFailure::NoAddress(_)) => Ok(vec![MxHost {
+                name: domain.to_owned(),
+                preference: 0,
+            }]),
+            Err(f) => Err(f),
+            Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
+        },
     }
 }
 

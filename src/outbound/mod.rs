@@ -7,6 +7,7 @@ pub mod dkim;
 pub mod dns;
 pub mod outcome;
 pub mod render;
+pub mod resolver_health;
 pub mod retry;
 pub mod shaping;
 pub mod smtp;

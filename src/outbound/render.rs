@@ -629,6 +629,8 @@ mod tests {
             pool: None,
             stream: None,
             raw: None,
+            guard: None,
+            breaker: Default::default(),
         }
     }
 

@@ -98,6 +98,45 @@ pub struct CampaignRecord {
     /// A raw message's envelope and where its bytes are (it has no templates then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw: Option<RawMeta>,
+    /// The campaign's own breaker thresholds (unset ones are `[guard]`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<crate::config::GuardThresholds>,
+    /// What a breaker did to it (see [`crate::effects::guard`]).
+    #[serde(flatten)]
+    pub breaker: BreakerMark,
+}
+
+/// A campaign's breaker state: why a breaker paused it, and whether an operator resumed it
+/// with `force`, after which no breaker pauses it again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BreakerMark {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<PausedReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker_override_at_ms: Option<u64>,
+}
+
+/// Why a breaker paused a campaign: which breaker, the measure, its rate over which window, and
+/// the threshold it crossed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PausedReason {
+    /// `campaign` or `domain` (the sending domain's breaker).
+    pub breaker: String,
+    /// `complaint_rate` or `hard_bounce_rate`.
+    pub measure: String,
+    pub rate_percent: f64,
+    /// Complaints or hard bounces, and the sample they are counted over (delivered or
+    /// attempted).
+    pub count: u64,
+    pub sample: u64,
+    pub threshold_percent: f64,
+    /// `campaign` (its whole life so far) or the sending-domain window (`24h`).
+    pub window: String,
+    /// The sending domain (the From address's).
+    pub domain: String,
+    pub at_ms: u64,
+    /// The same, in a sentence.
+    pub message: String,
 }
 
 /// What a raw message (MIME given whole, over SMTP or HTTP) keeps beside its bytes. The bytes
@@ -369,6 +408,8 @@ pub struct Campaign {
     live: AtomicU64,
     uploads_open: AtomicU32,
     lifecycle: std::sync::Mutex<Lifecycle>,
+    /// What breakers did; persisted with the record.
+    breaker: std::sync::Mutex<BreakerMark>,
     /// A raw message's bytes, when they were read with its record ([`Campaign::message`]).
     pub body: Option<Arc<[u8]>>,
 }
@@ -377,7 +418,9 @@ impl Campaign {
     pub fn new(seq: u32, record: CampaignRecord, next_index: u32) -> Campaign {
         let state = AtomicU8::new(record.state.as_u8());
         let lifecycle = std::sync::Mutex::new(record.lifecycle);
+        let breaker = std::sync::Mutex::new(record.breaker.clone());
         Campaign {
+            breaker,
             seq,
             record,
             state,
@@ -409,6 +452,7 @@ impl Campaign {
             live: AtomicU64::new(0),
             uploads_open: AtomicU32::new(0),
             lifecycle: std::sync::Mutex::new(record.lifecycle),
+            breaker: Default::default(),
             record,
             body,
         }
@@ -528,13 +572,24 @@ impl Campaign {
         self.next_index.fetch_max(next, Ordering::AcqRel);
     }
 
-    /// The record to persist: the templates as created, `state` and the current lifecycle.
-    /// Once compacted it keeps no templates or attachments.
+    /// Its breaker state.
+    pub fn breaker(&self) -> BreakerMark {
+        self.breaker.lock().expect("breaker lock").clone()
+    }
+
+    /// Replaces its breaker state (persisted with the next [`Campaign::stored_record`]).
+    pub fn set_breaker(&self, mark: BreakerMark) {
+        *self.breaker.lock().expect("breaker lock") = mark;
+    }
+
+    /// The record to persist: the templates as created, `state`, the current lifecycle and
+    /// breaker state. Once compacted it keeps no templates or attachments.
     pub fn stored_record(&self, state: CampaignState) -> CampaignRecord {
         let lifecycle = self.lifecycle();
         let r = CampaignRecord {
             state,
             lifecycle,
+            breaker: self.breaker(),
             ..self.record.clone()
         };
         if lifecycle.compacted_at_ms.is_some() {
@@ -555,7 +610,13 @@ pub enum Change {
     #[serde(rename = "campaign.create")]
     Create { record: Box<CampaignRecord> },
     #[serde(rename = "campaign.state")]
-    State { id: Uuid, state: CampaignState },
+    State {
+        id: Uuid,
+        state: CampaignState,
+        /// The breaker state that goes with it (a breaker's pause, a forced resume).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        breaker: Option<BreakerMark>,
+    },
 }
 
 impl Change {
@@ -756,6 +817,8 @@ mod tests {
             pool: None,
             stream: None,
             raw: None,
+            guard: None,
+            breaker: Default::default(),
         }
     }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub mod nsd;
 pub mod redis;
 pub mod sink;
+pub mod smtp;
 
 use sink::Sink;
 

@@ -1,8 +1,9 @@
-//! A real DNSSEC-signed DNS tree for the transport security tests: NSD serving `test.`, signed
-//! with a key of its own that is the trust anchor, and zones below it, each either signed (its
-//! DS in `test.`) or not (an insecure delegation that `test.`'s NSEC records prove). Keys come
-//! from `ldns-keygen`, signatures from `ldns-signzone` (Debian's ldnsutils, which the test
-//! command's setup installs).
+//! A real DNSSEC-signed DNS tree for the transport security and resolver tests: NSD serving
+//! `test.`, signed with a key of its own that is the trust anchor, and zones below it, each
+//! either signed (its DS in `test.`) or not (an insecure delegation that `test.`'s NSEC records
+//! prove). Keys come from `ldns-keygen`, signatures from `ldns-signzone` (Debian's ldnsutils,
+//! which the test command's setup installs). Negative answers may be cached for a second (the
+//! SOA minimum).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,7 +54,7 @@ fn sign(dir: &Path, zone: &str) -> String {
 
 fn zone_file(name: &str, records: &[String]) -> String {
     let mut text = format!(
-        "$ORIGIN {name}.\n$TTL 300\n@ IN SOA ns.test. hostmaster.test. 1 3600 600 86400 300\n@ IN NS ns.test.\n"
+        "$ORIGIN {name}.\n$TTL 300\n@ IN SOA ns.test. hostmaster.test. 1 3600 600 86400 1\n@ IN NS ns.test.\n"
     );
     for r in records {
         text.push_str(r);
@@ -65,6 +66,12 @@ fn zone_file(name: &str, records: &[String]) -> String {
 impl SignedDns {
     /// Writes, signs and serves the zones from `dir` (blocking; a second or so).
     pub fn start(dir: &Path, zones: &[Zone]) -> SignedDns {
+        SignedDns::start_at(dir, zones, None)
+    }
+
+    /// As [`SignedDns::start`], on `port` when given (to serve other zones in place of a
+    /// stopped server: drop it first), else on a free one.
+    pub fn start_at(dir: &Path, zones: &[Zone], port: Option<u16>) -> SignedDns {
         std::fs::create_dir_all(dir).expect("zone dir");
         let mut parent = vec!["ns IN A 127.0.0.1".to_owned()];
         let mut served = Vec::new();
@@ -115,10 +122,10 @@ impl SignedDns {
         std::fs::write(&anchor, keys).expect("anchor file");
         served.push(("test".into(), "test.zone.signed".into()));
 
-        let port = {
+        let port = port.unwrap_or_else(|| {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().expect("port").port()
-        };
+        });
         let d = dir.display();
         let mut conf = format!(
             "server:\n  ip-address: 127.0.0.1@{port}\n  do-ip6: no\n  username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  pidfile: \"{d}/nsd.pid\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n  database: \"\"\n  logfile: \"{d}/nsd.log\"\n  verbosity: 1\nremote-control:\n  control-enable: no\n"

@@ -168,9 +168,17 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
         )
         .field("recipients"));
     }
-    let (record, rules) = ingest::validate_campaign(fields, CampaignKind::Bulk, limits, now_ms())
-        .map_err(ApiError::invalid)?;
+    let (mut record, rules) =
+        ingest::validate_campaign(fields, CampaignKind::Bulk, limits, now_ms())
+            .map_err(ApiError::invalid)?;
     check_pool(node, &record)?;
+    // A campaign from a sending domain whose breaker is tripped starts paused.
+    if node.config.guard.enabled
+        && let Some(reason) = node.guard.tripped_reason(&record.from)
+    {
+        record.state = CampaignState::Paused;
+        record.breaker.paused_reason = Some(reason);
+    }
     let seq = node.campaigns.allocate_seq().ok_or_else(|| {
         ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
@@ -310,6 +318,13 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         "created_at": time(c.record.created_at_ms),
         "counts": c.counts.snapshot(),
     });
+    let mark = c.breaker();
+    if let Some(reason) = &mark.paused_reason {
+        v["paused_reason"] = reason_json(reason);
+    }
+    if let Some(ms) = mark.breaker_override_at_ms {
+        v["breaker_override_at"] = json!(time(ms));
+    }
     if let Some(stream) = &c.record.stream {
         v["stream"] = json!(stream);
     }
@@ -349,12 +364,54 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
     v
 }
 
+/// A breaker's reason as the API shows it (the time in RFC 3339).
+pub(super) fn reason_json(r: &crate::store::campaign::PausedReason) -> Value {
+    let mut v = json!(r);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("at_ms");
+        o.insert(
+            "at".into(),
+            json!(crate::effects::delivery_log::rfc3339(r.at_ms)),
+        );
+    }
+    v
+}
+
+/// A campaign's breaker measures: each rate, its threshold and level (`ok`, `warning`,
+/// `tripped`), and whether breakers judge it (not a stream's bucket, not exempted with
+/// `force`).
+fn guard_json(node: &Node, c: &Campaign) -> Value {
+    use crate::effects::guard;
+    let limits = guard::Limits::of(&node.config.guard, c.record.guard.as_ref());
+    let sample = node.guard.campaign(c.seq);
+    let measures = guard::judge(&sample, &limits);
+    let mut v = json!({
+        "judged": node.config.guard.enabled
+            && c.record.kind == CampaignKind::Bulk
+            && c.breaker().breaker_override_at_ms.is_none(),
+        "delivered": sample.delivered,
+        "attempted": sample.attempted,
+        "hard_bounced": sample.hard_bounced,
+        "complained": sample.complained,
+        "unsubscribed": sample.unsubscribed,
+        "bounced_by_category": sample.bounced,
+    });
+    for m in measures {
+        v[m.name] = json!(m);
+    }
+    v
+}
+
 /// `GET /v1/campaigns/{id}`: the campaign, and while it has recipients queued, its place in
 /// the queue: recipients waiting in domain queues and for its `max_rate`, the share of its
-/// domains' sending it gets now, and when its next recipient may be attempted.
+/// domains' sending it gets now, and when its next recipient may be attempted. `guard` shows
+/// its breaker rates.
 pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let (c, archived) = find_any(&s.node, &id).await?;
     let mut v = campaign_json(&c);
+    if !archived {
+        v["guard"] = guard_json(&s.node, &c);
+    }
     if let Some(cluster) = s.node.cluster()
         && c.record.kind == CampaignKind::Bulk
     {
@@ -430,7 +487,7 @@ pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) 
     Ok(axum::Json(json!({"campaigns": campaigns, "total": total})).into_response())
 }
 
-async fn change_state(s: &AppState, id: &str, to: CampaignState) -> ApiResult {
+async fn change_state(s: &AppState, id: &str, to: CampaignState, force: bool) -> ApiResult {
     let c = find_campaign(&s.node, id).await?;
     let from = c.state();
     if from == CampaignState::Cancelled && to != CampaignState::Cancelled {
@@ -440,7 +497,17 @@ async fn change_state(s: &AppState, id: &str, to: CampaignState) -> ApiResult {
             "a cancelled campaign cannot be paused or resumed",
         ));
     }
-    if from != to && !s.node.set_campaign_state(&c, to).await? {
+    let mark = if to == CampaignState::Active {
+        resume_mark(&s.node, &c, force)?
+    } else {
+        None
+    };
+    let changed = if from == to && mark.is_none() {
+        true
+    } else {
+        s.node.set_campaign_state_marked(&c, to, mark).await?
+    };
+    if !changed {
         return Err(archived(id));
     }
     Ok(
@@ -449,16 +516,79 @@ async fn change_state(s: &AppState, id: &str, to: CampaignState) -> ApiResult {
     )
 }
 
-pub(super) async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    change_state(&s, &id, CampaignState::Paused).await
+/// The breaker state a resume leaves: `None` (unchanged) for a campaign no breaker paused.
+/// One a breaker paused resumes only when its breakers would not trip again now (its own
+/// rate, its sending domain's state), else only with `force`, which exempts it from the
+/// breakers from then on; 409 `breaker_tripped` otherwise.
+fn resume_mark(
+    node: &Node,
+    c: &Campaign,
+    force: bool,
+) -> Result<Option<crate::store::campaign::BreakerMark>, ApiError> {
+    use crate::effects::guard;
+    let mut mark = c.breaker();
+    if mark.paused_reason.is_none() || mark.breaker_override_at_ms.is_some() {
+        return Ok(None);
+    }
+    let config = &node.config.guard;
+    let own = guard::campaign_trip(config, &node.guard, c).map(|m| {
+        format!(
+            "its {} is {:.3}%, over {}%",
+            m.name.replace('_', " "),
+            m.rate_percent.unwrap_or(0.0),
+            m.threshold_percent
+        )
+    });
+    let domain = node
+        .guard
+        .domain_state(&guard::domain_of(&c.record.from))
+        .tripped
+        .map(|r| format!("its sending domain's breaker is tripped ({})", r.message));
+    let blocking: Vec<String> = own.into_iter().chain(domain).collect();
+    if !config.enabled || blocking.is_empty() {
+        mark.paused_reason = None;
+    } else if force {
+        mark.paused_reason = None;
+        mark.breaker_override_at_ms = Some(now_ms());
+        tracing::warn!(campaign = %c.record.id, "campaign resumed with force; breakers no longer judge it");
+    } else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "breaker_tripped",
+            format!(
+                "the campaign was paused by a breaker and {}; resume with ?force=true to send anyway (breakers then no longer judge this campaign)",
+                blocking.join(", and ")
+            ),
+        )
+        .field("force"));
+    }
+    Ok(Some(mark))
 }
 
-pub(super) async fn resume(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    change_state(&s, &id, CampaignState::Active).await
+/// `?force=true` on resume.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ForceQuery {
+    #[serde(default)]
+    pub(super) force: bool,
+}
+
+pub(super) async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    change_state(&s, &id, CampaignState::Paused, false).await
+}
+
+/// `POST /v1/campaigns/{id}/resume[?force=true]`: see [`resume_mark`] for a campaign a breaker
+/// paused.
+pub(super) async fn resume(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> ApiResult {
+    change_state(&s, &id, CampaignState::Active, q.force).await
 }
 
 pub(super) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    change_state(&s, &id, CampaignState::Cancelled).await
+    change_state(&s, &id, CampaignState::Cancelled, false).await
 }
 
 /// `POST /v1/campaigns/{id}/recipients`: an NDJSON stream of `{email, vars?}`, parsed as it

@@ -9,6 +9,7 @@
 //!   [`inbound`]: `/v1/inbound…`, postmaster and abuse mail kept for the operator.
 //!   [`unsubscribe`]: `/u/{token}` (no API key).
 //! * [`domains`]: `GET /v1/domains`, `GET /v1/queue`, suspend / resume a domain.
+//!   [`sending_domains`]: `/v1/sending-domains…`, the From domains' breaker state and rates.
 //!   [`tls_reports`]: `GET /v1/tls-reports`, today's TLS reporting counts and MTA-STS policies.
 //! * [`idempotency`]: `Idempotency-Key`. [`lines`]: the line-by-line reader of both uploads.
 //!
@@ -38,6 +39,7 @@ mod idempotency;
 mod inbound;
 mod lines;
 mod messages;
+mod sending_domains;
 mod shaping;
 mod suppressions;
 mod tls_reports;
@@ -111,6 +113,12 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
         .route("/tls-reports", get(tls_reports::today))
         .route("/domains/{domain}/suspend", post(domains::suspend))
         .route("/domains/{domain}/resume", post(domains::resume))
+        .route("/sending-domains", get(sending_domains::list))
+        .route("/sending-domains/{domain}", get(sending_domains::get))
+        .route(
+            "/sending-domains/{domain}/resume",
+            post(sending_domains::resume),
+        )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route")
         })

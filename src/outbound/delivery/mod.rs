@@ -7,8 +7,8 @@
 //!
 //! * this file: the engine's start and stop, and the **coordinator**, which takes domains whose
 //!   next job is due from the scheduler, resolves each to a site and attaches it. DNS failures
-//!   are decided per domain at once: NXDOMAIN and null MX bounce the due jobs, temporary failures
-//!   defer them. Also the sweeper (idle connections, empty sites, idle domains) and reports.
+//!   are decided per domain at once: a null MX and a confirmed NXDOMAIN bounce the due jobs
+//!   (see [`crate::outbound::resolver_health`]), temporary failures defer them. Also the sweeper (idle connections, empty sites, idle domains) and reports.
 //! * [`route`]: domain → **site** (the MX set, or a static relay, so all domains a provider
 //!   hosts share one set of limits) and site → open connection.
 //! * [`site`]: a site's live state: throttles, lanes, idle connections, backoff. A site whose
@@ -109,6 +109,8 @@ pub struct Delivery {
     dns: Arc<Dns>,
     /// The HTTPS client of MTA-STS policy fetches and TLS reports posted.
     https: reqwest::Client,
+    /// Whether NXDOMAIN answers are believed (resolver sanity).
+    health: crate::outbound::resolver_health::ResolverHealth,
     /// Domains whose MTA-STS policy is being fetched in the background.
     refreshing: Mutex<std::collections::HashSet<String>>,
     /// Per egress source (see [`Config::egress_sources`]): its address and EHLO name.
@@ -169,6 +171,7 @@ impl Delivery {
             dns,
             https,
             refreshing: Mutex::new(Default::default()),
+            health: crate::outbound::resolver_health::ResolverHealth::new(&config.dns),
             sites: Mutex::new(HashMap::new()),
             domain_sites: Mutex::new(HashMap::new()),
             labels: stats::Labels::default(),
@@ -193,6 +196,9 @@ impl Delivery {
         delivery
             .background
             .spawn(Arc::clone(&delivery).tls_report_loop());
+        delivery
+            .background
+            .spawn(Arc::clone(&delivery).canary_loop());
         Ok(delivery)
     }
 

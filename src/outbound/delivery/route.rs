@@ -12,7 +12,7 @@ use prometheus::{IntCounterVec, register_int_counter_vec};
 
 use super::site::{Site, Target};
 use super::{Delivery, secure};
-use crate::outbound::dns::MxHost;
+use crate::outbound::dns::{DnsFailure, MxHost};
 use crate::outbound::outcome::{self, Outcome};
 use crate::outbound::smtp::client::{Connection, SmtpError, TlsMode, TlsPolicy};
 use crate::outbound::smtp::reply::{Command, EnhancedCode};
@@ -58,7 +58,7 @@ impl Delivery {
             }
             None => {
                 // The policy lookup (usually a cached answer) runs beside the MX lookup.
-                let (hosts, sts) = tokio::join!(self.dns.mx(domain), self.sts_policy(domain));
+                let (hosts, sts) = tokio::join!(self.mx(domain), self.sts_policy(domain));
                 let mut hosts = hosts.map_err(|f| outcome::from_dns(&f))?;
                 let names = hosts.iter().map(|h| h.name.as_str());
                 let sts = sts.filter(|_| self.shaping_for(domain, names).mta_sts);
@@ -132,6 +132,63 @@ impl Delivery {
         let site = Arc::new(site);
         sites.insert(key, Arc::clone(&site));
         Ok(site)
+    }
+
+    /// The MX hosts of `domain`, with an NXDOMAIN believed only as
+    /// [`crate::outbound::resolver_health`] says: otherwise it is a temporary failure (4.4.3)
+    /// whose text says why.
+    async fn mx(&self, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
+        use crate::outbound::resolver_health::Step;
+        let now = crate::now_ms();
+        match self.dns.mx(domain).await {
+            Ok(hosts) => {
+                self.health.resolved(domain, now);
+                Ok(hosts)
+            }
+            Err(DnsFailure::NxDomain) => match self.health.nxdomain(domain, now) {
+                Step::Believe => Err(DnsFailure::NxDomain),
+                Step::Defer(why) => Err(DnsFailure::Temporary(why)),
+                Step::Confirm => match self.dns.mx_fresh(domain).await {
+                    Err(DnsFailure::NxDomain) => {
+                        self.health.confirmed(domain, crate::now_ms());
+                        Err(DnsFailure::NxDomain)
+                    }
+                    Ok(hosts) => {
+                        self.health.resolved(domain, crate::now_ms());
+                        Ok(hosts)
+                    }
+                    Err(other) => Err(other),
+                },
+            },
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Looks the canary domains up (bypassing the cache) every `dns.canary_interval` and tells
+    /// the resolver health check whether they all resolved.
+    pub(super) async fn canary_loop(self: Arc<Self>) {
+        let dns = &self.config.dns;
+        let mut tick = tokio::time::interval(dns.canary_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let mut failure = None;
+            for canary in &dns.canary {
+                if let Err(e) = self.dns.mx_fresh(canary).await {
+                    failure = Some(format!("canary {canary} does not resolve: {e}"));
+                    break;
+                }
+            }
+            if let Some(why) = &failure
+                && self.health.fault(crate::now_ms()).is_none()
+            {
+                tracing::error!(reason = %why, "DNS resolver fault suspected: NXDOMAIN answers defer instead of bouncing");
+            }
+            self.health.canary(failure, crate::now_ms());
+        }
     }
 
     /// The first `[[rule]]` matching `domain` or one of its `hosts`.

@@ -140,8 +140,11 @@ pub const STATE_CLUSTER_OUT: &[u8] = b"cluster-out/";
 pub const STATE_STS: &[u8] = b"mta-sts/";
 /// TLS reporting aggregates, by `<day>/<domain>/<policy type>` (JSON).
 pub const STATE_TLSRPT: &[u8] = b"tls-rpt/";
+/// Breaker counts and states: `c/<campaign seq>`, `d/<domain>\0<bucket>`, `t/<domain>` (JSON).
+pub const STATE_GUARD: &[u8] = b"guard/";
 /// The prefixes of small state records in `meta` ([`SpoolBatch::put_state`]).
-pub const STATE_PREFIXES: [&[u8]; 6] = [
+pub const STATE_PREFIXES: [&[u8]; 7] = [
+    STATE_GUARD,
     STATE_SHAPING,
     STATE_WARMUP,
     STATE_CLUSTER,

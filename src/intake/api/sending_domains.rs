@@ -1,0 +1,197 @@
+//! Sending domains (the From addresses' domains): `GET /v1/sending-domains` (each with its
+//! breaker state and rates), `GET /v1/sending-domains/{domain}` (the reputation view: delivered,
+//! bounced by category, complaint and unsubscribe rates over 24 hours and 7 days, the breaker
+//! window and state) and `POST /v1/sending-domains/{domain}/resume`, which lifts a tripped
+//! domain breaker. The counts and states are [`crate::effects::guard`]'s.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+
+use super::campaigns::{ForceQuery, reason_json};
+use super::{ApiError, ApiResult, AppState};
+use crate::effects::guard::{self, DomainView, Level, Sample};
+use crate::node::Node;
+use crate::store::campaign::CampaignState;
+
+/// Rates of a span, in percent (4 decimals); `null` with nothing to divide by.
+fn rates(s: &Sample) -> Value {
+    let pct = |n: u64, d: u64| {
+        (d > 0).then(|| ((n as f64 * 100.0 / d as f64) * 10_000.0).round() / 10_000.0)
+    };
+    json!({
+        "counts": s,
+        "complaint_rate_percent": pct(s.complained, s.delivered),
+        "unsubscribe_rate_percent": pct(s.unsubscribed, s.delivered),
+        "hard_bounce_rate_percent": pct(s.hard_bounced, s.attempted),
+        "bounce_rate_percent": pct(s.bounced.values().sum(), s.attempted),
+    })
+}
+
+fn view_json(node: &Node, v: &DomainView) -> Value {
+    let config = &node.config.guard;
+    let worst = v
+        .measures
+        .iter()
+        .map(|m| m.level)
+        .max()
+        .unwrap_or(Level::Ok);
+    let state = match (&v.state.tripped, v.state.exempt_until_ms) {
+        (Some(_), _) => "tripped",
+        (None, Some(_)) => "exempt",
+        (None, None) if worst == Level::Warning => "warning",
+        _ => "ok",
+    };
+    let mut out = json!({
+        "domain": v.domain,
+        "breaker": {
+            "state": state,
+            "enabled": config.enabled && config.domain_breaker,
+            "window": humantime::format_duration(config.domain_window).to_string(),
+            "complaint_rate": v.measures[0],
+            "hard_bounce_rate": v.measures[1],
+        },
+        "last_24h": rates(&v.last_24h),
+        "last_7d": rates(&v.last_7d),
+        "dkim_selectors": node
+            .assembler
+            .dkim()
+            .for_domain(&v.domain)
+            .iter()
+            .map(|k| format!("{}._domainkey.{}", k.selector, k.domain))
+            .collect::<Vec<_>>(),
+    });
+    if let Some(r) = &v.state.tripped {
+        out["breaker"]["reason"] = reason_json(r);
+    }
+    if let Some(ms) = v.state.exempt_until_ms {
+        out["breaker"]["exempt_until"] = json!(crate::effects::delivery_log::rfc3339(ms));
+    }
+    out
+}
+
+/// The domains to list: those with counts or a breaker state, and those with a DKIM key.
+fn known(node: &Node) -> Vec<String> {
+    let mut v = node.guard.domains();
+    v.extend(
+        node.config
+            .dkim
+            .iter()
+            .map(|d| d.domain.to_ascii_lowercase()),
+    );
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn normalise(raw: &str) -> Result<String, ApiError> {
+    let bad = |m: String| ApiError::invalid_field("domain", m);
+    let ascii = idna::domain_to_ascii_strict(raw)
+        .map_err(|_| bad(format!("{raw:?} is not a valid domain")))?;
+    crate::intake::address::check_host_name(&ascii).map_err(|e| bad(format!("{raw:?}: {e}")))?;
+    Ok(ascii)
+}
+
+/// `GET /v1/sending-domains`.
+pub(super) async fn list(State(s): State<AppState>) -> ApiResult {
+    let now = crate::now_ms();
+    let domains: Vec<Value> = known(&s.node)
+        .iter()
+        .map(|d| view_json(&s.node, &s.node.guard.view(&s.node.config.guard, d, now)))
+        .collect();
+    Ok(axum::Json(json!({"sending_domains": domains})).into_response())
+}
+
+/// `GET /v1/sending-domains/{domain}`: 404 for a domain nothing was sent from and no key signs.
+pub(super) async fn get(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
+    let domain = normalise(&raw)?;
+    if !known(&s.node).contains(&domain) {
+        return Err(not_found(&domain));
+    }
+    let view = s
+        .node
+        .guard
+        .view(&s.node.config.guard, &domain, crate::now_ms());
+    Ok(axum::Json(view_json(&s.node, &view)).into_response())
+}
+
+fn not_found(domain: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "sending_domain_not_found",
+        format!("nothing was sent from {domain} and no [[dkim]] key signs for it"),
+    )
+    .field("domain")
+}
+
+/// `POST /v1/sending-domains/{domain}/resume[?force=true]`: lifts the domain's tripped breaker
+/// and resumes the campaigns it paused (those whose own breaker would not trip). While the
+/// window's rates are still over a threshold only with `force`, which exempts the domain from
+/// its breaker for one window; 409 `breaker_tripped` otherwise.
+pub(super) async fn resume(
+    State(s): State<AppState>,
+    Path(raw): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> ApiResult {
+    let node = &s.node;
+    let domain = normalise(&raw)?;
+    let now = crate::now_ms();
+    let config = &node.config.guard;
+    let view = node.guard.view(config, &domain, now);
+    let Some(reason) = view.state.tripped.clone() else {
+        return Ok(
+            axum::Json(json!({"domain": domain, "resumed": [], "tripped": false})).into_response(),
+        );
+    };
+    let over = view.measures.iter().find(|m| m.level == Level::Tripped);
+    let mut state = view.state.clone();
+    state.tripped = None;
+    match over {
+        Some(m) if !q.force => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "breaker_tripped",
+                format!(
+                    "{domain}'s {} over the last {} is {:.3}%, still over {}%; resume with ?force=true to send anyway (the breaker then leaves the domain alone for one window)",
+                    m.name.replace('_', " "),
+                    humantime::format_duration(config.domain_window),
+                    m.rate_percent.unwrap_or(0.0),
+                    m.threshold_percent
+                ),
+            )
+            .field("force"));
+        }
+        Some(_) => state.exempt_until_ms = Some(now + guard::window_ms(config)),
+        None => {}
+    }
+    node.guard
+        .set_domain_state(&node.spool, &domain, state)
+        .await?;
+    tracing::warn!(%domain, force = q.force, was = %reason.message, "sending domain breaker lifted");
+    let mut resumed = Vec::new();
+    for c in node.campaigns.all() {
+        let mark = c.breaker();
+        let paused_by_domain = mark
+            .paused_reason
+            .as_ref()
+            .is_some_and(|r| r.breaker == "domain" && r.domain == domain);
+        if c.state() != CampaignState::Paused
+            || !paused_by_domain
+            || guard::campaign_trip(config, &node.guard, &c).is_some()
+        {
+            continue;
+        }
+        let mark = crate::store::campaign::BreakerMark {
+            paused_reason: None,
+            ..mark
+        };
+        if node
+            .set_campaign_state_marked(&c, CampaignState::Active, Some(mark))
+            .await?
+        {
+            resumed.push(c.record.id.to_string());
+        }
+    }
+    Ok(axum::Json(json!({"domain": domain, "resumed": resumed, "tripped": false})).into_response())
+}
