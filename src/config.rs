@@ -127,6 +127,21 @@ pub struct Config {
     /// rate burns the sender's reputation.
     #[serde(default)]
     pub guard: GuardConfig,
+    /// Authentication preflight of sending domains (DKIM, SPF, DMARC, PTR).
+    #[serde(default)]
+    pub preflight: PreflightConfig,
+}
+
+/// `[preflight]`: checking that mail from a domain will pass DKIM, SPF and DMARC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreflightConfig {
+    /// Refuse (422 naming `from`) a campaign whose From domain fails a check.
+    #[serde(default)]
+    pub enforce: bool,
+    /// How long a domain's report is kept before DNS is asked again.
+    #[serde(default = "defaults::five_minutes", with = "humantime_serde")]
+    pub ttl: Duration,
 }
 
 /// `[guard]`: the complaint and hard-bounce breakers, per campaign and per sending domain.
@@ -1594,7 +1609,8 @@ default_from_serde!(
     MtaStsConfig,
     DaneConfig,
     TlsReportsConfig,
-    GuardConfig
+    GuardConfig,
+    PreflightConfig
 );
 
 impl Default for Config {

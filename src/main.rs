@@ -37,6 +37,14 @@ enum Command {
     CheckConfig {
         #[arg(long, short, default_value = "config/sluice.toml")]
         config: PathBuf,
+        /// Also check each sending domain's DNS (DKIM keys published, SPF authorising the
+        /// sources, DMARC alignment, PTR, MTA-STS and TLS-RPT) through `dns.nameservers`: every
+        /// `[[dkim]]` domain and each `--domain`. Exit 1 when a check fails.
+        #[arg(long)]
+        dns: bool,
+        /// A From domain to check with `--dns` (repeatable).
+        #[arg(long = "domain", requires = "dns")]
+        domains: Vec<String>,
     },
     /// Destination sites (queue, connections, rate, state, last reply) and domains.
     Domains {
@@ -74,7 +82,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Settings::load(&config) {
+        Command::CheckConfig {
+            config,
+            dns,
+            domains,
+        } => match Settings::load(&config) {
             Ok(settings) => {
                 let file = config.display().to_string();
                 for w in ptr_warnings(&settings.config, &file) {
@@ -84,6 +96,9 @@ fn main() -> ExitCode {
                     eprintln!("{w}");
                 }
                 println!("{}: ok", config.display());
+                if dns {
+                    return preflight(&settings, domains);
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -184,25 +199,16 @@ fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
 }
 
 /// `check-config`'s warnings about the egress sources: an address whose PTR record does not
-/// give the source's EHLO name (providers check that they match). Looked up through
-/// `dns.nameservers` (or the system's resolver); a lookup that fails is a warning too.
+/// give the source's EHLO name, or whose EHLO name does not resolve back to it (providers
+/// check both). Looked up through `dns.nameservers` (or the system's resolver); a lookup that
+/// fails is a warning too.
 fn ptr_warnings(config: &Config, file: &str) -> Vec<String> {
     let sources = config.egress_sources();
-    let wanted: Vec<(usize, std::net::IpAddr, String)> = sources
-        .iter()
-        .enumerate()
-        .filter(|_| !config.sources.is_empty())
-        .filter_map(|(i, s)| Some((i, s.address?, s.ehlo_name.to_ascii_lowercase())))
-        .collect();
-    if wanted.is_empty() {
+    if config.sources.is_empty() || sources.iter().all(|s| s.address.is_none()) {
         return Vec::new();
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return vec![format!("{file}: source: warning: PTR not checked: {e}")],
+    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return vec![format!("{file}: source: warning: PTR not checked")];
     };
     rt.block_on(async {
         let dns = match sluice::outbound::dns::Dns::new(&config.dns.nameservers, config.dns.timeout)
@@ -211,24 +217,80 @@ fn ptr_warnings(config: &Config, file: &str) -> Vec<String> {
             Err(e) => return vec![format!("{file}: source: warning: PTR not checked: {e}")],
         };
         let mut out = Vec::new();
-        for (i, ip, ehlo) in wanted {
-            let key = format!("{file}: source[{i}].ehlo_name: warning:");
-            match dns.ptr(ip).await {
-                Ok(names) if names.contains(&ehlo) => {}
-                Ok(names) if names.is_empty() => out.push(format!(
-                    "{key} {ip} has no PTR record; providers expect it to give {ehlo:?}"
-                )),
-                Ok(names) => out.push(format!(
-                    "{key} the PTR record of {ip} gives {}, not {ehlo:?}",
-                    names.join(", ")
-                )),
-                Err(e) => out.push(format!(
-                    "{key} the PTR record of {ip} could not be read: {e}"
-                )),
+        for (i, s) in sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.address.is_some())
+        {
+            let c = sluice::outbound::preflight::ptr_check(&dns, s).await;
+            if c.verdict != sluice::outbound::preflight::Verdict::Pass {
+                out.push(format!(
+                    "{file}: source[{i}].ehlo_name: warning: {}",
+                    c.message
+                ));
             }
         }
         out
     })
+}
+
+/// `check-config --dns`: the authentication preflight of every `[[dkim]]` domain and `extra`,
+/// one line per check; exit 1 when one fails.
+fn preflight(settings: &Settings, extra: Vec<String>) -> ExitCode {
+    use sluice::outbound::preflight::{Verdict, check_domain};
+    let config = &settings.config;
+    let mut domains: Vec<String> = config
+        .dkim
+        .iter()
+        .map(|d| d.domain.to_ascii_lowercase())
+        .chain(extra.iter().map(|d| d.to_ascii_lowercase()))
+        .collect();
+    domains.sort_unstable();
+    domains.dedup();
+    if domains.is_empty() {
+        eprintln!("sluice: no domain to check: add [[dkim]] keys or give --domain");
+        return ExitCode::from(2);
+    }
+    let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::from(2);
+    };
+    let failed = rt.block_on(async {
+        let dns = match sluice::outbound::dns::Dns::new(&config.dns.nameservers, config.dns.timeout)
+        {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                return true;
+            }
+        };
+        let mut failed = false;
+        for domain in &domains {
+            let report = check_domain(config, &settings.dkim, &dns, domain).await;
+            println!("{domain}: {:?}", report.verdict);
+            for c in &report.checks {
+                println!(
+                    "  {:<5} {:<8} {}: {}",
+                    format!("{:?}", c.verdict).to_ascii_lowercase(),
+                    c.check,
+                    c.subject,
+                    c.message
+                );
+                if let Some(seen) = &c.seen {
+                    println!("                 seen: {seen}");
+                }
+                if let Some(publish) = c.publish.as_ref().filter(|_| c.verdict != Verdict::Pass) {
+                    println!("                 publish: {publish}");
+                }
+            }
+            failed |= report.verdict == Verdict::Fail;
+        }
+        failed
+    });
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn init_logging(config: &Config) {

@@ -54,6 +54,8 @@ pub struct Node {
     pub tls_reports: crate::effects::tls_reports::TlsReports,
     /// The breakers' counts and sending-domain states, loaded at recovery.
     pub guard: crate::effects::guard::Guard,
+    /// Sending domains' authentication preflight reports, kept for `preflight.ttl`.
+    pub preflight: crate::outbound::preflight::Preflight,
     /// Failures of submitted messages to report to their submitters.
     pub dsns: crate::effects::dsn::Notices,
     /// Messages this node delivered since it started (for its heartbeat's rate).
@@ -99,6 +101,7 @@ impl Node {
             trust,
             tls_reports: Default::default(),
             guard: Default::default(),
+            preflight: Default::default(),
             webhooks,
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),

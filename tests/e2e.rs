@@ -20,6 +20,7 @@ mod guard;
 mod lookup;
 mod merged;
 mod message;
+mod preflight;
 mod reputation;
 mod resolver_sanity;
 mod retention;

@@ -119,6 +119,11 @@ impl Dns {
         Ok(self)
     }
 
+    /// mail-auth's verifiers over the same name servers, asking them afresh (no cache).
+    pub fn authenticator(&self) -> mail_auth::MessageAuthenticator {
+        mail_auth::MessageAuthenticator(self.fresh.clone())
+    }
+
     /// Whether answers are validated (DANE is on).
     pub fn is_validating(&self) -> bool {
         self.validating.is_some()

@@ -6,6 +6,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod outcome;
+pub mod preflight;
 pub mod render;
 pub mod resolver_health;
 pub mod retry;

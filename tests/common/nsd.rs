@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One zone below `test.`.
+/// One zone below `test.`, or one outside it served on its own (a reverse zone).
 pub struct Zone {
     /// Its name without the trailing dot, e.g. `dane.test`.
     pub name: String,
@@ -76,8 +76,10 @@ impl SignedDns {
         let mut parent = vec!["ns IN A 127.0.0.1".to_owned()];
         let mut served = Vec::new();
         for z in zones {
-            let label = z.name.strip_suffix(".test").expect("zones are below test.");
-            parent.push(format!("{label} IN NS ns.test."));
+            // A zone outside test. (a reverse zone) is served on its own, unsigned.
+            if let Some(label) = z.name.strip_suffix(".test") {
+                parent.push(format!("{label} IN NS ns.test."));
+            }
             std::fs::write(
                 dir.join(format!("{}.zone", z.name)),
                 zone_file(&z.name, &z.records),

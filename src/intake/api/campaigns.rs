@@ -172,6 +172,7 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
         ingest::validate_campaign(fields, CampaignKind::Bulk, limits, now_ms())
             .map_err(ApiError::invalid)?;
     check_pool(node, &record)?;
+    check_preflight(node, &record.from).await?;
     // A campaign from a sending domain whose breaker is tripped starts paused.
     if node.config.guard.enabled
         && let Some(reason) = node.guard.tripped_reason(&record.from)
@@ -233,6 +234,30 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
         })
         .await?;
     Ok(json_response(StatusCode::ACCEPTED, body))
+}
+
+/// With `preflight.enforce`: 422 naming `from` when its domain fails an authentication check.
+pub(super) async fn check_preflight(node: &Node, from: &str) -> Result<(), ApiError> {
+    if !node.config.preflight.enforce {
+        return Ok(());
+    }
+    let domain = crate::effects::guard::domain_of(from);
+    let report = node
+        .preflight
+        .report(&node.config, &node.assembler.dkim(), &domain)
+        .await
+        .map_err(|e| ApiError::internal("preflight", e))?;
+    let failures = report.failures();
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::invalid_field(
+        "from",
+        format!(
+            "{domain} fails authentication preflight, so receivers would reject or junk its mail: {} (see GET /v1/sending-domains/{domain})",
+            failures.join("; ")
+        ),
+    ))
 }
 
 /// 422 naming `pool` when the record names a pool the config does not have.

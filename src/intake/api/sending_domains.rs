@@ -2,7 +2,9 @@
 //! breaker state and rates), `GET /v1/sending-domains/{domain}` (the reputation view: delivered,
 //! bounced by category, complaint and unsubscribe rates over 24 hours and 7 days, the breaker
 //! window and state) and `POST /v1/sending-domains/{domain}/resume`, which lifts a tripped
-//! domain breaker. The counts and states are [`crate::effects::guard`]'s.
+//! domain breaker. The counts and states are [`crate::effects::guard`]'s; each domain also
+//! shows its authentication preflight ([`crate::outbound::preflight`], kept for
+//! `preflight.ttl`).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -93,13 +95,37 @@ fn normalise(raw: &str) -> Result<String, ApiError> {
     Ok(ascii)
 }
 
+/// The domain's view with its preflight report.
+async fn full_view(node: &Node, domain: &str) -> Value {
+    let view = node.guard.view(&node.config.guard, domain, crate::now_ms());
+    let mut v = view_json(node, &view);
+    v["preflight"] = match node
+        .preflight
+        .report(&node.config, &node.assembler.dkim(), domain)
+        .await
+    {
+        Ok(r) => {
+            let mut p = json!(*r);
+            if let Some(o) = p.as_object_mut() {
+                o.remove("checked_at_ms");
+                o.insert(
+                    "checked_at".into(),
+                    json!(crate::effects::delivery_log::rfc3339(r.checked_at_ms)),
+                );
+            }
+            p
+        }
+        Err(e) => json!({"error": e}),
+    };
+    v
+}
+
 /// `GET /v1/sending-domains`.
 pub(super) async fn list(State(s): State<AppState>) -> ApiResult {
-    let now = crate::now_ms();
-    let domains: Vec<Value> = known(&s.node)
-        .iter()
-        .map(|d| view_json(&s.node, &s.node.guard.view(&s.node.config.guard, d, now)))
-        .collect();
+    let mut domains = Vec::new();
+    for d in known(&s.node) {
+        domains.push(full_view(&s.node, &d).await);
+    }
     Ok(axum::Json(json!({"sending_domains": domains})).into_response())
 }
 
@@ -109,11 +135,7 @@ pub(super) async fn get(State(s): State<AppState>, Path(raw): Path<String>) -> A
     if !known(&s.node).contains(&domain) {
         return Err(not_found(&domain));
     }
-    let view = s
-        .node
-        .guard
-        .view(&s.node.config.guard, &domain, crate::now_ms());
-    Ok(axum::Json(view_json(&s.node, &view)).into_response())
+    Ok(axum::Json(full_view(&s.node, &domain).await).into_response())
 }
 
 fn not_found(domain: &str) -> ApiError {
