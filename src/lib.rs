@@ -16,7 +16,7 @@
 //! **[`intake`]: HTTP and SMTP to durable jobs.**
 //!
 //! * [`intake::api`]: the axum router, one file per resource (`campaigns`, `messages`,
-//!   `suppressions`, `feedback`, `inbound`, `unsubscribe`, `domains`), plus `idempotency` and `lines`, the
+//!   `suppressions`, `feedback`, `inbound`, `unsubscribe`, `domains`, `sending_domains`), plus `idempotency` and `lines`, the
 //!   line-by-line reader shared by NDJSON uploads and suppression imports. Authentication (Bearer
 //!   keys, constant-time), readiness, load shedding (503 + `Retry-After` past
 //!   `http.max_concurrent_requests`), [`intake::api::ApiError`] with the field at fault. Owns the
@@ -110,10 +110,18 @@
 //!   `/v1/shaping`) and the warm-up counts ([`outbound::shaping::warmup`], in `meta` under
 //!   `warmup/`, written once a second). [`outbound::delivery`] consults them when it picks a
 //!   source, and reports a transaction's first failure reply to them (`finish::react`).
-//! * [`outbound::dns`]: MX, address, TXT and TLSA lookups (hickory, TTL-cached); tells permanent
-//!   answers (NXDOMAIN, null MX) from temporary ones, and with DANE on, secure from insecure
-//!   and bogus ones. PTR lookups for `check-config` ask the configured
-//!   servers directly, since hickory answers loopback reverse lookups itself.
+//! * [`outbound::dns`]: MX, address, TXT and TLSA lookups (hickory, TTL-cached, and a resolver
+//!   without a cache for lookups that must ask again); tells permanent answers (NXDOMAIN, null
+//!   MX) from temporary ones, and with DANE on, secure from insecure and bogus ones. PTR lookups
+//!   ask the configured servers directly, since hickory answers loopback reverse lookups itself.
+//!   [`outbound::resolver_health`] decides whether an NXDOMAIN is believed (a canary, the share
+//!   of NXDOMAIN answers lately, domains that resolved lately, a confirming second lookup);
+//!   delivery's `route` asks it before bouncing a domain.
+//! * [`outbound::preflight`]: the authentication preflight of a sending domain: mail-auth's DKIM,
+//!   SPF and DMARC verifiers run on a sample message signed with our keys, through the
+//!   configured name servers, plus PTR and MTA-STS/TLS-RPT presence; reports kept per domain
+//!   in the [`node::Node`] for `preflight.ttl`, read by the API, campaign creation and
+//!   `check-config --dns`.
 //! * [`outbound::render`]: message assembly. [`outbound::render::compile`] once per campaign (the
 //!   compiled templates are cached in the [`outbound::render::Assembler`], not in the campaign
 //!   record); the assembler renders, builds the MIME message (mail-builder) with
@@ -166,6 +174,15 @@
 //!   metric, log): from a transition, or [`effects::suppression::Suppressions::add`] for the API
 //!   and imports. Entries that name a campaign are counted back into its
 //!   `unsubscribed`/`complained` at recovery (those counts are not stored).
+//! * [`effects::guard`]: the deliverability breakers. [`effects::transition::Transition::apply`]
+//!   counts each delivery, bounce, complaint and unsubscribe per campaign and per sending domain
+//!   (10-minute buckets for 7 days, in `meta` under `guard/`); [`effects::breakers`], a task,
+//!   judges complaint and hard-bounce rates every `guard.interval` and pauses the campaigns over
+//!   a threshold through
+//!   [`node::Node::set_campaign_state_marked`], the [`store::campaign::PausedReason`] written
+//!   with the campaign record (and a `campaign_paused` event in the same batch). A tripped
+//!   sending domain is a state record of its own; the API refuses to resume what a breaker
+//!   would pause again unless told `force`.
 //! * [`effects::delivery_log`]: the JSON delivery log, written on its own thread and rotated.
 //! * [`effects::dsn`]: the RFC 3464 reports to the submitters of SMTP mail that bounces or
 //!   expires: a transition that fails such a job hands a notice over once applied (after the

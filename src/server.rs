@@ -242,7 +242,10 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         Arc::clone(&node),
         stop.clone(),
     ));
-    tasks.spawn(crate::effects::guard::run(Arc::clone(&node), stop.clone()));
+    tasks.spawn(crate::effects::breakers::run(
+        Arc::clone(&node),
+        stop.clone(),
+    ));
 
     let gauge_node = Arc::clone(&node);
     let gauge_stop = stop.clone();

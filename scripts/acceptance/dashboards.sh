@@ -194,7 +194,7 @@ time.sleep(6)
 
 names = set(prom_get("/api/v1/label/__name__/values")["data"])
 SUBS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "${site}": ".*", "$site": ".*",
-        "${source}": ".*", "$source": ".*"}
+        "${source}": ".*", "$source": ".*", "${domain}": ".*", "$domain": ".*"}
 failures, checked = [], 0
 for path in sorted(glob.glob(os.path.join(root, "dashboards", "*.json"))):
     d = json.load(open(path))

@@ -1,12 +1,12 @@
-//! Deliverability guards: the complaint and hard-bounce breakers.
+//! Deliverability guards: the counts and judgement of the complaint and hard-bounce breakers.
 //!
 //! Every transition that reports a delivery, a bounce, a complaint or an unsubscribe is
 //! counted here ([`Guard::observe`]): per campaign over its whole life, and per sending domain
-//! (the From address's) in ten-minute buckets kept for seven days. Every `guard.interval` the
-//! breakers judge the counts ([`run`]): complaint rate = complaints ÷ delivered, hard-bounce rate
-//! = (`bad-mailbox` + `bad-domain`) ÷ attempted (delivered + bounced), each once its denominator
-//! reaches the minimum sample. A campaign over a threshold is paused with a
-//! [`PausedReason`]; a sending domain over one over `guard.domain_window` trips, and every
+//! (the From address's) in ten-minute buckets kept for seven days. [`judge`] compares them with
+//! the thresholds: complaint rate = complaints ÷ delivered, hard-bounce rate = (`bad-mailbox` +
+//! `bad-domain`) ÷ attempted (delivered + bounced), each once its denominator reaches the minimum
+//! sample. Every `guard.interval` [`crate::effects::breakers`] pauses a campaign over a threshold
+//! with a [`PausedReason`]; a sending domain over one over `guard.domain_window` trips, and every
 //! campaign from it pauses (now, and any created while it stays tripped). A paused campaign
 //! stays paused until an operator resumes it: while its breaker would trip again, only with
 //! `force`, which exempts the campaign from the breakers from then on; a tripped domain is
@@ -22,7 +22,7 @@
 //! synced with the campaign record (a campaign's) or on its own (a domain's), before it acts.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex};
 
 use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, register_int_counter_vec, register_int_gauge,
@@ -31,11 +31,10 @@ use prometheus::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::{GuardConfig, GuardThresholds};
-use crate::node::Node;
-use crate::store::campaign::{Campaign, CampaignKind, CampaignState, PausedReason};
+use crate::store::campaign::{Campaign, PausedReason};
 use crate::store::spool::{Durability, STATE_GUARD, Spool, SpoolError};
 
-static TRIPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+pub(crate) static TRIPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "sluice_guard_trips_total",
         "Breaker trips by breaker (campaign, domain) and measure (complaint_rate, hard_bounce_rate). Each campaign trip pauses one campaign; a domain trip pauses every campaign from the domain.",
@@ -62,7 +61,25 @@ static LEVEL: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-static PAUSED: LazyLock<IntGauge> = LazyLock::new(|| {
+static RECIPIENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_sending_domain_recipients_total",
+        "Per sending domain (the From address's; the first 100 seen): recipients attempted (delivered or bounced at the receiver), delivered, hard_bounced (bad-mailbox, bad-domain, also when reported later), complained and unsubscribed. Complaint rate = complained / delivered.",
+        &["domain", "event"]
+    )
+    .expect("metric registers once")
+});
+
+static BOUNCES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_sending_domain_bounces_total",
+        "Per sending domain (the first 100 seen): bounces by category, at delivery or reported later.",
+        &["domain", "category"]
+    )
+    .expect("metric registers once")
+});
+
+pub(crate) static PAUSED: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "sluice_guard_paused_campaigns",
         "Campaigns paused by a breaker and not resumed."
@@ -225,7 +242,7 @@ impl Measure {
     }
 
     /// The reason a pause gives for this measure.
-    fn reason(&self, breaker: &str, window: &str, domain: &str, at_ms: u64) -> PausedReason {
+    pub fn reason(&self, breaker: &str, window: &str, domain: &str, at_ms: u64) -> PausedReason {
         let rate = self.rate_percent.unwrap_or(0.0);
         let (what, of) = match self.name {
             "complaint_rate" => ("complaint rate", "delivered"),
@@ -293,9 +310,55 @@ pub struct DomainState {
     pub exempt_until_ms: Option<u64>,
 }
 
-/// A sending domain's buckets, oldest first, by bucket number (`ms / BUCKET_MS`).
-#[derive(Debug, Default)]
-struct Buckets(VecDeque<(u64, Sample)>);
+/// A sending domain's counters in `sluice_sending_domain_recipients_total`: attempted,
+/// delivered, hard_bounced, complained, unsubscribed.
+struct DomainMetrics {
+    events: [prometheus::IntCounter; 5],
+    domain: String,
+}
+
+const EVENTS: [&str; 5] = [
+    "attempted",
+    "delivered",
+    "hard_bounced",
+    "complained",
+    "unsubscribed",
+];
+
+impl DomainMetrics {
+    fn new(domain: &str) -> DomainMetrics {
+        DomainMetrics {
+            events: EVENTS.map(|e| RECIPIENTS.with_label_values(&[domain, e])),
+            domain: domain.to_owned(),
+        }
+    }
+
+    fn observe(&self, o: Observation<'_>) {
+        let [attempted, delivered, hard, complained, unsubscribed] = &self.events;
+        match o {
+            Observation::Delivered => {
+                attempted.inc();
+                delivered.inc();
+            }
+            Observation::Bounced { category, remote } => {
+                if !remote {
+                    attempted.inc();
+                }
+                if HARD_CATEGORIES.contains(&category) {
+                    hard.inc();
+                }
+                BOUNCES.with_label_values(&[&self.domain, category]).inc();
+            }
+            Observation::Complained => complained.inc(),
+            Observation::Unsubscribed => unsubscribed.inc(),
+        }
+    }
+}
+
+/// A sending domain's buckets, oldest first, by bucket number (`ms / BUCKET_MS`), and its
+/// metric counters when it has labels of its own.
+#[derive(Default)]
+struct Buckets(VecDeque<(u64, Sample)>, Option<DomainMetrics>);
 
 impl Buckets {
     fn current(&mut self, bucket: u64) -> &mut Sample {
@@ -336,8 +399,8 @@ struct Inner {
     states: HashMap<String, DomainState>,
     dirty_campaigns: HashSet<u32>,
     dirty_buckets: HashSet<(String, u64)>,
-    /// Domains with metric labels, in the order seen.
-    labelled: Vec<String>,
+    /// Domains given metric labels so far (at most [`MAX_LABELLED_DOMAINS`]).
+    labelled: usize,
 }
 
 /// The counts and breaker states of one node.
@@ -379,12 +442,17 @@ impl Guard {
         let mut g = self.inner.lock().expect("guard lock");
         g.campaigns.entry(campaign.seq).or_default().observe(o);
         g.dirty_campaigns.insert(campaign.seq);
-        match g.domains.get_mut(&domain) {
-            Some(b) => b.current(bucket).observe(o),
-            None => {
-                let mut b = Buckets::default();
-                b.current(bucket).observe(o);
-                g.domains.insert(domain.clone(), b);
+        if !g.domains.contains_key(&domain) {
+            let labelled = g.labelled < MAX_LABELLED_DOMAINS;
+            g.labelled += usize::from(labelled);
+            let metrics = labelled.then(|| DomainMetrics::new(&domain));
+            g.domains
+                .insert(domain.clone(), Buckets(VecDeque::new(), metrics));
+        }
+        if let Some(b) = g.domains.get_mut(&domain) {
+            b.current(bucket).observe(o);
+            if let Some(m) = &b.1 {
+                m.observe(o);
             }
         }
         g.dirty_buckets.insert((domain, bucket));
@@ -453,8 +521,16 @@ impl Guard {
                     serde_json::from_slice::<Sample>(v),
                 ) {
                     // Keys sort by bucket within a domain.
-                    let b = g.domains.entry(domain.to_owned()).or_default();
-                    b.0.push_back((u64::from_be_bytes(bucket), s));
+                    if !g.domains.contains_key(domain) {
+                        let labelled = g.labelled < MAX_LABELLED_DOMAINS;
+                        g.labelled += usize::from(labelled);
+                        let metrics = labelled.then(|| DomainMetrics::new(domain));
+                        g.domains
+                            .insert(domain.to_owned(), Buckets(VecDeque::new(), metrics));
+                    }
+                    if let Some(b) = g.domains.get_mut(domain) {
+                        b.0.push_back((u64::from_be_bytes(bucket), s));
+                    }
                 }
             } else if let Some(domain) = k.strip_prefix(b"t/")
                 && let (Ok(domain), Ok(s)) =
@@ -490,7 +566,7 @@ impl Guard {
                     batch.delete_state(STATE_GUARD, &bucket_key(domain, bucket));
                 }
             }
-            g.domains.retain(|_, b| !b.0.is_empty());
+            g.domains.retain(|_, b| !b.0.is_empty() || b.1.is_some());
             let campaigns: Vec<u32> = g.dirty_campaigns.drain().collect();
             let buckets: Vec<(String, u64)> = g.dirty_buckets.drain().collect();
             for seq in &campaigns {
@@ -555,15 +631,12 @@ impl Guard {
         g.states.get(&domain_of(from))?.tripped.clone()
     }
 
-    /// Sets the domain gauges from `views` (the first [`MAX_LABELLED_DOMAINS`] domains seen).
-    fn export(&self, views: &[DomainView]) {
-        let mut g = self.inner.lock().expect("guard lock");
+    /// Sets the domain gauges from `views` (the domains with labels of their own).
+    pub fn export(&self, views: &[DomainView]) {
+        let g = self.inner.lock().expect("guard lock");
         for v in views {
-            if !g.labelled.contains(&v.domain) {
-                if g.labelled.len() >= MAX_LABELLED_DOMAINS {
-                    continue;
-                }
-                g.labelled.push(v.domain.clone());
+            if g.domains.get(&v.domain).is_none_or(|b| b.1.is_none()) {
+                continue;
             }
             for m in &v.measures {
                 let labels = [v.domain.as_str(), m.name];
@@ -586,16 +659,8 @@ pub fn window_ms(config: &GuardConfig) -> u64 {
 }
 
 /// The window's name in reasons (`24h`, `10m`).
-fn window_name(config: &GuardConfig) -> String {
+pub fn window_name(config: &GuardConfig) -> String {
     humantime::format_duration(config.domain_window).to_string()
-}
-
-/// Whether `campaign` is one the breakers judge and pause: an active or paused campaign (not a
-/// transactional bucket) that no operator exempted with `force`.
-fn judged(campaign: &Campaign) -> bool {
-    campaign.record.kind == CampaignKind::Bulk
-        && campaign.state() != CampaignState::Cancelled
-        && campaign.breaker().breaker_override_at_ms.is_none()
 }
 
 /// The measure of `campaign` that trips its own breaker now, if one does.
@@ -605,117 +670,6 @@ pub fn campaign_trip(config: &GuardConfig, guard: &Guard, campaign: &Campaign) -
     judge(&sample, &limits)
         .into_iter()
         .find(|m| m.level == Level::Tripped)
-}
-
-/// One evaluation: trips campaign and domain breakers, pauses the campaigns they name, sets the
-/// gauges.
-pub async fn evaluate(node: &Arc<Node>) {
-    let config = &node.config.guard;
-    let now = crate::now_ms();
-    let campaigns = node.campaigns.all();
-    let mut paused = 0;
-    for c in &campaigns {
-        if c.breaker().paused_reason.is_some() && c.state() == CampaignState::Paused {
-            paused += 1;
-        }
-        if !judged(c) || c.state() != CampaignState::Active {
-            continue;
-        }
-        if let Some(m) = campaign_trip(config, &node.guard, c) {
-            let domain = domain_of(&c.record.from);
-            let reason = m.reason("campaign", "campaign", &domain, now);
-            TRIPS.with_label_values(&["campaign", m.name]).inc();
-            if pause(node, c, reason).await {
-                paused += 1;
-            }
-        }
-    }
-    let mut views = Vec::new();
-    for domain in node.guard.domains() {
-        let view = node.guard.view(config, &domain, now);
-        let mut state = view.state.clone();
-        if state.exempt_until_ms.is_some_and(|t| t <= now) {
-            state.exempt_until_ms = None;
-        }
-        let exempt = state.exempt_until_ms.is_some();
-        if config.domain_breaker
-            && state.tripped.is_none()
-            && !exempt
-            && let Some(m) = view.measures.iter().find(|m| m.level == Level::Tripped)
-        {
-            let reason = m.reason("domain", &window_name(config), &domain, now);
-            tracing::warn!(%domain, reason = %reason.message, "sending domain breaker tripped");
-            TRIPS.with_label_values(&["domain", m.name]).inc();
-            state.tripped = Some(reason);
-        }
-        if state != view.state
-            && let Err(e) = node
-                .guard
-                .set_domain_state(&node.spool, &domain, state.clone())
-                .await
-        {
-            tracing::warn!(%domain, error = %e, "storing a sending domain's breaker state failed; retried at the next evaluation");
-            continue;
-        }
-        if let Some(reason) = &state.tripped {
-            for c in &campaigns {
-                if judged(c)
-                    && c.state() == CampaignState::Active
-                    && domain_of(&c.record.from) == domain
-                    && pause(node, c, reason.clone()).await
-                {
-                    paused += 1;
-                }
-            }
-        }
-        views.push(DomainView { state, ..view });
-    }
-    node.guard.export(&views);
-    PAUSED.set(paused);
-}
-
-/// Pauses `campaign` for `reason` (stored with it, synced, with a `campaign_paused` event);
-/// whether it did.
-async fn pause(node: &Node, campaign: &Campaign, reason: PausedReason) -> bool {
-    let id = campaign.record.id;
-    let mut mark = campaign.breaker();
-    mark.paused_reason = Some(reason.clone());
-    match node
-        .set_campaign_state_marked(campaign, CampaignState::Paused, Some(mark))
-        .await
-    {
-        Ok(true) => {
-            tracing::warn!(campaign = %id, reason = %reason.message, "campaign paused by a breaker");
-            true
-        }
-        Ok(false) => false,
-        Err(e) => {
-            tracing::warn!(campaign = %id, error = %e, "pausing a campaign for its breaker failed; retried at the next evaluation");
-            false
-        }
-    }
-}
-
-/// Evaluates every `guard.interval` and writes the counts, until `stop`.
-pub async fn run(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
-    let mut tick = tokio::time::interval(node.config.guard.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stopping = tokio::select! {
-            _ = stop.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        if node.config.guard.enabled && node.is_ready() && !stopping {
-            evaluate(&node).await;
-        }
-        let live: HashSet<u32> = node.campaigns.all().iter().map(|c| c.seq).collect();
-        if let Err(e) = node.guard.flush(&node.spool, &live).await {
-            tracing::warn!(error = %e, "writing breaker counts failed; retried at the next evaluation");
-        }
-        if stopping {
-            break;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! What happened: a job's change of state and everything it touches (record, counts,
 //! suppression list, delivery log, webhook outbox), written through one path.
 
+pub mod breakers;
 pub mod delivery_log;
 pub mod dsn;
 pub mod guard;

@@ -80,6 +80,10 @@ pub struct ResolverHealth {
 
 impl ResolverHealth {
     pub fn new(config: &DnsConfig) -> ResolverHealth {
+        FAULT.set(0);
+        for verdict in ["confirmed", "unconfirmed", "fault", "recent"] {
+            NXDOMAIN.with_label_values(&[verdict]);
+        }
         ResolverHealth {
             confirm_ms: config.confirm_nxdomain_after.as_millis() as u64,
             window_ms: config.fault_window.as_millis() as u64,
