@@ -2,8 +2,9 @@
 # Delivery against real peers: NSD serves a test zone on 127.0.0.1:5353, Postfix's smtp-sink
 # listens on several 127.0.0.x:25 addresses (root needed for port 25), and Sluice delivers a
 # campaign whose recipients cover MX preference, fail-over, equal preference, implicit MX, null
-# MX, NXDOMAIN, an MX host without address, a refused DNS answer, and sinks answering 450, 550
-# or dropping the connection. Each recipient must end in the right state with the right log.
+# MX, NXDOMAIN (bounced once a second lookup confirms it), an MX host without address, a refused
+# DNS answer, and sinks answering 450, 550 or dropping the connection. Each recipient must end in
+# the right state with the right log.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 bin="$root/target/release/sluice"
@@ -92,6 +93,8 @@ delivery_log = "$work/delivery.jsonl"
 [dns]
 nameservers = ["127.0.0.1:5353"]
 timeout = "2s"
+# An NXDOMAIN bounces once a second lookup a second later confirms it.
+confirm_nxdomain_after = "1s"
 [delivery]
 ehlo_name = "sluice.sluice.test"
 smtp_port = 25
@@ -146,7 +149,8 @@ while time.time() < deadline:
     path = os.path.join(work, "delivery.jsonl")
     records = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
     seen = {r["recipient"] for r in records}
-    if all(r in seen for r in list(cases) + equal):
+    confirmed = any(r["recipient"] == "a@nxdomain.sluice.test" and r["type"] == "b" for r in records)
+    if all(r in seen for r in list(cases) + equal) and confirmed:
         break
     time.sleep(0.2)
 by = {}
@@ -158,6 +162,11 @@ for rcpt, (kind, status_prefix, ip) in cases.items():
     if not got:
         failures.append(f"{rcpt}: no log record"); continue
     r = got[0]
+    if rcpt == "a@nxdomain.sluice.test":
+        # Deferred until a second lookup confirms the NXDOMAIN, then bounced.
+        if r["type"] != "t" or r["dsn_status"] != "4.4.3" or "to be confirmed" not in r["dsn_diag"]:
+            failures.append(f"{rcpt}: want a deferral awaiting confirmation first, got {r}")
+        r = got[-1]
     if r["type"] != kind or not r["dsn_status"].startswith(status_prefix) or (ip and r.get("mx_ip") != ip):
         failures.append(f"{rcpt}: want {kind} {status_prefix} {ip or ''}, got {r['type']} {r['dsn_status']} {r.get('mx_ip')} {r['dsn_diag']}")
 ips = {}
@@ -190,7 +199,7 @@ if failures:
 print(f"delivery-peers: ok ({delivered} delivered, {bounced} bounced, {deferred} deferred; equal MX split {ips})")
 PY
 
-# --- check-config: each egress source's PTR against its EHLO name, through NSD -----------------
+# --- check-config: each egress source's PTR against its EHLO name (forward-confirmed), through NSD
 cat >"$work/sources.toml" <<CONF
 [auth]
 api_keys = ["peer-test-key"]
@@ -216,7 +225,7 @@ ehlo_name = "mta7.sluice.test"
 CONF
 "$bin" check-config --config "$work/sources.toml" >"$work/check.out" 2>"$work/check.err" \
   || { cat "$work/check.err" >&2; echo "delivery-peers: check-config failed" >&2; exit 1; }
-grep -q 'source\[1\].ehlo_name: warning: the PTR record of 127.0.0.3 gives mx2.sluice.test, not "mta.sluice.test"' "$work/check.err" \
+grep -q 'source\[1\].ehlo_name: warning: the PTR record of 127.0.0.3 gives mx2.sluice.test, not the EHLO name mta.sluice.test' "$work/check.err" \
   && grep -q 'source\[2\].ehlo_name: warning: 127.0.0.7 has no PTR record' "$work/check.err" \
   && ! grep -q 'source\[0\]' "$work/check.err" \
   || { cat "$work/check.err" >&2; echo "delivery-peers: PTR warnings wrong" >&2; exit 1; }

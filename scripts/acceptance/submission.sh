@@ -73,6 +73,7 @@ level = "info"
 delivery_log = "$work/delivery.jsonl"
 [dns]
 nameservers = ["127.0.0.1:$dns_port"]
+confirm_nxdomain_after = "1s"
 [delivery]
 ehlo_name = "mta.sub.test"
 retry_initial = "1s"

@@ -148,6 +148,15 @@ impl ResolverHealth {
         }
     }
 
+    /// When `domain`'s first NXDOMAIN may be confirmed, while it waits for that.
+    pub fn confirm_at(&self, domain: &str) -> Option<u64> {
+        let g = self.inner.lock().expect("resolver health lock");
+        match g.nx.get(domain) {
+            Some(&(first, None)) => Some(first.saturating_add(self.confirm_ms)),
+            _ => None,
+        }
+    }
+
     /// The confirming lookup of `domain` said NXDOMAIN again.
     pub fn confirmed(&self, domain: &str, now: u64) {
         NXDOMAIN.with_label_values(&["confirmed"]).inc();
@@ -219,6 +228,7 @@ mod tests {
             h.nxdomain("gone.example", t + 59_000),
             Step::Defer(_)
         ));
+        assert_eq!(h.confirm_at("gone.example"), Some(t + 60_000));
         assert_eq!(h.nxdomain("gone.example", t + 60_000), Step::Confirm);
         h.confirmed("gone.example", t + 60_000);
         assert_eq!(h.nxdomain("gone.example", t + 61_000), Step::Believe);

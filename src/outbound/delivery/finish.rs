@@ -138,7 +138,9 @@ impl Delivery {
             Verdict::Expired => (JobState::Expired, now),
             Verdict::Deferred => (
                 JobState::Queued,
-                now + retry_delay(attempt, d.retry_initial, d.retry_max),
+                o.retry_at_ms
+                    .filter(|&t| t > now)
+                    .unwrap_or_else(|| now + retry_delay(attempt, d.retry_initial, d.retry_max)),
             ),
         };
         let summary = o.summary();

@@ -59,7 +59,12 @@ impl Delivery {
             None => {
                 // The policy lookup (usually a cached answer) runs beside the MX lookup.
                 let (hosts, sts) = tokio::join!(self.mx(domain), self.sts_policy(domain));
-                let mut hosts = hosts.map_err(|f| outcome::from_dns(&f))?;
+                let mut hosts = hosts.map_err(|f| {
+                    let mut o = outcome::from_dns(&f);
+                    // An NXDOMAIN waiting for its confirming lookup is tried again just then.
+                    o.retry_at_ms = self.health.confirm_at(domain);
+                    o
+                })?;
                 let names = hosts.iter().map(|h| h.name.as_str());
                 let sts = sts.filter(|_| self.shaping_for(domain, names).mta_sts);
                 if let Some(c) = sts.as_ref().filter(|c| c.policy.mode == sts::Mode::Enforce) {

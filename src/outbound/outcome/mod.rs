@@ -39,6 +39,9 @@ pub struct Outcome {
     pub stage: Command,
     /// Set by [`classify`] on every failure.
     pub class: Option<rules::Classification>,
+    /// A deferral's next attempt when something other than the retry schedule says when (an
+    /// NXDOMAIN waiting for its confirming lookup), ms since the epoch.
+    pub retry_at_ms: Option<u64>,
 }
 
 impl Outcome {
@@ -71,6 +74,7 @@ pub fn from_reply(reply: &Reply) -> Outcome {
         text: one_line(&reply.text),
         stage: reply.command,
         class: None,
+        retry_at_ms: None,
     }
 }
 
@@ -133,6 +137,7 @@ pub fn from_error(e: &SmtpError) -> Outcome {
                 ),
                 stage,
                 class: None,
+                retry_at_ms: None,
             };
         }
         SmtpError::Io { .. } | SmtpError::Closed { .. } => (EnhancedCode(4, 4, 2), None),
@@ -152,6 +157,7 @@ pub fn from_error(e: &SmtpError) -> Outcome {
         text: e.to_string(),
         stage,
         class: None,
+        retry_at_ms: None,
     }
 }
 
@@ -171,6 +177,7 @@ pub fn from_dns(f: &DnsFailure) -> Outcome {
         text: f.to_string(),
         stage: Command::Connect,
         class: None,
+        retry_at_ms: None,
     }
 }
 
@@ -188,6 +195,7 @@ pub fn local_failure(status: EnhancedCode, text: impl Into<String>, stage: Comma
         text: text.into(),
         stage,
         class: None,
+        retry_at_ms: None,
     }
 }
 
@@ -204,6 +212,7 @@ pub fn expired(last: &str) -> Outcome {
         },
         stage: Command::Connect,
         class: None,
+        retry_at_ms: None,
     }
 }
 
