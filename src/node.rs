@@ -325,6 +325,11 @@ impl Node {
         self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
     }
 
+    /// Recovery has run (whether or not the node is shutting down since).
+    pub fn is_recovered(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }

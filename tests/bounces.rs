@@ -9,20 +9,10 @@ use std::time::Duration;
 use common::sink::{Sink, SinkOptions};
 use common::smtp::Smtp;
 use common::{
-    KEY, client, config, delivery_config, get_json, post_campaign, recipients, start, trace_token,
-    url, wait_counts, wait_log_kind,
+    KEY, client, config, delivery_config, get_json, index_of, post_campaign, recipients, start,
+    trace_token, url, wait_counts, wait_log_kind,
 };
 use serde_json::{Value, json};
-
-/// `n` of `<user{n}@sink.test>` (the sink hands over the address in angle brackets or bare).
-fn index_of(rcpt: &str) -> usize {
-    rcpt.trim_start_matches('<')
-        .trim_start_matches("user")
-        .split('@')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX)
-}
 
 /// Acceptance 1: one MX answers 550 5.1.1 for a tenth of 1,000 recipients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,16 +15,6 @@ use serde_json::{Value, json};
 
 const FEEDBACK: &str = "fbl@bounces.example.com";
 
-/// `n` of `<user{n}@sink.test>`.
-fn index_of(rcpt: &str) -> usize {
-    rcpt.trim_start_matches('<')
-        .trim_start_matches("user")
-        .split('@')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX)
-}
-
 /// A node delivering to `sink`, with the bounce listener taking feedback reports, breakers
 /// judged every 100 ms, and a webhook receiver on `hook` when given.
 fn guarded_config(

@@ -104,14 +104,25 @@ fn zones(ours: &str) -> Vec<Zone> {
     ]
 }
 
-/// The check of `report` named `check` (and `subject`, when given).
-fn find<'a>(report: &'a Value, check: &str, subject: Option<&str>) -> &'a Value {
-    report["checks"]
+/// The check of `report` named `check` (and `subject`, when given), asserted to have `verdict`
+/// and a message containing `says`.
+fn expect<'a>(
+    report: &'a Value,
+    check: &str,
+    subject: Option<&str>,
+    verdict: &str,
+    says: &str,
+) -> &'a Value {
+    let c = report["checks"]
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["check"] == check && subject.is_none_or(|s| c["subject"] == s))
-        .unwrap_or_else(|| panic!("no {check} check in {report}"))
+        .unwrap_or_else(|| panic!("no {check} check in {report}"));
+    assert_eq!(c["verdict"], verdict, "{report}");
+    let message = c["message"].as_str().unwrap_or_default();
+    assert!(message.contains(says), "{check}: {message}");
+    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,50 +159,31 @@ async fn preflight_judges_each_domain_and_enforce_refuses_only_the_failing() {
     };
     let good = report("good.test").await;
     assert_eq!(good["verdict"], "pass", "{good}");
-    assert_eq!(find(&good, "dkim", None)["verdict"], "pass", "{good}");
-    assert_eq!(
-        find(&good, "spf", Some("127.0.0.1"))["verdict"],
+    expect(&good, "dkim", None, "pass", "verifies our signature");
+    expect(
+        &good,
+        "spf",
+        Some("127.0.0.1"),
         "pass",
-        "{good}"
+        "authorises 127.0.0.1",
     );
-    let dmarc = find(&good, "dmarc", None);
-    assert_eq!(dmarc["verdict"], "pass", "{good}");
-    assert!(
-        dmarc["message"]
-            .as_str()
-            .unwrap()
-            .contains("aligned through DKIM and SPF"),
-        "{dmarc}"
-    );
-    assert_eq!(find(&good, "ptr", None)["verdict"], "pass", "{good}");
-    assert_eq!(find(&good, "mta_sts", None)["verdict"], "pass", "{good}");
+    expect(&good, "dmarc", None, "pass", "aligned through DKIM and SPF");
+    expect(&good, "ptr", None, "pass", "127.0.0.1 ↔ mx.good.test");
+    expect(&good, "mta_sts", None, "pass", "published");
 
     let r = report("badkey.test").await;
-    let c = find(&r, "dkim", None);
-    assert_eq!(c["verdict"], "fail", "{r}");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("does not verify our signature"),
-        "{c}"
-    );
+    let c = expect(&r, "dkim", None, "fail", "does not verify our signature");
     assert!(c["seen"].as_str().unwrap().contains(OTHER_KEY), "{c}");
-    assert_eq!(
-        c["publish"],
-        format!("s1._domainkey.badkey.test TXT \"{ours}\""),
-        "{c}"
-    );
+    let publish = format!("s1._domainkey.badkey.test TXT \"{ours}\"");
+    assert_eq!(c["publish"], publish.as_str(), "{c}");
 
     let r = report("nospf.test").await;
-    let c = find(&r, "spf", Some("127.0.0.1"));
-    assert_eq!(c["verdict"], "fail", "{r}");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("does not authorise 127.0.0.1"),
-        "{c}"
+    let c = expect(
+        &r,
+        "spf",
+        Some("127.0.0.1"),
+        "fail",
+        "does not authorise 127.0.0.1",
     );
     assert_eq!(c["seen"], "v=spf1 ip4:192.0.2.1 -all", "{c}");
     assert!(
@@ -200,34 +192,17 @@ async fn preflight_judges_each_domain_and_enforce_refuses_only_the_failing() {
     );
 
     let r = report("spf11.test").await;
-    let c = find(&r, "spf", Some("127.0.0.1"));
-    assert_eq!(c["verdict"], "fail", "{r}");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("needs 11 DNS lookups, over the limit of 10"),
-        "{c}"
-    );
+    let limit = "needs 11 DNS lookups, over the limit of 10";
+    expect(&r, "spf", Some("127.0.0.1"), "fail", limit);
 
     let r = report("nodmarc.test").await;
-    let c = find(&r, "dmarc", None);
-    assert_eq!(c["verdict"], "fail", "{r}");
+    let c = expect(&r, "dmarc", None, "fail", "publishes no DMARC record");
+    let publish = c["publish"].as_str().unwrap();
     assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("publishes no DMARC record"),
+        publish.starts_with("_dmarc.nodmarc.test TXT \"v=DMARC1; p=none"),
         "{c}"
     );
-    assert!(
-        c["publish"]
-            .as_str()
-            .unwrap()
-            .starts_with("_dmarc.nodmarc.test TXT \"v=DMARC1; p=none"),
-        "{c}"
-    );
-    assert_eq!(find(&r, "dkim", None)["verdict"], "pass", "{r}");
+    expect(&r, "dkim", None, "pass", "verifies our signature");
 
     // news.strict.test has no key of its own and is not listed: ask for it by name.
     let (status, _) = get_json(addr, "/v1/sending-domains/news.strict.test").await;

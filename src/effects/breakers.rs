@@ -122,12 +122,16 @@ pub async fn run(node: Arc<Node>, stop: tokio_util::sync::CancellationToken) {
             _ = stop.cancelled() => true,
             _ = tick.tick() => false,
         };
-        if node.config.guard.enabled && node.is_ready() && !stopping {
-            evaluate(&node).await;
-        }
-        let live: HashSet<u32> = node.campaigns.all().iter().map(|c| c.seq).collect();
-        if let Err(e) = node.guard.flush(&node.spool, &live).await {
-            tracing::warn!(error = %e, "writing breaker counts failed; retried at the next evaluation");
+        // Before recovery has run there is nothing to judge or write; while stopping, the
+        // counts are written once more.
+        if node.is_recovered() {
+            if node.config.guard.enabled && node.is_ready() && !stopping {
+                evaluate(&node).await;
+            }
+            let live: HashSet<u32> = node.campaigns.all().iter().map(|c| c.seq).collect();
+            if let Err(e) = node.guard.flush(&node.spool, &live).await {
+                tracing::warn!(error = %e, "writing breaker counts failed; retried at the next evaluation");
+            }
         }
         if stopping {
             break;

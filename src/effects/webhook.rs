@@ -103,6 +103,15 @@ impl Webhooks {
         self.hooks.is_empty()
     }
 
+    /// The ids of the receivers that take `event`.
+    fn wanting(&self, event: &str) -> Vec<u32> {
+        self.hooks
+            .iter()
+            .filter(|h| h.config.wants(event))
+            .map(|h| h.id)
+            .collect()
+    }
+
     /// The receivers that want `record` and its event JSON (without the id, added when sent);
     /// `None` when no receiver wants it.
     pub fn event(&self, record: &LogRecord) -> Option<(Vec<u32>, Vec<u8>)> {
@@ -110,12 +119,7 @@ impl Webhooks {
             return None;
         }
         let event = record.event();
-        let hooks: Vec<u32> = self
-            .hooks
-            .iter()
-            .filter(|h| h.config.wants(event))
-            .map(|h| h.id)
-            .collect();
+        let hooks = self.wanting(event);
         if hooks.is_empty() {
             return None;
         }
@@ -132,12 +136,7 @@ impl Webhooks {
         campaign: &crate::store::campaign::Campaign,
         reason: &crate::store::campaign::PausedReason,
     ) {
-        let hooks: Vec<u32> = self
-            .hooks
-            .iter()
-            .filter(|h| h.config.wants(event))
-            .map(|h| h.id)
-            .collect();
+        let hooks = self.wanting(event);
         if hooks.is_empty() {
             return;
         }

@@ -14,7 +14,7 @@
 //! a confirmed domain keeps bouncing without another lookup for [`CONFIRMED_MS`]. Pure state
 //! here (no I/O); the delivery engine does the lookups.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{LazyLock, Mutex};
 
 use prometheus::{IntCounterVec, IntGauge, register_int_counter_vec, register_int_gauge};
@@ -64,6 +64,10 @@ struct Inner {
     resolved: HashMap<String, u64>,
     /// Lookups within the fault window: (ms, domain, NXDOMAIN?).
     window: VecDeque<(u64, String, bool)>,
+    /// Per domain in the window: its lookups and its NXDOMAIN answers there.
+    in_window: HashMap<String, (u32, u32)>,
+    /// Domains in the window with at least one NXDOMAIN.
+    nx_domains: usize,
     /// Domain → (first NXDOMAIN, when confirmed).
     nx: HashMap<String, (u64, Option<u64>)>,
     /// Why the canary check fails, while it does.
@@ -102,14 +106,14 @@ impl ResolverHealth {
         }
         g.resolved.insert(domain.to_owned(), now);
         g.nx.remove(domain);
-        g.window.push_back((now, domain.to_owned(), false));
+        g.push(now, domain, false);
         self.update(&mut g, now);
     }
 
     /// `domain` got NXDOMAIN at `now`: what to do.
     pub fn nxdomain(&self, domain: &str, now: u64) -> Step {
         let mut g = self.inner.lock().expect("resolver health lock");
-        g.window.push_back((now, domain.to_owned(), true));
+        g.push(now, domain, true);
         self.update(&mut g, now);
         let fault = g.canary.clone().or_else(|| g.share.clone());
         if let Some(why) = fault {
@@ -180,28 +184,54 @@ impl ResolverHealth {
 
     /// Slides the window and re-judges the share of NXDOMAIN answers; sets the gauge.
     fn update(&self, g: &mut Inner, now: u64) {
-        let start = now.saturating_sub(self.window_ms);
-        while g.window.front().is_some_and(|(t, _, _)| *t < start) {
-            g.window.pop_front();
-        }
-        let mut looked: HashSet<&str> = HashSet::new();
-        let mut nx: HashSet<&str> = HashSet::new();
-        for (_, d, is_nx) in &g.window {
-            looked.insert(d);
-            if *is_nx {
-                nx.insert(d);
-            }
-        }
-        let share = (nx.len() >= FAULT_MIN_DOMAINS && nx.len() * 2 >= looked.len()).then(|| {
+        g.slide(now.saturating_sub(self.window_ms));
+        let (nx, looked) = (g.nx_domains, g.in_window.len());
+        g.share = (nx >= FAULT_MIN_DOMAINS && nx * 2 >= looked).then(|| {
             format!(
-                "{} of {} domains looked up in the last {}s got NXDOMAIN",
-                nx.len(),
-                looked.len(),
+                "{nx} of {looked} domains looked up in the last {}s got NXDOMAIN",
                 self.window_ms / 1000
             )
         });
-        g.share = share;
         FAULT.set(i64::from(g.canary.is_some() || g.share.is_some()));
+    }
+}
+
+impl Inner {
+    /// A lookup of `domain` at `now` enters the window.
+    fn push(&mut self, now: u64, domain: &str, nx: bool) {
+        let e = match self.in_window.get_mut(domain) {
+            Some(e) => e,
+            None => self.in_window.entry(domain.to_owned()).or_default(),
+        };
+        e.0 += 1;
+        if nx {
+            e.1 += 1;
+            if e.1 == 1 {
+                self.nx_domains += 1;
+            }
+        }
+        self.window.push_back((now, domain.to_owned(), nx));
+    }
+
+    /// Lookups before `start` leave the window.
+    fn slide(&mut self, start: u64) {
+        while self.window.front().is_some_and(|(t, _, _)| *t < start) {
+            let Some((_, domain, nx)) = self.window.pop_front() else {
+                break;
+            };
+            if let Some(e) = self.in_window.get_mut(&domain) {
+                e.0 -= 1;
+                if nx {
+                    e.1 -= 1;
+                    if e.1 == 0 {
+                        self.nx_domains -= 1;
+                    }
+                }
+                if e.0 == 0 {
+                    self.in_window.remove(&domain);
+                }
+            }
+        }
     }
 }
 

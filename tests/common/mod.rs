@@ -221,6 +221,16 @@ pub fn report_eml(name: &str, verp: &str, rcpt: &str, reference: &str) -> Vec<u8
         .into_bytes()
 }
 
+/// `n` of `<user{n}@sink.test>` (the sink hands over the address in angle brackets or bare).
+pub fn index_of(rcpt: &str) -> usize {
+    rcpt.trim_start_matches('<')
+        .trim_start_matches("user")
+        .split('@')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
 /// `user{i}@sink.test` with a `name` variable.
 pub fn recipients(n: usize) -> Vec<Value> {
     (0..n).map(|i| json!({"email": format!("user{i}@sink.test"), "vars": {"name": format!("User {i}")}})).collect()

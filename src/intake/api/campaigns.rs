@@ -344,7 +344,11 @@ fn campaign_json(c: &Campaign) -> serde_json::Value {
         "counts": c.counts.snapshot(),
     });
     let mark = c.breaker();
-    if let Some(reason) = &mark.paused_reason {
+    if let Some(reason) = mark
+        .paused_reason
+        .as_ref()
+        .filter(|_| c.state() == CampaignState::Paused)
+    {
         v["paused_reason"] = reason_json(reason);
     }
     if let Some(ms) = mark.breaker_override_at_ms {
