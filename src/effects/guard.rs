@@ -403,6 +403,21 @@ struct Inner {
     labelled: usize,
 }
 
+impl Inner {
+    /// `domain`'s buckets, created on first sight (with metric labels of its own while fewer
+    /// than [`MAX_LABELLED_DOMAINS`] domains have them).
+    fn domain(&mut self, domain: &str) -> &mut Buckets {
+        if !self.domains.contains_key(domain) {
+            let labelled = self.labelled < MAX_LABELLED_DOMAINS;
+            self.labelled += usize::from(labelled);
+            let metrics = labelled.then(|| DomainMetrics::new(domain));
+            self.domains
+                .insert(domain.to_owned(), Buckets(VecDeque::new(), metrics));
+        }
+        self.domains.get_mut(domain).expect("inserted above")
+    }
+}
+
 /// The counts and breaker states of one node.
 #[derive(Default)]
 pub struct Guard {
@@ -442,18 +457,10 @@ impl Guard {
         let mut g = self.inner.lock().expect("guard lock");
         g.campaigns.entry(campaign.seq).or_default().observe(o);
         g.dirty_campaigns.insert(campaign.seq);
-        if !g.domains.contains_key(&domain) {
-            let labelled = g.labelled < MAX_LABELLED_DOMAINS;
-            g.labelled += usize::from(labelled);
-            let metrics = labelled.then(|| DomainMetrics::new(&domain));
-            g.domains
-                .insert(domain.clone(), Buckets(VecDeque::new(), metrics));
-        }
-        if let Some(b) = g.domains.get_mut(&domain) {
-            b.current(bucket).observe(o);
-            if let Some(m) = &b.1 {
-                m.observe(o);
-            }
+        let b = g.domain(&domain);
+        b.current(bucket).observe(o);
+        if let Some(m) = &b.1 {
+            m.observe(o);
         }
         g.dirty_buckets.insert((domain, bucket));
     }
@@ -521,16 +528,9 @@ impl Guard {
                     serde_json::from_slice::<Sample>(v),
                 ) {
                     // Keys sort by bucket within a domain.
-                    if !g.domains.contains_key(domain) {
-                        let labelled = g.labelled < MAX_LABELLED_DOMAINS;
-                        g.labelled += usize::from(labelled);
-                        let metrics = labelled.then(|| DomainMetrics::new(domain));
-                        g.domains
-                            .insert(domain.to_owned(), Buckets(VecDeque::new(), metrics));
-                    }
-                    if let Some(b) = g.domains.get_mut(domain) {
-                        b.0.push_back((u64::from_be_bytes(bucket), s));
-                    }
+                    g.domain(domain)
+                        .0
+                        .push_back((u64::from_be_bytes(bucket), s));
                 }
             } else if let Some(domain) = k.strip_prefix(b"t/")
                 && let (Ok(domain), Ok(s)) =

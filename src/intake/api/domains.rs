@@ -58,7 +58,8 @@ pub(super) async fn queue(State(s): State<AppState>) -> ApiResult {
     .into_response())
 }
 
-fn normalise_domain(raw: &str) -> Result<String, ApiError> {
+/// `raw` as an A-label domain name, or a 422 naming `domain`.
+pub(super) fn normalise_domain(raw: &str) -> Result<String, ApiError> {
     let bad = |m: String| ApiError::invalid_field("domain", m);
     let ascii = idna::domain_to_ascii_strict(raw)
         .map_err(|_| bad(format!("{raw:?} is not a valid domain")))?;

@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::campaigns::{ForceQuery, reason_json};
+use super::domains::normalise_domain;
 use super::{ApiError, ApiResult, AppState};
 use crate::effects::guard::{self, DomainView, Level, Sample};
 use crate::node::Node;
@@ -87,14 +88,6 @@ fn known(node: &Node) -> Vec<String> {
     v
 }
 
-fn normalise(raw: &str) -> Result<String, ApiError> {
-    let bad = |m: String| ApiError::invalid_field("domain", m);
-    let ascii = idna::domain_to_ascii_strict(raw)
-        .map_err(|_| bad(format!("{raw:?} is not a valid domain")))?;
-    crate::intake::address::check_host_name(&ascii).map_err(|e| bad(format!("{raw:?}: {e}")))?;
-    Ok(ascii)
-}
-
 /// The domain's view with its preflight report.
 async fn full_view(node: &Node, domain: &str) -> Value {
     let view = node.guard.view(&node.config.guard, domain, crate::now_ms());
@@ -131,7 +124,7 @@ pub(super) async fn list(State(s): State<AppState>) -> ApiResult {
 
 /// `GET /v1/sending-domains/{domain}`: 404 for a domain nothing was sent from and no key signs.
 pub(super) async fn get(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
-    let domain = normalise(&raw)?;
+    let domain = normalise_domain(&raw)?;
     if !known(&s.node).contains(&domain) {
         return Err(not_found(&domain));
     }
@@ -157,7 +150,7 @@ pub(super) async fn resume(
     Query(q): Query<ForceQuery>,
 ) -> ApiResult {
     let node = &s.node;
-    let domain = normalise(&raw)?;
+    let domain = normalise_domain(&raw)?;
     let now = crate::now_ms();
     let config = &node.config.guard;
     let view = node.guard.view(config, &domain, now);
