@@ -69,6 +69,7 @@ fn record() -> CampaignRecord {
         raw: None,
         guard: None,
         breaker: Default::default(),
+        tenant: None,
     }
 }
 

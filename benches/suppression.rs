@@ -163,7 +163,7 @@ async fn run(suppressions: u64, recipients: u64) {
     for p in &probes {
         hits += u64::from(
             index
-                .check(std::hint::black_box(p), "news.example.com")
+                .check(std::hint::black_box(p), "news.example.com", "default")
                 .is_some(),
         );
     }

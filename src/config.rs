@@ -130,6 +130,183 @@ pub struct Config {
     /// Authentication preflight of sending domains (DKIM, SPF, DMARC, PTR).
     #[serde(default)]
     pub preflight: PreflightConfig,
+    /// Tenants: customers with API keys, From domains, a pool and limits of their own. The keys
+    /// of `[auth]` are the operator's (the `default` tenant, which may send as any domain and
+    /// use the admin API).
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// `[[tenant]]`, and the body of `POST /v1/admin/tenants` (without keys: the admin API makes
+/// those).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// 1 to 64 of `a-z 0-9 _ -`: it is a metric label, a Feedback-ID field and a key prefix.
+    pub name: String,
+    /// Its API keys, in the clear (the config file only; never stored).
+    #[serde(default, skip_serializing)]
+    pub api_keys: Vec<String>,
+    /// Its API keys as `sha256:` and the key's SHA-256 in hex, for a config file that should
+    /// not hold the keys themselves (`sluice tenant hash-key` prints it).
+    #[serde(default, skip_serializing)]
+    pub api_key_hashes: Vec<String>,
+    /// The From domains it may send as: `example.com` (that domain), `*.example.com` (any
+    /// domain below it), `*` (any). Mail from another domain is refused with 422 naming `from`.
+    pub sending_domains: Vec<String>,
+    /// The pool its campaigns and messages use when they name none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// API requests it may make (every `/v1` route), e.g. `"50/s"`; over it: 429 with
+    /// `Retry-After`. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Recipients it may have accepted per UTC day (campaign recipients, messages, submitted
+    /// mail); a request that would pass it is refused whole with 429. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_quota: Option<u64>,
+    /// Recipients it may have queued at once; a request that would pass it is refused whole
+    /// with 429. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<u64>,
+    /// Its share of a destination domain against the other tenants with mail of the same
+    /// priority there (1 to 1000): weights 3 and 1 get three messages to one, however many
+    /// campaigns each has.
+    #[serde(default = "defaults::tenant_weight")]
+    pub weight: u32,
+}
+
+impl TenantConfig {
+    /// The operator's tenant: any From domain, no limits.
+    pub fn default_tenant() -> TenantConfig {
+        TenantConfig {
+            name: DEFAULT_TENANT.to_owned(),
+            api_keys: Vec::new(),
+            api_key_hashes: Vec::new(),
+            sending_domains: vec!["*".to_owned()],
+            pool: None,
+            rate: None,
+            daily_quota: None,
+            max_queued: None,
+            weight: 1,
+        }
+    }
+
+    /// What is wrong with it, as (key below the tenant, reason) pairs; `config` gives the pools
+    /// it may name.
+    pub fn problems(&self, config: &Config) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let n = &self.name;
+        if !(1..=64).contains(&n.len())
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+        {
+            out.push((
+                "name".to_owned(),
+                format!("{n:?}: a tenant name is 1 to 64 of a-z, 0-9, '_' and '-'"),
+            ));
+        } else if n == DEFAULT_TENANT || n == "other" {
+            out.push((
+                "name".to_owned(),
+                format!("{n:?} is reserved (the operator's keys of [auth] are the default tenant)"),
+            ));
+        }
+        if self.sending_domains.is_empty() {
+            out.push((
+                "sending_domains".to_owned(),
+                "a tenant needs at least one sending domain (\"*\" for any)".to_owned(),
+            ));
+        }
+        for (i, d) in self.sending_domains.iter().enumerate() {
+            let bare = d.strip_prefix("*.").unwrap_or(d);
+            let ok = d == "*"
+                || (!bare.is_empty()
+                    && bare.len() <= 253
+                    && bare.split('.').all(|l| {
+                        (1..=63).contains(&l.len())
+                            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    }));
+            if !ok {
+                out.push((
+                    format!("sending_domains[{i}]"),
+                    format!("{d:?}: use a domain, *.domain or *"),
+                ));
+            }
+        }
+        if let Some(p) = &self.pool
+            && !config.has_pool(p)
+        {
+            out.push(("pool".to_owned(), format!("{p:?} is not a configured pool")));
+        }
+        if self.daily_quota == Some(0) || self.max_queued == Some(0) {
+            out.push((
+                if self.daily_quota == Some(0) {
+                    "daily_quota"
+                } else {
+                    "max_queued"
+                }
+                .to_owned(),
+                "must be at least 1 (leave it out for no limit)".to_owned(),
+            ));
+        }
+        if !(1..=1000).contains(&self.weight) {
+            out.push(("weight".to_owned(), "must be 1 to 1000".to_owned()));
+        }
+        for (i, key) in self.api_keys.iter().enumerate() {
+            if let Some(reason) = api_key_problem(key) {
+                out.push((format!("api_keys[{i}]"), reason.to_owned()));
+            }
+        }
+        for (i, h) in self.api_key_hashes.iter().enumerate() {
+            if parse_key_hash(h).is_none() {
+                out.push((
+                    format!("api_key_hashes[{i}]"),
+                    "must be sha256: and 64 hex digits".to_owned(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// The tenant of the operator's keys (`[auth] api_keys`) and of everything stored before
+/// tenants existed.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// SHA-256 of an API key: keys are known by it (a key is long and random, so a fast hash is
+/// as good as a slow one).
+pub type KeyHash = [u8; 32];
+
+pub fn hash_key(key: &[u8]) -> KeyHash {
+    let d = ring::digest::digest(&ring::digest::SHA256, key);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// `sha256:` and 64 hex digits, as `api_key_hashes` takes them.
+pub fn parse_key_hash(s: &str) -> Option<KeyHash> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// What is wrong with an API key, if anything.
+fn api_key_problem(key: &str) -> Option<&'static str> {
+    if key.len() < 8 {
+        Some("an API key must be at least 8 characters")
+    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("an API key may hold only printable ASCII without spaces")
+    } else {
+        None
+    }
 }
 
 /// `[preflight]`: checking that mail from a domain will pass DKIM, SPF and DMARC.
@@ -378,6 +555,10 @@ pub struct WebhookConfig {
     pub retry_initial: Duration,
     #[serde(default = "defaults::webhook_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// A tenant's receiver: it gets that tenant's events only. Unset: the operator's, which
+    /// gets every tenant's.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// Every event type a webhook can subscribe to.
@@ -1453,6 +1634,9 @@ mod defaults {
     pub fn pool_weight() -> u32 {
         1
     }
+    pub fn tenant_weight() -> u32 {
+        1
+    }
     pub fn cluster_timeout() -> Duration {
         Duration::from_millis(250)
     }
@@ -1839,17 +2023,38 @@ impl Config {
             );
         }
         for (i, key) in self.auth.api_keys.iter().enumerate() {
-            if key.len() < 8 {
+            if let Some(reason) = api_key_problem(key) {
+                bad(&format!("auth.api_keys[{i}]"), reason.into());
+            }
+        }
+        // A key names one tenant: the same key twice would make its tenant depend on order.
+        let mut key_owner = std::collections::HashMap::new();
+        for key in &self.auth.api_keys {
+            key_owner.insert(hash_key(key.as_bytes()), "[auth]");
+        }
+        let mut tenant_names = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            for (key, reason) in t.problems(self) {
+                bad(&format!("tenant[{i}].{key}"), reason);
+            }
+            if !tenant_names.insert(t.name.as_str()) {
                 bad(
-                    &format!("auth.api_keys[{i}]"),
-                    "an API key must be at least 8 characters".into(),
+                    &format!("tenant[{i}].name"),
+                    format!("{:?} names two tenants", t.name),
                 );
             }
-            if !key.bytes().all(|b| b.is_ascii_graphic()) {
-                bad(
-                    &format!("auth.api_keys[{i}]"),
-                    "an API key may hold only printable ASCII without spaces".into(),
-                );
+            let hashes = t
+                .api_keys
+                .iter()
+                .map(|k| hash_key(k.as_bytes()))
+                .chain(t.api_key_hashes.iter().filter_map(|h| parse_key_hash(h)));
+            for h in hashes {
+                if let Some(other) = key_owner.insert(h, t.name.as_str()) {
+                    bad(
+                        &format!("tenant[{i}].api_keys"),
+                        format!("a key of tenant {:?} is also a key of {other}", t.name),
+                    );
+                }
             }
         }
         if self.profile == Profile::Production {
@@ -2188,6 +2393,14 @@ impl Config {
             }
             if !hook_names.insert(w.name()) {
                 bad(&key("name"), format!("{:?} names two webhooks", w.name()));
+            }
+            if let Some(t) = &w.tenant
+                && !self.tenants.iter().any(|c| &c.name == t)
+            {
+                bad(
+                    &key("tenant"),
+                    format!("{t:?} is not a [[tenant]] of this file"),
+                );
             }
         }
         if self.retention.message_buckets < Duration::from_secs(1) {

@@ -16,11 +16,16 @@
 //! **[`intake`]: HTTP and SMTP to durable jobs.**
 //!
 //! * [`intake::api`]: the axum router, one file per resource (`campaigns`, `messages`,
-//!   `suppressions`, `feedback`, `inbound`, `unsubscribe`, `domains`, `sending_domains`), plus `idempotency` and `lines`, the
-//!   line-by-line reader shared by NDJSON uploads and suppression imports. Authentication (Bearer
-//!   keys, constant-time), readiness, load shedding (503 + `Retry-After` past
-//!   `http.max_concurrent_requests`), [`intake::api::ApiError`] with the field at fault. Owns the
-//!   in-flight `Idempotency-Key` set (through the node). Never speaks SMTP.
+//!   `suppressions`, `feedback`, `inbound`, `unsubscribe`, `domains`, `sending_domains`,
+//!   `admin`), plus `idempotency` and `lines`, the line-by-line reader shared by NDJSON uploads
+//!   and suppression imports. Authentication (a Bearer key names a
+//!   [`store::tenants::Caller`], put in the request's extensions for the handlers), the
+//!   tenant's request rate (429 + `Retry-After`), readiness, load shedding (503 + `Retry-After`
+//!   past `http.max_concurrent_requests`), [`intake::api::ApiError`] with the field at fault.
+//!   Routes come in two groups: a tenant's (its campaigns, messages, suppressions, sending
+//!   domains; another tenant's ids are 404) and the operator's (everything else, 403 for a
+//!   tenant's key). Owns the in-flight `Idempotency-Key` set (through the node). Never speaks
+//!   SMTP.
 //! * [`intake::ingest`]: validation of campaign fields, templates and recipients, and the
 //!   [`intake::ingest::Upload`], which stages a request's jobs in the spool chunk by chunk and
 //!   makes them visible in one synced commit (or deletes them if the request fails or the client
@@ -60,6 +65,12 @@
 //!   from it that shares the bucket's counts and state, so every layer treats it as a campaign;
 //!   the registry holds buckets, never one entry per message, and the transition that ends the
 //!   job compacts the record.
+//! * [`store::tenants`]: the tenants (`[[tenant]]`, and those the admin API made, in `meta`
+//!   under `tenant/`) and their API keys, known by SHA-256 and looked up in a map; each tenant's
+//!   request rate (governor), and, for a tenant with a daily quota, its recipients accepted per
+//!   UTC day as merge operands summed by RocksDB, staged in the batch that accepts them. Every record names its tenant: the
+//!   campaign record's `tenant` (unset: the default tenant, the operator's), suppression scopes
+//!   (`<tenant>:<scope>`), delivery-log records and events; stream buckets are per tenant.
 //! * [`store::retention`]: a periodic pass that marks idle campaigns finished and, per
 //!   `[retention]`, deletes their tombstones (and a bucket's message records) by key range and
 //!   later drops their templates. A bucket finishes only after its period. A campaign with both
@@ -72,10 +83,10 @@
 //! the engine's wake-up, behind one private lock. Its `//!` states where a job is at every moment
 //! and what may be held when. Uploads are indexed in slices, so a million-recipient commit never
 //! stalls delivery. Within a domain, [`scheduler::fair`] orders jobs: one flow per campaign (a
-//! sorted run plus a heap for out-of-order jobs, `scheduler::pending`), flows grouped by
-//! priority; the highest priority with due mail goes first while lower ones keep a guaranteed
-//! share, and flows of a priority are served by start-time fair queuing weighted by the
-//! campaign's weight. `send_at` is just the jobs' due time. A campaign's `max_rate` holds its
+//! sorted run plus a heap for out-of-order jobs, `scheduler::pending`), flows grouped by tenant
+//! and tenants by priority; the highest priority with due mail goes first while lower ones keep
+//! a guaranteed share, and within a priority start-time fair queuing picks a tenant by its
+//! weight, then one of its flows by the campaign's weight. `send_at` is just the jobs' due time. A campaign's `max_rate` holds its
 //! jobs in a per-campaign queue (`scheduler::rate`, a GCRA) that lets them into the domain
 //! queues at that rate, so a limit across thousands of domains costs one schedule entry, not a
 //! wake-up per domain. Campaigns register their parameters with the scheduler before their jobs
@@ -303,7 +314,7 @@
 //! * Fair share is per destination domain (a site serves its domains in turn), not per site:
 //!   the queue index is per domain, and campaigns of one site mostly share its domains, so the
 //!   two agree; campaigns sending to different domains of one site split it by domain, whatever
-//!   their weights. Tenants will be a level above campaigns in the same structure.
+//!   their weights. Tenants are a level above campaigns in the same structure.
 //! * A stream's messages share one flow per priority (their bucket), rather than a flow each:
 //!   a flow per message would make fair queuing degenerate into FIFO among messages anyway.
 //! * The signed header list adds Reply-To to the design's; absent headers are signed as empty, so
@@ -322,6 +333,12 @@
 //!   personalised message carries per-recipient headers (To, List-Unsubscribe, trace token), so
 //!   no two are ever the same. Such campaigns give up one-click unsubscribe and per-recipient
 //!   VERP; an address index in `meta` maps their reports back to recipients.
+//! * Suppression scopes carry the tenant (`<tenant>:*`, `<tenant>:<domain>`) instead of a
+//!   column family or key prefix per tenant: the operator's entries keep the design's scopes
+//!   and apply to every tenant, a delivery-time check is still one hash lookup per address, and
+//!   a tenant's list is one key range.
+//! * API keys are hashed with SHA-256, not Argon2: they are 32 random bytes, so nothing is
+//!   gained by a slow hash, and a lookup per request must be cheap.
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 

@@ -74,6 +74,10 @@ enum Command {
     Shaping(cli::ShapingCommand),
     /// Egress sources: address, EHLO name, pools, actions in force, warm-up standing.
     Sources,
+    /// Tenants and their API keys (operator keys only): list, add, key-add, key-revoke, keys;
+    /// hash-key prints a key's hash for `api_key_hashes` without a node.
+    #[command(subcommand)]
+    Tenant(cli::TenantCommand),
     /// A capture SMTP server for development (`--list`: the latest captured messages with their
     /// DKIM result). Needs no running node.
     Sink(cli::SinkArgs),
@@ -147,6 +151,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Tenant(cli::TenantCommand::HashKey) => match cli::hash_key() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         command => operate(&cli.api, command),
     }
 }
@@ -185,6 +196,7 @@ fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
             Command::Send(a) => cli::send(&api, a).await,
             Command::Shaping(c) => cli::shaping(&api, c).await.map(|()| true),
             Command::Sources => cli::sources(&api).await.map(|()| true),
+            Command::Tenant(c) => cli::tenant(&api, c).await.map(|()| true),
             Command::Serve { .. } | Command::CheckConfig { .. } | Command::Sink(_) => Ok(true),
         }
     });

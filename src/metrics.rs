@@ -61,6 +61,33 @@ pub static QUEUED_JOBS: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub static TENANT_ACCEPTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_tenant_recipients_accepted_total",
+        "Recipients accepted per tenant (the first 100 tenants by name, then other).",
+        &["tenant"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TENANT_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_tenant_delivery_attempts_total",
+        "Delivery attempts per tenant (the first 100 tenants by name, then other) by verdict (delivered, deferred, bounced, expired).",
+        &["tenant", "verdict"]
+    )
+    .expect("metric registers once")
+});
+
+pub static TENANT_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_tenant_requests_refused_total",
+        "API requests and submitted messages refused with 429 (or 451 over SMTP) per tenant by limit: rate_limited, daily_quota_exceeded, max_queued.",
+        &["tenant", "limit"]
+    )
+    .expect("metric registers once")
+});
+
 /// Registers every metric without labels, so each appears in `/metrics` (at zero) from the
 /// start rather than from its first use; dashboards and alerts then always find them.
 pub fn init() {

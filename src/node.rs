@@ -56,6 +56,8 @@ pub struct Node {
     pub guard: crate::effects::guard::Guard,
     /// Sending domains' authentication preflight reports, kept for `preflight.ttl`.
     pub preflight: crate::outbound::preflight::Preflight,
+    /// Tenants and their API keys (config and admin API), loaded at recovery.
+    pub tenants: crate::store::tenants::Tenants,
     /// Failures of submitted messages to report to their submitters.
     pub dsns: crate::effects::dsn::Notices,
     /// Messages this node delivered since it started (for its heartbeat's rate).
@@ -102,6 +104,7 @@ impl Node {
             tls_reports: Default::default(),
             guard: Default::default(),
             preflight: Default::default(),
+            tenants: Default::default(),
             webhooks,
             suppressions: Default::default(),
             state_changes: tokio::sync::Mutex::new(()),
@@ -191,10 +194,12 @@ impl Node {
                     .store(tally.count(state), Ordering::Relaxed);
             }
         }
+        // Before the campaigns' scheduling parameters, which name their tenants.
+        self.tenants.load(&self.config, &self.spool)?;
         let mut queue = QueueIndex::new();
         queue.set_lower_share(self.config.delivery.lower_priority_share);
         for (&seq, campaign) in &campaigns {
-            let mut params = schedule_params(&campaign.record);
+            let mut params = self.schedule_params(&campaign.record);
             if campaign.state() == CampaignState::Cancelled {
                 params.max_rate = None;
             }
@@ -277,8 +282,19 @@ impl Node {
     /// to the scheduler, before any of its jobs is queued.
     pub fn register(&self, campaign: Arc<Campaign>) {
         self.scheduler
-            .set_params(campaign.seq, schedule_params(&campaign.record));
+            .set_params(campaign.seq, self.schedule_params(&campaign.record));
         self.campaigns.insert(campaign);
+    }
+
+    /// The scheduler's parameters for `record` ([`schedule_params`]) with its tenant's number
+    /// and weight.
+    pub fn schedule_params(&self, record: &CampaignRecord) -> CampaignParams {
+        let (tenant, tenant_weight) = self.tenants.scheduling(record.tenant());
+        CampaignParams {
+            tenant,
+            tenant_weight,
+            ..schedule_params(record)
+        }
     }
 
     /// The cluster link, in cluster mode.
@@ -316,6 +332,7 @@ impl Node {
         let cluster = crate::cluster::Cluster::start(config, instance).await?;
         self.suppressions.set_replicating();
         self.actions.set_replicating();
+        self.tenants.set_replicating();
         let _ = self.cluster.set(cluster);
         Ok(())
     }
@@ -435,7 +452,7 @@ impl Node {
         Ok(self.campaign_of(id, message)?.map(|c| (c, bytes)))
     }
 
-    /// The bucket that takes `stream`'s messages of `priority` (unset: the default for
+    /// The bucket that takes `tenant`'s `stream`'s messages of `priority` (unset: the default for
     /// messages) now: a stream has a bucket per priority its messages use, each its own flow in
     /// the scheduler. The newest, unless that one is from an earlier period (`retention.message_buckets`, a UTC day by default), cancelled or
     /// compacted, in which case a new one is created (its record synced before it is used). A
@@ -443,6 +460,7 @@ impl Node {
     /// period's messages as a whole.
     pub async fn stream_bucket(
         &self,
+        tenant: &str,
         stream: &str,
         priority: Option<u8>,
         now_ms: u64,
@@ -455,7 +473,7 @@ impl Node {
         };
         if let Some(c) = self
             .campaigns
-            .stream(stream, priority)
+            .stream(tenant, stream, priority)
             .filter(|c| usable(c))
         {
             return Ok(c);
@@ -463,7 +481,7 @@ impl Node {
         let _serial = self.state_changes.lock().await;
         if let Some(c) = self
             .campaigns
-            .stream(stream, priority)
+            .stream(tenant, stream, priority)
             .filter(|c| usable(c))
         {
             return Ok(c);
@@ -498,6 +516,7 @@ impl Node {
             raw: None,
             guard: None,
             breaker: Default::default(),
+            tenant: crate::store::tenants::record_field(tenant),
         };
         let mut batch = self.spool.batch();
         batch.put_campaign(seq, &record.encode());
@@ -621,13 +640,15 @@ pub enum BucketError {
 }
 
 /// The scheduler's parameters for a campaign or bucket record: its priority (else its kind's
-/// default: messages go ahead of campaigns), weight and rate limit.
+/// default: messages go ahead of campaigns), weight and rate limit; the default tenant's
+/// (see [`Node::schedule_params`] for its own).
 pub fn schedule_params(record: &CampaignRecord) -> CampaignParams {
     let s = &record.schedule;
     CampaignParams {
         priority: s.priority.unwrap_or(default_priority(record.kind)),
         weight: s.weight.unwrap_or(1),
         max_rate: s.max_rate,
+        ..CampaignParams::default()
     }
 }
 

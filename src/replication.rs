@@ -11,6 +11,8 @@
 //! * `campaign.create` (`record`) and `campaign.state` (`id`, `state`): a campaign created on
 //!   one node exists on every node (under a number of each node's own), so any node takes
 //!   recipient uploads for it; pausing, resuming or cancelling it on one node does so on all.
+//! * `tenant.add` (`tenant`), `tenant.key_add` (`key`: its hash and record) and
+//!   `tenant.key_revoke` (`hash`): tenants and keys made through any node's admin API.
 //! * `feedback.report` and `feedback.unsubscribe` (`node`: a node's token tag): a bounce,
 //!   complaint or unsubscribe about another node's mail, which only the node named applies.
 //!
@@ -36,6 +38,7 @@ use crate::node::Node;
 use crate::outbound::shaping::actions::{self, Actions};
 use crate::store::campaign::{self, Campaign, CampaignKind, CountsSnapshot};
 use crate::store::spool::{Durability, STATE_CLUSTER, STATE_CLUSTER_OUT};
+use crate::store::tenants::{self, Tenants};
 
 /// How often the spool's staged changes are published and the stream is read.
 const POLL: Duration = Duration::from_millis(200);
@@ -228,6 +231,7 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
                 batch.delete_suppression(&suppression::key(scope, address));
             }
             Change::Shaping(c) => Actions::stage_received(&mut batch, c),
+            Change::Tenant(c) => Tenants::stage_received(&mut batch, c),
         }
     }
     batch.put_state(STATE_CLUSTER, b"stream", last.as_bytes());
@@ -245,6 +249,7 @@ async fn pull(node: &Arc<Node>, cluster: &Cluster, cursor: &mut String) -> usize
                 node.suppressions.remove(&address, &scope);
             }
             Change::Shaping(c) => node.actions.apply_received(c),
+            Change::Tenant(c) => node.tenants.apply_received(c),
         }
     }
     *cursor = last;
@@ -291,6 +296,7 @@ enum Change {
     Shaping(actions::Change),
     Campaign(campaign::Change),
     Feedback(feedback::Change),
+    Tenant(tenants::Change),
 }
 
 impl Change {
@@ -305,6 +311,8 @@ impl Change {
             serde_json::from_value(v).map(Change::Campaign)
         } else if kind.starts_with("feedback.") {
             serde_json::from_value(v).map(Change::Feedback)
+        } else if kind.starts_with("tenant.") {
+            serde_json::from_value(v).map(Change::Tenant)
         } else {
             tracing::debug!(%kind, "cluster: change of an unknown kind skipped");
             return None;

@@ -247,6 +247,31 @@ pub async fn start_with(settings: Settings) -> anyhow::Result<Running> {
         stop.clone(),
     ));
 
+    // Keys' `last_used` (at most once a minute each, and all at shutdown) and old usage
+    // counters.
+    let tenants_node = Arc::clone(&node);
+    let tenants_stop = stop.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            let stopping = tokio::select! {
+                _ = tenants_stop.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            if tenants_node.is_recovered()
+                && let Err(e) = tenants_node
+                    .tenants
+                    .flush(&tenants_node.spool, stopping)
+                    .await
+            {
+                tracing::warn!(error = %e, "writing API keys' last use failed");
+            }
+            if stopping {
+                break;
+            }
+        }
+    });
+
     let gauge_node = Arc::clone(&node);
     let gauge_stop = stop.clone();
     tasks.spawn(async move {

@@ -30,5 +30,6 @@ mod sources;
 mod streams;
 mod submission;
 mod suppression;
+mod tenants;
 mod transport;
 mod webhooks;

@@ -530,3 +530,98 @@ async fn aimd_settles_near_a_receivers_limit_and_climbs_back() {
         "{climbed:.1}/s after the receiver stopped throttling: {rows:?}"
     );
 }
+
+/// Posts `body` to `/v1/campaigns` with `key`; the campaign's id.
+async fn post_campaign_as(addr: std::net::SocketAddr, key: &str, body: &Value) -> String {
+    let r = common::client()
+        .post(common::url(addr, "/v1/campaigns"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_small_campaign_gets_its_share_beside_anothers_large_ones() {
+    let _serial = SERIAL.lock().await;
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = delivery_config(dir.path(), &sink);
+    cfg.shaping.message_rate = per_second(200);
+    for (name, key) in [
+        ("big", "tenant-big-key-0123"),
+        ("small", "tenant-small-key-0123"),
+    ] {
+        cfg.tenants.push(sluice::config::TenantConfig {
+            name: name.into(),
+            api_keys: vec![key.into()],
+            sending_domains: vec!["example.com".into()],
+            ..sluice::config::TenantConfig::default_tenant()
+        });
+    }
+    let node = common::start(cfg).await;
+    let addr = node.http_addr;
+    // Tenant `big`: 100,000 recipients, and a second campaign of 5,000. By campaign, `small`'s
+    // one campaign would get a third; by tenant it gets half.
+    let a = post_campaign_as(
+        addr,
+        "tenant-big-key-0123",
+        &campaign("A", 100_000, json!({})),
+    )
+    .await;
+    let c = post_campaign_as(addr, "tenant-big-key-0123", &campaign("C", 5000, json!({}))).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = post_campaign_as(
+        addr,
+        "tenant-small-key-0123",
+        &campaign("B", 1000, json!({})),
+    )
+    .await;
+    let both = Instant::now();
+    let window = Duration::from_secs(5);
+    tokio::time::sleep(window * 2).await;
+    let got: Vec<(f64, usize)> = (0..2)
+        .map(|w| {
+            let from = both + window * w;
+            let to = from + window;
+            let small = count_between(&sink, from, to, "B");
+            let big = count_between(&sink, from, to, "A") + count_between(&sink, from, to, "C");
+            (small as f64 / (small + big).max(1) as f64, small + big)
+        })
+        .collect();
+    common::report(
+        "fairness_tenants",
+        "Share of tenant small (1,000 recipients) beside tenant big (100,000 + 5,000) per 5 s window, site at 200/s, equal tenant weights",
+        &[(
+            "tenant small's share",
+            got.iter()
+                .map(|(s, n)| format!("{:.1}% of {n}", s * 100.0))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )],
+    );
+    for (share, n) in &got {
+        assert!(*n > 500, "too few deliveries in a window: {got:?}");
+        assert!((share - 0.5).abs() <= 0.05, "{got:?}");
+    }
+    for id in [&a, &b, &c] {
+        let r = common::client()
+            .post(common::url(addr, &format!("/v1/campaigns/{id}/cancel")))
+            .bearer_auth(if id == &b {
+                "tenant-small-key-0123"
+            } else {
+                "tenant-big-key-0123"
+            })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    node.shutdown().await;
+}

@@ -169,11 +169,13 @@ async fn api_puts_gets_lists_deletes_and_survives_restart() {
     assert_eq!(
         node.node
             .suppressions
-            .check("ann@example.org", "anything.example"),
+            .check("ann@example.org", "anything.example", "default"),
         Some(sluice::effects::suppression::Reason::Manual)
     );
     assert_eq!(
-        node.node.suppressions.check("b@example.org", "x.example"),
+        node.node
+            .suppressions
+            .check("b@example.org", "x.example", "default"),
         None
     );
     node.shutdown().await;
@@ -395,7 +397,7 @@ async fn one_click_unsubscribe_suppresses_for_the_sending_domain_once() {
     assert_eq!(
         node.node
             .suppressions
-            .check("reader@sink.test", "example.com"),
+            .check("reader@sink.test", "example.com", "default"),
         None
     );
     for _ in 0..2 {

@@ -117,6 +117,49 @@ pub enum ShapingCommand {
     Lift { id: String },
 }
 
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Every tenant: sending domains, pool, limits, usage today.
+    List,
+    /// Add a tenant (stored in the node's spool; `[[tenant]]` in the config does the same).
+    Add {
+        name: String,
+        /// A From domain it may send as: `example.com`, `*.example.com` or `*` (repeatable).
+        #[arg(long = "sending-domain", required = true)]
+        sending_domains: Vec<String>,
+        /// The pool its mail uses when it names none.
+        #[arg(long)]
+        pool: Option<String>,
+        /// API requests it may make, e.g. 50/s.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Recipients it may have accepted per UTC day.
+        #[arg(long)]
+        daily_quota: Option<u64>,
+        /// Recipients it may have queued at once.
+        #[arg(long)]
+        max_queued: Option<u64>,
+        /// Its share of a domain against other tenants (1 to 1000).
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// API keys (of one tenant with --tenant): id, name, created, last used.
+    Keys {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Make an API key for a tenant; the key is printed once and stored only hashed.
+    KeyAdd {
+        tenant: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke an API key by id (refused from the moment this returns).
+    KeyRevoke { id: String },
+    /// Read a key on stdin and print `sha256:<hex>` for `api_key_hashes` (needs no node).
+    HashKey,
+}
+
 /// A thin authenticated JSON client of the API.
 pub struct Api {
     base: String,
@@ -404,6 +447,139 @@ pub async fn shaping(api: &Api, cmd: ShapingCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+pub async fn tenant(api: &Api, cmd: TenantCommand) -> anyhow::Result<()> {
+    let v = match cmd {
+        TenantCommand::List => api.call(Method::GET, "/v1/admin/tenants", None).await?,
+        TenantCommand::Add {
+            name,
+            sending_domains,
+            pool,
+            rate,
+            daily_quota,
+            max_queued,
+            weight,
+        } => {
+            let mut body = json!({"name": name, "sending_domains": sending_domains});
+            for (k, v) in [
+                ("pool", pool.map(Value::from)),
+                ("rate", rate.map(Value::from)),
+                ("daily_quota", daily_quota.map(Value::from)),
+                ("max_queued", max_queued.map(Value::from)),
+                ("weight", weight.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    body[k] = v;
+                }
+            }
+            api.call(Method::POST, "/v1/admin/tenants", Some(body))
+                .await?
+        }
+        TenantCommand::Keys { tenant } => {
+            let path = match tenant {
+                Some(t) => format!("/v1/admin/keys?tenant={}", segment(&t)),
+                None => "/v1/admin/keys".to_owned(),
+            };
+            api.call(Method::GET, &path, None).await?
+        }
+        TenantCommand::KeyAdd { tenant, name } => {
+            let body = json!({"tenant": tenant, "name": name});
+            let v = api.call(Method::POST, "/v1/admin/keys", Some(body)).await?;
+            if !api.json {
+                println!("{}", s(&v["key"]));
+                eprintln!(
+                    "key {} of tenant {}: keep it now, it is not shown again",
+                    s(&v["id"]),
+                    s(&v["tenant"])
+                );
+                return Ok(());
+            }
+            v
+        }
+        TenantCommand::KeyRevoke { id } => {
+            api.call(
+                Method::DELETE,
+                &format!("/v1/admin/keys/{}", segment(&id)),
+                None,
+            )
+            .await?
+        }
+        TenantCommand::HashKey => return hash_key(),
+    };
+    if api.json {
+        print_json(&v);
+        return Ok(());
+    }
+    if let Some(list) = v["tenants"].as_array() {
+        println!(
+            "{:<20} {:<7} {:<32} {:<10} {:>8} {:>12} {:>12} {:>6}",
+            "TENANT",
+            "ORIGIN",
+            "SENDING DOMAINS",
+            "POOL",
+            "RATE",
+            "DAILY QUOTA",
+            "USED TODAY",
+            "WEIGHT"
+        );
+        for t in list {
+            let domains: Vec<String> = t["sending_domains"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            println!(
+                "{:<20} {:<7} {:<32} {:<10} {:>8} {:>12} {:>12} {:>6}",
+                s(&t["name"]),
+                s(&t["origin"]),
+                domains.join(","),
+                s(&t["pool"]),
+                s(&t["rate"]),
+                s(&t["daily_quota"]),
+                s(&t["used_today"]),
+                s(&t["weight"]),
+            );
+        }
+    } else if let Some(list) = v["keys"].as_array() {
+        println!(
+            "{:<17} {:<20} {:<24} {:<7} {:<25} LAST USED",
+            "ID", "TENANT", "NAME", "ORIGIN", "CREATED"
+        );
+        for k in list {
+            println!(
+                "{:<17} {:<20} {:<24} {:<7} {:<25} {}",
+                s(&k["id"]),
+                s(&k["tenant"]),
+                s(&k["name"]),
+                s(&k["origin"]),
+                s(&k["created_at"]),
+                s(&k["last_used_at"]),
+            );
+        }
+    } else if v["revoked"] == true {
+        println!("revoked key {} of tenant {}", s(&v["id"]), s(&v["tenant"]));
+    } else {
+        println!("added tenant {}", s(&v["name"]));
+    }
+    Ok(())
+}
+
+/// `sluice tenant hash-key`: the key on stdin (one line) as `sha256:<hex>`.
+pub fn hash_key() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the key from stdin")?;
+    let key = line.trim();
+    if key.is_empty() {
+        bail!("give the key on stdin, e.g. echo \"$KEY\" | sluice tenant hash-key");
+    }
+    let hash = sluice::config::hash_key(key.as_bytes());
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    println!("sha256:{hex}");
     Ok(())
 }
 

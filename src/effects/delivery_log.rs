@@ -77,6 +77,9 @@ pub struct LogRecord {
     /// The campaign's tags.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// The tenant the campaign or message belongs to (absent: the default tenant).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// The parts of a record about a recipient that was never sent (see [`LogRecord::unsent`]).
@@ -188,6 +191,7 @@ impl LogRecord {
             bounce_cat: None,
             feedback_type: None,
             tags: Vec::new(),
+            tenant: None,
         }
     }
 }
@@ -446,6 +450,7 @@ mod tests {
             bounce_cat: None,
             feedback_type: None,
             tags: Vec::new(),
+            tenant: None,
         }
     }
 

@@ -138,6 +138,33 @@ pub fn normalise_scope(scope: &str) -> Result<String, String> {
     Ok(lower)
 }
 
+/// The stored scope of tenant `tenant`'s suppression in `scope` (`*` or a domain). The
+/// operator's (the default tenant's) are stored as they are and apply to every tenant; a
+/// tenant's are stored behind its name and a colon (which neither a domain nor `*` holds) and
+/// apply to its mail only.
+pub fn stored_scope(tenant: &str, scope: &str) -> String {
+    if tenant == crate::config::DEFAULT_TENANT {
+        scope.to_owned()
+    } else {
+        format!("{tenant}:{scope}")
+    }
+}
+
+/// A stored scope as (tenant, scope): no tenant for the operator's.
+pub fn split_scope(stored: &str) -> (Option<&str>, &str) {
+    match stored.split_once(':') {
+        Some((tenant, scope)) => (Some(tenant), scope),
+        None => (None, stored),
+    }
+}
+
+/// Whether a suppression of `stored` scope stops `tenant`'s mail from `from_domain`.
+fn applies(stored: &str, from_domain: &str, tenant: &str) -> bool {
+    let (owner, scope) = split_scope(stored);
+    owner.is_none_or(|o| o == tenant)
+        && (scope == GLOBAL || scope.eq_ignore_ascii_case(from_domain))
+}
+
 /// The scopes one address is suppressed in, with the reason in each.
 type Scopes = Vec<(Box<str>, Reason)>;
 
@@ -169,9 +196,10 @@ pub struct Suppressions {
 }
 
 impl Suppressions {
-    /// Why `address` may not receive mail from `from_domain`, if it may not. `address` is an
+    /// Why `address` may not receive `tenant`'s mail from `from_domain`, if it may not: the
+    /// operator's list (global, or for that domain) and the tenant's own. `address` is an
     /// already validated address; it is lower-cased here when it needs to be.
-    pub fn check(&self, address: &str, from_domain: &str) -> Option<Reason> {
+    pub fn check(&self, address: &str, from_domain: &str, tenant: &str) -> Option<Reason> {
         let index = self.index.read().expect("suppression index lock");
         if index.is_empty() {
             return None;
@@ -183,7 +211,7 @@ impl Suppressions {
         }?;
         scopes
             .iter()
-            .find(|(scope, _)| &**scope == GLOBAL || scope.eq_ignore_ascii_case(from_domain))
+            .find(|(scope, _)| applies(scope, from_domain, tenant))
             .map(|(_, reason)| *reason)
     }
 
@@ -307,7 +335,8 @@ mod tests {
     #[test]
     fn global_and_domain_scopes() {
         let s = Suppressions::default();
-        assert_eq!(s.check("ann@example.org", "news.example.com"), None);
+        let s_check = |s: &Suppressions, a: &str, d: &str| s.check(a, d, "default");
+        assert_eq!(s_check(&s, "ann@example.org", "news.example.com"), None);
         s.insert(&entry("ann@example.org", GLOBAL, Reason::HardBounce));
         s.insert(&entry(
             "bob@example.org",
@@ -315,19 +344,19 @@ mod tests {
             Reason::Unsubscribe,
         ));
         assert_eq!(
-            s.check("ann@example.org", "anything.example"),
+            s_check(&s, "ann@example.org", "anything.example"),
             Some(Reason::HardBounce)
         );
         assert_eq!(
-            s.check("Ann@Example.org", "anything.example"),
+            s_check(&s, "Ann@Example.org", "anything.example"),
             Some(Reason::HardBounce),
             "case does not matter"
         );
         assert_eq!(
-            s.check("bob@example.org", "news.example.com"),
+            s_check(&s, "bob@example.org", "news.example.com"),
             Some(Reason::Unsubscribe)
         );
-        assert_eq!(s.check("bob@example.org", "shop.example.com"), None);
+        assert_eq!(s_check(&s, "bob@example.org", "shop.example.com"), None);
         s.insert(&entry(
             "bob@example.org",
             "news.example.com",
@@ -335,12 +364,51 @@ mod tests {
         ));
         assert_eq!(s.scopes("bob@example.org"), vec!["news.example.com"]);
         assert_eq!(
-            s.check("bob@example.org", "news.example.com"),
+            s_check(&s, "bob@example.org", "news.example.com"),
             Some(Reason::Manual)
         );
         s.remove("bob@example.org", "news.example.com");
-        assert_eq!(s.check("bob@example.org", "news.example.com"), None);
+        assert_eq!(s_check(&s, "bob@example.org", "news.example.com"), None);
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn tenants_lists_are_their_own_and_the_operators_apply_to_all() {
+        let s = Suppressions::default();
+        s.insert(&entry(
+            "a@x.org",
+            &stored_scope("acme", GLOBAL),
+            Reason::Manual,
+        ));
+        s.insert(&entry(
+            "b@x.org",
+            &stored_scope("acme", "news.acme.test"),
+            Reason::Unsubscribe,
+        ));
+        s.insert(&entry(
+            "c@x.org",
+            &stored_scope("default", GLOBAL),
+            Reason::HardBounce,
+        ));
+        assert_eq!(
+            s.check("a@x.org", "acme.test", "acme"),
+            Some(Reason::Manual)
+        );
+        assert_eq!(s.check("a@x.org", "other.test", "other"), None);
+        assert_eq!(s.check("a@x.org", "any.test", "default"), None);
+        assert_eq!(
+            s.check("b@x.org", "news.acme.test", "acme"),
+            Some(Reason::Unsubscribe)
+        );
+        assert_eq!(s.check("b@x.org", "acme.test", "acme"), None);
+        for tenant in ["acme", "other", "default"] {
+            assert_eq!(
+                s.check("c@x.org", "any.test", tenant),
+                Some(Reason::HardBounce)
+            );
+        }
+        assert_eq!(split_scope("acme:*"), (Some("acme"), "*"));
+        assert_eq!(split_scope("news.acme.test"), (None, "news.acme.test"));
     }
 
     #[test]

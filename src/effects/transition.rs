@@ -201,10 +201,13 @@ impl<'a> Transition<'a> {
     /// The spool writes: the job record, the event, the suppression record. Takes the record's
     /// bytes out of `self`.
     pub fn writes(&mut self, node: &Node) -> Writes {
-        if let Some(r) = &mut self.report
-            && r.tags.is_empty()
-        {
-            r.tags.clone_from(&self.campaign.record.tags);
+        if let Some(r) = &mut self.report {
+            if r.tags.is_empty() {
+                r.tags.clone_from(&self.campaign.record.tags);
+            }
+            if r.tenant.is_none() {
+                r.tenant.clone_from(&self.campaign.record.tenant);
+            }
         }
         self.ends_job = self
             .record

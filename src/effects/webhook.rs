@@ -103,11 +103,16 @@ impl Webhooks {
         self.hooks.is_empty()
     }
 
-    /// The ids of the receivers that take `event`.
-    fn wanting(&self, event: &str) -> Vec<u32> {
+    /// The ids of the receivers that take `event` of `tenant` (`None`: the default tenant's):
+    /// a receiver of a tenant takes that tenant's events only, one without a tenant every
+    /// event.
+    fn wanting(&self, event: &str, tenant: Option<&str>) -> Vec<u32> {
+        let tenant = tenant.unwrap_or(crate::config::DEFAULT_TENANT);
         self.hooks
             .iter()
-            .filter(|h| h.config.wants(event))
+            .filter(|h| {
+                h.config.wants(event) && h.config.tenant.as_deref().is_none_or(|t| t == tenant)
+            })
             .map(|h| h.id)
             .collect()
     }
@@ -119,7 +124,7 @@ impl Webhooks {
             return None;
         }
         let event = record.event();
-        let hooks = self.wanting(event);
+        let hooks = self.wanting(event, record.tenant.as_deref());
         if hooks.is_empty() {
             return None;
         }
@@ -136,17 +141,20 @@ impl Webhooks {
         campaign: &crate::store::campaign::Campaign,
         reason: &crate::store::campaign::PausedReason,
     ) {
-        let hooks = self.wanting(event);
+        let hooks = self.wanting(event, campaign.record.tenant.as_deref());
         if hooks.is_empty() {
             return;
         }
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "event": event,
             "time_logged": crate::effects::delivery_log::rfc3339(reason.at_ms),
             "campaign": campaign.record.id.to_string(),
             "tags": campaign.record.tags,
             "reason": reason,
         });
+        if let Some(t) = &campaign.record.tenant {
+            json["tenant"] = serde_json::json!(t);
+        }
         if let Ok(bytes) = serde_json::to_vec(&json) {
             batch.add_event(hooks, bytes);
         }

@@ -666,6 +666,7 @@ fn report_record(
         bounce_cat: None,
         feedback_type: None,
         tags: Vec::new(),
+        tenant: None,
     }
 }
 
@@ -791,11 +792,17 @@ async fn apply_dsn_recipient(
         }
         if class.kind == Kind::Hard
             && class.suppress
-            && node.suppressions.check(&address, "").is_none()
+            && node
+                .suppressions
+                .check(&address, "", campaign.record.tenant())
+                .is_none()
         {
             t.suppression = Some(Entry {
                 address: address.clone(),
-                scope: crate::effects::suppression::GLOBAL.to_owned(),
+                scope: crate::effects::suppression::stored_scope(
+                    campaign.record.tenant(),
+                    crate::effects::suppression::GLOBAL,
+                ),
                 reason: Reason::HardBounce,
                 created_at_ms: crate::now_ms(),
                 source: Some(format!("dsn via {source}")),
@@ -918,7 +925,7 @@ pub async fn unsubscribe_job(
 
 /// Suppresses the recipient of `found`'s job for its campaign's From domain with reason
 /// unsubscribe, synced, counted once in the campaign's `unsubscribed`. Idempotent: a repeated
-/// click changes nothing and reports nothing. Returns the address and the scope.
+/// click changes nothing and reports nothing. Returns the address and the scope (the domain).
 async fn unsubscribe(
     node: &Arc<Node>,
     found: &Found,
@@ -939,12 +946,19 @@ async fn unsubscribe(
         false,
     )
     .await?;
-    Ok((address, sender_scope(&found.campaign)))
+    let scope = sender_scope(&found.campaign);
+    let shown = crate::effects::suppression::split_scope(&scope)
+        .1
+        .to_owned();
+    Ok((address, shown))
 }
 
 /// The scope of a suppression for a campaign's sender: its From domain.
 fn sender_scope(campaign: &crate::store::campaign::Campaign) -> String {
-    crate::intake::address::domain_of(&campaign.record.from).to_ascii_lowercase()
+    crate::effects::suppression::stored_scope(
+        campaign.record.tenant(),
+        &crate::intake::address::domain_of(&campaign.record.from).to_ascii_lowercase(),
+    )
 }
 
 /// Suppresses the recipient of `record` (the job of `found`) for its campaign's From domain (an

@@ -347,6 +347,7 @@ pub fn validate_campaign(
         raw: None,
         guard: fields.guard,
         breaker: Default::default(),
+        tenant: None,
     };
     let compiled = crate::outbound::render::compile(&record).map_err(|e| FieldError::new("", e))?;
     rules.compiled = Some(Arc::new(compiled));
@@ -926,7 +927,7 @@ impl Upload {
         match self
             .node
             .suppressions
-            .check(r.address.as_str(), from_domain)
+            .check(r.address.as_str(), from_domain, self.content().tenant())
         {
             Some(reason) => {
                 let index = self.next_index()?;
@@ -1085,6 +1086,7 @@ impl Upload {
         }
         for r in &mut reports {
             r.tags.clone_from(&self.content().tags);
+            r.tenant.clone_from(&self.content().tenant);
             self.node.webhooks.stage(&mut batch, r);
         }
         for ((index, _, _), r) in self.suppressed.iter().zip(&reports) {
@@ -1147,6 +1149,13 @@ impl Upload {
             .suppressed
             .fetch_add(self.suppressed(), Ordering::Relaxed);
         crate::metrics::RECIPIENTS_ACCEPTED.inc_by(n as u64);
+        self.node
+            .tenants
+            .with_label(self.content().tenant(), |tenant| {
+                crate::metrics::TENANT_ACCEPTED
+                    .with_label_values(&[tenant])
+                    .inc_by(n as u64);
+            });
         crate::metrics::RECIPIENTS_SUPPRESSED.inc_by(self.suppressed());
         for r in reports {
             self.node.log.record(r);

@@ -20,6 +20,7 @@ use crate::node::{BucketError, Node};
 pub use crate::store::campaign::Ret;
 use crate::store::campaign::{CampaignKind, CampaignRecord, CampaignState, RawMeta, Schedule};
 use crate::store::spool::{JobId, SpoolBatch};
+use crate::store::tenants::Tenant;
 
 /// RFC 5322 §2.1.1: a line is at most 998 octets, CRLF excluded.
 pub const MAX_LINE: usize = 998;
@@ -278,6 +279,10 @@ pub struct Submission {
     /// The Received field to put on top (without its CRLF), naming the client; none for a DSN
     /// of ours.
     pub received: Option<String>,
+    /// The tenant whose key submitted it: its From domain must be one of the tenant's, and it
+    /// counts against the tenant's daily quota. `None` for mail of our own and from trusted
+    /// networks: the default tenant, unchecked.
+    pub tenant: Option<Arc<Tenant>>,
 }
 
 impl Submission {
@@ -296,6 +301,7 @@ impl Submission {
             envid: None,
             via,
             received: None,
+            tenant: None,
         }
     }
 }
@@ -322,6 +328,9 @@ pub enum IngestError {
     Upload(#[from] UploadError),
     #[error(transparent)]
     Bucket(#[from] BucketError),
+    /// The tenant's daily quota would be passed: temporary.
+    #[error("the daily quota of {} recipients is reached ({} accepted today)", .0.quota, .0.used)]
+    Quota(crate::store::tenants::QuotaExceeded),
 }
 
 pub use crate::config::MAX_MESSAGE_RECIPIENTS as MAX_RECIPIENTS;
@@ -344,11 +353,34 @@ pub async fn ingest(
             ),
         )));
     }
+    let mut record = record;
+    let tenant = s
+        .tenant
+        .clone()
+        .unwrap_or_else(|| node.tenants.default_tenant());
+    if s.tenant.is_some() {
+        let domain = crate::effects::guard::domain_of(&record.from);
+        if !tenant.may_send_as(&domain) {
+            return Err(IngestError::Invalid(bad(
+                "From",
+                format!(
+                    "{domain} is not a sending domain of tenant {:?}",
+                    tenant.name()
+                ),
+            )));
+        }
+        record.tenant = crate::store::tenants::record_field(tenant.name());
+        if record.pool.is_none() {
+            record.pool.clone_from(&tenant.spec.pool);
+        }
+    }
+    let quota = tenant
+        .reserve(s.recipients.len() as u64, now)
+        .map_err(IngestError::Quota)?;
     let stream = record.stream.clone().unwrap_or_default();
     let bucket = node
-        .stream_bucket(&stream, record.schedule.priority, now)
+        .stream_bucket(tenant.name(), &stream, record.schedule.priority, now)
         .await?;
-    let mut record = record;
     record.id = bucket.record.id;
     let bytes = assemble_stored(&s, &record, bucket.seq, now);
     let n = s.recipients.len() as u32;
@@ -373,7 +405,13 @@ pub async fn ingest(
         queued: upload.len(),
         suppressed,
     };
-    upload.commit(|batch| finish(&answer, batch)).await?;
+    upload
+        .commit(|batch| {
+            quota.stage(batch);
+            finish(&answer, batch)
+        })
+        .await?;
+    quota.confirm();
     Ok(answer)
 }
 
@@ -436,6 +474,7 @@ fn record(node: &Node, s: &Submission, now: u64) -> Result<CampaignRecord, RawEr
         }),
         guard: None,
         breaker: Default::default(),
+        tenant: None,
     })
 }
 

@@ -117,14 +117,9 @@ impl Shared {
         entry.0 += 1;
     }
 
-    /// An API key, compared in constant time against every key.
-    fn key_valid(&self, key: &[u8]) -> bool {
-        use subtle::ConstantTimeEq;
-        let mut ok = subtle::Choice::from(0u8);
-        for k in &self.node.config.auth.api_keys {
-            ok |= k.as_bytes().ct_eq(key);
-        }
-        bool::from(ok)
+    /// The tenant of an API key given as the AUTH password, if it is one.
+    fn tenant_of(&self, key: &[u8]) -> Option<Arc<crate::store::tenants::Tenant>> {
+        self.node.tenants.authenticate(key).map(|c| c.tenant)
     }
 }
 
@@ -238,6 +233,9 @@ struct Client {
     helo: Option<String>,
     /// The user name the client authenticated as.
     user: Option<String>,
+    /// The tenant of the key it authenticated with (mail from a trusted network without AUTH
+    /// is the default tenant's).
+    tenant: Option<Arc<crate::store::tenants::Tenant>>,
 }
 
 /// The transaction in progress.
@@ -265,6 +263,7 @@ async fn session(
         tls: false,
         helo: None,
         user: None,
+        tenant: None,
     };
     if implicit_tls {
         let Some(acceptor) = &shared.tls else {
@@ -298,6 +297,7 @@ async fn session(
             client.tls = true;
             client.helo = None;
             client.user = None;
+            client.tenant = None;
             dialogue(shared, secure, &mut client, false).await.map(drop)
         }
         Ok(Err(e)) => {
@@ -416,9 +416,10 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     let initial = initial.map(str::to_owned);
                     match authenticate(&mut rd, &mut wr, &mechanism, initial).await? {
                         Auth::Credentials(user, password) => {
-                            if shared.key_valid(&password) {
+                            if let Some(tenant) = shared.tenant_of(&password) {
                                 AUTH.with_label_values(&["ok"]).inc();
                                 client.user = Some(user);
+                                client.tenant = Some(tenant);
                                 "235 2.7.0 authentication successful".into()
                             } else {
                                 AUTH.with_label_values(&["failed"]).inc();
@@ -847,6 +848,20 @@ async fn submit(shared: &Shared, client: &Client, tx: Transaction, message: Vec<
         raw::rfc2822_date(crate::now_ms())
     );
     let recipients = tx.rcpts.len() as u64;
+    // Each message counts as a request against its tenant's API rate.
+    if let Some(t) = &client.tenant
+        && t.admit_request().is_err()
+    {
+        MESSAGES.with_label_values(&["deferred"]).inc();
+        crate::metrics::TENANT_REFUSED
+            .with_label_values(&[t.label.as_str(), "rate_limited"])
+            .inc();
+        return format!(
+            "451 4.7.1 tenant {:?} is over its rate of {}; try again shortly",
+            t.name(),
+            t.spec.rate.map_or_else(String::new, |r| r.to_string())
+        );
+    }
     let submission = raw::Submission {
         checked,
         recipients: tx.rcpts,
@@ -855,6 +870,7 @@ async fn submit(shared: &Shared, client: &Client, tx: Transaction, message: Vec<
         envid: tx.envid,
         via: "smtp",
         received: Some(received),
+        tenant: client.tenant.clone(),
     };
     match raw::ingest(node, submission, |_, _| {}).await {
         Ok(q) => {
@@ -876,6 +892,17 @@ async fn submit(shared: &Shared, client: &Client, tx: Transaction, message: Vec<
                 raw::IngestError::Upload(crate::intake::ingest::UploadError::Spool(
                     crate::store::spool::SpoolError::NoSpace(_),
                 )) => "452 4.3.1 insufficient system storage; try again later".into(),
+                raw::IngestError::Quota(q) => {
+                    if let Some(t) = &client.tenant {
+                        crate::metrics::TENANT_REFUSED
+                            .with_label_values(&[t.label.as_str(), "daily_quota_exceeded"])
+                            .inc();
+                    }
+                    format!(
+                        "451 4.7.1 daily quota of {} recipients reached; try again in {} s",
+                        q.quota, q.retry_after_s
+                    )
+                }
                 _ => "451 4.3.0 the message could not be queued; try again later".into(),
             }
         }

@@ -576,8 +576,9 @@ impl Assembler {
             .map_err(|e| format!("building the message: {e}"))
     }
 
-    /// `campaign:tag:kind:sender`, Gmail's Feedback-ID layout: complaint rates are reported per
-    /// value of each field. The tag is the campaign's first, reduced to safe characters.
+    /// `campaign:tag:kind:sender` (`campaign:tag:tenant:sender` for a tenant's mail), Gmail's
+    /// Feedback-ID layout: complaint rates are reported per value of each field. The tag is the
+    /// campaign's first, reduced to safe characters.
     fn feedback_id(&self, record: &CampaignRecord, campaign: &str) -> String {
         let tag: String = record
             .tags
@@ -595,11 +596,14 @@ impl Assembler {
                     .collect()
             })
             .unwrap_or_else(|| "untagged".into());
-        let kind = match record.kind {
-            CampaignKind::Bulk => "bulk",
-            CampaignKind::Transactional => "transactional",
+        // A tenant's mail names the tenant in the third field instead of the kind, so Gmail's
+        // Postmaster Tools report each tenant's complaint rate.
+        let third = match (&record.tenant, record.kind) {
+            (Some(tenant), _) => tenant.as_str(),
+            (None, CampaignKind::Bulk) => "bulk",
+            (None, CampaignKind::Transactional) => "transactional",
         };
-        format!("{campaign}:{tag}:{kind}:{}", self.feedback_sender_id)
+        format!("{campaign}:{tag}:{third}:{}", self.feedback_sender_id)
     }
 }
 
@@ -631,6 +635,7 @@ mod tests {
             raw: None,
             guard: None,
             breaker: Default::default(),
+            tenant: None,
         }
     }
 

@@ -1,9 +1,9 @@
 //! The order in which one destination domain's pending jobs are taken: priority classes first,
-//! then weighted fair queuing across the campaigns of a class.
+//! then weighted fair queuing across the tenants of a class, then across a tenant's campaigns.
 //!
 //! A domain's jobs are grouped into *flows*, one per campaign (a stream's messages share their
-//! bucket's flow), and flows into *classes* by the campaign's priority. Within a flow, jobs go
-//! in (due time, job id) order ([`Pending`]).
+//! bucket's flow), flows into *groups* by tenant, and groups into *classes* by the campaign's
+//! priority. Within a flow, jobs go in (due time, job id) order ([`Pending`]).
 //!
 //! * **Classes.** The highest class with a due job is served, except that the classes below it
 //!   (together) get `share` of the jobs taken while they have due jobs: each job taken from a
@@ -11,6 +11,10 @@
 //!   of 1 the next take goes one class down (where the same rule applies again) and the credit
 //!   pays for what that take got. A class with nothing below it keeps no credit, so a lower
 //!   class cannot bank a burst while it has nothing due.
+//! * **Tenants, then flows.** The same start-time fair queuing (below) picks a group among the
+//!   class's due groups, by the tenant's weight, then a flow within it, by the campaign's: a
+//!   tenant with one campaign gets as much as a tenant with a hundred, and one tenant's
+//!   million-recipient campaign does not slow another's mail to the same domain.
 //! * **Flows.** Start-time fair queuing: each flow has a virtual time, advanced by
 //!   `jobs taken / weight`; the due flow with the smallest one is served, and its start becomes
 //!   the class's virtual clock. A flow's time is never below that clock when it is compared, so a
@@ -43,23 +47,23 @@ struct Flow {
     pending: Pending,
 }
 
-/// The flows of one priority, sorted by campaign.
-struct Class {
-    priority: u8,
-    /// Jobs owed to the classes below (see the module documentation).
-    credit: f64,
+/// The flows of one tenant within a class, sorted by campaign.
+struct Group {
+    tenant: u32,
+    weight: u32,
+    vtime: f64,
     /// The start time of the flow served last.
     vclock: f64,
     flows: Vec<Flow>,
 }
 
-impl Class {
+impl Group {
     fn has_due(&self, now: u64) -> bool {
         self.flows.iter().any(|f| f.pending.is_due(now))
     }
 
-    /// Serves the due flow with the smallest virtual time: up to `max` of its due entries.
-    fn pop(&mut self, now: u64, max: usize, out: &mut Vec<(u64, u64)>) -> usize {
+    /// The due flow with the smallest virtual time, and that time (its service's start).
+    fn next(&self, now: u64) -> Option<(f64, usize)> {
         let mut best: Option<(f64, usize)> = None;
         for (i, f) in self.flows.iter().enumerate() {
             if !f.pending.is_due(now) {
@@ -70,31 +74,99 @@ impl Class {
                 best = Some((tag, i));
             }
         }
-        let Some((start, i)) = best else { return 0 };
-        self.vclock = start;
-        self.take(i, start, now, max, out)
+        best
     }
 
-    /// Takes up to `max` due entries of flow `i`, whose service starts at virtual time `start`.
+    /// The sum of the weights of its due flows.
+    fn due_weight(&self, now: u64) -> u64 {
+        self.flows
+            .iter()
+            .filter(|f| f.pending.is_due(now))
+            .map(|f| u64::from(f.weight))
+            .sum()
+    }
+}
+
+/// The tenants' groups of one priority, sorted by tenant.
+struct Class {
+    priority: u8,
+    /// Jobs owed to the classes below (see the module documentation).
+    credit: f64,
+    /// The start time of the group served last.
+    vclock: f64,
+    groups: Vec<Group>,
+}
+
+impl Class {
+    fn has_due(&self, now: u64) -> bool {
+        self.groups.iter().any(|g| g.has_due(now))
+    }
+
+    /// Serves the due group with the smallest virtual time, and in it the due flow with the
+    /// smallest: up to `max` of its due entries.
+    fn pop(&mut self, now: u64, max: usize, out: &mut Vec<(u64, u64)>) -> usize {
+        let mut best: Option<(f64, usize)> = None;
+        for (i, g) in self.groups.iter().enumerate() {
+            if !g.has_due(now) {
+                continue;
+            }
+            let tag = g.vtime.max(self.vclock);
+            if best.is_none_or(|(t, _)| tag < t) {
+                best = Some((tag, i));
+            }
+        }
+        let Some((start, gi)) = best else { return 0 };
+        let Some((flow_start, fi)) = self.groups[gi].next(now) else {
+            return 0;
+        };
+        self.vclock = start;
+        self.take(gi, fi, start, flow_start, now, max, out)
+    }
+
+    /// Where `campaign`'s flow is: (group, flow).
+    fn find(&self, campaign: u32) -> Option<(usize, usize)> {
+        self.groups.iter().enumerate().find_map(|(gi, g)| {
+            g.flows
+                .binary_search_by_key(&campaign, |f| f.campaign)
+                .ok()
+                .map(|fi| (gi, fi))
+        })
+    }
+
+    /// Takes up to `max` due entries of flow `fi` of group `gi`, whose services start at
+    /// virtual times `start` (the group's) and `flow_start` (the flow's).
+    #[allow(clippy::too_many_arguments)]
     fn take(
         &mut self,
-        i: usize,
+        gi: usize,
+        fi: usize,
         start: f64,
+        flow_start: f64,
         now: u64,
         max: usize,
         out: &mut Vec<(u64, u64)>,
     ) -> usize {
-        let f = &mut self.flows[i];
+        let g = &mut self.groups[gi];
+        g.vclock = flow_start;
+        let f = &mut g.flows[fi];
         let n = f.pending.pop_due_into(now, max, out);
-        f.vtime = start + n as f64 / f64::from(f.weight);
+        f.vtime = flow_start + n as f64 / f64::from(f.weight);
+        g.vtime = start + n as f64 / f64::from(g.weight);
         if f.pending.is_empty() {
-            self.flows.remove(i);
+            g.flows.remove(fi);
+            if g.flows.is_empty() {
+                self.groups.remove(gi);
+            }
         }
         n
     }
 
+    fn flows(&self) -> impl Iterator<Item = &Flow> + '_ {
+        self.groups.iter().flat_map(|g| &g.flows)
+    }
+
     fn len(&self) -> usize {
-        self.flows.iter().map(|f| f.pending.len()).sum()
+        self.flows().map(|f| f.pending.len()).sum()
     }
 }
 
@@ -104,6 +176,18 @@ pub(super) struct FairQueue {
     /// Sorted by priority, highest first; none without flows.
     classes: Vec<Class>,
     len: usize,
+}
+
+/// What decides a campaign's place among a domain's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowParams {
+    pub priority: u8,
+    /// Its share against its tenant's other campaigns of the same priority.
+    pub weight: u32,
+    /// Its tenant (a number the registry of tenants gives) and the tenant's weight: its share
+    /// against the other tenants of the same priority.
+    pub tenant: u32,
+    pub tenant_weight: u32,
 }
 
 /// A campaign's place in one domain's queue, for reports ([`FairQueue::flow_view`]).
@@ -118,8 +202,9 @@ pub struct FlowView {
 }
 
 impl FairQueue {
-    /// Adds entry `(due, job id)` of `campaign`, with its priority and weight.
-    pub fn push(&mut self, priority: u8, weight: u32, campaign: u32, entry: (u64, u64)) {
+    /// Adds entry `(due, job id)` of `campaign`, with its scheduling parameters.
+    pub fn push(&mut self, params: FlowParams, campaign: u32, entry: (u64, u64)) {
+        let priority = params.priority;
         let ci = match self.classes.binary_search_by(|c| priority.cmp(&c.priority)) {
             Ok(i) => i,
             Err(i) => {
@@ -129,29 +214,49 @@ impl FairQueue {
                         priority,
                         credit: 0.0,
                         vclock: 0.0,
-                        flows: Vec::new(),
+                        groups: Vec::new(),
                     },
                 );
                 i
             }
         };
         let class = &mut self.classes[ci];
-        let fi = match class.flows.binary_search_by_key(&campaign, |f| f.campaign) {
+        let gi = match class
+            .groups
+            .binary_search_by_key(&params.tenant, |g| g.tenant)
+        {
             Ok(i) => i,
             Err(i) => {
-                class.flows.insert(
+                class.groups.insert(
+                    i,
+                    Group {
+                        tenant: params.tenant,
+                        weight: params.tenant_weight.max(1),
+                        vtime: class.vclock,
+                        vclock: 0.0,
+                        flows: Vec::new(),
+                    },
+                );
+                i
+            }
+        };
+        let group = &mut class.groups[gi];
+        let fi = match group.flows.binary_search_by_key(&campaign, |f| f.campaign) {
+            Ok(i) => i,
+            Err(i) => {
+                group.flows.insert(
                     i,
                     Flow {
                         campaign,
-                        weight: weight.max(1),
-                        vtime: class.vclock,
+                        weight: params.weight.max(1),
+                        vtime: group.vclock,
                         pending: Pending::default(),
                     },
                 );
                 i
             }
         };
-        class.flows[fi].pending.push(entry);
+        group.flows[fi].pending.push(entry);
         self.len += 1;
     }
 
@@ -204,11 +309,13 @@ impl FairQueue {
     ) -> usize {
         for k in 0..self.classes.len() {
             let class = &mut self.classes[k];
-            let Ok(i) = class.flows.binary_search_by_key(&campaign, |f| f.campaign) else {
+            let Some((gi, fi)) = class.find(campaign) else {
                 continue;
             };
-            let start = class.flows[i].vtime.max(class.vclock);
-            let n = class.take(i, start, now, max, out);
+            let g = &class.groups[gi];
+            let start = g.vtime.max(class.vclock);
+            let flow_start = g.flows[fi].vtime.max(g.vclock);
+            let n = class.take(gi, fi, start, flow_start, now, max, out);
             let lower = self.due_class(k + 1, now).is_some();
             self.charge(k, n, lower, share);
             self.finish_take(k, n);
@@ -229,7 +336,7 @@ impl FairQueue {
 
     fn finish_take(&mut self, k: usize, n: usize) {
         self.len -= n;
-        if self.classes[k].flows.is_empty() {
+        if self.classes[k].groups.is_empty() {
             self.classes.remove(k);
         }
     }
@@ -238,7 +345,7 @@ impl FairQueue {
     pub fn peek_due(&self) -> Option<u64> {
         self.classes
             .iter()
-            .flat_map(|c| &c.flows)
+            .flat_map(Class::flows)
             .filter_map(|f| f.pending.peek().map(|(due, _)| due))
             .min()
     }
@@ -246,8 +353,8 @@ impl FairQueue {
     /// Makes `campaign`'s entries due by `now` at the latest.
     pub fn expedite(&mut self, campaign: u32, now: u64) {
         for c in &mut self.classes {
-            if let Ok(i) = c.flows.binary_search_by_key(&campaign, |f| f.campaign) {
-                c.flows[i].pending.expedite(now);
+            if let Some((gi, fi)) = c.find(campaign) {
+                c.groups[gi].flows[fi].pending.expedite(now);
             }
         }
     }
@@ -264,7 +371,7 @@ impl FairQueue {
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.classes
             .iter()
-            .flat_map(|c| &c.flows)
+            .flat_map(Class::flows)
             .flat_map(|f| f.pending.iter())
     }
 
@@ -277,25 +384,26 @@ impl FairQueue {
     pub fn capacity(&self) -> usize {
         self.classes
             .iter()
-            .flat_map(|c| &c.flows)
+            .flat_map(Class::flows)
             .map(|f| f.pending.capacity())
             .sum()
     }
 
     /// Flows held, for the memory estimate.
     pub fn flow_count(&self) -> usize {
-        self.classes.iter().map(|c| c.flows.len()).sum()
+        self.classes.iter().map(|c| c.flows().count()).sum()
     }
 
     /// `campaign`'s place in this queue at `now`, if it has jobs here.
     pub fn flow_view(&self, campaign: u32, now: u64, share: f64) -> Option<FlowView> {
-        let (k, flow) = self.classes.iter().enumerate().find_map(|(k, c)| {
-            let i = c
-                .flows
-                .binary_search_by_key(&campaign, |f| f.campaign)
-                .ok()?;
-            Some((k, &c.flows[i]))
-        })?;
+        let (k, gi, fi) = self
+            .classes
+            .iter()
+            .enumerate()
+            .find_map(|(k, c)| c.find(campaign).map(|(gi, fi)| (k, gi, fi)))?;
+        let class = &self.classes[k];
+        let group = &class.groups[gi];
+        let flow = &group.flows[fi];
         let mut view = FlowView {
             pending: flow.pending.len(),
             next_due_ms: flow.pending.peek().map(|(due, _)| due),
@@ -313,13 +421,16 @@ impl FairQueue {
         if position + 1 < due.len() {
             class_share *= 1.0 - share;
         }
-        let weights: u64 = self.classes[k]
-            .flows
+        // Its tenant's share of the class, then its own of the tenant's.
+        let group_weights: u64 = class
+            .groups
             .iter()
-            .filter(|f| f.pending.is_due(now))
-            .map(|f| u64::from(f.weight))
+            .filter(|g| g.has_due(now))
+            .map(|g| u64::from(g.weight))
             .sum();
-        view.share = class_share * f64::from(flow.weight) / weights.max(1) as f64;
+        let group_share = f64::from(group.weight) / group_weights.max(1) as f64;
+        let weights = group.due_weight(now);
+        view.share = class_share * group_share * f64::from(flow.weight) / weights.max(1) as f64;
         Some(view)
     }
 }
@@ -327,6 +438,16 @@ impl FairQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parameters of a campaign of the default tenant.
+    fn fp(priority: u8, weight: u32) -> FlowParams {
+        FlowParams {
+            priority,
+            weight,
+            tenant: 0,
+            tenant_weight: 1,
+        }
+    }
 
     fn entry(campaign: u32, index: u32, due: u64) -> (u64, u64) {
         (due, (u64::from(campaign) << 32) | u64::from(index))
@@ -344,7 +465,7 @@ mod tests {
         let mut q = FairQueue::default();
         for &(c, p, w) in flows {
             for i in 0..n {
-                q.push(p, w, c, entry(c, i, 0));
+                q.push(fp(p, w), c, entry(c, i, 0));
             }
         }
         let mut got = vec![0; flows.len()];
@@ -406,14 +527,14 @@ mod tests {
         let mut q = FairQueue::default();
         let mut out = Vec::new();
         for i in 0..100 {
-            q.push(5, 1, 1, entry(1, i, 0));
+            q.push(fp(5, 1), 1, entry(1, i, 0));
         }
         for _ in 0..50 {
             q.pop(10, 1, 0.1, &mut out);
         }
         // Campaign 2 arrives late: from then on the two alternate.
         for i in 0..100 {
-            q.push(5, 1, 2, entry(2, i, 0));
+            q.push(fp(5, 1), 2, entry(2, i, 0));
         }
         out.clear();
         for _ in 0..10 {
@@ -428,8 +549,8 @@ mod tests {
     fn jobs_not_yet_due_wait_and_do_not_block_others() {
         let mut q = FairQueue::default();
         let mut out = Vec::new();
-        q.push(7, 1, 1, entry(1, 0, 500));
-        q.push(5, 1, 2, entry(2, 0, 0));
+        q.push(fp(7, 1), 1, entry(1, 0, 500));
+        q.push(fp(5, 1), 2, entry(2, 0, 0));
         assert_eq!(q.peek_due(), Some(0));
         assert_eq!(q.pop(10, 8, 0.1, &mut out), 1);
         assert_eq!(out, vec![entry(2, 0, 0)]);
@@ -447,9 +568,9 @@ mod tests {
         let mut q = FairQueue::default();
         let mut out = Vec::new();
         for i in 0..10 {
-            q.push(5, 3, 1, entry(1, i, 0));
-            q.push(5, 1, 2, entry(2, i, 0));
-            q.push(2, 1, 3, entry(3, i, 0));
+            q.push(fp(5, 3), 1, entry(1, i, 0));
+            q.push(fp(5, 1), 2, entry(2, i, 0));
+            q.push(fp(2, 1), 3, entry(3, i, 0));
         }
         assert_eq!(q.pop_campaign(2, 10, 4, 0.1, &mut out), 4);
         assert!(out.iter().all(|(_, id)| id >> 32 == 2));
@@ -460,5 +581,47 @@ mod tests {
         assert!((low.share - 0.1).abs() < 1e-9, "{low:?}");
         assert_eq!(q.flow_view(9, 10, 0.1), None);
         assert_eq!(q.by_priority().collect::<Vec<_>>(), vec![(5, 16), (2, 10)]);
+    }
+
+    #[test]
+    fn tenants_share_a_class_by_their_weights_whatever_their_campaigns() {
+        // Tenant 1 has ten campaigns, tenant 2 one: equal tenant weights split 1:1.
+        let mut q = FairQueue::default();
+        let tenant = |t: u32, w: u32| FlowParams {
+            priority: 5,
+            weight: 1,
+            tenant: t,
+            tenant_weight: w,
+        };
+        for c in 1..=10 {
+            for i in 0..1000 {
+                q.push(tenant(1, 1), c, entry(c, i, 0));
+            }
+        }
+        for i in 0..1000 {
+            q.push(tenant(2, 1), 11, entry(11, i, 0));
+        }
+        let count = |q: &mut FairQueue, takes: usize| {
+            let mut out = Vec::new();
+            for _ in 0..takes {
+                q.pop(10, 4, 0.1, &mut out);
+            }
+            out.iter().filter(|(_, id)| id >> 32 == 11).count()
+        };
+        assert_eq!(count(&mut q, 200), 400);
+        let v = q.flow_view(11, 10, 0.1).expect("campaign 11 has jobs");
+        assert!((v.share - 0.5).abs() < 1e-9, "{v:?}");
+        // Weights 3 (tenant 3) and 1 (tenant 4): three jobs to one.
+        let mut q = FairQueue::default();
+        for i in 0..1000 {
+            q.push(tenant(3, 3), 1, entry(1, i, 0));
+            q.push(tenant(4, 1), 2, entry(2, i, 0));
+        }
+        let mut out = Vec::new();
+        for _ in 0..400 {
+            q.pop(10, 1, 0.1, &mut out);
+        }
+        let second = out.iter().filter(|(_, id)| id >> 32 == 2).count();
+        assert_eq!(second, 100);
     }
 }

@@ -42,10 +42,14 @@ pub struct PendingJob {
 pub struct CampaignParams {
     /// 0 to [`fair::PRIORITY_MAX`]; higher is served first.
     pub priority: u8,
-    /// 1 to [`fair::WEIGHT_MAX`]: its share against campaigns of the same priority.
+    /// 1 to [`fair::WEIGHT_MAX`]: its share against its tenant's campaigns of the same
+    /// priority.
     pub weight: u32,
     /// At most this many of its jobs are let into the domain queues per period.
     pub max_rate: Option<Rate>,
+    /// Its tenant's number and weight (its share against other tenants).
+    pub tenant: u32,
+    pub tenant_weight: u32,
 }
 
 impl Default for CampaignParams {
@@ -54,6 +58,8 @@ impl Default for CampaignParams {
             priority: fair::PRIORITY_NORMAL,
             weight: 1,
             max_rate: None,
+            tenant: 0,
+            tenant_weight: 1,
         }
     }
 }
@@ -391,12 +397,15 @@ impl QueueIndex {
     }
 
     fn insert_fair(&mut self, params: CampaignParams, id: JobId, domain: DomainId, due: u64) {
-        self.queues[domain.0 as usize].pending.push(
-            params.priority,
-            params.weight,
-            id.campaign,
-            (due, u64::from(id)),
-        );
+        let flow = fair::FlowParams {
+            priority: params.priority,
+            weight: params.weight,
+            tenant: params.tenant,
+            tenant_weight: params.tenant_weight,
+        };
+        self.queues[domain.0 as usize]
+            .pending
+            .push(flow, id.campaign, (due, u64::from(id)));
         self.len += 1;
     }
 

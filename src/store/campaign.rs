@@ -104,6 +104,9 @@ pub struct CampaignRecord {
     /// What a breaker did to it (see [`crate::effects::guard`]).
     #[serde(flatten)]
     pub breaker: BreakerMark,
+    /// The tenant it belongs to (see [`crate::store::tenants`]); unset: the default tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A campaign's breaker state: why a breaker paused it, and whether an operator resumed it
@@ -252,6 +255,13 @@ impl CampaignRecord {
                 .iter()
                 .map(|a| a.content_base64.len())
                 .sum::<usize>()
+    }
+
+    /// Its tenant's name.
+    pub fn tenant(&self) -> &str {
+        self.tenant
+            .as_deref()
+            .unwrap_or(crate::config::DEFAULT_TENANT)
     }
 
     /// A stream's bucket, whose jobs are messages with records of their own.
@@ -600,6 +610,15 @@ impl Campaign {
     }
 }
 
+/// The key of a bucket among the streams: its tenant, stream and priority.
+fn stream_key(r: &CampaignRecord, stream: &str) -> (String, String, Option<u8>) {
+    (
+        r.tenant().to_owned(),
+        stream.to_owned(),
+        r.schedule.priority,
+    )
+}
+
 /// A campaign change as the cluster's change stream carries it (cluster mode): a campaign
 /// created on one node is created on every node, which then take recipient uploads for it
 /// (each delivers the recipients it accepted), and a state change made on one node is made on
@@ -678,7 +697,7 @@ struct RegistryInner {
     by_id: HashMap<Uuid, Arc<Campaign>>,
     by_seq: HashMap<u32, Arc<Campaign>>,
     /// The newest bucket of each stream and priority (unset: the default for messages).
-    streams: HashMap<(String, Option<u8>), Arc<Campaign>>,
+    streams: HashMap<(String, String, Option<u8>), Arc<Campaign>>,
     next_seq: u32,
     /// Campaigns moved to the archive (not held here).
     archived: u64,
@@ -713,7 +732,7 @@ impl Registry {
             .as_ref()
             .filter(|_| campaign.record.is_bucket())
         {
-            let key = (stream.clone(), campaign.record.schedule.priority);
+            let key = stream_key(&campaign.record, stream);
             let newer = g.streams.get(&key).is_none_or(|c| c.seq < campaign.seq);
             if newer {
                 g.streams.insert(key, Arc::clone(&campaign));
@@ -729,7 +748,7 @@ impl Registry {
         g.by_id.remove(&campaign.record.id);
         g.by_seq.remove(&campaign.seq);
         if let Some(stream) = &campaign.record.stream {
-            let key = (stream.clone(), campaign.record.schedule.priority);
+            let key = stream_key(&campaign.record, stream);
             if g.streams.get(&key).is_some_and(|c| c.seq == campaign.seq) {
                 g.streams.remove(&key);
             }
@@ -751,12 +770,18 @@ impl Registry {
     }
 
     /// The newest bucket of `stream` for messages of `priority`, if it has one.
-    pub fn stream(&self, stream: &str, priority: Option<u8>) -> Option<Arc<Campaign>> {
+    /// The newest bucket of `tenant`'s `stream` for messages of `priority`.
+    pub fn stream(
+        &self,
+        tenant: &str,
+        stream: &str,
+        priority: Option<u8>,
+    ) -> Option<Arc<Campaign>> {
         self.inner
             .read()
             .expect("registry lock")
             .streams
-            .get(&(stream.to_owned(), priority))
+            .get(&(tenant.to_owned(), stream.to_owned(), priority))
             .cloned()
     }
 
@@ -819,6 +844,7 @@ mod tests {
             raw: None,
             guard: None,
             breaker: Default::default(),
+            tenant: None,
         }
     }
 

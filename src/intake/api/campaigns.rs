@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -16,14 +17,15 @@ use uuid::Uuid;
 use super::idempotency::{self, IdempotencyCheck};
 use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{
-    ApiError, ApiResult, AppState, ListQuery, json_response, list_limit, now_ms, parse_json,
-    read_body, require_content_type,
+    ApiError, ApiResult, AppState, ListQuery, admit_recipients, check_sending_domain,
+    json_response, list_limit, now_ms, parse_json, read_body, require_content_type,
 };
 use crate::intake::ingest::{self, ComposeRequest, FieldError, RecipientRules, Rejected, Upload};
 use crate::node::Node;
 use crate::store::campaign::{
     ArchivedCampaign, Campaign, CampaignKind, CampaignRecord, CampaignState, Change, CountsSnapshot,
 };
+use crate::store::tenants::Caller;
 
 /// Collects per-recipient rejections, keeping at most `cap` of them.
 pub(super) struct RejectList {
@@ -112,13 +114,14 @@ pub(super) const JSON: &[&str] = &["application/json"];
 /// within the limits.
 pub(super) async fn read_compose(
     node: &Arc<Node>,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Body,
     route: &str,
     types: &[&str],
 ) -> Result<Composed, ApiError> {
     require_content_type(headers, types)?;
-    let idem = match idempotency::check(node, headers, route.to_owned()).await? {
+    let idem = match idempotency::check(node, headers, caller, route.to_owned()).await? {
         IdempotencyCheck::Replay(resp) => return Ok(Composed::Replay(resp)),
         IdempotencyCheck::Fresh(i) => Some(i),
         IdempotencyCheck::None => None,
@@ -134,10 +137,16 @@ pub(super) async fn read_compose(
 }
 
 /// `POST /v1/campaigns`: a new campaign and its recipients, atomically.
-pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+pub(super) async fn create(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     let node = &s.node;
     let limits = &node.config.limits;
-    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/campaigns", JSON).await? {
+    let route = "POST /v1/campaigns";
+    let (idem, body) = match read_compose(node, &caller, &headers, body, route, JSON).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };
@@ -171,6 +180,7 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
     let (mut record, rules) =
         ingest::validate_campaign(fields, CampaignKind::Bulk, limits, now_ms())
             .map_err(ApiError::invalid)?;
+    take_tenant(&caller, &mut record)?;
     check_pool(node, &record)?;
     check_preflight(node, &record.from).await?;
     // A campaign from a sending domain whose breaker is tripped starts paused.
@@ -220,9 +230,11 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
         }
     }
     let accepted = upload.len();
+    let quota = admit_recipients(node, &caller, accepted as u64)?;
     let body = accepted_body(json!({"id": id}), accepted, suppressed, rejected);
     upload
         .commit(|batch| {
+            quota.stage(batch);
             batch.put_campaign(seq, &record_bytes);
             if let Some(i) = &idem {
                 i.put(batch, StatusCode::ACCEPTED, &body);
@@ -233,7 +245,19 @@ pub(super) async fn create(State(s): State<AppState>, headers: HeaderMap, body: 
             }
         })
         .await?;
+    quota.confirm();
     Ok(json_response(StatusCode::ACCEPTED, body))
+}
+
+/// Makes `record` the caller's tenant's: 422 naming `from` outside its sending domains; its
+/// pool when the record names none.
+pub(super) fn take_tenant(caller: &Caller, record: &mut CampaignRecord) -> Result<(), ApiError> {
+    check_sending_domain(caller, &record.from)?;
+    record.tenant = crate::store::tenants::record_field(caller.tenant.name());
+    if record.pool.is_none() {
+        record.pool.clone_from(&caller.tenant.spec.pool);
+    }
+    Ok(())
 }
 
 /// With `preflight.enforce`: 422 naming `from` when its domain fails an authentication check.
@@ -287,28 +311,43 @@ fn join_field(prefix: &str, field: &str) -> String {
 
 /// A campaign that can still change (not archived): 404 when there is no such campaign, 409
 /// when it is archived.
-async fn find_campaign(node: &Arc<Node>, id: &str) -> Result<Arc<Campaign>, ApiError> {
-    match find_any(node, id).await? {
+async fn find_campaign(
+    node: &Arc<Node>,
+    caller: &Caller,
+    id: &str,
+) -> Result<Arc<Campaign>, ApiError> {
+    match find_any(node, caller, id).await? {
         (c, false) => Ok(c),
         (_, true) => Err(archived(id)),
     }
 }
 
-/// The campaign `id`, in memory or, failing that, read from the archive (then `true`: it is
-/// registered nowhere and cannot change).
-async fn find_any(node: &Arc<Node>, id: &str) -> Result<(Arc<Campaign>, bool), ApiError> {
+/// The caller's tenant's campaign `id`, in memory or, failing that, read from the archive
+/// (then `true`: it is registered nowhere and cannot change). Another tenant's is not found,
+/// as if it did not exist.
+async fn find_any(
+    node: &Arc<Node>,
+    caller: &Caller,
+    id: &str,
+) -> Result<(Arc<Campaign>, bool), ApiError> {
     let uuid = Uuid::parse_str(id).map_err(|_| not_found(id))?;
-    if let Some(c) = node.campaigns.get(&uuid) {
-        return Ok((c, false));
-    }
-    let n = Arc::clone(node);
-    let stored = tokio::task::spawn_blocking(move || n.spool.get_archived(uuid.as_bytes()))
-        .await
-        .map_err(|e| ApiError::internal("archive read task", e))??;
-    let Some((seq, bytes)) = stored else {
-        return Err(not_found(id));
+    let found = match node.campaigns.get(&uuid) {
+        Some(c) => (c, false),
+        None => {
+            let n = Arc::clone(node);
+            let stored = tokio::task::spawn_blocking(move || n.spool.get_archived(uuid.as_bytes()))
+                .await
+                .map_err(|e| ApiError::internal("archive read task", e))??;
+            let Some((seq, bytes)) = stored else {
+                return Err(not_found(id));
+            };
+            (Arc::new(from_archive(seq, &bytes)?), true)
+        }
     };
-    Ok((Arc::new(from_archive(seq, &bytes)?), true))
+    if found.0.record.tenant() != caller.tenant.name() {
+        return Err(not_found(id));
+    }
+    Ok(found)
 }
 
 /// An archived campaign as stored, made a campaign to show.
@@ -435,8 +474,12 @@ fn guard_json(node: &Node, c: &Campaign) -> Value {
 /// the queue: recipients waiting in domain queues and for its `max_rate`, the share of its
 /// domains' sending it gets now, and when its next recipient may be attempted. `guard` shows
 /// its breaker rates.
-pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let (c, archived) = find_any(&s.node, &id).await?;
+pub(super) async fn get(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let (c, archived) = find_any(&s.node, &caller, &id).await?;
     let mut v = campaign_json(&c);
     if !archived {
         v["guard"] = guard_json(&s.node, &c);
@@ -496,28 +539,67 @@ async fn add_cluster_counts(cluster: &crate::cluster::Cluster, c: &Campaign, v: 
 /// newest first. A campaign still in memory can be older than an archived one (it has not
 /// finished), so the whole list is not strictly by age. A campaign archived while the list is
 /// read may show in both parts.
-pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
+///
+/// A tenant's key lists that tenant's campaigns only; `total` is then its campaigns in memory
+/// plus those in the archive page read (the archive is not counted by tenant).
+pub(super) async fn list(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
     let limit = list_limit(&q)?;
-    let all = s.node.campaigns.all();
+    let tenant = caller.tenant.name();
+    let all: Vec<Arc<Campaign>> = s
+        .node
+        .campaigns
+        .all()
+        .into_iter()
+        .filter(|c| c.record.tenant() == tenant)
+        .collect();
     let mut campaigns: Vec<serde_json::Value> =
         all.iter().take(limit).map(|c| campaign_json(c)).collect();
     let archived = s.node.campaigns.archived();
-    let wanted = limit - campaigns.len();
-    if wanted > 0 && archived > 0 {
+    let mut archived_seen = 0u64;
+    let mut after = None;
+    // The archive holds every tenant's campaigns: read it a page at a time until enough of
+    // this tenant's are found or it ends.
+    while campaigns.len() < limit && archived > 0 {
         let n = Arc::clone(&s.node);
-        let page = tokio::task::spawn_blocking(move || n.spool.archived_page(None, wanted))
+        let page_size = (limit - campaigns.len()).max(100);
+        let page = tokio::task::spawn_blocking(move || n.spool.archived_page(after, page_size))
             .await
             .map_err(|e| ApiError::internal("archive read task", e))??;
+        let done = page.len() < page_size;
         for (seq, bytes) in page {
-            campaigns.push(campaign_json(&from_archive(seq, &bytes)?));
+            after = Some(seq);
+            let c = from_archive(seq, &bytes)?;
+            if c.record.tenant() == tenant {
+                archived_seen += 1;
+                if campaigns.len() < limit {
+                    campaigns.push(campaign_json(&c));
+                }
+            }
+        }
+        if done {
+            break;
         }
     }
-    let total = all.len() as u64 + archived;
+    let total = if caller.tenant.is_default() && s.node.tenants.all().len() == 1 {
+        all.len() as u64 + archived
+    } else {
+        all.len() as u64 + archived_seen
+    };
     Ok(axum::Json(json!({"campaigns": campaigns, "total": total})).into_response())
 }
 
-async fn change_state(s: &AppState, id: &str, to: CampaignState, force: bool) -> ApiResult {
-    let c = find_campaign(&s.node, id).await?;
+async fn change_state(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+    to: CampaignState,
+    force: bool,
+) -> ApiResult {
+    let c = find_campaign(&s.node, caller, id).await?;
     let from = c.state();
     if from == CampaignState::Cancelled && to != CampaignState::Cancelled {
         return Err(ApiError::new(
@@ -602,34 +684,44 @@ pub(super) struct ForceQuery {
     pub(super) force: bool,
 }
 
-pub(super) async fn pause(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    change_state(&s, &id, CampaignState::Paused, false).await
+pub(super) async fn pause(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    change_state(&s, &caller, &id, CampaignState::Paused, false).await
 }
 
 /// `POST /v1/campaigns/{id}/resume[?force=true]`: see [`resume_mark`] for a campaign a breaker
 /// paused.
 pub(super) async fn resume(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<ForceQuery>,
 ) -> ApiResult {
-    change_state(&s, &id, CampaignState::Active, q.force).await
+    change_state(&s, &caller, &id, CampaignState::Active, q.force).await
 }
 
-pub(super) async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    change_state(&s, &id, CampaignState::Cancelled, false).await
+pub(super) async fn cancel(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    change_state(&s, &caller, &id, CampaignState::Cancelled, false).await
 }
 
 /// `POST /v1/campaigns/{id}/recipients`: an NDJSON stream of `{email, vars?}`, parsed as it
 /// arrives and committed at the end: all accepted lines become visible at once, or none do.
 pub(super) async fn add_recipients(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
     let node = &s.node;
-    let campaign = find_campaign(node, &id).await?;
+    let campaign = find_campaign(node, &caller, &id).await?;
     if campaign.state() == CampaignState::Cancelled {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -648,6 +740,7 @@ pub(super) async fn add_recipients(
     let idem = match idempotency::check(
         node,
         &headers,
+        &caller,
         format!("POST /v1/campaigns/{}/recipients", campaign.record.id),
     )
     .await?
@@ -695,6 +788,7 @@ pub(super) async fn add_recipients(
         ..
     } = lines;
     let accepted = upload.len();
+    let quota = admit_recipients(node, &caller, accepted as u64)?;
     let body = accepted_body(
         json!({"id": campaign.record.id}),
         accepted,
@@ -703,11 +797,13 @@ pub(super) async fn add_recipients(
     );
     upload
         .commit(|batch| {
+            quota.stage(batch);
             if let Some(i) = &idem {
                 i.put(batch, StatusCode::ACCEPTED, &body);
             }
         })
         .await?;
+    quota.confirm();
     Ok(json_response(StatusCode::ACCEPTED, body))
 }
 

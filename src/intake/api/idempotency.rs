@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use super::{ApiError, now_ms};
 use crate::node::Node;
 use crate::store::spool::{SpoolBatch, SpoolError};
+use crate::store::tenants::Caller;
 
 /// An `Idempotency-Key` being served: stored with the response in the same commit.
 pub(super) struct Idempotency {
@@ -57,9 +58,12 @@ pub(super) enum IdempotencyCheck {
     Replay(Response),
 }
 
+/// Checks the request's `Idempotency-Key`, which is the caller's tenant's own: two tenants may
+/// use the same key.
 pub(super) async fn check(
     node: &Arc<Node>,
     headers: &HeaderMap,
+    caller: &Caller,
     route: String,
 ) -> Result<IdempotencyCheck, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
@@ -78,6 +82,13 @@ pub(super) async fn check(
             "must be 1 to 255 printable ASCII characters without spaces",
         ));
     }
+    // The default tenant's keys are stored as they were before tenants; a tenant's behind its
+    // name and a NUL, which no key holds.
+    let key = if caller.tenant.is_default() {
+        key
+    } else {
+        format!("{}\0{key}", caller.tenant.name())
+    };
     {
         let mut set = node.idempotency_in_flight.lock().expect("idempotency lock");
         if !set.insert(key.clone()) {

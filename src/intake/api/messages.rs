@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -16,18 +17,25 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::campaigns::{Composed, JSON, RejectList, SuppressedList, accepted_body, read_compose};
-use super::{ApiError, ApiResult, AppState, json_response, now_ms, parse_json};
+use super::{ApiError, ApiResult, AppState, admit_recipients, json_response, now_ms, parse_json};
 use crate::intake::address::Address;
 use crate::intake::ingest::{self, ComposeRequest, FieldError, Upload};
 use crate::intake::raw;
-use crate::node::{BucketError, Node};
+use crate::node::BucketError;
 use crate::store::campaign::CampaignKind;
 use crate::store::spool::{JobId, JobRecord};
+use crate::store::tenants::Caller;
 
-pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+pub(super) async fn send(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     let node = &s.node;
     let limits = &node.config.limits;
-    let (idem, body) = match read_compose(node, &headers, body, "POST /v1/messages", JSON).await? {
+    let route = "POST /v1/messages";
+    let (idem, body) = match read_compose(node, &caller, &headers, body, route, JSON).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };
@@ -46,6 +54,7 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
     let (mut record, rules) =
         ingest::validate_campaign(fields, CampaignKind::Transactional, limits, now)
             .map_err(ApiError::invalid)?;
+    super::campaigns::take_tenant(&caller, &mut record)?;
     super::campaigns::check_pool(node, &record)?;
     let valid =
         ingest::check_recipient(to, recipients.vars, &rules, limits).map_err(|(_, e)| {
@@ -60,7 +69,11 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
             })
         })?;
     let stream = record.stream.clone().unwrap_or_default();
-    let bucket = bucket(node, &stream, record.schedule.priority, now).await?;
+    let quota = admit_recipients(node, &caller, 1)?;
+    let bucket = node
+        .stream_bucket(caller.tenant.name(), &stream, record.schedule.priority, now)
+        .await
+        .map_err(bucket_error)?;
     // The message is reported under its bucket: its Message-ID and events name the bucket.
     record.id = bucket.record.id;
     let mut upload = Upload::for_message(Arc::clone(node), Arc::clone(&bucket), record)?;
@@ -79,11 +92,13 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
     );
     upload
         .commit(|batch| {
+            quota.stage(batch);
             if let Some(i) = &idem {
                 i.put(batch, StatusCode::ACCEPTED, &body);
             }
         })
         .await?;
+    quota.confirm();
     Ok(json_response(StatusCode::ACCEPTED, body))
 }
 
@@ -93,6 +108,7 @@ pub(super) async fn send(State(s): State<AppState>, headers: HeaderMap, body: Bo
 /// (kept with it; none is sent for mail taken over HTTP).
 pub(super) async fn send_raw(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
@@ -100,7 +116,7 @@ pub(super) async fn send_raw(
     let node = &s.node;
     let Query(pairs) = query.map_err(|e| ApiError::invalid_field("query", e.body_text()))?;
     let route = "POST /v1/messages/raw";
-    let (idem, body) = match read_compose(node, &headers, body, route, RFC822).await? {
+    let (idem, body) = match read_compose(node, &caller, &headers, body, route, RFC822).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };
@@ -155,6 +171,7 @@ pub(super) async fn send_raw(
             node.config.delivery.ehlo_name,
             raw::rfc2822_date(now_ms())
         )),
+        tenant: Some(Arc::clone(&caller.tenant)),
     };
     let cap = node.config.limits.max_rejected_reported;
     let queued = raw::ingest(node, submission, |q, batch| {
@@ -167,6 +184,7 @@ pub(super) async fn send_raw(
         raw::IngestError::Invalid(f) => ApiError::invalid(f),
         raw::IngestError::Upload(u) => u.into(),
         raw::IngestError::Bucket(b) => bucket_error(b),
+        raw::IngestError::Quota(q) => super::quota_error(&caller, 0, q),
     })?;
     Ok(json_response(
         StatusCode::ACCEPTED,
@@ -201,21 +219,14 @@ fn bucket_error(e: BucketError) -> ApiError {
     }
 }
 
-async fn bucket(
-    node: &Arc<Node>,
-    stream: &str,
-    priority: Option<u8>,
-    now: u64,
-) -> Result<Arc<crate::store::campaign::Campaign>, ApiError> {
-    node.stream_bucket(stream, priority, now)
-        .await
-        .map_err(bucket_error)
-}
-
 /// `GET /v1/messages/{id}`: a message (the id its 202 gave) or a campaign recipient (a job id
 /// from an event or the delivery log): recipient, state, and every attempt, fate and later
 /// report with its reply, oldest first. 404 once retention has deleted its tombstone.
-pub(super) async fn show(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+pub(super) async fn show(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let job: JobId = id.parse().map_err(|()| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -234,6 +245,8 @@ pub(super) async fn show(State(s): State<AppState>, Path(id): Path<String>) -> A
     .await
     .map_err(|e| ApiError::internal("message read task", e))?
     .map_err(ApiError::from)?;
+    // Another tenant's message is not found, as if it did not exist.
+    let found = found.filter(|((c, _), _)| c.record.tenant() == caller.tenant.name());
     let Some(((campaign, bytes), history)) = found else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -11,6 +11,7 @@
 //! * [`domains`]: `GET /v1/domains`, `GET /v1/queue`, suspend / resume a domain.
 //!   [`sending_domains`]: `/v1/sending-domains…`, the From domains' breaker state and rates.
 //!   [`tls_reports`]: `GET /v1/tls-reports`, today's TLS reporting counts and MTA-STS policies.
+//! * [`admin`]: `/v1/admin/…`, tenants and API keys (operator keys only).
 //! * [`idempotency`]: `Idempotency-Key`. [`lines`]: the line-by-line reader of both uploads.
 //!
 //! Handlers validate through [`crate::intake::ingest`] and persist through the spool; they never speak
@@ -27,9 +28,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
-use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
+mod admin;
 mod campaigns;
 mod cluster;
 mod domains;
@@ -50,6 +51,7 @@ use error::ApiResult;
 pub use idempotency::expire as expire_idempotency;
 
 use crate::node::Node;
+use crate::store::tenants::{Caller, QuotaExceeded, Reservation};
 
 #[derive(Clone)]
 struct AppState {
@@ -79,7 +81,8 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
         slots: Arc::new(Semaphore::new(node.config.http.max_concurrent_requests)),
         node,
     };
-    let v1 = Router::new()
+    // What a tenant's key may use: its own campaigns, messages, suppressions, sending domains.
+    let tenant = Router::new()
         .route("/campaigns", post(campaigns::create).get(campaigns::list))
         .route("/campaigns/{id}", get(campaigns::get))
         .route(
@@ -101,6 +104,14 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
                 .put(suppressions::put)
                 .delete(suppressions::delete),
         )
+        .route("/sending-domains", get(sending_domains::list))
+        .route("/sending-domains/{domain}", get(sending_domains::get))
+        .route(
+            "/sending-domains/{domain}/resume",
+            post(sending_domains::resume),
+        );
+    // The operator's keys only: the fleet's destinations, sources, reports and tenants.
+    let operator = Router::new()
         .route("/feedback", post(feedback::post))
         .route("/inbound", get(inbound::list))
         .route("/inbound/{id}", get(inbound::get).delete(inbound::delete))
@@ -113,12 +124,16 @@ pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) 
         .route("/tls-reports", get(tls_reports::today))
         .route("/domains/{domain}/suspend", post(domains::suspend))
         .route("/domains/{domain}/resume", post(domains::resume))
-        .route("/sending-domains", get(sending_domains::list))
-        .route("/sending-domains/{domain}", get(sending_domains::get))
         .route(
-            "/sending-domains/{domain}/resume",
-            post(sending_domains::resume),
+            "/admin/tenants",
+            get(admin::tenants).post(admin::add_tenant),
         )
+        .route("/admin/tenants/{name}", get(admin::tenant))
+        .route("/admin/keys", get(admin::keys).post(admin::add_key))
+        .route("/admin/keys/{id}", axum::routing::delete(admin::revoke_key))
+        .route_layer(middleware::from_fn(operator_only));
+    let v1 = tenant
+        .merge(operator)
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route")
         })
@@ -184,9 +199,30 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
         return ApiError::unavailable("recovering", "the spool is being recovered; retry shortly")
             .into_response();
     }
-    if let Err(e) = authenticate(&s.node, req.headers()) {
-        return e.into_response();
+    let caller = match authenticate(&s.node, req.headers()) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(wait) = caller.tenant.admit_request() {
+        let secs = wait.as_secs_f64().ceil() as u64;
+        return too_many(
+            &caller,
+            "rate_limited",
+            format!(
+                "tenant {:?} may make {} API requests; retry after {secs} s",
+                caller.tenant.name(),
+                caller
+                    .tenant
+                    .spec
+                    .rate
+                    .map_or_else(String::new, |r| r.to_string())
+            ),
+            secs,
+        )
+        .into_response();
     }
+    let mut req = req;
+    req.extensions_mut().insert(caller);
     let Ok(_slot) = Arc::clone(&s.slots).try_acquire_owned() else {
         return ApiError::unavailable("overloaded", "too many requests in progress; retry shortly")
             .into_response();
@@ -194,7 +230,24 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
     next.run(req).await
 }
 
-fn authenticate(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Lets only the operator's keys through (after [`guard`] has named the caller).
+async fn operator_only(req: Request, next: Next) -> Response {
+    let admin = req.extensions().get::<Caller>().is_some_and(Caller::admin);
+    if admin {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "operator_only",
+            "this route takes the operator's keys ([auth] api_keys), not a tenant's",
+        )
+        .field("Authorization")
+        .into_response()
+    }
+}
+
+/// The caller a request's bearer key stands for (see [`crate::store::tenants`]).
+fn authenticate(node: &Node, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let unauthorized =
         |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m).field("Authorization");
     let value = headers
@@ -209,17 +262,85 @@ fn authenticate(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
         })
         .ok_or_else(|| unauthorized("the Authorization header must be 'Bearer <API key>'"))?
         .trim();
-    // Compare against every key without stopping early, so timing reveals neither which key nor
-    // how much of it matched.
-    let mut ok = subtle::Choice::from(0u8);
-    for key in &node.config.auth.api_keys {
-        ok |= key.as_bytes().ct_eq(token.as_bytes());
+    node.tenants
+        .authenticate(token.as_bytes())
+        .ok_or_else(|| unauthorized("invalid API key"))
+}
+
+/// 429 `code` for `caller`'s tenant (counted): come back in `retry_after` seconds.
+fn too_many(caller: &Caller, code: &'static str, message: String, retry_after: u64) -> ApiError {
+    crate::metrics::TENANT_REFUSED
+        .with_label_values(&[caller.tenant.label.as_str(), code])
+        .inc();
+    ApiError {
+        retry_after: Some(retry_after.max(1)),
+        ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
     }
-    if bool::from(ok) {
-        Ok(())
+}
+
+/// Holds `n` recipients of the caller's tenant's limits until the request commits: 429 (and
+/// nothing accepted) when they would take it past its `max_queued` or its `daily_quota`.
+fn admit_recipients(node: &Node, caller: &Caller, n: u64) -> Result<Reservation, ApiError> {
+    let tenant = &caller.tenant;
+    if let Some(max) = tenant.spec.max_queued {
+        let queued: u64 = node
+            .campaigns
+            .all()
+            .iter()
+            .filter(|c| c.record.tenant() == tenant.name())
+            .map(|c| c.counts.snapshot().queued)
+            .sum();
+        if queued.saturating_add(n) > max {
+            return Err(too_many(
+                caller,
+                "max_queued",
+                format!(
+                    "tenant {:?} has {queued} recipients queued and may have {max}; these {n} were not accepted: retry when some have been sent",
+                    tenant.name()
+                ),
+                60,
+            ));
+        }
+    }
+    tenant
+        .reserve(n, now_ms())
+        .map_err(|q| quota_error(caller, n, q))
+}
+
+/// 429 `daily_quota_exceeded` for `n` recipients (0: the request's) over the caller's quota.
+fn quota_error(caller: &Caller, n: u64, q: QuotaExceeded) -> ApiError {
+    let these = if n == 0 {
+        "this request's recipients were".to_owned()
     } else {
-        Err(unauthorized("invalid API key"))
+        format!("these {n} were")
+    };
+    too_many(
+        caller,
+        "daily_quota_exceeded",
+        format!(
+            "tenant {:?} may have {} recipients accepted a day (UTC) and has had {}; {these} not accepted",
+            caller.tenant.name(),
+            q.quota,
+            q.used
+        ),
+        q.retry_after_s,
+    )
+}
+
+/// 422 naming `from` when the caller's tenant may not send as `from`'s domain.
+fn check_sending_domain(caller: &Caller, from: &str) -> Result<(), ApiError> {
+    let domain = crate::effects::guard::domain_of(from);
+    if caller.tenant.may_send_as(&domain) {
+        return Ok(());
     }
+    Err(ApiError::invalid_field(
+        "from",
+        format!(
+            "{domain} is not a sending domain of tenant {:?} (its sending_domains are {}); nothing was accepted",
+            caller.tenant.name(),
+            caller.tenant.spec.sending_domains.join(", ")
+        ),
+    ))
 }
 
 fn now_ms() -> u64 {

@@ -6,6 +6,7 @@
 //! shows its authentication preflight ([`crate::outbound::preflight`], kept for
 //! `preflight.ttl`).
 
+use axum::Extension;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -17,6 +18,7 @@ use super::{ApiError, ApiResult, AppState};
 use crate::effects::guard::{self, DomainView, Level, Sample};
 use crate::node::Node;
 use crate::store::campaign::CampaignState;
+use crate::store::tenants::Caller;
 
 /// Rates of a span, in percent (4 decimals); `null` with nothing to divide by.
 fn rates(s: &Sample) -> Value {
@@ -114,18 +116,29 @@ async fn full_view(node: &Node, domain: &str) -> Value {
 }
 
 /// `GET /v1/sending-domains`.
-pub(super) async fn list(State(s): State<AppState>) -> ApiResult {
+///
+/// A tenant's key sees the domains it may send as only.
+pub(super) async fn list(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult {
     let mut domains = Vec::new();
     for d in known(&s.node) {
-        domains.push(full_view(&s.node, &d).await);
+        if caller.tenant.may_send_as(&d) {
+            domains.push(full_view(&s.node, &d).await);
+        }
     }
     Ok(axum::Json(json!({"sending_domains": domains})).into_response())
 }
 
 /// `GET /v1/sending-domains/{domain}`: 404 for a domain nothing was sent from and no key signs.
-pub(super) async fn get(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
+pub(super) async fn get(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(raw): Path<String>,
+) -> ApiResult {
     let domain = normalise_domain(&raw)?;
-    if !known(&s.node).contains(&domain) {
+    if !caller.tenant.may_send_as(&domain) || !known(&s.node).contains(&domain) {
         return Err(not_found(&domain));
     }
     Ok(axum::Json(full_view(&s.node, &domain).await).into_response())
@@ -146,11 +159,15 @@ fn not_found(domain: &str) -> ApiError {
 /// its breaker for one window; 409 `breaker_tripped` otherwise.
 pub(super) async fn resume(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     Query(q): Query<ForceQuery>,
 ) -> ApiResult {
     let node = &s.node;
     let domain = normalise_domain(&raw)?;
+    if !caller.tenant.may_send_as(&domain) {
+        return Err(not_found(&domain));
+    }
     let now = crate::now_ms();
     let config = &node.config.guard;
     let view = node.guard.view(config, &domain, now);

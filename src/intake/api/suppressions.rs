@@ -2,11 +2,17 @@
 //! list by cursor, and bulk import (CSV or NDJSON, streamed through the shared line reader) and
 //! export (streamed as the spool is scanned).
 //!
+//! Each key works on its tenant's list: a tenant's entries, or for the operator's keys the
+//! operator's list, which applies to every tenant's mail. Scopes are shown and taken as
+//! `global`/`*` or a domain; how a tenant's are stored is
+//! [`crate::effects::suppression::stored_scope`].
+//!
 //! Handlers only: entries, their index and the one write path live in [`crate::effects::suppression`].
 //! Spool reads and scans run on the blocking pool.
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -15,8 +21,59 @@ use serde_json::json;
 
 use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{ApiError, ApiResult, AppState, now_ms, parse_json, read_body};
+use crate::effects::suppression::{Entry, split_scope, stored_scope};
 use crate::node::Node;
 use crate::store::spool::SpoolError;
+use crate::store::tenants::Caller;
+
+/// Whose list a stored scope is on: its tenant's name (the operator's: the default tenant).
+fn owner(stored: &str) -> &str {
+    split_scope(stored)
+        .0
+        .unwrap_or(crate::config::DEFAULT_TENANT)
+}
+
+/// An entry as its tenant sees it: the scope without the tenant.
+fn shown(mut e: Entry) -> Entry {
+    e.scope = split_scope(&e.scope).1.to_owned();
+    e
+}
+
+/// What a scan of the spool's suppressions does with a key for `tenant`'s list: where it
+/// starts, and per key whether it is the tenant's (`Some(true)`), another's (`Some(false)`), or
+/// past the tenant's keys (`None`: stop).
+struct ListKeys {
+    prefix: Option<Vec<u8>>,
+}
+
+impl ListKeys {
+    fn of(tenant: &str) -> ListKeys {
+        ListKeys {
+            prefix: (tenant != crate::config::DEFAULT_TENANT)
+                .then(|| format!("{tenant}:").into_bytes()),
+        }
+    }
+
+    /// The key to scan after: `after`, or the start of the tenant's keys.
+    fn start(&self, after: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        match (&self.prefix, after) {
+            (Some(p), Some(a)) if a < *p => Some(p.clone()),
+            (Some(p), None) => Some(p.clone()),
+            (_, a) => a,
+        }
+    }
+
+    fn classify(&self, key: &[u8]) -> Option<bool> {
+        match &self.prefix {
+            Some(p) => key.starts_with(p).then_some(true),
+            // The operator's: a scope without a colon.
+            None => {
+                let scope = key.split(|&b| b == 0).next().unwrap_or(key);
+                Some(!scope.contains(&b':'))
+            }
+        }
+    }
+}
 
 fn suppression_address(raw: &str) -> Result<String, ApiError> {
     crate::effects::suppression::normalise(raw)
@@ -40,12 +97,19 @@ fn suppression_scope(raw: Option<&str>) -> Result<Option<String>, ApiError> {
     .transpose()
 }
 
-/// The stored entries of one address, in every scope. Blocking reads go to the blocking pool.
+/// The stored entries of one address on `tenant`'s list, in every scope (shown as the tenant
+/// sees them). Blocking reads go to the blocking pool.
 async fn suppression_entries(
     node: &Arc<Node>,
+    tenant: &str,
     address: &str,
-) -> Result<Vec<crate::effects::suppression::Entry>, ApiError> {
-    let scopes = node.suppressions.scopes(address);
+) -> Result<Vec<Entry>, ApiError> {
+    let scopes: Vec<String> = node
+        .suppressions
+        .scopes(address)
+        .into_iter()
+        .filter(|s| owner(s) == tenant)
+        .collect();
     let node = Arc::clone(node);
     let address = address.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -53,9 +117,9 @@ async fn suppression_entries(
         for scope in scopes {
             let key = crate::effects::suppression::key(&scope, &address);
             if let Some(v) = node.spool.get_suppression(&key)?
-                && let Ok(e) = crate::effects::suppression::Entry::decode(&v)
+                && let Ok(e) = Entry::decode(&v)
             {
-                out.push(e);
+                out.push(shown(e));
             }
         }
         Ok::<_, SpoolError>(out)
@@ -76,9 +140,13 @@ fn not_suppressed(address: &str, list: &str) -> ApiError {
 }
 
 /// `GET /v1/suppressions/{address}`: the address's entries (global and per sending domain).
-pub(super) async fn get(State(s): State<AppState>, Path(raw): Path<String>) -> ApiResult {
+pub(super) async fn get(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(raw): Path<String>,
+) -> ApiResult {
     let address = suppression_address(&raw)?;
-    let entries = suppression_entries(&s.node, &address).await?;
+    let entries = suppression_entries(&s.node, caller.tenant.name(), &address).await?;
     if entries.is_empty() {
         return Err(not_suppressed(&address, "any suppression list"));
     }
@@ -101,6 +169,7 @@ struct PutSuppression {
 /// address is stopped when delivery reaches it.
 pub(super) async fn put(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     body: Body,
 ) -> ApiResult {
@@ -126,9 +195,9 @@ pub(super) async fn put(
             "at most 256 bytes without control characters",
         ));
     }
-    let entry = crate::effects::suppression::Entry {
+    let entry = Entry {
         address,
-        scope,
+        scope: stored_scope(caller.tenant.name(), &scope),
         reason,
         created_at_ms: now_ms(),
         source: Some(req.source.unwrap_or_else(|| "api".into())),
@@ -141,7 +210,7 @@ pub(super) async fn put(
     node.suppressions
         .add(&node.spool, entries, crate::store::spool::Durability::Sync)
         .await?;
-    Ok(axum::Json(json!(entry)).into_response())
+    Ok(axum::Json(json!(shown(entry))).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -155,17 +224,19 @@ pub(super) struct ScopeQuery {
 /// every entry of the address without `scope`.
 pub(super) async fn delete(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
     axum::extract::Query(q): axum::extract::Query<ScopeQuery>,
 ) -> ApiResult {
     let node = &s.node;
+    let tenant = caller.tenant.name();
     let address = suppression_address(&raw)?;
-    let scope = suppression_scope(q.scope.as_deref())?;
+    let scope = suppression_scope(q.scope.as_deref())?.map(|s| stored_scope(tenant, &s));
     let scopes: Vec<String> = node
         .suppressions
         .scopes(&address)
         .into_iter()
-        .filter(|s| scope.as_ref().is_none_or(|want| want == s))
+        .filter(|s| owner(s) == tenant && scope.as_ref().is_none_or(|want| want == s))
         .collect();
     if scopes.is_empty() {
         return Err(not_suppressed(&address, "that suppression list"));
@@ -187,7 +258,8 @@ pub(super) async fn delete(
     for sc in &scopes {
         node.suppressions.remove(&address, sc);
     }
-    Ok(axum::Json(json!({"address": address, "deleted": scopes})).into_response())
+    let deleted: Vec<&str> = scopes.iter().map(|s| split_scope(s).1).collect();
+    Ok(axum::Json(json!({"address": address, "deleted": deleted})).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -207,21 +279,27 @@ const MAX_SUPPRESSION_PAGE: usize = 1000;
 /// `limit` per page (default 100, at most 1000); `next_cursor` continues after the last one.
 pub(super) async fn list(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> ApiResult {
     let limit = super::page_limit(q.limit, MAX_SUPPRESSION_PAGE)?;
     let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
-    let after = super::page_cursor(q.cursor.as_deref(), decode_cursor)?;
+    let keys = ListKeys::of(caller.tenant.name());
+    let after = keys.start(super::page_cursor(q.cursor.as_deref(), decode_cursor)?);
     let node = Arc::clone(&s.node);
     let (items, last) = tokio::task::spawn_blocking(move || {
         let mut items = Vec::new();
         let mut last: Option<Vec<u8>> = None;
         node.spool.scan_suppressions(after.as_deref(), |k, v| {
+            let Some(own) = keys.classify(k) else {
+                return false;
+            };
             last = Some(k.to_vec());
-            if let Ok(e) = crate::effects::suppression::Entry::decode(v)
+            if own
+                && let Ok(e) = Entry::decode(v)
                 && reason.is_none_or(|r| r == e.reason)
             {
-                items.push(e);
+                items.push(shown(e));
             }
             items.len() < limit
         })?;
@@ -280,7 +358,7 @@ struct ImportRow {
 
 impl ImportRow {
     /// Checks and normalises the row into an entry.
-    fn entry(self, now: u64) -> Result<crate::effects::suppression::Entry, String> {
+    fn entry(self, now: u64, tenant: &str) -> Result<Entry, String> {
         let raw = self.address.ok_or("address: missing")?;
         let address =
             crate::effects::suppression::normalise(&raw).map_err(|e| format!("address: {e}"))?;
@@ -306,9 +384,9 @@ impl ImportRow {
                 return Err(format!("{name}: at most 1000 bytes on one line"));
             }
         }
-        Ok(crate::effects::suppression::Entry {
+        Ok(Entry {
             address,
-            scope,
+            scope: stored_scope(tenant, &scope),
             reason,
             created_at_ms: self.created_at_ms.unwrap_or(now),
             source: Some(self.source.unwrap_or_else(|| "import".into())),
@@ -439,8 +517,10 @@ enum ImportFormat {
 /// Import state: rows checked and written in batches, bad rows listed by line.
 struct Import {
     node: Arc<Node>,
+    /// Whose list the rows go on.
+    tenant: String,
     format: ImportFormat,
-    pending: Vec<crate::effects::suppression::Entry>,
+    pending: Vec<Entry>,
     imported: u64,
     replaced: u64,
     rejected: Vec<serde_json::Value>,
@@ -496,7 +576,7 @@ impl Rows for Import {
                 },
             },
         };
-        match row.and_then(|r| r.entry(self.now)) {
+        match row.and_then(|r| r.entry(self.now, &self.tenant)) {
             Ok(e) => {
                 self.pending.push(e);
                 if self.pending.len() >= IMPORT_BATCH {
@@ -569,6 +649,7 @@ fn format_of(q: Option<&str>, headers: &axum::http::HeaderMap) -> Result<bool, A
 /// the same address and scope are replaced.
 pub(super) async fn import(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     axum::extract::Query(q): axum::extract::Query<FormatQuery>,
     headers: axum::http::HeaderMap,
     body: Body,
@@ -580,6 +661,7 @@ pub(super) async fn import(
     }
     let mut import = Import {
         node: Arc::clone(node),
+        tenant: caller.tenant.name().to_owned(),
         format: if csv {
             ImportFormat::Csv { columns: None }
         } else {
@@ -647,8 +729,10 @@ const EXPORT_STEP: usize = 4096;
 /// as the spool is scanned (NDJSON by default; CSV with a header row).
 pub(super) async fn export(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     axum::extract::Query(q): axum::extract::Query<FormatQuery>,
 ) -> ApiResult {
+    let keys = ListKeys::of(caller.tenant.name());
     let csv = match q.format.as_deref() {
         None | Some("ndjson") => false,
         Some("csv") => true,
@@ -663,7 +747,7 @@ pub(super) async fn export(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     let node = Arc::clone(&s.node);
     tokio::task::spawn_blocking(move || {
-        let mut after: Option<Vec<u8>> = None;
+        let mut after: Option<Vec<u8>> = keys.start(None);
         if csv {
             let head = format!("{}\n", CSV_COLUMNS.join(",")).into_bytes();
             if tx.blocking_send(Ok(head)).is_err() {
@@ -674,12 +758,19 @@ pub(super) async fn export(
             let mut out = Vec::with_capacity(EXPORT_STEP * 96);
             let mut seen = 0;
             let mut last = None;
+            let mut ended = false;
             let scanned = node.spool.scan_suppressions(after.as_deref(), |k, v| {
+                let Some(own) = keys.classify(k) else {
+                    ended = true;
+                    return false;
+                };
                 seen += 1;
                 last = Some(k.to_vec());
-                if let Ok(e) = crate::effects::suppression::Entry::decode(v)
+                if own
+                    && let Ok(e) = Entry::decode(v)
                     && reason.is_none_or(|r| r == e.reason)
                 {
+                    let e = shown(e);
                     if csv {
                         let mut line = String::new();
                         let created = humantime::format_rfc3339_millis(
@@ -721,7 +812,7 @@ pub(super) async fn export(
             if !out.is_empty() && tx.blocking_send(Ok(out)).is_err() {
                 return;
             }
-            if seen < EXPORT_STEP {
+            if ended || seen < EXPORT_STEP {
                 return;
             }
             after = last;

@@ -195,17 +195,22 @@ impl Delivery {
             bounce_cat: o.class.map(|c| c.category.as_str()),
             feedback_type: None,
             tags: Vec::new(),
+            tenant: None,
         });
         if let Some(class) = o.class
             && o.verdict == Verdict::Bounced
             && class.suppress
         {
             let address = rec.address.to_lowercase();
-            // Already on the global list: nothing to add.
-            if self.node.suppressions.check(&address, "").is_none() {
+            // Already on the tenant's (or the operator's) global list: nothing to add.
+            let tenant = campaign.record.tenant();
+            if self.node.suppressions.check(&address, "", tenant).is_none() {
                 t.suppression = Some(crate::effects::suppression::Entry {
                     address,
-                    scope: crate::effects::suppression::GLOBAL.to_owned(),
+                    scope: crate::effects::suppression::stored_scope(
+                        tenant,
+                        crate::effects::suppression::GLOBAL,
+                    ),
                     reason: crate::effects::suppression::Reason::HardBounce,
                     created_at_ms: now,
                     source: Some("delivery".into()),
@@ -228,6 +233,13 @@ impl Delivery {
         }
         let label = site.map_or(stats::UNRESOLVED, |s| s.stats.label.as_str());
         ATTEMPTS.with_label_values(&[verdict, label]).inc();
+        self.node
+            .tenants
+            .with_label(p.campaign.record.tenant(), |tenant| {
+                crate::metrics::TENANT_ATTEMPTS
+                    .with_label_values(&[tenant, verdict])
+                    .inc();
+            });
         if verdict == "delivered" {
             self.node
                 .delivered

@@ -113,7 +113,11 @@ impl Delivery {
             }
             // Checked again here: a suppression added after ingest stops queued mail.
             let from_domain = crate::intake::address::domain_of(&campaign.record.from);
-            if let Some(reason) = self.node.suppressions.check(&record.address, from_domain) {
+            if let Some(reason) =
+                self.node
+                    .suppressions
+                    .check(&record.address, from_domain, campaign.record.tenant())
+            {
                 SUPPRESSED_AT_DELIVERY.inc();
                 self.end_unsent(
                     &job,

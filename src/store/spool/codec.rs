@@ -369,6 +369,20 @@ pub fn merge_tallies<'a>(
     (total.encode().to_vec(), skipped)
 }
 
+/// Sums 8-byte big-endian counters: the merge of the `meta` column family's counters
+/// (tenants' daily usage). Operands of another length are skipped.
+pub fn merge_sum<'a>(
+    existing: Option<&'a [u8]>,
+    operands: impl IntoIterator<Item = &'a [u8]>,
+) -> Vec<u8> {
+    let total = existing
+        .into_iter()
+        .chain(operands)
+        .filter_map(|b| <[u8; 8]>::try_from(b).ok())
+        .fold(0u64, |sum, b| sum.saturating_add(u64::from_be_bytes(b)));
+    total.to_be_bytes().to_vec()
+}
+
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -417,6 +431,14 @@ fn take_str<'a>(buf: &mut &'a [u8]) -> Result<&'a str, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_sum_and_skip_garbage() {
+        let a = 5u64.to_be_bytes();
+        let b = 7u64.to_be_bytes();
+        let merged = merge_sum(Some(&a), [b.as_slice(), b"garbage".as_slice()]);
+        assert_eq!(merged, 12u64.to_be_bytes());
+    }
 
     fn sample() -> JobRecord<'static> {
         JobRecord {

@@ -142,9 +142,13 @@ pub const STATE_STS: &[u8] = b"mta-sts/";
 pub const STATE_TLSRPT: &[u8] = b"tls-rpt/";
 /// Breaker counts and states: `c/<campaign seq>`, `d/<domain>\0<bucket>`, `t/<domain>` (JSON).
 pub const STATE_GUARD: &[u8] = b"guard/";
+/// Tenants and API keys made through the admin API (`t/<name>`, `k/<key hash in hex>`, JSON),
+/// and recipients accepted per tenant and UTC day (`q/<name>\0<day>`, a u64 summed by merge).
+pub const STATE_TENANT: &[u8] = b"tenant/";
 /// The prefixes of small state records in `meta` ([`SpoolBatch::put_state`]).
-pub const STATE_PREFIXES: [&[u8]; 7] = [
+pub const STATE_PREFIXES: [&[u8]; 8] = [
     STATE_GUARD,
+    STATE_TENANT,
     STATE_SHAPING,
     STATE_WARMUP,
     STATE_CLUSTER,
@@ -475,6 +479,13 @@ impl SpoolBatch {
         debug_assert!(STATE_PREFIXES.contains(&prefix));
         let cf = cf(&self.db, CF_META);
         self.batch.put_cf(cf, [prefix, key].concat(), value);
+    }
+
+    /// Adds `value` (a u64, big-endian) to the counter under `prefix` and `key` in `meta`.
+    pub fn merge_state(&mut self, prefix: &[u8], key: &[u8], value: &[u8; 8]) {
+        debug_assert!(STATE_PREFIXES.contains(&prefix));
+        let cf = cf(&self.db, CF_META);
+        self.batch.merge_cf(cf, [prefix, key].concat(), value);
     }
 
     pub fn delete_state(&mut self, prefix: &[u8], key: &[u8]) {
@@ -1284,6 +1295,13 @@ fn cf_options(name: &str) -> Options {
                     tracing::error!(skipped, "corrupt tally operands were skipped");
                 }
                 Some(merged)
+            });
+        }
+        CF_META => {
+            o.set_write_buffer_size(8 << 20);
+            // Counters written with [`SpoolBatch::merge_state`]; nothing else in `meta` is merged.
+            o.set_merge_operator_associative("sum", |_key, existing, operands| {
+                Some(codec::merge_sum(existing, operands))
             });
         }
         CF_CAMPAIGNS => {
