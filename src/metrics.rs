@@ -70,15 +70,6 @@ pub static TENANT_ACCEPTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-pub static TENANT_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "sluice_tenant_delivery_attempts_total",
-        "Delivery attempts per tenant (the first 100 tenants by name, then other) by verdict (delivered, deferred, bounced, expired).",
-        &["tenant", "verdict"]
-    )
-    .expect("metric registers once")
-});
-
 pub static TENANT_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "sluice_tenant_requests_refused_total",

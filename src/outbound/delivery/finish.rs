@@ -33,6 +33,15 @@ static ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+static TENANT_ATTEMPTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_tenant_delivery_attempts_total",
+        "Delivery attempts per tenant (the first 100 tenants by name, then other) by verdict (delivered, deferred, bounced, expired).",
+        &["tenant", "verdict"]
+    )
+    .expect("metric registers once")
+});
+
 static FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "sluice_delivery_failures_total",
@@ -236,9 +245,7 @@ impl Delivery {
         self.node
             .tenants
             .with_label(p.campaign.record.tenant(), |tenant| {
-                crate::metrics::TENANT_ATTEMPTS
-                    .with_label_values(&[tenant, verdict])
-                    .inc();
+                TENANT_ATTEMPTS.with_label_values(&[tenant, verdict]).inc();
             });
         if verdict == "delivered" {
             self.node
