@@ -30,6 +30,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target", "release", "sluice")
 KEY = "bench-key-0123456789"
+TENANT_KEY = "bench-tenant-key-"
 DNS_PORT = 5399
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -233,6 +234,8 @@ class Sluice:
         if not port_free("127.0.0.1", api_port):
             raise SystemExit(f"bench: 127.0.0.1:{api_port} is busy")
         self.api = f"127.0.0.1:{api_port}"
+        # The key requests go with: the operator's, or a tenant's.
+        self.key = KEY
         self.dir = f"{work}/{name}"
         os.makedirs(self.dir)
         with open(f"{self.dir}/sluice.toml", "w") as f:
@@ -301,7 +304,7 @@ key_file = "{work}/ed25519.pem"
             f"http://{self.api}{path}",
             method=method,
             data=data,
-            headers={"Authorization": f"Bearer {KEY}", "Content-Type": ctype},
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": ctype},
         )
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read() or b"{}")
@@ -567,6 +570,46 @@ class Bench:
                  "the same with MTA-STS off (two runs each, alternated)", ">= 0.95")
         self.done(on)
         self.done(off)
+
+    def tenants(self):
+        """Ingest, then delivery, with 100 tenants configured and the campaigns posted by ten of
+        them, against one tenant posting them all: ten campaigns of a tenth each, uploaded while
+        the site is suspended (so ingest is measured alone), then delivered; three runs each,
+        alternated."""
+        log("tenants ...")
+
+        def tenants(k):
+            return "".join(f'[[tenant]]\nname = "t{i}"\napi_keys = ["{TENANT_KEY}{i}"]\n'
+                           f'sending_domains = ["*.bench.test"]\n' for i in range(k))
+
+        one = self.sluice("tenants-1", 18050, tenants(1))
+        many = self.sluice("tenants-100", 18051, tenants(100))
+        count = self.n(100_000) // 10 * 10
+        runs = 3
+        ingest = {1: 0.0, 100: 0.0}
+        rate = {1: 0.0, 100: 0.0}
+        # A warm-up run on each (not counted): a fresh spool's first uploads are slower.
+        for run, (k, s) in enumerate([(1, one), (100, many)] * (runs + 1)):
+            warm = run >= 2
+            s.call("POST", "/v1/domains/one.bench.test/suspend")
+            uploads = 0.0
+            for j in range(10):
+                s.key = f"{TENANT_KEY}{j % k}"
+                s.campaign(PLAIN, 10_240, people(SITE, count // 10, offset=(run * 10 + j) * count))
+                uploads += s.upload_seconds
+            s.key = KEY
+            r, _ = deliveries(self.one, count, lambda: s.call("POST", "/v1/domains/one.bench.test/resume"))
+            log(f"  {k} tenant(s): ingest {count / uploads:,.0f} rcpt/s, delivery {r:,.0f} msg/s"
+                + ("" if warm else " (warm-up)"))
+            if warm:
+                ingest[k] += count / uploads / runs
+                rate[k] += r / runs
+        same = f"the same from 1 tenant configured ({runs} runs each, alternated)"
+        self.row("ingest, 10 campaigns from 10 of 100 tenants", ingest[100], ingest[1], same, ">= 0.95",
+                 unit="rcpt/s")
+        self.row("10 KB, no DKIM, one site, from 10 of 100 tenants", rate[100], rate[1], same, ">= 0.95")
+        self.done(one)
+        self.done(many)
 
     def domains(self):
         """CPU per message to 10 and to 10,000 domains over the same 3 MX hosts."""
@@ -897,15 +940,16 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every message count")
     ap.add_argument("--queue", type=int, default=1_000_000, help="recipients of the queue-at-scale run")
-    ap.add_argument("--only", choices=["rates", "transport", "domains", "queue", "sources", "submission", "chunking",
-                                       "cluster"],
+    ap.add_argument("--only", choices=["rates", "transport", "tenants", "domains", "queue", "sources", "submission",
+                                       "chunking", "cluster"],
                     action="append",
                     help="run only this part (repeatable)")
     ap.add_argument("--csv", default=os.path.join(ROOT, "target", "bench", "bench.csv"))
     args = ap.parse_args()
     bench = Bench(args)
     try:
-        for part in ("rates", "transport", "domains", "queue", "sources", "submission", "chunking", "cluster"):
+        for part in ("rates", "transport", "tenants", "domains", "queue", "sources", "submission", "chunking",
+                     "cluster"):
             if not args.only or part in args.only:
                 getattr(bench, part)()
     finally:
