@@ -1082,3 +1082,76 @@ async fn a_killed_node_frees_its_connections_and_delivers_its_mail_after_a_resta
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_and_its_keys_made_on_one_node_hold_on_every_node() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisCluster::start(2000);
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = unlimited_nodes(&dirs, &sink, &redis).await;
+    let (a, b) = (nodes[0].http_addr, nodes[1].http_addr);
+    let json_body = |v: Value| Some(("application/json", v.to_string()));
+    let (status, got) = call(
+        a,
+        reqwest::Method::POST,
+        "/v1/admin/tenants",
+        json_body(json!({"name": "acme", "sending_domains": ["acme.example"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{got}");
+    let (status, got) = call(
+        a,
+        reqwest::Method::POST,
+        "/v1/admin/keys",
+        json_body(json!({"tenant": "acme"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{got}");
+    let key = got["key"].as_str().unwrap().to_owned();
+    let id = got["id"].as_str().unwrap().to_owned();
+    // Node B takes the key once the change has reached it.
+    let status_with = |addr, key: String| async move {
+        common::client()
+            .get(common::url(addr, "/v1/campaigns"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let started = Instant::now();
+    while status_with(b, key.clone()).await != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the key did not reach node B"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reached = started.elapsed();
+    // Revoked on B: refused on A too.
+    let (status, got) = call(
+        b,
+        reqwest::Method::DELETE,
+        &format!("/v1/admin/keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{got}");
+    let revoked = Instant::now();
+    while status_with(a, key.clone()).await != 401 {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "the revocation did not reach node A"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "a key made on node A worked on B after {reached:?}; revoked on B, refused on A after {:?}",
+        revoked.elapsed()
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -569,3 +569,61 @@ async fn a_tenants_webhook_receives_its_events_only() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_key_submits_over_smtp_as_its_own_domains_only() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_with(dir.path(), "daily_quota = 2\n", "");
+    cfg.submission.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.submission.allow_plaintext_auth = true;
+    let node = start(cfg).await;
+    let listener = node.submission.starttls.unwrap();
+    let (mut c, greeting) = common::smtp::Smtp::connect(listener).await;
+    assert!(greeting.starts_with("220"), "{greeting}");
+    assert!(c.cmd("EHLO app.test").await.starts_with("250"));
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0app\0{KEY_A}"));
+    let r = c.cmd(&format!("AUTH PLAIN {plain}")).await;
+    assert!(r.starts_with("235"), "{r}");
+    let before = spool_counts(&node).await;
+    let send =
+        |from: &str| format!("From: {from}\r\nTo: x@sink.test\r\nSubject: S\r\n\r\nbody\r\n");
+    // Another tenant's domain: refused, nothing queued.
+    assert!(c.cmd("MAIL FROM:<app@a.example>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x@sink.test>").await.starts_with("250"));
+    let r = c.data(send("news@b.example").as_bytes()).await;
+    assert!(r.starts_with("554 5.6.0 From:"), "{r}");
+    assert_eq!(spool_counts(&node).await, before);
+    // Its own: queued as the tenant's message.
+    assert!(c.cmd("MAIL FROM:<app@a.example>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x@sink.test>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<y@sink.test>").await.starts_with("250"));
+    let r = c.data(send("news@mail.a.example").as_bytes()).await;
+    assert!(r.starts_with("250"), "{r}");
+    let id = r.rsplit(' ').next().unwrap().to_owned();
+    let (s, _, m) = call(
+        node.http_addr,
+        KEY_A,
+        Method::GET,
+        &format!("/v1/messages/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{m}");
+    let (s, _, _) = call(
+        node.http_addr,
+        KEY_B,
+        Method::GET,
+        &format!("/v1/messages/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    // Its daily quota of 2 is spent: a temporary refusal.
+    assert!(c.cmd("MAIL FROM:<app@a.example>").await.starts_with("250"));
+    assert!(c.cmd("RCPT TO:<z@sink.test>").await.starts_with("250"));
+    let r = c.data(send("news@a.example").as_bytes()).await;
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    c.cmd("QUIT").await;
+    node.shutdown().await;
+}
