@@ -2,7 +2,7 @@
 # The Grafana dashboards against a real Prometheus: Debian's prometheus scrapes Sluice every
 # second while it delivers to Postfix's smtp-sink (accepting, bouncing and deferring sinks), takes
 # a DSN over HTTP, an ARF complaint and a relay attempt over its bounce listener, a one-click
-# unsubscribe, a manual suppression and a webhook receiver. Then every PromQL expression of every
+# unsubscribe, a manual suppression, a webhook receiver and a tenant over its request rate. Then every PromQL expression of every
 # panel and template variable in dashboards/*.json is evaluated through Prometheus's HTTP API:
 # each must parse and return data, and every sluice_* metric it names must exist.
 set -euo pipefail
@@ -79,6 +79,11 @@ relay = "127.0.0.1:12528"
 name = "dashboards"
 url = "http://$hook/events"
 secret = "dashboards-webhook-secret"
+[[tenant]]
+name = "shop"
+api_keys = ["dashboards-shop-key"]
+sending_domains = ["shop.sluice.test"]
+rate = "2/s"
 CONF
 "$bin" check-config --config "$work/sluice.toml" >/dev/null
 start_sluice "$bin" "$work/sluice.toml" "$work/sluice.log" "$api"
@@ -104,7 +109,7 @@ done
 curl -sf "http://$prom/-/ready" >/dev/null || { cat "$work/prometheus.log" >&2; exit 1; }
 
 python3 - "$api" "$prom" "$inbound" "$hook" "$work" "$root" <<'PY' || { tail -20 "$work/sluice.log" >&2; exit 1; }
-import glob, http.server, json, os, re, smtplib, sys, threading, time, urllib.parse, urllib.request
+import glob, http.server, json, os, re, smtplib, sys, threading, time, urllib.error, urllib.parse, urllib.request
 api, prom, inbound, hook, work, root = sys.argv[1:7]
 KEY = "dashboards-test-key"
 
@@ -188,6 +193,20 @@ call("PUT", "/v1/suppressions/blocked@ok.sluice.test", {"reason": "manual"})
 status, body = call("POST", "/v1/campaigns", {"from": "news@sluice.test", "subject": "Again",
     "text": "Hi", "recipients": [{"email": "blocked@ok.sluice.test"}, {"email": "u400@ok.sluice.test"}]})
 assert status == 202 and len(body["suppressed"]) == 1, body
+
+# A tenant sends a little, then goes over its rate of 2 requests a second (429s).
+def as_shop(method, path, body=None):
+    req = urllib.request.Request(f"http://{api}{path}", method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": "Bearer dashboards-shop-key", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+assert as_shop("POST", "/v1/campaigns", {"from": "news@shop.sluice.test", "subject": "Shop", "text": "Hi",
+    "recipients": [{"email": f"s{i}@ok.sluice.test"} for i in range(20)]}) == 202
+assert 429 in [as_shop("GET", "/v1/campaigns") for _ in range(6)], "the tenant's rate never answered 429"
 
 # Let Prometheus scrape the end state a few times.
 time.sleep(6)
