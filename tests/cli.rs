@@ -213,7 +213,71 @@ async fn admin_commands_use_the_api() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no API key"));
+
+    // Tenants: add one, make it a key (printed once), list, revoke.
+    let out = sluice(
+        addr,
+        &[
+            "tenant",
+            "add",
+            "acme",
+            "--sending-domain",
+            "acme.example",
+            "--daily-quota",
+            "1000",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "added tenant acme");
+    let out = sluice(addr, &["tenant", "key-add", "acme", "--name", "ci"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("sk_"), "{key}");
+    let out = sluice(addr, &["tenant", "list"]).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("acme") && l.contains("acme.example") && l.contains("1000")),
+        "{stdout}"
+    );
+    let out = sluice(addr, &["--json", "tenant", "keys", "--tenant", "acme"]).await;
+    let keys: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = keys["keys"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(keys["keys"][0]["name"], "ci");
+    let out = sluice(addr, &["tenant", "key-revoke", &id]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("revoked key {id} of tenant acme")
+    );
+    let mut hash = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["tenant", "hash-key"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    hash.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{key}\n").as_bytes())
+        .unwrap();
+    let out = hash.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("sha256:{}", sha256_hex(&key))
+    );
     node.shutdown().await;
+}
+
+fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Waits until something accepts connections on `addr`.

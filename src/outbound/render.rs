@@ -722,6 +722,19 @@ mod tests {
     }
 
     #[test]
+    fn a_tenants_mail_names_the_tenant_in_its_feedback_id() {
+        let mut rec = record();
+        rec.tenant = Some("acme".into());
+        let text = text_of(&assembler(DkimKeys::default()), &rec, r#"{"name":"Ann"}"#);
+        assert!(
+            text.contains(
+                "Feedback-ID: 00000000000000000000000000000000:spring-sale:acme:sluice\r\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn non_ascii_long_lines_and_attachments_are_encoded() {
         let mut rec = record();
         rec.subject = "Grüße, {{ name }} — ünïcödé".into();
