@@ -627,3 +627,33 @@ async fn a_tenants_key_submits_over_smtp_as_its_own_domains_only() {
     c.cmd("QUIT").await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_max_queued_is_refused_until_mail_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(config_with(dir.path(), "max_queued = 3\n", "")).await;
+    let addr = node.http_addr;
+    let (s, body) = create(addr, KEY_A, "n@a.example", &["1@s.test", "2@s.test"]).await;
+    assert_eq!(s, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let before = spool_counts(&node).await;
+    let (s, body) = create(addr, KEY_A, "n@a.example", &["3@s.test", "4@s.test"]).await;
+    assert_eq!(s, 429, "{body}");
+    assert_eq!(body["error"]["code"], "max_queued");
+    assert_eq!(spool_counts(&node).await, before);
+    // Another tenant is not held by it; and once A's mail is gone (cancelled), A sends again.
+    let (s, _) = create(addr, KEY_B, "n@b.example", &["3@s.test", "4@s.test"]).await;
+    assert_eq!(s, 202);
+    let (s, _, _) = call(
+        addr,
+        KEY_A,
+        Method::POST,
+        &format!("/v1/campaigns/{id}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, body) = create(addr, KEY_A, "n@a.example", &["3@s.test", "4@s.test"]).await;
+    assert_eq!(s, 202, "{body}");
+    node.shutdown().await;
+}
