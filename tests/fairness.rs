@@ -533,18 +533,16 @@ async fn aimd_settles_near_a_receivers_limit_and_climbs_back() {
 
 /// Posts `body` to `/v1/campaigns` with `key`; the campaign's id.
 async fn post_campaign_as(addr: std::net::SocketAddr, key: &str, body: &Value) -> String {
-    let r = common::client()
-        .post(common::url(addr, "/v1/campaigns"))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    let (status, _, got) = common::post_body_as(
+        addr,
+        key,
+        "/v1/campaigns",
+        "application/json",
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{got}");
+    got["id"].as_str().expect("an id").to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

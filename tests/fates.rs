@@ -9,32 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::http::StatusCode;
 use common::sink::{Sink, SinkOptions};
 use common::{KEY, client, delivery_config, log_records, start, url, wait_counts};
 use serde_json::{Value, json};
 
 /// Final event types, one of which every accepted recipient must get exactly once.
 const FINAL: [&str; 5] = ["delivered", "bounced", "expired", "suppressed", "cancelled"];
-
-async fn receiver(events: Arc<Mutex<Vec<Value>>>) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: Bytes| {
-            let events = Arc::clone(&events);
-            async move {
-                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
-                events.lock().unwrap().extend(batch);
-                StatusCode::NO_CONTENT
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 async fn suppress(addr: std::net::SocketAddr, address: &str) {
     let r = client()
@@ -58,7 +38,7 @@ async fn every_recipient_gets_exactly_one_final_event() {
     })
     .await;
     let events = Arc::new(Mutex::new(Vec::new()));
-    let hook = receiver(Arc::clone(&events)).await;
+    let hook = common::event_receiver(Arc::clone(&events)).await;
     let mut cfg = delivery_config(dir.path(), &sink);
     cfg.shaping.max_connections = 1;
     cfg.webhooks.push(

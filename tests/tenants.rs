@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -59,6 +58,12 @@ async fn call(
     (status, headers, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A GET with `key`: status and JSON body.
+async fn get_as(addr: SocketAddr, key: &str, path: &str) -> (u16, Value) {
+    let (status, _, body) = call(addr, key, Method::GET, path, None).await;
+    (status, body)
+}
+
 fn campaign(from: &str, recipients: &[&str]) -> Value {
     let list: Vec<Value> = recipients.iter().map(|r| json!({"email": r})).collect();
     json!({"from": from, "subject": "Hello", "text": "Hi.", "recipients": list})
@@ -104,21 +109,14 @@ async fn each_key_sees_and_changes_its_own_tenants_records_only() {
 
     // Lists.
     for (key, own) in [(KEY_A, &a_id), (KEY_B, &b_id), (KEY, &o_id)] {
-        let (s, _, list) = call(addr, key, Method::GET, "/v1/campaigns", None).await;
+        let (s, list) = get_as(addr, key, "/v1/campaigns").await;
         assert_eq!(s, 200);
         assert_eq!(listed_ids(&list), vec![own.clone()], "{list}");
         assert_eq!(list["total"], 1);
     }
     // Another tenant's id is not found, whatever the method.
     for (key, other) in [(KEY_A, &b_id), (KEY_B, &a_id), (KEY_A, &o_id), (KEY, &a_id)] {
-        let (s, _, body) = call(
-            addr,
-            key,
-            Method::GET,
-            &format!("/v1/campaigns/{other}"),
-            None,
-        )
-        .await;
+        let (s, body) = get_as(addr, key, &format!("/v1/campaigns/{other}")).await;
         assert_eq!(s, 404, "{body}");
         assert_eq!(body["error"]["code"], "campaign_not_found");
         for action in ["pause", "resume", "cancel"] {
@@ -126,24 +124,14 @@ async fn each_key_sees_and_changes_its_own_tenants_records_only() {
             let (s, _, _) = call(addr, key, Method::POST, &path, None).await;
             assert_eq!(s, 404, "{action}");
         }
-        let r = client()
-            .post(url(addr, &format!("/v1/campaigns/{other}/recipients")))
-            .bearer_auth(key)
-            .header("content-type", "application/x-ndjson")
-            .body("{\"email\":\"y@sink.test\"}\n")
-            .send()
+        let path = format!("/v1/campaigns/{other}/recipients");
+        let line = "{\"email\":\"y@sink.test\"}\n";
+        let s = post_body_as(addr, key, &path, "application/x-ndjson", line)
             .await
-            .unwrap();
-        assert_eq!(r.status(), 404);
+            .0;
+        assert_eq!(s, 404);
     }
-    let (s, _, own) = call(
-        addr,
-        KEY_A,
-        Method::GET,
-        &format!("/v1/campaigns/{a_id}"),
-        None,
-    )
-    .await;
+    let (s, own) = get_as(addr, KEY_A, &format!("/v1/campaigns/{a_id}")).await;
     assert_eq!(s, 200);
     assert_eq!(own["counts"]["queued"], 1);
 
@@ -158,35 +146,17 @@ async fn each_key_sees_and_changes_its_own_tenants_records_only() {
     .await;
     assert_eq!(s, 202, "{m}");
     let mid = m["id"].as_str().unwrap();
-    let (s, _, _) = call(
-        addr,
-        KEY_A,
-        Method::GET,
-        &format!("/v1/messages/{mid}"),
-        None,
-    )
-    .await;
+    let (s, _) = get_as(addr, KEY_A, &format!("/v1/messages/{mid}")).await;
     assert_eq!(s, 200);
-    let (s, _, _) = call(
-        addr,
-        KEY_B,
-        Method::GET,
-        &format!("/v1/messages/{mid}"),
-        None,
-    )
-    .await;
+    let (s, _) = get_as(addr, KEY_B, &format!("/v1/messages/{mid}")).await;
     assert_eq!(s, 404);
 
     // Suppressions: A's import stops A's mail only; the operator's global list stops everyone's.
-    let r = client()
-        .post(url(addr, "/v1/suppressions/import"))
-        .bearer_auth(KEY_A)
-        .header("content-type", "text/csv")
-        .body("address,reason\nann@sink.test,manual\n")
-        .send()
+    let csv = "address,reason\nann@sink.test,manual\n";
+    let s = post_body_as(addr, KEY_A, "/v1/suppressions/import", "text/csv", csv)
         .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .0;
+    assert_eq!(s, 200);
     let (s, _, _) = call(
         addr,
         KEY,
@@ -219,14 +189,7 @@ async fn each_key_sees_and_changes_its_own_tenants_records_only() {
     assert_eq!(lb["items"].as_array().unwrap().len(), 0, "{lb}");
     assert_eq!(lo["items"].as_array().unwrap().len(), 1, "{lo}");
     assert_eq!(lo["items"][0]["address"], "bob@sink.test");
-    let (s, _, _) = call(
-        addr,
-        KEY_B,
-        Method::GET,
-        "/v1/suppressions/ann@sink.test",
-        None,
-    )
-    .await;
+    let (s, _) = get_as(addr, KEY_B, "/v1/suppressions/ann@sink.test").await;
     assert_eq!(s, 404);
     let (s, _, _) = call(
         addr,
@@ -237,14 +200,7 @@ async fn each_key_sees_and_changes_its_own_tenants_records_only() {
     )
     .await;
     assert_eq!(s, 404);
-    let (s, _, _) = call(
-        addr,
-        KEY_A,
-        Method::GET,
-        "/v1/suppressions/ann@sink.test",
-        None,
-    )
-    .await;
+    let (s, _) = get_as(addr, KEY_A, "/v1/suppressions/ann@sink.test").await;
     assert_eq!(s, 200);
 
     // Operator routes and the admin API are the operator's.
@@ -276,15 +232,12 @@ async fn a_from_domain_outside_the_tenants_is_refused_and_nothing_is_queued() {
     .await;
     assert_eq!(s, 422, "{body}");
     assert_eq!(body["error"]["field"], "from");
-    let r = client()
-        .post(url(addr, "/v1/messages/raw?to=z@sink.test"))
-        .bearer_auth(KEY_B)
-        .header("content-type", "message/rfc822")
-        .body("From: a@a.example\r\nTo: z@sink.test\r\nSubject: R\r\n\r\nr\r\n")
-        .send()
+    let message = "From: a@a.example\r\nTo: z@sink.test\r\nSubject: R\r\n\r\nr\r\n";
+    let path = "/v1/messages/raw?to=z@sink.test";
+    let s = post_body_as(addr, KEY_B, path, "message/rfc822", message)
         .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
+        .0;
+    assert_eq!(s, 422);
     assert_eq!(spool_counts(&node).await, before);
     node.shutdown().await;
 }
@@ -310,7 +263,7 @@ async fn rate_and_daily_quota_answer_429_and_the_quota_holds_across_a_restart() 
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=2).contains(&retry), "{retry}");
     for _ in 0..20 {
-        let (s, _, _) = call(addr, KEY_B, Method::GET, "/v1/campaigns", None).await;
+        let (s, _) = get_as(addr, KEY_B, "/v1/campaigns").await;
         assert_eq!(s, 200);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -477,25 +430,6 @@ async fn admin_keys_are_stored_hashed_and_a_revoked_key_stops_at_once() {
     node.shutdown().await;
 }
 
-/// A webhook receiver that keeps every event it is sent.
-async fn receiver(events: Arc<Mutex<Vec<Value>>>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: Bytes| {
-            let events = Arc::clone(&events);
-            async move {
-                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
-                events.lock().unwrap().extend(batch);
-                axum::http::StatusCode::NO_CONTENT
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_webhook_receives_its_events_only() {
     let (a_events, b_events, all_events) = (
@@ -503,9 +437,9 @@ async fn a_tenants_webhook_receives_its_events_only() {
         Arc::new(Mutex::new(Vec::new())),
         Arc::new(Mutex::new(Vec::new())),
     );
-    let a_addr = receiver(Arc::clone(&a_events)).await;
-    let b_addr = receiver(Arc::clone(&b_events)).await;
-    let all_addr = receiver(Arc::clone(&all_events)).await;
+    let a_addr = event_receiver(Arc::clone(&a_events)).await;
+    let b_addr = event_receiver(Arc::clone(&b_events)).await;
+    let all_addr = event_receiver(Arc::clone(&all_events)).await;
     let hook = |name: &str, addr: SocketAddr, tenant: Option<&str>| {
         let tenant = tenant.map_or(String::new(), |t| format!("tenant = \"{t}\"\n"));
         format!(

@@ -275,6 +275,11 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// The values of a JSON array as text (none when it is not an array).
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().map(s).collect()
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -525,12 +530,7 @@ pub async fn tenant(api: &Api, cmd: TenantCommand) -> anyhow::Result<()> {
             "WEIGHT"
         );
         for t in list {
-            let domains: Vec<String> = t["sending_domains"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(s)
-                .collect();
+            let domains = strings(&t["sending_domains"]);
             println!(
                 "{:<20} {:<7} {:<32} {:<10} {:>8} {:>12} {:>12} {:>6}",
                 s(&t["name"]),

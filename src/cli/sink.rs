@@ -423,12 +423,7 @@ async fn list(args: &SinkArgs, json: bool) -> anyhow::Result<()> {
     }
     let s = super::s;
     for m in &shown {
-        let to: Vec<String> = m["rcpt_to"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
+        let to = super::strings(&m["rcpt_to"]);
         println!(
             "{}  from {}  to {}  {} bytes",
             s(&m["received"]),

@@ -101,9 +101,20 @@ pub async fn post_body(
     content_type: &str,
     body: impl Into<reqwest::Body>,
 ) -> (u16, reqwest::header::HeaderMap, Value) {
+    post_body_as(addr, KEY, path, content_type, body).await
+}
+
+/// [`post_body`] with API key `key`.
+pub async fn post_body_as(
+    addr: SocketAddr,
+    key: &str,
+    path: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let r = client()
         .post(url(addr, path))
-        .bearer_auth(KEY)
+        .bearer_auth(key)
         .header("content-type", content_type)
         .body(body)
         .send()
@@ -118,6 +129,25 @@ pub async fn post_body(
 pub async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> (u16, Value) {
     let (status, _, body) = post_body(addr, path, "application/json", body.to_string()).await;
     (status, body)
+}
+
+/// A webhook receiver on 127.0.0.1 (`/hook`) that keeps every event it is sent, answering 204.
+pub async fn event_receiver(events: Arc<std::sync::Mutex<Vec<Value>>>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let events = Arc::clone(&events);
+            async move {
+                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
+                events.lock().unwrap().extend(batch);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
 }
 
 /// Prints a benchmark's metrics as a table and writes them to `target/bench/<name>.csv`.
