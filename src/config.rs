@@ -2865,6 +2865,49 @@ mod tests {
     }
 
     #[test]
+    fn tenants_are_checked_key_by_key() {
+        let head = "profile = \"development\"\n[auth]\napi_keys = [\"0123456789\"]\n";
+        let c = Config::from_toml(
+            "t.toml",
+            &format!(
+                "{head}[[tenant]]\nname = \"acme\"\napi_keys = [\"acme-key-0123\"]\nsending_domains = [\"acme.com\", \"*.acme.com\"]\n\
+                 daily_quota = 10\nrate = \"5/s\"\nweight = 3\n\
+                 [[webhook]]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"0123456789abcdef\"\ntenant = \"acme\"\n"
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.tenants[0].weight, 3);
+        assert_eq!(c.tenants[0].daily_quota, Some(10));
+        let e = errors(&format!(
+            "{head}[[tenant]]\nname = \"default\"\nsending_domains = []\n\
+             [[tenant]]\nname = \"b\"\napi_keys = [\"0123456789\", \"short\"]\napi_key_hashes = [\"md5:00\"]\n\
+             sending_domains = [\"*.\", \"ok.example\"]\npool = \"nope\"\ndaily_quota = 0\nweight = 0\n\
+             [[tenant]]\nname = \"b\"\nsending_domains = [\"*\"]\n\
+             [[webhook]]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"0123456789abcdef\"\ntenant = \"nobody\"\n"
+        ));
+        let keys: Vec<&str> = e
+            .iter()
+            .map(|l| l.split(": ").nth(1).unwrap_or(""))
+            .collect();
+        for key in [
+            "tenant[0].name",
+            "tenant[0].sending_domains",
+            "tenant[1].sending_domains[0]",
+            "tenant[1].pool",
+            "tenant[1].daily_quota",
+            "tenant[1].weight",
+            "tenant[1].api_keys[1]",
+            "tenant[1].api_key_hashes[0]",
+            "tenant[1].api_keys",
+            "tenant[2].name",
+            "webhook[0].tenant",
+        ] {
+            assert!(keys.contains(&key), "{key} not named: {e:?}");
+        }
+    }
+
+    #[test]
     fn rules_routes_and_rates() {
         let c = Config::from_toml(
             "t.toml",

@@ -4,9 +4,9 @@
 //! and they alone may use the admin API (`/v1/admin/…`).
 //!
 //! Tenants come from `[[tenant]]` in the config and from the admin API; keys from both too.
-//! Keys are never kept in the clear: a key is known by its SHA-256 (a key is 32 random bytes,
-//! so a fast hash is as good as a slow one), looked up in a map, and the admin API's tenants and
-//! keys are stored in `meta` under `tenant/` (`t/<name>`, `k/<hash in hex>`). A key added or
+//! A key is known by its SHA-256 (a key is 32 random bytes, so a fast hash is as good as a
+//! slow one), looked up in a map; the spool never holds a key, only the admin API's tenants and
+//! key hashes, in `meta` under `tenant/` (`t/<name>`, `k/<hash in hex>`). A key added or
 //! revoked is in force as soon as the write is synced. A tenant with a daily quota has its
 //! recipients accepted per UTC day as merge operands under `tenant/q/<name>\0<day>` (summed by
 //! RocksDB), written in the batch that accepts them, so the quota holds across restarts and
