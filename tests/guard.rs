@@ -117,24 +117,10 @@ async fn wait_state(addr: std::net::SocketAddr, id: &str, state: &str, within: D
     }
 }
 
-/// A webhook receiver keeping every event it is sent.
+/// A webhook receiver keeping every event it is sent: its URL and the events.
 async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
     let events: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let keep = Arc::clone(&events);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let keep = Arc::clone(&keep);
-            async move {
-                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
-                keep.lock().unwrap().extend(batch);
-                axum::http::StatusCode::NO_CONTENT
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = common::event_receiver(Arc::clone(&events)).await;
     (format!("http://{addr}/hook"), events)
 }
 

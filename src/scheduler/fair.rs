@@ -47,6 +47,18 @@ struct Flow {
     pending: Pending,
 }
 
+/// Start-time fair queuing's choice among `(due, start tag)` items: the smallest tag of a due
+/// one (the first on a tie), and its position.
+fn earliest(items: impl Iterator<Item = (bool, f64)>) -> Option<(f64, usize)> {
+    let mut best: Option<(f64, usize)> = None;
+    for (i, (due, tag)) in items.enumerate() {
+        if due && best.is_none_or(|(t, _)| tag < t) {
+            best = Some((tag, i));
+        }
+    }
+    best
+}
+
 /// The flows of one tenant within a class, sorted by campaign.
 struct Group {
     tenant: u32,
@@ -64,17 +76,11 @@ impl Group {
 
     /// The due flow with the smallest virtual time, and that time (its service's start).
     fn next(&self, now: u64) -> Option<(f64, usize)> {
-        let mut best: Option<(f64, usize)> = None;
-        for (i, f) in self.flows.iter().enumerate() {
-            if !f.pending.is_due(now) {
-                continue;
-            }
-            let tag = f.vtime.max(self.vclock);
-            if best.is_none_or(|(t, _)| tag < t) {
-                best = Some((tag, i));
-            }
-        }
-        best
+        earliest(
+            self.flows
+                .iter()
+                .map(|f| (f.pending.is_due(now), f.vtime.max(self.vclock))),
+        )
     }
 
     /// The sum of the weights of its due flows.
@@ -105,17 +111,11 @@ impl Class {
     /// Serves the due group with the smallest virtual time, and in it the due flow with the
     /// smallest: up to `max` of its due entries.
     fn pop(&mut self, now: u64, max: usize, out: &mut Vec<(u64, u64)>) -> usize {
-        let mut best: Option<(f64, usize)> = None;
-        for (i, g) in self.groups.iter().enumerate() {
-            if !g.has_due(now) {
-                continue;
-            }
-            let tag = g.vtime.max(self.vclock);
-            if best.is_none_or(|(t, _)| tag < t) {
-                best = Some((tag, i));
-            }
-        }
-        let Some((start, gi)) = best else { return 0 };
+        let groups = self.groups.iter();
+        let tags = groups.map(|g| (g.has_due(now), g.vtime.max(self.vclock)));
+        let Some((start, gi)) = earliest(tags) else {
+            return 0;
+        };
         let Some((flow_start, fi)) = self.groups[gi].next(now) else {
             return 0;
         };

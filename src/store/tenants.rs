@@ -353,12 +353,8 @@ impl Tenants {
         *self.stale.lock().expect("tenants lock") = stale;
         let mut inner = Inner::default();
         let add_tenant = |inner: &mut Inner, spec: TenantConfig, origin| {
-            let label = inner.label_for(&spec.name);
             let used = usage.get(&spec.name).copied().unwrap_or(0);
-            let id = inner.by_name.len() as u32;
-            let t = Arc::new(Tenant::new(spec, origin, id, label, (today, used)));
-            inner.by_name.insert(t.spec.name.clone(), Arc::clone(&t));
-            t
+            inner.add_tenant(spec, origin, (today, used))
         };
         let default = add_tenant(&mut inner, TenantConfig::default_tenant(), Origin::Config);
         for (i, k) in config.auth.api_keys.iter().enumerate() {
@@ -397,18 +393,9 @@ impl Tenants {
             add_tenant(&mut inner, spec, Origin::Api);
         }
         for key in stored_keys {
-            let (Some(hash), Some(t)) = (
-                parse_key_hash(&format!("sha256:{}", key.hash)),
-                inner.by_name.get(&key.record.tenant).cloned(),
-            ) else {
-                tracing::warn!(key = %key.record.id, tenant = %key.record.tenant, "a stored key whose tenant is gone is not accepted");
-                continue;
-            };
-            let r = key.record;
-            inner.insert_key(&t, hash, r.name, Origin::Api, r.created_at_ms, false);
-            if let (Some(k), Some(used)) = (inner.keys.get(&hash), r.last_used_ms) {
-                k.last_used_ms.store(used, Ordering::Relaxed);
-                k.written_ms.store(used, Ordering::Relaxed);
+            let (id, tenant) = (key.record.id.clone(), key.record.tenant.clone());
+            if !inner.insert_stored(key) {
+                tracing::warn!(key = %id, %tenant, "a stored key whose tenant is gone is not accepted");
             }
         }
         *self.inner.write().expect("tenants lock") = inner;
@@ -511,17 +498,7 @@ impl Tenants {
         if inner.by_name.contains_key(&spec.name) {
             return Err(TenantError::Exists(spec.name));
         }
-        let label = inner.label_for(&spec.name);
-        let id = inner.by_name.len() as u32;
-        let t = Arc::new(Tenant::new(
-            spec,
-            Origin::Api,
-            id,
-            label,
-            (crate::now_ms() / DAY_MS, 0),
-        ));
-        inner.by_name.insert(t.spec.name.clone(), Arc::clone(&t));
-        Ok(t)
+        Ok(inner.add_tenant(spec, Origin::Api, (crate::now_ms() / DAY_MS, 0)))
     }
 
     /// Cluster mode: stage every change for the other nodes from now on.
@@ -540,7 +517,7 @@ impl Tenants {
         match change {
             Change::AddTenant { tenant } => stage_tenant(batch, tenant),
             Change::AddKey { key } => {
-                if let Some(hash) = parse_key_hash(&format!("sha256:{}", key.hash)) {
+                if let Some(hash) = key.hash() {
                     batch.put_state(
                         STATE_TENANT,
                         &stored_key_name(&hash),
@@ -561,19 +538,7 @@ impl Tenants {
                 let _ = self.insert_tenant(tenant);
             }
             Change::AddKey { key } => {
-                let hash = parse_key_hash(&format!("sha256:{}", key.hash));
-                let tenant = self.get(&key.record.tenant);
-                if let (Some(hash), Some(t)) = (hash, tenant) {
-                    let r = key.record;
-                    self.inner.write().expect("tenants lock").insert_key(
-                        &t,
-                        hash,
-                        r.name,
-                        Origin::Api,
-                        r.created_at_ms,
-                        false,
-                    );
-                }
+                self.inner.write().expect("tenants lock").insert_stored(key);
             }
             Change::RevokeKey { hash } => {
                 if let Some(hash) = parse_key_hash(&format!("sha256:{hash}")) {
@@ -703,13 +668,34 @@ impl Tenants {
 }
 
 impl Inner {
-    /// A new tenant's metric label: its name while there are fewer than [`MAX_LABELS`].
-    fn label_for(&self, name: &str) -> String {
-        if self.by_name.len() < MAX_LABELS {
-            name.to_owned()
+    /// Registers a tenant with the next number, its metric label (its name while there are
+    /// fewer than [`MAX_LABELS`], else `other`) and `usage` (UTC day, recipients that day).
+    fn add_tenant(&mut self, spec: TenantConfig, origin: Origin, usage: (u64, u64)) -> Arc<Tenant> {
+        let label = if self.by_name.len() < MAX_LABELS {
+            spec.name.clone()
         } else {
             "other".to_owned()
+        };
+        let id = self.by_name.len() as u32;
+        let t = Arc::new(Tenant::new(spec, origin, id, label, usage));
+        self.by_name.insert(t.spec.name.clone(), Arc::clone(&t));
+        t
+    }
+
+    /// Registers a key the admin API stored (here or on another node): false when its hash
+    /// does not read or its tenant is gone.
+    fn insert_stored(&mut self, key: StoredKey) -> bool {
+        let (Some(hash), Some(t)) = (key.hash(), self.by_name.get(&key.record.tenant).cloned())
+        else {
+            return false;
+        };
+        let r = key.record;
+        self.insert_key(&t, hash, r.name, Origin::Api, r.created_at_ms, false);
+        if let (Some(k), Some(used)) = (self.keys.get(&hash), r.last_used_ms) {
+            k.last_used_ms.store(used, Ordering::Relaxed);
+            k.written_ms.store(used, Ordering::Relaxed);
         }
+        true
     }
 
     fn insert_key(
@@ -758,6 +744,12 @@ pub struct StoredKey {
     hash: String,
     #[serde(flatten)]
     record: KeyRecord,
+}
+
+impl StoredKey {
+    fn hash(&self) -> Option<KeyHash> {
+        parse_key_hash(&format!("sha256:{}", self.hash))
+    }
 }
 
 #[cfg(test)]
