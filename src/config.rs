@@ -1404,6 +1404,11 @@ pub struct SpoolConfig {
     /// flush memtables and compact. 0 turns the guard off.
     #[serde(default = "defaults::min_free_bytes")]
     pub min_free_bytes: u64,
+    /// How long the spool writer waits for more synced writes before syncing, when the last
+    /// sync served several (concurrent SMTP sessions or API clients): fewer syncs, each acknowledged
+    /// that much later. A lone writer never waits. `"0s"` syncs at once.
+    #[serde(default = "defaults::commit_window", with = "humantime_serde")]
+    pub commit_window: Duration,
 }
 
 /// What happens to the data of finished campaigns. A campaign is finished when none of its
@@ -1537,6 +1542,9 @@ mod defaults {
     }
     pub fn min_free_bytes() -> u64 {
         256 << 20
+    }
+    pub fn commit_window() -> Duration {
+        Duration::from_micros(200)
     }
     pub fn idempotency_ttl() -> Duration {
         Duration::from_secs(24 * 3600)

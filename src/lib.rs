@@ -98,8 +98,9 @@
 //!   takes due domains from the scheduler, `route` resolves a domain to a *site* (its MX set with
 //!   preferences, or a static route) and opens connections, `site` keeps a site's throttles,
 //!   lanes, idle connections and backoff, `lane` runs up to `max_connections` lanes per site,
-//!   `pick` reads and decodes each leased job once and sorts out paused, cancelled, suppressed
-//!   and expired ones, `transact` renders, signs and sends one message (one transaction for
+//!   `pick` reads and decodes each leased job once (on the task when RocksDB holds the records in
+//!   memory, as it does for mail sent soon after it came in, else on the blocking pool) and sorts
+//!   out paused, cancelled, suppressed and expired ones, `transact` renders, signs and sends one message (one transaction for
 //!   several recipients of a campaign that is not personalised), `finish` classifies the outcome
 //!   and applies it as an [`effects::transition::Transition`] through one batching writer (WAL
 //!   synced every 100 ms). Throttles (governor) answer "not before T" and the domains are
@@ -194,7 +195,8 @@
 //!   with the campaign record (and a `campaign_paused` event in the same batch). A tripped
 //!   sending domain is a state record of its own; the API refuses to resume what a breaker
 //!   would pause again unless told `force`.
-//! * [`effects::delivery_log`]: the JSON delivery log, written on its own thread and rotated.
+//! * [`effects::delivery_log`]: the JSON delivery log, written on its own thread (which gathers
+//!   records for 20 ms between writes rather than waking for each) and rotated.
 //! * [`effects::dsn`]: the RFC 3464 reports to the submitters of SMTP mail that bounces or
 //!   expires: a transition that fails such a job hands a notice over once applied (after the
 //!   failure is written), [`intake::raw`] builds and queues it with a null return path.
@@ -277,7 +279,10 @@
 //!
 //! A 202 means synced to disk. Every write goes through the spool's writer thread, which applies
 //! queued batches and then syncs the WAL once for all of them that asked for it, so concurrent
-//! requests share one `fsync`. A request's recipients are written as they stream in, each job
+//! requests share one `fsync`. When the last sync served several requests, a synced write waits
+//! `spool.commit_window` (200 µs) for more before its sync: under many concurrent committers
+//! (SMTP sessions) that halves the syncs. WAL files are recycled, so a sync overwrites data in
+//! place and writes no inode. A request's recipients are written as they stream in, each job
 //! tagged with its upload id, next to an "open upload" record; the final batch removes that record
 //! and adds the campaign and idempotency records. Recovery deletes jobs of uploads still open, so
 //! a crash at any moment leaves either the whole request or nothing.

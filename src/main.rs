@@ -13,6 +13,10 @@ use clap::{Parser, Subcommand};
 use sluice::config::{Config, LogFormat};
 use sluice::server::Settings;
 
+/// See `Cargo.toml` for why.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",

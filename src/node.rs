@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::scheduler::Scheduler;
 use crate::scheduler::index::{CampaignParams, PendingJob, QueueIndex};
 use crate::store::campaign::{Campaign, CampaignKind, CampaignRecord, CampaignState, Registry};
-use crate::store::spool::{Durability, JobId, JobState, Spool, SpoolError};
+use crate::store::spool::{Durability, JobId, JobState, Reach, Spool, SpoolError};
 
 pub struct Node {
     /// Serialises campaign record writes (state changes, retention) so the stored and in-memory
@@ -91,6 +91,7 @@ impl Node {
             Arc::new(crate::effects::webhook::Webhooks::new(&config).map_err(SpoolError::Rocks)?);
         let spool = Arc::new(Spool::open(&config.spool.path)?);
         spool.set_min_free_bytes(config.spool.min_free_bytes);
+        spool.set_commit_window(config.spool.commit_window);
         let assembler = crate::outbound::render::Assembler::new(&config, dkim);
         Ok(Arc::new(Node {
             log,
@@ -379,13 +380,14 @@ impl Node {
 
     /// The message records of bucket jobs `ids`, position for position (`None`: no record), and
     /// with `bodies` the bytes of the raw ones, each read once however many of its jobs are
-    /// asked for, so they share one copy. Blocking.
+    /// asked for, so they share one copy. Blocking with [`Reach::Disk`].
     pub fn read_messages(
         &self,
         ids: &[JobId],
         bodies: bool,
+        reach: Reach,
     ) -> Result<Vec<Option<MessageRead>>, SpoolError> {
-        let found = self.spool.get_messages(ids)?;
+        let found = self.spool.get_messages(ids, reach)?;
         let mut out: Vec<Option<MessageRead>> = ids
             .iter()
             .zip(found)
@@ -420,7 +422,7 @@ impl Node {
         }
         wanted.sort_unstable();
         wanted.dedup();
-        let read = self.spool.get_message_bodies(&wanted)?;
+        let read = self.spool.get_message_bodies(&wanted, reach)?;
         let by_id: HashMap<JobId, Arc<[u8]>> = wanted
             .into_iter()
             .zip(read)
@@ -446,7 +448,10 @@ impl Node {
             .by_seq(id.campaign)
             .is_some_and(|c| c.record.is_bucket());
         let message = match bucket {
-            true => self.read_messages(&[id], false)?.pop().flatten(),
+            true => self
+                .read_messages(&[id], false, Reach::Disk)?
+                .pop()
+                .flatten(),
             false => None,
         };
         Ok(self.campaign_of(id, message)?.map(|c| (c, bytes)))

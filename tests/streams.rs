@@ -35,12 +35,16 @@ fn job_id(id: &str) -> JobId {
 
 async fn stored_message(node: &sluice::server::Running, id: JobId) -> CampaignRecord {
     let n = Arc::clone(&node.node);
-    let bytes = tokio::task::spawn_blocking(move || n.spool.get_messages(&[id]).unwrap())
-        .await
-        .unwrap()
-        .pop()
-        .flatten()
-        .expect("a message record beside the job");
+    let bytes = tokio::task::spawn_blocking(move || {
+        n.spool
+            .get_messages(&[id], sluice::store::spool::Reach::Disk)
+            .unwrap()
+    })
+    .await
+    .unwrap()
+    .pop()
+    .flatten()
+    .expect("a message record beside the job");
     CampaignRecord::decode(&bytes).unwrap()
 }
 

@@ -1,5 +1,6 @@
-//! Pick and lease: jobs taken from the scheduler are read back from the spool (on the blocking
-//! pool), decoded once, and sorted: those of paused campaigns are parked, cancelled, suppressed
+//! Pick and lease: jobs taken from the scheduler are read back from the spool (on the task when
+//! RocksDB has them in memory, as it does for mail sent soon after it came in, else on the
+//! blocking pool), decoded once, and sorted: those of paused campaigns are parked, cancelled, suppressed
 //! and expired ones end here, the rest become [`Prepared`] jobs for an attempt, grouped into
 //! transactions.
 //!
@@ -17,7 +18,7 @@ use crate::effects::transition::Transition;
 use crate::outbound::outcome;
 use crate::scheduler::index::{DomainId, PendingJob};
 use crate::store::campaign::{Campaign, CampaignState};
-use crate::store::spool::{JobId, JobRecord, JobState, OwnedJobRecord};
+use crate::store::spool::{JobId, JobRecord, JobState, OwnedJobRecord, Reach, SpoolError};
 
 pub(crate) static SUPPRESSED_AT_DELIVERY: LazyLock<IntCounter> = LazyLock::new(|| {
     prometheus::register_int_counter!(
@@ -48,9 +49,14 @@ impl Delivery {
         if jobs.is_empty() {
             return Vec::new();
         }
-        let node = Arc::clone(&self.node);
         let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-        let read = tokio::task::spawn_blocking(move || read_jobs(&node, &ids)).await;
+        let read = match read_jobs(&self.node, &ids, Reach::Memory) {
+            Err(SpoolError::NotInMemory) => {
+                let node = Arc::clone(&self.node);
+                tokio::task::spawn_blocking(move || read_jobs(&node, &ids, Reach::Disk)).await
+            }
+            r => Ok(r),
+        };
         let (records, mut messages) = match read {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -218,12 +224,13 @@ impl Delivery {
 }
 
 /// The records of `ids` and, for jobs of streams' buckets, their messages' records (position for
-/// position; `None` elsewhere). Blocking.
+/// position; `None` elsewhere). Blocking with [`Reach::Disk`].
 fn read_jobs(
     node: &crate::node::Node,
     ids: &[JobId],
-) -> Result<(Records, Vec<Option<crate::node::MessageRead>>), crate::store::spool::SpoolError> {
-    let records = node.spool.get_jobs(ids)?;
+    reach: Reach,
+) -> Result<(Records, Vec<Option<crate::node::MessageRead>>), SpoolError> {
+    let records = node.spool.get_jobs(ids, reach)?;
     let in_bucket = |id: &JobId| {
         node.campaigns
             .by_seq(id.campaign)
@@ -239,7 +246,7 @@ fn read_jobs(
         .zip(&bucket)
         .filter_map(|(id, &b)| b.then_some(*id))
         .collect();
-    let mut found = node.read_messages(&wanted, true)?.into_iter();
+    let mut found = node.read_messages(&wanted, true, reach)?.into_iter();
     let messages = bucket
         .iter()
         .map(|&b| if b { found.next().flatten() } else { None })

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::node::Node;
 use crate::outbound::smtp::client::Connection;
-use crate::store::spool::{JobId, JobRecord};
+use crate::store::spool::{JobId, JobRecord, Reach};
 
 /// Unconfigured sites that get a label of their own; the rest are `other`.
 pub const MAX_SITE_LABELS: usize = 100;
@@ -516,7 +516,7 @@ pub async fn report(
         .collect();
     let ids: Vec<JobId> = wanted.iter().map(|(_, j)| *j).collect();
     let read = Arc::clone(node);
-    let records = tokio::task::spawn_blocking(move || read.spool.get_jobs(&ids))
+    let records = tokio::task::spawn_blocking(move || read.spool.get_jobs(&ids, Reach::Disk))
         .await
         .ok()
         .and_then(Result::ok)

@@ -396,6 +396,24 @@ impl<S: Transport> AsyncWrite for Stream<S> {
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Detached => false,
+        }
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -410,6 +428,31 @@ impl<S: Transport> AsyncWrite for Stream<S> {
             Stream::Detached => Poll::Ready(Err(detached())),
         }
     }
+}
+
+/// Writes `a` then `b`. A large `a` goes past the write buffer straight to the socket, and `b`
+/// (a message's last line and its terminator) goes with it in the same vectored write rather
+/// than in a second packet the receiver must wake up for.
+async fn write_all_pair<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    mut a: &[u8],
+    mut b: &[u8],
+) -> std::io::Result<()> {
+    while !a.is_empty() {
+        let n = io
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n >= a.len() {
+            b = &b[n - a.len()..];
+            a = &[];
+        } else {
+            a = &a[n..];
+        }
+    }
+    io.write_all(b).await
 }
 
 /// The envelope of one transaction.
@@ -792,8 +835,7 @@ impl<S: Transport> Connection<S> {
         let block = async {
             let command = format!("BDAT {} LAST\r\n", message.len() + tail.len());
             io.write_all(command.as_bytes()).await?;
-            io.write_all(message).await?;
-            io.write_all(tail).await?;
+            write_all_pair(io, message, tail).await?;
             io.flush().await
         };
         Self::timed_content(
@@ -818,11 +860,12 @@ impl<S: Transport> Connection<S> {
                 io.write_all(b".").await?;
                 start = pos + 1;
             }
-            io.write_all(&message[start..]).await?;
-            if !message.ends_with(b"\r\n") {
-                io.write_all(b"\r\n").await?;
-            }
-            io.write_all(b".\r\n").await?;
+            let end: &[u8] = if message.ends_with(b"\r\n") {
+                b".\r\n"
+            } else {
+                b"\r\n.\r\n"
+            };
+            write_all_pair(io, &message[start..], end).await?;
             io.flush().await
         };
         Self::timed_content(self.timeouts.data_block, message.len(), Command::Dot, block).await
@@ -971,6 +1014,60 @@ mod tests {
     use super::*;
     use crate::outbound::smtp::reply::EnhancedCode;
     use tokio::io::{AsyncReadExt, DuplexStream};
+
+    /// Takes at most three bytes a call, vectored or not.
+    struct Narrow(Vec<u8>);
+
+    impl AsyncWrite for Narrow {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(3);
+            self.get_mut().0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(3 - n);
+                this.0.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pair_is_written_whole_through_short_vectored_writes() {
+        for (a, b) in [
+            ("", ".\r\n"),
+            ("ab", ""),
+            ("abcdefgh", ".\r\n"),
+            ("abc", "\r\n.\r\n"),
+        ] {
+            let mut w = Narrow(Vec::new());
+            write_all_pair(&mut w, a.as_bytes(), b.as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(w.0, format!("{a}{b}").into_bytes());
+        }
+    }
 
     /// One step of a scripted server.
     enum Step {
