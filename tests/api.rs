@@ -186,10 +186,19 @@ async fn abandoned_upload_leaves_nothing() {
     node.shutdown().await;
 }
 
+const OTHER_KEY: &str = "other-key-0123456789";
+
+/// The test config with a second operator key.
+fn two_keys(dir: &std::path::Path) -> sluice::config::Config {
+    let mut c = config(dir);
+    c.auth.api_keys.push(OTHER_KEY.to_owned());
+    c
+}
+
 #[tokio::test]
 async fn idempotency_key_replays_the_first_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let node = start(config(dir.path())).await;
+    let node = start(two_keys(dir.path())).await;
     let addr = node.http_addr;
     let body = campaign_body(json!([{"email": "a@example.com", "vars": {"first_name": "A"}}]));
     let send = |key: &'static str| {
@@ -227,9 +236,75 @@ async fn idempotency_key_replays_the_first_answer() {
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "idempotency_key_reused");
 
+    // The same key with another body is another request: refused, not replayed.
+    let other = campaign_body(json!([{"email": "z@example.com", "vars": {"first_name": "Z"}}]));
+    let r = client()
+        .post(url(addr, "/v1/campaigns"))
+        .bearer_auth(KEY)
+        .header("Idempotency-Key", "retry-1")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "idempotency_key_reused");
+    assert_eq!(e["error"]["field"], "Idempotency-Key");
+    assert_eq!(
+        spool_counts(&node).await,
+        counts,
+        "a refused reuse adds nothing"
+    );
+
+    // Keys are the API key's own: the same key and body from another key is a new request.
+    let r = client()
+        .post(url(addr, "/v1/campaigns"))
+        .bearer_auth(OTHER_KEY)
+        .header("Idempotency-Key", "retry-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    assert_eq!(node.node.campaigns.len(), 2);
+
+    // A recipient upload is bound to its streamed body the same way.
+    let id = first["id"].as_str().unwrap().to_owned();
+    let upload = |key: &'static str, lines: &'static str| {
+        client()
+            .post(url(addr, &format!("/v1/campaigns/{id}/recipients")))
+            .bearer_auth(KEY)
+            .header("Idempotency-Key", key)
+            .header("content-type", "application/x-ndjson")
+            .body(lines)
+            .send()
+    };
+    let lines = "{\"email\":\"u1@example.com\",\"vars\":{\"first_name\":\"U\"}}\n";
+    let up = upload("upload-1", lines).await.unwrap();
+    assert_eq!(up.status(), 202);
+    let up: Value = up.json().await.unwrap();
+    let after_upload = spool_counts(&node).await;
+    let again = upload("upload-1", lines).await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), up);
+    let changed = upload(
+        "upload-1",
+        "{\"email\":\"u2@example.com\",\"vars\":{\"first_name\":\"V\"}}\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(changed.status(), 422);
+    assert_eq!(
+        changed.json::<Value>().await.unwrap()["error"]["code"],
+        "idempotency_key_reused"
+    );
+    assert_eq!(spool_counts(&node).await, after_upload);
+
     // Remembered across a restart, because it was committed with the campaign.
     node.shutdown().await;
-    let node = start(config(dir.path())).await;
+    let node = start(two_keys(dir.path())).await;
     let addr = node.http_addr;
     let third = client()
         .post(url(addr, "/v1/campaigns"))

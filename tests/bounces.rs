@@ -48,7 +48,7 @@ async fn hard_bounces_are_suppressed_and_skipped_by_the_next_campaign() {
     let e = &entry["entries"][0];
     assert_eq!(e["reason"], "hard_bounce", "{entry}");
     assert_eq!(e["category"], "bad-mailbox", "{entry}");
-    assert_eq!(e["scope"], "*");
+    assert_eq!(e["scope"], "global");
     assert_eq!(e["campaign"], first.as_str());
     assert!(
         e["detail"].as_str().unwrap().starts_with("550 5.1.1"),

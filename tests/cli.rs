@@ -11,14 +11,36 @@ use common::*;
 use serde_json::Value;
 
 async fn sluice(addr: std::net::SocketAddr, args: &[&str]) -> Output {
+    sluice_as(addr, KEY, args).await
+}
+
+async fn sluice_as(addr: std::net::SocketAddr, key: &str, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.args(["--url", &format!("http://{addr}"), "--api-key", KEY])
+    cmd.args(["--url", &format!("http://{addr}"), "--api-key", key])
         .args(args)
         .env_remove("SLUICE_URL")
         .env_remove("SLUICE_API_KEY");
     tokio::task::spawn_blocking(move || cmd.output().expect("run sluice"))
         .await
         .unwrap()
+}
+
+/// `sluice send` of `csv` with `template`, `chunk` rows per upload.
+fn send_args<'a>(
+    csv: &'a std::path::Path,
+    template: &'a std::path::Path,
+    chunk: &'a str,
+) -> [&'a str; 7] {
+    let path = |p: &'a std::path::Path| p.to_str().expect("a UTF-8 temporary path");
+    [
+        "send",
+        "--csv",
+        path(csv),
+        "--template",
+        path(template),
+        "--chunk",
+        chunk,
+    ]
 }
 
 fn text(b: &[u8]) -> String {
@@ -63,19 +85,7 @@ async fn send_posts_a_csv_with_progress_and_a_summary() {
     )
     .unwrap();
 
-    let out = sluice(
-        addr,
-        &[
-            "send",
-            "--csv",
-            csv_path.to_str().unwrap(),
-            "--template",
-            template.to_str().unwrap(),
-            "--chunk",
-            "30000",
-        ],
-    )
-    .await;
+    let out = sluice(addr, &send_args(&csv_path, &template, "30000")).await;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(
         out.status.code(),
@@ -144,6 +154,47 @@ async fn send_posts_a_csv_with_progress_and_a_summary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_tries_a_refused_chunk_again_with_its_key_and_adds_it_once() {
+    // A tenant allowed one request a second: most of the chunks are refused with 429 and
+    // Retry-After at first, and go again.
+    let dir = tempfile::tempdir().unwrap();
+    let key = "tenant-key-0123456789";
+    let base = config(dir.path());
+    let toml = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[auth]\napi_keys = [\"{KEY}\"]\n\
+         [secrets]\ntoken_keys = [\"test-token-key-0123456789\"]\n\
+         [spool]\npath = \"{}\"\n[log]\nlevel = \"warn\"\ndelivery_log = \"{}\"\n\
+         [delivery]\nenabled = false\n\
+         [[tenant]]\nname = \"slow\"\napi_keys = [\"{key}\"]\nsending_domains = [\"example.com\"]\nrate = \"1/s\"\n",
+        base.spool.path.display(),
+        base.log.delivery_log.display(),
+    );
+    let node = start(sluice::config::Config::from_toml("test.toml", &toml, None).unwrap()).await;
+    let csv_path = dir.path().join("list.csv");
+    let mut rows = String::from("email,name\n");
+    for i in 0..50 {
+        rows.push_str(&format!("user{i}@sink.test,N{i}\n"));
+    }
+    std::fs::write(&csv_path, rows).unwrap();
+    let template = dir.path().join("campaign.json");
+    std::fs::write(
+        &template,
+        r#"{"from": "news@example.com", "subject": "Hello {{ name }}", "text": "Hi"}"#,
+    )
+    .unwrap();
+    let out = sluice_as(node.http_addr, key, &send_args(&csv_path, &template, "10")).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stderr.contains("429") && stderr.contains("trying again"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("rows 50: accepted 50"), "{stdout}");
+    assert_eq!(node.node.scheduler.len(), 50, "each row queued once");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_commands_use_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(config(dir.path())).await;
@@ -197,6 +248,43 @@ async fn admin_commands_use_the_api() {
     let out = sluice(addr, &["suppressions", "get", "someone+x@example.com"]).await;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["entries"][0]["reason"], "complaint");
+    // The example file of `suppressions import --help` imports as it says.
+    let help = sluice(addr, &["suppressions", "import", "--help"]).await;
+    let help = text(&help.stdout);
+    let example: String = help
+        .lines()
+        .skip_while(|l| !l.contains("Example file:"))
+        .skip(1)
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    assert!(example.starts_with("address,reason,scope\n"), "{help}");
+    let file = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+    std::fs::write(file.path(), &example).unwrap();
+    let out = sluice(
+        addr,
+        &["suppressions", "import", file.path().to_str().unwrap()],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["imported"].as_u64(), v["rejected_count"].as_u64()),
+        (Some(2), Some(0)),
+        "{v}"
+    );
+    let out = sluice(addr, &["suppressions", "get", "bob@example.org"]).await;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            v["entries"][0]["reason"].as_str(),
+            v["entries"][0]["scope"].as_str()
+        ),
+        (Some("unsubscribe"), Some("news.example.com")),
+        "{v}"
+    );
+
     let out = sluice(addr, &["suppressions", "export", "--format", "csv"]).await;
     assert!(text(&out.stdout).contains("someone+x@example.com"));
     let out = sluice(addr, &["suppressions", "remove", "someone+x@example.com"]).await;

@@ -39,7 +39,7 @@ async fn api_puts_gets_lists_deletes_and_survives_restart() {
     assert_eq!(b["address"], "ann@example.org");
     assert_eq!(
         (b["scope"].as_str(), b["reason"].as_str()),
-        (Some("*"), Some("manual"))
+        (Some("global"), Some("manual"))
     );
     let body = json!({"reason": "unsubscribe", "scope": "News.Example.com", "source": "crm"});
     let (s, b) = call(
@@ -95,10 +95,10 @@ async fn api_puts_gets_lists_deletes_and_survives_restart() {
     assert_eq!(
         seen,
         vec![
-            "*|ann@example.org",
-            "*|b@example.org",
-            "*|c@example.org",
-            "*|d@example.org",
+            "global|ann@example.org",
+            "global|b@example.org",
+            "global|c@example.org",
+            "global|d@example.org",
             "news.example.com|ann@example.org"
         ]
     );
@@ -236,6 +236,41 @@ async fn ingest_reports_suppressed_recipients_and_queues_none_of_them() {
         "{b}"
     );
     assert_eq!(node.node.scheduler.len(), 3);
+
+    // A message to a suppressed address says so, naming `to`, and queues nothing.
+    let before = common::spool_counts(&node).await;
+    let message =
+        |from: &str, to: &str| json!({"from": from, "subject": "s", "text": "t", "to": to});
+    let (s, b) = call(
+        a,
+        Method::POST,
+        "/v1/messages",
+        Some(message("news@example.com", "gone@example.org")),
+    )
+    .await;
+    assert_eq!(s, 422, "{b}");
+    assert_eq!(b["error"]["code"], "recipient_suppressed");
+    assert_eq!(b["error"]["field"], "to");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hard_bounce"),
+        "{b}"
+    );
+    assert_eq!(common::spool_counts(&node).await, before);
+    assert_eq!(node.node.scheduler.len(), 3);
+    // The unsubscribe is example.com's only: from another domain the message goes, with its id.
+    let (s, b) = call(
+        a,
+        Method::POST,
+        "/v1/messages",
+        Some(message("shop@other.example", "unsub@example.org")),
+    )
+    .await;
+    assert_eq!((s, b["accepted"].as_u64()), (202, Some(1)), "{b}");
+    assert!(b["id"].as_str().is_some_and(|id| !id.is_empty()), "{b}");
+    assert_eq!(node.node.scheduler.len(), 4);
 
     // NDJSON uploads are checked the same way.
     let r = client()
@@ -510,7 +545,7 @@ async fn import_keeps_good_rows_names_bad_lines_and_export_round_trips() {
             fay["entries"][0]["reason"].as_str(),
             fay["entries"][0]["scope"].as_str()
         ),
-        (Some("manual"), Some("*")),
+        (Some("manual"), Some("global")),
         "defaults: {fay}"
     );
 
@@ -536,16 +571,33 @@ async fn import_keeps_good_rows_names_bad_lines_and_export_round_trips() {
         (status, body["error"]["field"].as_str()),
         (415, Some("Content-Type"))
     );
-    let (status, body) = import(addr, "text/csv", "address,colour\nx@example.org,red\n").await;
-    assert_eq!(status, 422, "{body}");
-    assert_eq!(body["error"]["field"], "line 1");
+    // Another system's export, re-saved by a spreadsheet: a byte-order mark, CRLF, the columns
+    // in another order, and columns the import does not know (ignored).
+    let sendgrid = "\u{feff}Created,Reason,Email,Status\r\n\
+                    1700000000,unsubscribe,\"Ida@Example.org\",bounced\r\n\
+                    1700000001,,jo@example.org,\r\n";
+    let (status, body) = import(addr, "text/csv", sendgrid).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["imported"].as_u64(), body["rejected_count"].as_u64()),
+        (Some(2), Some(0)),
+        "{body}"
+    );
+    let (_, ida) = call(addr, Method::GET, "/v1/suppressions/ida@example.org", None).await;
+    assert_eq!(ida["entries"][0]["reason"], "unsubscribe", "{ida}");
+    let (status, body) = import(addr, "text/csv", "address,colour\nkai@example.org,red\n").await;
+    assert_eq!(
+        (status, body["imported"].as_u64()),
+        (200, Some(1)),
+        "{body}"
+    );
 
     // Export, then import the export elsewhere: the same entries.
     let (ct, nd) = export(addr, "").await;
     assert_eq!(ct, "application/x-ndjson");
-    assert_eq!(nd.lines().count(), 4, "{nd}");
+    assert_eq!(nd.lines().count(), 7, "{nd}");
     let (_, unsub) = export(addr, "?reason=unsubscribe").await;
-    assert_eq!(unsub.lines().count(), 1);
+    assert_eq!(unsub.lines().count(), 2);
     let (ct, csv) = export(addr, "?format=csv").await;
     assert!(ct.starts_with("text/csv"));
     assert!(csv.starts_with("address,scope,reason,created_at,"), "{csv}");
@@ -555,7 +607,7 @@ async fn import_keeps_good_rows_names_bad_lines_and_export_round_trips() {
     let (status, body) = import(other.http_addr, "text/csv", &csv).await;
     assert_eq!(
         (status, body["imported"].as_u64()),
-        (200, Some(4)),
+        (200, Some(7)),
         "{body}"
     );
     let (_, again) = export(other.http_addr, "").await;

@@ -185,7 +185,7 @@ async fn each_key_sees_and_changes_its_own_tenants_records_only() {
     let (_, _, lo) = call(addr, KEY, Method::GET, "/v1/suppressions", None).await;
     assert_eq!(la["items"].as_array().unwrap().len(), 1, "{la}");
     assert_eq!(la["items"][0]["address"], "ann@sink.test");
-    assert_eq!(la["items"][0]["scope"], "*");
+    assert_eq!(la["items"][0]["scope"], "global");
     assert_eq!(lb["items"].as_array().unwrap().len(), 0, "{lb}");
     assert_eq!(lo["items"].as_array().unwrap().len(), 1, "{lo}");
     assert_eq!(lo["items"][0]["address"], "bob@sink.test");

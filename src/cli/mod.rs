@@ -98,7 +98,21 @@ pub enum SuppressionCommand {
         #[arg(long)]
         scope: Option<String>,
     },
-    /// Load a CSV (address[,scope,reason]) or NDJSON file.
+    /// Load a CSV or NDJSON file (a `.csv` name is read as CSV).
+    ///
+    /// CSV: a header row names the columns, in any order: address (or email), reason, scope,
+    /// source, created_at, campaign, job, category, detail; other columns are ignored. Without
+    /// a header the columns are address,reason,scope,source. reason is hard_bounce, complaint,
+    /// unsubscribe or manual (the default); scope is global (the default) or a sending domain.
+    /// A byte-order mark, quoted fields and CRLF line ends are fine. Example file:
+    ///
+    ///     address,reason,scope
+    ///     ann@example.org,hard_bounce,global
+    ///     bob@example.org,unsubscribe,news.example.com
+    ///
+    /// NDJSON: one {"address", "reason", "scope", "source"} object per line (all but address
+    /// optional), as `export` writes them.
+    #[command(verbatim_doc_comment)]
     Import { file: std::path::PathBuf },
     /// Write every entry to stdout.
     Export {
@@ -227,12 +241,22 @@ impl Api {
             .await
             .with_context(|| format!("reaching the Sluice API at {}", self.base))?;
         let status = r.status();
+        let retry_after = r
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_secs);
         let text = r.text().await.context("reading the API's answer")?;
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
             return Ok(body);
         }
-        Err(api_error(status, &body))
+        Err(anyhow::Error::new(ApiFailure {
+            status,
+            retry_after,
+            body,
+        }))
     }
 
     pub async fn call(
@@ -249,14 +273,38 @@ impl Api {
     }
 }
 
-fn api_error(status: StatusCode, body: &Value) -> anyhow::Error {
-    let e = &body["error"];
-    match (e["message"].as_str(), e["field"].as_str()) {
-        (Some(m), Some(f)) => anyhow::anyhow!("{status}: {f}: {m}"),
-        (Some(m), None) => anyhow::anyhow!("{status}: {m}"),
-        _ => anyhow::anyhow!("{status}: {body}"),
+/// An answer of the API that is not a success: its status and error body.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: StatusCode,
+    pub retry_after: Option<std::time::Duration>,
+    pub body: Value,
+}
+
+impl ApiFailure {
+    /// Whether the same request may succeed later: a timeout, a retry still in progress, a
+    /// rate limit, an overloaded, full or failing server.
+    pub fn transient(&self) -> bool {
+        match self.status.as_u16() {
+            408 | 429 => true,
+            409 => self.body["error"]["code"] == "idempotency_in_progress",
+            s => s >= 500,
+        }
     }
 }
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (status, e) = (self.status, &self.body["error"]);
+        match (e["message"].as_str(), e["field"].as_str()) {
+            (Some(m), Some(field)) => write!(f, "{status}: {field}: {m}"),
+            (Some(m), None) => write!(f, "{status}: {m}"),
+            _ => write!(f, "{status}: {}", self.body),
+        }
+    }
+}
+
+impl std::error::Error for ApiFailure {}
 
 /// Percent-encodes a path segment (addresses hold `@` and `+`).
 pub fn segment(s: &str) -> String {
@@ -825,7 +873,12 @@ pub async fn suppressions(api: &Api, cmd: SuppressionCommand) -> anyhow::Result<
             if !r.status().is_success() {
                 let status = r.status();
                 let body: Value = r.json().await.unwrap_or(Value::Null);
-                return Err(api_error(status, &body));
+                return Err(ApiFailure {
+                    status,
+                    retry_after: None,
+                    body,
+                }
+                .into());
             }
             use std::io::Write;
             let mut out = std::io::stdout().lock();

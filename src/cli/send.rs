@@ -5,7 +5,10 @@
 //! template variable of the same name. A row the CSV parser cannot read (wrong number of fields,
 //! invalid UTF-8) or without an address is reported by its line number and skipped; the API
 //! reports rows it refuses or finds suppressed, which are mapped back to line numbers too.
-//! Each chunk of `--chunk` rows is one upload: accepted whole or not at all.
+//! Each chunk of `--chunk` rows is one upload: accepted whole or not at all. Every request
+//! carries an `Idempotency-Key`, so a chunk whose answer was lost (a dropped connection, a
+//! timeout) or refused for now (429, 503, 507, a 5xx) is sent again, up to [`ATTEMPTS`] times,
+//! without adding its rows twice.
 //!
 //! With several `--url`s (the nodes of a cluster), the campaign is created on the first and
 //! the chunks go to the nodes in turn, once each node knows the campaign; each node delivers
@@ -197,10 +200,19 @@ pub async fn send(api: &Api, args: SendArgs) -> anyhow::Result<bool> {
     let names: Vec<String> = headers.iter().map(|h| h.trim().to_owned()).collect();
 
     template.insert("recipients".into(), json!([]));
-    let created = api
-        .call(Method::POST, "/v1/campaigns", Some(Value::Object(template)))
-        .await
-        .context("creating the campaign")?;
+    // This run's keys: the campaign's, and one per chunk after it.
+    let run = uuid::Uuid::now_v7();
+    let template = Bytes::from(serde_json::to_vec(&Value::Object(template))?);
+    let created = retrying(&format!("sluice-send-{run}"), |key| {
+        api.send(
+            api.request(Method::POST, "/v1/campaigns")
+                .header("content-type", "application/json")
+                .header("idempotency-key", key)
+                .body(template.clone()),
+        )
+    })
+    .await
+    .context("creating the campaign")?;
     let id = created["id"]
         .as_str()
         .context("the API answered without a campaign id")?
@@ -264,17 +276,21 @@ pub async fn send(api: &Api, args: SendArgs) -> anyhow::Result<bool> {
         }
         let node = &nodes[chunks % nodes.len()];
         chunks += 1;
-        let answer = upload(node, &id, body, read, &mut progress)
-            .await
-            .with_context(|| {
-                format!(
-                    "uploading rows up to line {} to {}; campaign {id} holds {} rows accepted \
+        let body = Bytes::from(body);
+        let mut progress = Some(&mut progress);
+        let answer = retrying(&format!("sluice-send-{run}-{chunks}"), |key| {
+            upload(node, &id, key, body.clone(), read, progress.take())
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "uploading rows up to line {} to {}; campaign {id} holds {} rows accepted \
                      before",
-                    lines.last().copied().unwrap_or(0),
-                    node.base,
-                    totals.accepted
-                )
-            })?;
+                lines.last().copied().unwrap_or(0),
+                node.base,
+                totals.accepted
+            )
+        })?;
         totals.accepted += answer["accepted"].as_u64().unwrap_or(0);
         totals.suppressed += answer["suppressed_count"].as_u64().unwrap_or(0);
         totals.rejected += answer["rejected_count"].as_u64().unwrap_or(0);
@@ -343,16 +359,52 @@ async fn await_campaign(node: &Api, id: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Streams one chunk as an NDJSON upload, advancing the progress as pieces go out.
+/// Tries a request up to this many times.
+const ATTEMPTS: u32 = 5;
+
+/// Runs `request` with idempotency key `key` until it succeeds, it fails for good, or
+/// [`ATTEMPTS`] are used: a request that failed for now (no answer, 408, 409 while the key's
+/// first try is still in progress, 429, a 5xx) waits (its `Retry-After`, else 1, 2, 4, 8 s)
+/// and goes again with the same key.
+async fn retrying<F, Fut>(key: &str, mut request: F) -> anyhow::Result<Value>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Value>>,
+{
+    let mut attempt = 1;
+    loop {
+        let err = match request(key.to_owned()).await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let wait = match err.downcast_ref::<super::ApiFailure>() {
+            Some(f) if !f.transient() => return Err(err),
+            Some(f) => f.retry_after,
+            None => None,
+        };
+        if attempt == ATTEMPTS {
+            return Err(err.context(format!("gave up after {ATTEMPTS} tries")));
+        }
+        let wait = wait
+            .unwrap_or(Duration::from_secs(1 << (attempt - 1)))
+            .min(Duration::from_secs(60));
+        eprintln!("{err:#}; trying again in {} s", wait.as_secs_f32());
+        tokio::time::sleep(wait).await;
+        attempt += 1;
+    }
+}
+
+/// Streams one chunk as an NDJSON upload with idempotency key `key`, advancing the progress (if
+/// given) as pieces go out.
 async fn upload(
     api: &Api,
     id: &str,
-    body: Vec<u8>,
+    key: String,
+    body: Bytes,
     rows: u64,
-    progress: &mut Progress,
+    mut progress: Option<&mut Progress>,
 ) -> anyhow::Result<Value> {
     // Pieces of about 64 KiB; the progress moves by the share of rows each piece carries.
-    let body = Bytes::from(body);
     let len = body.len().max(1);
     let pieces: Vec<Bytes> = (0..body.len())
         .step_by(64 * 1024)
@@ -371,24 +423,33 @@ async fn upload(
     let req = api
         .request(Method::POST, &format!("/v1/campaigns/{id}/recipients"))
         .header("content-type", "application/x-ndjson")
+        .header("idempotency-key", key)
         .timeout(Duration::from_secs(3600))
         .body(reqwest::Body::wrap_stream(stream));
     let call = api.send(req);
     tokio::pin!(call);
     let mut reported = 0u64;
+    let mut report = |n: u64| {
+        reported += n;
+        if let Some(p) = progress.as_deref_mut().filter(|_| n > 0) {
+            p.add(n);
+        }
+        reported
+    };
     let answer = loop {
         tokio::select! {
             r = &mut call => break r,
-            Some(n) = rx.recv() => { reported += n; progress.add(n); }
+            Some(n) = rx.recv() => {
+                report(n);
+            }
         }
     };
+    let mut sent = report(0);
     while let Ok(n) = rx.try_recv() {
-        reported += n;
-        progress.add(n);
+        sent = report(n);
     }
-    if reported < rows {
-        progress.add(rows - reported);
-    }
+    // Rows of a short or failed upload not yet reported as sent are done now.
+    report(rows.saturating_sub(sent));
     answer
 }
 

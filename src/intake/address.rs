@@ -100,6 +100,37 @@ pub fn domain_of(address: &str) -> &str {
     address.rfind('@').map_or("", |at| &address[at + 1..])
 }
 
+/// Splits an RFC 5322 mailbox given as `Name <address>`, `"Name, Inc." <address>` or
+/// `<address>` into its display name (unquoted; `None` when empty) and its address; anything
+/// else is taken as an address alone.
+pub fn split_mailbox(s: &str) -> (Option<String>, &str) {
+    let s = s.trim();
+    let Some((name, address)) = s.strip_suffix('>').and_then(|inner| {
+        inner
+            .rfind('<')
+            .map(|open| (&inner[..open], &inner[open + 1..]))
+    }) else {
+        return (None, s);
+    };
+    let name = name.trim();
+    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => {
+            let mut out = String::with_capacity(quoted.len());
+            let mut chars = quoted.chars();
+            while let Some(c) = chars.next() {
+                out.push(if c == '\\' {
+                    chars.next().unwrap_or(c)
+                } else {
+                    c
+                });
+            }
+            out
+        }
+        None => name.to_owned(),
+    };
+    ((!name.is_empty()).then_some(name), address.trim())
+}
+
 /// RFC 5322 `atext`, extended by RFC 6531 with any non-ASCII UTF-8 character.
 fn is_atext(c: char) -> bool {
     c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
@@ -197,6 +228,35 @@ pub fn check_host_name(name: &str) -> Result<(), AddressError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mailbox_splits_into_display_name_and_address() {
+        let cases = [
+            ("news@example.com", None, "news@example.com"),
+            (
+                " News <news@example.com> ",
+                Some("News"),
+                "news@example.com",
+            ),
+            ("<news@example.com>", None, "news@example.com"),
+            (
+                r#""Acme, Inc. \"News\"" <news@example.com>"#,
+                Some(r#"Acme, Inc. "News""#),
+                "news@example.com",
+            ),
+            (
+                "Zoë Ünder <z@example.com>",
+                Some("Zoë Ünder"),
+                "z@example.com",
+            ),
+            ("\"john doe\"@example.com", None, "\"john doe\"@example.com"),
+            ("news@example.com>", None, "news@example.com>"),
+        ];
+        for (input, name, address) in cases {
+            let (n, a) = split_mailbox(input);
+            assert_eq!((n.as_deref(), a), (name, address), "{input}");
+        }
+    }
 
     #[test]
     fn accepts_and_normalises() {

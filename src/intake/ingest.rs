@@ -217,10 +217,27 @@ pub fn validate_campaign(
     limits: &LimitsConfig,
     now_ms: u64,
 ) -> Result<(CampaignRecord, RecipientRules), FieldError> {
-    let from = Address::parse(&fields.from).map_err(|e| FieldError::new("from", e.to_string()))?;
-    if let Some(name) = &fields.from_name {
-        check_header_text("from_name", name)?;
-    }
+    // `from` may carry the display name (`News <news@example.com>`), as in a From header.
+    let (name_in_from, from) = crate::intake::address::split_mailbox(&fields.from);
+    let from = Address::parse(from).map_err(|e| FieldError::new("from", e.to_string()))?;
+    let from_name = match (name_in_from, fields.from_name.clone()) {
+        (Some(_), Some(_)) => {
+            return Err(FieldError::new(
+                "from_name",
+                "from already carries a display name (\"Name <address>\"): give the name in one of the two",
+            ));
+        }
+        (Some(name), None) => {
+            check_header_text("from", &name)?;
+            Some(name)
+        }
+        (None, name) => {
+            if let Some(name) = &name {
+                check_header_text("from_name", name)?;
+            }
+            name
+        }
+    };
     let reply_to = match &fields.reply_to {
         Some(r) => Some(
             Address::parse(r)
@@ -329,7 +346,7 @@ pub fn validate_campaign(
         id: uuid::Uuid::now_v7(),
         kind,
         from: from.into_string(),
-        from_name: fields.from_name,
+        from_name,
         reply_to,
         subject: fields.subject,
         text: fields.text,
@@ -1227,6 +1244,13 @@ mod tests {
         let (rec, rules) = validate_campaign(fields(ok), CampaignKind::Bulk, &limits(), 5).unwrap();
         assert_eq!(rec.from, "News@example.com");
         assert_eq!(rules.header_vars.iter().collect::<Vec<_>>(), vec!["name"]);
+        // The RFC 5322 form gives the display name.
+        let named = r#"{"from":"News Desk <News@Example.com>","subject":"s","text":"x"}"#;
+        let (rec, _) = validate_campaign(fields(named), CampaignKind::Bulk, &limits(), 5).unwrap();
+        assert_eq!(
+            (rec.from.as_str(), rec.from_name.as_deref()),
+            ("News@example.com", Some("News Desk"))
+        );
 
         let cases = [
             (r#"{"from":"bad","subject":"s","text":"x"}"#, "from"),
@@ -1263,6 +1287,15 @@ mod tests {
                 r#"{"from":"a@example.com","from_name":"A\nB","subject":"s","text":"x"}"#,
                 "from_name",
             ),
+            (
+                r#"{"from":"A <a@example.com>","from_name":"B","subject":"s","text":"x"}"#,
+                "from_name",
+            ),
+            (
+                r#"{"from":"A\nB <a@example.com>","subject":"s","text":"x"}"#,
+                "from",
+            ),
+            (r#"{"from":"A <a@>","subject":"s","text":"x"}"#, "from"),
             (
                 r#"{"from":"a@example.com","subject":"s","text":"x","tags":[""]}"#,
                 "tags[0]",

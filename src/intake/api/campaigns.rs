@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::idempotency::{self, IdempotencyCheck};
+use super::idempotency::{self, Fingerprinter, IdempotencyCheck};
 use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{
     ApiError, ApiResult, AppState, ListQuery, admit_recipients, check_sending_domain,
@@ -110,22 +110,18 @@ pub(super) enum Composed {
 
 pub(super) const JSON: &[&str] = &["application/json"];
 
-/// Checks the content type (one of `types`) and the `Idempotency-Key` of a `route` request and reads its body
-/// within the limits.
+/// Checks the content type (one of `types`) and the `Idempotency-Key` of a `route` request and
+/// reads its body within the limits; the key is bound to the body and `query`.
 pub(super) async fn read_compose(
     node: &Arc<Node>,
     caller: &Caller,
     headers: &HeaderMap,
-    body: Body,
+    (body, query): (Body, &str),
     route: &str,
     types: &[&str],
 ) -> Result<Composed, ApiError> {
     require_content_type(headers, types)?;
-    let idem = match idempotency::check(node, headers, caller, route.to_owned()).await? {
-        IdempotencyCheck::Replay(resp) => return Ok(Composed::Replay(resp)),
-        IdempotencyCheck::Fresh(i) => Some(i),
-        IdempotencyCheck::None => None,
-    };
+    let check = idempotency::check(node, headers, caller, route.to_owned()).await?;
     let limits = &node.config.limits;
     let body = read_body(
         body,
@@ -133,6 +129,12 @@ pub(super) async fn read_compose(
         node.config.http.body_read_timeout,
     )
     .await?;
+    let request = || idempotency::fingerprint(query, &body);
+    let idem = match check {
+        IdempotencyCheck::Stored(stored) => return stored.replay(&request()).map(Composed::Replay),
+        IdempotencyCheck::Fresh(pending) => Some(pending.bind(request())),
+        IdempotencyCheck::None => None,
+    };
     Ok(Composed::Fresh(idem, body))
 }
 
@@ -146,7 +148,7 @@ pub(super) async fn create(
     let node = &s.node;
     let limits = &node.config.limits;
     let route = "POST /v1/campaigns";
-    let (idem, body) = match read_compose(node, &caller, &headers, body, route, JSON).await? {
+    let (idem, body) = match read_compose(node, &caller, &headers, (body, ""), route, JSON).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };
@@ -737,18 +739,17 @@ pub(super) async fn add_recipients(
             "application/jsonl",
         ],
     )?;
-    let idem = match idempotency::check(
-        node,
-        &headers,
-        &caller,
-        format!("POST /v1/campaigns/{}/recipients", campaign.record.id),
-    )
-    .await?
-    {
-        IdempotencyCheck::Replay(resp) => return Ok(resp),
-        IdempotencyCheck::Fresh(i) => Some(i),
+    let route = format!("POST /v1/campaigns/{}/recipients", campaign.record.id);
+    let timeout = node.config.http.body_read_timeout;
+    let pending = match idempotency::check(node, &headers, &caller, route).await? {
+        IdempotencyCheck::Stored(stored) => {
+            let request = lines::fingerprint_body(body, timeout, Fingerprinter::new("")).await?;
+            return stored.replay(&request);
+        }
+        IdempotencyCheck::Fresh(pending) => Some(pending),
         IdempotencyCheck::None => None,
     };
+    let mut fingerprint = pending.as_ref().map(|_| Fingerprinter::new(""));
     let limits = &node.config.limits;
     let mut lines = LineIngest {
         upload: Upload::new(Arc::clone(node), Arc::clone(&campaign))?,
@@ -769,10 +770,10 @@ pub(super) async fn add_recipients(
                 ),
             )
         },
-        piece_timeout: node.config.http.body_read_timeout,
+        piece_timeout: timeout,
     };
     // Nothing stands unless the whole body arrived: the upload rolls back when dropped.
-    lines::read_lines(body, &line_limits, &mut lines)
+    lines::read_lines(body, &line_limits, &mut lines, fingerprint.as_mut())
         .await
         .map_err(|(ReadError::Body(e) | ReadError::Rows(e))| match e.code {
             "body_read_error" => ApiError {
@@ -787,6 +788,7 @@ pub(super) async fn add_recipients(
         suppressed,
         ..
     } = lines;
+    let idem = pending.zip(fingerprint).map(|(p, f)| p.bind(f.finish()));
     let accepted = upload.len();
     let quota = admit_recipients(node, &caller, accepted as u64)?;
     let body = accepted_body(

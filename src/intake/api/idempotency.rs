@@ -1,7 +1,10 @@
 //! `Idempotency-Key`: a request that carries one is answered once. The answer is stored in the
 //! same synced batch as the data it reports, so a retried request replays it and can never add
-//! recipients twice; a key in progress is refused (409) rather than run twice. Records expire
-//! after `spool.idempotency_ttl` ([`expire`]). Spool reads go to the blocking pool.
+//! recipients twice; a key in progress is refused (409) rather than run twice. A key belongs to
+//! the API key that used it, and is bound to its request: the stored answer keeps the SHA-256 of
+//! the request (its body, and the query of a raw message), and the same key with another request
+//! is a 422 `idempotency_key_reused`, as Stripe and SES answer. Records expire after
+//! `spool.idempotency_ttl` ([`expire`]). Spool reads go to the blocking pool.
 
 use std::sync::Arc;
 
@@ -13,27 +16,45 @@ use crate::node::Node;
 use crate::store::spool::{SpoolBatch, SpoolError};
 use crate::store::tenants::Caller;
 
-/// An `Idempotency-Key` being served: stored with the response in the same commit.
-pub(super) struct Idempotency {
-    key: Vec<u8>,
-    route: String,
-    node: Arc<Node>,
-}
+/// The SHA-256 of a request, as an idempotency record keeps it.
+pub(super) type Fingerprint = [u8; 32];
 
-impl Idempotency {
-    /// Encodes the stored answer: created_ms (u64) | status (u16) | route len (u8) | route | body.
-    pub(super) fn put(&self, batch: &mut SpoolBatch, status: StatusCode, body: &[u8]) {
-        let mut v = Vec::with_capacity(11 + self.route.len() + body.len());
-        v.extend_from_slice(&now_ms().to_be_bytes());
-        v.extend_from_slice(&status.as_u16().to_be_bytes());
-        v.push(self.route.len().min(255) as u8);
-        v.extend_from_slice(&self.route.as_bytes()[..self.route.len().min(255)]);
-        v.extend_from_slice(body);
-        batch.put_idempotency(&self.key, &v);
+/// Computes a request's [`Fingerprint`]: its query, a NUL, then its body as it comes.
+pub(super) struct Fingerprinter(ring::digest::Context);
+
+impl Fingerprinter {
+    pub(super) fn new(query: &str) -> Fingerprinter {
+        let mut c = ring::digest::Context::new(&ring::digest::SHA256);
+        c.update(query.as_bytes());
+        c.update(b"\0");
+        Fingerprinter(c)
+    }
+
+    pub(super) fn update(&mut self, body: &[u8]) {
+        self.0.update(body);
+    }
+
+    pub(super) fn finish(self) -> Fingerprint {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.finish().as_ref());
+        out
     }
 }
 
-impl Drop for Idempotency {
+/// The fingerprint of a request whose query is `query` and whose body is `body`.
+pub(super) fn fingerprint(query: &str, body: &[u8]) -> Fingerprint {
+    let mut f = Fingerprinter::new(query);
+    f.update(body);
+    f.finish()
+}
+
+/// A key held while its request is served: a second request with it meanwhile gets 409.
+struct InFlight {
+    key: Vec<u8>,
+    node: Arc<Node>,
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
         if let Ok(key) = std::str::from_utf8(&self.key)
             && let Ok(mut set) = self.node.idempotency_in_flight.lock()
@@ -43,23 +64,130 @@ impl Drop for Idempotency {
     }
 }
 
-/// A stored answer decoded: (created_ms, status, route, body).
-pub fn decode_idempotency(v: &[u8]) -> Option<(u64, u16, &str, &[u8])> {
-    let created = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
-    let status = u16::from_be_bytes(v.get(8..10)?.try_into().ok()?);
-    let len = usize::from(*v.get(10)?);
-    let route = std::str::from_utf8(v.get(11..11 + len)?).ok()?;
-    Some((created, status, route, v.get(11 + len..)?))
+/// A fresh `Idempotency-Key`, until its request is read: [`Pending::bind`] it to the request.
+pub(super) struct Pending {
+    held: InFlight,
+    route: String,
 }
 
+impl Pending {
+    pub(super) fn bind(self, request: Fingerprint) -> Idempotency {
+        Idempotency {
+            held: self.held,
+            route: self.route,
+            request,
+        }
+    }
+}
+
+/// An `Idempotency-Key` being served: stored with the response in the same commit.
+pub(super) struct Idempotency {
+    held: InFlight,
+    route: String,
+    request: Fingerprint,
+}
+
+/// The first byte of a stored answer that carries its request's fingerprint. Older records
+/// begin with their creation time, whose first byte is 0 for centuries yet.
+const WITH_FINGERPRINT: u8 = 1;
+
+impl Idempotency {
+    /// Encodes the stored answer: 1 | created_ms (u64) | status (u16) | the request's fingerprint
+    /// (32 bytes) | route len (u8) | route | body.
+    pub(super) fn put(&self, batch: &mut SpoolBatch, status: StatusCode, body: &[u8]) {
+        let route = &self.route.as_bytes()[..self.route.len().min(255)];
+        let mut v = Vec::with_capacity(44 + route.len() + body.len());
+        v.push(WITH_FINGERPRINT);
+        v.extend_from_slice(&now_ms().to_be_bytes());
+        v.extend_from_slice(&status.as_u16().to_be_bytes());
+        v.extend_from_slice(&self.request);
+        v.push(route.len() as u8);
+        v.extend_from_slice(route);
+        v.extend_from_slice(body);
+        batch.put_idempotency(&self.held.key, &v);
+    }
+}
+
+/// A stored answer decoded.
+#[derive(Debug, PartialEq)]
+pub struct StoredAnswer<'a> {
+    pub created_ms: u64,
+    pub status: u16,
+    /// The fingerprint of the request it answered (`None` in records written before requests
+    /// were fingerprinted: those replay for any request).
+    pub request: Option<Fingerprint>,
+    pub route: &'a str,
+    pub body: &'a [u8],
+}
+
+pub fn decode_idempotency(v: &[u8]) -> Option<StoredAnswer<'_>> {
+    let (created, status, request, rest) = if v.first() == Some(&WITH_FINGERPRINT) {
+        (
+            v.get(1..9)?,
+            v.get(9..11)?,
+            Some(v.get(11..43)?),
+            v.get(43..)?,
+        )
+    } else {
+        (v.get(..8)?, v.get(8..10)?, None, v.get(10..)?)
+    };
+    let len = usize::from(*rest.first()?);
+    Some(StoredAnswer {
+        created_ms: u64::from_be_bytes(created.try_into().ok()?),
+        status: u16::from_be_bytes(status.try_into().ok()?),
+        request: match request {
+            Some(f) => Some(Fingerprint::try_from(f).ok()?),
+            None => None,
+        },
+        route: std::str::from_utf8(rest.get(1..1 + len)?).ok()?,
+        body: rest.get(1 + len..)?,
+    })
+}
+
+/// What the `Idempotency-Key` of a request says to do.
 pub(super) enum IdempotencyCheck {
+    /// The request carries none.
     None,
-    Fresh(Idempotency),
-    Replay(Response),
+    /// A key not seen (or expired): serve the request and store the answer with it.
+    Fresh(Pending),
+    /// A key that answered a request of this route: replay the answer if this request is the
+    /// same ([`Stored::replay`]).
+    Stored(Stored),
 }
 
-/// Checks the request's `Idempotency-Key`, which is the caller's tenant's own: two tenants may
-/// use the same key.
+/// A live stored answer for a request's key.
+pub(super) struct Stored {
+    request: Option<Fingerprint>,
+    status: StatusCode,
+    body: Vec<u8>,
+}
+
+impl Stored {
+    /// The stored answer, marked `Idempotent-Replayed`, if `request` is the request it answered;
+    /// else 422 `idempotency_key_reused`.
+    pub(super) fn replay(self, request: &Fingerprint) -> Result<Response, ApiError> {
+        if self.request.is_some_and(|f| f != *request) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request: use a new key for a new request",
+            )
+            .field("Idempotency-Key"));
+        }
+        let mut resp = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            self.body,
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        Ok(resp)
+    }
+}
+
+/// Checks the request's `Idempotency-Key`, which is the caller's API key's own: two keys (of
+/// one tenant or of two) may use the same one.
 pub(super) async fn check(
     node: &Arc<Node>,
     headers: &HeaderMap,
@@ -82,13 +210,16 @@ pub(super) async fn check(
             "must be 1 to 255 printable ASCII characters without spaces",
         ));
     }
-    // The default tenant's keys are stored as they were before tenants; a tenant's behind its
-    // name and a NUL, which no key holds.
-    let key = if caller.tenant.is_default() {
-        key
+    // Stored behind `#`, the API key's id and a NUL (no tenant name has a `#`, no key a NUL).
+    // Records written when keys
+    // were per tenant (the default tenant's bare, another's behind its name) are still found
+    // there until they expire, so a retry across an upgrade replays.
+    let tenant_key = if caller.tenant.is_default() {
+        key.clone()
     } else {
         format!("{}\0{key}", caller.tenant.name())
     };
+    let key = format!("#{}\0{key}", caller.key.record.id);
     {
         let mut set = node.idempotency_in_flight.lock().expect("idempotency lock");
         if !set.insert(key.clone()) {
@@ -100,43 +231,46 @@ pub(super) async fn check(
             .field("Idempotency-Key"));
         }
     }
-    let guard = Idempotency {
-        key: key.into_bytes(),
+    let guard = Pending {
+        held: InFlight {
+            key: key.into_bytes(),
+            node: Arc::clone(node),
+        },
         route,
-        node: Arc::clone(node),
     };
     let lookup_node = Arc::clone(node);
-    let lookup_key = guard.key.clone();
-    let stored =
-        tokio::task::spawn_blocking(move || lookup_node.spool.get_idempotency(&lookup_key))
-            .await
-            .map_err(|e| ApiError::internal("reading the idempotency record", e))??;
-    if let Some(stored) = stored
-        && let Some((created, status, route, body)) = decode_idempotency(&stored)
-    {
-        let ttl = node.config.spool.idempotency_ttl.as_millis() as u64;
-        if now_ms().saturating_sub(created) < ttl {
-            if route != guard.route {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    format!("this Idempotency-Key was used for {route}"),
-                )
-                .field("Idempotency-Key"));
-            }
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
-            let mut resp = (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                body.to_vec(),
-            )
-                .into_response();
-            resp.headers_mut()
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            return Ok(IdempotencyCheck::Replay(resp));
+    let lookup_key = guard.held.key.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        match lookup_node.spool.get_idempotency(&lookup_key)? {
+            Some(v) => Ok(Some(v)),
+            None => lookup_node
+                .spool
+                .get_idempotency(tenant_key.as_bytes())
+                .map(|v| v.filter(|v| v.first() != Some(&WITH_FINGERPRINT))),
         }
+    })
+    .await
+    .map_err(|e| ApiError::internal("reading the idempotency record", e))??;
+    let Some(answer) = stored.as_deref().and_then(decode_idempotency) else {
+        return Ok(IdempotencyCheck::Fresh(guard));
+    };
+    let ttl = node.config.spool.idempotency_ttl.as_millis() as u64;
+    if now_ms().saturating_sub(answer.created_ms) >= ttl {
+        return Ok(IdempotencyCheck::Fresh(guard));
     }
-    Ok(IdempotencyCheck::Fresh(guard))
+    if answer.route != guard.route {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            format!("this Idempotency-Key was used for {}", answer.route),
+        )
+        .field("Idempotency-Key"));
+    }
+    Ok(IdempotencyCheck::Stored(Stored {
+        request: answer.request,
+        status: StatusCode::from_u16(answer.status).unwrap_or(StatusCode::ACCEPTED),
+        body: answer.body.to_vec(),
+    }))
 }
 
 /// Deletes idempotency records older than the configured TTL.
@@ -147,7 +281,7 @@ pub async fn expire(node: Arc<Node>) -> Result<usize, SpoolError> {
         let now = crate::now_ms();
         let mut expired = Vec::new();
         scan_node.spool.scan_idempotency(|k, v| {
-            let created = decode_idempotency(v).map_or(0, |(c, ..)| c);
+            let created = decode_idempotency(v).map_or(0, |a| a.created_ms);
             if now.saturating_sub(created) >= ttl {
                 expired.push(k.to_vec());
             }

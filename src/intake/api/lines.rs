@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use futures_util::StreamExt;
 
 use super::ApiError;
+use super::idempotency::{Fingerprint, Fingerprinter};
 
 /// What an upload does with its lines.
 pub(super) trait Rows {
@@ -40,28 +41,24 @@ pub(super) enum ReadError {
     Rows(ApiError),
 }
 
-/// Reads `body` line by line into `rows` (see the module documentation).
+/// Reads `body` line by line into `rows` (see the module documentation), feeding every byte to
+/// `fingerprint` if given.
 pub(super) async fn read_lines(
     body: Body,
     limits: &LineLimits,
     rows: &mut impl Rows,
+    mut fingerprint: Option<&mut Fingerprinter>,
 ) -> Result<(), ReadError> {
     let mut seen = 0u64;
     let mut stream = body.into_data_stream();
     let mut split = LineSplitter::new(limits.max_line_bytes);
-    loop {
-        let chunk = match tokio::time::timeout(limits.piece_timeout, stream.next()).await {
-            Err(_) => return Err(ReadError::Body(super::body_timeout())),
-            Ok(None) => break,
-            Ok(Some(Ok(c))) => c,
-            Ok(Some(Err(e))) => {
-                return Err(ReadError::Body(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "body_read_error",
-                    format!("reading the body failed: {e}"),
-                )));
-            }
-        };
+    while let Some(chunk) = next_chunk(&mut stream, limits.piece_timeout)
+        .await
+        .map_err(ReadError::Body)?
+    {
+        if let Some(f) = fingerprint.as_deref_mut() {
+            f.update(&chunk);
+        }
         let mut pos = 0;
         while let Some(p) = split.next_piece(&chunk, &mut pos) {
             take(p, limits, &mut seen, rows).await?;
@@ -71,6 +68,37 @@ pub(super) async fn read_lines(
         take(p, limits, &mut seen, rows).await?;
     }
     Ok(())
+}
+
+/// Reads `body` whole into `fingerprint` without keeping it (a retried upload, to compare with
+/// the one its key answered).
+pub(super) async fn fingerprint_body(
+    body: Body,
+    piece_timeout: Duration,
+    mut fingerprint: Fingerprinter,
+) -> Result<Fingerprint, ApiError> {
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = next_chunk(&mut stream, piece_timeout).await? {
+        fingerprint.update(&chunk);
+    }
+    Ok(fingerprint.finish())
+}
+
+/// The next piece of a body (`None` at its end), waiting `piece_timeout` at most.
+async fn next_chunk(
+    stream: &mut axum::body::BodyDataStream,
+    piece_timeout: Duration,
+) -> Result<Option<axum::body::Bytes>, ApiError> {
+    match tokio::time::timeout(piece_timeout, stream.next()).await {
+        Err(_) => Err(super::body_timeout()),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(c))) => Ok(Some(c)),
+        Ok(Some(Err(e))) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body_read_error",
+            format!("reading the body failed: {e}"),
+        )),
+    }
 }
 
 async fn take(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
@@ -35,7 +35,7 @@ pub(super) async fn send(
     let node = &s.node;
     let limits = &node.config.limits;
     let route = "POST /v1/messages";
-    let (idem, body) = match read_compose(node, &caller, &headers, body, route, JSON).await? {
+    let (idem, body) = match read_compose(node, &caller, &headers, (body, ""), route, JSON).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };
@@ -68,6 +68,27 @@ pub(super) async fn send(
                 message: e.message,
             })
         })?;
+    // A message has one recipient: a suppressed one means nothing to send, said now rather
+    // than in a 202 that sends nothing, and before anything (its stream's bucket) is written.
+    let suppressed = |reason: crate::effects::suppression::Reason| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "recipient_suppressed",
+            format!(
+                "{} is on the suppression list ({}); nothing was queued",
+                valid.address.as_str(),
+                reason.as_str()
+            ),
+        )
+        .field("to")
+    };
+    if let Some(reason) = node.suppressions.check(
+        valid.address.as_str(),
+        crate::intake::address::domain_of(&record.from),
+        record.tenant(),
+    ) {
+        return Err(suppressed(reason));
+    }
     let stream = record.stream.clone().unwrap_or_default();
     let quota = admit_recipients(node, &caller, 1)?;
     let bucket = node
@@ -77,9 +98,10 @@ pub(super) async fn send(
     // The message is reported under its bucket: its Message-ID and events name the bucket.
     record.id = bucket.record.id;
     let mut upload = Upload::for_message(Arc::clone(node), Arc::clone(&bucket), record)?;
-    let mut suppressed = SuppressedList::new(limits.max_rejected_reported);
-    let added = upload.add(&valid).await?;
-    suppressed.note(0, valid.address.as_str(), added);
+    // Suppressed meanwhile: the upload rolls back when dropped.
+    if let Some(reason) = upload.add(&valid).await? {
+        return Err(suppressed(reason));
+    }
     let job = upload
         .last_job()
         .ok_or_else(|| ApiError::internal("message upload", "no job was added"))?;
@@ -87,7 +109,7 @@ pub(super) async fn send(
     let body = accepted_body(
         ids,
         upload.len(),
-        suppressed,
+        SuppressedList::new(limits.max_rejected_reported),
         RejectList::new(limits.max_rejected_reported),
     );
     upload
@@ -110,13 +132,16 @@ pub(super) async fn send_raw(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
     let node = &s.node;
     let Query(pairs) = query.map_err(|e| ApiError::invalid_field("query", e.body_text()))?;
     let route = "POST /v1/messages/raw";
-    let (idem, body) = match read_compose(node, &caller, &headers, body, route, RFC822).await? {
+    // The envelope is in the query: a retry must repeat it too.
+    let request = (body, raw_query.as_deref().unwrap_or(""));
+    let (idem, body) = match read_compose(node, &caller, &headers, request, route, RFC822).await? {
         Composed::Replay(resp) => return Ok(resp),
         Composed::Fresh(idem, body) => (idem, body),
     };

@@ -33,10 +33,18 @@ fn owner(stored: &str) -> &str {
         .unwrap_or(crate::config::DEFAULT_TENANT)
 }
 
-/// An entry as its tenant sees it: the scope without the tenant.
+/// An entry as its tenant sees it: the scope without the tenant, and in the words the API
+/// takes (`global` rather than the stored `*`).
 fn shown(mut e: Entry) -> Entry {
-    e.scope = split_scope(&e.scope).1.to_owned();
+    e.scope = shown_scope(&e.scope).to_owned();
     e
+}
+
+fn shown_scope(stored: &str) -> &str {
+    match split_scope(stored).1 {
+        crate::effects::suppression::GLOBAL => "global",
+        domain => domain,
+    }
 }
 
 /// What a scan of the spool's suppressions does with a key for `tenant`'s list: where it
@@ -258,7 +266,7 @@ pub(super) async fn delete(
     for sc in &scopes {
         node.suppressions.remove(&address, sc);
     }
-    let deleted: Vec<&str> = scopes.iter().map(|s| split_scope(s).1).collect();
+    let deleted: Vec<&str> = scopes.iter().map(|s| shown_scope(s)).collect();
     Ok(axum::Json(json!({"address": address, "deleted": deleted})).into_response())
 }
 
@@ -398,48 +406,25 @@ impl ImportRow {
     }
 }
 
-/// Splits one CSV record (RFC 4180 quoting; no line breaks inside fields).
+/// Splits one CSV record (RFC 4180 quoting, read by the `csv` crate; no line breaks inside
+/// fields), each field trimmed.
 fn csv_fields(line: &str) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    let mut chars = line.chars().peekable();
-    loop {
-        let mut field = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    None => return Err("unterminated quoted field".into()),
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        field.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => field.push(c),
-                }
-            }
-            match chars.next() {
-                None => {
-                    out.push(field);
-                    return Ok(out);
-                }
-                Some(',') => {}
-                Some(c) => return Err(format!("{c:?} after a closing quote")),
-            }
-        } else {
-            loop {
-                match chars.next() {
-                    None => {
-                        out.push(field.trim().to_owned());
-                        return Ok(out);
-                    }
-                    Some(',') => break,
-                    Some('"') => return Err("a quote inside an unquoted field".into()),
-                    Some(c) => field.push(c),
-                }
-            }
-            field = field.trim().to_owned();
-        }
-        out.push(field);
+    // Quotes come in pairs (a quote inside a quoted field is doubled): an odd count means a
+    // field that never closes, which the reader would take to the end of the line.
+    if line.bytes().filter(|&b| b == b'"').count() % 2 == 1 {
+        return Err("unterminated quoted field".into());
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .buffer_capacity(line.len() + 1)
+        .from_reader(line.as_bytes());
+    let mut record = csv::StringRecord::new();
+    match reader.read_record(&mut record) {
+        Ok(true) => Ok(record.iter().map(str::to_owned).collect()),
+        Ok(false) => Ok(Vec::new()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -456,8 +441,26 @@ const CSV_COLUMNS: [&str; 9] = [
     "detail",
 ];
 
+/// The columns of a headerless CSV file: address, reason, scope, source.
+const CSV_HEADERLESS: [Option<usize>; 4] = [Some(0), Some(2), Some(1), Some(4)];
+
+/// The columns a CSV header names (`email` for `address`, any case); `None` for a column the
+/// import does not know, whose values are ignored (exports of other systems carry more). Not a
+/// header unless it names an address column.
+fn csv_header(fields: &[String]) -> Option<Vec<Option<usize>>> {
+    let columns: Vec<Option<usize>> = fields
+        .iter()
+        .map(|f| {
+            let f = f.to_ascii_lowercase();
+            let f = if f == "email" { "address" } else { f.as_str() };
+            CSV_COLUMNS.iter().position(|c| *c == f)
+        })
+        .collect();
+    columns.contains(&Some(0)).then_some(columns)
+}
+
 /// Reads a CSV row into an import row by the header's columns.
-fn csv_row(columns: &[usize], fields: Vec<String>) -> Result<ImportRow, String> {
+fn csv_row(columns: &[Option<usize>], fields: Vec<String>) -> Result<ImportRow, String> {
     let mut row = ImportRow {
         address: None,
         reason: None,
@@ -477,9 +480,9 @@ fn csv_row(columns: &[usize], fields: Vec<String>) -> Result<ImportRow, String> 
         ));
     }
     for (value, &col) in fields.into_iter().zip(columns) {
-        if value.is_empty() {
+        let Some(col) = col.filter(|_| !value.is_empty()) else {
             continue;
-        }
+        };
         match CSV_COLUMNS[col] {
             "address" => row.address = Some(value),
             "scope" => row.scope = Some(value),
@@ -510,7 +513,7 @@ fn csv_row(columns: &[usize], fields: Vec<String>) -> Result<ImportRow, String> 
 }
 
 enum ImportFormat {
-    Csv { columns: Option<Vec<usize>> },
+    Csv { columns: Option<Vec<Option<usize>>> },
     Ndjson,
 }
 
@@ -538,40 +541,27 @@ impl Rows for Import {
     }
 
     async fn row(&mut self, text: &str, n: u64) -> Result<(), ApiError> {
+        // A byte-order mark, as spreadsheets save UTF-8, is not part of the first row.
+        let text = if n == 0 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
+        };
         let row = match &mut self.format {
             ImportFormat::Ndjson => {
                 serde_json::from_str::<ImportRow>(text).map_err(|e| e.to_string())
             }
-            ImportFormat::Csv { columns } => match csv_fields(text) {
-                Err(e) => Err(e),
-                Ok(fields) => match columns {
-                    Some(cols) => csv_row(cols, fields),
+            ImportFormat::Csv { columns } => match (csv_fields(text), columns) {
+                (Err(e), _) => Err(e),
+                (Ok(fields), Some(cols)) => csv_row(cols, fields),
+                (Ok(fields), columns @ None) => match csv_header(&fields) {
+                    Some(header) => {
+                        *columns = Some(header);
+                        return Ok(());
+                    }
                     None => {
-                        let first = fields.first().map(|f| f.to_ascii_lowercase());
-                        if matches!(first.as_deref(), Some("address" | "email")) {
-                            let mut cols = Vec::new();
-                            for f in &fields {
-                                let f = f.to_ascii_lowercase();
-                                let f = if f == "email" { "address".into() } else { f };
-                                match CSV_COLUMNS.iter().position(|c| *c == f) {
-                                    Some(i) => cols.push(i),
-                                    None => {
-                                        return Err(ApiError::invalid_field(
-                                            format!("line {}", n + 1),
-                                            format!(
-                                                "unknown column {f:?}; known: {}",
-                                                CSV_COLUMNS.join(", ")
-                                            ),
-                                        ));
-                                    }
-                                }
-                            }
-                            *columns = Some(cols);
-                            return Ok(());
-                        }
-                        // No header: address, reason, scope, source.
-                        *columns = Some(vec![0, 2, 1, 4]);
-                        csv_row(&[0, 2, 1, 4], fields)
+                        *columns = Some(CSV_HEADERLESS.to_vec());
+                        csv_row(&CSV_HEADERLESS, fields)
                     }
                 },
             },
@@ -688,7 +678,7 @@ pub(super) async fn import(
         },
         piece_timeout: node.config.http.body_read_timeout,
     };
-    match lines::read_lines(body, &line_limits, &mut import).await {
+    match lines::read_lines(body, &line_limits, &mut import, None).await {
         Ok(()) => {}
         Err(ReadError::Rows(e)) => return Err(e),
         Err(ReadError::Body(mut e)) => {
