@@ -297,12 +297,26 @@ pub async fn wait_counts(
 }
 
 /// The delivery log's records.
+/// The delivery log's records, once it has stopped growing: its thread writes what it gathered
+/// every 20 ms, so a record may follow the counts it reports by that much.
 pub fn log_records(dir: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("delivery.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("log line is JSON"))
-        .collect()
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(dir.join("delivery.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("log line is JSON"))
+            .collect()
+    };
+    let mut records = read();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(60));
+        let again = read();
+        if again.len() == records.len() {
+            break;
+        }
+        records = again;
+    }
+    records
 }
 
 /// The delivery log is written by its own thread; wait until it has `n` records.
