@@ -287,10 +287,12 @@
 //! and adds the campaign and idempotency records. Recovery deletes jobs of uploads still open, so
 //! a crash at any moment leaves either the whole request or nothing.
 //!
-//! # Where this departs from the design notes
+//! # Choices and their reasons
 //!
-//! * An `idempotency` column family joins the five of the design: the stored answer is written in
-//!   the same batch as the data, so a retried request can never add recipients twice.
+//! Decisions a contributor might otherwise undo, each with why it was made.
+//!
+//! * Idempotency records have a column family of their own: the stored answer is written in the
+//!   same batch as the data, so a retried request can never add recipients twice.
 //! * Final counts are stored per campaign as RocksDB merge operands (`tallies`), added in the
 //!   batch of each transition; queued counts come from the live jobs recovery scans anyway.
 //! * Final jobs leave the `jobs` column family for `finals`, so restart time and memory follow
@@ -314,18 +316,18 @@
 //!   trust a signed test zone. With it on, every MX and address answer is validated, so an MX
 //!   set that fails validation is deferred instead of sent to unauthenticated hosts; TLSA is
 //!   only asked for hosts whose addresses are secure (RFC 7672 §2.2.2).
-//! * The design's "queue manager" is the [`scheduler`], which also owns parked jobs and suspended
-//!   domains: everything that decides whether a job may be taken sits behind one lock.
+//! * There is no separate queue manager: the [`scheduler`] also owns parked jobs and suspended
+//!   domains, so everything that decides whether a job may be taken sits behind one lock.
 //! * Fair share is per destination domain (a site serves its domains in turn), not per site:
 //!   the queue index is per domain, and campaigns of one site mostly share its domains, so the
 //!   two agree; campaigns sending to different domains of one site split it by domain, whatever
 //!   their weights. Tenants are a level above campaigns in the same structure.
 //! * A stream's messages share one flow per priority (their bucket), rather than a flow each:
 //!   a flow per message would make fair queuing degenerate into FIFO among messages anyway.
-//! * The signed header list adds Reply-To to the design's; absent headers are signed as empty, so
-//!   none of them can be added in transit.
-//! * Ingest renders each recipient's variables against the templates (the rule that a
-//!   recipient who cannot render is refused at ingest), skipping the render when a template is plain
+//! * The DKIM signed header list includes Reply-To; absent headers are signed as empty, so none
+//!   of them can be added in transit.
+//! * Ingest renders each recipient's variables against the templates (a recipient who cannot
+//!   render is refused at ingest, not at delivery), skipping the render when a template is plain
 //!   substitution and every name is present.
 //! * Suppression entries also carry the bounce `category` and the `detail` (reply or report) that
 //!   caused them, for people asking why an address is blocked.
@@ -339,7 +341,7 @@
 //!   no two are ever the same. Such campaigns give up one-click unsubscribe and per-recipient
 //!   VERP; an address index in `meta` maps their reports back to recipients.
 //! * Suppression scopes carry the tenant (`<tenant>:*`, `<tenant>:<domain>`) instead of a
-//!   column family or key prefix per tenant: the operator's entries keep the design's scopes
+//!   column family or key prefix per tenant: the operator's entries keep their plain scopes
 //!   and apply to every tenant, a delivery-time check is still one hash lookup per address, and
 //!   a tenant's list is one key range.
 //! * API keys are hashed with SHA-256, not Argon2: they are 32 random bytes, so nothing is
