@@ -542,8 +542,14 @@ pub struct WebhookConfig {
     /// `rejected`, and `campaign_paused` when a breaker pauses a campaign). Default: all.
     #[serde(default)]
     pub events: Option<Vec<String>>,
-    /// HMAC-SHA256 key for the `X-Sluice-Signature` header. At least 16 characters.
+    /// The signing secret: a Standard Webhooks secret (`whsec_` and the key in base64, as their
+    /// libraries generate), or any string of at least 16 characters, whose bytes are the key.
+    /// Signs the `webhook-signature` header (and the deprecated `X-Sluice-Signature`).
     pub secret: String,
+    /// Secrets being rotated out: each also signs `webhook-signature` (one `v1,` signature per
+    /// secret, the current one first), so receivers can move to the new secret at their pace.
+    #[serde(default)]
+    pub previous_secrets: Vec<String>,
     /// Events per POST; larger batches cost the receiver less per event.
     #[serde(default = "defaults::webhook_batch")]
     pub batch_size: usize,
@@ -1384,6 +1390,11 @@ pub struct AuthConfig {
     /// Bearer tokens accepted on `/v1`. Replaced by `SLUICE_API_KEYS` when that is set.
     #[serde(default = "defaults::api_keys")]
     pub api_keys: Vec<String>,
+    /// API requests each key may make (every `/v1` route), e.g. `"100/s"`: the operator's keys
+    /// and every tenant's, each on its own (a tenant's `rate` holds for all its keys together).
+    /// Over it: 429 `rate_limited` with `Retry-After`. Unset: no limit.
+    #[serde(default)]
+    pub rate_limit: Option<Rate>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -2378,8 +2389,15 @@ impl Config {
                     format!("{:?} is not an http:// or https:// URL", w.url),
                 );
             }
-            if w.secret.len() < 16 {
-                bad(&key("secret"), "must be at least 16 characters".into());
+            for (k, secret) in std::iter::once((key("secret"), &w.secret)).chain(
+                w.previous_secrets
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| (key(&format!("previous_secrets[{j}]")), s)),
+            ) {
+                if let Err(e) = crate::effects::webhook::secret_key(secret) {
+                    bad(&k, e);
+                }
             }
             if !(1..=10_000).contains(&w.batch_size) {
                 bad(&key("batch_size"), "must be between 1 and 10000".into());

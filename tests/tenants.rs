@@ -243,6 +243,47 @@ async fn a_from_domain_outside_the_tenants_is_refused_and_nothing_is_queued() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_has_its_own_auth_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_with(dir.path(), "", "");
+    config.auth.rate_limit = Some(sluice::config::Rate {
+        count: 3,
+        per: Duration::from_secs(1),
+    });
+    let node = start(config).await;
+    let addr = node.http_addr;
+    // The operator's key past its three a second: 429 naming the key, with Retry-After.
+    let mut limited = None;
+    for _ in 0..6 {
+        let (s, h, body) = call(addr, KEY, Method::GET, "/v1/campaigns", None).await;
+        if s == 429 {
+            limited = Some((h, body));
+            break;
+        }
+        assert_eq!(s, 200, "{body}");
+    }
+    let (headers, body) = limited.expect("the key's rate answered 429");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("API key"),
+        "{body}"
+    );
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    // Another key (a tenant's) has its own allowance meanwhile.
+    let (s, body) = get_as(addr, KEY_A, "/v1/campaigns").await;
+    assert_eq!(s, 200, "{body}");
+    // And the first is served again once the wait is over.
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let (s, body) = get_as(addr, KEY, "/v1/campaigns").await;
+    assert_eq!(s, 200, "{body}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_and_daily_quota_answer_429_and_the_quota_holds_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = || config_with(dir.path(), "rate = \"5/s\"\ndaily_quota = 5\n", "");

@@ -50,7 +50,7 @@ fn signature_ok(headers: &HeaderMap, body: &[u8]) -> bool {
         return false;
     };
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
-    let mut signed = t.into_bytes();
+    let mut signed = t.clone().into_bytes();
     signed.push(b'.');
     signed.extend_from_slice(body);
     let want: String = ring::hmac::sign(&key, &signed)
@@ -58,7 +58,21 @@ fn signature_ok(headers: &HeaderMap, body: &[u8]) -> bool {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    want == v1
+    // The Standard Webhooks headers, signed over the batch id, the same time and the body.
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(id), Some(ts), Some(sig)) = (
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        header("webhook-signature"),
+    ) else {
+        return false;
+    };
+    let mut standard = format!("{id}.{ts}.").into_bytes();
+    standard.extend_from_slice(body);
+    let tag = ring::hmac::sign(&key, &standard);
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
+    want == v1 && ts == t && sig == format!("v1,{b64}")
 }
 
 /// Serves the receiver on `addr` until `stop`.

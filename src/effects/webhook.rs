@@ -52,8 +52,53 @@ static SENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+/// The signature header of earlier releases, still sent (deprecated; use the Standard Webhooks
+/// headers): `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 pub const SIGNATURE_HEADER: &str = "x-sluice-signature";
+
+/// Standard Webhooks (<https://www.standardwebhooks.com>), which has verifiers in many
+/// languages: the batch's id (the same when a batch is sent again), the time it was signed
+/// (Unix seconds), and `v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>` for each
+/// secret, separated by spaces.
+pub const ID_HEADER: &str = "webhook-id";
+pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
+pub const STANDARD_SIGNATURE_HEADER: &str = "webhook-signature";
+
+/// The HMAC key of a configured secret: a Standard Webhooks secret (`whsec_<base64>`) is its
+/// decoded bytes, any other string (16 characters at least) its own bytes.
+pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    match secret.strip_prefix("whsec_") {
+        Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
+            Ok(k) if k.len() >= 16 => Ok(k),
+            Ok(_) => Err("a whsec_ secret must hold at least 16 bytes".into()),
+            Err(e) => Err(format!("whsec_ must be followed by base64: {e}")),
+        },
+        None if secret.len() >= 16 => Ok(secret.as_bytes().to_vec()),
+        None => Err("must be at least 16 characters (or a whsec_ secret)".into()),
+    }
+}
+
+/// The `webhook-signature` value for `body` with id `id` sent at `t`, one signature per key.
+pub fn standard_signature(keys: &[Vec<u8>], id: &str, t: u64, body: &[u8]) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for k in keys {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
+        let mut ctx = ring::hmac::Context::with_key(&key);
+        ctx.update(id.as_bytes());
+        ctx.update(b".");
+        ctx.update(t.to_string().as_bytes());
+        ctx.update(b".");
+        ctx.update(body);
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str("v1,");
+        out.push_str(&base64::engine::general_purpose::STANDARD.encode(ctx.sign().as_ref()));
+    }
+    out
+}
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -65,6 +110,8 @@ struct Body<'a> {
 struct Hook {
     id: u32,
     config: WebhookConfig,
+    /// The HMAC keys of its secret and its previous ones, in that order.
+    keys: Vec<Vec<u8>>,
 }
 
 /// The configured receivers.
@@ -91,9 +138,14 @@ impl Webhooks {
                     w.name()
                 ));
             }
+            let keys = std::iter::once(&w.secret)
+                .chain(&w.previous_secrets)
+                .map(|s| secret_key(s).map_err(|e| format!("webhook {:?}: secret {e}", w.name())))
+                .collect::<Result<Vec<_>, _>>()?;
             hooks.push(Hook {
                 id,
                 config: w.clone(),
+                keys,
             });
         }
         Ok(Webhooks { hooks })
@@ -258,6 +310,13 @@ pub fn sign(secret: &[u8], t: u64, body: &[u8]) -> String {
     format!("t={t},v1={hex}")
 }
 
+/// A batch's `webhook-id`: its first and last events' ids, so a batch sent again has the same.
+fn batch_id(events: &[(u64, Vec<u8>)]) -> String {
+    let first = events.first().map_or(0, |e| e.0);
+    let last = events.last().map_or(0, |e| e.0);
+    format!("msg_{first:016x}_{last:016x}")
+}
+
 /// The POST body: the events as a JSON array, each with its id spliced in front.
 fn body(events: &[(u64, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(events.iter().map(|(_, j)| j.len() + 32).sum::<usize>() + 2);
@@ -317,12 +376,17 @@ async fn send_loop(
         }
         let payload = body(&events);
         let t = crate::now_ms() / 1000;
-        let signature = sign(cfg.secret.as_bytes(), t, &payload);
+        let signature = sign(&hook.keys[0], t, &payload);
+        let id = batch_id(&events);
+        let standard = standard_signature(&hook.keys, &id, t, &payload);
         // Not raced against `stop`: a POST that was sent is answered (or times out) first.
         let result = client
             .post(&cfg.url)
             .timeout(cfg.timeout)
             .header("content-type", "application/json")
+            .header(ID_HEADER, id)
+            .header(TIMESTAMP_HEADER, t.to_string())
+            .header(STANDARD_SIGNATURE_HEADER, standard)
             .header(SIGNATURE_HEADER, signature)
             .body(payload)
             .send()
@@ -367,6 +431,35 @@ async fn send_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_signatures_match_the_standard_webhooks_vector_and_rotate() {
+        // The example of the Standard Webhooks specification (and of its libraries' tests).
+        let key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let (id, t, body) = (
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1_614_265_330,
+            br#"{"test": 2432232314}"#,
+        );
+        assert_eq!(
+            standard_signature(std::slice::from_ref(&key), id, t, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        // Rotation: the current secret's signature, then each previous one's.
+        let old = secret_key("an-older-secret-0123").unwrap();
+        let both = standard_signature(&[key, old.clone()], id, t, body);
+        let (first, second) = both.split_once(' ').unwrap();
+        assert_eq!(first, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert_eq!(second, standard_signature(&[old], id, t, body));
+        assert!(secret_key("short").is_err());
+        assert!(secret_key("whsec_not base64!").is_err());
+        assert!(secret_key("whsec_c2hvcnQ=").is_err(), "5 bytes");
+        assert_eq!(secret_key("0123456789abcdef").unwrap(), b"0123456789abcdef");
+        assert_eq!(
+            batch_id(&[(1, Vec::new()), (0x2a, Vec::new())]),
+            "msg_0000000000000001_000000000000002a"
+        );
+    }
 
     #[test]
     fn signature_is_hmac_sha256_of_time_and_body() {

@@ -122,6 +122,15 @@ pub struct Tenant {
     usage: Mutex<(u64, u64)>,
 }
 
+/// The governor quota of a request rate: a second's worth of requests may come at once.
+fn quota(rate: crate::config::Rate) -> Quota {
+    let period = (rate.per / rate.count.max(1)).max(Duration::from_nanos(1));
+    let burst = rate.per_second().ceil().max(1.0) as u32;
+    Quota::with_period(period)
+        .expect("period is non-zero")
+        .allow_burst(NonZeroU32::new(burst).expect("burst ≥ 1"))
+}
+
 impl Tenant {
     fn new(
         spec: TenantConfig,
@@ -130,16 +139,7 @@ impl Tenant {
         label: String,
         used_today: (u64, u64),
     ) -> Tenant {
-        let limiter = spec.rate.map(|rate| {
-            let period = (rate.per / rate.count).max(Duration::from_nanos(1));
-            // A second's worth of requests may come at once.
-            let burst = rate.per_second().ceil().max(1.0) as u32;
-            RateLimiter::direct(
-                Quota::with_period(period)
-                    .expect("period is non-zero")
-                    .allow_burst(NonZeroU32::new(burst).expect("burst ≥ 1")),
-            )
-        });
+        let limiter = spec.rate.map(|rate| RateLimiter::direct(quota(rate)));
         Tenant {
             spec,
             origin,
@@ -300,6 +300,11 @@ pub struct Tenants {
 struct Inner {
     by_name: HashMap<String, Arc<Tenant>>,
     keys: HashMap<KeyHash, Arc<Key>>,
+    /// `auth.rate_limit`: each key's own request rate, whatever its tenant.
+    key_rate: Option<(
+        crate::config::Rate,
+        Arc<governor::DefaultKeyedRateLimiter<String>>,
+    )>,
 }
 
 fn usage_key(tenant: &str, day: u64) -> Vec<u8> {
@@ -351,7 +356,13 @@ impl Tenants {
             }
         })?;
         *self.stale.lock().expect("tenants lock") = stale;
-        let mut inner = Inner::default();
+        let mut inner = Inner {
+            key_rate: config
+                .auth
+                .rate_limit
+                .map(|rate| (rate, Arc::new(RateLimiter::keyed(quota(rate))))),
+            ..Inner::default()
+        };
         let add_tenant = |inner: &mut Inner, spec: TenantConfig, origin| {
             let used = usage.get(&spec.name).copied().unwrap_or(0);
             inner.add_tenant(spec, origin, (today, used))
@@ -411,6 +422,18 @@ impl Tenants {
         let tenant = Arc::clone(inner.by_name.get(&key.record.tenant)?);
         key.last_used_ms.store(crate::now_ms(), Ordering::Relaxed);
         Some(Caller { tenant, key })
+    }
+
+    /// Counts one API request of `caller`'s key against `auth.rate_limit`: `Err((rate, wait))`
+    /// when over it.
+    pub fn admit_key(&self, caller: &Caller) -> Result<(), (crate::config::Rate, Duration)> {
+        let inner = self.inner.read().expect("tenants lock");
+        let Some((rate, limiter)) = &inner.key_rate else {
+            return Ok(());
+        };
+        limiter
+            .check_key(&caller.key.record.id)
+            .map_err(|not_until| (*rate, not_until.wait_time_from(limiter.clock().now())))
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Tenant>> {

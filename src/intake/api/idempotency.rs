@@ -211,9 +211,8 @@ pub(super) async fn check(
         ));
     }
     // Stored behind `#`, the API key's id and a NUL (no tenant name has a `#`, no key a NUL).
-    // Records written when keys
-    // were per tenant (the default tenant's bare, another's behind its name) are still found
-    // there until they expire, so a retry across an upgrade replays.
+    // Records written when keys were per tenant (the default tenant's bare, another's behind
+    // its name) are still found there until they expire, so a retry across an upgrade replays.
     let tenant_key = if caller.tenant.is_default() {
         key.clone()
     } else {
@@ -301,4 +300,44 @@ pub async fn expire(node: Arc<Node>) -> Result<usize, SpoolError> {
         .write(batch, crate::store::spool::Durability::Buffered)
         .await?;
     Ok(expired.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_answers_decode_with_and_without_a_fingerprint() {
+        let f = fingerprint("to=a%40example.com", b"body");
+        assert_ne!(f, fingerprint("to=b%40example.com", b"body"));
+        assert_ne!(f, fingerprint("", b"to=a%40example.combody"));
+        let mut v = vec![WITH_FINGERPRINT];
+        v.extend_from_slice(&7u64.to_be_bytes());
+        v.extend_from_slice(&202u16.to_be_bytes());
+        v.extend_from_slice(&f);
+        v.push(5);
+        v.extend_from_slice(b"POST /{\"a\":1}");
+        let want = StoredAnswer {
+            created_ms: 7,
+            status: 202,
+            request: Some(f),
+            route: "POST ",
+            body: b"/{\"a\":1}",
+        };
+        assert_eq!(decode_idempotency(&v), Some(want));
+        // A record from before fingerprints: its creation time first.
+        let mut old = 7u64.to_be_bytes().to_vec();
+        old.extend_from_slice(&202u16.to_be_bytes());
+        old.push(4);
+        old.extend_from_slice(b"POST{}");
+        let got = decode_idempotency(&old).unwrap();
+        assert_eq!(
+            (got.request, got.route, got.body),
+            (None, "POST", &b"{}"[..])
+        );
+        // Cut short anywhere: nothing, never a panic.
+        for n in 0..v.len() - 9 {
+            assert_eq!(decode_idempotency(&v[..n]), None, "{n}");
+        }
+    }
 }

@@ -221,6 +221,19 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
         )
         .into_response();
     }
+    if let Err((rate, wait)) = s.node.tenants.admit_key(&caller) {
+        let secs = wait.as_secs_f64().ceil() as u64;
+        return too_many(
+            &caller,
+            "rate_limited",
+            format!(
+                "API key {} may make {rate} requests; retry after {secs} s",
+                caller.key.record.id
+            ),
+            secs,
+        )
+        .into_response();
+    }
     let mut req = req;
     req.extensions_mut().insert(caller);
     let Ok(_slot) = Arc::clone(&s.slots).try_acquire_owned() else {
