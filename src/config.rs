@@ -567,6 +567,21 @@ pub struct WebhookConfig {
     pub tenant: Option<String>,
 }
 
+/// The HMAC key of a configured secret: a Standard Webhooks secret (`whsec_<base64>`) is its
+/// decoded bytes, any other string (16 characters at least) its own bytes.
+pub fn webhook_key(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    match secret.strip_prefix("whsec_") {
+        Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
+            Ok(k) if k.len() >= 16 => Ok(k),
+            Ok(_) => Err("a whsec_ secret must hold at least 16 bytes".into()),
+            Err(e) => Err(format!("whsec_ must be followed by base64: {e}")),
+        },
+        None if secret.len() >= 16 => Ok(secret.as_bytes().to_vec()),
+        None => Err("must be at least 16 characters (or a whsec_ secret)".into()),
+    }
+}
+
 /// Every event type a webhook can subscribe to.
 pub const WEBHOOK_EVENTS: &[&str] = &[
     "delivered",
@@ -2395,7 +2410,7 @@ impl Config {
                     .enumerate()
                     .map(|(j, s)| (key(&format!("previous_secrets[{j}]")), s)),
             ) {
-                if let Err(e) = crate::effects::webhook::secret_key(secret) {
+                if let Err(e) = webhook_key(secret) {
                     bad(&k, e);
                 }
             }

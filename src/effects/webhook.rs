@@ -64,21 +64,6 @@ pub const ID_HEADER: &str = "webhook-id";
 pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
 pub const STANDARD_SIGNATURE_HEADER: &str = "webhook-signature";
 
-/// The HMAC key of a configured secret: a Standard Webhooks secret (`whsec_<base64>`) is its
-/// decoded bytes, any other string (16 characters at least) its own bytes.
-pub fn secret_key(secret: &str) -> Result<Vec<u8>, String> {
-    use base64::Engine;
-    match secret.strip_prefix("whsec_") {
-        Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64) {
-            Ok(k) if k.len() >= 16 => Ok(k),
-            Ok(_) => Err("a whsec_ secret must hold at least 16 bytes".into()),
-            Err(e) => Err(format!("whsec_ must be followed by base64: {e}")),
-        },
-        None if secret.len() >= 16 => Ok(secret.as_bytes().to_vec()),
-        None => Err("must be at least 16 characters (or a whsec_ secret)".into()),
-    }
-}
-
 /// The `webhook-signature` value for `body` with id `id` sent at `t`, one signature per key.
 pub fn standard_signature(keys: &[Vec<u8>], id: &str, t: u64, body: &[u8]) -> String {
     use base64::Engine;
@@ -140,7 +125,10 @@ impl Webhooks {
             }
             let keys = std::iter::once(&w.secret)
                 .chain(&w.previous_secrets)
-                .map(|s| secret_key(s).map_err(|e| format!("webhook {:?}: secret {e}", w.name())))
+                .map(|s| {
+                    crate::config::webhook_key(s)
+                        .map_err(|e| format!("webhook {:?}: secret {e}", w.name()))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             hooks.push(Hook {
                 id,
@@ -435,7 +423,7 @@ mod tests {
     #[test]
     fn standard_signatures_match_the_standard_webhooks_vector_and_rotate() {
         // The example of the Standard Webhooks specification (and of its libraries' tests).
-        let key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let key = crate::config::webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let (id, t, body) = (
             "msg_p5jXN8AQM9LWM0D4loKWxJek",
             1_614_265_330,
@@ -446,15 +434,21 @@ mod tests {
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
         // Rotation: the current secret's signature, then each previous one's.
-        let old = secret_key("an-older-secret-0123").unwrap();
+        let old = crate::config::webhook_key("an-older-secret-0123").unwrap();
         let both = standard_signature(&[key, old.clone()], id, t, body);
         let (first, second) = both.split_once(' ').unwrap();
         assert_eq!(first, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert_eq!(second, standard_signature(&[old], id, t, body));
-        assert!(secret_key("short").is_err());
-        assert!(secret_key("whsec_not base64!").is_err());
-        assert!(secret_key("whsec_c2hvcnQ=").is_err(), "5 bytes");
-        assert_eq!(secret_key("0123456789abcdef").unwrap(), b"0123456789abcdef");
+        assert!(crate::config::webhook_key("short").is_err());
+        assert!(crate::config::webhook_key("whsec_not base64!").is_err());
+        assert!(
+            crate::config::webhook_key("whsec_c2hvcnQ=").is_err(),
+            "5 bytes"
+        );
+        assert_eq!(
+            crate::config::webhook_key("0123456789abcdef").unwrap(),
+            b"0123456789abcdef"
+        );
         assert_eq!(
             batch_id(&[(1, Vec::new()), (0x2a, Vec::new())]),
             "msg_0000000000000001_000000000000002a"
