@@ -204,35 +204,20 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
         Err(e) => return e.into_response(),
     };
     if let Err(wait) = caller.tenant.admit_request() {
-        let secs = wait.as_secs_f64().ceil() as u64;
-        return too_many(
-            &caller,
-            "rate_limited",
-            format!(
-                "tenant {:?} may make {} API requests; retry after {secs} s",
-                caller.tenant.name(),
-                caller
-                    .tenant
-                    .spec
-                    .rate
-                    .map_or_else(String::new, |r| r.to_string())
-            ),
-            secs,
-        )
-        .into_response();
+        let rate = caller
+            .tenant
+            .spec
+            .rate
+            .map_or_else(String::new, |r| r.to_string());
+        let limit = format!(
+            "tenant {:?} may make {rate} API requests",
+            caller.tenant.name()
+        );
+        return rate_limited(&caller, limit, wait).into_response();
     }
     if let Err((rate, wait)) = s.node.tenants.admit_key(&caller) {
-        let secs = wait.as_secs_f64().ceil() as u64;
-        return too_many(
-            &caller,
-            "rate_limited",
-            format!(
-                "API key {} may make {rate} requests; retry after {secs} s",
-                caller.key.record.id
-            ),
-            secs,
-        )
-        .into_response();
+        let limit = format!("API key {} may make {rate} requests", caller.key.record.id);
+        return rate_limited(&caller, limit, wait).into_response();
     }
     let mut req = req;
     req.extensions_mut().insert(caller);
@@ -278,6 +263,17 @@ fn authenticate(node: &Node, headers: &HeaderMap) -> Result<Caller, ApiError> {
     node.tenants
         .authenticate(token.as_bytes())
         .ok_or_else(|| unauthorized("invalid API key"))
+}
+
+/// 429 `rate_limited` for `caller` over `limit` (what it may do), for `wait`.
+fn rate_limited(caller: &Caller, limit: String, wait: std::time::Duration) -> ApiError {
+    let secs = wait.as_secs_f64().ceil() as u64;
+    too_many(
+        caller,
+        "rate_limited",
+        format!("{limit}; retry after {secs} s"),
+        secs,
+    )
 }
 
 /// 429 `code` for `caller`'s tenant (counted): come back in `retry_after` seconds.
