@@ -25,7 +25,11 @@
 //!   Routes come in two groups: a tenant's (its campaigns, messages, suppressions, sending
 //!   domains; another tenant's ids are 404) and the operator's (everything else, 403 for a
 //!   tenant's key). Owns the in-flight `Idempotency-Key` set (through the node). Never speaks
-//!   SMTP.
+//!   SMTP. The OpenAPI description (`intake::api::openapi`) is generated from each handler's
+//!   `#[utoipa::path]`, and the router is built from the same annotations (utoipa-axum), so
+//!   no route is served undescribed; `schema` holds the shapes of the answers handlers build as
+//!   JSON, which the schemathesis contract test checks every answer against. `extract` wraps
+//!   axum's query and path extractors so their refusals are API errors naming the parameter.
 //! * [`intake::ingest`]: validation of campaign fields, templates and recipients, and the
 //!   [`intake::ingest::Upload`], which stages a request's jobs in the spool chunk by chunk and
 //!   makes them visible in one synced commit (or deletes them if the request fails or the client
@@ -303,6 +307,11 @@
 //!   period) with its own record in `messages`, not a campaign of its own: a campaign per
 //!   message would exhaust the 32-bit campaign numbers and keep a record per message in memory.
 //!   Its id is its job id, so a lookup needs no index.
+//! * The OpenAPI description is generated (utoipa), not written by hand, and the router is
+//!   built from it; handlers still build most answers as JSON values, whose shapes are
+//!   described beside them (`intake::api::schema`) rather than serialised from typed structs:
+//!   answers carry fields only where they apply, and the contract test (schemathesis) checks
+//!   every answer it provokes against the description, so a drift fails the tests.
 //! * A `history` column family keeps every report about a job (attempts, fates, later DSNs and
 //!   complaints) for `GET /v1/messages/{id}`, keyed so it is deleted with the tombstones.
 //! * The connection pool is per site rather than per (source IP, MX host): a site *is* a set of

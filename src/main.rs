@@ -82,6 +82,9 @@ enum Command {
     /// hash-key prints a key's hash for `api_key_hashes` without a node.
     #[command(subcommand)]
     Tenant(cli::TenantCommand),
+    /// Print the OpenAPI 3.1 description of the HTTP API (the same as `GET /v1/openapi.json`).
+    /// Needs no running node.
+    Openapi,
     /// A capture SMTP server for development (`--list`: the latest captured messages with their
     /// DKIM result). Needs no running node.
     Sink(cli::SinkArgs),
@@ -90,6 +93,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Openapi => {
+            let doc = sluice::intake::api::openapi::description();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(doc).expect("JSON serialises")
+            );
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig {
             config,
             dns,
@@ -201,7 +212,10 @@ fn operate(args: &cli::ApiArgs, command: Command) -> ExitCode {
             Command::Shaping(c) => cli::shaping(&api, c).await.map(|()| true),
             Command::Sources => cli::sources(&api).await.map(|()| true),
             Command::Tenant(c) => cli::tenant(&api, c).await.map(|()| true),
-            Command::Serve { .. } | Command::CheckConfig { .. } | Command::Sink(_) => Ok(true),
+            Command::Serve { .. }
+            | Command::CheckConfig { .. }
+            | Command::Sink(_)
+            | Command::Openapi => Ok(true),
         }
     });
     match result {

@@ -41,6 +41,13 @@ async fn api_puts_gets_lists_deletes_and_survives_restart() {
         (b["scope"].as_str(), b["reason"].as_str()),
         (Some("global"), Some("manual"))
     );
+    // Times as everywhere in the API: RFC 3339, UTC, milliseconds.
+    let created = b["created_at"].as_str().unwrap_or_default();
+    assert!(
+        created.len() == 24 && created.ends_with('Z') && created.as_bytes()[19] == b'.',
+        "{b}"
+    );
+    assert!(b.get("created_at_ms").is_none(), "{b}");
     let body = json!({"reason": "unsubscribe", "scope": "News.Example.com", "source": "crm"});
     let (s, b) = call(
         a,
@@ -133,6 +140,14 @@ async fn api_puts_gets_lists_deletes_and_survives_restart() {
         ),
         (Method::GET, "/v1/suppressions?limit=0", None, "limit"),
         (Method::GET, "/v1/suppressions?cursor=zz", None, "cursor"),
+        (Method::GET, "/v1/suppressions?limit=ten", None, "limit"),
+        (Method::GET, "/v1/suppressions?colour=red", None, "colour"),
+        (
+            Method::DELETE,
+            "/v1/suppressions/x@example.org?scope=global&all=1",
+            None,
+            "all",
+        ),
         (
             Method::GET,
             "/v1/suppressions/nobody@example.org",
@@ -619,6 +634,16 @@ async fn import_keeps_good_rows_names_bad_lines_and_export_round_trips() {
         v.sort_by_key(|e| e["address"].as_str().unwrap().to_owned());
         v
     };
+    assert_eq!(sorted(&nd), sorted(&again));
+    // The NDJSON export imports back as is too, its RFC 3339 times kept.
+    assert!(nd.contains("\"created_at\":\""), "{nd}");
+    let (status, body) = import(other.http_addr, "application/x-ndjson", &nd).await;
+    assert_eq!(
+        (status, body["replaced"].as_u64()),
+        (200, Some(7)),
+        "{body}"
+    );
+    let (_, again) = export(other.http_addr, "").await;
     assert_eq!(sorted(&nd), sorted(&again));
     other.shutdown().await;
     node.shutdown().await;

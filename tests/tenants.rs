@@ -451,6 +451,37 @@ async fn admin_keys_are_stored_hashed_and_a_revoked_key_stops_at_once() {
     )
     .await;
     assert_eq!(s, 409);
+
+    // Tenants and keys page by cursor, as every list does: one at a time, the same as all at
+    // once.
+    // (Compared by name and id: a key's `last_used_at` moves with these very requests.)
+    for (list, field, id) in [
+        ("/v1/admin/tenants", "tenants", "name"),
+        ("/v1/admin/keys", "keys", "id"),
+    ] {
+        let (_, _, all) = call(addr, KEY, Method::GET, &format!("{list}?limit=1000"), None).await;
+        let whole: Vec<Value> = all[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v[id].clone())
+            .collect();
+        assert!(whole.len() >= 3 && all["next_cursor"].is_null(), "{all}");
+        let mut paged = Vec::new();
+        let mut path = format!("{list}?limit=1");
+        loop {
+            let (s, _, page) = call(addr, KEY, Method::GET, &path, None).await;
+            assert_eq!(s, 200, "{page}");
+            assert_eq!(page[field].as_array().unwrap().len(), 1, "{page}");
+            paged.push(page[field][0][id].clone());
+            match page["next_cursor"].as_str() {
+                Some(c) => path = format!("{list}?limit=1&cursor={c}"),
+                None => break,
+            }
+            assert!(paged.len() <= whole.len(), "{paged:?}");
+        }
+        assert_eq!(paged, whole, "{list}");
+    }
     node.shutdown().await;
 
     // The tenant and the revocation survive a restart.

@@ -271,6 +271,24 @@ impl Api {
         }
         self.send(req).await
     }
+
+    /// Every page of a cursor-paged list at `path` (which has a query string or not): the
+    /// first answer with the `items` of every page in its `items` array.
+    pub async fn all_pages(&self, path: &str, items: &str) -> anyhow::Result<Value> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut first = self.call(Method::GET, path, None).await?;
+        let mut cursor = first["next_cursor"].as_str().map(str::to_owned);
+        while let Some(c) = cursor {
+            let next = format!("{path}{sep}cursor={}", segment(&c));
+            let page = self.call(Method::GET, &next, None).await?;
+            if let (Some(all), Some(more)) = (first[items].as_array_mut(), page[items].as_array()) {
+                all.extend(more.iter().cloned());
+            }
+            cursor = page["next_cursor"].as_str().map(str::to_owned);
+        }
+        first["next_cursor"] = Value::Null;
+        Ok(first)
+    }
 }
 
 /// An answer of the API that is not a success: its status and error body.
@@ -505,7 +523,7 @@ pub async fn shaping(api: &Api, cmd: ShapingCommand) -> anyhow::Result<()> {
 
 pub async fn tenant(api: &Api, cmd: TenantCommand) -> anyhow::Result<()> {
     let v = match cmd {
-        TenantCommand::List => api.call(Method::GET, "/v1/admin/tenants", None).await?,
+        TenantCommand::List => api.all_pages("/v1/admin/tenants", "tenants").await?,
         TenantCommand::Add {
             name,
             sending_domains,
@@ -535,7 +553,7 @@ pub async fn tenant(api: &Api, cmd: TenantCommand) -> anyhow::Result<()> {
                 Some(t) => format!("/v1/admin/keys?tenant={}", segment(&t)),
                 None => "/v1/admin/keys".to_owned(),
             };
-            api.call(Method::GET, &path, None).await?
+            api.all_pages(&path, "keys").await?
         }
         TenantCommand::KeyAdd { tenant, name } => {
             let body = json!({"tenant": tenant, "name": name});

@@ -9,14 +9,16 @@
 //! ([`crate::store::tenants`]).
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::{
-    ApiError, ApiResult, AppState, json_response, now_ms, parse_json, read_body,
-    require_content_type,
+    ApiError, ApiResult, AppState, PageQuery, json_response, now_ms, page_of, parse_json,
+    read_body, require_content_type,
 };
 use crate::config::TenantConfig;
 use crate::store::tenants::{KeyRecord, Tenant, TenantError};
@@ -75,18 +77,37 @@ fn tenant_error(e: TenantError) -> ApiError {
 }
 
 /// `GET /v1/admin/tenants`: every tenant with its settings, origin and usage today.
-pub(super) async fn tenants(State(s): State<AppState>) -> ApiResult {
-    let list: Vec<Value> = s
-        .node
-        .tenants
-        .all()
-        .iter()
-        .map(|t| tenant_json(t))
-        .collect();
-    Ok(axum::Json(json!({ "tenants": list })).into_response())
+#[utoipa::path(
+    get,
+    path = "/admin/tenants",
+    operation_id = "list_tenants",
+    tag = "operator",
+    summary = "Tenants, by name",
+    params(("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "items per page (default 100)")),
+    responses(
+        (status = 200, description = "every tenant", body = super::schema::TenantList)
+    )
+)]
+pub(super) async fn tenants(State(s): State<AppState>, Query(q): Query<PageQuery>) -> ApiResult {
+    let all = s.node.tenants.all();
+    let (page, next) = page_of(all, |t| t.spec.name.clone(), &q, 1000)?;
+    let list: Vec<Value> = page.iter().map(|t| tenant_json(t)).collect();
+    Ok(axum::Json(json!({ "tenants": list, "next_cursor": next })).into_response())
 }
 
 /// `GET /v1/admin/tenants/{name}`: one tenant and its keys.
+#[utoipa::path(
+    get,
+    path = "/admin/tenants/{name}",
+    operation_id = "get_tenant",
+    tag = "operator",
+    summary = "A tenant and its keys",
+    params(("name" = String, Path, description = "the tenant")),
+    responses(
+        (status = 200, description = "the tenant", body = super::schema::Tenant),
+        (status = 404, description = "no such tenant", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn tenant(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult {
     let t = s
         .node
@@ -105,6 +126,18 @@ pub(super) async fn tenant(State(s): State<AppState>, Path(name): Path<String>) 
 }
 
 /// `POST /v1/admin/tenants`: a new tenant (`[[tenant]]`'s fields, without keys), 201.
+#[utoipa::path(
+    post,
+    path = "/admin/tenants",
+    operation_id = "add_tenant",
+    tag = "operator",
+    summary = "Add a tenant",
+    request_body(content = super::schema::NewTenant, content_type = "application/json"),
+    responses(
+        (status = 201, description = "added", body = super::schema::Tenant),
+        (status = 409, description = "a tenant of that name exists", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn add_tenant(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -143,24 +176,39 @@ pub(super) async fn add_tenant(
 #[serde(deny_unknown_fields)]
 pub(super) struct KeysQuery {
     tenant: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
 }
 
 /// `GET /v1/admin/keys[?tenant=]`: keys (never the keys themselves: id, tenant, name, origin,
 /// created and last used).
+#[utoipa::path(
+    get,
+    path = "/admin/keys",
+    operation_id = "list_keys",
+    tag = "operator",
+    summary = "API keys (never the keys themselves)",
+    params(("tenant" = Option<String>, Query, description = "only this tenant's"), ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "items per page (default 100)")),
+    responses(
+        (status = 200, description = "the keys", body = super::schema::ApiKeyList),
+        (status = 404, description = "no such tenant", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn keys(State(s): State<AppState>, Query(q): Query<KeysQuery>) -> ApiResult {
     if let Some(t) = &q.tenant
         && s.node.tenants.get(t).is_none()
     {
         return Err(tenant_error(TenantError::NoTenant(t.clone())));
     }
-    let list: Vec<Value> = s
-        .node
-        .tenants
-        .keys(q.tenant.as_deref())
-        .iter()
-        .map(key_json)
-        .collect();
-    Ok(axum::Json(json!({ "keys": list })).into_response())
+    let all = s.node.tenants.keys(q.tenant.as_deref());
+    let order = |k: &KeyRecord| format!("{}\0{}\0{}", k.tenant, k.name, k.id);
+    let q = PageQuery {
+        cursor: q.cursor,
+        limit: q.limit,
+    };
+    let (page, next) = page_of(all, order, &q, 1000)?;
+    let list: Vec<Value> = page.iter().map(key_json).collect();
+    Ok(axum::Json(json!({ "keys": list, "next_cursor": next })).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -173,6 +221,18 @@ struct NewKey {
 
 /// `POST /v1/admin/keys` `{"tenant", "name"}`: a new key for the tenant, 201 with the key
 /// (shown this once; stored only as its SHA-256).
+#[utoipa::path(
+    post,
+    path = "/admin/keys",
+    operation_id = "add_key",
+    tag = "operator",
+    summary = "Make an API key (shown once)",
+    request_body(content = super::schema::NewKey, content_type = "application/json"),
+    responses(
+        (status = 201, description = "the key, shown this once", body = super::schema::ApiKey),
+        (status = 404, description = "no such tenant", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn add_key(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -203,6 +263,19 @@ pub(super) async fn add_key(
 }
 
 /// `DELETE /v1/admin/keys/{id}`: the key is refused from when this answers.
+#[utoipa::path(
+    delete,
+    path = "/admin/keys/{id}",
+    operation_id = "revoke_key",
+    tag = "operator",
+    summary = "Revoke an API key",
+    params(("id" = String, Path, description = "the key's id")),
+    responses(
+        (status = 200, description = "revoked", body = super::schema::ApiKey),
+        (status = 404, description = "no such key", body = super::openapi::ErrorBody),
+        (status = 409, description = "set in the config file", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn revoke_key(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let record = s
         .node

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
@@ -17,8 +19,9 @@ use uuid::Uuid;
 use super::idempotency::{self, Fingerprinter, IdempotencyCheck};
 use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{
-    ApiError, ApiResult, AppState, ListQuery, admit_recipients, check_sending_domain,
-    json_response, list_limit, now_ms, parse_json, read_body, require_content_type,
+    ApiError, ApiResult, AppState, MAX_LIST_LIMIT, PageQuery, admit_recipients,
+    check_sending_domain, json_response, now_ms, page_limit, parse_json, read_body,
+    require_content_type,
 };
 use crate::intake::ingest::{self, ComposeRequest, FieldError, RecipientRules, Rejected, Upload};
 use crate::node::Node;
@@ -139,6 +142,18 @@ pub(super) async fn read_compose(
 }
 
 /// `POST /v1/campaigns`: a new campaign and its recipients, atomically.
+#[utoipa::path(
+    post,
+    path = "/campaigns",
+    operation_id = "create_campaign",
+    tag = "campaigns",
+    summary = "Create a campaign with its first recipients",
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and request within `http.idempotency_ttl` answers the first answer again; the same key with another request: 422 `idempotency_key_reused`")),
+    request_body(content = super::schema::NewCampaign, content_type = "application/json"),
+    responses(
+        (status = 202, description = "accepted and synced to disk", body = super::schema::Accepted)
+    )
+)]
 pub(super) async fn create(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -476,6 +491,18 @@ fn guard_json(node: &Node, c: &Campaign) -> Value {
 /// the queue: recipients waiting in domain queues and for its `max_rate`, the share of its
 /// domains' sending it gets now, and when its next recipient may be attempted. `guard` shows
 /// its breaker rates.
+#[utoipa::path(
+    get,
+    path = "/campaigns/{id}",
+    operation_id = "get_campaign",
+    tag = "campaigns",
+    summary = "A campaign: state, counts, queue, breakers",
+    params(("id" = String, Path, description = "the campaign's id")),
+    responses(
+        (status = 200, description = "the campaign", body = super::schema::Campaign),
+        (status = 404, description = "no such campaign (or another tenant's)", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn get(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -537,19 +564,59 @@ async fn add_cluster_counts(cluster: &crate::cluster::Cluster, c: &Campaign, v: 
     v["counts_by_node"] = Value::Object(by_node);
 }
 
-/// `GET /v1/campaigns?limit=`: the campaigns in memory, newest first, then the archived ones,
-/// newest first. A campaign still in memory can be older than an archived one (it has not
+/// Where a page of `GET /v1/campaigns` continues: among the campaigns in memory below a
+/// sequence number, or in the archive below one (`None`: from its newest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CampaignCursor {
+    Memory(u32),
+    Archive(Option<u32>),
+}
+
+impl CampaignCursor {
+    fn encode(self) -> String {
+        match self {
+            CampaignCursor::Memory(seq) => format!("m{seq}"),
+            CampaignCursor::Archive(Some(seq)) => format!("a{seq}"),
+            CampaignCursor::Archive(None) => "a".to_owned(),
+        }
+    }
+
+    fn decode(s: &str) -> Option<CampaignCursor> {
+        match s.split_at_checked(1)? {
+            ("m", seq) => seq.parse().ok().map(CampaignCursor::Memory),
+            ("a", "") => Some(CampaignCursor::Archive(None)),
+            ("a", seq) => seq.parse().ok().map(|s| CampaignCursor::Archive(Some(s))),
+            _ => None,
+        }
+    }
+}
+
+/// `GET /v1/campaigns?cursor=&limit=`: the campaigns in memory, newest first, then the archived
+/// ones, newest first; `limit` per page (default 100, at most 10,000), `next_cursor` continues
+/// after the last one. A campaign still in memory can be older than an archived one (it has not
 /// finished), so the whole list is not strictly by age. A campaign archived while the list is
 /// read may show in both parts.
 ///
 /// A tenant's key lists that tenant's campaigns only; `total` is then its campaigns in memory
-/// plus those in the archive page read (the archive is not counted by tenant).
+/// plus those in the archive pages read (the archive is not counted by tenant).
+#[utoipa::path(
+    get,
+    path = "/campaigns",
+    operation_id = "list_campaigns",
+    tag = "campaigns",
+    summary = "List campaigns, newest first",
+    params(("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 10000, description = "items per page (default 100)")),
+    responses(
+        (status = 200, description = "a page of campaigns", body = super::schema::CampaignList)
+    )
+)]
 pub(super) async fn list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult {
-    let limit = list_limit(&q)?;
+    let limit = page_limit(q.limit, MAX_LIST_LIMIT)?;
+    let cursor = super::page_cursor(q.cursor.as_deref(), CampaignCursor::decode)?;
     let tenant = caller.tenant.name();
     let all: Vec<Arc<Campaign>> = s
         .node
@@ -558,14 +625,32 @@ pub(super) async fn list(
         .into_iter()
         .filter(|c| c.record.tenant() == tenant)
         .collect();
-    let mut campaigns: Vec<serde_json::Value> =
-        all.iter().take(limit).map(|c| campaign_json(c)).collect();
+    let mut campaigns: Vec<serde_json::Value> = Vec::new();
+    let mut next = None;
+    if let None | Some(CampaignCursor::Memory(_)) = cursor {
+        let below = match cursor {
+            Some(CampaignCursor::Memory(seq)) => seq,
+            _ => u32::MAX,
+        };
+        for c in all.iter().filter(|c| c.seq < below) {
+            if campaigns.len() == limit {
+                // More in memory: the next page starts after the last one shown.
+                next = Some(CampaignCursor::Memory(c.seq + 1));
+                break;
+            }
+            campaigns.push(campaign_json(c));
+        }
+    }
     let archived = s.node.campaigns.archived();
     let mut archived_seen = 0u64;
-    let mut after = None;
-    // The archive holds every tenant's campaigns: read it a page at a time until enough of
-    // this tenant's are found or it ends.
-    while campaigns.len() < limit && archived > 0 {
+    let mut after = match cursor {
+        Some(CampaignCursor::Archive(seq)) => seq,
+        _ => None,
+    };
+    // The archive holds every tenant's campaigns: read it a page at a time until one more of
+    // this tenant's than fits is found (so that the answer knows whether more follow) or it
+    // ends.
+    while next.is_none() && archived > 0 {
         let n = Arc::clone(&s.node);
         let page_size = (limit - campaigns.len()).max(100);
         let page = tokio::task::spawn_blocking(move || n.spool.archived_page(after, page_size))
@@ -573,14 +658,16 @@ pub(super) async fn list(
             .map_err(|e| ApiError::internal("archive read task", e))??;
         let done = page.len() < page_size;
         for (seq, bytes) in page {
-            after = Some(seq);
             let c = from_archive(seq, &bytes)?;
             if c.record.tenant() == tenant {
                 archived_seen += 1;
-                if campaigns.len() < limit {
-                    campaigns.push(campaign_json(&c));
+                if campaigns.len() == limit {
+                    next = Some(CampaignCursor::Archive(after));
+                    break;
                 }
+                campaigns.push(campaign_json(&c));
             }
+            after = Some(seq);
         }
         if done {
             break;
@@ -591,7 +678,12 @@ pub(super) async fn list(
     } else {
         all.len() as u64 + archived_seen
     };
-    Ok(axum::Json(json!({"campaigns": campaigns, "total": total})).into_response())
+    Ok(axum::Json(json!({
+        "campaigns": campaigns,
+        "total": total,
+        "next_cursor": next.map(CampaignCursor::encode),
+    }))
+    .into_response())
 }
 
 async fn change_state(
@@ -686,6 +778,19 @@ pub(super) struct ForceQuery {
     pub(super) force: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/campaigns/{id}/pause",
+    operation_id = "pause_campaign",
+    tag = "campaigns",
+    summary = "Pause a campaign",
+    params(("id" = String, Path, description = "the campaign's id")),
+    responses(
+        (status = 200, description = "paused", body = super::schema::CampaignState),
+        (status = 404, description = "no such campaign (or another tenant's)", body = super::openapi::ErrorBody),
+        (status = 409, description = "cancelled or archived", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn pause(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -696,6 +801,19 @@ pub(super) async fn pause(
 
 /// `POST /v1/campaigns/{id}/resume[?force=true]`: see [`resume_mark`] for a campaign a breaker
 /// paused.
+#[utoipa::path(
+    post,
+    path = "/campaigns/{id}/resume",
+    operation_id = "resume_campaign",
+    tag = "campaigns",
+    summary = "Resume a campaign",
+    params(("id" = String, Path, description = "the campaign's id"), ("force" = Option<bool>, Query, description = "resume a campaign a breaker paused even though it would trip again; breakers then no longer judge it")),
+    responses(
+        (status = 200, description = "active again", body = super::schema::CampaignState),
+        (status = 404, description = "no such campaign (or another tenant's)", body = super::openapi::ErrorBody),
+        (status = 409, description = "cancelled, archived, or a breaker would trip again", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn resume(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -705,6 +823,19 @@ pub(super) async fn resume(
     change_state(&s, &caller, &id, CampaignState::Active, q.force).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/campaigns/{id}/cancel",
+    operation_id = "cancel_campaign",
+    tag = "campaigns",
+    summary = "Cancel a campaign: its queued recipients are not sent",
+    params(("id" = String, Path, description = "the campaign's id")),
+    responses(
+        (status = 200, description = "cancelled", body = super::schema::CampaignState),
+        (status = 404, description = "no such campaign (or another tenant's)", body = super::openapi::ErrorBody),
+        (status = 409, description = "archived", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn cancel(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -715,6 +846,20 @@ pub(super) async fn cancel(
 
 /// `POST /v1/campaigns/{id}/recipients`: an NDJSON stream of `{email, vars?}`, parsed as it
 /// arrives and committed at the end: all accepted lines become visible at once, or none do.
+#[utoipa::path(
+    post,
+    path = "/campaigns/{id}/recipients",
+    operation_id = "add_recipients",
+    tag = "campaigns",
+    summary = "Add recipients as NDJSON, all or none",
+    params(("id" = String, Path, description = "the campaign's id"), ("Idempotency-Key" = Option<String>, Header, description = "the same key and request within `http.idempotency_ttl` answers the first answer again; the same key with another request: 422 `idempotency_key_reused`")),
+    request_body(content = super::schema::Recipient, description = "one recipient object per line", content_type = "application/x-ndjson"),
+    responses(
+        (status = 202, description = "accepted and synced to disk", body = super::schema::Accepted),
+        (status = 404, description = "no such campaign (or another tenant's)", body = super::openapi::ErrorBody),
+        (status = 409, description = "cancelled, full or compacted; or the Idempotency-Key's first request is in progress", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn add_recipients(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -11,6 +11,16 @@ use crate::effects::delivery_log::rfc3339;
 /// or `degraded` while Redis is unreachable and limits are local shares), a `conflict` when
 /// another live node claims the same id, the limit settings (`shaping`, `rule[i]`) that differ
 /// from another live node's, and the nodes with when each was last seen.
+#[utoipa::path(
+    get,
+    path = "/cluster",
+    operation_id = "get_cluster",
+    tag = "operator",
+    summary = "The fleet as this node sees it",
+    responses(
+        (status = 200, description = "the fleet", body = super::schema::Cluster)
+    )
+)]
 pub(super) async fn show(State(s): State<AppState>) -> ApiResult {
     let Some(c) = s.node.cluster() else {
         return Ok(axum::Json(json!({ "mode": "single", "nodes": [] })).into_response());

@@ -2,7 +2,9 @@
 //! operator's suspend / resume of a domain. Reports come from the delivery engine's handle and
 //! the scheduler; suspension is the scheduler's (runtime only: a restart resumes every domain).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::response::IntoResponse;
 use serde_json::json;
 
@@ -11,6 +13,17 @@ use crate::store::campaign::CampaignState;
 
 /// `GET /v1/domains?limit=`: every site (queue, connections, rate, state, last reply) and the
 /// domains with the most queued recipients.
+#[utoipa::path(
+    get,
+    path = "/domains",
+    operation_id = "list_domains",
+    tag = "operator",
+    summary = "Destinations: sites and the domains with most queued",
+    params(("limit" = Option<usize>, Query, minimum = 1, maximum = 10000, description = "domains shown (default 100)")),
+    responses(
+        (status = 200, description = "the report", body = super::schema::DomainReport)
+    )
+)]
 pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
     let limit = list_limit(&q)?;
     let report = s.engine.report(&s.node).await;
@@ -27,6 +40,16 @@ pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) 
 }
 
 /// `GET /v1/queue`: totals over the whole queue.
+#[utoipa::path(
+    get,
+    path = "/queue",
+    operation_id = "get_queue",
+    tag = "operator",
+    summary = "Totals over the queue",
+    responses(
+        (status = 200, description = "the totals", body = super::schema::QueueTotals)
+    )
+)]
 pub(super) async fn queue(State(s): State<AppState>) -> ApiResult {
     let report = s.engine.report(&s.node).await;
     let parked = s.node.scheduler.parked_jobs();
@@ -80,10 +103,32 @@ async fn set_suspended(s: &AppState, raw: &str, suspended: bool) -> ApiResult {
 
 /// `POST /v1/domains/{domain}/suspend`: no new connections or transactions for the domain until
 /// resumed; queued mail waits. Runtime state: a restart resumes every domain.
+#[utoipa::path(
+    post,
+    path = "/domains/{domain}/suspend",
+    operation_id = "suspend_domain",
+    tag = "operator",
+    summary = "Suspend delivery to a domain",
+    params(("domain" = String, Path, format = "hostname", description = "the domain")),
+    responses(
+        (status = 200, description = "suspended", body = super::schema::DomainSuspension)
+    )
+)]
 pub(super) async fn suspend(State(s): State<AppState>, Path(domain): Path<String>) -> ApiResult {
     set_suspended(&s, &domain, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/domains/{domain}/resume",
+    operation_id = "resume_domain",
+    tag = "operator",
+    summary = "Resume delivery to a domain",
+    params(("domain" = String, Path, format = "hostname", description = "the domain")),
+    responses(
+        (status = 200, description = "resumed", body = super::schema::DomainSuspension)
+    )
+)]
 pub(super) async fn resume(State(s): State<AppState>, Path(domain): Path<String>) -> ApiResult {
     set_suspended(&s, &domain, false).await
 }

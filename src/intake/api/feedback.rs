@@ -10,6 +10,18 @@ use super::{ApiError, ApiResult, AppState, read_body};
 
 /// `POST /v1/feedback`: one raw DSN or ARF message (`message/rfc822` or any type), processed
 /// as if it had come to the bounce listener. Answers what it found and did.
+#[utoipa::path(
+    post,
+    path = "/feedback",
+    operation_id = "post_feedback",
+    tag = "operator",
+    summary = "Process a DSN or feedback report",
+    request_body(content = String, content_type = "message/rfc822"),
+    responses(
+        (status = 200, description = "what it was and what was done", body = super::schema::FeedbackResult),
+        (status = 413, description = "over bounce.max_message_bytes", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn post(State(s): State<AppState>, body: Body) -> ApiResult {
     let node = &s.node;
     let limit = node.config.bounce.max_message_bytes;

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde_json::json;
@@ -24,10 +26,18 @@ pub(super) struct ListQuery {
 
 /// `GET /v1/inbound?cursor=&limit=`: kept messages, newest first, `limit` per page (default 100,
 /// at most 1000); `next_cursor` continues after the last one.
-pub(super) async fn list(
-    State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ListQuery>,
-) -> ApiResult {
+#[utoipa::path(
+    get,
+    path = "/inbound",
+    operation_id = "list_inbound",
+    tag = "operator",
+    summary = "Kept postmaster and abuse mail, newest first",
+    params(("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "items per page (default 100)")),
+    responses(
+        (status = 200, description = "a page", body = super::schema::InboundList)
+    )
+)]
+pub(super) async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
     let limit = super::page_limit(q.limit, MAX_KEPT)?;
     let before = super::page_cursor(q.cursor.as_deref(), key_of)?;
     let node = Arc::clone(&s.node);
@@ -69,6 +79,18 @@ async fn kept(s: &AppState, id: &str) -> Result<([u8; 16], Vec<u8>), ApiError> {
 }
 
 /// `GET /v1/inbound/{id}`: the message as it arrived (`message/rfc822`).
+#[utoipa::path(
+    get,
+    path = "/inbound/{id}",
+    operation_id = "get_inbound",
+    tag = "operator",
+    summary = "A kept message",
+    params(("id" = String, Path, description = "the message's id")),
+    responses(
+        (status = 200, description = "the message", body = String, content_type = "message/rfc822"),
+        (status = 404, description = "no such message", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let (_, value) = kept(&s, &id).await?;
     let Some((_, message)) = decode(&value) else {
@@ -78,6 +100,18 @@ pub(super) async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Ap
 }
 
 /// `DELETE /v1/inbound/{id}`: forgets a kept message.
+#[utoipa::path(
+    delete,
+    path = "/inbound/{id}",
+    operation_id = "delete_inbound",
+    tag = "operator",
+    summary = "Delete a kept message",
+    params(("id" = String, Path, description = "the message's id")),
+    responses(
+        (status = 200, description = "deleted", body = super::schema::InboundDeleted),
+        (status = 404, description = "no such message", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let (key, _) = kept(&s, &id).await?;
     let mut batch = s.node.spool.batch();

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Query, RawQuery, State};
+
+use super::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
@@ -26,6 +28,18 @@ use crate::store::campaign::CampaignKind;
 use crate::store::spool::{JobId, JobRecord};
 use crate::store::tenants::Caller;
 
+#[utoipa::path(
+    post,
+    path = "/messages",
+    operation_id = "send_message",
+    tag = "messages",
+    summary = "Send one message to one recipient",
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key and request within `http.idempotency_ttl` answers the first answer again; the same key with another request: 422 `idempotency_key_reused`")),
+    request_body(content = super::schema::NewMessage, content_type = "application/json"),
+    responses(
+        (status = 202, description = "accepted and synced to disk", body = super::schema::MessageAccepted)
+    )
+)]
 pub(super) async fn send(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -128,6 +142,18 @@ pub(super) async fn send(
 /// (`message/rfc822`), checked and queued once for its recipients ([`crate::intake::raw`]). A
 /// file with LF line endings is taken as CRLF. `mail_from` is where DSNs about it would go
 /// (kept with it; none is sent for mail taken over HTTP).
+#[utoipa::path(
+    post,
+    path = "/messages/raw",
+    operation_id = "send_raw_message",
+    tag = "messages",
+    summary = "Send a whole message (message/rfc822) to its recipients",
+    params(("to" = Vec<String>, Query, description = "recipients (repeat the parameter, or separate with commas)"), ("mail_from" = Option<String>, Query, description = "the envelope sender DSNs would go to"), ("Idempotency-Key" = Option<String>, Header, description = "the same key and request within `http.idempotency_ttl` answers the first answer again; the same key with another request: 422 `idempotency_key_reused`")),
+    request_body(content = String, content_type = "message/rfc822"),
+    responses(
+        (status = 202, description = "accepted and synced to disk", body = super::schema::MessageAccepted)
+    )
+)]
 pub(super) async fn send_raw(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -247,6 +273,18 @@ fn bucket_error(e: BucketError) -> ApiError {
 /// `GET /v1/messages/{id}`: a message (the id its 202 gave) or a campaign recipient (a job id
 /// from an event or the delivery log): recipient, state, and every attempt, fate and later
 /// report with its reply, oldest first. 404 once retention has deleted its tombstone.
+#[utoipa::path(
+    get,
+    path = "/messages/{id}",
+    operation_id = "get_message",
+    tag = "messages",
+    summary = "A message or campaign recipient: state and history",
+    params(("id" = String, Path, description = "the message's id")),
+    responses(
+        (status = 200, description = "the message", body = super::schema::Message),
+        (status = 404, description = "no such message, or past retention", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn show(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -26,20 +26,24 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 mod admin;
 mod campaigns;
 mod cluster;
 mod domains;
 mod error;
+mod extract;
 mod feedback;
 mod idempotency;
 mod inbound;
 mod lines;
 mod messages;
+pub mod openapi;
+mod schema;
 mod sending_domains;
 mod shaping;
 mod suppressions;
@@ -75,87 +79,138 @@ fn page_cursor<T>(
         .transpose()
 }
 
+/// One page of `items` (sorted by `key`, which is unique) after the one a cursor names, and the
+/// cursor of the next page (the last key shown, in hex) when more follow. For the lists kept in
+/// memory: tenants, API keys, sending domains.
+fn page_of<T>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> String,
+    q: &PageQuery,
+    max: usize,
+) -> Result<(Vec<T>, Option<String>), ApiError> {
+    let limit = page_limit(q.limit, max)?;
+    let after = page_cursor(q.cursor.as_deref(), |c| {
+        let bytes = (0..c.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(c.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        String::from_utf8(bytes).ok()
+    })?;
+    let mut rest: Vec<T> = items
+        .into_iter()
+        .filter(|t| after.as_ref().is_none_or(|a| key(t) > *a))
+        .collect();
+    let next = (rest.len() > limit).then(|| {
+        rest.truncate(limit);
+        rest.last()
+            .map(|t| key(t).bytes().map(|b| format!("{b:02x}")).collect())
+    });
+    Ok((rest, next.flatten()))
+}
+
+/// A tenant's routes: its own campaigns, messages, suppressions, sending domains.
+fn tenant_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(campaigns::create, campaigns::list))
+        .routes(routes!(campaigns::get))
+        .routes(routes!(campaigns::add_recipients))
+        .routes(routes!(campaigns::pause))
+        .routes(routes!(campaigns::resume))
+        .routes(routes!(campaigns::cancel))
+        .routes(routes!(messages::send))
+        .routes(routes!(messages::send_raw))
+        .routes(routes!(messages::show))
+        .routes(routes!(suppressions::list))
+        .routes(routes!(suppressions::import))
+        .routes(routes!(suppressions::export))
+        .routes(routes!(
+            suppressions::get,
+            suppressions::put,
+            suppressions::delete
+        ))
+        .routes(routes!(sending_domains::list))
+        .routes(routes!(sending_domains::get))
+        .routes(routes!(sending_domains::resume))
+}
+
+/// The operator's routes: the fleet's destinations, sources, reports and tenants.
+fn operator_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(feedback::post))
+        .routes(routes!(inbound::list))
+        .routes(routes!(inbound::get, inbound::delete))
+        .routes(routes!(domains::list))
+        .routes(routes!(shaping::list))
+        .routes(routes!(shaping::lift))
+        .routes(routes!(shaping::sources))
+        .routes(routes!(cluster::show))
+        .routes(routes!(domains::queue))
+        .routes(routes!(tls_reports::today))
+        .routes(routes!(domains::suspend))
+        .routes(routes!(domains::resume))
+        .routes(routes!(admin::tenants, admin::add_tenant))
+        .routes(routes!(admin::tenant))
+        .routes(routes!(admin::keys, admin::add_key))
+        .routes(routes!(admin::revoke_key))
+}
+
+/// The routes without a key: probes, metrics, the unsubscribe page.
+fn public_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::serve))
+        .routes(routes!(unsubscribe::page, unsubscribe::post))
+}
+
+/// Every route, without the layers: what [`openapi::description`] describes.
+fn routes() -> OpenApiRouter<AppState> {
+    public_routes().nest("/v1", tenant_routes().merge(operator_routes()))
+}
+
+/// Builds the router. `/healthz`, `/readyz`, `/metrics`, `/u/{token}` and
+/// `/v1/openapi.json` need no key; the rest of `/v1` does.
 pub fn router(node: Arc<Node>, engine: crate::outbound::delivery::EngineHandle) -> Router {
     let state = AppState {
         engine,
         slots: Arc::new(Semaphore::new(node.config.http.max_concurrent_requests)),
         node,
     };
-    // What a tenant's key may use: its own campaigns, messages, suppressions, sending domains.
-    let tenant = Router::new()
-        .route("/campaigns", post(campaigns::create).get(campaigns::list))
-        .route("/campaigns/{id}", get(campaigns::get))
-        .route(
-            "/campaigns/{id}/recipients",
-            post(campaigns::add_recipients),
-        )
-        .route("/campaigns/{id}/pause", post(campaigns::pause))
-        .route("/campaigns/{id}/resume", post(campaigns::resume))
-        .route("/campaigns/{id}/cancel", post(campaigns::cancel))
-        .route("/messages", post(messages::send))
-        .route("/messages/raw", post(messages::send_raw))
-        .route("/messages/{id}", get(messages::show))
-        .route("/suppressions", get(suppressions::list))
-        .route("/suppressions/import", post(suppressions::import))
-        .route("/suppressions/export", get(suppressions::export))
-        .route(
-            "/suppressions/{address}",
-            get(suppressions::get)
-                .put(suppressions::put)
-                .delete(suppressions::delete),
-        )
-        .route("/sending-domains", get(sending_domains::list))
-        .route("/sending-domains/{domain}", get(sending_domains::get))
-        .route(
-            "/sending-domains/{domain}/resume",
-            post(sending_domains::resume),
-        );
-    // The operator's keys only: the fleet's destinations, sources, reports and tenants.
-    let operator = Router::new()
-        .route("/feedback", post(feedback::post))
-        .route("/inbound", get(inbound::list))
-        .route("/inbound/{id}", get(inbound::get).delete(inbound::delete))
-        .route("/domains", get(domains::list))
-        .route("/shaping", get(shaping::list))
-        .route("/shaping/{id}", axum::routing::delete(shaping::lift))
-        .route("/sources", get(shaping::sources))
-        .route("/cluster", get(cluster::show))
-        .route("/queue", get(domains::queue))
-        .route("/tls-reports", get(tls_reports::today))
-        .route("/domains/{domain}/suspend", post(domains::suspend))
-        .route("/domains/{domain}/resume", post(domains::resume))
-        .route(
-            "/admin/tenants",
-            get(admin::tenants).post(admin::add_tenant),
-        )
-        .route("/admin/tenants/{name}", get(admin::tenant))
-        .route("/admin/keys", get(admin::keys).post(admin::add_key))
-        .route("/admin/keys/{id}", axum::routing::delete(admin::revoke_key))
-        .route_layer(middleware::from_fn(operator_only));
-    let v1 = tenant
+    let operator = operator_routes().route_layer(middleware::from_fn(operator_only));
+    let v1 = tenant_routes()
         .merge(operator)
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route")
         })
         .route_layer(middleware::from_fn_with_state(state.clone(), guard));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    crate::metrics::render(),
-                )
-            }),
-        )
-        .route("/u/{token}", get(unsubscribe::page).post(unsubscribe::post))
-        .nest("/v1", v1)
-        .layer(middleware::from_fn(observe))
-        .with_state(state)
+    let (router, _) = public_routes().nest("/v1", v1).split_for_parts();
+    router.layer(middleware::from_fn(observe)).with_state(state)
 }
 
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "health",
+    summary = "Liveness: the process answers",
+    responses((status = 200, description = "alive", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "health",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "the text exposition format", body = String, content_type = "text/plain")))]
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "health",
+    summary = "Readiness: recovered and not draining",
+    responses(
+        (status = 200, description = "ready (in cluster mode, and which mode)", body = String, content_type = "text/plain"),
+        (status = 503, description = "recovering or draining", body = String, content_type = "text/plain")))]
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.node.is_ready() {
         // In cluster mode the body says which mode: a degraded node is ready (it sends on
@@ -494,13 +549,24 @@ fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiErr
     Ok(value)
 }
 
+/// `?limit=` of a report that shows its top entries (`GET /v1/domains`).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     limit: Option<usize>,
 }
 
-/// Upper bound of `limit` in list endpoints without a cursor.
+/// `?cursor=&limit=` of a paged list.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Upper bound of `limit` in the campaign list and the domain report.
 const MAX_LIST_LIMIT: usize = 10_000;
 
 fn list_limit(q: &ListQuery) -> Result<usize, ApiError> {

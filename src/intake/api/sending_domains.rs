@@ -7,14 +7,16 @@
 //! `preflight.ttl`).
 
 use axum::Extension;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::campaigns::{ForceQuery, reason_json};
 use super::domains::normalise_domain;
-use super::{ApiError, ApiResult, AppState};
+use super::{ApiError, ApiResult, AppState, PageQuery, page_of};
 use crate::effects::guard::{self, DomainView, Level, Sample};
 use crate::node::Node;
 use crate::store::campaign::CampaignState;
@@ -118,20 +120,47 @@ async fn full_view(node: &Node, domain: &str) -> Value {
 /// `GET /v1/sending-domains`.
 ///
 /// A tenant's key sees the domains it may send as only.
+#[utoipa::path(
+    get,
+    path = "/sending-domains",
+    operation_id = "list_sending_domains",
+    tag = "sending-domains",
+    summary = "Sending domains: breakers, rates, DKIM, preflight",
+    params(("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "items per page (default 100)")),
+    responses(
+        (status = 200, description = "the domains the key may send as", body = super::schema::SendingDomainList)
+    )
+)]
 pub(super) async fn list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult {
+    let mine: Vec<String> = known(&s.node)
+        .into_iter()
+        .filter(|d| caller.tenant.may_send_as(d))
+        .collect();
+    let (page, next) = page_of(mine, String::clone, &q, 1000)?;
     let mut domains = Vec::new();
-    for d in known(&s.node) {
-        if caller.tenant.may_send_as(&d) {
-            domains.push(full_view(&s.node, &d).await);
-        }
+    for d in page {
+        domains.push(full_view(&s.node, &d).await);
     }
-    Ok(axum::Json(json!({"sending_domains": domains})).into_response())
+    Ok(axum::Json(json!({"sending_domains": domains, "next_cursor": next})).into_response())
 }
 
 /// `GET /v1/sending-domains/{domain}`: 404 for a domain nothing was sent from and no key signs.
+#[utoipa::path(
+    get,
+    path = "/sending-domains/{domain}",
+    operation_id = "get_sending_domain",
+    tag = "sending-domains",
+    summary = "A sending domain",
+    params(("domain" = String, Path, format = "hostname", description = "the domain")),
+    responses(
+        (status = 200, description = "the domain", body = super::schema::SendingDomain),
+        (status = 404, description = "nothing sent from it and no DKIM key for it", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn get(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -157,6 +186,19 @@ fn not_found(domain: &str) -> ApiError {
 /// and resumes the campaigns it paused (those whose own breaker would not trip). While the
 /// window's rates are still over a threshold only with `force`, which exempts the domain from
 /// its breaker for one window; 409 `breaker_tripped` otherwise.
+#[utoipa::path(
+    post,
+    path = "/sending-domains/{domain}/resume",
+    operation_id = "resume_sending_domain",
+    tag = "sending-domains",
+    summary = "Resume a sending domain a breaker tripped",
+    params(("domain" = String, Path, format = "hostname", description = "the domain"), ("force" = Option<bool>, Query, description = "resume even though its rates would trip again")),
+    responses(
+        (status = 200, description = "resumed", body = super::schema::SendingDomainResumed),
+        (status = 404, description = "no such sending domain", body = super::openapi::ErrorBody),
+        (status = 409, description = "its rates would trip the breaker again", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn resume(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,

@@ -2,7 +2,9 @@
 //! `DELETE /v1/shaping/{id}` (lift an action early) and `GET /v1/sources` (egress sources, their
 //! pools and where each warming source stands).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::json;
@@ -24,6 +26,16 @@ fn action_json(a: &ActionRecord) -> serde_json::Value {
 
 /// `GET /v1/shaping`: the actions in force (oldest first) and the (source, site) pairs AIMD
 /// holds below their configured limits.
+#[utoipa::path(
+    get,
+    path = "/shaping",
+    operation_id = "list_shaping",
+    tag = "operator",
+    summary = "Shaping actions and AIMD limits in force",
+    responses(
+        (status = 200, description = "in force", body = super::schema::Shaping)
+    )
+)]
 pub(super) async fn list(State(s): State<AppState>) -> ApiResult {
     let actions: Vec<_> = s
         .node
@@ -38,6 +50,18 @@ pub(super) async fn list(State(s): State<AppState>) -> ApiResult {
 
 /// `DELETE /v1/shaping/{id}`: lifts an action before it expires; the (source, site) sends again
 /// at once.
+#[utoipa::path(
+    delete,
+    path = "/shaping/{id}",
+    operation_id = "lift_shaping_action",
+    tag = "operator",
+    summary = "Lift a shaping action",
+    params(("id" = String, Path, description = "the action's id")),
+    responses(
+        (status = 200, description = "lifted", body = super::schema::ShapingLifted),
+        (status = 404, description = "no such action in force", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn lift(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     match s.node.actions.lift(&s.node.spool, &id).await? {
         Some(a) => {
@@ -55,6 +79,16 @@ pub(super) async fn lift(State(s): State<AppState>, Path(id): Path<String>) -> A
 
 /// `GET /v1/sources`: each egress source with its address, EHLO name, pools, actions in force
 /// and, while it warms up, its standing per provider group.
+#[utoipa::path(
+    get,
+    path = "/sources",
+    operation_id = "list_sources",
+    tag = "operator",
+    summary = "Egress sources, pools and warm-up",
+    responses(
+        (status = 200, description = "the sources", body = super::schema::Sources)
+    )
+)]
 pub(super) async fn sources(State(s): State<AppState>) -> ApiResult {
     let config = &s.node.config;
     let now = crate::now_ms();

@@ -14,10 +14,12 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{ApiError, ApiResult, AppState, now_ms, parse_json, read_body};
@@ -38,6 +40,20 @@ fn owner(stored: &str) -> &str {
 fn shown(mut e: Entry) -> Entry {
     e.scope = shown_scope(&e.scope).to_owned();
     e
+}
+
+/// An entry as the API answers it: [`shown`], with `created_at` in RFC 3339.
+fn entry_json(e: Entry) -> Value {
+    let e = shown(e);
+    let mut v = json!(e);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("created_at_ms");
+        o.insert(
+            "created_at".into(),
+            crate::effects::delivery_log::rfc3339(e.created_at_ms).into(),
+        );
+    }
+    v
 }
 
 fn shown_scope(stored: &str) -> &str {
@@ -111,7 +127,7 @@ async fn suppression_entries(
     node: &Arc<Node>,
     tenant: &str,
     address: &str,
-) -> Result<Vec<Entry>, ApiError> {
+) -> Result<Vec<Value>, ApiError> {
     let scopes: Vec<String> = node
         .suppressions
         .scopes(address)
@@ -127,7 +143,7 @@ async fn suppression_entries(
             if let Some(v) = node.spool.get_suppression(&key)?
                 && let Ok(e) = Entry::decode(&v)
             {
-                out.push(shown(e));
+                out.push(entry_json(e));
             }
         }
         Ok::<_, SpoolError>(out)
@@ -148,6 +164,18 @@ fn not_suppressed(address: &str, list: &str) -> ApiError {
 }
 
 /// `GET /v1/suppressions/{address}`: the address's entries (global and per sending domain).
+#[utoipa::path(
+    get,
+    path = "/suppressions/{address}",
+    operation_id = "get_suppression",
+    tag = "suppressions",
+    summary = "An address's suppressions",
+    params(("address" = String, Path, format = "email", description = "the address")),
+    responses(
+        (status = 200, description = "its entries", body = super::schema::AddressSuppressions),
+        (status = 404, description = "not suppressed", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn get(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -175,6 +203,19 @@ struct PutSuppression {
 /// `PUT /v1/suppressions/{address}` with an optional `{reason, scope, source}` body (defaults:
 /// `manual`, `global`): adds or replaces the entry, synced before the answer. Queued mail to the
 /// address is stopped when delivery reaches it.
+#[utoipa::path(
+    put,
+    path = "/suppressions/{address}",
+    operation_id = "put_suppression",
+    tag = "suppressions",
+    summary = "Suppress an address",
+    params(("address" = String, Path, format = "email", description = "the address")),
+    request_body(content = Option<super::schema::PutSuppression>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "the entry, synced to disk", body = super::schema::Suppression),
+        (status = 413, description = "the body is over 64 KiB", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn put(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -218,7 +259,7 @@ pub(super) async fn put(
     node.suppressions
         .add(&node.spool, entries, crate::store::spool::Durability::Sync)
         .await?;
-    Ok(axum::Json(json!(shown(entry))).into_response())
+    Ok(axum::Json(entry_json(entry)).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -230,11 +271,23 @@ pub(super) struct ScopeQuery {
 
 /// `DELETE /v1/suppressions/{address}[?scope=global|domain]`: removes the entry of that scope, or
 /// every entry of the address without `scope`.
+#[utoipa::path(
+    delete,
+    path = "/suppressions/{address}",
+    operation_id = "delete_suppression",
+    tag = "suppressions",
+    summary = "Remove an address's suppressions",
+    params(("address" = String, Path, format = "email", description = "the address"), ("scope" = Option<String>, Query, description = "only this scope (`global` or a sending domain); every scope without it")),
+    responses(
+        (status = 200, description = "what was removed", body = super::schema::SuppressionsDeleted),
+        (status = 404, description = "not suppressed", body = super::openapi::ErrorBody)
+    )
+)]
 pub(super) async fn delete(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<ScopeQuery>,
+    Query(q): Query<ScopeQuery>,
 ) -> ApiResult {
     let node = &s.node;
     let tenant = caller.tenant.name();
@@ -285,10 +338,21 @@ const MAX_SUPPRESSION_PAGE: usize = 1000;
 
 /// `GET /v1/suppressions?cursor=&limit=&reason=`: entries in key order (scope, then address),
 /// `limit` per page (default 100, at most 1000); `next_cursor` continues after the last one.
+#[utoipa::path(
+    get,
+    path = "/suppressions",
+    operation_id = "list_suppressions",
+    tag = "suppressions",
+    summary = "List suppressions in key order",
+    params(("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"), ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "items per page (default 100)"), ("reason" = Option<String>, Query, pattern = "^(hard_bounce|complaint|unsubscribe|manual)$", description = "only this reason")),
+    responses(
+        (status = 200, description = "a page of suppressions", body = super::schema::SuppressionList)
+    )
+)]
 pub(super) async fn list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult {
     let limit = super::page_limit(q.limit, MAX_SUPPRESSION_PAGE)?;
     let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
@@ -307,7 +371,7 @@ pub(super) async fn list(
                 && let Ok(e) = Entry::decode(v)
                 && reason.is_none_or(|r| r == e.reason)
             {
-                items.push(shown(e));
+                items.push(entry_json(e));
             }
             items.len() < limit
         })?;
@@ -352,6 +416,10 @@ struct ImportRow {
     scope: Option<String>,
     #[serde(default)]
     source: Option<String>,
+    /// RFC 3339, as exports write it.
+    #[serde(default)]
+    created_at: Option<String>,
+    /// Milliseconds since the epoch, as exports before RFC 3339 times wrote it.
     #[serde(default)]
     created_at_ms: Option<u64>,
     #[serde(default)]
@@ -381,6 +449,18 @@ impl ImportRow {
             Some(s) => crate::effects::suppression::normalise_scope(s)
                 .map_err(|e| format!("scope: {e}"))?,
         };
+        let created_at_ms = self
+            .created_at
+            .as_deref()
+            .map(|t| {
+                humantime::parse_rfc3339_weak(t)
+                    .map_err(|e| format!("created_at: {e}"))
+                    .map(|t| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64)
+                    })
+            })
+            .transpose()?;
         for (name, v) in [
             ("source", &self.source),
             ("job", &self.job),
@@ -396,7 +476,7 @@ impl ImportRow {
             address,
             scope: stored_scope(tenant, &scope),
             reason,
-            created_at_ms: self.created_at_ms.unwrap_or(now),
+            created_at_ms: created_at_ms.or(self.created_at_ms).unwrap_or(now),
             source: Some(self.source.unwrap_or_else(|| "import".into())),
             campaign: self.campaign,
             job: self.job,
@@ -466,6 +546,7 @@ fn csv_row(columns: &[Option<usize>], fields: Vec<String>) -> Result<ImportRow, 
         reason: None,
         scope: None,
         source: None,
+        created_at: None,
         created_at_ms: None,
         campaign: None,
         job: None,
@@ -487,14 +568,7 @@ fn csv_row(columns: &[Option<usize>], fields: Vec<String>) -> Result<ImportRow, 
             "address" => row.address = Some(value),
             "scope" => row.scope = Some(value),
             "reason" => row.reason = Some(value),
-            "created_at" => {
-                let t = humantime::parse_rfc3339_weak(&value)
-                    .map_err(|e| format!("created_at: {e}"))?;
-                row.created_at_ms = t
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_millis() as u64);
-            }
+            "created_at" => row.created_at = Some(value),
             "source" => row.source = Some(value),
             "campaign" => {
                 row.campaign = Some(value.parse().map_err(|_| "campaign: not a campaign id")?)
@@ -637,10 +711,22 @@ fn format_of(q: Option<&str>, headers: &axum::http::HeaderMap) -> Result<bool, A
 /// columns of an export are understood) or NDJSON rows, streamed. Good rows are kept, written in
 /// batches and synced before the answer; bad ones are listed by line number. Existing entries of
 /// the same address and scope are replaced.
+#[utoipa::path(
+    post,
+    path = "/suppressions/import",
+    operation_id = "import_suppressions",
+    tag = "suppressions",
+    summary = "Import suppressions (CSV or NDJSON)",
+    params(("format" = Option<String>, Query, pattern = "^(csv|ndjson)$", description = "`csv` or `ndjson` (else from the Content-Type)")),
+    request_body(content = String, description = "CSV with a header (`address,reason,scope,source`; other columns ignored) or NDJSON rows", content_type = "text/csv"),
+    responses(
+        (status = 200, description = "what was imported", body = super::schema::ImportResult)
+    )
+)]
 pub(super) async fn import(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    axum::extract::Query(q): axum::extract::Query<FormatQuery>,
+    Query(q): Query<FormatQuery>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> ApiResult {
@@ -717,10 +803,21 @@ const EXPORT_STEP: usize = 4096;
 
 /// `GET /v1/suppressions/export?format=ndjson|csv&reason=`: every entry, streamed in key order
 /// as the spool is scanned (NDJSON by default; CSV with a header row).
+#[utoipa::path(
+    get,
+    path = "/suppressions/export",
+    operation_id = "export_suppressions",
+    tag = "suppressions",
+    summary = "Export every suppression, streamed",
+    params(("format" = Option<String>, Query, pattern = "^(csv|ndjson)$", description = "`ndjson` (default) or `csv`"), ("reason" = Option<String>, Query, pattern = "^(hard_bounce|complaint|unsubscribe|manual)$", description = "only this reason")),
+    responses(
+        (status = 200, description = "every entry, one per line", content((String = "application/x-ndjson"), (String = "text/csv")))
+    )
+)]
 pub(super) async fn export(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    axum::extract::Query(q): axum::extract::Query<FormatQuery>,
+    Query(q): Query<FormatQuery>,
 ) -> ApiResult {
     let keys = ListKeys::of(caller.tenant.name());
     let csv = match q.format.as_deref() {
@@ -788,7 +885,7 @@ pub(super) async fn export(
                         }
                         out.extend_from_slice(line.as_bytes());
                     } else {
-                        let _ = serde_json::to_writer(&mut out, &e);
+                        let _ = serde_json::to_writer(&mut out, &entry_json(e));
                     }
                     out.push(b'\n');
                 }

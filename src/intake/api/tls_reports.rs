@@ -12,6 +12,16 @@ use crate::effects::tls_reports::DAY_MS;
 /// `{"date", "domains": [{"domain", "policies": [...]}], "mta_sts_policies": [...]}`: each
 /// policy with its type (`sts`, `tlsa`), what was published, successful and failed session
 /// counts and the failures by result type, receiving host and address.
+#[utoipa::path(
+    get,
+    path = "/tls-reports",
+    operation_id = "get_tls_reports",
+    tag = "operator",
+    summary = "Today's TLS reporting counts and MTA-STS policies",
+    responses(
+        (status = 200, description = "the counts", body = super::schema::TlsReports)
+    )
+)]
 pub(super) async fn today(State(s): State<AppState>) -> ApiResult {
     let now = crate::now_ms();
     let day = now / DAY_MS;

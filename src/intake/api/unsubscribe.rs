@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
+
+use super::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -77,6 +79,19 @@ async fn unsubscribe_target(
 
 /// `GET /u/{token}`: a plain page with a button that POSTs, so link scanners that follow GETs
 /// unsubscribe no one.
+#[utoipa::path(
+    get,
+    path = "/u/{token}",
+    operation_id = "unsubscribe_page",
+    tag = "unsubscribe",
+    summary = "The one-click unsubscribe page (no key: the token authenticates)",
+    params(("token" = String, Path, description = "the token of the List-Unsubscribe link")),
+    responses(
+        (status = 200, description = "a page with a button", body = String, content_type = "text/html"),
+        (status = 404, description = "not a valid link", body = String, content_type = "text/plain"),
+        (status = 503, description = "starting up", body = String, content_type = "text/plain")
+    )
+)]
 pub(super) async fn page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
     let target = match unsubscribe_target(&s.node, &token).await {
         Ok(t) => t,
@@ -113,6 +128,19 @@ pub(super) async fn page(State(s): State<AppState>, Path(token): Path<String>) -
 /// `POST /u/{token}`: RFC 8058 one-click unsubscribe (the body, `List-Unsubscribe=One-Click` or
 /// the page's empty form, is not needed). Suppresses the recipient for the campaign's From
 /// domain; idempotent: a repeat changes nothing and answers the same.
+#[utoipa::path(
+    post,
+    path = "/u/{token}",
+    operation_id = "unsubscribe",
+    tag = "unsubscribe",
+    summary = "Unsubscribe (RFC 8058 one-click)",
+    params(("token" = String, Path, description = "the token of the List-Unsubscribe link")),
+    responses(
+        (status = 200, description = "unsubscribed", body = String, content_type = "text/html"),
+        (status = 404, description = "not a valid link", body = String, content_type = "text/plain"),
+        (status = 503, description = "starting up", body = String, content_type = "text/plain")
+    )
+)]
 pub(super) async fn post(State(s): State<AppState>, Path(token): Path<String>) -> Response {
     let node = &s.node;
     let job = match unsubscribe_token(node, &token) {
