@@ -10,12 +10,11 @@
 
 use axum::body::Body;
 use axum::extract::State;
-
-use super::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
+use super::extract::{Path, Query};
 use super::{
     ApiError, ApiResult, AppState, PageQuery, json_response, now_ms, page_of, parse_json,
     read_body, require_content_type,

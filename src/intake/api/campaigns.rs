@@ -9,13 +9,12 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
-
-use super::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::extract::{Path, Query};
 use super::idempotency::{self, Fingerprinter, IdempotencyCheck};
 use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{

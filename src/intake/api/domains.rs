@@ -3,11 +3,10 @@
 //! the scheduler; suspension is the scheduler's (runtime only: a restart resumes every domain).
 
 use axum::extract::State;
-
-use super::extract::{Path, Query};
 use axum::response::IntoResponse;
 use serde_json::json;
 
+use super::extract::{Path, Query};
 use super::{ApiError, ApiResult, AppState, ListQuery, list_limit};
 use crate::store::campaign::CampaignState;
 

@@ -5,12 +5,11 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-
-use super::extract::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde_json::json;
 
+use super::extract::{Path, Query};
 use super::{ApiError, ApiResult, AppState};
 use crate::feedback::postmaster::{MAX_KEPT, decode, key_of};
 use crate::store::spool::Durability;

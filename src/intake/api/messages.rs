@@ -12,13 +12,12 @@ use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, RawQuery, State};
-
-use super::extract::Path;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::campaigns::{Composed, JSON, RejectList, SuppressedList, accepted_body, read_compose};
+use super::extract::Path;
 use super::{ApiError, ApiResult, AppState, admit_recipients, json_response, now_ms, parse_json};
 use crate::intake::address::Address;
 use crate::intake::ingest::{self, ComposeRequest, FieldError, Upload};

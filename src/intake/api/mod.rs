@@ -13,6 +13,10 @@
 //!   [`tls_reports`]: `GET /v1/tls-reports`, today's TLS reporting counts and MTA-STS policies.
 //! * [`admin`]: `/v1/admin/…`, tenants and API keys (operator keys only).
 //! * [`idempotency`]: `Idempotency-Key`. [`lines`]: the line-by-line reader of both uploads.
+//! * [`openapi`]: the OpenAPI description (`GET /v1/openapi.json`), generated from each
+//!   handler's `#[utoipa::path]`; the router below is built from the same annotations.
+//!   [`schema`]: the shapes of the answers handlers build as JSON. [`extract`]: query and path
+//!   extractors whose refusals name the parameter.
 //!
 //! Handlers validate through [`crate::intake::ingest`] and persist through the spool; they never speak
 //! SMTP. RocksDB reads go to the blocking pool.

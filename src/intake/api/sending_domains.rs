@@ -8,14 +8,13 @@
 
 use axum::Extension;
 use axum::extract::State;
-
-use super::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::campaigns::{ForceQuery, reason_json};
 use super::domains::normalise_domain;
+use super::extract::{Path, Query};
 use super::{ApiError, ApiResult, AppState, PageQuery, page_of};
 use crate::effects::guard::{self, DomainView, Level, Sample};
 use crate::node::Node;

@@ -3,12 +3,11 @@
 //! pools and where each warming source stands).
 
 use axum::extract::State;
-
-use super::extract::Path;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::json;
 
+use super::extract::Path;
 use super::{ApiError, ApiResult, AppState};
 use crate::effects::delivery_log::rfc3339;
 use crate::outbound::shaping::actions::ActionRecord;

@@ -15,12 +15,11 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
-
-use super::extract::{Path, Query};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
+use super::extract::{Path, Query};
 use super::lines::{self, LineLimits, ReadError, Rows};
 use super::{ApiError, ApiResult, AppState, now_ms, parse_json, read_body};
 use crate::effects::suppression::{Entry, split_scope, stored_scope};

@@ -5,11 +5,10 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-
-use super::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use super::extract::Path;
 use super::{ApiError, AppState};
 use crate::node::Node;
 use crate::outbound::tokens::{Owner, Purpose};
