@@ -142,6 +142,7 @@ async fn api_puts_gets_lists_deletes_and_survives_restart() {
         (Method::GET, "/v1/suppressions?cursor=zz", None, "cursor"),
         (Method::GET, "/v1/suppressions?limit=ten", None, "limit"),
         (Method::GET, "/v1/suppressions?colour=red", None, "colour"),
+        (Method::GET, "/v1/suppressions/%FF%FE", None, "address"),
         (
             Method::DELETE,
             "/v1/suppressions/x@example.org?scope=global&all=1",

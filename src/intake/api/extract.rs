@@ -42,7 +42,8 @@ fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     })
 }
 
-/// Path parameters: 400 `invalid_path` when one is not valid percent-encoded UTF-8.
+/// Path parameters: 400 `invalid_path` (naming the parameter) when one is not valid
+/// percent-encoded UTF-8.
 pub(super) struct Path<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
@@ -51,11 +52,17 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(Path(v)),
-            Err(e) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_path",
-                format!("the path does not parse: {}", e.body_text()),
-            )),
+            Err(e) => {
+                // axum names the parameter in backquotes ("Invalid UTF-8 in `id`").
+                let text = e.body_text();
+                let field = text.split('`').nth(1).unwrap_or_default().to_owned();
+                Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_path",
+                    format!("the path does not parse: {text}"),
+                )
+                .field(field))
+            }
         }
     }
 }

@@ -350,7 +350,10 @@ fn complete(doc: &mut Value) {
             destinations, sources, reports and tenants (the operator's keys). Every error \
             answers `{\"error\": {\"code\", \"message\", \"field\"}}`; 429, 503 and 507 mean \
             the same request later (same Idempotency-Key), after Retry-After.",
-        "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        "license": {
+            "name": env!("CARGO_PKG_LICENSE"),
+            "identifier": env!("CARGO_PKG_LICENSE"),
+        },
     });
     let codes: Vec<&str> = CODES.iter().map(|c| c.0).collect();
     let table: String = CODES

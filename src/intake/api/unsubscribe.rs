@@ -87,6 +87,7 @@ async fn unsubscribe_target(
     params(("token" = String, Path, description = "the token of the List-Unsubscribe link")),
     responses(
         (status = 200, description = "a page with a button", body = String, content_type = "text/html"),
+        (status = 400, description = "the token is not valid percent-encoded UTF-8", body = super::openapi::ErrorBody),
         (status = 404, description = "not a valid link", body = String, content_type = "text/plain"),
         (status = 503, description = "starting up", body = String, content_type = "text/plain")
     )
@@ -136,6 +137,7 @@ pub(super) async fn page(State(s): State<AppState>, Path(token): Path<String>) -
     params(("token" = String, Path, description = "the token of the List-Unsubscribe link")),
     responses(
         (status = 200, description = "unsubscribed", body = String, content_type = "text/html"),
+        (status = 400, description = "the token is not valid percent-encoded UTF-8", body = super::openapi::ErrorBody),
         (status = 404, description = "not a valid link", body = String, content_type = "text/plain"),
         (status = 503, description = "starting up", body = String, content_type = "text/plain")
     )
