@@ -83,6 +83,22 @@ fn page_cursor<T>(
         .transpose()
 }
 
+/// A cursor that names a key: the key in hex (suppressions, and the lists of [`page_of`]).
+fn encode_cursor(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key of an [`encode_cursor`] cursor; `None` for anything else.
+fn decode_cursor(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 2048 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// One page of `items` (sorted by `key`, which is unique) after the one a cursor names, and the
 /// cursor of the next page (the last key shown, in hex) when more follow. For the lists kept in
 /// memory: tenants, API keys, sending domains.
@@ -94,22 +110,18 @@ fn page_of<T>(
 ) -> Result<(Vec<T>, Option<String>), ApiError> {
     let limit = page_limit(q.limit, max)?;
     let after = page_cursor(q.cursor.as_deref(), |c| {
-        let bytes = (0..c.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(c.get(i..i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
-        String::from_utf8(bytes).ok()
+        String::from_utf8(decode_cursor(c)?).ok()
     })?;
     let mut rest: Vec<T> = items
         .into_iter()
         .filter(|t| after.as_ref().is_none_or(|a| key(t) > *a))
         .collect();
-    let next = (rest.len() > limit).then(|| {
-        rest.truncate(limit);
-        rest.last()
-            .map(|t| key(t).bytes().map(|b| format!("{b:02x}")).collect())
-    });
-    Ok((rest, next.flatten()))
+    if rest.len() <= limit {
+        return Ok((rest, None));
+    }
+    rest.truncate(limit);
+    let next = rest.last().map(|t| encode_cursor(key(t).as_bytes()));
+    Ok((rest, next))
 }
 
 /// A tenant's routes: its own campaigns, messages, suppressions, sending domains.

@@ -356,7 +356,10 @@ pub(super) async fn list(
     let limit = super::page_limit(q.limit, MAX_SUPPRESSION_PAGE)?;
     let reason = q.reason.as_deref().map(suppression_reason).transpose()?;
     let keys = ListKeys::of(caller.tenant.name());
-    let after = keys.start(super::page_cursor(q.cursor.as_deref(), decode_cursor)?);
+    let after = keys.start(super::page_cursor(
+        q.cursor.as_deref(),
+        super::decode_cursor,
+    )?);
     let node = Arc::clone(&s.node);
     let (items, last) = tokio::task::spawn_blocking(move || {
         let mut items = Vec::new();
@@ -379,25 +382,11 @@ pub(super) async fn list(
     .await
     .map_err(|e| ApiError::internal("listing suppressions", e))??;
     let next = if items.len() == limit {
-        last.map(|k| encode_cursor(&k))
+        last.map(|k| super::encode_cursor(&k))
     } else {
         None
     };
     Ok(axum::Json(json!({"items": items, "next_cursor": next})).into_response())
-}
-
-fn encode_cursor(key: &[u8]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_cursor(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 2048 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Rows written per spool batch during an import.
