@@ -378,3 +378,26 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Puts the calling thread under `SCHED_BATCH` (Linux): its wake-ups no longer preempt a running
+/// thread, they wait for the scheduler's next tick or a free core. For the runtime's workers and
+/// the assembly threads: when signing keeps both cores busy, a worker woken for each SMTP reply
+/// would otherwise preempt a signer every time (several switches per message); batched, it
+/// handles the replies that came in meanwhile in one go. The threads keep their nice value and
+/// their share of the CPU; only their wake-up latency under full load grows, by at most a tick.
+/// A failure (not Linux, a seccomp filter) leaves the thread as it was.
+pub fn schedule_as_batch() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param` (a valid, initialised sched_param for the
+        // duration of the call) and changes only the calling thread's (pid 0) policy.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+        if rc != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "cannot set SCHED_BATCH; the thread keeps its scheduling policy"
+            );
+        }
+    }
+}

@@ -137,6 +137,7 @@ fn main() -> ExitCode {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("sluice")
+                .on_thread_start(sluice::schedule_as_batch)
                 .build()
             {
                 Ok(rt) => rt,
