@@ -89,6 +89,8 @@ pub fn init() {
     L::force(&QUEUED_JOBS);
     L::force(&crate::outbound::delivery::TRANSACTION_SECONDS);
     L::force(&crate::outbound::delivery::ASSEMBLY_SECONDS);
+    L::force(&crate::outbound::delivery::ASSEMBLY_WAIT_SECONDS);
+    L::force(&crate::outbound::delivery::ASSEMBLY_QUEUED);
     L::force(&crate::outbound::delivery::SUPPRESSED_AT_DELIVERY);
     L::force(&crate::outbound::delivery::LATENCY_SECONDS);
     L::force(&crate::effects::delivery_log::DROPPED);

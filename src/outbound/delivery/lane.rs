@@ -27,6 +27,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::assembly::Ahead;
 use super::pick::{Prepared, group_recipients};
 use super::site::Site;
 use super::stats::Slot;
@@ -152,11 +153,13 @@ impl Delivery {
                 self.ensure_lanes(site);
             }
             let (groups, _topped_up) = self.take_groups(site, jobs).await;
-            let mut groups = groups.into_iter();
-            while let Some(g) = groups.next() {
+            // Each group's message is submitted for assembly ahead of its turn, so it is
+            // signed while the lane sends the ones before it.
+            let mut groups = Ahead::new(self, groups);
+            while let Some((g, assembly)) = groups.next(self) {
                 if self.stop.is_cancelled() {
                     // Stopping: the transaction under way has finished; the rest stays queued.
-                    self.requeue(g.into_iter().chain(groups.flatten()));
+                    self.requeue(g.into_iter().chain(groups.rest()));
                     return 0;
                 }
                 let pool = self.pool_of(&g[0].campaign);
@@ -182,17 +185,17 @@ impl Delivery {
                         self.requeue(g.into_iter());
                     }
                     Ok(c) => {
-                        self.attempt(g, site, c).await;
+                        self.attempt(g, assembly, site, c).await;
                         // Cluster mode: over its fair share while other nodes wait for a
                         // place, the node gives one back; the lane ends with it.
                         if self.yield_lease(site, conn).await {
-                            self.requeue(groups.flatten());
+                            self.requeue(groups.rest());
                             return 0;
                         }
                     }
                     Err(NoConnection::Throttled(wait)) => {
                         // Put the jobs back untouched; the site is retried when allowed.
-                        self.requeue(g.into_iter().chain(groups.flatten()));
+                        self.requeue(g.into_iter().chain(groups.rest()));
                         return crate::now_ms() + wait.as_millis() as u64;
                     }
                     Err(NoConnection::Suspended) => {
@@ -211,7 +214,7 @@ impl Delivery {
                             }
                             continue;
                         }
-                        let rest = g.into_iter().chain(groups.flatten()).collect();
+                        let rest = g.into_iter().chain(groups.rest()).collect();
                         let until = self.fail_round(site, rest, o).await;
                         drop(slot);
                         return until;

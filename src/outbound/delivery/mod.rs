@@ -18,11 +18,14 @@
 //!   connection at a time; each transaction goes from a source of its campaign's pool, by weight.
 //! * [`pick`]: pick and lease: jobs taken from the scheduler, read and decoded once, checked
 //!   (paused, cancelled, suppressed, expired) and grouped into transactions.
-//! * [`transact`]: render, sign and send one message.
+//! * [`assembly`]: render, build and sign a group's message, on the assembly pool (one thread
+//!   per core) when signing is costly, the next one while the current one is on the wire.
+//! * [`transact`]: send one message.
 //! * [`finish`]: classify the outcome and apply it as one [`crate::effects::transition::Transition`];
 //!   the batching outcome writer.
 //! * [`stats`]: per-site gauges and the reports of `GET /v1/domains` and `GET /v1/queue`.
 
+mod assembly;
 mod finish;
 mod lane;
 mod pick;
@@ -49,9 +52,10 @@ use crate::scheduler::index::DomainId;
 use finish::Update;
 use site::Site;
 
+pub(crate) use assembly::{ASSEMBLY_QUEUED, ASSEMBLY_SECONDS, ASSEMBLY_WAIT_SECONDS};
 pub(crate) use finish::LATENCY_SECONDS;
 pub(crate) use pick::SUPPRESSED_AT_DELIVERY;
-pub(crate) use transact::{ASSEMBLY_SECONDS, TRANSACTION_SECONDS};
+pub(crate) use transact::TRANSACTION_SECONDS;
 
 static SHAPING_ACTIONS: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::LazyLock::new(
     || {
@@ -127,9 +131,8 @@ pub struct Delivery {
     stop: CancellationToken,
     lanes: TaskTracker,
     background: TaskTracker,
-    /// Messages being assembled at once on the blocking pool: one per core, so signing uses the
-    /// CPU fully without queueing unbounded work behind it.
-    assembly_slots: tokio::sync::Semaphore,
+    /// The assembly pool: one thread per core rendering and signing messages.
+    assembly: assembly::Pool,
 }
 
 impl Delivery {
@@ -179,9 +182,11 @@ impl Delivery {
             stop: CancellationToken::new(),
             lanes: TaskTracker::new(),
             background: TaskTracker::new(),
-            assembly_slots: tokio::sync::Semaphore::new(
+            assembly: assembly::Pool::new(
+                "assembly",
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
-            ),
+            )
+            .map_err(|e| format!("cannot start the assembly threads: {e}"))?,
         });
         delivery
             .background

@@ -1,12 +1,13 @@
-//! Transact: one message on an open connection. Renders, builds and signs it (on the blocking
-//! pool when signing is costly), checks it against the server's capabilities, sends it to the
-//! group's recipients, and hands each recipient's outcome to [`super::finish`].
+//! Transact: one message on an open connection. Takes its assembled message
+//! ([`super::assembly`]), checks it against the server's capabilities, sends it to the group's
+//! recipients, and hands each recipient's outcome to [`super::finish`].
 
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::time::Instant;
 
 use prometheus::{Histogram, IntCounterVec, register_histogram, register_int_counter_vec};
 
+use super::assembly::Assembly;
 use super::pick::Prepared;
 use super::site::Site;
 use super::{Delivery, stats};
@@ -32,34 +33,20 @@ static CONTENT_COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-pub(crate) static ASSEMBLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
-    register_histogram!(
-        "sluice_message_assembly_seconds",
-        "Time to render, build and DKIM-sign one message, including the wait for a free assembly slot. Rising values with flat signing time mean the CPU is saturated.",
-        prometheus::exponential_buckets(0.00005, 2.0, 18).expect("static buckets")
-    )
-    .expect("metric registers once")
-});
-
-/// Campaigns whose templates and attachments come to at most this many bytes, and whose From
-/// domain has no RSA key, are assembled on the delivery task itself rather than the blocking pool.
-const INLINE_ASSEMBLY_BYTES: usize = 32 * 1024;
-
 impl Delivery {
-    /// Renders and sends one message on `conn` to the group's recipients (one job, or several
-    /// of a campaign that is not personalised), then records each one's outcome.
+    /// Sends the group's message (`assembly`, started by [`Delivery::start_assembly`]) on `conn`
+    /// to the group's recipients (one job, or several of a campaign that is not personalised),
+    /// then records each one's outcome.
     pub(super) async fn attempt(
         &self,
         mut group: Vec<Prepared>,
+        assembly: Assembly,
         site: &Site,
         conn: &mut stats::Held,
     ) {
         let Some(lead) = group.first() else { return };
-        // Every message of a campaign that is not personalised has the shared form, also when
-        // one recipient happens to go alone: what a recipient gets must not depend on timing.
-        let merged = !lead.campaign.record.personalised;
         let from = &lead.campaign.record.from;
-        let rendered = match self.assemble(lead, merged).await {
+        let rendered = match assembly.rendered().await {
             Ok(r) => r,
             Err(o) => return self.finish_all(&group, |_| o.clone(), site, None, 0).await,
         };
@@ -141,135 +128,5 @@ impl Delivery {
         }
         self.finish_all(&group, |i| outcomes[i].clone(), site, Some(&*conn), size)
             .await;
-    }
-
-    /// Renders, builds and signs a job's message. RSA signing (a quarter of a millisecond to one,
-    /// by CPU) and large templates go to the blocking pool, at most one per core at a time; a
-    /// small message without an RSA key (tens of microseconds) is assembled right here, which
-    /// spares two thread hand-offs per message. A failure is the outcome.
-    ///
-    /// With `merged`, the message is the campaign's shared one for several recipients, led by
-    /// `p` ([`crate::outbound::render::Assembler::assemble_merged`]).
-    async fn assemble(
-        &self,
-        p: &Prepared,
-        merged: bool,
-    ) -> Result<crate::outbound::render::Rendered, Outcome> {
-        if p.campaign.record.raw.is_some() {
-            return self.assemble_raw(p).await;
-        }
-        let compiled = self.node.assembler.compiled(&p.campaign).map_err(|e| {
-            outcome::local_failure(
-                EnhancedCode(5, 6, 0),
-                format!("message could not be rendered: {e}"),
-                Command::Data,
-            )
-        })?;
-        let job = p.job.id;
-        let campaign = &p.campaign.record;
-        let inline = campaign.template_bytes() <= INLINE_ASSEMBLY_BYTES
-            && !self
-                .node
-                .assembler
-                .signs_with_rsa(crate::intake::address::domain_of(&campaign.from));
-        let (node, campaign, record) = (
-            Arc::clone(&self.node),
-            Arc::clone(&p.campaign),
-            p.record.clone(),
-        );
-        self.run_assembly(inline, move || {
-            node.assembler.assemble_job(
-                &campaign.record,
-                &compiled,
-                job,
-                &record.as_record(),
-                merged,
-            )
-        })
-        .await
-    }
-
-    /// [`Delivery::assemble`] of a raw message: its stored bytes with our trace field, signed,
-    /// on the blocking pool under the same conditions as a campaign's message.
-    async fn assemble_raw(
-        &self,
-        p: &Prepared,
-    ) -> Result<crate::outbound::render::Rendered, Outcome> {
-        let Some(body) = p.campaign.body.clone() else {
-            // Its bytes go only when its last job is final, so this is a damaged spool.
-            return Err(outcome::local_failure(
-                EnhancedCode(5, 3, 0),
-                "the message's stored bytes are missing",
-                Command::Data,
-            ));
-        };
-        let job = p.job.id;
-        let inline = body.len() <= INLINE_ASSEMBLY_BYTES
-            && !self
-                .node
-                .assembler
-                .signs_with_rsa(crate::intake::address::domain_of(&p.campaign.record.from));
-        let (node, campaign) = (Arc::clone(&self.node), Arc::clone(&p.campaign));
-        self.run_assembly(inline, move || {
-            node.assembler.assemble_raw(&campaign.record, &body, job)
-        })
-        .await
-    }
-
-    /// Runs an assembly on this task when `inline` (small, no RSA), else on the blocking pool
-    /// once one of the assembly slots is free; its time, wait included, goes to
-    /// `sluice_message_assembly_seconds`.
-    async fn run_assembly(
-        &self,
-        inline: bool,
-        work: impl FnOnce() -> Result<
-            crate::outbound::render::Rendered,
-            crate::outbound::render::AssembleError,
-        > + Send
-        + 'static,
-    ) -> Result<crate::outbound::render::Rendered, Outcome> {
-        let started = Instant::now();
-        let result = if inline {
-            Ok(work())
-        } else {
-            let _permit = self
-                .assembly_slots
-                .acquire()
-                .await
-                .expect("the assembly semaphore is never closed");
-            tokio::task::spawn_blocking(work).await
-        };
-        ASSEMBLY_SECONDS.observe(started.elapsed().as_secs_f64());
-        assembled(result)
-    }
-}
-
-/// The outcome of an assembly that failed, or its message.
-fn assembled(
-    result: Result<
-        Result<crate::outbound::render::Rendered, crate::outbound::render::AssembleError>,
-        tokio::task::JoinError,
-    >,
-) -> Result<crate::outbound::render::Rendered, Outcome> {
-    match result {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(crate::outbound::render::AssembleError::Render(e))) => Err(outcome::local_failure(
-            EnhancedCode(5, 6, 0),
-            format!("message could not be rendered: {e}"),
-            Command::Data,
-        )),
-        Ok(Err(crate::outbound::render::AssembleError::Sign(e))) => {
-            tracing::error!(error = %e, "DKIM signing failed; the message waits");
-            Err(outcome::local_failure(
-                EnhancedCode(4, 7, 0),
-                e.to_string(),
-                Command::Data,
-            ))
-        }
-        Err(e) => Err(outcome::local_failure(
-            EnhancedCode(4, 3, 0),
-            format!("message assembly did not finish: {e}"),
-            Command::Data,
-        )),
     }
 }
