@@ -364,6 +364,10 @@ impl Delivery {
     }
 }
 
+/// A batch of outcome updates smaller than this (in spool writes) waits [`LINGER`] for more.
+const LINGER_BELOW: usize = 64;
+const LINGER: Duration = Duration::from_millis(1);
+
 /// Batches outcome updates into spool writes; syncs the WAL at most every 100 ms, so a crash
 /// may repeat a delivery that was in flight but never loses one.
 pub(super) async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update>) {
@@ -385,6 +389,7 @@ pub(super) async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update
         let mut close = None;
         let mut batch = node.spool.batch();
         let mut next = msg;
+        let mut lingered = false;
         loop {
             match next {
                 Some(Update::Writes(w)) => w.stage(&mut batch),
@@ -398,6 +403,14 @@ pub(super) async fn write_updates(node: Arc<Node>, mut rx: mpsc::Receiver<Update
                 break;
             }
             next = rx.try_recv().ok();
+            if next.is_none() && !lingered && batch.len() < LINGER_BELOW {
+                // A small batch waits a moment for more: one spool write (and one wake-up of
+                // the writer thread and of this task) for several outcomes rather than one
+                // each. They are synced every 100 ms anyway, so nothing waits on this.
+                lingered = true;
+                tokio::time::sleep(LINGER).await;
+                next = rx.try_recv().ok();
+            }
             if next.is_none() {
                 break;
             }
