@@ -104,7 +104,9 @@
 //!   lanes, idle connections and backoff, `lane` runs up to `max_connections` lanes per site,
 //!   `pick` reads and decodes each leased job once (on the task when RocksDB holds the records in
 //!   memory, as it does for mail sent soon after it came in, else on the blocking pool) and sorts
-//!   out paused, cancelled, suppressed and expired ones, `transact` renders, signs and sends one message (one transaction for
+//!   out paused, cancelled, suppressed and expired ones, `assembly` renders and signs a group's
+//!   message (on the assembly pool when signing is costly, submitted ahead of its turn),
+//!   `transact` sends one message (one transaction for
 //!   several recipients of a campaign that is not personalised), `finish` classifies the outcome
 //!   and applies it as an [`effects::transition::Transition`] through one batching writer (WAL
 //!   synced every 100 ms). Throttles (governor) answer "not before T" and the domains are
@@ -141,9 +143,12 @@
 //! * [`outbound::render`]: message assembly. [`outbound::render::compile`] once per campaign (the
 //!   compiled templates are cached in the [`outbound::render::Assembler`], not in the campaign
 //!   record); the assembler renders, builds the MIME message (mail-builder) with
-//!   List-Unsubscribe, Feedback-ID and the trace header, and signs it: on the blocking pool one
-//!   message per core at a time when an RSA key signs or the templates are large, else on the
-//!   delivery task itself. Deterministic, so a retry sends the same message (DKIM `t=` aside).
+//!   List-Unsubscribe, Feedback-ID and the trace header, and signs it: on the assembly pool
+//!   (`outbound::delivery::assembly`: one thread per core, one FIFO queue) when an RSA key signs
+//!   or the templates are large, else on the delivery task itself. A lane submits the messages
+//!   of its batch ahead of their turn (up to 256 KiB of templates), so they are signed while it
+//!   sends the ones before them, and it wakes for a finished signature about once per batch.
+//!   Deterministic, so a retry sends the same message (DKIM `t=` aside).
 //!   [`outbound::render::check_vars`] is the same render at ingest, with a no-render fast path
 //!   for templates of bare `{{ name }}` expressions.
 //! * [`outbound::dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend),
@@ -355,6 +360,17 @@
 //!   a tenant's list is one key range.
 //! * API keys are hashed with SHA-256, not Argon2: they are 32 random bytes, so nothing is
 //!   gained by a slow hash, and a lookup per request must be cheap.
+//! * Signing has threads of its own rather than tokio's blocking pool: the blocking pool handed
+//!   each message through a sleeping thread and held a slot per core until the waiting task ran,
+//!   so signers idled; own threads take the next message while the queue has any. The queue has
+//!   no constant bound: each lane puts at most its batch in it, so its depth follows from the
+//!   connections open.
+//! * The runtime's workers and the assembly threads run under `SCHED_BATCH`
+//!   ([`schedule_as_batch`]): with signing on both cores, a worker woken for every SMTP reply
+//!   preempted a signer each time, about four context switches per message; batched, a woken
+//!   worker waits for the tick or a free core and takes what came in meanwhile. Only wake-up
+//!   latency under full load changes (a tick at most); the threads keep their CPU share, and
+//!   Sluice preempts its neighbours less, not more.
 //! * Campaign ids are UUIDv7 (time-ordered, unique across nodes); the spool keys campaigns by a
 //!   local 32-bit sequence so job keys stay 8 bytes.
 
