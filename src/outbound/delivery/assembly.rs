@@ -28,6 +28,7 @@ use super::pick::Prepared;
 use crate::outbound::outcome::{self, Outcome};
 use crate::outbound::render::{AssembleError, Rendered};
 use crate::outbound::smtp::reply::{Command, EnhancedCode};
+use crate::store::campaign::Campaign;
 
 pub(crate) static ASSEMBLY_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
@@ -247,10 +248,7 @@ impl Ahead {
         let mut bytes = 0;
         for (i, (g, started)) in self.groups.iter_mut().enumerate() {
             let lead = &g[0];
-            bytes += match &lead.campaign.body {
-                Some(body) => body.len(),
-                None => lead.campaign.record.template_bytes(),
-            };
+            bytes += assembly_bytes(&lead.campaign);
             if i > 0 && bytes > LOOKAHEAD_BYTES {
                 return;
             }
@@ -273,11 +271,8 @@ impl Delivery {
     /// happens to go alone: what a recipient gets must not depend on timing.
     pub(super) fn start_assembly(&self, lead: &Prepared) -> Assembly {
         let campaign = &lead.campaign.record;
-        let signs_with_rsa = self
-            .node
-            .assembler
-            .signs_with_rsa(crate::intake::address::domain_of(&campaign.from));
         let job = lead.job.id;
+        let (node, shared) = (Arc::clone(&self.node), Arc::clone(&lead.campaign));
         let work: Box<dyn FnOnce() -> Result<Rendered, AssembleError> + Send> =
             if campaign.raw.is_some() {
                 let Some(body) = lead.campaign.body.clone() else {
@@ -288,14 +283,7 @@ impl Delivery {
                         Command::Data,
                     ));
                 };
-                if body.len() <= INLINE_ASSEMBLY_BYTES && !signs_with_rsa {
-                    let (node, campaign) = (Arc::clone(&self.node), Arc::clone(&lead.campaign));
-                    return Assembly::Inline(Box::new(move || {
-                        node.assembler.assemble_raw(&campaign.record, &body, job)
-                    }));
-                }
-                let (node, campaign) = (Arc::clone(&self.node), Arc::clone(&lead.campaign));
-                Box::new(move || node.assembler.assemble_raw(&campaign.record, &body, job))
+                Box::new(move || node.assembler.assemble_raw(&shared.record, &body, job))
             } else {
                 let compiled = match self.node.assembler.compiled(&lead.campaign) {
                     Ok(c) => c,
@@ -308,26 +296,25 @@ impl Delivery {
                     }
                 };
                 let merged = !campaign.personalised;
-                let (node, campaign, record) = (
-                    Arc::clone(&self.node),
-                    Arc::clone(&lead.campaign),
-                    lead.record.clone(),
-                );
-                let work = move || {
+                let record = lead.record.clone();
+                Box::new(move || {
                     node.assembler.assemble_job(
-                        &campaign.record,
+                        &shared.record,
                         &compiled,
                         job,
                         &record.as_record(),
                         merged,
                     )
-                };
-                if lead.campaign.record.template_bytes() <= INLINE_ASSEMBLY_BYTES && !signs_with_rsa
-                {
-                    return Assembly::Inline(Box::new(work));
-                }
-                Box::new(work)
+                })
             };
+        if assembly_bytes(&lead.campaign) <= INLINE_ASSEMBLY_BYTES
+            && !self
+                .node
+                .assembler
+                .signs_with_rsa(crate::intake::address::domain_of(&campaign.from))
+        {
+            return Assembly::Inline(work);
+        }
         let submitted = Instant::now();
         Assembly::Queued(self.assembly.submit(move || {
             let r = work();
@@ -335,6 +322,15 @@ impl Delivery {
             r
         }))
     }
+}
+
+/// What a campaign's messages are assembled from, in bytes: a raw message's stored bytes, else
+/// its templates and attachments.
+fn assembly_bytes(campaign: &Campaign) -> usize {
+    campaign
+        .body
+        .as_ref()
+        .map_or_else(|| campaign.record.template_bytes(), |body| body.len())
 }
 
 /// The outcome of an assembly that failed, or its message.
