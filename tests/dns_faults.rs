@@ -29,6 +29,8 @@ enum Mode {
     ServFail,
     /// Reads queries and never answers.
     Silent,
+    /// As `Answer`, with the MX host `mx2.<domain>`: the domain moved to another provider.
+    Moved,
 }
 
 /// The programmable name server. `stop` closes its socket (the port then refuses), `start`
@@ -116,19 +118,20 @@ fn answer(query: &[u8], mode: Mode) -> Option<Vec<u8>> {
     match mode {
         Mode::Silent => return None,
         Mode::ServFail => r.metadata.response_code = ResponseCode::ServFail,
-        Mode::Answer => {
+        Mode::Answer | Mode::Moved => {
             let name = question.name().clone();
             let text = name.to_ascii().to_lowercase();
+            let host = if mode == Mode::Moved { "mx2" } else { "mx" };
             match question.query_type() {
-                RecordType::MX if !text.starts_with("mx.") => {
-                    let exchange = Name::from_str(&format!("mx.{text}")).ok()?;
+                RecordType::MX if !text.starts_with("mx.") && !text.starts_with("mx2.") => {
+                    let exchange = Name::from_str(&format!("{host}.{text}")).ok()?;
                     r.add_answer(Record::from_rdata(
                         name,
                         1,
                         RData::MX(MX::new(10, exchange)),
                     ));
                 }
-                RecordType::A if text.starts_with("mx.") => {
+                RecordType::A if text.starts_with("mx.") || text.starts_with("mx2.") => {
                     r.add_answer(Record::from_rdata(
                         name,
                         1,
@@ -141,6 +144,13 @@ fn answer(query: &[u8], mode: Mode) -> Option<Vec<u8>> {
         }
     }
     r.to_vec().ok()
+}
+
+/// Connections opened to the site whose most preferred MX host is `host`.
+async fn connections_to(addr: SocketAddr, host: &str) -> f64 {
+    let text = metrics(addr).await;
+    let labels = format!("result=\"ok\",site=\"{host}\"");
+    metric_value(&text, "sluice_smtp_connections_total", &labels).unwrap_or(0.0)
 }
 
 /// `per` recipients at each of `domains` domains `<prefix><d>.test`.
@@ -264,5 +274,39 @@ async fn dns_faults_defer_and_resume_and_never_stall_other_mail() {
     for p in &phases {
         eprintln!("{p}");
     }
+    node.shutdown().await;
+}
+
+/// A domain's route is kept only as long as its MX answer's TTL (one second here): once it runs
+/// out, a domain that moved to another MX host is sent there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_is_kept_for_its_ttl_and_then_looked_up_again() {
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dns = Dns::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = delivery_config(dir.path(), &sink);
+    cfg.dns.nameservers = vec![dns.addr];
+    cfg.delivery.smtp_port = sink.addr.port();
+    let node = start(cfg).await;
+    let addr = node.http_addr;
+
+    let first = post_campaign(addr, spread("moving", 1, 2)).await;
+    wait_counts(addr, &first, Duration::from_secs(30), |c| {
+        c["delivered"].as_u64() == Some(2)
+    })
+    .await;
+    assert!(connections_to(addr, "mx.moving0.test").await >= 1.0);
+
+    dns.set(Mode::Moved);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = post_campaign(addr, spread("moving", 1, 2)).await;
+    wait_counts(addr, &second, Duration::from_secs(30), |c| {
+        c["delivered"].as_u64() == Some(2)
+    })
+    .await;
+    assert!(
+        connections_to(addr, "mx2.moving0.test").await >= 1.0,
+        "the route outlived its TTL"
+    );
     node.shutdown().await;
 }

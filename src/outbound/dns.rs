@@ -14,7 +14,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
@@ -31,6 +31,19 @@ pub struct MxHost {
     pub name: String,
     pub preference: u16,
 }
+
+/// A domain's MX hosts and how long the answer may be kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxAnswer {
+    /// Best first; equal preferences in random order.
+    pub hosts: Vec<MxHost>,
+    /// The answer's TTL: when it must be looked up again.
+    pub valid_until: Instant,
+}
+
+/// How long "no MX records, the domain is its own mail host" is kept when the answer carries no
+/// negative TTL (no SOA).
+const NO_MX_TTL: Duration = Duration::from_secs(300);
 
 /// Why a name could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -180,12 +193,12 @@ impl Dns {
 
     /// The hosts to try for `domain`, best first; equal preferences in random order. A domain
     /// without MX records is its own mail host (RFC 5321 §5.1).
-    pub async fn mx(&self, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
+    pub async fn mx(&self, domain: &str) -> Result<MxAnswer, DnsFailure> {
         mx_with(self.routing(), domain).await
     }
 
     /// As [`Dns::mx`], asking the name servers again whatever is cached.
-    pub async fn mx_fresh(&self, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
+    pub async fn mx_fresh(&self, domain: &str) -> Result<MxAnswer, DnsFailure> {
         mx_with(&self.fresh, domain).await
     }
 
@@ -459,8 +472,15 @@ fn classify(e: &NetError, what: impl FnOnce() -> String) -> Result<(), DnsFailur
 }
 
 /// The MX hosts of `domain` through `resolver` (see [`Dns::mx`]).
-async fn mx_with(resolver: &TokioResolver, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
+async fn mx_with(resolver: &TokioResolver, domain: &str) -> Result<MxAnswer, DnsFailure> {
     let fqdn = format!("{domain}.");
+    let itself = |ttl: Duration| MxAnswer {
+        hosts: vec![MxHost {
+            name: domain.to_owned(),
+            preference: 0,
+        }],
+        valid_until: Instant::now() + ttl,
+    };
     match resolver.mx_lookup(fqdn.as_str()).await {
         Ok(lookup) => {
             if proof_of(lookup.answers(), RecordType::MX) == Some(Proof::Bogus) {
@@ -487,21 +507,29 @@ async fn mx_with(resolver: &TokioResolver, domain: &str) -> Result<Vec<MxHost>, 
             }
             hosts.retain(|h| !h.name.is_empty());
             if hosts.is_empty() {
-                hosts.push(MxHost {
-                    name: domain.to_owned(),
-                    preference: 0,
-                });
+                return Ok(itself(NO_MX_TTL));
             }
-            Ok(hosts)
+            Ok(MxAnswer {
+                hosts,
+                valid_until: lookup.valid_until(),
+            })
         }
         Err(e) => match classify(&e, || format!("the MX records of {domain}")) {
-            Err(DnsFailure::NoAddress(_)) => Ok(vec![MxHost {
-                name: domain.to_owned(),
-                preference: 0,
-            }]),
+            Err(DnsFailure::NoAddress(_)) => Ok(itself(negative_ttl(&e).unwrap_or(NO_MX_TTL))),
             Err(f) => Err(f),
             Ok(()) => Err(DnsFailure::Temporary(e.to_string())),
         },
+    }
+}
+
+/// The negative TTL of a "no records" answer (from its SOA), if it has one.
+fn negative_ttl(e: &NetError) -> Option<Duration> {
+    use hickory_resolver::net::DnsError;
+    match e {
+        NetError::Dns(DnsError::NoRecordsFound(n)) => {
+            n.negative_ttl.map(|s| Duration::from_secs(s.into()))
+        }
+        _ => None,
     }
 }
 

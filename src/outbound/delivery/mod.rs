@@ -6,7 +6,8 @@
 //! attempt, in the order a job meets them:
 //!
 //! * this file: the engine's start and stop, and the **coordinator**, which takes domains whose
-//!   next job is due from the scheduler, resolves each to a site and attaches it. DNS failures
+//!   next job is due from the scheduler, resolves each to a site (at once from the route cache
+//!   while its answers' TTLs last, else in a task of its own) and attaches it. DNS failures
 //!   are decided per domain at once: a null MX and a confirmed NXDOMAIN bounce the due jobs
 //!   (see [`crate::outbound::resolver_health`]), temporary failures defer them. Also the sweeper (idle connections, empty sites, idle domains) and reports.
 //! * [`route`]: domain → **site** (the MX set, or a static relay, so all domains a provider
@@ -124,8 +125,9 @@ pub struct Delivery {
     /// Pools of sources; the default one first.
     pools: Vec<crate::config::Pool>,
     sites: Mutex<HashMap<String, Arc<Site>>>,
-    /// The site key each domain was last resolved to, for reports.
-    domain_sites: Mutex<HashMap<String, String>>,
+    /// The site each domain was last resolved to, kept as long as the answers it came from
+    /// (see [`route::Route`]); also what reports show.
+    routes: Mutex<HashMap<String, route::Route>>,
     labels: stats::Labels,
     updates: mpsc::Sender<Update>,
     stop: CancellationToken,
@@ -176,7 +178,7 @@ impl Delivery {
             refreshing: Mutex::new(Default::default()),
             health: crate::outbound::resolver_health::ResolverHealth::new(&config.dns),
             sites: Mutex::new(HashMap::new()),
-            domain_sites: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
             labels: stats::Labels::default(),
             updates: tx,
             stop: CancellationToken::new(),
@@ -252,7 +254,16 @@ impl Delivery {
             let (due, next) = self.node.scheduler.take_due_domains(now, 512);
             let busy = !due.is_empty();
             for d in due {
-                self.lanes.spawn(Arc::clone(&self).activate(d));
+                let Some(name) = self.node.scheduler.claim(d) else {
+                    continue;
+                };
+                // A domain whose route is cached is attached here; one to resolve gets a task.
+                let attached = self
+                    .cached_site(&name, now)
+                    .is_some_and(|site| self.attach(&site, d));
+                if !attached {
+                    self.lanes.spawn(Arc::clone(&self).activate(d, name));
+                }
             }
             if busy {
                 tokio::task::yield_now().await;
@@ -291,32 +302,45 @@ impl Delivery {
     }
 
     /// Resolves a newly due domain to its site and starts serving it.
-    async fn activate(self: Arc<Self>, d: DomainId) {
-        let Some(name) = self.node.scheduler.claim(d) else {
-            return;
-        };
-        match self.site_for(&name).await {
-            Ok(site) => {
-                self.domain_sites
-                    .lock()
-                    .expect("domain sites lock")
-                    .insert(name, site.key.clone());
-                site.lock().active.push_back(d);
-                self.ensure_lanes(&site);
-            }
-            Err(outcome) => {
-                loop {
-                    let jobs = self.node.scheduler.pop_due(d, crate::now_ms(), 256);
-                    if jobs.is_empty() || self.stop.is_cancelled() {
-                        break;
+    async fn activate(self: Arc<Self>, d: DomainId, name: String) {
+        loop {
+            match self.site_for(&name).await {
+                Ok(site) => {
+                    if self.attach(&site, d) {
+                        return;
                     }
-                    for p in self.prepare(jobs, None).await {
-                        self.finish(&p, outcome.clone(), None, None, 0).await;
-                    }
+                    // The site was forgotten meanwhile: resolved again, to a new one.
+                    self.forget_route(&name);
                 }
-                self.node.scheduler.deactivate([d], 0);
+                Err(outcome) => {
+                    loop {
+                        let jobs = self.node.scheduler.pop_due(d, crate::now_ms(), 256);
+                        if jobs.is_empty() || self.stop.is_cancelled() {
+                            break;
+                        }
+                        for p in self.prepare(jobs, None).await {
+                            self.finish(&p, outcome.clone(), None, None, 0).await;
+                        }
+                    }
+                    self.node.scheduler.deactivate([d], 0);
+                    return;
+                }
             }
         }
+    }
+
+    /// Hands domain `d` to `site` to serve, and starts a lane if it has room. False, and
+    /// nothing done, when the sweeper has forgotten the site.
+    fn attach(self: &Arc<Self>, site: &Arc<Site>, d: DomainId) -> bool {
+        {
+            let mut g = site.lock();
+            if g.retired {
+                return false;
+            }
+            g.active.push_back(d);
+        }
+        self.ensure_lanes(site);
+        true
     }
 
     /// The (source, site) pairs AIMD holds below their limits.
@@ -357,11 +381,11 @@ impl Delivery {
             sites.values().map(|s| s.view(&self.sources)).collect()
         };
         let site_of = |d: &str| {
-            self.domain_sites
+            self.routes
                 .lock()
-                .expect("domain sites lock")
+                .expect("routes lock")
                 .get(d)
-                .cloned()
+                .map(|r| r.site.key.clone())
         };
         stats::report(&self.node, views, &site_of).await
     }
@@ -379,7 +403,7 @@ impl Delivery {
             let report = self.report().await;
             stats::publish(&report, &mut labels);
             self.publish_shaping();
-            let mut map = self.domain_sites.lock().expect("domain sites lock");
+            let mut map = self.routes.lock().expect("routes lock");
             self.node.scheduler.retain_known(&mut map);
         }
     }
@@ -437,10 +461,12 @@ impl Delivery {
                         });
                     g.idle = keep;
                     closing.extend(old);
-                    !(g.lanes == 0
+                    // Forgotten: a route still naming it resolves again (see `attach`).
+                    g.retired = g.lanes == 0
                         && g.active.is_empty()
                         && g.idle.is_empty()
-                        && g.last_activity.elapsed() > SITE_IDLE_EVICT)
+                        && g.last_activity.elapsed() > SITE_IDLE_EVICT;
+                    !g.retired
                 });
             }
             for c in closing {

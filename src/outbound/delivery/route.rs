@@ -3,7 +3,9 @@
 //! A site is a static relay (`[[route]]`) or the domain's MX set *with* preferences, so domains
 //! hosted by one provider share one pool and one set of limits. Shaping is `[shaping]` overlaid
 //! by the first `[[rule]]` matching the domain or one of the hosts. DNS lookups go through the
-//! TTL-cached resolver; connecting tries MX hosts in preference order (equal ones shuffled).
+//! TTL-cached resolver, and what a domain resolved to is kept beside it ([`Route`]) for as long
+//! as those answers hold, so a domain due again finds its site with one map look-up;
+//! connecting tries MX hosts in preference order (equal ones shuffled).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
@@ -12,7 +14,7 @@ use prometheus::{IntCounterVec, register_int_counter_vec};
 
 use super::site::{Site, Target};
 use super::{Delivery, secure};
-use crate::outbound::dns::{DnsFailure, MxHost};
+use crate::outbound::dns::{DnsFailure, MxAnswer, MxHost};
 use crate::outbound::outcome::{self, Outcome};
 use crate::outbound::smtp::client::{Connection, SmtpError, TlsMode, TlsPolicy};
 use crate::outbound::smtp::reply::{Command, EnhancedCode};
@@ -27,15 +29,58 @@ static CONNECTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// What a domain resolved to: its site, until the answers that chose it may have changed.
+pub(super) struct Route {
+    pub site: Arc<Site>,
+    /// When to resolve again (ms since the epoch): the MX answer's TTL, and with MTA-STS on the
+    /// next look for a policy and the cached policy's expiry. Never, for a static relay route.
+    pub until_ms: u64,
+}
+
 impl Delivery {
-    /// The site serving `domain`, created on first use. A DNS failure is the domain's, and so
-    /// is an enforced MTA-STS policy that none of its MX hosts matches.
+    /// The site `domain`'s cached route names, while it is valid.
+    pub(super) fn cached_site(&self, domain: &str, now_ms: u64) -> Option<Arc<Site>> {
+        let routes = self.routes.lock().expect("routes lock");
+        routes
+            .get(domain)
+            .filter(|r| r.until_ms > now_ms)
+            .map(|r| Arc::clone(&r.site))
+    }
+
+    /// Drops `domain`'s cached route: its next activation resolves it again.
+    pub(super) fn forget_route(&self, domain: &str) {
+        if let Some(r) = self.routes.lock().expect("routes lock").get_mut(domain) {
+            r.until_ms = 0;
+        }
+    }
+
+    /// The site serving `domain`: the cached route's while valid, else resolved and cached.
     pub(super) async fn site_for(self: &Arc<Self>, domain: &str) -> Result<Arc<Site>, Outcome> {
+        let now = crate::now_ms();
+        if let Some(site) = self.cached_site(domain, now) {
+            return Ok(site);
+        }
+        let (site, until_ms) = self.resolve(domain).await?;
+        self.routes.lock().expect("routes lock").insert(
+            domain.to_owned(),
+            Route {
+                site: Arc::clone(&site),
+                until_ms,
+            },
+        );
+        Ok(site)
+    }
+
+    /// Resolves `domain` to its site, created on first use, and how long that holds (see
+    /// [`Route::until_ms`]). A DNS failure is the domain's, and so is an enforced MTA-STS
+    /// policy that none of its MX hosts matches.
+    async fn resolve(self: &Arc<Self>, domain: &str) -> Result<(Arc<Site>, u64), Outcome> {
         let route = self
             .config
             .routes
             .iter()
             .find(|r| crate::config::name_matches(&r.domain, domain));
+        let mut until_ms = u64::MAX;
         let (key, targets, relay_label, sts) = match route {
             Some(r) => {
                 let (host, port) = r.relay.rsplit_once(':').unwrap_or((r.relay.as_str(), "25"));
@@ -58,13 +103,26 @@ impl Delivery {
             }
             None => {
                 // The policy lookup (usually a cached answer) runs beside the MX lookup.
-                let (hosts, sts) = tokio::join!(self.mx(domain), self.sts_policy(domain));
-                let mut hosts = hosts.map_err(|f| {
+                let (mx, sts) = tokio::join!(self.mx(domain), self.sts_policy(domain));
+                let mx = mx.map_err(|f| {
                     let mut o = outcome::from_dns(&f);
                     // An NXDOMAIN waiting for its confirming lookup is tried again just then.
                     o.retry_at_ms = self.health.confirm_at(domain);
                     o
                 })?;
+                let now = crate::now_ms();
+                let ttl = mx
+                    .valid_until
+                    .saturating_duration_since(std::time::Instant::now());
+                until_ms = now.saturating_add(ttl.as_millis() as u64);
+                if self.config.mta_sts.enabled {
+                    // A policy published, changed or expired is met by the next look.
+                    until_ms = until_ms.min(now + crate::outbound::sts_cache::RECHECK_MS);
+                    if let Some(c) = &sts {
+                        until_ms = until_ms.min(c.expires_ms());
+                    }
+                }
+                let mut hosts = mx.hosts;
                 let names = hosts.iter().map(|h| h.name.as_str());
                 let sts = sts.filter(|_| self.shaping_for(domain, names).mta_sts);
                 if let Some(c) = sts.as_ref().filter(|c| c.policy.mode == sts::Mode::Enforce) {
@@ -98,7 +156,7 @@ impl Delivery {
         };
         let mut sites = self.sites.lock().expect("sites lock");
         if let Some(site) = sites.get(&key) {
-            return Ok(Arc::clone(site));
+            return Ok((Arc::clone(site), until_ms));
         }
         let rule = self.rule_for(domain, targets.iter().map(|t| t.name.as_str()));
         let shaping = self.shaping_for(domain, targets.iter().map(|t| t.name.as_str()));
@@ -136,13 +194,13 @@ impl Delivery {
         }
         let site = Arc::new(site);
         sites.insert(key, Arc::clone(&site));
-        Ok(site)
+        Ok((site, until_ms))
     }
 
     /// The MX hosts of `domain`, with an NXDOMAIN believed only as
     /// [`crate::outbound::resolver_health`] says: otherwise it is a temporary failure (4.4.3)
     /// whose text says why.
-    async fn mx(&self, domain: &str) -> Result<Vec<MxHost>, DnsFailure> {
+    async fn mx(&self, domain: &str) -> Result<MxAnswer, DnsFailure> {
         use crate::outbound::resolver_health::Step;
         let now = crate::now_ms();
         match self.dns.mx(domain).await {

@@ -181,7 +181,11 @@ impl Delivery {
                     fetched_ms: crate::now_ms(),
                 };
                 match self.node.sts.put(&self.node.spool, domain, cached).await {
-                    Ok(c) => Some(c),
+                    Ok(c) => {
+                        // The domain's next activation routes by the new policy.
+                        self.forget_route(domain);
+                        Some(c)
+                    }
                     Err(e) => {
                         tracing::warn!(domain, error = %e, "storing an MTA-STS policy failed");
                         None

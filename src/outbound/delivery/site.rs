@@ -155,6 +155,8 @@ pub(super) struct SiteInner {
     /// Marked dead (`delivery.dead_site_after` failed rounds in a row) until `backoff_until_ms`.
     pub dead: bool,
     pub last_activity: Instant,
+    /// Forgotten by the sweeper (idle too long): no domain may be attached to it any more.
+    pub retired: bool,
 }
 
 fn limiter(rate: Rate) -> DefaultDirectRateLimiter {
@@ -221,6 +223,7 @@ impl Site {
                 backoff_until_ms: 0,
                 dead: false,
                 last_activity: Instant::now(),
+                retired: false,
             }),
         }
     }
