@@ -100,7 +100,9 @@
 //!
 //! * [`outbound::delivery`]: the engine, one file per step of an attempt: the coordinator (mod)
 //!   takes due domains from the scheduler, `route` resolves a domain to a *site* (its MX set with
-//!   preferences, or a static route) and opens connections, `site` keeps a site's throttles,
+//!   preferences, or a static route; kept per domain while the MX answer's TTL and the MTA-STS
+//!   recheck last, so a domain due again is attached by the coordinator itself with one map
+//!   look-up) and opens connections, `site` keeps a site's throttles,
 //!   lanes, idle connections and backoff, `lane` runs up to `max_connections` lanes per site,
 //!   `pick` reads and decodes each leased job once (on the task when RocksDB holds the records in
 //!   memory, as it does for mail sent soon after it came in, else on the blocking pool) and sorts
@@ -325,6 +327,14 @@
 //!   policy is the exception: its connections are checked for its policy, so it has a site of
 //!   its own. DANE needs no such split: TLSA records belong to the MX host, whatever domain's
 //!   mail goes to it.
+//! * A domain's route (its site) is cached beside the resolver's own TTL cache rather than
+//!   rebuilt from it on each visit: with thousands of domains of a few messages each, the
+//!   look-up by `Name`, the MTA-STS look, rule matching and the site key's formatting cost as
+//!   much per visit as sending a message. The entry lasts as long as the MX answer (and, with
+//!   MTA-STS on, until the next policy look or the policy's expiry; a fetched policy drops it),
+//!   so routing follows DNS as promptly as before. An NXDOMAIN or failed lookup is never cached
+//!   here, and the resolver-health check still sees the domains served from it (once per half
+//!   of its window), so its share of NXDOMAIN answers means what it meant.
 //! * DNSSEC validation is hickory's own, from configured trust anchors, rather than the AD bit
 //!   of a validating resolver: a node needs nothing besides its name servers, and a test can
 //!   trust a signed test zone. With it on, every MX and address answer is validated, so an MX

@@ -35,16 +35,31 @@ pub(super) struct Route {
     /// When to resolve again (ms since the epoch): the MX answer's TTL, and with MTA-STS on the
     /// next look for a policy and the cached policy's expiry. Never, for a static relay route.
     pub until_ms: u64,
+    /// When the resolver-health check last counted the domain as resolved (never, for a relay).
+    noted_ms: u64,
 }
 
 impl Delivery {
     /// The site `domain`'s cached route names, while it is valid.
+    ///
+    /// The resolver-health check counts an answer used from here as a lookup, as it counted
+    /// the resolver cache's answers, so the domains being served keep their place among those
+    /// "looked up lately" beside any NXDOMAIN: once per half of its window, not every visit.
     pub(super) fn cached_site(&self, domain: &str, now_ms: u64) -> Option<Arc<Site>> {
-        let routes = self.routes.lock().expect("routes lock");
-        routes
-            .get(domain)
-            .filter(|r| r.until_ms > now_ms)
-            .map(|r| Arc::clone(&r.site))
+        let half_window = self.config.dns.fault_window.as_millis() as u64 / 2;
+        let (site, note) = {
+            let mut routes = self.routes.lock().expect("routes lock");
+            let r = routes.get_mut(domain).filter(|r| r.until_ms > now_ms)?;
+            let note = now_ms >= r.noted_ms.saturating_add(half_window);
+            if note {
+                r.noted_ms = now_ms;
+            }
+            (Arc::clone(&r.site), note)
+        };
+        if note {
+            self.health.resolved(domain, now_ms);
+        }
+        Some(site)
     }
 
     /// Drops `domain`'s cached route: its next activation resolves it again.
@@ -61,11 +76,14 @@ impl Delivery {
             return Ok(site);
         }
         let (site, until_ms) = self.resolve(domain).await?;
+        // `resolve` told the resolver-health check of its lookup; a relay needs none.
+        let relay = site.key.starts_with("relay:");
         self.routes.lock().expect("routes lock").insert(
             domain.to_owned(),
             Route {
                 site: Arc::clone(&site),
                 until_ms,
+                noted_ms: if relay { u64::MAX } else { now },
             },
         );
         Ok(site)
