@@ -446,8 +446,9 @@ def deliveries(sinks, n, start, sluice=None, marks=(), deadline=600):
 
 def foreground(cpu, lo, hi, what):
     """CPU seconds per message between marks `lo` and `hi` of `deliveries`, without RocksDB's
-    flushes and compactions: they cost per byte written, whatever the queue or the number of
-    domains, and fall whole into whichever window the memtable fills in. Logs both."""
+    flush and compaction threads: they run when a memtable fills or files are due for
+    compaction, and fall whole into whichever window that happens in. Logs both, so what was
+    left out is in the output."""
     (c0, r0), (c1, r1) = cpu[lo], cpu[hi]
     n = hi - lo
     log(f"  {what}: {(c1 - c0) / n * 1e6:.1f} µs a message, of which RocksDB's flushes and "
