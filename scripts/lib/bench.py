@@ -87,11 +87,17 @@ class Sink:
         self.proc.kill()
 
 
+def stat_cpu(path):
+    """The name and the user and system CPU seconds so far in a `/proc/.../stat` file."""
+    with open(path) as f:
+        head, rest = f.read().rsplit(")", 1)
+    fields = rest.split()
+    return head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def cpu_seconds(pid):
     """User and system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return stat_cpu(f"/proc/{pid}/stat")[1]
 
 
 def rocksdb_cpu_seconds(pid):
@@ -99,13 +105,11 @@ def rocksdb_cpu_seconds(pid):
     total = 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                head, rest = f.read().rsplit(")", 1)
+            name, seconds = stat_cpu(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue
-        if head.split("(", 1)[1].startswith("rocksdb:"):
-            fields = rest.split()
-            total += (int(fields[11]) + int(fields[12])) / TICKS
+        if name.startswith("rocksdb:"):
+            total += seconds
     return total
 
 
@@ -444,13 +448,12 @@ def deliveries(sinks, n, start, sluice=None, marks=(), deadline=600):
     return rate, cpu
 
 
-def foreground(cpu, lo, hi, what):
-    """CPU seconds per message between marks `lo` and `hi` of `deliveries`, without RocksDB's
-    flush and compaction threads: they run when a memtable fills or files are due for
-    compaction, and fall whole into whichever window that happens in. Logs both, so what was
-    left out is in the output."""
-    (c0, r0), (c1, r1) = cpu[lo], cpu[hi]
-    n = hi - lo
+def foreground(before, after, n, what):
+    """CPU seconds per message over `n` messages between two (Sluice, its RocksDB threads) CPU
+    readings, without RocksDB's flush and compaction threads: they run when a memtable fills or
+    files are due for compaction, and fall whole into whichever window that happens in. Logs
+    both, so what was left out is in the output."""
+    (c0, r0), (c1, r1) = before, after
     log(f"  {what}: {(c1 - c0) / n * 1e6:.1f} µs a message, of which RocksDB's flushes and "
         f"compactions {(r1 - r0) / n * 1e6:.1f}")
     return ((c1 - c0) - (r1 - r0)) / n
@@ -700,7 +703,7 @@ class Bench:
             deliveries(self.three, count, lambda: a.campaign(PLAIN, 10_240,
                                                              people(lambda i: f"d{i % domains}.bench.test", count)))
             after = (a.cpu_seconds(), a.rocksdb_cpu_seconds())
-            cpu[domains] += foreground({0: before, count: after}, 0, count, f"{domains:,} domains") / 2
+            cpu[domains] += foreground(before, after, count, f"{domains:,} domains") / 2
         self.row(f"CPU per message, 10 KB to {MANY:,} domains (µs)", cpu[MANY] * 1e6, cpu[10] * 1e6,
                  "the same to 10 domains (two runs each, alternated); RocksDB flushes and compactions left out",
                  "<= 1.10",
@@ -724,7 +727,7 @@ class Bench:
             _, cpu_small = deliveries(one, small, lambda: b.campaign(PLAIN, 10_240,
                                                                       people(SITE, small, offset=run * small)),
                                       sluice=b, marks=(lo, hi))
-            per_small += foreground(cpu_small, lo, hi, f"{small:,} queued") / 2
+            per_small += foreground(cpu_small[lo], cpu_small[hi], hi - lo, f"{small:,} queued") / 2
         time.sleep(2)
         idle = b.rss_bytes()
         b.call("POST", "/v1/domains/one.bench.test/suspend")
@@ -738,7 +741,7 @@ class Bench:
         window = 4 * (hi - lo)
         _, cpu_big = deliveries(one, lo + window, lambda: b.call("POST", "/v1/domains/one.bench.test/resume"),
                                 sluice=b, marks=(lo, lo + window))
-        per_big = foreground(cpu_big, lo, lo + window, f"{accepted:,} queued")
+        per_big = foreground(cpu_big[lo], cpu_big[lo + window], window, f"{accepted:,} queued")
         self.row(f"CPU per message, {accepted:,} queued (µs)", per_big * 1e6, per_small * 1e6,
                  f"the same with {small:,} queued, mean of two runs; RocksDB flushes and compactions left out",
                  "<= 1.10", unit="µs")
