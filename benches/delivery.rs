@@ -9,6 +9,10 @@
 //!   whenever it runs dry. Reference: popping the same entries from a bare `BinaryHeap`.
 //! * `spool_write`: an outcome batch of 256 job records through the spool's writer thread
 //!   (WAL, not synced); reference: the same batch written straight to a RocksDB with the WAL.
+//! * `job_read`: a lane's batch of 8 consecutive job records read back from memory (the spool's
+//!   `Reach::Memory` read) out of 100,000 in table files whose blocks are cached; reference: the
+//!   same 8 keys read one by one with RocksDB's point reads, restricted to the block cache, from
+//!   a bare RocksDB holding the same records the same way.
 //! * `smtp_transaction`: one pipelined 10 KB transaction on a kept connection to an in-process
 //!   sink that discards; reference: the same bytes written and the replies read by a bare
 //!   hand-rolled client over the same kind of socket.
@@ -25,7 +29,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluice::outbound::smtp::client::{ClientSettings, Connection, Envelope, Timeouts, TlsMode};
 use sluice::scheduler::index::{DomainId, PendingJob, QueueIndex};
-use sluice::store::spool::{Durability, JobId, JobRecord, JobState, Spool};
+use sluice::store::spool::{Durability, JobId, JobRecord, JobState, Reach, Spool};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -193,6 +197,88 @@ fn spool_write(c: &mut Criterion) {
     g.finish();
 }
 
+fn job_read(c: &mut Criterion) {
+    const JOBS: u64 = 100_000;
+    const BATCH: usize = 8;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ids: Vec<JobId> = (0..JOBS).map(|i| JobId::from((7 << 32) | i)).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("spool");
+    rt.block_on(async {
+        let spool = Spool::open(&path).expect("spool opens");
+        for chunk in ids.chunks(10_000) {
+            let mut batch = spool.batch();
+            for id in chunk {
+                batch.put_job(*id, &record(u64::from(*id)));
+            }
+            spool
+                .write(batch, Durability::Buffered)
+                .await
+                .expect("write");
+        }
+        spool.close().await.expect("close");
+    });
+    // Reopened: the records are in table files; one read from disk puts their blocks in the
+    // block cache.
+    let spool = Spool::open(&path).expect("spool opens");
+    for chunk in ids.chunks(256) {
+        spool.get_jobs(chunk, Reach::Disk).expect("read");
+    }
+    let mut g = c.benchmark_group("job_read");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut at = 0;
+    g.bench_function("spool_memory_8", |b| {
+        b.iter(|| {
+            at = (at + BATCH) % ids.len();
+            let got = spool
+                .get_jobs(black_box(&ids[at..at + BATCH]), Reach::Memory)
+                .expect("in memory");
+            assert!(got.iter().all(Option::is_some));
+        })
+    });
+    rt.block_on(spool.close()).expect("close");
+    drop(spool);
+
+    let raw_dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    {
+        let db = rocksdb::DB::open(&opts, raw_dir.path()).expect("rocksdb opens");
+        for chunk in ids.chunks(10_000) {
+            let mut batch = rocksdb::WriteBatch::default();
+            for id in chunk {
+                batch.put(u64::from(*id).to_be_bytes(), record(u64::from(*id)));
+            }
+            db.write(batch).expect("write");
+        }
+    }
+    let db = rocksdb::DB::open(&opts, raw_dir.path()).expect("rocksdb opens");
+    let keys: Vec<[u8; 8]> = ids.iter().map(|id| u64::from(*id).to_be_bytes()).collect();
+    for chunk in keys.chunks(256) {
+        for r in db.multi_get(chunk) {
+            r.expect("read");
+        }
+    }
+    let mut cached = rocksdb::ReadOptions::default();
+    cached.set_read_tier(rocksdb::ReadTier::BlockCache);
+    let mut at = 0;
+    g.bench_function("reference_point_reads_8", |b| {
+        b.iter(|| {
+            at = (at + BATCH) % keys.len();
+            for k in black_box(&keys[at..at + BATCH]) {
+                let v = db.get_pinned_opt(k, &cached).expect("in memory");
+                assert!(v.map(|v| v.to_vec()).is_some());
+            }
+        })
+    });
+    g.finish();
+}
+
 /// Accepts connections and answers a pipelined client without looking at the content beyond
 /// what it must: 250 to commands, 354 to DATA, 250 after the final dot.
 async fn discard_sink() -> SocketAddr {
@@ -346,6 +432,7 @@ criterion_group!(
     queue_pick,
     queue_drain,
     spool_write,
+    job_read,
     smtp_transaction
 );
 criterion_main!(benches);
