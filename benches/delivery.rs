@@ -151,13 +151,18 @@ fn record(i: u64) -> Vec<u8> {
     .encode()
 }
 
-fn spool_write(c: &mut Criterion) {
-    const BATCH: u64 = 256;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+/// A runtime with `workers` worker threads.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+fn spool_write(c: &mut Criterion) {
+    const BATCH: u64 = 256;
+    let rt = runtime(1);
     let records: Vec<Vec<u8>> = (0..BATCH).map(record).collect();
     let mut g = c.benchmark_group("spool_write");
     g.throughput(Throughput::Elements(BATCH));
@@ -200,11 +205,7 @@ fn spool_write(c: &mut Criterion) {
 fn job_read(c: &mut Criterion) {
     const JOBS: u64 = 100_000;
     const BATCH: usize = 8;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime(1);
     let ids: Vec<JobId> = (0..JOBS).map(|i| JobId::from((7 << 32) | i)).collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("spool");
@@ -336,11 +337,7 @@ fn message(size: usize) -> Vec<u8> {
 }
 
 fn smtp_transaction(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime(2);
     let addr = rt.block_on(discard_sink());
     let msg = message(10 * 1024);
     let mut g = c.benchmark_group("smtp_transaction");
