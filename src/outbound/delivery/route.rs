@@ -77,7 +77,7 @@ impl Delivery {
         }
         let (site, until_ms) = self.resolve(domain).await?;
         // `resolve` told the resolver-health check of its lookup; a relay needs none.
-        let relay = site.key.starts_with("relay:");
+        let relay = site.is_relay();
         self.routes.lock().expect("routes lock").insert(
             domain.to_owned(),
             Route {
@@ -107,7 +107,7 @@ impl Delivery {
                     .trim_start_matches('[')
                     .trim_end_matches(']')
                     .to_owned();
-                let key = format!("relay:{host}:{port}");
+                let key = format!("{}{host}:{port}", Site::RELAY_PREFIX);
                 (
                     key.clone(),
                     vec![Target {

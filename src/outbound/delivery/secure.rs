@@ -243,8 +243,11 @@ impl Delivery {
         domain: &str,
     ) -> Result<HostTls, Outcome> {
         let rule = site.shaping.tls;
-        let relay = site.key.starts_with("relay:");
-        if self.dns.is_validating() && site.shaping.dane && !relay && security == Security::Secure {
+        if self.dns.is_validating()
+            && site.shaping.dane
+            && !site.is_relay()
+            && security == Security::Secure
+        {
             match self.dns.tlsa(&target.name, target.port).await {
                 Ok(TlsaAnswer::Secure { records, owner }) => {
                     let described = Described {

@@ -180,6 +180,14 @@ pub(super) fn throttle(l: &Option<DefaultDirectRateLimiter>) -> Option<Duration>
 }
 
 impl Site {
+    /// How the key of a static relay route's site begins (`relay:HOST:PORT`).
+    pub const RELAY_PREFIX: &'static str = "relay:";
+
+    /// The site is a static `[[route]]` relay, not a domain's MX set.
+    pub fn is_relay(&self) -> bool {
+        self.key.starts_with(Self::RELAY_PREFIX)
+    }
+
     pub fn new(
         key: String,
         label: String,
