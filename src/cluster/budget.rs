@@ -335,12 +335,15 @@ impl SharedRate {
 /// it frees one of its own meanwhile: waiting lanes must not poll Redis.
 const REFUSED_BACKOFF_MS: u64 = 100;
 
-/// The leases this node holds: key → members; until when each refused key is not asked; and
-/// until when each key counts as contended, and how many other nodes were last seen waiting
-/// for a place under it.
+/// The leases this node holds: key → members; until when each refused key is not asked; until
+/// when each key counts as contended, and how many other nodes were last seen waiting for a
+/// place under it; and the leases given back while Redis did not answer, to remove when it
+/// does.
 #[derive(Default)]
 pub struct Leases {
     held: Mutex<HashMap<String, HashSet<String>>>,
+    /// (key, member, when it was given back in ms).
+    unreleased: Mutex<Vec<(String, String, u64)>>,
     refused: Mutex<HashMap<String, u64>>,
     contended: Mutex<HashMap<String, (u64, u32)>>,
     seq: AtomicU64,
@@ -377,15 +380,13 @@ impl Drop for Lease {
         let cluster = Arc::clone(&self.cluster);
         let (key, member) = (self.key.clone(), std::mem::take(&mut self.member));
         rt.spawn(async move {
-            let _: Result<i64, _> = cluster
-                .call(|mut c| async move {
-                    redis::cmd("ZREM")
-                        .arg(&key)
-                        .arg(&member)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await;
+            if cluster.release(&key, &member).await.is_err() {
+                cluster.leases.unreleased.lock().expect("leases").push((
+                    key,
+                    member,
+                    crate::now_ms(),
+                ));
+            }
         });
     }
 }
@@ -539,7 +540,40 @@ impl Cluster {
     }
 
     /// Extends every lease this node holds (one call per key).
+    /// Removes lease `member` from `key`'s set.
+    async fn release(&self, key: &str, member: &str) -> Result<i64, Unavailable> {
+        let (key, member) = (key.to_owned(), member.to_owned());
+        self.call(|mut c| async move {
+            redis::cmd("ZREM")
+                .arg(&key)
+                .arg(&member)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Renews the leases this node holds, and removes those it gave back while Redis did not
+    /// answer: left in place, they would keep their places from every node until they expire,
+    /// when a node coming back from an outage wants places for its new connections.
     pub(super) async fn renew_leases(&self) {
+        let ttl = self.config.lease_ttl.as_millis() as u64;
+        let mut unreleased =
+            std::mem::take(&mut *self.leases.unreleased.lock().expect("leases")).into_iter();
+        let mut still = Vec::new();
+        while let Some((key, member, at)) = unreleased.next() {
+            // One given back a lifetime ago has expired from the set by now.
+            if at + ttl < crate::now_ms() {
+                continue;
+            }
+            if self.release(&key, &member).await.is_err() {
+                // Redis is still away: the rest wait for the next renewal.
+                still.push((key, member, at));
+                still.extend(unreleased);
+                break;
+            }
+        }
+        self.leases.unreleased.lock().expect("leases").extend(still);
         let held: Vec<(String, Vec<String>)> = self
             .leases
             .held
@@ -548,7 +582,6 @@ impl Cluster {
             .iter()
             .map(|(k, set)| (k.clone(), set.iter().cloned().collect()))
             .collect();
-        let ttl = self.config.lease_ttl.as_millis() as u64;
         for (key, members) in held {
             let (k, node) = (key.clone(), self.config.node_id.clone());
             let others: Result<i64, _> = self
