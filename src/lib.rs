@@ -236,7 +236,8 @@
 //! **[`cluster`]: what a fleet shares (cluster mode, `[cluster]`).** The link to Redis Cluster:
 //! every call under a deadline behind a circuit breaker, and the node's mode (`connected`, or
 //! `degraded` while Redis is away, when every shared limit falls back to a local share: limit ×
-//! 0.8 ÷ live nodes). [`cluster::budget`] makes a (source, site)'s limits fleet-wide: rates as runs
+//! 0.8 ÷ live nodes, which the connected nodes leave out of the rates they share while a node
+//! is silent). [`cluster::budget`] makes a (source, site)'s limits fleet-wide: rates as runs
 //! of slots reserved on a GCRA schedule in our own Lua and spent locally at their times,
 //! connections as expiring leases with a fair share while other nodes wait (a site runs as many
 //! lanes as it holds leases, plus one asking); a site asks it through

@@ -50,6 +50,15 @@ async fn post_campaign(addr: std::net::SocketAddr, tag: &str, n: usize) -> Strin
     got["id"].as_str().unwrap().to_owned()
 }
 
+/// A campaign of `n` recipients (`n<i>-…@sink.test`) posted to each node `i`; their ids.
+async fn post_to_each(nodes: &[sluice::server::Running], n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        ids.push(post_campaign(node.http_addr, &format!("n{i}"), n).await);
+    }
+    ids
+}
+
 /// Three nodes, `node-0` to `node-2`, each sending to the sink under one rule of 300/s and six
 /// connections.
 async fn three_nodes(
@@ -119,10 +128,7 @@ async fn three_nodes_share_one_rate_and_one_connection_limit() {
     redis.reset_stats();
     const EACH: usize = 1000;
     let started = Instant::now();
-    let mut ids = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        ids.push(post_campaign(n.http_addr, &format!("n{i}"), EACH).await);
-    }
+    let ids = post_to_each(&nodes, EACH).await;
     for (n, id) in nodes.iter().zip(&ids) {
         common::wait_counts(n.http_addr, id, Duration::from_secs(60), |c| {
             c["delivered"] == EACH
@@ -193,10 +199,7 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     // Enough for the whole outage at the local shares (240/s in all).
     const EACH: usize = 3000;
     const OUTAGE: Duration = Duration::from_secs(30);
-    let mut ids = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        ids.push(post_campaign(n.http_addr, &format!("n{i}"), EACH).await);
-    }
+    let ids = post_to_each(&nodes, EACH).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.signal_all("-STOP");
     let stopped = Instant::now();
@@ -214,11 +217,13 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     .await;
     assert_eq!(status, 200, "{got}");
     tokio::time::sleep(OUTAGE.saturating_sub(stopped.elapsed())).await;
-    // Whole seconds of the outage, the first (calls timing out, breakers opening) left out.
-    let mut during = vec![0usize; OUTAGE.as_secs() as usize - 1];
+    // Whole seconds of the outage, the first three left out: calls time out, breakers open,
+    // and the nodes hold their rates until the others could count them silent.
+    const SETTLE: Duration = Duration::from_secs(3);
+    let mut during = vec![0usize; (OUTAGE - SETTLE).as_secs() as usize];
     for m in sink.messages() {
-        if m.at > stopped + Duration::from_secs(1) && m.at <= stopped + OUTAGE {
-            let s = (m.at - stopped - Duration::from_secs(1)).as_secs() as usize;
+        if m.at > stopped + SETTLE && m.at <= stopped + OUTAGE {
+            let s = (m.at - stopped - SETTLE).as_secs() as usize;
             if let Some(n) = during.get_mut(s) {
                 *n += 1;
             }
@@ -280,6 +285,104 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
         "over the cluster-wide limit of 300/s while degraded: {during:?}"
     );
     assert_eq!(sink.messages().len(), 3 * EACH + 100, "nothing is lost");
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_that_reach_redis_leave_a_cut_off_node_its_share() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisCluster::start(2000);
+    // node-2 logs in as its own user; deleting the user cuts it off while the others go on.
+    redis.set_user("node-2", "node-2-secret");
+    let sink = Sink::start(SinkOptions::default()).await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let mut cfg = cluster_config(dir.path(), &sink, &redis, &format!("node-{i}"));
+        if i == 2
+            && let Some(c) = cfg.cluster.as_mut()
+        {
+            c.redis = redis.urls_as("node-2", "node-2-secret");
+        }
+        limited(&mut cfg, "300/s", 6);
+        nodes.push(common::start(cfg).await);
+    }
+    // Heartbeats have counted the three nodes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    const EACH: usize = 2000;
+    let ids = post_to_each(&nodes, EACH).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.delete_user("node-2");
+    let cut = Instant::now();
+    let degraded_after = loop {
+        let (_, got) = get_json(nodes[2].http_addr, "/v1/cluster").await;
+        if got["mode"] == "degraded" {
+            break cut.elapsed();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(10),
+            "node-2 did not go degraded: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The others count it silent two heartbeats (and two call deadlines) after its last one:
+    // whole seconds from then, while everyone still has mail.
+    const FROM: Duration = Duration::from_secs(5);
+    const UNTIL: Duration = Duration::from_secs(13);
+    tokio::time::sleep(UNTIL.saturating_sub(cut.elapsed())).await;
+    let mut during = vec![0usize; (UNTIL - FROM).as_secs() as usize];
+    let mut cut_off_node = 0usize;
+    for m in sink.messages() {
+        if m.at >= cut + FROM && m.at < cut + UNTIL {
+            during[(m.at - cut - FROM).as_secs() as usize] += 1;
+            if m.rcpts.iter().any(|r| r.starts_with("n2-")) {
+                cut_off_node += 1;
+            }
+        }
+    }
+    let (_, view) = get_json(nodes[0].http_addr, "/v1/cluster").await;
+    redis.set_user("node-2", "node-2-secret");
+    for (n, id) in nodes.iter().zip(&ids) {
+        common::wait_counts(n.http_addr, id, Duration::from_secs(90), |c| {
+            c["delivered"] == EACH
+        })
+        .await;
+    }
+    common::report(
+        "cluster_partial_outage",
+        "One of 3 nodes cut off from Redis (its ACL user deleted) while all send to a site limited to 300/s",
+        &[
+            ("it went degraded after", format!("{degraded_after:?}")),
+            (
+                "messages per second, 5 s to 13 s after the cut",
+                format!("{during:?}"),
+            ),
+            (
+                "of which the cut-off node's, per second",
+                format!("{:.0}", cut_off_node as f64 / during.len() as f64),
+            ),
+            ("delivered", sink.messages().len().to_string()),
+        ],
+    );
+    assert_eq!(
+        view["alive_nodes"], 3,
+        "the others still split limits over three nodes: {view}"
+    );
+    assert!(
+        cut_off_node > 0,
+        "the cut-off node went on sending on its share"
+    );
+    // Without the others leaving its share, 300 + 80 a second.
+    for r in &during {
+        assert!(*r <= 330, "{r} in a second, limit 300/s: {during:?}");
+    }
+    assert_eq!(
+        sink.messages().len(),
+        3 * EACH,
+        "nothing lost, nothing twice"
+    );
     for n in nodes {
         n.shutdown().await;
     }
@@ -896,10 +999,7 @@ async fn a_killed_redis_master_is_replaced_and_the_nodes_carry_on() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let nodes = three_nodes(&dirs, &sink, &redis).await;
     const EACH: usize = 1200;
-    let mut ids = Vec::new();
-    for (i, n) in nodes.iter().enumerate() {
-        ids.push(post_campaign(n.http_addr, &format!("n{i}"), EACH).await);
-    }
+    let ids = post_to_each(&nodes, EACH).await;
     let (status, _) = call(
         nodes[0].http_addr,
         reqwest::Method::PUT,
@@ -964,7 +1064,8 @@ async fn a_killed_redis_master_is_replaced_and_the_nodes_carry_on() {
         "nothing lost, nothing twice"
     );
     // Reservations the dead master had not replicated are lost with it: the new master's
-    // schedule may hand out up to a horizon (0.3 s of the rate) again, once.
+    // schedule may hand out up to a horizon (0.3 s of the rate) again, once. Nodes come back
+    // from degraded mode one by one; those back leave the others' local shares out of theirs.
     for r in &all {
         assert!(*r <= 390, "{r} in a second, limit 300/s: {all:?}");
     }

@@ -7,9 +7,12 @@
 //! no further ahead of the cluster's schedule than the horizon. It then spends those slots
 //! locally, one message per slot at the slot's time ([`SharedRate::try_take`]), so the receiver
 //! sees the configured rate however the nodes interleave, and Redis sees one call per run of
-//! slots. Slots a node lets
-//! pass unused are lost (the limit is an upper bound). While the node is degraded, a local
-//! limiter at its share of the rate ([`super::Cluster::local_share`]) stands in.
+//! slots. Slots a node lets pass unused are lost (the limit is an upper bound). While the node
+//! is degraded, a local limiter at its share of the rate ([`super::Cluster::local_share`])
+//! stands in, from when the others count the node silent
+//! ([`super::Cluster::local_share_from`]); while peers may be degraded, a connected node
+//! reserves slots spaced for the rate less their shares ([`super::Cluster::connected_rate`]),
+//! so each slot takes more of the schedule.
 //!
 //! **Connections.** A connection holds a lease: a member of a sorted set per (source, site),
 //! scored by its expiry. Taking one (`ACQUIRE`) drops expired members and adds one if fewer than
@@ -176,13 +179,23 @@ pub struct SharedRate {
     key: String,
     /// Messages per second, cluster-wide.
     rate: f64,
+    /// Between two slots at that rate, in ms.
+    interval: f64,
     state: Mutex<RateState>,
 }
 
+/// Slots reserved and not yet spent.
+struct Run {
+    /// The next slot's time on the local clock, in ms.
+    next: f64,
+    left: u32,
+    /// Between two slots, in ms: the interval the run was reserved at.
+    interval: f64,
+}
+
 struct RateState {
-    /// Runs of slots reserved and not yet spent, in order: (next slot's time on the local
-    /// clock in ms, slots left), one slot every `interval_ms`.
-    runs: VecDeque<(f64, u32)>,
+    /// Runs of slots reserved and not yet spent, in order.
+    runs: VecDeque<Run>,
     /// A reservation call is under way.
     asking: bool,
     /// Not before this (the schedule was full, or Redis failed).
@@ -197,7 +210,7 @@ struct RateState {
 
 impl RateState {
     fn left(&self) -> u32 {
-        self.runs.iter().map(|r| r.1).sum()
+        self.runs.iter().map(|r| r.left).sum()
     }
 }
 
@@ -206,6 +219,7 @@ impl SharedRate {
         SharedRate {
             key,
             rate: rate.max(1e-6),
+            interval: Self::interval_ms(rate),
             state: Mutex::new(RateState {
                 runs: VecDeque::new(),
                 asking: false,
@@ -216,12 +230,13 @@ impl SharedRate {
         }
     }
 
-    fn interval_ms(&self) -> f64 {
-        1000.0 / self.rate
+    /// Between two slots, in ms, for a rate of `rate` a second.
+    fn interval_ms(rate: f64) -> f64 {
+        1000.0 / rate.max(1e-6)
     }
 
-    fn horizon_ms(&self) -> f64 {
-        (self.interval_ms() * 2.0).max(300.0)
+    fn horizon_ms(interval: f64) -> f64 {
+        (interval * 2.0).max(300.0)
     }
 
     /// Takes one message's slot at `now` (ms), or says how long to wait. Never waits for Redis:
@@ -229,11 +244,16 @@ impl SharedRate {
     pub fn try_take(self: &Arc<Self>, cluster: &Arc<Cluster>, now: u64) -> Option<Duration> {
         let mut s = self.state.lock().expect("shared rate");
         if cluster.degraded() {
+            s.runs.clear();
+            // Not before the others have left this node's share out of theirs.
+            let from = cluster.local_share_from();
+            if now < from {
+                return Some(Duration::from_millis(from - now));
+            }
             let nodes = cluster.alive_nodes();
             if s.local.as_ref().is_none_or(|(n, _)| *n != nodes) {
                 s.local = Some((nodes, Gcra::per_second(cluster.local_share(self.rate))));
             }
-            s.runs.clear();
             let (_, gcra) = s.local.as_mut().expect("just set");
             if gcra.try_take(now) {
                 return None;
@@ -243,63 +263,65 @@ impl SharedRate {
             ));
         }
         s.local = None;
-        let interval = self.interval_ms();
         let nowf = now as f64;
         // Slots that passed unused are gone; a slot is still spent up to LATENESS_MS (or two
         // slots) after its time, so a node's run need not keep the cluster's full pace. Over
         // any window the cluster sends at most LATENESS_MS more of its rate.
-        let lateness = (2.0 * interval).max(LATENESS_MS);
-        while let Some((next, left)) = s.runs.front_mut() {
-            let late = ((nowf - *next - lateness) / interval).ceil();
+        while let Some(run) = s.runs.front_mut() {
+            let lateness = (2.0 * run.interval).max(LATENESS_MS);
+            let late = ((nowf - run.next - lateness) / run.interval).ceil();
             if late >= 1.0 {
-                let missed = (late as u64).min(u64::from(*left)) as u32;
-                *left -= missed;
-                *next += f64::from(missed) * interval;
+                let missed = (late as u64).min(u64::from(run.left)) as u32;
+                run.left -= missed;
+                run.next += f64::from(missed) * run.interval;
             }
-            if *left == 0 {
+            if run.left == 0 {
                 s.runs.pop_front();
             } else {
                 break;
             }
         }
         let answer = match s.runs.front_mut() {
-            Some((next, left)) if *next <= nowf => {
-                *left -= 1;
-                *next += interval;
-                if *left == 0 {
+            Some(run) if run.next <= nowf => {
+                run.left -= 1;
+                run.next += run.interval;
+                if run.left == 0 {
                     s.runs.pop_front();
                 }
                 s.spent += 1;
                 None
             }
-            Some((next, _)) => Some(Duration::from_millis((*next - nowf).ceil() as u64)),
+            Some(run) => Some(Duration::from_millis((run.next - nowf).ceil() as u64)),
             // Nothing reserved: wait for the reservation under way (or the retry time).
             None => Some(Duration::from_millis(
                 s.retry_at_ms.saturating_sub(now).max(2),
             )),
         };
-        // Ask ahead, when what is left covers less than half a reservation.
-        let want = (s.spent.saturating_mul(2)).clamp(1, self.max_want());
+        // Ask ahead, when what is left covers less than half a reservation (at the full rate:
+        // the rate left by silent peers is worked out only for the call).
+        let want = (s.spent.saturating_mul(2)).clamp(1, Self::max_want(self.interval));
         if !s.asking && now >= s.retry_at_ms && f64::from(s.left()) < f64::from(want) / 2.0 {
             s.asking = true;
             s.spent = 0;
+            let interval = Self::interval_ms(cluster.connected_rate(self.rate));
+            let want = want.min(Self::max_want(interval));
             let me = Arc::clone(self);
             let cluster = Arc::clone(cluster);
-            tokio::spawn(async move { me.reserve(&cluster, want).await });
+            tokio::spawn(async move { me.reserve(&cluster, interval, want).await });
         }
         answer
     }
 
     /// The most slots asked for per call: a third of the horizon.
-    fn max_want(&self) -> u32 {
-        (self.horizon_ms() / self.interval_ms() / 3.0)
+    fn max_want(interval: f64) -> u32 {
+        (Self::horizon_ms(interval) / interval / 3.0)
             .ceil()
             .max(1.0) as u32
     }
 
-    async fn reserve(&self, cluster: &Cluster, want: u32) {
+    async fn reserve(&self, cluster: &Cluster, interval: f64, want: u32) {
         let key = self.key.clone();
-        let (interval, horizon) = (self.interval_ms(), self.horizon_ms());
+        let horizon = Self::horizon_ms(interval);
         let got: Result<(u32, u64, String), Unavailable> = cluster
             .call(|mut c| async move {
                 RESERVE
@@ -322,7 +344,11 @@ impl SharedRate {
                 if count == 0 {
                     s.retry_at_ms = local_first.max(now as f64 + 1.0) as u64;
                 } else {
-                    s.runs.push_back((local_first, count));
+                    s.runs.push_back(Run {
+                        next: local_first,
+                        left: count,
+                        interval,
+                    });
                     s.retry_at_ms = 0;
                 }
             }

@@ -8,8 +8,10 @@
 //! it, and so the node's *mode*: `connected` while calls succeed, `degraded` while the breaker is
 //! open (or no connection could be made). In degraded mode nothing waits for Redis: the budgets
 //! fall back to a local share of each limit (limit × 0.8 ÷ the nodes last seen alive), so the
-//! fleet stays under every limit while it cannot coordinate. Never touches the spool and knows
-//! nothing of delivery: the delivery engine asks it for grants and leases.
+//! fleet stays under every limit while it cannot coordinate; and the nodes that can still reach
+//! Redis leave those shares of a rate out of what they split among themselves
+//! ([`Cluster::connected_rate`]), so it stays under every rate while only some of it can. Never touches the spool and knows nothing of delivery: the
+//! delivery engine asks it for grants and leases.
 
 pub mod budget;
 pub mod counts;
@@ -130,6 +132,11 @@ pub struct Cluster {
     views: Mutex<Vec<nodes::NodeView>>,
     /// The mode last logged (true: degraded).
     logged_degraded: AtomicBool,
+    /// When this node last came back from degraded mode (ms since the epoch; 0: never).
+    reconnected_ms: AtomicU64,
+    /// When this node's last report that Redis took was written (ms since the epoch; 0:
+    /// none yet).
+    published_ms: AtomicU64,
     /// (node, limit key) pairs already warned about as different from this node's.
     limits_warned: Mutex<std::collections::HashSet<(String, String)>>,
     /// The limit settings that differ from another live node's now.
@@ -173,6 +180,8 @@ impl Cluster {
             conflict: Mutex::new(None),
             views: Mutex::new(Vec::new()),
             logged_degraded: AtomicBool::new(false),
+            reconnected_ms: AtomicU64::new(0),
+            published_ms: AtomicU64::new(0),
             limits_warned: Mutex::new(Default::default()),
             mismatches: Mutex::new(Vec::new()),
         });
@@ -224,6 +233,15 @@ impl Cluster {
         limit * 0.8 / self.alive_nodes() as f64
     }
 
+    /// What this node, connected, may spend of a cluster-wide rate `limit` together with the
+    /// other connected nodes: the limit less the local share of every peer that may be running
+    /// on it ([`Cluster::silent_peers`]). Without that, nodes that reach Redis would take the
+    /// whole limit while the others send their shares beside it (during a failover, nodes
+    /// come back one by one).
+    pub fn connected_rate(&self, limit: f64) -> f64 {
+        limit - self.silent_peers() as f64 * self.local_share(limit)
+    }
+
     async fn connect(&self) -> bool {
         match tokio::time::timeout(self.config.timeout * 4, self.client.get_async_connection())
             .await
@@ -251,6 +269,8 @@ impl Cluster {
                     "cluster: Redis unreachable; degraded to local shares of every limit"
                 );
             } else {
+                self.reconnected_ms
+                    .store(crate::now_ms(), Ordering::Release);
                 tracing::info!("cluster: Redis reachable; limits are cluster-wide again");
             }
         }

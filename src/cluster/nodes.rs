@@ -89,6 +89,13 @@ pub fn limit_fingerprints(
     out
 }
 
+/// Whether a peer last heard of at `last_seen` (ms) may be running on its local share at
+/// `now`: not heard of for `heard` ms, and not for more than `memory` ms after it was last
+/// heard of or after this node came `back` to Redis.
+fn presumed_on_share(last_seen: u64, now: u64, heard: u64, memory: u64, back: u64) -> bool {
+    last_seen + heard < now && last_seen.max(back) + memory >= now
+}
+
 /// One node as `GET /v1/cluster` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeView {
@@ -112,6 +119,53 @@ impl Cluster {
     /// How long a node's report counts as alive: three heartbeats, at least three seconds.
     fn alive_window_ms(&self) -> u64 {
         (self.config.heartbeat.as_millis() as u64 * 3).max(3000)
+    }
+
+    /// How recent a peer's report must be for the peer to count as heard from: two heartbeats
+    /// (the report read at this node's last heartbeat may be one old already, and the next
+    /// read is one away) and two call deadlines.
+    fn heard_window_ms(&self) -> u64 {
+        (self.config.heartbeat * 2 + self.config.timeout * 2).as_millis() as u64
+    }
+
+    /// Peers that may be running on their local shares now: as of this node's last heartbeat,
+    /// their report is older than [`Self::heard_window_ms`] (they cannot write to Redis, or are
+    /// gone), and not by more than the minute a degraded node keeps counting its peers alive,
+    /// counted from their report or from when this node last came back to Redis, whichever is
+    /// later: after an outage this node was caught in too, the others, as silent as it was, are
+    /// presumed still on their shares until they write again. A peer that left (a graceful stop
+    /// removes its report) does not count. At most the nodes a degraded node splits its limits
+    /// over, less this one.
+    ///
+    /// Rates only: a silent peer's connection leases hold its places until they expire.
+    pub fn silent_peers(&self) -> usize {
+        let now = crate::now_ms();
+        let heard = self.heard_window_ms();
+        let back = self
+            .reconnected_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        let silent = self
+            .views
+            .lock()
+            .expect("views")
+            .iter()
+            .filter(|v| v.node_id != self.config.node_id)
+            .filter(|v| presumed_on_share(v.last_seen_ms, now, heard, ALIVE_MEMORY_MS, back))
+            .count();
+        silent.min(self.alive_nodes() - 1)
+    }
+
+    /// From when this node, degraded, may spend its local share of a rate: once the others
+    /// count it silent ([`Self::silent_peers`]), two heartbeats and two call deadlines after
+    /// its last report, so that they have left its share out of theirs. Until then they may
+    /// still be splitting the whole rate among themselves. At once when it never published a
+    /// report or has seen no other node.
+    pub fn local_share_from(&self) -> u64 {
+        let published = self.published_ms.load(std::sync::atomic::Ordering::Acquire);
+        if published == 0 || self.alive_nodes() <= 1 {
+            return 0;
+        }
+        published + self.heard_window_ms()
     }
 
     /// Claims the node id without publishing a report (at start).
@@ -140,6 +194,8 @@ impl Cluster {
                 *self.conflict.lock().expect("conflict") = Some(other);
             }
             Some(Ok(views)) => {
+                self.published_ms
+                    .store(report.at_ms, std::sync::atomic::Ordering::Release);
                 *self.conflict.lock().expect("conflict") = None;
                 self.compare_limits(&report, &views);
                 let alive = views.iter().filter(|v| v.alive).count().max(1);
@@ -263,5 +319,43 @@ impl Cluster {
                     .await
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::presumed_on_share;
+
+    const HEARD: u64 = 2_500;
+    const MEMORY: u64 = 10_000;
+
+    /// Whether a peer last heard of at `seen` is presumed on its share at `now`, this node
+    /// having come back to Redis at `back`.
+    fn on_share(seen: u64, now: u64, back: u64) -> bool {
+        presumed_on_share(seen, now, HEARD, MEMORY, back)
+    }
+
+    #[test]
+    fn a_peer_heard_lately_is_not_on_its_share() {
+        assert!(!on_share(100_000, 100_000 + HEARD, 0));
+        assert!(on_share(100_000, 100_000 + HEARD + 1, 0));
+    }
+
+    #[test]
+    fn a_silent_peer_counts_as_gone_its_memory_after_it_was_last_heard_of() {
+        assert!(on_share(100_000, 100_000 + MEMORY, 0));
+        assert!(!on_share(100_000, 100_000 + MEMORY + 1, 0));
+    }
+
+    #[test]
+    fn after_an_outage_silent_peers_count_from_when_this_node_came_back() {
+        // Silent for 30 s, as this node was until 1 s ago: still presumed on its share, for the
+        // memory from this node's return.
+        let (seen, back) = (100_000, 129_000);
+        assert!(on_share(seen, 130_000, back));
+        assert!(on_share(seen, back + MEMORY, back));
+        assert!(!on_share(seen, back + MEMORY + 1, back));
+        // Heard of again since: not on its share.
+        assert!(!on_share(130_000, 131_000, back));
     }
 }

@@ -155,6 +155,47 @@ impl RedisCluster {
             .collect()
     }
 
+    /// `redis://` URLs of every server for the ACL user `user` with `password`.
+    pub fn urls_as(&self, user: &str, password: &str) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://{user}:{password}@127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Makes (or makes again) ACL user `user`, allowed everything, on every running server.
+    pub fn set_user(&self, user: &str, password: &str) {
+        let pass = format!(">{password}");
+        for (i, &p) in self.ports.iter().enumerate() {
+            if self.children[i].is_some() {
+                let out = redis_cli(&[
+                    "-p",
+                    &p.to_string(),
+                    "acl",
+                    "setuser",
+                    user,
+                    "reset",
+                    "on",
+                    &pass,
+                    "~*",
+                    "&*",
+                    "+@all",
+                ]);
+                assert_eq!(out.trim(), "OK", "ACL SETUSER on {p}");
+            }
+        }
+    }
+
+    /// Deletes ACL user `user` on every running server, which closes its connections: a
+    /// client of that user can reach no server, while the others go on.
+    pub fn delete_user(&self, user: &str) {
+        for (i, &p) in self.ports.iter().enumerate() {
+            if self.children[i].is_some() {
+                redis_cli(&["-p", &p.to_string(), "acl", "deluser", user]);
+            }
+        }
+    }
+
     /// Pauses (SIGSTOP) or resumes (SIGCONT) every server: Redis hangs, as a partitioned or
     /// overloaded cluster does.
     pub fn signal_all(&self, signal: &str) {
