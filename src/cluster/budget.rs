@@ -565,7 +565,6 @@ impl Cluster {
             .map_or(0, HashSet::len)
     }
 
-    /// Extends every lease this node holds (one call per key).
     /// Removes lease `member` from `key`'s set.
     async fn release(&self, key: &str, member: &str) -> Result<i64, Unavailable> {
         let (key, member) = (key.to_owned(), member.to_owned());
@@ -579,9 +578,10 @@ impl Cluster {
         .await
     }
 
-    /// Renews the leases this node holds, and removes those it gave back while Redis did not
-    /// answer: left in place, they would keep their places from every node until they expire,
-    /// when a node coming back from an outage wants places for its new connections.
+    /// Extends every lease this node holds (one call per key), and removes those it gave back
+    /// while Redis did not answer: left in place, they would keep their places from every node
+    /// until they expire, when a node coming back from an outage wants places for its new
+    /// connections.
     pub(super) async fn renew_leases(&self) {
         let ttl = self.config.lease_ttl.as_millis() as u64;
         let mut unreleased =

@@ -10,8 +10,9 @@
 //! fall back to a local share of each limit (limit × 0.8 ÷ the nodes last seen alive), so the
 //! fleet stays under every limit while it cannot coordinate; and the nodes that can still reach
 //! Redis leave those shares of a rate out of what they split among themselves
-//! ([`Cluster::connected_rate`]), so it stays under every rate while only some of it can. Never touches the spool and knows nothing of delivery: the
-//! delivery engine asks it for grants and leases.
+//! ([`Cluster::connected_rate`]), so it stays under every rate while only some of it can.
+//! Never touches the spool and knows nothing of delivery: the delivery engine asks it for
+//! grants and leases.
 
 pub mod budget;
 pub mod counts;
