@@ -118,6 +118,21 @@ fn per_second(sink: &Sink, tags: &[&str]) -> (Vec<usize>, Vec<usize>) {
     (all, together)
 }
 
+/// Messages the sink took with a recipient starting `tag` (`""`: all) in each whole second
+/// from `from` up to `until`.
+fn per_second_between(sink: &Sink, from: Instant, until: Instant, tag: &str) -> Vec<usize> {
+    let mut seconds = vec![0usize; until.saturating_duration_since(from).as_secs() as usize];
+    for m in sink.messages() {
+        if m.at < from || !m.rcpts.iter().any(|r| r.starts_with(tag)) {
+            continue;
+        }
+        if let Some(n) = seconds.get_mut((m.at - from).as_secs() as usize) {
+            *n += 1;
+        }
+    }
+    seconds
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_share_one_rate_and_one_connection_limit() {
     let _serial = SERIAL.lock().await;
@@ -220,15 +235,7 @@ async fn with_redis_hung_nodes_go_on_under_their_local_shares_and_lose_nothing()
     // Whole seconds of the outage, the first three left out: calls time out, breakers open,
     // and the nodes hold their rates until the others could count them silent.
     const SETTLE: Duration = Duration::from_secs(3);
-    let mut during = vec![0usize; (OUTAGE - SETTLE).as_secs() as usize];
-    for m in sink.messages() {
-        if m.at > stopped + SETTLE && m.at <= stopped + OUTAGE {
-            let s = (m.at - stopped - SETTLE).as_secs() as usize;
-            if let Some(n) = during.get_mut(s) {
-                *n += 1;
-            }
-        }
-    }
+    let during = per_second_between(&sink, stopped + SETTLE, stopped + OUTAGE, "");
     redis.signal_all("-CONT");
     let back = Instant::now();
     until_suppressed(
@@ -332,16 +339,10 @@ async fn the_nodes_that_reach_redis_leave_a_cut_off_node_its_share() {
     const FROM: Duration = Duration::from_secs(5);
     const UNTIL: Duration = Duration::from_secs(13);
     tokio::time::sleep(UNTIL.saturating_sub(cut.elapsed())).await;
-    let mut during = vec![0usize; (UNTIL - FROM).as_secs() as usize];
-    let mut cut_off_node = 0usize;
-    for m in sink.messages() {
-        if m.at >= cut + FROM && m.at < cut + UNTIL {
-            during[(m.at - cut - FROM).as_secs() as usize] += 1;
-            if m.rcpts.iter().any(|r| r.starts_with("n2-")) {
-                cut_off_node += 1;
-            }
-        }
-    }
+    let during = per_second_between(&sink, cut + FROM, cut + UNTIL, "");
+    let cut_off_node: usize = per_second_between(&sink, cut + FROM, cut + UNTIL, "n2-")
+        .iter()
+        .sum();
     let (_, view) = get_json(nodes[0].http_addr, "/v1/cluster").await;
     redis.set_user("node-2", "node-2-secret");
     for (n, id) in nodes.iter().zip(&ids) {

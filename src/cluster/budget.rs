@@ -179,8 +179,6 @@ pub struct SharedRate {
     key: String,
     /// Messages per second, cluster-wide.
     rate: f64,
-    /// Between two slots at that rate, in ms.
-    interval: f64,
     state: Mutex<RateState>,
 }
 
@@ -219,7 +217,6 @@ impl SharedRate {
         SharedRate {
             key,
             rate: rate.max(1e-6),
-            interval: Self::interval_ms(rate),
             state: Mutex::new(RateState {
                 runs: VecDeque::new(),
                 asking: false,
@@ -299,7 +296,8 @@ impl SharedRate {
         };
         // Ask ahead, when what is left covers less than half a reservation (at the full rate:
         // the rate left by silent peers is worked out only for the call).
-        let want = (s.spent.saturating_mul(2)).clamp(1, Self::max_want(self.interval));
+        let want =
+            (s.spent.saturating_mul(2)).clamp(1, Self::max_want(Self::interval_ms(self.rate)));
         if !s.asking && now >= s.retry_at_ms && f64::from(s.left()) < f64::from(want) / 2.0 {
             s.asking = true;
             s.spent = 0;

@@ -135,9 +135,6 @@ pub struct Cluster {
     logged_degraded: AtomicBool,
     /// When this node last came back from degraded mode (ms since the epoch; 0: never).
     reconnected_ms: AtomicU64,
-    /// When this node's last report that Redis took was written (ms since the epoch; 0:
-    /// none yet).
-    published_ms: AtomicU64,
     /// (node, limit key) pairs already warned about as different from this node's.
     limits_warned: Mutex<std::collections::HashSet<(String, String)>>,
     /// The limit settings that differ from another live node's now.
@@ -182,7 +179,6 @@ impl Cluster {
             views: Mutex::new(Vec::new()),
             logged_degraded: AtomicBool::new(false),
             reconnected_ms: AtomicU64::new(0),
-            published_ms: AtomicU64::new(0),
             limits_warned: Mutex::new(Default::default()),
             mismatches: Mutex::new(Vec::new()),
         });

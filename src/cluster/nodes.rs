@@ -157,15 +157,18 @@ impl Cluster {
 
     /// From when this node, degraded, may spend its local share of a rate: once the others
     /// count it silent ([`Self::silent_peers`]), two heartbeats and two call deadlines after
-    /// its last report, so that they have left its share out of theirs. Until then they may
-    /// still be splitting the whole rate among themselves. At once when it never published a
-    /// report or has seen no other node.
+    /// its last report (its own, as read back at its last heartbeat), so that they have left
+    /// its share out of theirs. Until then they may still be splitting the whole rate among
+    /// themselves. At once when it never published a report or has seen no other node.
     pub fn local_share_from(&self) -> u64 {
-        let published = self.published_ms.load(std::sync::atomic::Ordering::Acquire);
-        if published == 0 || self.alive_nodes() <= 1 {
+        if self.alive_nodes() <= 1 {
             return 0;
         }
-        published + self.heard_window_ms()
+        let views = self.views.lock().expect("views");
+        match views.iter().find(|v| v.node_id == self.config.node_id) {
+            Some(me) => me.last_seen_ms + self.heard_window_ms(),
+            None => 0,
+        }
     }
 
     /// Claims the node id without publishing a report (at start).
@@ -194,8 +197,6 @@ impl Cluster {
                 *self.conflict.lock().expect("conflict") = Some(other);
             }
             Some(Ok(views)) => {
-                self.published_ms
-                    .store(report.at_ms, std::sync::atomic::Ordering::Release);
                 *self.conflict.lock().expect("conflict") = None;
                 self.compare_limits(&report, &views);
                 let alive = views.iter().filter(|v| v.alive).count().max(1);
