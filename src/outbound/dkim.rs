@@ -6,6 +6,15 @@
 //! never on a tokio worker. The signed headers are [`SIGNED_HEADERS`], From over-signed (listed
 //! twice, so a second From cannot be added without breaking the signature); absent headers are
 //! signed as empty, so they cannot be added either.
+//!
+//! The body hash is worked out once per message, whatever the number of keys (they all sign
+//! with relaxed body canonicalisation and SHA-256), and in one call to SHA-256 over the body
+//! as it is when that is already in relaxed canonical form but for its trailing empty lines:
+//! the bodies Sluice builds are, unless their text has tabs or runs of spaces (line breaks
+//! are CRLF, and quoted-printable encodes a space before a line break). [`relaxed_as_is`]
+//! tells with a few vectorised scans; any other body goes through mail-auth's canonicaliser,
+//! and a message whose header section is not well formed is signed by mail-auth whole. The
+//! header hash and the signature are mail-auth's, on the template its own `sign` uses.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,9 +23,12 @@ use std::time::Instant;
 
 use prometheus::{Histogram, register_histogram};
 
-use mail_auth::common::crypto::{DkimKey, Ed25519Key, RsaKey, Sha256};
-use mail_auth::common::headers::HeaderWriter;
-use mail_auth::dkim::{DkimSigner, Done};
+use mail_auth::common::crypto::{
+    Algorithm, DkimKey, Ed25519Key, HashAlgorithm, RsaKey, Sha256, SigningKey,
+};
+use mail_auth::common::headers::{HeaderStream, HeaderWriter, Writable, Writer};
+use mail_auth::dkim::{Canonicalization, DkimSigner, Done, Signature};
+use memchr::{memchr, memchr2, memchr2_iter, memmem};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -146,9 +158,18 @@ impl DkimKeys {
             return Ok(Vec::new());
         }
         let started = Instant::now();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let split = split_header(message);
+        let body_hash = split.as_ref().map(|(_, body)| relaxed_body_hash(body));
         let mut out = Vec::with_capacity(signers.len() * 512 + message.len());
         for s in signers.iter().rev() {
-            let sig = s.inner.sign(message).map_err(|e| SignError {
+            let signed = match (&split, &body_hash) {
+                (Some((fields, body)), Some(hash)) => s.sign(message, fields, body, hash, now),
+                _ => s.inner.sign(message),
+            };
+            let sig = signed.map_err(|e| SignError {
                 domain: s.domain.clone(),
                 selector: s.selector.clone(),
                 reason: e.to_string(),
@@ -158,6 +179,167 @@ impl DkimKeys {
         SIGN_SECONDS.observe(started.elapsed().as_secs_f64());
         Ok(out)
     }
+}
+
+impl Signer {
+    /// The signature, at `now` (Unix seconds), of `message`, split into header `fields` and
+    /// `body` by [`split_header`], whose relaxed canonical body hashes to `body_hash`: what
+    /// mail-auth's `DkimSigner::sign` makes of the whole message, without hashing the body
+    /// again for each key. A template that would hash the body another way (never one `load`
+    /// builds) is left to mail-auth whole.
+    fn sign(
+        &self,
+        message: &[u8],
+        fields: &[Field<'_>],
+        body: &[u8],
+        body_hash: &[u8],
+        now: u64,
+    ) -> mail_auth::Result<Signature> {
+        let template = &self.inner.template;
+        let sha256 = matches!(template.a, Algorithm::RsaSha256 | Algorithm::Ed25519Sha256);
+        if !sha256 || template.cb != Canonicalization::Relaxed || template.l != 0 {
+            return self.inner.sign(message);
+        }
+        let (_, headers, signed, _) = template.canonicalize(Fields {
+            fields: fields.iter(),
+            body,
+        });
+        if signed.is_empty() {
+            return Err(mail_auth::Error::NoHeadersFound);
+        }
+        let mut sig = template.clone();
+        sig.bh = body_hash.to_vec();
+        sig.t = now;
+        if sig.x > 0 {
+            sig.x += now;
+        }
+        sig.h = signed;
+        sig.b = self.inner.key.sign(SignedPart {
+            headers,
+            signature: &sig,
+        })?;
+        Ok(sig)
+    }
+}
+
+/// A message's header fields as (name, value) pairs, the value with its line breaks, and its
+/// body: what mail-auth's canonicaliser reads a message as.
+struct Fields<'a, 'x> {
+    fields: std::slice::Iter<'a, Field<'x>>,
+    body: &'x [u8],
+}
+
+impl<'x> HeaderStream<'x> for Fields<'_, 'x> {
+    fn next_header(&mut self) -> Option<(&'x [u8], &'x [u8])> {
+        self.fields.next().copied()
+    }
+
+    fn body(&mut self) -> &'x [u8] {
+        self.body
+    }
+}
+
+/// A header field as mail-auth's canonicaliser takes it: its name, and its value from after
+/// the colon to the end of its last line, line breaks included.
+pub(crate) type Field<'x> = (&'x [u8], &'x [u8]);
+
+/// A well-formed message's header fields (name, then the value after the colon up to and
+/// including the CRLF that ends the field, folded lines and all) and its body (after the
+/// empty line). `None` when a field has no name or no colon, a line ends in a bare LF or the
+/// header section does not end in an empty line: mail-auth then reads the message itself,
+/// with its own rules for such input.
+pub(crate) fn split_header(message: &[u8]) -> Option<(Vec<Field<'_>>, &[u8])> {
+    let mut fields = Vec::with_capacity(SIGNED_HEADERS.len() + 8);
+    let mut pos = 0;
+    loop {
+        let rest = message.get(pos..)?;
+        if rest.starts_with(b"\r\n") {
+            return Some((fields, message.get(pos + 2..)?));
+        }
+        let colon = pos + memchr2(b':', b'\n', rest)?;
+        let name = message.get(pos..colon)?;
+        if message.get(colon) != Some(&b':')
+            || name.is_empty()
+            || !name.iter().all(u8::is_ascii_graphic)
+        {
+            return None;
+        }
+        let mut end = colon + 1;
+        loop {
+            let lf = end + memchr(b'\n', message.get(end..)?)?;
+            if lf == 0 || message.get(lf - 1) != Some(&b'\r') {
+                return None;
+            }
+            end = lf + 1;
+            if !matches!(message.get(end), Some(b' ' | b'\t')) {
+                break;
+            }
+        }
+        fields.push((name, message.get(colon + 1..end)?));
+        pos = end;
+    }
+}
+
+/// What the signature covers: the signed header fields, canonicalised, then the
+/// DKIM-Signature field itself without its `b=` value (RFC 6376 §3.7).
+struct SignedPart<'a, H> {
+    headers: H,
+    signature: &'a Signature,
+}
+
+impl<H: Writable> Writable for SignedPart<'_, H> {
+    fn write(self, writer: &mut impl Writer) {
+        self.headers.write(writer);
+        self.signature.write(writer, false);
+    }
+}
+
+/// SHA-256 of `body` in relaxed canonical form (RFC 6376 §3.4.4).
+fn relaxed_body_hash(body: &[u8]) -> Vec<u8> {
+    let digest = match relaxed_as_is(body) {
+        Some(lines) => HashAlgorithm::Sha256.hash(LinesAndBreak(lines)),
+        None => HashAlgorithm::Sha256.hash(Canonicalization::Relaxed.canonical_body(body, 0)),
+    };
+    digest.as_ref().to_vec()
+}
+
+/// A canonical body given as its lines without the final CRLF, which follows unless it is
+/// empty.
+struct LinesAndBreak<'a>(&'a [u8]);
+
+impl Writable for LinesAndBreak<'_> {
+    fn write(self, writer: &mut impl Writer) {
+        if !self.0.is_empty() {
+            writer.write(self.0);
+            writer.write(b"\r\n");
+        }
+    }
+}
+
+/// `body`'s relaxed canonical form without its final CRLF, when that is `body` itself less
+/// its trailing line breaks: every line break a CRLF, no tab, and no space followed by a
+/// space or a line break or ending the body. `None` for any other body, which needs the
+/// canonicaliser. Each check is one of memchr's vectorised scans.
+pub(crate) fn relaxed_as_is(body: &[u8]) -> Option<&[u8]> {
+    if memchr(b'\t', body).is_some()
+        || memmem::find(body, b"  ").is_some()
+        || memmem::find(body, b" \r").is_some()
+        || body.last() == Some(&b' ')
+    {
+        return None;
+    }
+    let mut breaks = memchr2_iter(b'\r', b'\n', body);
+    while let Some(at) = breaks.next() {
+        if body.get(at..at + 2) != Some(b"\r\n".as_slice()) {
+            return None;
+        }
+        breaks.next();
+    }
+    let mut end = body.len();
+    while end >= 2 && body.get(end - 2..end) == Some(b"\r\n".as_slice()) {
+        end -= 2;
+    }
+    body.get(..end)
 }
 
 /// The DNS TXT record that publishes `entry`'s public key (`v=DKIM1; k=rsa; p=...`): the
@@ -329,9 +511,9 @@ mod tests {
         assert!(e[5].contains("no PEM private key"), "{}", e[5]);
     }
 
-    #[test]
-    fn signs_with_every_key_and_oversigns_from() {
-        let keys = DkimKeys::load(
+    /// An RSA key (`rsa`) and an Ed25519 key (`ed`) for example.com, in that order.
+    fn rsa_and_ed25519() -> DkimKeys {
+        DkimKeys::load(
             &[
                 entry(
                     "example.com",
@@ -348,7 +530,12 @@ mod tests {
             ],
             "t.toml",
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn signs_with_every_key_and_oversigns_from() {
+        let keys = rsa_and_ed25519();
         let msg = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n";
         let out = String::from_utf8(keys.sign("example.com", msg).unwrap()).unwrap();
         let sigs: Vec<&str> = out.split("DKIM-Signature: ").skip(1).collect();
@@ -378,5 +565,146 @@ mod tests {
             }
         }
         assert!(keys.sign("example.org", msg).unwrap().is_empty());
+    }
+
+    /// mail-auth's relaxed body canonicalisation of `body`.
+    fn canonical(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Canonicalization::Relaxed
+            .canonical_body(body, 0)
+            .write(&mut out);
+        out
+    }
+
+    #[test]
+    fn bodies_taken_as_they_are_canonicalise_to_themselves() {
+        // Every body of up to 8 bytes over an alphabet of what canonicalisation acts on (and
+        // two bytes it passes), then longer random ones: whenever `relaxed_as_is` takes a body,
+        // its lines and a CRLF are what mail-auth's canonicaliser makes of it.
+        const ALPHABET: &[u8] = b"a \t\r\n\x0b\xc3";
+        let mut taken = 0;
+        let mut check = |body: &[u8]| {
+            if let Some(lines) = relaxed_as_is(body) {
+                taken += 1;
+                let mut ours = lines.to_vec();
+                if !ours.is_empty() {
+                    ours.extend_from_slice(b"\r\n");
+                }
+                assert_eq!(ours, canonical(body), "{:?}", String::from_utf8_lossy(body));
+            }
+        };
+        for len in 0..=8u32 {
+            for mut n in 0..(ALPHABET.len() as u64).pow(len) {
+                let mut body = Vec::new();
+                for _ in 0..len {
+                    body.push(ALPHABET[(n % ALPHABET.len() as u64) as usize]);
+                    n /= ALPHABET.len() as u64;
+                }
+                check(&body);
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut body = Vec::new();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            for _ in 0..state % 200 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Mostly letters and single spaces, with a CRLF now and then.
+                match state % 16 {
+                    0 => body.extend_from_slice(b"\r\n"),
+                    1..=3 => body.push(b' '),
+                    4 => body.push(ALPHABET[(state >> 8) as usize % ALPHABET.len()]),
+                    _ => body.push(b'x'),
+                }
+            }
+            check(&body);
+        }
+        assert!(taken > 50_000, "only {taken} bodies took the direct path");
+    }
+
+    #[test]
+    fn bodies_that_need_canonicalising_are_left_to_the_canonicaliser() {
+        for body in [
+            &b"a\tb\r\n"[..],
+            b"a  b\r\n",
+            b"a \r\nb\r\n",
+            b"a\nb\r\n",
+            b"a\rb\r\n",
+            b"a\r\nb ",
+            b"a\r\n\r\r\n",
+        ] {
+            assert_eq!(
+                relaxed_as_is(body),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            relaxed_as_is(b"a b\r\n c\r\n\r\n\r\n"),
+            Some(&b"a b\r\n c"[..])
+        );
+        assert_eq!(relaxed_as_is(b"\r\n\r\n"), Some(&b""[..]));
+        assert_eq!(
+            relaxed_as_is(b"no break at the end"),
+            Some(&b"no break at the end"[..])
+        );
+    }
+
+    #[test]
+    fn signatures_are_the_ones_mail_auth_makes() {
+        // RSA PKCS#1 v1.5 and Ed25519 are deterministic: for the same second, the signature
+        // fields must be byte for byte mail-auth's own, for a body taken as it is and for one
+        // that needs canonicalising.
+        let keys = rsa_and_ed25519();
+        let plain = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n \r\n";
+        let messy = b"From: a@example.com\r\nSubject: hi\r\n\r\n a\t b \r\n\nc  \r\n\r\n";
+        for bad in [
+            &b"From: a@example.com\nSubject: hi\n\nbody\n"[..],
+            b"From: a@example.com\r\nno colon\r\n\r\nbody\r\n",
+            b"From: a@example.com\r\nSubject: no empty line\r\n",
+        ] {
+            assert!(
+                split_header(bad).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(!keys.sign("example.com", bad).unwrap().is_empty());
+        }
+        for message in [&plain[..], &messy[..], b"From: a@example.com\r\n\r\n"] {
+            for s in keys.for_domain("example.com") {
+                let mut mine = Vec::new();
+                let mut theirs = Vec::new();
+                for _ in 0..3 {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    let (fields, body) = split_header(message).unwrap();
+                    let hash = relaxed_body_hash(body);
+                    let sig = s.sign(message, &fields, body, &hash, now).unwrap();
+                    let reference = s.inner.sign(message).unwrap();
+                    if sig.t == reference.t {
+                        mine.clear();
+                        theirs.clear();
+                        sig.write_header(&mut mine);
+                        reference.write_header(&mut theirs);
+                        break;
+                    }
+                }
+                assert!(
+                    !mine.is_empty(),
+                    "the clock kept ticking between the two signatures"
+                );
+                assert_eq!(
+                    String::from_utf8_lossy(&mine),
+                    String::from_utf8_lossy(&theirs)
+                );
+            }
+        }
     }
 }

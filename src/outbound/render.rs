@@ -756,6 +756,40 @@ mod tests {
     }
 
     #[test]
+    fn the_messages_built_are_hashed_for_dkim_as_they_are() {
+        // The signing path hashes a body without canonicalising it when it is in canonical
+        // form already: the messages built here are, plain, multipart and encoded alike, unless
+        // the text itself has tabs or runs of spaces.
+        let plain = record();
+        let mut encoded = record();
+        encoded.text = Some(format!("{}\nKäse \n\n\n", "x ".repeat(600)));
+        encoded.attachments = vec![Attachment {
+            filename: "a.pdf".into(),
+            content_type: "application/pdf".into(),
+            content_base64: "JVBERi0xLjQKJcfsj6IK".into(),
+        }];
+        for rec in [plain, encoded] {
+            let text = text_of(&assembler(DkimKeys::default()), &rec, r#"{"name":"Ann"}"#);
+            let (fields, body) =
+                crate::outbound::dkim::split_header(text.as_bytes()).expect("a header section");
+            assert!(fields.len() > 5, "{text}");
+            assert!(
+                crate::outbound::dkim::relaxed_as_is(body).is_some(),
+                "{text}"
+            );
+        }
+        let mut tabbed = record();
+        tabbed.text = Some("a\tb\n".into());
+        let text = text_of(
+            &assembler(DkimKeys::default()),
+            &tabbed,
+            r#"{"name":"Ann"}"#,
+        );
+        let (_, body) = crate::outbound::dkim::split_header(text.as_bytes()).expect("a header");
+        assert_eq!(crate::outbound::dkim::relaxed_as_is(body), None, "{text}");
+    }
+
+    #[test]
     fn check_vars_names_the_missing_variable() {
         let rec = record();
         let c = compile(&rec).unwrap();
