@@ -155,7 +155,10 @@
 //!   for templates of bare `{{ name }}` expressions.
 //! * [`outbound::dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend),
 //!   keyed by domain; every key of the From domain (or its nearest parent) signs. Swapped whole
-//!   on SIGHUP.
+//!   on SIGHUP. The body is hashed once per message for all keys, in one SHA-256 call over the
+//!   body as built when a branch-free pass finds it already in relaxed canonical form (the
+//!   bodies we build are, unless their text has tabs or runs of spaces); else through
+//!   mail-auth's canonicaliser. Header hashing and the signature itself are mail-auth's.
 //! * [`outbound::tokens`]: HMAC job tokens for VERP, unsubscribe links and the trace header, with
 //!   a purpose byte so one kind cannot stand in for another, and key rotation (first key signs,
 //!   all verify).
