@@ -674,8 +674,12 @@ mod tests {
         // fields must be byte for byte mail-auth's own, for a body taken as it is and for one
         // that needs canonicalising.
         let keys = rsa_and_ed25519();
-        let plain = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n \r\n";
+        let plain =
+            b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi,\r\n folded\r\n\r\n a b\r\n\r\n";
         let messy = b"From: a@example.com\r\nSubject: hi\r\n\r\n a\t b \r\n\nc  \r\n\r\n";
+        let body_of = |m: &'static [u8]| split_header(m).expect("a header section").1;
+        assert!(relaxed_as_is(body_of(plain)).is_some());
+        assert!(relaxed_as_is(body_of(messy)).is_none());
         for bad in [
             &b"From: a@example.com\nSubject: hi\n\nbody\n"[..],
             b"From: a@example.com\r\nno colon\r\n\r\nbody\r\n",
