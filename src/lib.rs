@@ -105,7 +105,9 @@
 //!   look-up) and opens connections, `site` keeps a site's throttles,
 //!   lanes, idle connections and backoff, `lane` runs up to `max_connections` lanes per site,
 //!   `pick` reads and decodes each leased job once (on the task when RocksDB holds the records in
-//!   memory, as it does for mail sent soon after it came in, else on the blocking pool) and sorts
+//!   memory, as it does for mail sent soon after it came in, else on the blocking pool, which also
+//!   reads the campaign's next records into the block cache so the batches after it stay on the
+//!   task; `sluice_job_reads_total` counts both) and sorts
 //!   out paused, cancelled, suppressed and expired ones, `assembly` renders and signs a group's
 //!   message (on the assembly pool when signing is costly, submitted ahead of its turn),
 //!   `transact` sends one message (one transaction for

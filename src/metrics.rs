@@ -92,6 +92,7 @@ pub fn init() {
     L::force(&crate::outbound::delivery::ASSEMBLY_WAIT_SECONDS);
     L::force(&crate::outbound::delivery::ASSEMBLY_QUEUED);
     L::force(&crate::outbound::delivery::SUPPRESSED_AT_DELIVERY);
+    L::force(&crate::outbound::delivery::JOB_READS);
     L::force(&crate::outbound::delivery::LATENCY_SECONDS);
     L::force(&crate::effects::delivery_log::DROPPED);
     L::force(&crate::outbound::smtp::client::CONNECT_SECONDS);

@@ -55,7 +55,7 @@ use site::Site;
 
 pub(crate) use assembly::{ASSEMBLY_QUEUED, ASSEMBLY_SECONDS, ASSEMBLY_WAIT_SECONDS};
 pub(crate) use finish::LATENCY_SECONDS;
-pub(crate) use pick::SUPPRESSED_AT_DELIVERY;
+pub(crate) use pick::{JOB_READS, SUPPRESSED_AT_DELIVERY};
 pub(crate) use transact::TRANSACTION_SECONDS;
 
 static SHAPING_ACTIONS: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::LazyLock::new(

@@ -1,6 +1,7 @@
 //! Pick and lease: jobs taken from the scheduler are read back from the spool (on the task when
 //! RocksDB has them in memory, as it does for mail sent soon after it came in, else on the
-//! blocking pool), decoded once, and sorted: those of paused campaigns are parked, cancelled, suppressed
+//! blocking pool, which reads the next ones ahead: [`crate::store::spool::Spool::get_jobs`]),
+//! decoded once, and sorted: those of paused campaigns are parked, cancelled, suppressed
 //! and expired ones end here, the rest become [`Prepared`] jobs for an attempt, grouped into
 //! transactions.
 //!
@@ -9,7 +10,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec, register_int_counter_vec};
 
 use super::Delivery;
 use super::site::Site;
@@ -38,6 +39,18 @@ pub(super) struct Prepared {
     pub sender: String,
 }
 
+/// Batches of job records read for delivery, by where they were found: `memory` (RocksDB's
+/// memtables and block cache, read on the delivery task) or `disk` (at least one record was
+/// not, so the batch was read on the blocking pool).
+pub(crate) static JOB_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "sluice_job_reads_total",
+        "Batches of queued recipients read back for delivery, by where RocksDB had them: memory (memtables, block cache) or disk (a read on the blocking pool).",
+        &["from"]
+    )
+    .expect("metric registers once")
+});
+
 impl Delivery {
     /// Reads the jobs' records and sorts out those that must not be attempted: paused campaigns
     /// (parked), cancelled ones, suppressed recipients, expired jobs.
@@ -52,10 +65,14 @@ impl Delivery {
         let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
         let read = match read_jobs(&self.node, &ids, Reach::Memory) {
             Err(SpoolError::NotInMemory) => {
+                JOB_READS.with_label_values(&["disk"]).inc();
                 let node = Arc::clone(&self.node);
                 tokio::task::spawn_blocking(move || read_jobs(&node, &ids, Reach::Disk)).await
             }
-            r => Ok(r),
+            r => {
+                JOB_READS.with_label_values(&["memory"]).inc();
+                Ok(r)
+            }
         };
         let (records, mut messages) = match read {
             Ok(Ok(r)) => r,
