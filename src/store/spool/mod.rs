@@ -1272,8 +1272,11 @@ impl Spool {
         let records = self.multi_get(CF_JOBS, ids, reach)?;
         if reach == Reach::Disk
             && let Some(last) = ids.iter().max()
+            && let Err(e) = self.read_ahead(*last)
         {
-            self.read_ahead(*last)?;
+            // Only a warm-up: the records asked for were read, and a later read that needs
+            // these reports the error itself.
+            tracing::debug!(error = %e, "reading job records ahead failed");
         }
         Ok(records)
     }
@@ -1803,13 +1806,15 @@ mod tests {
     #[tokio::test]
     async fn a_disk_read_brings_the_campaigns_next_records_into_memory() {
         let dir = tempfile::tempdir().unwrap();
-        let count = 4 * JOB_READ_AHEAD as u32;
+        let long = 4 * JOB_READ_AHEAD as u32;
+        // Campaigns 1 and 3 have more records than a read ahead takes, 2 fewer.
+        let sizes = [(1, long), (2, 100), (3, long)];
         let address = |i: u32| format!("recipient-{i}@example.org");
         {
             let spool = Spool::open(dir.path()).unwrap();
             let mut b = spool.batch();
-            for c in [1, 2] {
-                for i in 0..count {
+            for (c, n) in sizes {
+                for i in 0..n {
                     b.put_job(job(c, i), &record(JobState::Queued, 1, &address(i)));
                 }
             }
@@ -1818,40 +1823,48 @@ mod tests {
         }
         // Reopened: everything is in a table file none of whose blocks was read.
         let spool = Spool::open(dir.path()).unwrap();
-        let first: Vec<JobId> = (0..8).map(|i| job(1, i)).collect();
-        let next: Vec<JobId> = (8..JOB_READ_AHEAD as u32).map(|i| job(1, i)).collect();
-        let far = [job(1, count - 1)];
-        let other = [job(2, 8)];
-        for ids in [&first[..], &next, &far, &other] {
+        let range = |c: u32, from: u32, to: u32| (from..to).map(|i| job(c, i)).collect::<Vec<_>>();
+        let cold = |ids: &[JobId]| {
             assert!(
                 matches!(
                     spool.get_jobs(ids, Reach::Memory),
                     Err(SpoolError::NotInMemory)
                 ),
                 "{ids:?}"
+            )
+        };
+        let next = range(1, 8, JOB_READ_AHEAD as u32);
+        let rest = range(2, 8, 100);
+        let far = [job(1, long - 1)];
+        let beyond = [job(3, 300)];
+        for ids in [
+            &range(1, 0, 8)[..],
+            &next,
+            &range(2, 0, 8),
+            &rest,
+            &far,
+            &beyond,
+        ] {
+            cold(ids);
+        }
+        for c in [1, 2] {
+            let read = spool.get_jobs(&range(c, 0, 8), Reach::Disk).unwrap();
+            assert!(read.iter().all(Option::is_some));
+        }
+        // The records after those read are now in memory, and read as the disk has them.
+        for ids in [&next, &rest] {
+            let warm = spool.get_jobs(ids, Reach::Memory).unwrap();
+            assert_eq!(warm, spool.get_jobs(ids, Reach::Disk).unwrap());
+            assert_eq!(
+                JobRecord::decode(warm[0].as_deref().unwrap())
+                    .unwrap()
+                    .address,
+                address(8)
             );
         }
-        let read = spool.get_jobs(&first, Reach::Disk).unwrap();
-        assert!(read.iter().all(Option::is_some));
-        // The next records are now in memory, and read as the disk has them.
-        let warm = spool.get_jobs(&next, Reach::Memory).unwrap();
-        assert_eq!(warm, spool.get_jobs(&next, Reach::Disk).unwrap());
-        assert_eq!(
-            JobRecord::decode(warm[0].as_deref().unwrap())
-                .unwrap()
-                .address,
-            address(8)
-        );
-        // Neither the end of the campaign nor the next campaign was read ahead.
-        for ids in [&far[..], &other] {
-            assert!(
-                matches!(
-                    spool.get_jobs(ids, Reach::Memory),
-                    Err(SpoolError::NotInMemory)
-                ),
-                "{ids:?}"
-            );
-        }
+        // Not past the read ahead's length, nor past the end of a campaign.
+        cold(&far);
+        cold(&beyond);
     }
 
     #[tokio::test]
