@@ -273,7 +273,8 @@ impl From<rocksdb::Error> for SpoolError {
 }
 
 /// Job records a read from the disk brings into the block cache after the ones it was for
-/// ([`Spool::get_jobs`]): about five table blocks, read on the blocking pool while it is there.
+/// ([`Spool::get_jobs`]), on the blocking pool while it is there: 70 KB of records of 140 bytes
+/// (an address and a name), some 18 table blocks, and 64 lanes' batches of 8.
 pub const JOB_READ_AHEAD: usize = 512;
 
 /// Where a point read may look.
