@@ -1,6 +1,6 @@
 //! Pick and lease: jobs taken from the scheduler are read back from the spool (on the task when
 //! RocksDB has them in memory, as it does for mail sent soon after it came in, else on the
-//! blocking pool, which reads the next ones ahead: [`crate::store::spool::Spool::get_jobs`]),
+//! blocking pool, which then reads the next ones ahead: [`crate::store::spool::Spool::read_ahead`]),
 //! decoded once, and sorted: those of paused campaigns are parked, cancelled, suppressed
 //! and expired ones end here, the rest become [`Prepared`] jobs for an attempt, grouped into
 //! transactions.
@@ -67,7 +67,18 @@ impl Delivery {
             Err(SpoolError::NotInMemory) => {
                 JOB_READS.with_label_values(&["disk"]).inc();
                 let node = Arc::clone(&self.node);
-                tokio::task::spawn_blocking(move || read_jobs(&node, &ids, Reach::Disk)).await
+                tokio::task::spawn_blocking(move || {
+                    let read = read_jobs(&node, &ids, Reach::Disk);
+                    // The next batches' records, while on this thread (see `read_ahead`). Only
+                    // a warm-up: a read that needs them reports an error itself.
+                    if let Some(last) = ids.iter().max()
+                        && let Err(e) = node.spool.read_ahead(*last)
+                    {
+                        tracing::debug!(error = %e, "reading job records ahead failed");
+                    }
+                    read
+                })
+                .await
             }
             r => {
                 JOB_READS.with_label_values(&["memory"]).inc();

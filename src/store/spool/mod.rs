@@ -272,8 +272,7 @@ impl From<rocksdb::Error> for SpoolError {
     }
 }
 
-/// Job records a read from the disk brings into the block cache after the ones it was for
-/// ([`Spool::get_jobs`]), on the blocking pool while it is there: 70 KB of records of 140 bytes
+/// Job records [`Spool::read_ahead`] brings into the block cache: 70 KB of records of 140 bytes
 /// (an address and a name), some 18 table blocks, and 64 lanes' batches of 8.
 pub const JOB_READ_AHEAD: usize = 512;
 
@@ -1258,33 +1257,23 @@ impl Spool {
 
     /// Reads several live job records at once (`None` for a job that is final or gone).
     /// Blocking with [`Reach::Disk`].
-    ///
-    /// A read that needs the disk also reads ahead: the next [`JOB_READ_AHEAD`] records of the
-    /// campaign after the last one asked for are brought into the block cache, so the batches
-    /// that follow (the scheduler hands a campaign's jobs out about in order) find them there and
-    /// stay on the delivery task. Without it, with a million jobs of one campaign queued (in
-    /// table files), 28% of the lanes' batches of 8 went to the blocking pool, each costing a
-    /// failed memory read, a hand-off and the wake-ups around it; with it, 3%.
     pub fn get_jobs(
         &self,
         ids: &[JobId],
         reach: Reach,
     ) -> Result<Vec<Option<Vec<u8>>>, SpoolError> {
-        let records = self.multi_get(CF_JOBS, ids, reach)?;
-        if reach == Reach::Disk
-            && let Some(last) = ids.iter().max()
-            && let Err(e) = self.read_ahead(*last)
-        {
-            // Only a warm-up: the records asked for were read, and a later read that needs
-            // these reports the error itself.
-            tracing::debug!(error = %e, "reading job records ahead failed");
-        }
-        Ok(records)
+        self.multi_get(CF_JOBS, ids, reach)
     }
 
-    /// Steps an iterator over the records after `after`, up to [`JOB_READ_AHEAD`] of them and
-    /// not past its campaign, which brings their blocks into the block cache. Blocking.
-    fn read_ahead(&self, after: JobId) -> Result<(), SpoolError> {
+    /// Brings the records after job `after` into the block cache, up to [`JOB_READ_AHEAD`] of
+    /// them and not past its campaign, by stepping an iterator over them. Blocking.
+    ///
+    /// Delivery calls it after a read that needed the disk: the scheduler hands a campaign's jobs
+    /// out about in order, so the batches that follow find their records in memory and are read
+    /// on the delivery task. Without it, with a million jobs of one campaign queued (in table
+    /// files), 28% of the lanes' batches of 8 went to the blocking pool, each costing a failed
+    /// memory read, a hand-off and the wake-ups around it; with it, 3%.
+    pub fn read_ahead(&self, after: JobId) -> Result<(), SpoolError> {
         let end = JobId {
             campaign: after.campaign.saturating_add(1),
             index: 0,
@@ -1805,7 +1794,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_disk_read_brings_the_campaigns_next_records_into_memory() {
+    async fn reading_ahead_brings_the_campaigns_next_records_into_memory() {
         let dir = tempfile::tempdir().unwrap();
         let long = 4 * JOB_READ_AHEAD as u32;
         // Campaigns 1 and 3 have more records than a read ahead takes, 2 fewer.
@@ -1851,6 +1840,7 @@ mod tests {
         for c in [1, 2] {
             let read = spool.get_jobs(&range(c, 0, 8), Reach::Disk).unwrap();
             assert!(read.iter().all(Option::is_some));
+            spool.read_ahead(job(c, 7)).unwrap();
         }
         // The records after those read are now in memory, and read as the disk has them.
         for ids in [&next, &rest] {
