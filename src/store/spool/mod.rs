@@ -1274,13 +1274,15 @@ impl Spool {
     /// files), 28% of the lanes' batches of 8 went to the blocking pool, each costing a failed
     /// memory read, a hand-off and the wake-ups around it; with it, 3%.
     pub fn read_ahead(&self, after: JobId) -> Result<(), SpoolError> {
-        let end = JobId {
-            campaign: after.campaign.saturating_add(1),
-            index: 0,
-        };
         let mut opts = rocksdb::ReadOptions::default();
-        if end.campaign > after.campaign {
-            opts.set_iterate_upper_bound(end.key());
+        if let Some(next) = after.campaign.checked_add(1) {
+            opts.set_iterate_upper_bound(
+                JobId {
+                    campaign: next,
+                    index: 0,
+                }
+                .key(),
+            );
         }
         let mut it = self.db.raw_iterator_cf_opt(cf(&self.db, CF_JOBS), opts);
         it.seek(after.key());
