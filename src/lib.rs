@@ -152,7 +152,9 @@
 //!   or the templates are large, else on the delivery task itself. A lane submits the messages
 //!   of its batch ahead of their turn (up to 256 KiB of templates), so they are signed while it
 //!   sends the ones before them, and it wakes for a finished signature about once per batch.
-//!   Deterministic, so a retry sends the same message (DKIM `t=` aside).
+//!   Deterministic, so a retry sends the same message (DKIM `t=` aside). The signature fields
+//!   and the message stay two buffers ([`outbound::render::Rendered`]), written to the socket
+//!   together by one vectored write rather than joined.
 //!   [`outbound::render::check_vars`] is the same render at ingest, with a no-render fast path
 //!   for templates of bare `{{ name }}` expressions.
 //! * [`outbound::dkim`]: `[[dkim]]` keys loaded once into mail-auth signers (AWS-LC backend),
@@ -167,7 +169,8 @@
 //! * [`outbound::smtp`]: our SMTP client: [`outbound::smtp::reply`] parses replies into typed
 //!   data, and [`outbound::smtp::client`] runs a connection over any byte stream (EHLO/HELO,
 //!   STARTTLS with rustls, PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN parameters, dot-stuffing or
-//!   one `BDAT … LAST` chunk once a recipient is accepted, RFC 5321 timeouts), unit-tested
+//!   one `BDAT … LAST` chunk once a recipient is accepted, RFC 5321 timeouts; the content goes
+//!   out as vectored writes of the pieces it was built in and the stuffed dots), unit-tested
 //!   against scripted servers on an in-memory pipe.
 //! * Transport security: [`outbound::sts`] parses the MTA-STS TXT record and policy file and
 //!   matches MX hosts (RFC 8461); [`outbound::sts_cache`] keeps fetched policies (in memory and

@@ -163,7 +163,7 @@ impl DkimKeys {
             .map_or(0, |d| d.as_secs());
         let split =
             split_header(message).map(|(fields, body)| (fields, body, relaxed_body_hash(body)));
-        let mut out = Vec::with_capacity(signers.len() * 512 + message.len());
+        let mut out = Vec::with_capacity(signers.len() * 512);
         for s in signers.iter().rev() {
             let signed = match &split {
                 Some((fields, body, hash)) => s.sign(message, fields, body, hash, now),

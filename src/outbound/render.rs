@@ -228,13 +228,28 @@ fn render_error(
     }
 }
 
-/// The message for one job.
+/// The message for one job, sent as its DKIM-Signature fields followed by the message they
+/// sign, two buffers written one after the other rather than joined.
 #[derive(Debug)]
 pub struct Rendered {
-    /// DKIM-Signature fields followed by the message.
+    /// The DKIM-Signature fields (empty when no key signs the From domain).
+    pub signatures: Vec<u8>,
+    /// The message.
     pub bytes: Vec<u8>,
     /// The message has bytes above 127 (for BODY=8BITMIME).
     pub eight_bit: bool,
+}
+
+impl Rendered {
+    /// The signed message's size in bytes.
+    pub fn size(&self) -> usize {
+        self.signatures.len() + self.bytes.len()
+    }
+
+    /// The signed message as the pieces it is sent in.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.signatures, &self.bytes]
+    }
 }
 
 /// Why a message could not be assembled.
@@ -378,17 +393,16 @@ impl Assembler {
         self.sign(record, message)
     }
 
-    /// Puts the DKIM signatures of the From domain's keys in front of `message`.
+    /// `message` with the DKIM signatures of the From domain's keys to put in front of it.
     fn sign(&self, record: &CampaignRecord, message: Vec<u8>) -> Result<Rendered, AssembleError> {
         let from_domain = crate::intake::address::domain_of(&record.from);
-        let mut bytes = self.dkim().sign(from_domain, &message)?;
-        if bytes.is_empty() {
-            bytes = message;
-        } else {
-            bytes.extend_from_slice(&message);
-        }
-        let eight_bit = !bytes.is_ascii();
-        Ok(Rendered { bytes, eight_bit })
+        let signatures = self.dkim().sign(from_domain, &message)?;
+        let eight_bit = !message.is_ascii() || !signatures.is_ascii();
+        Ok(Rendered {
+            signatures,
+            bytes: message,
+            eight_bit,
+        })
     }
 
     /// The message of a campaign that is not personalised, for several recipients at once: `lead`
@@ -657,7 +671,7 @@ mod tests {
         let r = a
             .assemble(rec, &c, JOB, 1_700_000_000_000, "ann@example.org", vars)
             .unwrap();
-        String::from_utf8(r.bytes).unwrap()
+        String::from_utf8(r.parts().concat()).unwrap()
     }
 
     #[test]

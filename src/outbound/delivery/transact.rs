@@ -50,7 +50,7 @@ impl Delivery {
             Ok(r) => r,
             Err(o) => return self.finish_all(&group, |_| o.clone(), site, None, 0).await,
         };
-        let size = rendered.bytes.len();
+        let size = rendered.size();
         let smtputf8 = !from.is_ascii() || group.iter().any(|p| !p.record.address.is_ascii());
         if smtputf8 && !conn.capabilities.smtputf8 {
             let o = outcome::local_failure(
@@ -104,7 +104,7 @@ impl Delivery {
         };
         CONTENT_COMMANDS.with_label_values(&[command]).inc();
         let started = Instant::now();
-        let result = conn.send(&env, &rendered.bytes).await;
+        let result = conn.send_parts(&env, &rendered.parts()).await;
         TRANSACTION_SECONDS.observe(started.elapsed().as_secs_f64());
         let outcomes: Vec<Outcome> = match result {
             Ok(replies) => (0..group.len())

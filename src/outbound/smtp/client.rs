@@ -430,29 +430,59 @@ impl<S: Transport> AsyncWrite for Stream<S> {
     }
 }
 
-/// Writes `a` then `b`. A large `a` goes past the write buffer straight to the socket, and `b`
-/// (a message's last line and its terminator) goes with it in the same vectored write rather
-/// than in a second packet the receiver must wake up for.
-async fn write_all_pair<W: AsyncWrite + Unpin>(
+/// Writes `slices` in order in as few vectored writes as the socket takes. A large message
+/// goes past the write buffer straight to the socket with all its pieces (the DKIM-Signature
+/// fields, the message behind them, the dots stuffed into it, its terminator) in the same
+/// writes, rather than joined into a new buffer first or sent as packets of their own that the
+/// receiver must wake up for.
+async fn write_all_slices<W: AsyncWrite + Unpin>(
     io: &mut W,
-    mut a: &[u8],
-    mut b: &[u8],
+    mut slices: &mut [std::io::IoSlice<'_>],
 ) -> std::io::Result<()> {
-    while !a.is_empty() {
-        let n = io
-            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
-            .await?;
+    std::io::IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let n = io.write_vectored(slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        if n >= a.len() {
-            b = &b[n - a.len()..];
-            a = &[];
-        } else {
-            a = &a[n..];
-        }
+        std::io::IoSlice::advance_slices(&mut slices, n);
     }
-    io.write_all(b).await
+    Ok(())
+}
+
+/// Whether the content made of `parts` (concatenated) ends with a line break.
+fn ends_with_crlf(parts: &[&[u8]]) -> bool {
+    let mut last = parts.iter().rev().flat_map(|p| p.iter().rev());
+    last.next() == Some(&b'\n') && last.next() == Some(&b'\r')
+}
+
+/// The content made of `parts` (concatenated) as DATA sends it (RFC 5321 §4.5.2): a `.` put
+/// before every line that starts with one, then the terminating `.` line (after a line break
+/// of its own when the content does not end in one). The pieces borrow `parts`; only the
+/// stuffed dots and the terminator are added.
+fn dot_stuffed<'a>(parts: &[&'a [u8]]) -> Vec<std::io::IoSlice<'a>> {
+    use std::io::IoSlice;
+    let mut out = Vec::with_capacity(parts.len() + 1);
+    let mut line_start = true;
+    for &part in parts.iter().filter(|p| !p.is_empty()) {
+        if line_start && part.first() == Some(&b'.') {
+            out.push(IoSlice::new(b"."));
+        }
+        let mut start = 0;
+        for pos in memchr::memmem::find_iter(part, b"\n.") {
+            out.push(IoSlice::new(&part[start..=pos]));
+            out.push(IoSlice::new(b"."));
+            start = pos + 1;
+        }
+        out.push(IoSlice::new(&part[start..]));
+        line_start = part.last() == Some(&b'\n');
+    }
+    out.push(IoSlice::new(if ends_with_crlf(parts) {
+        b".\r\n"
+    } else {
+        b"\r\n.\r\n"
+    }));
+    out
 }
 
 /// The envelope of one transaction.
@@ -666,9 +696,20 @@ impl<S: Transport> Connection<S> {
         env: &Envelope<'_>,
         message: &[u8],
     ) -> Result<Vec<Reply>, SmtpError> {
+        self.send_parts(env, &[message]).await
+    }
+
+    /// [`Connection::send`] of the message made of `parts` one after the other (its
+    /// DKIM-Signature fields, then the message they sign), which are written as they are
+    /// rather than joined first.
+    pub async fn send_parts(
+        &mut self,
+        env: &Envelope<'_>,
+        parts: &[&[u8]],
+    ) -> Result<Vec<Reply>, SmtpError> {
         self.transactions += 1;
         self.last_used = Instant::now();
-        let result = self.transaction(env, message).await;
+        let result = self.transaction(env, parts).await;
         match &result {
             Err(_) => self.reusable = false,
             Ok(replies) => {
@@ -683,7 +724,7 @@ impl<S: Transport> Connection<S> {
     async fn transaction(
         &mut self,
         env: &Envelope<'_>,
-        message: &[u8],
+        parts: &[&[u8]],
     ) -> Result<Vec<Reply>, SmtpError> {
         let t = self.timeouts;
         if self.needs_rset {
@@ -697,7 +738,10 @@ impl<S: Transport> Connection<S> {
         }
         let mut mail = format!("MAIL FROM:<{}>", env.sender);
         if self.capabilities.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", message.len()));
+            mail.push_str(&format!(
+                " SIZE={}",
+                parts.iter().map(|p| p.len()).sum::<usize>()
+            ));
         }
         if env.eight_bit && self.capabilities.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
@@ -767,7 +811,7 @@ impl<S: Transport> Connection<S> {
                 self.needs_rset = true;
                 return Ok(rcpt_replies);
             }
-            self.write_bdat(message).await?;
+            self.write_bdat(parts).await?;
             let r = self.read_reply(Command::Bdat, t.data_final).await?;
             // RFC 3030 §2: after a refused chunk the transaction is reset before the next.
             self.needs_rset = !r.is_positive() && r.code != 421;
@@ -800,7 +844,7 @@ impl<S: Transport> Connection<S> {
                     let _ = self.read_reply(Command::Dot, t.data_final).await?;
                     return Ok(rcpt_replies);
                 }
-                self.write_data(message).await?;
+                self.write_data(parts).await?;
                 self.read_reply(Command::Dot, t.data_final).await?
             }
             Some(r) => {
@@ -823,52 +867,36 @@ impl<S: Transport> Connection<S> {
             .collect()
     }
 
-    /// Writes the message as one `BDAT <size> LAST` chunk, exactly as it is (plus a final line
-    /// break if it lacks one), then flushes.
-    async fn write_bdat(&mut self, message: &[u8]) -> Result<(), SmtpError> {
-        let tail: &[u8] = if message.ends_with(b"\r\n") {
-            b""
-        } else {
-            b"\r\n"
-        };
+    /// Writes the message made of `parts` as one `BDAT <size> LAST` chunk, exactly as it is
+    /// (plus a final line break if it lacks one), then flushes.
+    async fn write_bdat(&mut self, parts: &[&[u8]]) -> Result<(), SmtpError> {
+        let tail: &[u8] = if ends_with_crlf(parts) { b"" } else { b"\r\n" };
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         let io = &mut self.io;
         let block = async {
-            let command = format!("BDAT {} LAST\r\n", message.len() + tail.len());
+            let command = format!("BDAT {} LAST\r\n", len + tail.len());
             io.write_all(command.as_bytes()).await?;
-            write_all_pair(io, message, tail).await?;
+            let mut slices: Vec<_> = parts
+                .iter()
+                .chain([&tail])
+                .map(|p| std::io::IoSlice::new(p))
+                .collect();
+            write_all_slices(io, &mut slices).await?;
             io.flush().await
         };
-        Self::timed_content(
-            self.timeouts.data_block,
-            message.len(),
-            Command::Bdat,
-            block,
-        )
-        .await
+        Self::timed_content(self.timeouts.data_block, len, Command::Bdat, block).await
     }
 
-    /// Writes the message with dot-stuffing and the terminating `.`, then flushes.
-    async fn write_data(&mut self, message: &[u8]) -> Result<(), SmtpError> {
+    /// Writes the message made of `parts` with dot-stuffing and the terminating `.`, then
+    /// flushes.
+    async fn write_data(&mut self, parts: &[&[u8]]) -> Result<(), SmtpError> {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
         let io = &mut self.io;
         let block = async {
-            let mut start = 0;
-            if message.first() == Some(&b'.') {
-                io.write_all(b".").await?;
-            }
-            for pos in memchr::memmem::find_iter(message, b"\n.") {
-                io.write_all(&message[start..=pos]).await?;
-                io.write_all(b".").await?;
-                start = pos + 1;
-            }
-            let end: &[u8] = if message.ends_with(b"\r\n") {
-                b".\r\n"
-            } else {
-                b"\r\n.\r\n"
-            };
-            write_all_pair(io, &message[start..], end).await?;
+            write_all_slices(io, &mut dot_stuffed(parts)).await?;
             io.flush().await
         };
-        Self::timed_content(self.timeouts.data_block, message.len(), Command::Dot, block).await
+        Self::timed_content(self.timeouts.data_block, len, Command::Dot, block).await
     }
 
     /// Runs the writing of `len` bytes of content: one data-block timeout per 64 KiB, at least
@@ -1054,18 +1082,61 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pair_is_written_whole_through_short_vectored_writes() {
-        for (a, b) in [
-            ("", ".\r\n"),
-            ("ab", ""),
-            ("abcdefgh", ".\r\n"),
-            ("abc", "\r\n.\r\n"),
+    async fn slices_are_written_whole_through_short_vectored_writes() {
+        for pieces in [
+            &["", ".\r\n"][..],
+            &["ab", ""],
+            &["", "", ""],
+            &["abcdefgh", "", "x", ".\r\n"],
+            &["abc", "de", "f", "\r\n.\r\n"],
         ] {
             let mut w = Narrow(Vec::new());
-            write_all_pair(&mut w, a.as_bytes(), b.as_bytes())
-                .await
-                .unwrap();
-            assert_eq!(w.0, format!("{a}{b}").into_bytes());
+            let mut slices: Vec<_> = pieces
+                .iter()
+                .map(|p| std::io::IoSlice::new(p.as_bytes()))
+                .collect();
+            write_all_slices(&mut w, &mut slices).await.unwrap();
+            assert_eq!(w.0, pieces.concat().into_bytes());
+        }
+    }
+
+    /// Dot-stuffing of the message in one piece, as DATA sends it.
+    fn stuffed_whole(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in message.split_inclusive(|&b| b == b'\n') {
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
+            }
+            out.extend_from_slice(line);
+        }
+        if !message.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    #[test]
+    fn a_message_in_pieces_is_stuffed_as_it_would_be_whole() {
+        let message = b".a\r\n.\r\nb\r\n..c\r\nd.\r\n.";
+        // Every way of cutting the message in three, the cuts at line starts, inside CRLF and
+        // inside runs of dots included.
+        for i in 0..=message.len() {
+            for j in i..=message.len() {
+                let parts = [&message[..i], &message[i..j], &message[j..]];
+                let sent: Vec<u8> = dot_stuffed(&parts)
+                    .iter()
+                    .flat_map(|s| s.to_vec())
+                    .collect();
+                assert_eq!(sent, stuffed_whole(message), "cut at {i} and {j}");
+            }
+        }
+        for whole in [&b""[..], b"\r\n", b"x\r", b"x\r\n"] {
+            let sent: Vec<u8> = dot_stuffed(&[whole])
+                .iter()
+                .flat_map(|s| s.to_vec())
+                .collect();
+            assert_eq!(sent, stuffed_whole(whole));
         }
     }
 
@@ -1307,8 +1378,9 @@ mod tests {
             chunking: true,
             ..envelope(recipients)
         };
+        // In pieces, as a signed message is: the size is theirs together, the tail added once.
         let replies = conn
-            .send(&bdat(&both), b"Subject: x\r\n\r\n.hi")
+            .send_parts(&bdat(&both), &[b"Subject: x\r\n", b"", b"\r\n.hi"])
             .await
             .expect("sent");
         assert_eq!((replies[0].code, replies[0].command), (250, Command::Bdat));
@@ -1577,9 +1649,11 @@ mod tests {
         let mut conn = Connection::with_stream(client, peer(), "mx", TlsMode::Disabled, &s)
             .await
             .expect("connected");
-        conn.send(
+        // In two pieces, the second starting a line with a dot, as a message does behind its
+        // DKIM-Signature fields.
+        conn.send_parts(
             &envelope(&["a@example.org"]),
-            b".first\r\nmid\r\n.\r\n..two\r\nlast",
+            &[b".first\r\nmid\r\n", b".\r\n..two\r\nlast"],
         )
         .await
         .expect("sent");
