@@ -450,6 +450,11 @@ async fn write_all_slices<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// The length of the content made of `parts`.
+fn content_len(parts: &[&[u8]]) -> usize {
+    parts.iter().map(|p| p.len()).sum()
+}
+
 /// Whether the content made of `parts` (concatenated) ends with a line break.
 fn ends_with_crlf(parts: &[&[u8]]) -> bool {
     let mut last = parts.iter().rev().flat_map(|p| p.iter().rev());
@@ -738,10 +743,7 @@ impl<S: Transport> Connection<S> {
         }
         let mut mail = format!("MAIL FROM:<{}>", env.sender);
         if self.capabilities.size.is_some() {
-            mail.push_str(&format!(
-                " SIZE={}",
-                parts.iter().map(|p| p.len()).sum::<usize>()
-            ));
+            mail.push_str(&format!(" SIZE={}", content_len(parts)));
         }
         if env.eight_bit && self.capabilities.eight_bit_mime {
             mail.push_str(" BODY=8BITMIME");
@@ -871,7 +873,7 @@ impl<S: Transport> Connection<S> {
     /// (plus a final line break if it lacks one), then flushes.
     async fn write_bdat(&mut self, parts: &[&[u8]]) -> Result<(), SmtpError> {
         let tail: &[u8] = if ends_with_crlf(parts) { b"" } else { b"\r\n" };
-        let len = parts.iter().map(|p| p.len()).sum::<usize>();
+        let len = content_len(parts);
         let io = &mut self.io;
         let block = async {
             let command = format!("BDAT {} LAST\r\n", len + tail.len());
@@ -890,7 +892,7 @@ impl<S: Transport> Connection<S> {
     /// Writes the message made of `parts` with dot-stuffing and the terminating `.`, then
     /// flushes.
     async fn write_data(&mut self, parts: &[&[u8]]) -> Result<(), SmtpError> {
-        let len = parts.iter().map(|p| p.len()).sum::<usize>();
+        let len = content_len(parts);
         let io = &mut self.io;
         let block = async {
             write_all_slices(io, &mut dot_stuffed(parts)).await?;
