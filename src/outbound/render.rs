@@ -235,7 +235,7 @@ pub struct Rendered {
     /// The DKIM-Signature fields (empty when no key signs the From domain).
     pub signatures: Vec<u8>,
     /// The message.
-    pub bytes: Vec<u8>,
+    pub message: Vec<u8>,
     /// The message has bytes above 127 (for BODY=8BITMIME).
     pub eight_bit: bool,
 }
@@ -243,12 +243,12 @@ pub struct Rendered {
 impl Rendered {
     /// The signed message's size in bytes.
     pub fn size(&self) -> usize {
-        self.signatures.len() + self.bytes.len()
+        self.signatures.len() + self.message.len()
     }
 
     /// The signed message as the pieces it is sent in.
     pub fn parts(&self) -> [&[u8]; 2] {
-        [&self.signatures, &self.bytes]
+        [&self.signatures, &self.message]
     }
 }
 
@@ -400,7 +400,7 @@ impl Assembler {
         let eight_bit = !message.is_ascii() || !signatures.is_ascii();
         Ok(Rendered {
             signatures,
-            bytes: message,
+            message,
             eight_bit,
         })
     }
