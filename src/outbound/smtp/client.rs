@@ -439,6 +439,8 @@ async fn write_all_slices<W: AsyncWrite + Unpin>(
     io: &mut W,
     mut slices: &mut [std::io::IoSlice<'_>],
 ) -> std::io::Result<()> {
+    // Leading empty slices dropped first: a write of empty slices only returns 0, which would
+    // read as a closed socket. Later ones go with the bytes before them.
     std::io::IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         let n = io.write_vectored(slices).await?;
